@@ -1,0 +1,121 @@
+"""Benchmark `trace gen` on the toy world and print three ratios against their goals.
+
+    python bench/gen.py [--problems 100] [--backend vllm|hf] [--sequential-steps 200]
+
+1. Batched tree generation vs one request per node: a comb trace is grown with one batch per
+   model per round; then a sample of its nodes is generated again one request at a time by the
+   same engines with the same seeds. Ratio of generated tokens per second (goal >= 5x). The
+   sequential pass runs second, so the engine's prefix cache is warm for it: the ratio is
+   conservative. The share of steps that came out identical is printed too (batch invariance).
+2. Prefix-cache hits as a share of prompt tokens in the batched run: sum(n_cached_tokens) /
+   sum(n_prompt_tokens) (goal >= 80%).
+3. Bytes on disk per generated token: size of the steps and tokens parts / generated tokens
+   (goal <= 48).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def main() -> None:
+    from replay.store import open_trace
+    from tracegen.backends import StepRequest, StepSampling, load_backend
+    from tracegen.expand import Request
+    from tracegen.gen import GenOptions, Tree, default_backend, request_seed, run_gen
+    from tracegen.models import resolve_model
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problems", type=int, default=100, help="toy problems (level 3)")
+    parser.add_argument("--backend", default=None, help="vllm or hf [default: vllm where importable]")
+    parser.add_argument("--sequential-steps", type=int, default=200, help="nodes regenerated one request at a time")
+    parser.add_argument("--small", default="toy-small")
+    parser.add_argument("--large", default="toy-large")
+    parser.add_argument("--out", type=Path, default=None, help="trace directory [default: a temporary one]")
+    args = parser.parse_args()
+
+    kind = args.backend or default_backend()
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench-gen-")) / "trace"
+    options = GenOptions(small=args.small, large=args.large, dataset="toy", out=out, limit=args.problems,
+                         max_step_tokens=32, max_steps=8, backend=kind, seed=0)
+    paths = {"small": resolve_model(args.small, "small").path, "large": resolve_model(args.large, "large").path}
+    started = time.perf_counter()
+    backends = {role: load_backend(kind, path) for role, path in paths.items()}
+    print(f"backend {kind}: engines loaded in {time.perf_counter() - started:.1f}s")
+
+    marks = {}
+
+    def progress(stage, **info):
+        marks.setdefault(stage, time.perf_counter())  # the first round report is the start of generation
+        marks["last"] = time.perf_counter()
+
+    summary = run_gen(options, progress, backends=backends)
+    batched_seconds = marks["last"] - marks["round"]
+    batched_rate = summary.new_gen_tokens / batched_seconds
+    print(f"batched: {summary.new_steps:,} steps, {summary.new_gen_tokens:,} tokens in {summary.rounds} rounds, "
+          f"{batched_seconds:.1f}s -> {batched_rate:,.0f} generated tokens/s")
+
+    trace = open_trace(out)
+    steps = trace.scan("steps").collect()
+    tokens = trace.scan("tokens").select("step_id", "token_ids").collect()
+    by_id = {row["step_id"]: row for row in steps.join(tokens, on="step_id").iter_rows(named=True)}
+    problems = {row["problem_id"]: row["question"] for row in trace.scan("problems").collect().iter_rows(named=True)}
+
+    from transformers import AutoTokenizer
+
+    from tracegen.prompts import prompt_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(paths["small"])
+    sample = random.Random(0).sample(sorted(by_id), min(args.sequential_steps, len(by_id)))
+    sampling = StepSampling(temperature=options.temperature, top_p=options.top_p,
+                            max_step_tokens=options.max_step_tokens, topk=options.topk)
+    sequential_tokens, identical = 0, 0
+    started = time.perf_counter()
+    for step_id in sample:
+        row = by_id[step_id]
+        tree = Tree(problem=None, world=row["world"], root_ids=prompt_token_ids(tokenizer, problems[row["problem_id"]]))
+        prefix = f"{row['problem_id']}/{row['world']}/"
+        for end in range(1, len(row["parent_path"]) + 1):
+            ancestor = by_id[prefix + row["parent_path"][:end]]
+            tree.steps[ancestor["path"]] = ancestor_step(ancestor)
+        request = Request(row["problem_id"], row["world"], row["parent_path"], row["model"])
+        [step] = backends[row["model"]].generate_steps(
+            [StepRequest(tuple(tree.prompt_ids(row["parent_path"])), request_seed(options.seed, request))], sampling)
+        sequential_tokens += len(step.token_ids)
+        identical += list(step.token_ids) == list(row["token_ids"])
+    sequential_seconds = time.perf_counter() - started
+    sequential_rate = sequential_tokens / sequential_seconds
+    print(f"one request per node: {len(sample)} steps, {sequential_tokens:,} tokens in {sequential_seconds:.1f}s "
+          f"-> {sequential_rate:,.0f} generated tokens/s; {identical}/{len(sample)} steps identical to the batched run")
+
+    cached = steps["n_cached_tokens"].sum() / steps["n_prompt_tokens"].sum()
+    on_disk = sum(os.path.getsize(f) for table in ("steps", "tokens") for f in trace.files(table))
+    whole = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+    per_token = on_disk / steps["n_gen_tokens"].sum()
+    print()
+    print(f"batched / one-per-node tokens/s:      {batched_rate / sequential_rate:6.1f}x   (goal >= 5x)")
+    print(f"prefix-cache hits / prompt tokens:    {cached:6.1%}   (goal >= 80%)")
+    print(f"bytes on disk per generated token:    {per_token:6.1f}   (goal <= 48; whole trace dir "
+          f"{whole / steps['n_gen_tokens'].sum():.1f})")
+    print(f"trace: {out}")
+
+
+def ancestor_step(row: dict):
+    from tracegen.gen import StoredStep
+
+    return StoredStep(row["model"], row["text"], list(row["token_ids"]), row["n_prompt_tokens"], row["n_gen_tokens"],
+                      row["is_final"])
+
+
+if __name__ == "__main__":
+    main()

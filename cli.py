@@ -1,0 +1,214 @@
+"""The `trace` command line: thin Typer wrappers over tracegen/, replay/ and analysis/."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from replay.errors import TraceError
+
+app = typer.Typer(
+    help="Cache step trees of a small and a large LLM once (gen), then replay any router on a CPU.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def user_errors(command):
+    """Print a TraceError as one red line and exit 1, instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except TraceError as error:
+            err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def validate(trace_dir: Path = typer.Argument(..., help="Trace directory.")) -> None:
+    """Check every invariant of a trace; exit 1 naming the first violation."""
+    from replay.validate import validate as validate_trace
+
+    counts = validate_trace(trace_dir)
+    console.print(f"[green]ok[/] {trace_dir}: " + ", ".join(f"{n:,} {table}" for table, n in counts.items()))
+
+
+@app.command()
+@user_errors
+def info(trace_dir: Path = typer.Argument(..., help="Trace directory.")) -> None:
+    """Problems, worlds, steps and generated tokens per model, single-model accuracy, size on disk."""
+    from analysis.info import print_info, trace_info
+
+    print_info(trace_info(trace_dir), console)
+
+
+@app.command()
+@user_errors
+def sql(
+    trace_dir: Path = typer.Argument(..., help="Trace directory."),
+    query: str = typer.Argument(..., help="DuckDB SQL over the views problems, steps, tokens, scores, hidden."),
+    out: Path = typer.Option(None, "--out", help="Write the result to this .csv or .parquet file instead of printing it."),
+    max_rows: int = typer.Option(50, "--max-rows", help="Rows to print (without --out)."),
+) -> None:
+    """Run a DuckDB query over the trace's Parquet parts, in place."""
+    from analysis.sql import check_out_path, print_result, run_sql, write_result
+
+    if out is not None:
+        check_out_path(out)
+    result = run_sql(trace_dir, query)
+    if out is None:
+        print_result(result, console, max_rows)
+    else:
+        write_result(result, out)
+        console.print(f"wrote {result.num_rows:,} rows to {out}")
+
+
+@app.command()
+@user_errors
+def gen(
+    model: str = typer.Option(..., "--model", help="Small model: alias (toy-small, qwen2.5-math-1.5b, ...), local folder or Hugging Face id."),
+    large: str = typer.Option(..., "--large", help="Large model: alias, local folder or Hugging Face id."),
+    dataset: str = typer.Option(..., "--dataset", help="gsm8k, math500, omnimath, mmlu, toy; a JSONL path (format sniffed); or FORMAT=PATH."),
+    out: Path = typer.Option(..., "--out", help="Trace directory (created, or resumed if it holds a trace with the same settings)."),
+    split: str = typer.Option(None, "--split", help="Dataset split [default: test, or the one in the file name]."),
+    limit: int = typer.Option(None, "--limit", help="First N problems [default: all; 200 for toy]."),
+    level: int = typer.Option(None, "--level", help="Toy difficulty level 1-4 [default: 3]."),
+    worlds: int = typer.Option(1, "--worlds", help="Seeded sampling draws per problem."),
+    expand: str = typer.Option("comb", "--expand", help="comb: all-small chain plus the all-large completion from each of its nodes; full: every choice up to --depth."),
+    depth: int = typer.Option(None, "--depth", help="Depth of the exhaustive part of --expand full."),
+    temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
+    max_step_tokens: int = typer.Option(256, "--max-step-tokens", help="Tokens at most per step (then finish_reason = length)."),
+    max_steps: int = typer.Option(32, "--max-steps", help="Steps at most per solution."),
+    topk: int = typer.Option(5, "--topk", help="Top-k token ids and logprobs stored per generated token."),
+    hidden_layers: str = typer.Option("", "--hidden-layers", help="Prompt hidden states to store, e.g. -1,12 (-1 = last, normed) [default: none]."),
+    backend: str = typer.Option(None, "--backend", help="vllm or hf [default: vllm where importable, else hf]."),
+    shard: str = typer.Option(None, "--shard", help="i/n: only problems whose id hashes to shard i of n (0-based), as writer shard{i}of{n}."),
+    seed: int = typer.Option(0, "--seed", help="Base seed; each step's seed derives from it and (problem, world, node, model)."),
+) -> None:
+    """Grow step trees of a small and a large model over a dataset and store them as a trace.
+
+    Every round sends all missing steps of all problems to each model as one batch and appends the
+    results atomically; rerun the same command to resume after a crash. Example:
+    trace gen --model toy-small --large toy-large --dataset toy --limit 200 --out runs/toy
+    """
+    from tracegen.gen import GenOptions, RichProgress, run_gen
+    from tracegen.hidden import parse_layers
+
+    if backend not in (None, "vllm", "hf"):
+        raise typer.BadParameter(f"--backend must be vllm or hf, not {backend!r}")
+    options = GenOptions(
+        small=model, large=large, dataset=dataset, out=out, split=split, limit=limit, level=level,
+        worlds=worlds, expand=expand, depth=depth, temperature=temperature, top_p=top_p,
+        max_step_tokens=max_step_tokens, max_steps=max_steps, topk=topk,
+        hidden_layers=parse_layers(hidden_layers), backend=backend, shard=shard, seed=seed,
+    )
+    with RichProgress(console) as progress:
+        summary = run_gen(options, progress)
+    console.print(
+        f"[green]done[/] {summary.out}: {summary.problems:,} problems, {summary.new_steps:,} new steps, "
+        f"{summary.new_gen_tokens:,} generated tokens in {summary.rounds} rounds, {summary.seconds:.1f}s"
+        + (f"; {summary.skipped_context_full:,} nodes left unexpanded (context full)" if summary.skipped_context_full else "")
+    )
+
+
+def _replay_table(result, swept: list[str], title: str, max_rows: int = 21):
+    """Rich table of a replay summary, one row per configuration (evenly thinned for long sweeps)."""
+    import json
+
+    from rich.table import Table
+
+    summary = result.summary()
+    rows = summary.to_dicts()
+    if len(rows) > max_rows:
+        step = -(-(len(rows) - 1) // (max_rows - 1))
+        rows = rows[::step] + ([rows[-1]] if (len(rows) - 1) % step else [])
+    table = Table(title=title, caption=f"{len(rows)} of {summary.height} configurations shown"
+                  if len(rows) < summary.height else None)
+    table.add_column("Router")
+    table.add_column("Params")
+    for name in ("Acc", f"Cost ({result.cost_unit})", "A/C", "Large steps", "Misses"):
+        table.add_column(name, justify="right")
+    for row in rows:
+        params = json.loads(row["params"])
+        shown = {k: params[k] for k in swept} if swept else {k: v for k, v in params.items() if v not in ("", None)}
+        table.add_row(
+            row["router"],
+            " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()),
+            "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%",
+            "-" if row["cost"] is None else f"{row['cost']:.4g}",
+            "-" if row["a_over_c"] is None else f"{row['a_over_c']:.4g}",
+            "-" if row["large_share"] is None else f"{100 * row['large_share']:.1f}%",
+            f"[yellow]{row['misses']:,}[/]" if row["misses"] else "0",
+        )
+    return table
+
+
+@app.command()
+@user_errors
+def replay(
+    trace_dir: Path = typer.Argument(..., help="Trace directory."),
+    router: str = typer.Option(..., "--router", help="small-only, large-only, random, oracle, steer, rsd, specreason, cascade or policy."),
+    param: list[str] = typer.Option([], "--param", help="Router parameter name=value, repeatable, e.g. --param mode=step."),
+    sweep: list[str] = typer.Option([], "--sweep", help="Threshold sweep name=start:stop:step (stop included) or name=v1,v2,...; repeat for a grid."),
+    split: str = typer.Option("test", "--split", help="Problems replayed: train, calibration, test or all (learned routers always fit on train)."),
+    cost: str = typer.Option("flops", "--cost", help="flops (TFLOPs of generated tokens), flops+prefill, or api (USD)."),
+    price: list[str] = typer.Option([], "--price", help="api prices NAME=input/cached/output in USD per 1M tokens for a model role or scorer, repeatable; without any, GPT-4.1-mini rates (0.40/0.10/1.60) for all."),
+    worlds: str = typer.Option("all", "--worlds", help="all, or comma-separated world numbers, e.g. 0,1."),
+    split_seed: int = typer.Option(0, "--split-seed", help="Seed of the hash that assigns problems to splits."),
+    split_fractions: str = typer.Option("0.5,0.1,0.4", "--split-fractions", help="train,calibration,test fractions of the problems."),
+    out: Path = typer.Option(None, "--out", help="Parquet file for per-problem outcomes (one row per problem x world x configuration)."),
+) -> None:
+    """Replay a router on a cached trace (CPU only) and print accuracy, cost, A/C, large-step share and misses.
+
+    Example: trace replay runs/toy --router steer --param mode=step --sweep tau=0:1:0.01 --out steer.parquet
+    """
+    from replay.costs import parse_price
+    from replay.engine import miss_list, parse_param, parse_sweep, replay_trace, write_outcomes
+    from replay.routers import make_router
+    from replay.splits import parse_fractions
+
+    if out is not None and out.suffix != ".parquet":
+        raise typer.BadParameter(f"--out must name a .parquet file, got {out}")
+    if out is not None and not out.parent.is_dir():
+        raise TraceError(f"--out {out}: folder {out.parent} does not exist")
+    if worlds == "all":
+        world_list = None
+    else:
+        try:
+            world_list = [int(w) for w in worlds.split(",")]
+        except ValueError:
+            raise typer.BadParameter(f"--worlds must be all or numbers like 0,1, got {worlds!r}") from None
+    chosen = make_router(router, **dict(parse_param(p) for p in param))
+    sweeps = dict(parse_sweep(s) for s in sweep)
+    prices = dict(parse_price(p) for p in price) or None
+    result = replay_trace(trace_dir, chosen, sweep=sweeps, split=split, cost=cost, prices=prices,
+                          worlds=world_list, split_seed=split_seed, fractions=parse_fractions(split_fractions))
+    title = f"{trace_dir}: split {split}, cost {cost} (mean per query)"
+    console.print(_replay_table(result, list(sweeps), title))
+    misses = miss_list(result)
+    if misses:
+        console.print(f"[yellow]{result.outcomes['misses'].sum():,} walks missed {len(misses):,} distinct uncached "
+                      "(node, model) steps or scores; their accuracy and cost are left out. First:[/]")
+        for miss in misses[:5]:
+            what = f"{miss['scorer']} score of step" if miss["scorer"] else "step by"
+            console.print(f"  {miss['problem_id']} world {miss['world']} node {miss['path']!r}: {what} {miss['model']}")
+    if out is not None:
+        write_outcomes(result.outcomes, out)
+        console.print(f"wrote {result.outcomes.height:,} outcomes to {out}")
+
+
+if __name__ == "__main__":
+    app()

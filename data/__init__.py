@@ -1,0 +1,1 @@
+"""Embedded default data: the toy arithmetic world."""

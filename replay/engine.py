@@ -1,0 +1,548 @@
+"""The replay engine: walk cached (problem, world) step trees for a router, on a CPU, with no model.
+
+The tree of every (problem, world) is indexed once into integer arrays (node ids, the child step
+of each node per model role). A walk state is one (problem, world, configuration) triple; all
+states advance together one solution step per iteration, with numpy, so a sweep over a threshold
+costs one walk over problems x configurations rather than one walk per configuration.
+
+The engine never invents a step: when a router needs a (node, model) step, or a scorer's score
+of a draft, that the trace lacks, the walk of that state stops there and records a **miss**,
+which `miss_list` returns for `trace gen --expand closure` (and online replay) to fill.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import polars as pl
+
+from replay.costs import CostModel, Price, make_cost_model, manifest_models
+from replay.errors import TraceError
+from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, SPLITS, assign_splits
+from replay.store import Trace, empty_frame, open_trace
+
+_SEP = "\x1f"  # joins (problem_id, world, path) into one node key; cannot occur in ids or paths
+SMALL, LARGE = "small", "large"
+
+
+def _node_key(problem_id: pl.Expr, world: pl.Expr, path: pl.Expr) -> pl.Expr:
+    return pl.concat_str(problem_id, world.cast(pl.String), path, separator=_SEP)
+
+
+@dataclass(frozen=True)
+class TreeIndex:
+    """The trees as integer arrays: node ids (positions in the sorted node keys) and step rows."""
+
+    children: np.ndarray      # (n_roles, n_nodes): the step row continuing the node by that role, -1 if not cached
+    step_parent: np.ndarray   # node each step row continues
+    step_child: np.ndarray    # node each step row creates
+    step_role: np.ndarray     # role index of each step row
+    step_final: np.ndarray
+    step_correct: np.ndarray  # False for non-final steps
+
+
+class ReplayData:
+    """What a replay reads from a trace: steps (no text), problems, scores and hidden states on
+    demand, and an integer index of the tree nodes of every (problem, world) to replay.
+
+    The roots replayed are every problem of ``problems`` times every world in ``worlds`` (default:
+    0..W-1 for the manifest's ``worlds`` = W, else the worlds the steps hold); a root without cached
+    steps is walked like any other and misses at once.
+    """
+
+    def __init__(self, manifest: dict, steps: pl.DataFrame, problems: pl.DataFrame, *,
+                 scores: pl.LazyFrame | pl.DataFrame | None = None,
+                 hidden: pl.LazyFrame | pl.DataFrame | None = None,
+                 worlds: list[int] | None = None):
+        self.manifest = manifest
+        self.roles = list(manifest_models(manifest))
+        self.steps = steps.drop("text", strict=False)
+        self.problems = problems
+        if worlds is None:
+            recorded = manifest.get("worlds")
+            worlds = range(recorded) if isinstance(recorded, int) else sorted(self.steps["world"].unique()) or [0]
+        self.worlds = [int(world) for world in worlds]
+        self.scores = (scores if scores is not None else empty_frame("scores")).lazy()
+        self.hidden = (hidden if hidden is not None else empty_frame("hidden")).lazy()
+        self._scores_by_scorer: dict[str, pl.DataFrame] = {}
+
+    @classmethod
+    def from_trace(cls, trace: Trace) -> ReplayData:
+        steps = trace.scan("steps").drop("text").collect()
+        problems = trace.scan("problems").select("problem_id", "meta").collect()
+        return cls(trace.manifest, steps, problems, scores=trace.scan("scores"), hidden=trace.scan("hidden"))
+
+    def subset(self, problem_ids: list[str]) -> ReplayData:
+        """The same trace restricted to ``problem_ids`` (index rebuilt lazily)."""
+        keep = pl.col("problem_id").is_in(pl.Series(problem_ids, dtype=pl.String).implode())
+        return ReplayData(self.manifest, self.steps.filter(keep), self.problems.filter(keep),
+                          scores=self.scores, hidden=self.hidden, worlds=self.worlds)
+
+    def role_index(self, role: str, router: str) -> int:
+        if role not in self.roles:
+            raise TraceError(f"router {router} needs a {role!r} model, but the trace's models are "
+                             f"{', '.join(self.roles)}")
+        return self.roles.index(role)
+
+    # ------------------------------------------------------------------ tree index
+
+    @cached_property
+    def _root_rows(self) -> pl.DataFrame:
+        """One row per replayed (problem, world), problem-major."""
+        return self.problems.select("problem_id").join(
+            pl.DataFrame({"world": self.worlds}, schema={"world": pl.Int32}), how="cross")
+
+    def _node_ids(self, frame: pl.DataFrame, path: pl.Expr) -> np.ndarray:
+        keys = frame.select(_node_key(pl.col("problem_id"), pl.col("world"), path)).to_series()
+        return self._node_keys.search_sorted(keys).to_numpy().astype(np.int64)
+
+    @cached_property
+    def _node_keys(self) -> pl.Series:
+        """Sorted keys of every node (roots, and both ends of every step); a node's id is its position."""
+        keys = pl.concat([
+            self._root_rows.select(key=_node_key(pl.col("problem_id"), pl.col("world"), pl.lit(""))),
+            self.steps.select(key=_node_key(pl.col("problem_id"), pl.col("world"), pl.col("parent_path"))),
+            self.steps.select(key=_node_key(pl.col("problem_id"), pl.col("world"), pl.col("path"))),
+        ])
+        return keys["key"].unique().sort()
+
+    @cached_property
+    def roots(self) -> pl.DataFrame:
+        """problem_id, world and root node id of every replayed (problem, world), problem-major."""
+        return self._root_rows.with_columns(node=pl.Series(self._node_ids(self._root_rows, pl.lit(""))))
+
+    @cached_property
+    def node_path(self) -> np.ndarray:
+        """The path string of every node id."""
+        return self._node_keys.str.split(_SEP).list.get(2).to_numpy()
+
+    def node_names(self, nodes: np.ndarray) -> list[str]:
+        """``problem_id/world/path`` of each node (the step_id its creating step has)."""
+        return self._node_keys.gather(nodes).str.replace_all(_SEP, "/", literal=True).to_list()
+
+    @cached_property
+    def tree(self) -> TreeIndex:
+        steps = self.steps
+        unknown = sorted(set(steps["model"].unique().to_list()) - set(self.roles))
+        if unknown:
+            raise TraceError(f"steps use model role(s) {', '.join(unknown)} that trace.json's models do not list")
+        graded = steps.filter(pl.col("is_final") & pl.col("correct").is_null())
+        if graded.height:
+            raise TraceError(f"step {graded['step_id'][0]!r} is final but has no graded 'correct' value")
+        parent = self._node_ids(steps, pl.col("parent_path"))
+        role = steps["model"].replace_strict({r: i for i, r in enumerate(self.roles)}, return_dtype=pl.Int64)
+        role = role.to_numpy()
+        n_nodes = len(self._node_keys)
+        slot = role * n_nodes + parent
+        unique_slots, counts = np.unique(slot, return_counts=True)
+        if (counts > 1).any():
+            twice = slot == unique_slots[np.argmax(counts > 1)]
+            ids = steps["step_id"].filter(pl.Series(twice)).to_list()
+            raise TraceError(f"steps {ids[0]!r} and {ids[1]!r} continue the same node with the same model")
+        children = np.full((len(self.roles), n_nodes), -1, dtype=np.int64)
+        children[role, parent] = np.arange(steps.height)
+        return TreeIndex(
+            children=children,
+            step_parent=parent,
+            step_child=self._node_ids(steps, pl.col("path")),
+            step_role=role,
+            step_final=steps["is_final"].to_numpy(),
+            step_correct=steps["correct"].fill_null(False).to_numpy(),
+        )
+
+    # ------------------------------------------------------------------ scores
+
+    def scores_of(self, scorer: str) -> pl.DataFrame:
+        """The scores of ``scorer`` aligned to the step rows: value, detail, n_tokens_processed (null where
+        the step has no score)."""
+        if scorer not in self._scores_by_scorer:
+            rows = (self.scores.filter(pl.col("scorer") == scorer)
+                    .select("step_id", "value", "detail", "n_tokens_processed").collect())
+            twice = rows.filter(pl.col("step_id").is_duplicated())
+            if twice.height:
+                raise TraceError(f"step {twice['step_id'][0]!r} has more than one {scorer!r} score")
+            aligned = self.steps.select("step_id").join(rows, on="step_id", how="left", maintain_order="left")
+            self._scores_by_scorer[scorer] = aligned.drop("step_id")
+        return self._scores_by_scorer[scorer]
+
+
+class Costs:
+    """Per-step-row decode and prefill cost under one cost model (zeros without one), and scorer costs."""
+
+    def __init__(self, data: ReplayData, model: CostModel | None):
+        self.data = data
+        self.model = model
+        if model is None:
+            self.decode = self.prefill = np.zeros(data.steps.height)
+        else:
+            self.decode, self.prefill = model.step_costs(data.steps)
+        self.step_total = self.decode + self.prefill
+        self._scorer: dict[str, np.ndarray] = {}
+
+    def scorer(self, name: str) -> np.ndarray:
+        """Cost of scoring each step row with scorer ``name``; NaN where the trace has no such score."""
+        if name not in self._scorer:
+            tokens = self.data.scores_of(name)["n_tokens_processed"]
+            present = tokens.is_not_null().to_numpy()
+            cost = np.full(len(tokens), np.nan)
+            if self.model is None:
+                cost[present] = 0.0
+            else:
+                roles = self.data.steps["model"].to_numpy()[present]
+                cost[present] = self.model.scorer_costs(name, tokens.drop_nulls().to_numpy(), roles)
+            self._scorer[name] = cost
+        return self._scorer[name]
+
+
+# ---------------------------------------------------------------------- walks
+
+
+@dataclass
+class Walk:
+    """What each walked state did: cost by bucket, steps kept by role, where it ended, and its miss."""
+
+    decode: np.ndarray        # (n_roles, S) decode cost of kept steps, by the role that wrote them
+    kept: np.ndarray          # (n_roles, S) kept steps by role
+    prefill: np.ndarray       # (S,) prefill cost of kept steps
+    discarded: np.ndarray     # (S,) full cost of drafts that were written and thrown away
+    n_discarded: np.ndarray   # (S,)
+    scorer: np.ndarray        # (S,) scorer calls
+    final_step: np.ndarray    # (S,) step row that ended the solution, -1 if none
+    end_node: np.ndarray      # (S,) final node, or the node where the walk missed
+    miss_role: np.ndarray     # (S,) role index of the missing step (or of the unscored draft); -1 = no miss
+    miss_scorer: np.ndarray   # (S,) the miss is the router scorer's score of the step (end_node, miss_role)
+
+    @classmethod
+    def empty(cls, n_roles: int, n_states: int) -> Walk:
+        return cls(
+            decode=np.zeros((n_roles, n_states)), kept=np.zeros((n_roles, n_states), dtype=np.int64),
+            prefill=np.zeros(n_states), discarded=np.zeros(n_states),
+            n_discarded=np.zeros(n_states, dtype=np.int64), scorer=np.zeros(n_states),
+            final_step=np.full(n_states, -1, dtype=np.int64), end_node=np.full(n_states, -1, dtype=np.int64),
+            miss_role=np.full(n_states, -1, dtype=np.int64), miss_scorer=np.zeros(n_states, dtype=bool),
+        )
+
+    def take(self, index: np.ndarray) -> Walk:
+        return Walk(**{name: value[..., index] for name, value in vars(self).items()})
+
+    @property
+    def total(self) -> np.ndarray:
+        return self.decode.sum(axis=0) + self.prefill + self.discarded + self.scorer
+
+    @property
+    def missed(self) -> np.ndarray:
+        return self.miss_role >= 0
+
+
+@dataclass(frozen=True)
+class Judge:
+    """How a draft-and-verify router judges the small model's draft at each node.
+
+    ``signal`` holds one number per step row (NaN where the router has none); ``accept`` maps the
+    drafts' signals and the states' parameter values to keep/discard. A discarded draft is paid for
+    and the large model writes that step; with ``one_way`` the large model then writes every later
+    step too, without drafts. With ``scorer``, each draft needs that scorer's score (its absence is
+    a miss) and every judged draft pays for a scorer call.
+    """
+
+    signal: np.ndarray
+    accept: Callable[[np.ndarray, dict[str, np.ndarray]], np.ndarray]
+    one_way: bool
+    scorer: str | None = None
+
+
+def walk_steps(data: ReplayData, costs: Costs, starts: np.ndarray, params: dict[str, np.ndarray], *,
+               choose: Callable[[np.ndarray, dict[str, np.ndarray]], np.ndarray] | None = None,
+               judge: Judge | None = None, router: str = "router") -> Walk:
+    """Walk every state from its start node until a final step or a miss.
+
+    Exactly one of ``choose`` (the role index that writes the next step, from the current nodes and
+    parameter values of the active states) and ``judge`` (small drafts, the router keeps or discards)
+    drives the walk. ``params`` holds one array per parameter, aligned with ``starts``.
+    """
+    if (choose is None) == (judge is None):
+        raise ValueError("walk_steps needs exactly one of choose and judge")
+    n_states = len(starts)
+    walk = Walk.empty(len(data.roles), n_states)
+    tree = data.tree
+    children, step_child, step_final, step_role = tree.children, tree.step_child, tree.step_final, tree.step_role
+    scorer_cost = None
+    if judge is not None:
+        small, large = data.role_index(SMALL, router), data.role_index(LARGE, router)
+        if judge.scorer:
+            scorer_cost = costs.scorer(judge.scorer)
+    node = starts.astype(np.int64).copy()
+    escalated = np.zeros(n_states, dtype=bool)
+    active = np.arange(n_states)
+
+    def stop_missing(states: np.ndarray, nodes: np.ndarray, roles: np.ndarray, scorer: bool = False) -> None:
+        walk.end_node[states] = nodes
+        walk.miss_role[states] = roles
+        walk.miss_scorer[states] = scorer
+
+    while active.size:
+        here = node[active]
+        if judge is None:
+            role = np.asarray(choose(here, {k: v[active] for k, v in params.items()}), dtype=np.int64)
+            judged = np.zeros(active.size, dtype=bool)
+        else:
+            judged = ~escalated[active] if judge.one_way else np.ones(active.size, dtype=bool)
+            role = np.where(judged, small, large)
+        step = children[role, here]
+        cached = step >= 0
+        stop_missing(active[~cached], here[~cached], role[~cached])
+        active, here, role, step, judged = active[cached], here[cached], role[cached], step[cached], judged[cached]
+
+        if judged.any():
+            drafts = np.flatnonzero(judged)
+            if scorer_cost is not None:
+                call_cost = scorer_cost[step[drafts]]
+                unscored = np.isnan(call_cost)
+                stop_missing(active[drafts[unscored]], here[drafts[unscored]], role[drafts[unscored]], scorer=True)
+                walk.scorer[active[drafts[~unscored]]] += call_cost[~unscored]
+                scored = np.ones(active.size, dtype=bool)
+                scored[drafts[unscored]] = False
+                active, here, role, step = active[scored], here[scored], role[scored], step[scored]
+                drafts = np.flatnonzero(judged[scored])
+            accepted = np.asarray(judge.accept(judge.signal[step[drafts]],
+                                               {k: v[active[drafts]] for k, v in params.items()}), dtype=bool)
+            rejected = drafts[~accepted]
+            walk.discarded[active[rejected]] += costs.step_total[step[rejected]]
+            walk.n_discarded[active[rejected]] += 1
+            if judge.one_way:
+                escalated[active[rejected]] = True
+            rewrite = children[large, here[rejected]]
+            step[rejected] = rewrite
+            role[rejected] = large
+            cached = step >= 0
+            stop_missing(active[~cached], here[~cached], role[~cached])
+            active, role, step = active[cached], role[cached], step[cached]
+
+        walk.decode[step_role[step], active] += costs.decode[step]
+        walk.kept[step_role[step], active] += 1
+        walk.prefill[active] += costs.prefill[step]
+        node[active] = step_child[step]
+        final = step_final[step]
+        walk.final_step[active[final]] = step[final]
+        walk.end_node[active[final]] = step_child[step[final]]
+        active = active[~final]
+    return walk
+
+
+def walk_chains(data: ReplayData, costs: Costs, starts: np.ndarray, role: int) -> Walk:
+    """Every state's solution written by one model alone from its start node."""
+    return walk_steps(data, costs, starts, {}, choose=lambda nodes, _: np.full(len(nodes), role))
+
+
+# ---------------------------------------------------------------------- sweeps and replay
+
+
+def parse_param(text: str) -> tuple[str, str]:
+    """Split ``k=v``."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise TraceError(f"--param must look like name=value, got {text!r}")
+    return name.strip(), value.strip()
+
+
+def parse_sweep(text: str) -> tuple[str, np.ndarray]:
+    """``tau=0:1:0.01`` (start:stop:step, stop included) or ``tau=0.3,0.5,0.7`` -> (name, values)."""
+    name, value = parse_param(text)
+    try:
+        if ":" in value:
+            start, stop, step = (float(part) for part in value.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            count = int(np.floor((stop - start) / step + 1e-9)) + 1
+            values = np.round(start + step * np.arange(count), 12)
+        else:
+            values = np.array([float(part) for part in value.split(",")])
+    except ValueError:
+        raise TraceError(f"--sweep must look like {name}=start:stop:step (step > 0, stop >= start) "
+                         f"or {name}=v1,v2,..., got {text!r}") from None
+    return name, values
+
+
+@dataclass(frozen=True)
+class Configs:
+    """The configurations of one replay: their full parameter dicts and the swept values as arrays."""
+
+    params: list[dict]
+    values: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+
+def sweep_configs(router, sweep: dict[str, np.ndarray] | None) -> Configs:
+    """The router's own configuration, or the grid of every swept parameter (others fixed)."""
+    base = {**router.get_params(), **router.decision_params()}
+    sweep = sweep or {}
+    unknown = sorted(set(sweep) - set(router.sweepable))
+    if unknown:
+        allowed = ", ".join(router.sweepable) or "none"
+        raise TraceError(f"router {router.name} cannot sweep {', '.join(unknown)}; sweepable: {allowed}")
+    names = list(router.sweepable)
+    grids = [sweep.get(name, np.array([base[name]], dtype=float)) for name in names]
+    combos = list(itertools.product(*grids)) if names else [()]
+    params = [{**base, **{name: float(value) for name, value in zip(names, combo)}} for combo in combos]
+    values = {name: np.array([combo[i] for combo in combos], dtype=float) for i, name in enumerate(names)}
+    return Configs(params, values)
+
+
+@dataclass
+class ReplayResult:
+    """Per-(problem, world, configuration) outcomes, the misses, and the roles of the trace."""
+
+    outcomes: pl.DataFrame
+    roles: list[str]
+    cost_unit: str
+    misses: pl.DataFrame = field(repr=False)
+
+    def summary(self) -> pl.DataFrame:
+        return summarize(self.outcomes, self.roles)
+
+
+def replay(data: ReplayData, router, cost_model: CostModel, sweep: dict[str, np.ndarray] | None = None) -> ReplayResult:
+    """Replay a fitted ``router`` over every root of ``data``, for one configuration or a whole sweep.
+
+    Outcomes: one row per (configuration, problem, world) with router, params (JSON, swept values
+    filled in), config, problem_id, world, path (the final node, or where the walk missed), answer
+    and correct (null after a miss), cost = cost_<role> (decoding of kept steps, per role) +
+    cost_prefill + cost_discarded (drafts thrown away) + cost_scorer, n_<role> kept steps,
+    n_discarded, misses (0 or 1: a walk stops at its first miss), cost_model and cost_unit.
+    """
+    router.check_fitted()
+    configs = sweep_configs(router, sweep)
+    roots = data.roots
+    n_roots = roots.height
+    state_config = np.repeat(np.arange(len(configs)), n_roots)
+    starts = np.tile(roots["node"].to_numpy(), len(configs))
+    params = {name: values[state_config] for name, values in configs.values.items()}
+    costs = Costs(data, cost_model)
+    walk = router.walk(data, costs, starts, params)
+
+    finished = walk.final_step >= 0
+    final = pl.Series(walk.final_step).set(pl.Series(~finished), None)
+    problem = roots["problem_id"].to_numpy()
+    world = roots["world"].to_numpy()
+    params_json = pl.Series([json.dumps(p, sort_keys=True) for p in configs.params], dtype=pl.String)
+    final_rows = data.steps.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("final"), "answer", "correct")
+    outcomes = pl.DataFrame({
+        "router": pl.Series([router.name] * len(starts), dtype=pl.String),
+        "params": params_json.gather(state_config),
+        "config": pl.Series(state_config, dtype=pl.Int32),
+        "problem_id": pl.Series(np.tile(problem, len(configs)), dtype=pl.String),
+        "world": pl.Series(np.tile(world, len(configs)), dtype=pl.Int32),
+        "path": pl.Series(data.node_path[walk.end_node], dtype=pl.String),
+        "final": final,
+    }).join(final_rows, on="final", how="left", maintain_order="left").drop("final")
+    outcomes = outcomes.with_columns(
+        cost=walk.total,
+        **{f"cost_{role}": walk.decode[i] for i, role in enumerate(data.roles)},
+        cost_prefill=walk.prefill,
+        cost_discarded=walk.discarded,
+        cost_scorer=walk.scorer,
+        **{f"n_{role}": pl.Series(walk.kept[i], dtype=pl.Int32) for i, role in enumerate(data.roles)},
+        n_discarded=pl.Series(walk.n_discarded, dtype=pl.Int32),
+        misses=pl.Series(walk.missed.astype(np.int32)),
+        cost_model=pl.lit(cost_model.name),
+        cost_unit=pl.lit(cost_model.unit),
+    )
+    missed = np.flatnonzero(walk.missed)
+    misses = pl.DataFrame({
+        "problem_id": pl.Series(np.tile(problem, len(configs))[missed], dtype=pl.String),
+        "world": pl.Series(np.tile(world, len(configs))[missed], dtype=pl.Int32),
+        "path": pl.Series(data.node_path[walk.end_node[missed]], dtype=pl.String),
+        "model": pl.Series(np.array(data.roles, dtype=object)[walk.miss_role[missed]] if missed.size else [],
+                           dtype=pl.String),
+        "scorer": pl.Series([router.scorer if s else None for s in walk.miss_scorer[missed]], dtype=pl.String),
+        "config": pl.Series(state_config[missed], dtype=pl.Int32),
+    })
+    return ReplayResult(outcomes=outcomes, roles=data.roles, cost_unit=cost_model.unit, misses=misses)
+
+
+def miss_list(result: ReplayResult) -> list[dict]:
+    """The distinct missing items of a replay, as records for closure and online generation:
+    ``{"problem_id", "world", "path", "model", "scorer", "n_configs"}`` -- the step ``model`` would
+    write at node ``path`` of (problem_id, world), or, when ``scorer`` is set, that scorer's score of
+    the cached step at (path, model). ``n_configs`` counts the configurations that needed it."""
+    grouped = (result.misses.group_by("problem_id", "world", "path", "model", "scorer")
+               .agg(n_configs=pl.col("config").n_unique())
+               .sort("problem_id", "world", "path", "model", "scorer", nulls_last=False))
+    return grouped.to_dicts()
+
+
+def summarize(outcomes: pl.DataFrame, roles: list[str]) -> pl.DataFrame:
+    """One row per configuration: accuracy and mean cost over the walks that finished, A/C, the share
+    of kept steps written by the largest model, and the number of walks that missed."""
+    steps = pl.sum_horizontal(pl.col(f"n_{role}") for role in roles)
+    done = pl.col("misses") == 0
+    return (
+        outcomes.group_by("router", "config", "params", maintain_order=True)
+        .agg(
+            n=pl.len(),
+            misses=pl.col("misses").sum(),
+            accuracy=pl.col("correct").cast(pl.Float64).mean(),
+            cost=pl.col("cost").filter(done).mean(),
+            large_steps=pl.col(f"n_{roles[-1]}").filter(done).sum(),
+            all_steps=steps.filter(done).sum(),
+        )
+        .with_columns(large_share=pl.when(pl.col("all_steps") > 0).then(pl.col("large_steps") / pl.col("all_steps")))
+        .drop("large_steps", "all_steps")
+        .with_columns(a_over_c=pl.col("accuracy") / pl.col("cost"))
+        .sort("config")
+    )
+
+
+# ---------------------------------------------------------------------- from a trace directory
+
+
+def split_frame(problem_ids: list[str], seed: int, fractions: tuple[float, float, float]) -> pl.DataFrame:
+    return pl.DataFrame({"problem_id": problem_ids, "split": assign_splits(problem_ids, seed, fractions)},
+                        schema={"problem_id": pl.String, "split": pl.String})
+
+
+def replay_trace(root: str | os.PathLike, router, *, sweep: dict[str, np.ndarray] | None = None,
+                 split: str = "test", cost: str = "flops", prices: dict[str, Price] | None = None,
+                 worlds: list[int] | None = None, split_seed: int = DEFAULT_SPLIT_SEED,
+                 fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> ReplayResult:
+    """Open a trace, fit ``router`` on its train split, replay it on ``split`` (or ``all``)."""
+    if split not in (*SPLITS, "all"):
+        raise TraceError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}, all")
+    trace = open_trace(root)
+    cost_model = make_cost_model(cost, trace.manifest, prices)
+    data = ReplayData.from_trace(trace)
+    if worlds is not None:
+        absent = sorted(set(worlds) - set(data.worlds))
+        if absent:
+            raise TraceError(f"{root} has no world(s) {', '.join(map(str, absent))}; it has "
+                             f"{', '.join(map(str, data.worlds))}")
+        data = ReplayData(data.manifest, data.steps, data.problems, scores=data.scores, hidden=data.hidden,
+                          worlds=worlds)
+    splits = split_frame(data.problems["problem_id"].to_list(), split_seed, fractions)
+    ids_of = {name: splits.filter(pl.col("split") == name)["problem_id"].to_list() for name in SPLITS}
+    router.fit(data.subset(ids_of["train"]))
+    evaluated = data if split == "all" else data.subset(ids_of[split])
+    if evaluated.problems.height == 0:
+        raise TraceError(f"split {split!r} of {root} holds no problems (fractions {fractions}, seed {split_seed})")
+    result = replay(evaluated, router, cost_model, sweep)
+    result.outcomes = result.outcomes.join(splits, on="problem_id", how="left", maintain_order="left").with_columns(
+        split_seed=pl.lit(split_seed, dtype=pl.Int64),
+        split_fractions=pl.lit(",".join(str(f) for f in fractions)),
+    )
+    return result
+
+
+def write_outcomes(outcomes: pl.DataFrame, path: str | os.PathLike) -> None:
+    """Write outcomes to Parquet atomically (a temp file renamed over ``path``)."""
+    path = os.fspath(path)
+    temp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
+    outcomes.write_parquet(temp, compression="zstd")
+    os.replace(temp, path)

@@ -1,0 +1,168 @@
+"""What every router shares: the scikit-learn-style estimator contract, the registry, and the three
+ways a router walks a tree.
+
+- ``__init__`` only stores its keyword arguments; a router's configuration is its constructor call.
+- ``fit(train)`` checks the configuration, learns what it needs from the train split (attributes
+  ending in ``_``) and returns ``self``; replaying an unfitted router is an error.
+- A subclass with a ``name`` registers itself in ``ROUTERS``: adding a router is one new file.
+
+Kinds: a ``WriterRouter`` picks the model that writes each step; a ``DraftRouter`` lets the small
+model draft each step and keeps or discards the draft (the large model then writes that step); a
+``QueryRouter`` decides per query and implements ``walk`` itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from replay.errors import TraceError
+
+if TYPE_CHECKING:
+    from replay.engine import Costs, ReplayData, Walk
+
+ROUTERS: dict[str, type[Router]] = {}
+
+
+class Router:
+    """Base class of all routers."""
+
+    name: ClassVar[str] = ""
+    sweepable: ClassVar[tuple[str, ...]] = ()  # numeric parameters `--sweep` can vectorise
+    scorer: str | None = None  # scorer whose scores the router reads and pays for
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            ROUTERS[cls.name] = cls
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        return [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+
+    @classmethod
+    def param_defaults(cls) -> dict[str, Any]:
+        parameters = inspect.signature(cls.__init__).parameters
+        return {name: parameters[name].default for name in cls.param_names()}
+
+    def get_params(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.param_names()}
+
+    def decision_params(self) -> dict[str, float]:
+        """Values of the sweepable parameters this router decides with (a sweep replaces them)."""
+        return {name: getattr(self, name) for name in self.sweepable}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{name}={value!r}" for name, value in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    def fit(self, train: ReplayData) -> Router:
+        """Check the configuration and learn from the train split; returns self."""
+        self._check_params()
+        self._fit(train)
+        self.n_train_problems_ = train.problems.height
+        return self
+
+    def _check_params(self) -> None:
+        """Raise TraceError for a parameter value this router cannot use."""
+
+    def _fit(self, train: ReplayData) -> None:
+        """Learn from the train split (nothing, for routers without learned parts)."""
+
+    def check_fitted(self) -> None:
+        if not hasattr(self, "n_train_problems_"):
+            raise TraceError(f"router {self.name} is not fitted: call fit(train) before replaying it")
+
+    def walk(self, data: ReplayData, costs: Costs, starts: np.ndarray, params: dict[str, np.ndarray]) -> Walk:
+        """Walk every start node (one per problem, world and configuration); ``params`` holds the
+        sweepable parameters per state."""
+        raise NotImplementedError
+
+    # -- helpers for _check_params
+
+    def _check_choice(self, param: str, choices: tuple[str, ...]) -> None:
+        if getattr(self, param) not in choices:
+            raise TraceError(f"router {self.name}: {param} must be one of {', '.join(choices)}, "
+                             f"got {getattr(self, param)!r}")
+
+    def _check_range(self, param: str, low: float, high: float) -> None:
+        value = getattr(self, param)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise TraceError(f"router {self.name}: {param} must be a number in [{low}, {high}], got {value!r}")
+
+
+class WriterRouter(Router):
+    """Picks the model that writes each step; nothing is drafted or discarded."""
+
+    def choose(self, data: ReplayData, nodes: np.ndarray, params: dict[str, np.ndarray]) -> np.ndarray:
+        """Role index (into ``data.roles``) of the model that writes the next step at each node."""
+        raise NotImplementedError
+
+    def walk(self, data, costs, starts, params):
+        from replay.engine import walk_steps
+
+        return walk_steps(data, costs, starts, params, choose=lambda nodes, p: self.choose(data, nodes, p),
+                          router=self.name)
+
+
+class DraftRouter(Router):
+    """The small model drafts each step; ``accept`` keeps it or the large model rewrites that step."""
+
+    one_way: bool = False  # after one discarded draft the large model writes the rest, undrafted
+
+    def draft_signal(self, data: ReplayData) -> np.ndarray:
+        """The number the router judges each step row's draft by (NaN where it has none)."""
+        raise NotImplementedError
+
+    def accept(self, signal: np.ndarray, params: dict[str, np.ndarray]) -> np.ndarray:
+        """Keep (True) or discard each draft, from its signal and the states' parameter values."""
+        raise NotImplementedError
+
+    def walk(self, data, costs, starts, params):
+        from replay.engine import Judge, walk_steps
+
+        judge = Judge(signal=self.draft_signal(data), accept=self.accept, one_way=self.one_way, scorer=self.scorer)
+        return walk_steps(data, costs, starts, params, judge=judge, router=self.name)
+
+
+class QueryRouter(Router):
+    """Decides once per query (which whole solution to use); implements ``walk`` itself."""
+
+
+def coerce_param(router: type[Router], name: str, value: Any) -> Any:
+    """A ``--param`` string converted to the type of the parameter's default."""
+    if not isinstance(value, str):
+        return value
+    default = router.param_defaults()[name]
+    try:
+        if isinstance(default, bool):
+            lowered = value.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return lowered in ("true", "1", "yes")
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if default is None:  # an optional number, such as a threshold read from a file unless given
+            return float(value)
+    except ValueError:
+        if default is None:
+            raise TraceError(f"router {router.name}: parameter {name} must be a number, got {value!r}") from None
+        kind = {bool: "true or false", int: "an integer", float: "a number"}[type(default)]
+        raise TraceError(f"router {router.name}: parameter {name} must be {kind}, got {value!r}") from None
+    return value
+
+
+def make_router(name: str, **params: Any) -> Router:
+    """The router registered as ``name`` with ``params`` (strings are converted to the defaults' types)."""
+    if name not in ROUTERS:
+        raise TraceError(f"unknown router {name!r}; choose one of {', '.join(sorted(ROUTERS))}")
+    cls = ROUTERS[name]
+    unknown = sorted(set(params) - set(cls.param_names()))
+    if unknown:
+        valid = ", ".join(cls.param_names()) or "none"
+        raise TraceError(f"router {name} has no parameter {', '.join(unknown)}; its parameters: {valid}")
+    return cls(**{key: coerce_param(cls, key, value) for key, value in params.items()})

@@ -1,0 +1,16 @@
+"""Baseline: the large model writes every step."""
+
+import numpy as np
+
+from replay.engine import LARGE
+from replay.routers.base import WriterRouter
+
+
+class LargeOnly(WriterRouter):
+    name = "large-only"
+
+    def __init__(self):
+        pass
+
+    def choose(self, data, nodes, params):
+        return np.full(len(nodes), data.role_index(LARGE, self.name))

@@ -1,0 +1,162 @@
+"""Policy-guided stepwise routing (Si, Lee, Bastani 2026): a learned escalation policy.
+
+The small model drafts each step; the policy reads the draft's observation and escalates iff
+pi(escalate | o) >= ``kappa``. Escalation is one-way: the draft is discarded (and paid for) and the
+large model writes that step and every later one.
+
+Policy file (``torch.save`` of a dict; written by ``trace train policy``, read here)::
+
+    {"format": "trace-policy", "version": 1,
+     "features": ["conf_max_logit_math", "depth", ...],  # names from FEATURES, in input order
+     "feature_mean": [...], "feature_std": [...],        # o = (raw - mean) / std; a null raw value -> 0
+     "hidden": 64,                                        # width of the two hidden layers
+     "kappa": 0.5,                                        # the trained threshold
+     "state_dict": {...}}                                 # of policy_network(len(features), hidden)
+
+The network is ``policy_network``: Linear-Tanh-Linear-Tanh-Linear, two logits (continue, escalate).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from replay.engine import SMALL
+from replay.errors import TraceError
+from replay.routers.base import DraftRouter
+
+POLICY_FORMAT = "trace-policy"
+POLICY_VERSION = 1
+ESCALATE = 1  # index of the escalate logit
+# Observation features: numeric columns of the steps table, plus the problem's difficulty
+# (problems.meta "level": a number, or a string like "Level 3").
+STEP_FEATURES = ("conf_max_logit_math", "conf_max_logit_mean", "conf_top1_prob_min_math", "logprob_mean",
+                 "logprob_min", "first_token_logprob", "depth", "is_final", "n_gen_tokens", "n_prompt_tokens")
+FEATURES = (*STEP_FEATURES, "difficulty")
+
+
+def policy_network(n_features: int, hidden: int = 64):
+    """The policy MLP: three linear layers, ``hidden`` units, logits for (continue, escalate)."""
+    import torch
+
+    return torch.nn.Sequential(
+        torch.nn.Linear(n_features, hidden), torch.nn.Tanh(),
+        torch.nn.Linear(hidden, hidden), torch.nn.Tanh(),
+        torch.nn.Linear(hidden, 2),
+    )
+
+
+def difficulty(meta: pl.Series) -> pl.Series:
+    """The problems' ``level`` from their meta JSON as a float (null where absent)."""
+    levels = [json.loads(text).get("level") if text else None for text in meta.to_list()]
+    numbers = []
+    for level in levels:
+        if isinstance(level, str):
+            digits = "".join(ch for ch in level if ch.isdigit())
+            level = int(digits) if digits else None
+        numbers.append(None if level is None else float(level))
+    return pl.Series(numbers, dtype=pl.Float64)
+
+
+def raw_features(steps: pl.DataFrame, problems: pl.DataFrame, features: list[str]) -> np.ndarray:
+    """Unnormalised observation matrix, one row per step row (NaN for null values)."""
+    unknown = [name for name in features if name not in FEATURES]
+    if unknown:
+        raise TraceError(f"unknown policy feature(s) {', '.join(unknown)}; known: {', '.join(FEATURES)}")
+    frame = steps.select("problem_id", *[name for name in features if name in STEP_FEATURES])
+    if "difficulty" in features:
+        levels = problems.select("problem_id", difficulty=difficulty(problems["meta"]))
+        frame = frame.join(levels, on="problem_id", how="left", maintain_order="left")
+    columns = [frame[name].cast(pl.Float64).fill_null(np.nan).to_numpy() for name in features]
+    return np.stack(columns, axis=1) if columns else np.zeros((steps.height, 0))
+
+
+def normalise(raw: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    observation = (raw - mean) / std
+    return np.nan_to_num(observation, nan=0.0).astype(np.float32)
+
+
+def save_policy(path: str | Path, network, features: list[str], feature_mean, feature_std, kappa: float,
+                hidden: int = 64) -> None:
+    import torch
+
+    torch.save({"format": POLICY_FORMAT, "version": POLICY_VERSION, "features": list(features),
+                "feature_mean": [float(x) for x in feature_mean], "feature_std": [float(x) for x in feature_std],
+                "hidden": int(hidden), "kappa": float(kappa), "state_dict": network.state_dict()}, path)
+
+
+def load_policy(path: str | Path) -> tuple[object, dict]:
+    """(network in eval mode, the file's dict) from a policy file, checked."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise TraceError(f"policy file {path} does not exist")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for foreign or truncated files
+        raise TraceError(f"{path} is not a readable policy file ({str(error).splitlines()[0]})") from None
+    if not isinstance(saved, dict) or saved.get("format") != POLICY_FORMAT:
+        raise TraceError(f"{path} is not a trace policy file (no format {POLICY_FORMAT!r})")
+    if saved.get("version") != POLICY_VERSION:
+        raise TraceError(f"{path} has policy version {saved.get('version')!r}; this trace reads {POLICY_VERSION}")
+    for key in ("features", "feature_mean", "feature_std", "hidden", "kappa", "state_dict"):
+        if key not in saved:
+            raise TraceError(f"policy file {path} has no {key!r}")
+    n = len(saved["features"])
+    if len(saved["feature_mean"]) != n or len(saved["feature_std"]) != n or not all(s > 0 for s in saved["feature_std"]):
+        raise TraceError(f"policy file {path}: feature_mean and feature_std need {n} entries, std > 0")
+    network = policy_network(n, saved["hidden"])
+    try:
+        network.load_state_dict(saved["state_dict"])
+    except RuntimeError as error:
+        raise TraceError(f"policy file {path}: state_dict does not fit a {n}-feature network with "
+                         f"{saved['hidden']} hidden units ({str(error).splitlines()[0]})") from None
+    return network.eval(), saved
+
+
+class PolicyRouter(DraftRouter):
+    name = "policy"
+    sweepable = ("kappa",)
+    one_way = True
+
+    def __init__(self, path="", kappa=None):
+        self.path = path
+        self.kappa = kappa
+
+    def _check_params(self):
+        if not self.path:
+            raise TraceError("router policy needs --param path=POLICY_FILE")
+        if self.kappa is not None:
+            self._check_range("kappa", 0.0, 1.0)
+
+    def _fit(self, train):
+        self.network_, saved = load_policy(self.path)
+        self.features_ = list(saved["features"])
+        self.feature_mean_ = np.asarray(saved["feature_mean"], dtype=np.float64)
+        self.feature_std_ = np.asarray(saved["feature_std"], dtype=np.float64)
+        self.kappa_ = float(saved["kappa"])
+
+    def decision_params(self):
+        return {"kappa": self.kappa_ if self.kappa is None else self.kappa}
+
+    def escalate_probability(self, steps: pl.DataFrame, problems: pl.DataFrame) -> np.ndarray:
+        """pi(escalate | o) for each step row."""
+        import torch
+
+        observation = normalise(raw_features(steps, problems, self.features_), self.feature_mean_, self.feature_std_)
+        with torch.no_grad():
+            logits = self.network_(torch.from_numpy(observation))
+            return torch.softmax(logits, dim=1)[:, ESCALATE].double().numpy()
+
+    def draft_signal(self, data):
+        signal = np.full(data.steps.height, np.nan)
+        small = (data.steps["model"] == SMALL).to_numpy()
+        signal[small] = self.escalate_probability(data.steps.filter(pl.Series(small)), data.problems)
+        return signal
+
+    def accept(self, signal, params):
+        return signal < params["kappa"]

@@ -1,0 +1,29 @@
+"""Baseline: each step goes to the large model with probability p, independently per node.
+
+The draw at a node is a hash of (seed, problem_id/world/path), so it is the same in every replay,
+in every configuration of a sweep over p, and online.
+"""
+
+import numpy as np
+
+from replay.engine import LARGE, SMALL
+from replay.routers.base import WriterRouter
+from replay.splits import hash_uniform
+
+
+class RandomRouter(WriterRouter):
+    name = "random"
+    sweepable = ("p",)
+
+    def __init__(self, p=0.5, seed=0):
+        self.p = p
+        self.seed = seed
+
+    def _check_params(self):
+        self._check_range("p", 0.0, 1.0)
+
+    def choose(self, data, nodes, params):
+        small, large = data.role_index(SMALL, self.name), data.role_index(LARGE, self.name)
+        unique, inverse = np.unique(nodes, return_inverse=True)
+        draws = hash_uniform(data.node_names(unique), self.seed)[inverse]
+        return np.where(draws < params["p"], large, small)

@@ -1,0 +1,16 @@
+"""Baseline: the small model writes every step."""
+
+import numpy as np
+
+from replay.engine import SMALL
+from replay.routers.base import WriterRouter
+
+
+class SmallOnly(WriterRouter):
+    name = "small-only"
+
+    def __init__(self):
+        pass
+
+    def choose(self, data, nodes, params):
+        return np.full(len(nodes), data.role_index(SMALL, self.name))

@@ -1,0 +1,53 @@
+"""SpecReason (Pan et al. 2025): the large model judges each small-model draft.
+
+The judge (scorer ``judge``) reads the question and the steps so far and rates the last step 0-9;
+its scores row holds value = the greedy digit and detail = its probabilities for the digits 0-9
+(from the top-k logprobs). ``score="greedy"`` judges by the digit, ``score="expected"`` by the
+expected digit under those probabilities (renormalised over the ten digits). A draft with score >=
+``tau`` is kept; otherwise it is discarded (and paid for) and the large model writes that step; the
+next step is drafted again. Every draft pays one judge call: the prefill of its context plus one
+token (``n_tokens_processed``).
+"""
+
+import numpy as np
+
+from replay.errors import TraceError
+from replay.routers.base import DraftRouter
+
+DIGITS = np.arange(10, dtype=np.float64)
+
+
+class SpecReason(DraftRouter):
+    name = "specreason"
+    sweepable = ("tau",)
+
+    def __init__(self, tau=7.0, score="greedy", scorer="judge"):
+        self.tau = tau
+        self.score = score
+        self.scorer = scorer
+
+    def _check_params(self):
+        self._check_choice("score", ("greedy", "expected"))
+
+    def draft_signal(self, data):
+        scores = data.scores_of(self.scorer)
+        if self.score == "greedy":
+            return scores["value"].cast(float).fill_null(np.nan).to_numpy()
+        scored = scores["value"].is_not_null()
+        bad = scored & ~(scores["detail"].list.len() == len(DIGITS)).fill_null(False)
+        if bad.any():
+            step_id = data.steps["step_id"].filter(bad)[0]
+            raise TraceError(f"score='expected' needs the {self.scorer} scorer's ten digit probabilities in "
+                             f"detail, but step {step_id!r} has {scores['detail'].filter(bad)[0]!r}")
+        signal = np.full(len(scores), np.nan)
+        mask = scored.to_numpy()
+        probabilities = scores["detail"].filter(scored).explode().to_numpy().astype(np.float64).reshape(-1, 10)
+        totals = probabilities.sum(axis=1)
+        if (totals <= 0).any():
+            step_id = data.steps["step_id"].filter(scored)[int(np.argmax(totals <= 0))]
+            raise TraceError(f"step {step_id!r}: the {self.scorer} scorer's digit probabilities sum to 0")
+        signal[mask] = probabilities @ DIGITS / totals
+        return signal
+
+    def accept(self, signal, params):
+        return signal >= params["tau"]

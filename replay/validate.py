@@ -1,0 +1,231 @@
+"""`trace validate`: check every invariant of a trace, stop at the first violation with one clear sentence."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import polars as pl
+
+from replay.errors import TraceError
+from replay.store import (
+    FINISH_REASONS,
+    ROW_KEYS,
+    SCHEMAS,
+    TABLES,
+    TOKEN_ARRAY_COLUMNS,
+    Trace,
+    manifest_roles,
+    model_char,
+    open_trace,
+)
+
+FILE = "_file"  # column holding each row's part file, for messages
+
+
+def validate(root: str | os.PathLike) -> dict[str, int]:
+    """Raise TraceError on the first violated invariant; otherwise return row counts per table."""
+    trace = open_trace(root)
+    for table in TABLES:
+        trace.files(table)  # footers and column types of every part
+    leftovers = trace.uncommitted_files()
+    if leftovers:
+        raise TraceError(
+            f"{leftovers[0]} has no steps part: it was left by an interrupted write "
+            "(rerunning the command that wrote this trace finishes the work and removes it)"
+        )
+    for table in TABLES:
+        _check_required(trace, table)
+
+    roles = _manifest_roles(trace)
+    problems = trace.scan("problems", with_file=FILE).select("problem_id", "dataset", FILE).collect()
+    steps = trace.scan("steps", with_file=FILE).drop("text").collect()
+    _check_unique(problems, "problems")
+    _check_steps(steps, roles)
+    _check_tree(steps)
+    _first(
+        steps.join(problems.select("problem_id"), on="problem_id", how="anti"),
+        lambda row: f"step {row['step_id']!r} refers to problem {row['problem_id']!r}, which is not in problems",
+    )
+    n_tokens = _check_tokens(trace, steps)
+    n_scores = _check_scores(trace, steps)
+    n_hidden = _check_hidden(trace, problems, roles)
+    _check_manifest_counts(trace, problems)
+    return {
+        "problems": problems.height,
+        "trees": steps.select("problem_id", "world").n_unique() if steps.height else 0,
+        "steps": steps.height,
+        "tokens": n_tokens,
+        "scores": n_scores,
+        "hidden": n_hidden,
+    }
+
+
+def _first(violations: pl.DataFrame, message: Callable[[dict], str], order: str = "step_id") -> None:
+    """Raise for the first violating row (in `order`), prefixed with the part file it is in."""
+    if violations.height:
+        row = violations.sort(order).row(0, named=True)
+        where = f"{row[FILE]}: " if row.get(FILE) else ""
+        raise TraceError(where + message(row))
+
+
+def _check_required(trace: Trace, table: str) -> None:
+    required = [field.name for field in SCHEMAS[table] if not field.nullable]
+    nulls = trace.scan(table, with_file=FILE).filter(pl.any_horizontal(pl.col(required).is_null()))
+    nulls = nulls.select(*dict.fromkeys([*ROW_KEYS[table], *required]), FILE).collect()
+    if nulls.height:
+        row = nulls.row(0, named=True)
+        column = next(name for name in required if row[name] is None)
+        key = "/".join(str(row[c]) for c in ROW_KEYS[table])
+        raise TraceError(f"{row[FILE]}: {table} row {key!r} has a null {column}, which is required")
+
+
+def _manifest_roles(trace: Trace) -> dict[str, str]:
+    """Role -> path character of every model the manifest lists."""
+    return {role: model_char(role) for role in manifest_roles(trace.manifest)}
+
+
+def _check_unique(problems: pl.DataFrame, table: str) -> None:
+    _first(
+        problems.filter(pl.col("problem_id").is_duplicated()),
+        lambda row: f"problem_id {row['problem_id']!r} appears more than once in {table}",
+        order="problem_id",
+    )
+
+
+def _check_steps(steps: pl.DataFrame, roles: dict[str, str]) -> None:
+    """Row-level invariants: ids, model roles, path/depth arithmetic, final answers."""
+    _first(
+        steps.filter(pl.col("step_id").is_duplicated()),
+        lambda row: f"step_id {row['step_id']!r} appears more than once",
+    )
+    expected_id = pl.concat_str(pl.col("problem_id"), pl.col("world").cast(pl.String), pl.col("path"), separator="/")
+    _first(
+        steps.filter(pl.col("step_id") != expected_id),
+        lambda row: f"step {row['step_id']!r} should have step_id "
+        f"{row['problem_id']}/{row['world']}/{row['path']} (problem_id/world/path)",
+    )
+    _first(
+        steps.filter(~pl.col("finish_reason").is_in(FINISH_REASONS)),
+        lambda row: f"step {row['step_id']!r} has finish_reason {row['finish_reason']!r}; "
+        f"expected one of {', '.join(FINISH_REASONS)}",
+    )
+    _first(
+        steps.filter(~pl.col("model").is_in(list(roles))),
+        lambda row: f"step {row['step_id']!r} is by model {row['model']!r}, "
+        f"which is not a role in trace.json (roles: {', '.join(roles)})",
+    )
+    char = pl.col("model").replace_strict(roles, return_dtype=pl.String)
+    _first(
+        steps.filter(pl.col("path") != pl.col("parent_path") + char),
+        lambda row: f"step {row['step_id']!r} by {row['model']} has path {row['path']!r}, "
+        f"but parent_path {row['parent_path']!r} + {roles[row['model']]!r} is "
+        f"{row['parent_path'] + roles[row['model']]!r}",
+    )
+    _first(
+        steps.filter(pl.col("depth") != pl.col("parent_path").str.len_chars()),
+        lambda row: f"step {row['step_id']!r} has depth {row['depth']}, "
+        f"but its parent_path {row['parent_path']!r} has length {len(row['parent_path'])}",
+    )
+    _first(
+        steps.filter(pl.col("is_final") & (pl.col("answer").is_null() | pl.col("correct").is_null())),
+        lambda row: f"final step {row['step_id']!r} has a null "
+        f"{'answer' if row['answer'] is None else 'correct'}; final steps must be graded",
+    )
+    _first(
+        steps.filter(~pl.col("is_final") & (pl.col("answer").is_not_null() | pl.col("correct").is_not_null())),
+        lambda row: f"step {row['step_id']!r} is not final but has "
+        f"{'an answer' if row['answer'] is not None else 'a correct flag'}",
+    )
+
+
+def _check_tree(steps: pl.DataFrame) -> None:
+    """Every step continues the root or a node some step of the same (problem, world) created."""
+    nodes = steps.select("problem_id", "world", pl.col("path").alias("parent_path"))
+    orphans = steps.filter(pl.col("parent_path") != "").join(nodes, on=["problem_id", "world", "parent_path"], how="anti")
+    _first(
+        orphans,
+        lambda row: f"step {row['step_id']!r} continues node {row['parent_path']!r}, "
+        f"which no step of problem {row['problem_id']!r} world {row['world']} creates",
+    )
+
+
+def _check_tokens(trace: Trace, steps: pl.DataFrame) -> int:
+    lengths = (
+        trace.scan("tokens", with_file=FILE)
+        .select("step_id", FILE, *(pl.col(c).list.len().alias(c) for c in TOKEN_ARRAY_COLUMNS))
+        .collect()
+    )
+    _first(
+        lengths.filter(pl.col("step_id").is_duplicated()),
+        lambda row: f"step {row['step_id']!r} has more than one tokens row",
+    )
+    _first(
+        lengths.join(steps.select("step_id"), on="step_id", how="anti"),
+        lambda row: f"tokens row for step {row['step_id']!r}, which is not in steps",
+    )
+    _first(
+        steps.join(lengths.select("step_id"), on="step_id", how="anti"),
+        lambda row: f"step {row['step_id']!r} has no tokens row",
+    )
+    joined = lengths.join(steps.select("step_id", "n_gen_tokens"), on="step_id")
+    for column in TOKEN_ARRAY_COLUMNS:
+        _first(
+            joined.filter(pl.col(column) != pl.col("n_gen_tokens")),
+            lambda row, column=column: f"tokens.{column} of step {row['step_id']!r} has {row[column]} entries, "
+            f"but n_gen_tokens is {row['n_gen_tokens']}",
+        )
+    return lengths.height
+
+
+def _check_scores(trace: Trace, steps: pl.DataFrame) -> int:
+    scores = trace.scan("scores", with_file=FILE).select("step_id", "scorer", FILE).collect()
+    _first(
+        scores.join(steps.select("step_id"), on="step_id", how="anti"),
+        lambda row: f"{row['scorer']} score for step {row['step_id']!r}, which is not in steps",
+    )
+    _first(
+        scores.filter(pl.struct("step_id", "scorer").is_duplicated()),
+        lambda row: f"step {row['step_id']!r} has more than one {row['scorer']} score",
+    )
+    return scores.height
+
+
+def _check_hidden(trace: Trace, problems: pl.DataFrame, roles: dict[str, str]) -> int:
+    hidden = trace.scan("hidden", with_file=FILE).select("problem_id", "model", "layer", "where", FILE).collect()
+    _first(
+        hidden.join(problems.select("problem_id"), on="problem_id", how="anti"),
+        lambda row: f"hidden vector for problem {row['problem_id']!r}, which is not in problems",
+        order="problem_id",
+    )
+    _first(
+        hidden.filter(~pl.col("model").is_in(list(roles))),
+        lambda row: f"hidden vector of problem {row['problem_id']!r} is for model {row['model']!r}, "
+        "which is not a role in trace.json",
+        order="problem_id",
+    )
+    _first(
+        hidden.filter(pl.struct("problem_id", "model", "layer", "where").is_duplicated()),
+        lambda row: f"problem {row['problem_id']!r} has more than one {row['model']} hidden vector "
+        f"for layer {row['layer']} at {row['where']}",
+        order="problem_id",
+    )
+    return hidden.height
+
+
+def _check_manifest_counts(trace: Trace, problems: pl.DataFrame) -> None:
+    """What the manifest records about the dataset must match the problems table."""
+    n_problems = trace.manifest.get("n_problems")
+    if n_problems is not None and n_problems != problems.height:
+        raise TraceError(
+            f"{trace.root}/trace.json records n_problems = {n_problems}, but problems has {problems.height} rows"
+        )
+    dataset = trace.manifest.get("dataset")
+    name = dataset.get("name") if isinstance(dataset, dict) else None
+    if name is not None:
+        _first(
+            problems.filter(pl.col("dataset") != name),
+            lambda row: f"problem {row['problem_id']!r} is from dataset {row['dataset']!r}, "
+            f"but trace.json records dataset {name!r}",
+            order="problem_id",
+        )

@@ -1,0 +1,266 @@
+"""`trace gen` end to end on the toy world with the transformers backend: trees, counters, resume, refusal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from data.toy import MODEL_ALIASES, task
+from replay.errors import TraceError
+from replay.store import open_trace
+from replay.validate import validate
+from tracegen.datasets import load_dataset
+from tracegen.expand import Comb, Request, frontier
+from tracegen.gen import GenOptions, StoredStep, Tree, in_shard, parse_shard, request_seed, run_gen
+from tracegen.grading import extract_answer, is_final_step
+
+ROOT = Path(__file__).resolve().parent.parent
+N_PROBLEMS = 3
+MAX_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def toy_models(tmp_path_factory) -> tuple[str, str]:
+    """The trained toy models, or random-weight ones of the same shape while those are being trained."""
+    if all(path.is_dir() for path in MODEL_ALIASES.values()):
+        return "toy-small", "toy-large"
+    from transformers import Qwen2ForCausalLM
+
+    from data.toy.tokenizer import build_tokenizer
+    from data.toy.train import model_config
+
+    folder = tmp_path_factory.mktemp("toy-models")
+    tokenizer = build_tokenizer()
+    for size in ("small", "large"):
+        torch.manual_seed(0)
+        Qwen2ForCausalLM(model_config(size, tokenizer)).save_pretrained(folder / size)
+        tokenizer.save_pretrained(folder / size)
+    return str(folder / "small"), str(folder / "large")
+
+
+def options(models, out, **overrides) -> GenOptions:
+    settings = dict(small=models[0], large=models[1], dataset="toy", out=out, limit=N_PROBLEMS,
+                    max_step_tokens=24, max_steps=MAX_STEPS, backend="hf", seed=3)
+    settings.update(overrides)
+    return GenOptions(**settings)
+
+
+@pytest.fixture(scope="module")
+def comb_trace(toy_models, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gen") / "comb"
+    run_gen(options(toy_models, out, worlds=2, hidden_layers=(-1, 1)))
+    return out
+
+
+def read_steps(root: Path) -> pl.DataFrame:
+    return open_trace(root).scan("steps").collect().sort("step_id")
+
+
+def test_comb_trace_validates_and_is_complete(comb_trace):
+    counts = validate(comb_trace)
+    steps = read_steps(comb_trace)
+    assert counts["problems"] == N_PROBLEMS and counts["steps"] == steps.height > 0
+    assert steps.select("problem_id", "world").n_unique() == 2 * N_PROBLEMS
+    # no comb step is missing: asking the strategy again gives nothing to do
+    trees = {(p, w): {} for p in steps["problem_id"].unique() for w in (0, 1)}
+    for row in steps.iter_rows(named=True):
+        trees[(row["problem_id"], row["world"])][row["path"]] = row["is_final"]
+    assert frontier(trees, Comb(), max_steps=MAX_STEPS) == []
+    # and every step is a comb step: small chains, large completions
+    assert all("Ls" not in path for path in steps["path"])
+    for (problem_id, world), nodes in trees.items():
+        assert "s" in nodes and "L" in nodes
+        chain = [path for path in nodes if "L" not in path]
+        for path in chain:
+            if not nodes[path] and len(path) < MAX_STEPS:
+                assert path + "L" in nodes  # a large completion starts at every open chain node
+
+
+def test_step_counters_follow_the_tree(comb_trace):
+    trace = open_trace(comb_trace)
+    steps = read_steps(comb_trace)
+    tokens = {r["step_id"]: r["token_ids"] for r in trace.scan("tokens").collect().iter_rows(named=True)}
+    problems = {r["problem_id"]: r for r in trace.scan("problems").collect().iter_rows(named=True)}
+    by_id = {r["step_id"]: r for r in steps.iter_rows(named=True)}
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(trace.manifest["models"][0]["path"])
+    from tracegen.prompts import prompt_token_ids
+
+    for row in by_id.values():
+        prefix = f"{row['problem_id']}/{row['world']}/"
+        ancestors = [by_id[prefix + row["path"][:end]] for end in range(1, len(row["path"]))]
+        root = len(prompt_token_ids(tokenizer, problems[row["problem_id"]]["question"]))
+        assert row["n_prompt_tokens"] == root + sum(a["n_gen_tokens"] for a in ancestors)
+        assert row["n_gen_tokens"] == len(tokens[row["step_id"]])
+        own = [a for a in ancestors if a["model"] == row["model"]]
+        if own:  # the model already holds its last step's prompt and all but its last sampled token
+            last = own[-1]
+            assert row["n_new_prefill_tokens"] == row["n_prompt_tokens"] - (last["n_prompt_tokens"] + last["n_gen_tokens"] - 1)
+        else:
+            assert row["n_new_prefill_tokens"] == row["n_prompt_tokens"]
+        assert row["depth"] == len(row["parent_path"])
+        # text is the decoded tokens without the delimiter
+        decoded = tokenizer.decode(tokens[row["step_id"]], skip_special_tokens=True)
+        assert decoded.replace("\n\n", "").strip() == row["text"].replace("\n\n", "").strip() or row["finish_reason"] == "length"
+        assert row["is_final"] == is_final_step(row["text"], row["finish_reason"])
+
+
+def test_final_steps_graded_exactly(comb_trace):
+    steps = read_steps(comb_trace)
+    problems = {p.problem_id: p for p in load_dataset("toy", limit=N_PROBLEMS).problems}
+    by_id = {r["step_id"]: r for r in steps.iter_rows(named=True)}
+    finals = [r for r in by_id.values() if r["is_final"]]
+    for row in finals:
+        prefix = f"{row['problem_id']}/{row['world']}/"
+        solution = "\n\n".join(by_id[prefix + row["path"][:end]]["text"] for end in range(1, len(row["path"]) + 1))
+        expected = extract_answer(solution)
+        assert row["answer"] == (expected or "")
+        assert row["correct"] == task.grade(expected, problems[row["problem_id"]].reference)
+    non_final = steps.filter(~pl.col("is_final"))
+    assert non_final["answer"].null_count() == non_final.height
+
+
+def test_manifest_records_the_run(comb_trace):
+    manifest = open_trace(comb_trace).manifest
+    small, large = manifest["models"]
+    assert (small["role"], large["role"]) == ("small", "large")
+    assert 0 < small["n_params"] < large["n_params"]
+    assert manifest["dataset"]["name"] == "toy" and manifest["grader"]["name"] == "toy-exact"
+    assert manifest["sampling"] == {"temperature": 0.7, "top_p": 1.0, "max_step_tokens": 24, "topk": 5}
+    assert manifest["expansions"] == [{"strategy": "comb", "max_steps": MAX_STEPS}] and manifest["worlds"] == 2
+    assert manifest["engine"]["name"] == "hf"
+    assert manifest["hidden"]["layers"] == [-1, 1]
+    assert manifest["hidden"]["normed"]["small"] == {"-1": True, "1": False}
+
+
+def test_hidden_vectors_match_a_direct_forward(comb_trace):
+    trace = open_trace(comb_trace)
+    hidden = trace.scan("hidden").collect()
+    assert hidden.height == N_PROBLEMS * 2 * 2  # problems x models x layers
+    problem = load_dataset("toy", limit=1).problems[0]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tracegen.prompts import prompt_token_ids
+
+    path = trace.manifest["models"][1]["path"]
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = prompt_token_ids(AutoTokenizer.from_pretrained(path), problem.question)
+    with torch.inference_mode():
+        states = model.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+    for layer in (-1, 1):
+        stored = hidden.filter((pl.col("problem_id") == problem.problem_id) & (pl.col("model") == "large")
+                               & (pl.col("layer") == layer))["vector"].to_list()[0]
+        np.testing.assert_allclose(stored, states[layer][0, -1].numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_rerun_is_a_no_op_and_a_differing_setting_is_refused(comb_trace, toy_models):
+    before = sorted(os.listdir(comb_trace / "steps"))
+    summary = run_gen(options(toy_models, comb_trace, worlds=2, hidden_layers=(-1, 1)))
+    assert summary.new_steps == 0 and summary.hidden_rows == 0
+    assert sorted(os.listdir(comb_trace / "steps")) == before
+    with pytest.raises(TraceError, match=r"sampling\.temperature"):
+        run_gen(options(toy_models, comb_trace, worlds=2, temperature=0.5))
+    with pytest.raises(TraceError, match=r"models\[large\]"):
+        run_gen(options(toy_models, comb_trace, worlds=2, large=toy_models[0]))
+    assert sorted(os.listdir(comb_trace / "steps")) == before
+
+
+def test_same_command_twice_gives_identical_files(toy_models, tmp_path):
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        run_gen(options(toy_models, out, limit=2, max_steps=3))
+    for table in ("steps", "tokens", "problems"):
+        names = sorted(os.listdir(runs[0] / table))
+        assert names == sorted(os.listdir(runs[1] / table))
+        for name in names:
+            first, second = ((run / table / name).read_bytes() for run in runs)
+            if table == "steps":  # equal in every column but the measured gen_seconds
+                a, b = (pl.read_parquet(run / table / name).drop("gen_seconds") for run in runs)
+                assert a.equals(b)
+            else:
+                assert first == second
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(toy_models, tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    run_gen(options(toy_models, reference, max_steps=6))
+    command = [sys.executable, "-m", "cli", "gen", "--model", toy_models[0], "--large", toy_models[1],
+               "--dataset", "toy", "--limit", str(N_PROBLEMS), "--max-steps", "6", "--max-step-tokens", "24",
+               "--backend", "hf", "--seed", "3", "--out", str(killed)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((killed / "steps").glob("part-*.parquet")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    partial = read_steps(killed)
+    full = read_steps(reference)
+    assert 0 < partial.height < full.height, "the kill should land after the first round and before the last"
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    validate(killed)
+    resumed = read_steps(killed)
+    columns = ["step_id", "text", "n_prompt_tokens", "n_new_prefill_tokens", "n_gen_tokens", "is_final", "answer"]
+    assert resumed.select(columns).equals(full.select(columns))
+
+
+def test_shards_partition_the_problems(toy_models, tmp_path):
+    ids = [p.problem_id for p in load_dataset("toy", limit=40).problems]
+    shards = [{pid for pid in ids if in_shard(pid, (i, 3))} for i in range(3)]
+    assert set().union(*shards) == set(ids) and sum(map(len, shards)) == len(ids)
+    assert all(shards)
+    out = tmp_path / "sharded"
+    for i in range(2):
+        run_gen(options(toy_models, out, limit=4, max_steps=2, shard=f"{i}/2"))
+    validate(out)
+    names = os.listdir(out / "steps")
+    assert {name.split("-")[1] for name in names} == {"shard0of2", "shard1of2"}
+    assert read_steps(out)["problem_id"].n_unique() == 4
+
+
+def test_seed_and_shard_parsing():
+    request = Request("toy-test-L3-00000", 0, "s", "large")
+    assert request_seed(0, request) == request_seed(0, request)
+    others = [Request("toy-test-L3-00000", 1, "s", "large"), Request("toy-test-L3-00000", 0, "", "large"),
+              Request("toy-test-L3-00000", 0, "s", "small"), Request("toy-test-L3-00001", 0, "s", "large")]
+    seeds = {request_seed(0, r) for r in others} | {request_seed(0, request), request_seed(1, request)}
+    assert len(seeds) == 6 and all(0 <= s < 2**63 for s in seeds)
+    assert parse_shard("1/4") == (1, 4) and parse_shard(None) is None
+    for bad in ("4/4", "x", "1-4", "-1/2"):
+        with pytest.raises(TraceError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_new_prefill_counts_on_a_hand_tree():
+    tree = Tree(problem=None, world=0, root_ids=[1] * 10)
+    tree.steps["s"] = StoredStep("small", "a", [2] * 4, 10, 4, False)
+    tree.steps["sL"] = StoredStep("large", "b", [3] * 5, 14, 5, False)
+    tree.steps["sLs"] = StoredStep("small", "c", [4] * 3, 19, 3, False)
+    assert len(tree.prompt_ids("sLs")) == 22
+    assert tree.processed_by("small", "") == 0
+    assert tree.processed_by("small", "s") == 13  # 10 prompt + 4 generated - the last, never fed back
+    assert tree.processed_by("large", "s") == 0
+    assert tree.processed_by("large", "sLs") == 18
+    assert tree.processed_by("small", "sLs") == 21
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["gen", "--model", "gpt-9", "--large", "toy-large", "--dataset", "toy",
+                                      "--out", str(tmp_path / "x"), "--backend", "hf"])
+    assert result.exit_code == 1
+    assert "unknown model 'gpt-9'" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["gen", "--model", "toy-small", "--large", "toy-large", "--dataset", "nope",
+                                      "--out", str(tmp_path / "x"), "--backend", "hf"])
+    assert result.exit_code == 1 and "neither a dataset name" in result.output

@@ -1,0 +1,136 @@
+"""The policy router with a hand-made policy file: pi(escalate | o) worked out by hand, one-way escalation
+iff pi >= kappa, kappa from the file or a parameter, and the errors of a bad file."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from test_routers_baselines import LARGE_STEP, SMALL_STEP, manifest, run, sized
+from tracebuild import build_trace, comb_steps
+
+from replay.engine import ReplayData
+from replay.errors import TraceError
+from replay.routers import make_router
+from replay.routers.policy import policy_network, raw_features, save_policy
+from replay.store import open_trace
+
+STEEPNESS = 10.0
+
+
+def hand_made_policy(path, kappa=0.5):
+    """pi(escalate | o) = sigmoid(-10 * tanh(tanh((conf - 10) / 1))): ~1 for conf 5, 0.5 at 10, ~0 at 15."""
+    network = policy_network(1, hidden=4)
+    with torch.no_grad():
+        for layer in network:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.zero_()
+                layer.bias.zero_()
+        network[0].weight[0, 0] = 1.0
+        network[2].weight[0, 0] = 1.0
+        network[4].weight[1, 0] = -STEEPNESS
+    save_policy(path, network, ["conf_max_logit_math"], [10.0], [1.0], kappa=kappa, hidden=4)
+    return str(path)
+
+
+def load(root):
+    return ReplayData.from_trace(open_trace(root))
+
+
+def by_hand(confidence: float) -> float:
+    return 1 / (1 + math.exp(STEEPNESS * math.tanh(math.tanh(confidence - 10.0))))
+
+
+@pytest.fixture
+def trace(tmp_path):
+    steps = sized(comb_steps("p0", 3, correct=lambda path: path == "sLL"))
+    for step in steps:
+        step["conf_max_logit_math"] = {"s": 15.0, "ss": 5.0, "sss": 15.0}.get(step["path"], 10.0)
+    return build_trace(tmp_path / "t", steps, manifest=manifest())
+
+
+def test_escalation_probability_is_the_networks(tmp_path, trace):
+    router = make_router("policy", path=hand_made_policy(tmp_path / "pi.pt")).fit(load(trace))
+    confidences = [5.0, 9.5, 10.0, 10.5, 15.0]
+    steps = pl.DataFrame({"problem_id": ["p0"] * 5, "conf_max_logit_math": confidences})
+    got = router.escalate_probability(steps, pl.DataFrame({"problem_id": ["p0"], "meta": ["{}"]}))
+    np.testing.assert_allclose(got, [by_hand(c) for c in confidences], rtol=1e-5)
+    assert router.kappa_ == 0.5
+
+
+def test_escalates_once_and_for_all_when_pi_reaches_kappa(tmp_path, trace):
+    policy = hand_made_policy(tmp_path / "pi.pt")
+    row = run(trace, make_router("policy", path=policy)).outcomes.row(0, named=True)
+    # s: pi(15) ~ 0 kept. ss: pi(5) = 0.9995 >= 0.5 -> discarded, large writes sL and sLL.
+    assert (row["path"], row["correct"], row["n_small"], row["n_large"], row["n_discarded"]) == ("sLL", True, 1, 2, 1)
+    assert row["cost"] == 2 * SMALL_STEP + 2 * LARGE_STEP
+    # kappa above pi(5): nothing escalates
+    row = run(trace, make_router("policy", path=policy, kappa=0.9999)).outcomes.row(0, named=True)
+    assert (row["path"], row["cost"]) == ("sss", 3 * SMALL_STEP)
+    params = json.loads(row["params"])
+    assert params["kappa"] == 0.9999
+
+
+def test_escalate_iff_pi_at_least_kappa(tmp_path):
+    steps = sized(comb_steps("p0", 2))
+    for step in steps:
+        step["conf_max_logit_math"] = 10.0  # pi = 0.5 exactly
+    root = build_trace(tmp_path / "t", steps, manifest=manifest())
+    policy = hand_made_policy(tmp_path / "pi.pt")
+    assert run(root, make_router("policy", path=policy, kappa=0.5)).outcomes["path"].to_list() == ["LL"]
+    assert run(root, make_router("policy", path=policy, kappa=0.5000001)).outcomes["path"].to_list() == ["ss"]
+
+
+def test_kappa_sweep_equals_single_replays(tmp_path):
+    rng = np.random.default_rng(2)
+    steps = []
+    for i in range(10):
+        tree = sized(comb_steps(f"p{i}", 3, correct=lambda path, i=i: (path.count("L") + i) % 2 == 0))
+        for step in tree:
+            step["conf_max_logit_math"] = float(rng.uniform(7, 13))
+        steps += tree
+    root = build_trace(tmp_path / "t", steps, manifest=manifest())
+    policy = hand_made_policy(tmp_path / "pi.pt")
+    kappas = np.array([0.0, 0.2, 0.5, 0.8, 1.0])
+    swept = run(root, make_router("policy", path=policy), sweep={"kappa": kappas}).outcomes
+    paths = set()
+    for config, kappa in enumerate(kappas):
+        single = run(root, make_router("policy", path=policy, kappa=float(kappa))).outcomes
+        assert swept.filter(swept["config"] == config).drop("config").equals(single.drop("config"))
+        paths |= set(single["path"].to_list())
+    assert len(paths) > 3
+
+
+def test_difficulty_feature_reads_the_level_from_meta():
+    steps = pl.DataFrame({"problem_id": ["a", "b", "c"], "depth": [0, 1, 2]})
+    problems = pl.DataFrame({"problem_id": ["a", "b", "c"],
+                             "meta": [json.dumps({"level": "Level 3"}), json.dumps({"level": 2}), "{}"]})
+    features = raw_features(steps, problems, ["difficulty", "depth"])
+    np.testing.assert_array_equal(features[:, 1], [0, 1, 2])
+    np.testing.assert_array_equal(features[:2, 0], [3.0, 2.0])
+    assert np.isnan(features[2, 0])
+    with pytest.raises(TraceError, match="unknown policy feature"):
+        raw_features(steps, problems, ["mood"])
+
+
+def test_bad_policy_files_are_named(tmp_path, trace):
+    data = load(trace)
+    with pytest.raises(TraceError, match="needs --param path"):
+        make_router("policy").fit(data)
+    with pytest.raises(TraceError, match="does not exist"):
+        make_router("policy", path=str(tmp_path / "none.pt")).fit(data)
+    (tmp_path / "junk.pt").write_bytes(b"not a policy")
+    with pytest.raises(TraceError, match="not a readable policy file"):
+        make_router("policy", path=str(tmp_path / "junk.pt")).fit(data)
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(TraceError, match="not a trace policy file"):
+        make_router("policy", path=str(tmp_path / "other.pt")).fit(data)
+    save_policy(tmp_path / "wrong.pt", policy_network(3, hidden=4), ["depth"], [0.0], [1.0], kappa=0.5, hidden=4)
+    with pytest.raises(TraceError, match="state_dict does not fit a 1-feature network"):
+        make_router("policy", path=str(tmp_path / "wrong.pt")).fit(data)
+    with pytest.raises(TraceError, match="kappa must be a number"):
+        make_router("policy", path=hand_made_policy(tmp_path / "pi.pt"), kappa="high")

@@ -1,0 +1,184 @@
+"""Hand-made traces for tests, written through the real TraceWriter.
+
+A step is given by its interesting fields only; everything else gets a plausible default::
+
+    root = build_trace(tmp_path / "t", [
+        {"path": "s"},
+        {"path": "ss", "is_final": True, "correct": False},
+        {"path": "L", "is_final": True, "correct": True, "conf_max_logit_math": 3.5},
+    ])
+
+Default floats are exact in float32, so rows read back compare equal to what was written.
+Keys of a step dict that are tokens columns (`token_ids`, `logprobs`, ...) go to its tokens row.
+`comb_steps` builds the comb tree `trace gen --expand comb` grows (the all-small chain plus the
+all-large completion from every node on it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from replay.store import (
+    SCHEMAS,
+    TOKEN_ARRAY_COLUMNS,
+    TraceWriter,
+    make_step_id,
+    model_char,
+    open_trace,
+)
+
+CHAR_ROLES = {model_char(role): role for role in ("small", "large")}
+TOPK = 3
+
+
+def default_manifest(**overrides) -> dict:
+    manifest = {
+        "models": [
+            {"role": "small", "name": "toy-small", "revision": "test", "n_params": 100_000},
+            {"role": "large", "name": "toy-large", "revision": "test", "n_params": 800_000},
+        ],
+        "dataset": {"name": "toy", "file_hash": "test"},
+        "prompt_template": "test",
+        "sampling": {"temperature": 0.7, "top_p": 1.0, "max_step_tokens": 64, "topk": TOPK},
+        "delimiter": "\n\n",
+        "grader": {"name": "toy", "version": "1"},
+        "engine": {"name": "test"},
+        "seeds": {"base": 0},
+        "expansion": "comb",
+    }
+    manifest.update(overrides)
+    return manifest
+
+
+def role_of(path: str) -> str:
+    char = path[-1]
+    return CHAR_ROLES.get(char, f"m{char}")
+
+
+def step_and_tokens(fields: dict) -> tuple[dict, dict]:
+    """A full steps row and tokens row from the interesting `fields` (path is the one you always give)."""
+    fields = dict(fields)
+    path = fields.pop("path")
+    token_overrides = {column: fields.pop(column) for column in TOKEN_ARRAY_COLUMNS if column in fields}
+    n_gen = fields.get("n_gen_tokens", len(token_overrides.get("token_ids", [0] * 4)))
+    is_final = fields.get("is_final", False)
+    step = {
+        "problem_id": "p0",
+        "world": 0,
+        "parent_path": path[:-1],
+        "path": path,
+        "depth": len(path) - 1,
+        "model": role_of(path),
+        "text": f"step {path}",
+        "n_prompt_tokens": 20 + 4 * (len(path) - 1),
+        "n_new_prefill_tokens": 20 + 4 * (len(path) - 1),
+        "n_cached_tokens": 0,
+        "n_gen_tokens": n_gen,
+        "finish_reason": "eos" if is_final else "delimiter",
+        "is_final": is_final,
+        "answer": "42" if is_final else None,
+        "correct": False if is_final else None,
+        "conf_max_logit_mean": 10.0,
+        "conf_max_logit_math": 10.0,
+        "conf_top1_prob_min_math": 0.875,
+        "logprob_mean": -0.125,
+        "logprob_min": -0.5,
+        "first_token_logprob": -0.125,
+        "gen_seconds": 0.0078125,
+    }
+    step.update(fields)
+    step["step_id"] = fields.get("step_id", make_step_id(step["problem_id"], step["world"], path))
+    tokens = {
+        "step_id": step["step_id"],
+        "token_ids": [10 + i for i in range(n_gen)],
+        "logprobs": [-0.125] * n_gen,
+        "max_logits": [10.0] * n_gen,
+        "topk_ids": [[10 + i + j for j in range(TOPK)] for i in range(n_gen)],
+        "topk_logprobs": [[-0.125 - j for j in range(TOPK)] for _ in range(n_gen)],
+        "is_math": [True] * n_gen,
+    }
+    tokens.update(token_overrides)
+    return step, tokens
+
+
+def comb_steps(
+    problem_id: str,
+    n_steps: int,
+    *,
+    world: int = 0,
+    correct: Callable[[str], bool] = lambda path: "L" in path,
+) -> list[dict]:
+    """The comb tree of one (problem, world) whose solutions all take `n_steps` steps:
+    "s", "ss", ... "s"*n_steps, and from every node "s"*k (k < n_steps) the large completion
+    "s"*k + "L", ... "s"*k + "L"*(n_steps-k). `correct(path)` grades each final step."""
+    paths = ["s" * depth for depth in range(1, n_steps + 1)]
+    for k in range(n_steps):
+        paths += ["s" * k + "L" * j for j in range(1, n_steps - k + 1)]
+    steps = []
+    for path in paths:
+        is_final = len(path) == n_steps
+        steps.append(
+            {
+                "problem_id": problem_id,
+                "world": world,
+                "path": path,
+                "is_final": is_final,
+                "correct": correct(path) if is_final else None,
+            }
+        )
+    return steps
+
+
+def default_problem(problem_id: str) -> dict:
+    return {
+        "problem_id": problem_id,
+        "dataset": "toy",
+        "split": "test",
+        "question": f"Compute {problem_id}.",
+        "reference": "42",
+        "meta": json.dumps({"level": 1}),
+    }
+
+
+def build_trace(
+    root: str | Path,
+    steps: Iterable[dict],
+    *,
+    problems: list[dict] | None = None,
+    manifest: dict | None = None,
+    scores: list[dict] | None = None,
+    hidden: list[dict] | None = None,
+    parts: int = 1,
+) -> Path:
+    """Write a trace at `root` from short step dicts (see module doc); returns `root`.
+    Problems default to one per problem_id used; `parts` splits the steps into that many part files."""
+    rows = [step_and_tokens(fields) for fields in steps]
+    if problems is None:
+        problems = [default_problem(pid) for pid in dict.fromkeys(step["problem_id"] for step, _ in rows)]
+    writer = TraceWriter(root, manifest if manifest is not None else default_manifest())
+    writer.append_problems(problems)
+    size = -(-len(rows) // parts) if rows else 0
+    for start in range(0, len(rows), max(size, 1)):
+        chunk = rows[start : start + size]
+        writer.append_steps([step for step, _ in chunk], [tokens for _, tokens in chunk])
+    if hidden:
+        writer.append_hidden(hidden)
+    if scores:
+        writer.append_scores(scores)
+    return Path(root)
+
+
+def rewrite_parts(root: str | Path, table: str, transform: Callable[[pl.DataFrame], pl.DataFrame]) -> None:
+    """Apply `transform` to every part file of `table` in place, bypassing the writer's checks:
+    the way tests corrupt a trace. Columns keep the types of SCHEMAS; required ones may get nulls."""
+    schema = SCHEMAS[table]
+    relaxed = pa.schema([field.with_nullable(True) for field in schema])
+    for file in open_trace(root).files(table):
+        frame = transform(pl.read_parquet(file))
+        pq.write_table(frame.to_arrow().select(schema.names).cast(relaxed), file, compression="zstd")

@@ -1,0 +1,177 @@
+"""The vLLM backend: one engine samples the steps, a second one scores them exactly.
+
+vLLM's ``logprobs_mode`` is fixed per engine, for sampled and for prompt log-probabilities
+alike. The generating engine runs in ``raw_logits`` mode, so the rank-1 entry of each position
+is the raw max logit over the vocabulary (STEER's signal). Exact log-probabilities of the
+sampled tokens and of the top-k alternatives then come from a prefill-only pass of prompt +
+step through a second engine in ``raw_logprobs`` mode (``prompt_logprobs=topk``, one dummy
+output token). That pass reads its own prefix cache, which holds the parent prefix from the
+previous round's scoring; vLLM leaves the prompt rows of a cache hit unwritten, so a request
+whose hit reaches into the step is scored again without the cache.
+
+The scoring pass needs room for its dummy token, so the generating engine is built with a
+context one token shorter than the model's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import vllm
+from vllm import LLM, SamplingParams, envs
+from vllm.engine.arg_utils import EngineArgs
+from vllm.inputs import TokensPrompt
+
+from replay.errors import TraceError
+from tracegen.backends.base import GeneratedStep, StepRequest, StepSampling, batch_shares, check_batch
+
+_OWN_ARGUMENTS = {"model", "logprobs_mode", "max_logprobs", "max_model_len", "gpu_memory_utilization",
+                  "enable_prefix_caching"}
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        seed: int = 0,
+        dtype: str | None = None,
+        max_model_len: int | None = None,
+        max_logprobs: int = 20,
+        enforce_eager: bool = True,
+        gpu_memory_utilization: float = 0.55,
+        scorer_memory_utilization: float = 0.3,
+        **llm_kwargs,
+    ):
+        known = {f.name for f in dataclasses.fields(EngineArgs)} - _OWN_ARGUMENTS
+        unknown = sorted(set(llm_kwargs) - known)
+        if unknown:
+            raise TraceError(f"unknown vLLM engine argument(s): {', '.join(unknown)}")
+        dtype = dtype or _checkpoint_dtype(model_path)
+        shared = dict(model=model_path, seed=seed, dtype=dtype, enforce_eager=enforce_eager,
+                      enable_prefix_caching=True, max_logprobs=max_logprobs, **llm_kwargs)
+        # Where memory is a fraction (GPU, or CPU without VLLM_CPU_KVCACHE_SPACE), the two engines share it.
+        self.scorer = LLM(logprobs_mode="raw_logprobs", max_model_len=max_model_len,
+                          gpu_memory_utilization=scorer_memory_utilization, **shared)
+        context = self.scorer.llm_engine.model_config.max_model_len
+        self.generator = LLM(logprobs_mode="raw_logits", max_model_len=context - 1,
+                             gpu_memory_utilization=gpu_memory_utilization, **shared)
+        model_config = self.generator.llm_engine.model_config
+        self.max_total_tokens = context - 1
+        self.vocab_size = model_config.get_vocab_size()
+        self.max_logprobs = max_logprobs
+        self._flags = {
+            "dtype": str(model_config.dtype).removeprefix("torch."),
+            "enforce_eager": enforce_eager,
+            "prefix_caching": True,
+            "batch_invariant": bool(envs.VLLM_BATCH_INVARIANT),
+            "seed": seed,
+            **{key: value for key, value in sorted(llm_kwargs.items())},
+        }
+        self.last_batch: dict = {}  # wall seconds of the last call's passes, and how many requests were re-scored
+
+    def engine_info(self) -> dict:
+        return {
+            "name": self.name,
+            "version": vllm.__version__,
+            "logprobs_mode": "raw_logits",
+            "logprobs": "exact: prefill scoring pass in raw_logprobs mode",
+            "max_total_tokens": self.max_total_tokens,
+            **self._flags,
+        }
+
+    def generate_steps(self, requests: list[StepRequest], sampling: StepSampling) -> list[GeneratedStep]:
+        check_batch(requests, sampling, max_total_tokens=self.max_total_tokens, vocab_size=self.vocab_size,
+                    max_topk=self.max_logprobs)
+        if not requests:
+            return []
+        params = [
+            SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+                           max_tokens=sampling.max_step_tokens, stop=[sampling.delimiter], seed=request.seed,
+                           logprobs=sampling.topk, flat_logprobs=True)
+            for request in requests
+        ]
+        started = time.perf_counter()
+        outputs = self.generator.generate([TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests],
+                                          params, use_tqdm=False)
+        generate_seconds = time.perf_counter() - started
+
+        completions = [output.outputs[0] for output in outputs]
+        token_ids = [list(completion.token_ids) for completion in completions]
+        started = time.perf_counter()
+        scores, rescored = self._score([list(r.prompt_ids) for r in requests], token_ids, sampling.topk)
+        self.last_batch = {"generate_seconds": generate_seconds, "score_seconds": time.perf_counter() - started,
+                           "requests": len(requests), "rescored": rescored}
+
+        shares = batch_shares(generate_seconds, [len(ids) for ids in token_ids])
+        return [
+            GeneratedStep(
+                token_ids=ids,
+                text=completion.text,
+                finish_reason=_finish_reason(completion),
+                logprobs=[entry[1][0] for entry in position_scores],
+                max_logits=[logits[0] for _, logits in _positions(completion.logprobs, 0, len(ids))],
+                topk_ids=[entry[0][1:] for entry in position_scores],
+                topk_logprobs=[entry[1][1:] for entry in position_scores],
+                n_cached_tokens=int(output.num_cached_tokens or 0),
+                gen_seconds=share,
+            )
+            for output, completion, ids, position_scores, share in zip(outputs, completions, token_ids, scores, shares)
+        ]
+
+    def _score(self, prompts: list[list[int]], steps: list[list[int]], topk: int) -> tuple[list, int]:
+        """Per request and step token: ([token, top-k ids], [its log-prob, top-k log-probs]), exact.
+
+        Also returns how many requests had to be scored a second time, without the prefix cache.
+        """
+        scores: list = [None] * len(prompts)
+        missed = self._score_pass(prompts, steps, topk, range(len(prompts)), scores, read_cache=True)
+        if missed:
+            self._score_pass(prompts, steps, topk, missed, scores, read_cache=False)
+        return scores, len(missed)
+
+    def _score_pass(self, prompts, steps, topk: int, indices, scores: list, *, read_cache: bool) -> list[int]:
+        """Fill ``scores[i]`` for each i in ``indices``; return those whose cache hit hid their first step row."""
+        params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=topk, detokenize=False,
+                                flat_logprobs=True, skip_reading_prefix_cache=not read_cache)
+        outputs = self.scorer.generate([TokensPrompt(prompt_token_ids=prompts[i] + steps[i]) for i in indices],
+                                       params, use_tqdm=False)
+        missed = []
+        for i, output in zip(indices, outputs):
+            # prompt_logprobs[p] scores token p from row p - 1; rows inside a cache hit are never written
+            if (output.num_cached_tokens or 0) > len(prompts[i]) - 1:
+                missed.append(i)
+                continue
+            scores[i] = list(_positions(output.prompt_logprobs, len(prompts[i]), len(steps[i]), with_token=True))
+            if [ids[0] for ids, _ in scores[i]] != steps[i]:
+                raise RuntimeError("the vLLM scoring pass returned scores for other tokens than the step's")
+        return missed
+
+
+def _positions(flat, first: int, count: int, *, with_token: bool = False):
+    """(ids, values) of positions first..first+count-1 of vLLM FlatLogprobs: [token, rank 1, ..., rank k].
+
+    Without ``with_token`` the leading entry (the sampled or prompt token itself) is dropped.
+    """
+    skip = 0 if with_token else 1
+    for position in range(first, first + count):
+        start, end = flat.start_indices[position] + skip, flat.end_indices[position]
+        yield flat.token_ids[start:end], flat.logprobs[start:end]
+
+
+def _checkpoint_dtype(model_path: str) -> str:
+    """The dtype the checkpoint declares (vLLM's "auto" picks bfloat16 on CPUs even for float32 weights)."""
+    from transformers import AutoConfig
+
+    dtype = AutoConfig.from_pretrained(model_path).get_text_config().dtype
+    return str(dtype).removeprefix("torch.") if dtype is not None else "auto"
+
+
+def _finish_reason(completion) -> str:
+    if completion.finish_reason == "length":
+        return "length"
+    # "stop": a stop string (the delimiter, a str) or EOS / a generation-config EOS id (None / an int)
+    return "delimiter" if isinstance(completion.stop_reason, str) else "eos"

@@ -1,0 +1,134 @@
+"""Which steps a trace still needs: the frontier of a step tree under an expansion strategy.
+
+A node is a path over model characters (``""`` is the prompt, ``"sL"`` = a small step then a
+large one). A strategy says, for every node, which models should continue it; ``frontier``
+returns the (problem, world, node, model) requests whose node exists, is not terminal, and has
+no step by that model yet. Generating those requests and asking again grows the tree one layer
+per round until nothing is missing. ``closure`` fits the same loop: its requests are the
+(node, model) misses a router replay reports, fed to the same generation function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from replay.errors import TraceError
+from replay.store import ROLE_CHARS, make_step_id
+
+CHAR_ROLES = {char: role for role, char in ROLE_CHARS.items()}
+EXPANSIONS = ("comb", "full")
+
+
+@dataclass(frozen=True, order=True)
+class Request:
+    """Generate the step that ``model`` writes at node ``parent_path`` of tree (problem_id, world)."""
+
+    problem_id: str
+    world: int
+    parent_path: str
+    model: str  # role: "small" or "large"
+
+    @property
+    def path(self) -> str:
+        return self.parent_path + ROLE_CHARS[self.model]
+
+    @property
+    def step_id(self) -> str:
+        return make_step_id(self.problem_id, self.world, self.path)
+
+
+class Strategy:
+    """Which models continue a node; subclasses define ``models_at``."""
+
+    def models_at(self, path: str) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def contains(self, path: str) -> bool:
+        """Is ``path`` a node this strategy grows (every step on it one the strategy asks for)?"""
+        return all(CHAR_ROLES[path[k]] in self.models_at(path[:k]) for k in range(len(path)))
+
+    def manifest_entry(self) -> dict:
+        raise NotImplementedError
+
+
+class Comb(Strategy):
+    """The all-small chain, plus from every node on it the all-large completion."""
+
+    def models_at(self, path: str) -> tuple[str, ...]:
+        return ("small", "large") if "L" not in path else ("large",)
+
+    def manifest_entry(self) -> dict:
+        return {"strategy": "comb"}
+
+
+@dataclass(frozen=True)
+class Full(Strategy):
+    """Every small/large choice up to ``depth`` steps, then each leaf completed by each model alone."""
+
+    depth: int
+
+    def models_at(self, path: str) -> tuple[str, ...]:
+        if len(path) <= self.depth:
+            return ("small", "large")
+        return (CHAR_ROLES[path[-1]],)
+
+    def manifest_entry(self) -> dict:
+        return {"strategy": "full", "depth": self.depth}
+
+
+def make_strategy(name: str, depth: int | None = None) -> Strategy:
+    if name == "comb":
+        if depth is not None:
+            raise TraceError("--depth applies to --expand full only")
+        return Comb()
+    if name == "full":
+        if depth is None or depth < 0:
+            raise TraceError("--expand full needs --depth D with D >= 0")
+        return Full(depth)
+    raise TraceError(f"unknown --expand {name!r}; choose one of {', '.join(EXPANSIONS)} (closure comes with replay)")
+
+
+def frontier(
+    trees: Mapping[tuple[str, int], Mapping[str, bool]],
+    strategy: Strategy,
+    max_steps: int,
+) -> list[Request]:
+    """Requests still needed, in a stable order.
+
+    ``trees`` maps each (problem_id, world) to its existing steps as {path: is_final}; a tree with
+    no steps yet maps to an empty dict (its root node always exists). A node is terminal when the
+    step that made it is final or it already holds ``max_steps`` steps.
+    """
+    requests = []
+    for (problem_id, world), steps in trees.items():
+        for node in _open_nodes(steps, max_steps):
+            if not strategy.contains(node):
+                continue  # added by another strategy (e.g. closure): not this one's to grow
+            for model in strategy.models_at(node):
+                if node + ROLE_CHARS[model] not in steps:
+                    requests.append(Request(problem_id, world, node, model))
+    return sorted(requests)
+
+
+def missing(trees: Mapping[tuple[str, int], Mapping[str, bool]], wanted: Iterable[Request], max_steps: int) -> list[Request]:
+    """Of explicitly ``wanted`` (node, model) pairs (e.g. a replay's misses), those that can and must be generated."""
+    needed = set()
+    for request in wanted:
+        steps = trees.get((request.problem_id, request.world), {})
+        if request.path in steps:
+            continue
+        if request.parent_path and request.parent_path not in steps:
+            raise TraceError(f"cannot generate {request.step_id}: its node {request.parent_path!r} is not in the trace")
+        if not _is_terminal(request.parent_path, steps, max_steps):
+            needed.add(request)
+    return sorted(needed)
+
+
+def _open_nodes(steps: Mapping[str, bool], max_steps: int) -> list[str]:
+    nodes = [""] + list(steps)
+    return [node for node in nodes if not _is_terminal(node, steps, max_steps)]
+
+
+def _is_terminal(node: str, steps: Mapping[str, bool], max_steps: int) -> bool:
+    return len(node) >= max_steps or (node != "" and steps[node])

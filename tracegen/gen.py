@@ -1,0 +1,442 @@
+"""`trace gen`: grow step trees of a small and a large model, round by round, into a trace directory.
+
+Each round asks the expansion strategy for every step still missing in every (problem, world)
+tree, sends all of them to each model's backend as one batch of token-id prompts (a child's
+prompt is its parent's prompt ids plus the parent step's token ids, never re-tokenised text),
+and appends the new steps through the TraceWriter before the next round starts. A killed run
+loses at most the round in flight; rerunning the same command resumes from what is stored.
+The manifest is the cache key: a rerun with any output-changing setting that differs is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+
+from replay.errors import TraceError
+from replay.store import SCHEMA_VERSION, Trace, TraceWriter, model_char, open_trace
+from tracegen import hidden
+from tracegen.datasets import Dataset, Problem, load_dataset
+from tracegen.expand import Request, Strategy, frontier, make_strategy
+from tracegen.grading import Grader, extract_answer, grader_for, is_final_step
+from tracegen.models import ModelRef, fetch_model, load_tokenizer, model_manifest, resolve_model
+from tracegen.prompts import STEP_DELIMITER, SYSTEM_PROMPT, prompt_token_ids
+
+ROLES = ("small", "large")
+
+
+@dataclass(frozen=True)
+class GenOptions:
+    """Everything `trace gen` takes; see cli.gen for each option's meaning."""
+
+    small: str
+    large: str
+    dataset: str
+    out: Path
+    split: str | None = None
+    limit: int | None = None
+    level: int | None = None
+    worlds: int = 1
+    expand: str = "comb"
+    depth: int | None = None
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_step_tokens: int = 256
+    max_steps: int = 32
+    topk: int = 5
+    hidden_layers: tuple[int, ...] = ()
+    backend: str | None = None
+    shard: str | None = None
+    seed: int = 0
+    engine_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class GenSummary:
+    out: Path
+    problems: int
+    rounds: int = 0
+    new_steps: int = 0
+    new_gen_tokens: int = 0
+    skipped_context_full: int = 0
+    seconds: float = 0.0
+    hidden_rows: int = 0
+
+
+@dataclass
+class StoredStep:
+    """What growing a tree needs of a step: its tokens (to extend prompts), text and cost counters."""
+
+    model: str
+    text: str
+    token_ids: list[int]
+    n_prompt_tokens: int
+    n_gen_tokens: int
+    is_final: bool
+
+
+@dataclass
+class Tree:
+    """The nodes of one (problem, world) tree, keyed by path."""
+
+    problem: Problem
+    world: int
+    root_ids: list[int]
+    steps: dict[str, StoredStep] = field(default_factory=dict)
+
+    def prompt_ids(self, path: str) -> list[int]:
+        ids = list(self.root_ids)
+        for end in range(1, len(path) + 1):
+            ids.extend(self.steps[path[:end]].token_ids)
+        return ids
+
+    def solution_text(self, path: str) -> str:
+        return STEP_DELIMITER.join(self.steps[path[:end]].text for end in range(1, len(path) + 1))
+
+    def processed_by(self, model: str, path: str) -> int:
+        """Prefix tokens of node ``path`` whose keys/values ``model`` computed when it last wrote a step on it.
+
+        That is its last step's prompt plus all but the final token it generated (the final sampled
+        token is never fed back). Zero if the model has not written a step on this path.
+        """
+        char = model_char(model)
+        for end in range(len(path), 0, -1):
+            if path[end - 1] == char:
+                step = self.steps[path[:end]]
+                return step.n_prompt_tokens + step.n_gen_tokens - 1
+        return 0
+
+    def is_final_map(self) -> dict[str, bool]:
+        return {path: step.is_final for path, step in self.steps.items()}
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"i/n"`` (0 <= i < n) -> (i, n)."""
+    if text is None:
+        return None
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise TraceError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not 0 <= index < count:
+        raise TraceError(f"--shard {text}: need 0 <= i < n")
+    return index, count
+
+
+def in_shard(problem_id: str, shard: tuple[int, int] | None) -> bool:
+    if shard is None:
+        return True
+    digest = hashlib.sha256(problem_id.encode()).digest()
+    return int.from_bytes(digest[:8], "little") % shard[1] == shard[0]
+
+
+def request_seed(seed: int, request: Request) -> int:
+    """The sampling seed of one step: a function of (--seed, problem, world, node, model) only."""
+    key = f"{seed}\0{request.problem_id}\0{request.world}\0{request.parent_path}\0{request.model}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def default_backend() -> str:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return "hf"
+    return "vllm"
+
+
+def run_gen(options: GenOptions, progress: Callable | None = None, backends: dict | None = None) -> GenSummary:
+    """Grow the trees of ``options`` into ``options.out``; resumable and idempotent.
+
+    ``progress(stage=..., **info)`` is called as work advances (see RichProgress). ``backends``
+    ({"small": ..., "large": ...}) reuses engines already loaded for these models.
+    """
+    from tracegen.backends import StepSampling, load_backend
+
+    started = time.perf_counter()
+    _check_options(options)
+    shard = parse_shard(options.shard)
+    strategy = make_strategy(options.expand, options.depth)
+    dataset = load_dataset(options.dataset, split=options.split, limit=options.limit, level=options.level)
+    grader = grader_for(dataset.name)
+    problems = [p for p in dataset.problems if in_shard(p.problem_id, shard)]
+    models = {role: fetch_model(resolve_model(name, role)) for role, name in zip(ROLES, (options.small, options.large))}
+    tokenizers = {role: load_tokenizer(model) for role, model in models.items()}
+    _check_shared_vocabulary(models, tokenizers)
+    root_ids = {p.problem_id: prompt_token_ids(tokenizers["small"], p.question) for p in problems}
+    sampling = StepSampling(
+        temperature=options.temperature,
+        top_p=options.top_p,
+        max_step_tokens=options.max_step_tokens,
+        topk=options.topk,
+        delimiter=STEP_DELIMITER,
+    )
+    manifest = _manifest(options, models, tokenizers, dataset, grader, sampling)
+    writer_id = f"shard{shard[0]}of{shard[1]}" if shard else "w0"
+    writer = TraceWriter(options.out, manifest, writer_id=writer_id)
+    writer.append_problems([p.row() for p in problems])
+    summary = GenSummary(out=Path(options.out), problems=len(problems))
+    report = progress or (lambda **_: None)
+
+    if options.hidden_layers:
+        summary.hidden_rows = _write_hidden(writer, options, models, root_ids, report)
+
+    if backends is None:
+        kind = options.backend or default_backend()
+        backends = {role: load_backend(kind, model.path, **options.engine_kwargs) for role, model in models.items()}
+    writer.update_manifest(engine=_engine_entry(backends))
+    context_len = min(backend.max_total_tokens for backend in backends.values())
+
+    trees = _load_trees(open_trace(options.out), problems, root_ids, options.worlds)
+    while True:
+        requests = frontier({key: tree.is_final_map() for key, tree in trees.items()}, strategy, options.max_steps)
+        # a node whose prompt leaves no room for a step is not grown; replay reports it as a miss
+        fits = [len(trees[(r.problem_id, r.world)].prompt_ids(r.parent_path)) < context_len for r in requests]
+        summary.skipped_context_full = fits.count(False)
+        requests = [r for r, fit in zip(requests, fits) if fit]
+        report(stage="round", requests=requests, summary=summary)
+        if not requests:
+            break
+        generate_requests(requests, trees, backends, sampling, grader, tokenizers, writer, options.seed, summary)
+        summary.rounds += 1
+    _record_run(writer, options, strategy)
+    summary.seconds = time.perf_counter() - started
+    report(stage="done", requests=[], summary=summary)
+    return summary
+
+
+def generate_requests(
+    requests: Sequence[Request],
+    trees: dict[tuple[str, int], Tree],
+    backends: dict,
+    sampling,
+    grader: Grader,
+    tokenizers: dict,
+    writer: TraceWriter,
+    seed: int,
+    summary: GenSummary,
+) -> None:
+    """One round: every request of each model in one batch, then one atomic append of all new steps.
+
+    ``closure`` calls this with the (node, model) misses of a router replay (see ``expand.missing``).
+    """
+    from tracegen.backends import StepRequest
+    from tracegen.signals import step_signals
+
+    step_rows, token_rows, new_steps = [], [], []
+    for role in ROLES:
+        batch = [r for r in requests if r.model == role]
+        if not batch:
+            continue
+        prompts = [trees[(r.problem_id, r.world)].prompt_ids(r.parent_path) for r in batch]
+        generated = backends[role].generate_steps(
+            [StepRequest(prompt_ids=tuple(ids), seed=request_seed(seed, r)) for r, ids in zip(batch, prompts)],
+            sampling,
+        )
+        for request, prompt, step in zip(batch, prompts, generated):
+            tree = trees[(request.problem_id, request.world)]
+            signals = step_signals(step, tokenizers[role])
+            final = is_final_step(step.text, step.finish_reason)
+            answer = correct = None
+            if final:
+                solution = step.text if not request.parent_path else tree.solution_text(request.parent_path) + STEP_DELIMITER + step.text
+                answer = extract_answer(solution) or ""
+                correct = grader.grade(answer or None, tree.problem.reference)
+            n_gen = len(step.token_ids)
+            step_rows.append({
+                "step_id": request.step_id,
+                "problem_id": request.problem_id,
+                "world": request.world,
+                "parent_path": request.parent_path,
+                "path": request.path,
+                "depth": len(request.parent_path),
+                "model": role,
+                "text": step.text,
+                "n_prompt_tokens": len(prompt),
+                "n_new_prefill_tokens": len(prompt) - tree.processed_by(role, request.parent_path),
+                "n_cached_tokens": step.n_cached_tokens,
+                "n_gen_tokens": n_gen,
+                "finish_reason": step.finish_reason,
+                "is_final": final,
+                "answer": answer,
+                "correct": correct,
+                **signals.step_fields,
+                "gen_seconds": step.gen_seconds,
+            })
+            token_rows.append({
+                "step_id": request.step_id,
+                "token_ids": step.token_ids,
+                "logprobs": step.logprobs,
+                "max_logits": step.max_logits,
+                "topk_ids": step.topk_ids,
+                "topk_logprobs": step.topk_logprobs,
+                "is_math": signals.is_math,
+            })
+            new_steps.append((tree, request, StoredStep(role, step.text, list(step.token_ids), len(prompt), n_gen, final)))
+            summary.new_gen_tokens += n_gen
+    writer.append_steps(step_rows, token_rows)
+    for tree, request, stored in new_steps:
+        tree.steps[request.path] = stored
+    summary.new_steps += len(new_steps)
+
+
+def _check_options(options: GenOptions) -> None:
+    checks = [
+        (options.worlds >= 1, f"--worlds must be at least 1, got {options.worlds}"),
+        (options.temperature >= 0, f"--temperature must be >= 0, got {options.temperature}"),
+        (0 < options.top_p <= 1, f"--top-p must be in (0, 1], got {options.top_p}"),
+        (options.max_step_tokens >= 1, f"--max-step-tokens must be at least 1, got {options.max_step_tokens}"),
+        (options.max_steps >= 1, f"--max-steps must be at least 1, got {options.max_steps}"),
+        (options.topk >= 1, f"--topk must be at least 1, got {options.topk}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise TraceError(message)
+
+
+def _check_shared_vocabulary(models: dict[str, ModelRef], tokenizers: dict) -> None:
+    """Steps pass between models as token ids, so both must read ids the same way."""
+    if tokenizers["small"].get_vocab() != tokenizers["large"].get_vocab():
+        raise TraceError(
+            f"models {models['small'].name} and {models['large'].name} have different vocabularies; "
+            "a step tree needs both to share one tokenizer"
+        )
+
+
+def _manifest(options, models, tokenizers, dataset: Dataset, grader: Grader, sampling) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "models": [model_manifest(models[role], tokenizers[role]) for role in ROLES],
+        "dataset": {"name": dataset.name, "split": dataset.split, "file_hash": dataset.file_hash},
+        "dataset_source": dataset.source,
+        "prompt_template": {
+            "system": SYSTEM_PROMPT,
+            "layout": "model chat template: system, user = question, assistant header; steps appended as token ids",
+        },
+        "sampling": {
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_step_tokens": sampling.max_step_tokens,
+            "topk": sampling.topk,
+        },
+        "delimiter": sampling.delimiter,
+        "grader": grader.manifest_entry(),
+        "seeds": {
+            "seed": options.seed,
+            "request_seed": "sha256(seed, problem_id, world, parent_path, model)[:8] little-endian, 63 bits",
+        },
+        "tool_version": importlib.metadata.version("trace-routing"),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _engine_entry(backends: dict) -> dict:
+    infos = {role: backend.engine_info() for role, backend in backends.items()}
+    return infos["small"] if infos["small"] == infos["large"] else infos
+
+
+def _write_hidden(writer: TraceWriter, options: GenOptions, models, root_ids, report) -> int:
+    done = set(
+        Trace(writer.root, writer.manifest).scan("hidden").select("problem_id", "model", "layer").collect().iter_rows()
+    )
+    blocks = {role: hidden.block_count(model.path) for role, model in models.items()}
+    writer.update_manifest(hidden=hidden.manifest_entry(options.hidden_layers, blocks))
+    written = 0
+    for role, model in models.items():
+        todo = {pid: ids for pid, ids in root_ids.items()
+                if any((pid, role, layer) not in done for layer in options.hidden_layers)}
+        if not todo:
+            continue
+        report(stage="hidden", role=role, total=len(todo))
+        rows = hidden.prompt_hidden_rows(model.path, role, todo, options.hidden_layers,
+                                         on_batch=lambda n, role=role: report(stage="hidden-batch", role=role, n=n))
+        writer.append_hidden(rows)
+        written += len(rows)
+    return written
+
+
+def _load_trees(trace: Trace, problems: list[Problem], root_ids: dict, worlds: int) -> dict[tuple[str, int], Tree]:
+    """Trees of this run's problems and worlds, with the steps already stored (a resumed run)."""
+    trees = {(p.problem_id, w): Tree(p, w, root_ids[p.problem_id]) for p in problems for w in range(worlds)}
+    ids = [p.problem_id for p in problems]
+    steps = (
+        trace.scan("steps")
+        .filter(pl.col("problem_id").is_in(ids) & (pl.col("world") < worlds))
+        .select("step_id", "problem_id", "world", "path", "model", "text", "n_prompt_tokens", "n_gen_tokens", "is_final")
+        .collect()
+    )
+    if steps.height == 0:
+        return trees
+    tokens = trace.scan("tokens").select("step_id", "token_ids").filter(pl.col("step_id").is_in(steps["step_id"])).collect()
+    rows = steps.join(tokens, on="step_id", how="left")
+    for row in rows.iter_rows(named=True):
+        if row["token_ids"] is None:
+            raise TraceError(f"{trace.root}: step {row['step_id']!r} has no tokens row; run `trace validate`")
+        trees[(row["problem_id"], row["world"])].steps[row["path"]] = StoredStep(
+            row["model"], row["text"], list(row["token_ids"]), row["n_prompt_tokens"], row["n_gen_tokens"], row["is_final"]
+        )
+    return trees
+
+
+def _record_run(writer: TraceWriter, options: GenOptions, strategy: Strategy) -> None:
+    """Remember which expansions and how many worlds this trace holds (not cache-key fields)."""
+    expansion = {**strategy.manifest_entry(), "max_steps": options.max_steps}
+    expansions = list(writer.manifest.get("expansions", []))
+    if expansion not in expansions:
+        expansions.append(expansion)
+    worlds = max(options.worlds, writer.manifest.get("worlds", 0))
+    writer.update_manifest(expansions=expansions, worlds=worlds)
+
+
+class RichProgress:
+    """A rich progress bar for ``run_gen``: problems finished, steps, generated tokens/s, ETA."""
+
+    def __init__(self, console=None):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self._tasks: dict[str, int] = {}
+        self._gen_started: float | None = None
+
+    def __enter__(self) -> RichProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.stop()
+
+    def __call__(self, stage: str, **info) -> None:
+        if stage == "hidden":
+            self._tasks[f"hidden-{info['role']}"] = self._progress.add_task(
+                f"hidden states ({info['role']})", total=info["total"], info="")
+        elif stage == "hidden-batch":
+            self._progress.advance(self._tasks[f"hidden-{info['role']}"], info["n"])
+        elif stage in ("round", "done"):
+            self._show_round(info["requests"], info["summary"])
+
+    def _show_round(self, requests: list[Request], summary: GenSummary) -> None:
+        now = time.perf_counter()
+        if self._gen_started is None:
+            self._gen_started = now
+            self._tasks["gen"] = self._progress.add_task("problems", total=summary.problems, info="")
+        pending = {r.problem_id for r in requests}
+        rate = summary.new_gen_tokens / max(now - self._gen_started, 1e-9)
+        self._progress.update(
+            self._tasks["gen"],
+            completed=summary.problems - len(pending),
+            info=f"round {summary.rounds}, {summary.new_steps:,} steps, {rate:,.0f} tok/s, {len(requests):,} queued",
+        )

@@ -1,0 +1,90 @@
+"""Prompt hidden states (for P(IK) probes): one transformers forward per problem and model.
+
+Layers index transformers' ``hidden_states`` tuple: 0 is the embedding output, ``i`` the output
+of decoder block ``i``, and ``-1`` (= the number of blocks) the last block's output after the
+final norm, as Qwen2 and Llama implementations return it. Only that last entry is normed; the
+manifest records this. Vectors are the hidden state at the prompt's last token, as float16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from replay.errors import TraceError
+
+WHERE = "prompt_last"
+BATCH_SIZE = 16
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """``"-1,12"`` -> ``(-1, 12)``; an empty string means no hidden states."""
+    if not text.strip():
+        return ()
+    try:
+        layers = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise TraceError(f"--hidden-layers must be comma-separated integers such as -1,12, got {text!r}") from None
+    if len(set(layers)) != len(layers):
+        raise TraceError(f"--hidden-layers repeats a layer: {text!r}")
+    return layers
+
+
+def manifest_entry(layers: Sequence[int], n_blocks: dict[str, int]) -> dict:
+    return {
+        "where": WHERE,
+        "layers": list(layers),
+        "indexing": "transformers hidden_states: 0 = embeddings, i = after block i, -1 = last block",
+        "normed": {role: {str(layer): _is_normed(layer, n) for layer in layers} for role, n in n_blocks.items()},
+        "dtype": "float16",
+    }
+
+
+def _is_normed(layer: int, n_blocks: int) -> bool:
+    return layer in (-1, n_blocks)
+
+
+def prompt_hidden_rows(
+    model_path: str,
+    role: str,
+    prompts: dict[str, list[int]],
+    layers: Sequence[int],
+    on_batch: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """Hidden-table rows for every (problem, layer): the state at each prompt's last token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").to(device).eval()
+    n_blocks = model.config.num_hidden_layers
+    for layer in layers:
+        if not -1 <= layer <= n_blocks:
+            raise TraceError(f"--hidden-layers {layer} is out of range for {model_path}: it has {n_blocks} blocks "
+                             f"(use 0..{n_blocks}, or -1 for the last)")
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    rows = []
+    problem_ids = sorted(prompts)
+    with torch.inference_mode():
+        for start in range(0, len(problem_ids), BATCH_SIZE):
+            batch = problem_ids[start : start + BATCH_SIZE]
+            lengths = [len(prompts[pid]) for pid in batch]
+            width = max(lengths)
+            ids = torch.tensor([prompts[pid] + [pad_id] * (width - len(prompts[pid])) for pid in batch], device=device)
+            mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths], device=device)
+            states = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            last = torch.tensor(lengths, device=device) - 1
+            for layer in layers:
+                vectors = states[layer][torch.arange(len(batch), device=device), last].to(torch.float16).cpu()
+                for pid, vector in zip(batch, vectors.numpy()):
+                    rows.append({"problem_id": pid, "model": role, "layer": layer, "where": WHERE, "vector": vector})
+            if on_batch:
+                on_batch(len(batch))
+    del model
+    return rows
+
+
+def block_count(model_path: str) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    return getattr(config, "num_hidden_layers", None) or config.get_text_config().num_hidden_layers

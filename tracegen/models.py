@@ -1,0 +1,167 @@
+"""Model names: aliases, local checkpoint folders and Hugging Face ids, and what the manifest records of them.
+
+Nothing here downloads by itself: a Hugging Face id resolves to its local cache snapshot when
+there is one, and is otherwise handed to the engine as it is (which then needs the hub).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.toy import MODEL_ALIASES as TOY_MODEL_ALIASES
+from replay.errors import TraceError
+
+MODEL_ALIASES: dict[str, str] = {
+    "qwen2.5-math-1.5b": "Qwen/Qwen2.5-Math-1.5B-Instruct",
+    "qwen2.5-math-7b": "Qwen/Qwen2.5-Math-7B-Instruct",
+    "skywork-prm-1.5b": "Skywork/Skywork-o1-Open-PRM-Qwen-2.5-1.5B",
+    **{alias: str(path) for alias, path in TOY_MODEL_ALIASES.items()},
+}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+FULL_HASH_LIMIT = 1 << 30  # weights up to 1 GiB are hashed in full; larger ones by their safetensors headers
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SAFETENSORS_ITEM_BYTES = 8
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    role: str  # "small" or "large"
+    name: str  # as the user wrote it
+    path: str  # a local folder, or a Hugging Face id for the engine to fetch
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.path).is_dir()
+
+
+def resolve_model(name: str, role: str) -> ModelRef:
+    """Map an alias, a local folder or a Hugging Face id to what the engine loads."""
+    target = MODEL_ALIASES.get(name, name)
+    if Path(target).is_dir():
+        if not (Path(target) / "config.json").is_file():
+            raise TraceError(f"model folder {target} has no config.json")
+        return ModelRef(role, name, str(Path(target).resolve()))
+    if name in TOY_MODEL_ALIASES:
+        raise TraceError(f"the toy model {name} is not trained yet: {target} does not exist (see data/toy/train.py)")
+    if _HF_ID.match(target):
+        return ModelRef(role, name, _cached_snapshot(target) or target)
+    raise TraceError(
+        f"unknown model {name!r}: not a local folder, not a Hugging Face id, not an alias "
+        f"(aliases: {', '.join(MODEL_ALIASES)})"
+    )
+
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # not cached (or no huggingface_hub): the engine resolves the id itself
+        return None
+
+
+def fetch_model(model: ModelRef) -> ModelRef:
+    """A model that is not in the local cache, fetched from the hub as the engine itself would."""
+    if model.is_local:
+        return model
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(model.path)
+    except Exception as error:
+        raise TraceError(
+            f"model {model.name} ({model.path}) is not in the local Hugging Face cache and could not be "
+            f"fetched from the hub ({type(error).__name__}); aliases: {', '.join(MODEL_ALIASES)}"
+        ) from None
+    return ModelRef(model.role, model.name, folder)
+
+
+def model_manifest(model: ModelRef, tokenizer) -> dict:
+    """What identifies a model's outputs: the cache-key entry for it in trace.json."""
+    folder = Path(model.path)
+    return {
+        "role": model.role,
+        "name": model.name,
+        "path": model.path,
+        "revision": revision(folder),
+        "n_params": count_parameters(folder),
+        "tokenizer_hash": _hash_files(folder, TOKENIZER_FILES),
+        "chat_template_hash": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
+    }
+
+
+def revision(folder: Path) -> str:
+    """The Hugging Face commit of a cache snapshot, else a content hash of config and weights."""
+    if folder.parent.name == "snapshots":
+        return folder.name
+    weights = _weight_files(folder)
+    total = sum(f.stat().st_size for f in weights)
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for path in weights:
+        digest.update(path.name.encode())
+        if total <= FULL_HASH_LIMIT:
+            digest.update(path.read_bytes())
+        else:
+            digest.update(str(path.stat().st_size).encode() + _safetensors_header_bytes(path))
+    kind = "sha256" if total <= FULL_HASH_LIMIT else "headers-sha256"
+    return f"{kind}:{digest.hexdigest()}"
+
+
+def count_parameters(folder: Path) -> int:
+    """Number of stored parameters, summed over the safetensors headers (tied weights counted once)."""
+    files = [f for f in _weight_files(folder) if f.suffix == ".safetensors"]
+    if not files:
+        raise TraceError(f"{folder}: no .safetensors weights, so the parameter count is unknown")
+    total = 0
+    for path in files:
+        header = json.loads(_safetensors_header_bytes(path))
+        total += sum(math.prod(entry["shape"]) for key, entry in header.items() if key != "__metadata__")
+    if total <= 0:
+        raise TraceError(f"{folder}: the safetensors files hold no parameters")
+    return total
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        raise TraceError(f"model folder {folder} holds no weights (*.safetensors or *.bin)")
+    return files
+
+
+def _safetensors_header_bytes(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(_SAFETENSORS_ITEM_BYTES))
+        return handle.read(length)
+
+
+def _hash_files(folder: Path, names: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    present = [name for name in names if (folder / name).is_file()]
+    if not present:
+        raise TraceError(f"model folder {folder} has no tokenizer files ({', '.join(names)})")
+    for name in present:
+        digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    return digest.hexdigest()
+
+
+def load_tokenizer(model: ModelRef):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model.path)
+    except (OSError, ValueError) as error:
+        raise TraceError(f"cannot load the tokenizer of model {model.name} from {model.path}: {error}") from None
