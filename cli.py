@@ -210,5 +210,35 @@ def replay(
         console.print(f"wrote {result.outcomes.height:,} outcomes to {out}")
 
 
+@app.command()
+@user_errors
+def report(
+    trace_dir: Path = typer.Argument(..., help="Trace directory the results were replayed on."),
+    results: list[Path] = typer.Argument(..., help="Outcome files written by trace replay --out (one or more)."),
+    out: Path = typer.Option(..., "--out", help="Report folder: created, or updated if it holds an earlier report; any other non-empty folder is refused."),
+    pick: str = typer.Option("ac", "--pick", help="Operating point of a swept router: ac (highest accuracy per cost at or above the floor), cheapest (at or above the floor) or accuracy (highest)."),
+    accuracy_floor: str = typer.Option("large-0.02", "--accuracy-floor", help="Least accuracy an operating point needs: large (large-only's), large-D (D below it, 0-1 scale) or a number in [0, 1]."),
+    at: list[str] = typer.Option([], "--at", help="Pin a router's configuration instead, e.g. --at steer:tau=0.3 (repeatable)."),
+    split: str = typer.Option(None, "--split", help="Report only problems of this split (train, calibration, test) [default: every row]."),
+    pick_split: str = typer.Option(None, "--pick-split", help="Choose operating points on this split's problems, e.g. calibration [default: the reported ones]."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples of the problems for the 95% intervals."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    policy_log: Path = typer.Option(None, "--policy-log", help="Policy training log (*.log.parquet: step, coverage, kappa): adds coverage and kappa over training."),
+    steer_gmm: Path = typer.Option(None, "--steer-gmm", help="STEER mixtures JSON: adds the fitted mixtures over the small model's confidence histograms."),
+    alpha: float = typer.Option(None, "--alpha", help="Policy coverage target is 1 - alpha [default: the log's alpha column, else 0.02]."),
+) -> None:
+    """Compare replayed routers on one page: table with bootstrap intervals, accuracy-cost plot, McNemar tests
+    against large-only, escalations by step index (index.html, report.md and PNG figures in --out).
+
+    Example: trace report runs/toy steer.parquet policy.parquet --out runs/toy-report
+    """
+    from analysis.report import ReportOptions, make_report
+
+    options = ReportOptions(pick=pick, accuracy_floor=accuracy_floor, at=tuple(at), split=split, pick_split=pick_split,
+                            bootstrap=bootstrap, seed=seed, policy_log=policy_log, steer_gmm=steer_gmm, alpha=alpha)
+    written = make_report(trace_dir, results, out, options)
+    console.print(f"[green]wrote[/] {out / 'index.html'} and {len(written) - 1} more file(s) in {out}")
+
+
 if __name__ == "__main__":
     app()

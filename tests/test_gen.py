@@ -26,8 +26,9 @@ from tracegen.gen import GenOptions, StoredStep, Tree, in_shard, parse_shard, re
 from tracegen.grading import extract_answer, is_final_step
 
 ROOT = Path(__file__).resolve().parent.parent
-N_PROBLEMS = 3
-MAX_STEPS = 4
+N_PROBLEMS = 2
+MAX_STEPS = 3
+STEP_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def toy_models(tmp_path_factory) -> tuple[str, str]:
 
 def options(models, out, **overrides) -> GenOptions:
     settings = dict(small=models[0], large=models[1], dataset="toy", out=out, limit=N_PROBLEMS,
-                    max_step_tokens=24, max_steps=MAX_STEPS, backend="hf", seed=3)
+                    max_step_tokens=STEP_TOKENS, max_steps=MAX_STEPS, backend="hf", seed=3)
     settings.update(overrides)
     return GenOptions(**settings)
 
@@ -95,7 +96,7 @@ def test_step_counters_follow_the_tree(comb_trace):
     by_id = {r["step_id"]: r for r in steps.iter_rows(named=True)}
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(trace.manifest["models"][0]["path"])
+    tokenizer = AutoTokenizer.from_pretrained(trace.manifest["model_paths"]["small"])
     from tracegen.prompts import prompt_token_ids
 
     for row in by_id.values():
@@ -138,7 +139,7 @@ def test_manifest_records_the_run(comb_trace):
     assert (small["role"], large["role"]) == ("small", "large")
     assert 0 < small["n_params"] < large["n_params"]
     assert manifest["dataset"]["name"] == "toy" and manifest["grader"]["name"] == "toy-exact"
-    assert manifest["sampling"] == {"temperature": 0.7, "top_p": 1.0, "max_step_tokens": 24, "topk": 5}
+    assert manifest["sampling"] == {"temperature": 0.7, "top_p": 1.0, "max_step_tokens": STEP_TOKENS, "topk": 5}
     assert manifest["expansions"] == [{"strategy": "comb", "max_steps": MAX_STEPS}] and manifest["worlds"] == 2
     assert manifest["engine"]["name"] == "hf"
     assert manifest["hidden"]["layers"] == [-1, 1]
@@ -154,7 +155,7 @@ def test_hidden_vectors_match_a_direct_forward(comb_trace):
 
     from tracegen.prompts import prompt_token_ids
 
-    path = trace.manifest["models"][1]["path"]
+    path = trace.manifest["model_paths"]["large"]
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     ids = prompt_token_ids(AutoTokenizer.from_pretrained(path), problem.question)
     with torch.inference_mode():
@@ -195,9 +196,9 @@ def test_same_command_twice_gives_identical_files(toy_models, tmp_path):
 
 def test_killed_run_resumes_to_the_uninterrupted_result(toy_models, tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    run_gen(options(toy_models, reference, max_steps=6))
+    run_gen(options(toy_models, reference, max_steps=5))
     command = [sys.executable, "-m", "cli", "gen", "--model", toy_models[0], "--large", toy_models[1],
-               "--dataset", "toy", "--limit", str(N_PROBLEMS), "--max-steps", "6", "--max-step-tokens", "24",
+               "--dataset", "toy", "--limit", str(N_PROBLEMS), "--max-steps", "5", "--max-step-tokens", str(STEP_TOKENS),
                "--backend", "hf", "--seed", "3", "--out", str(killed)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -223,7 +224,7 @@ def test_shards_partition_the_problems(toy_models, tmp_path):
     assert all(shards)
     out = tmp_path / "sharded"
     for i in range(2):
-        run_gen(options(toy_models, out, limit=4, max_steps=2, shard=f"{i}/2"))
+        run_gen(options(toy_models, out, limit=4, max_steps=1, shard=f"{i}/2"))
     validate(out)
     names = os.listdir(out / "steps")
     assert {name.split("-")[1] for name in names} == {"shard0of2", "shard1of2"}

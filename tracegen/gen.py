@@ -168,8 +168,7 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
     problems = [p for p in dataset.problems if in_shard(p.problem_id, shard)]
     models = {role: fetch_model(resolve_model(name, role)) for role, name in zip(ROLES, (options.small, options.large))}
     tokenizers = {role: load_tokenizer(model) for role, model in models.items()}
-    _check_shared_vocabulary(models, tokenizers)
-    root_ids = {p.problem_id: prompt_token_ids(tokenizers["small"], p.question) for p in problems}
+    root_ids = _shared_prompts(models, tokenizers, problems)
     sampling = StepSampling(
         temperature=options.temperature,
         top_p=options.top_p,
@@ -189,7 +188,8 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
 
     if backends is None:
         kind = options.backend or default_backend()
-        backends = {role: load_backend(kind, model.path, **options.engine_kwargs) for role, model in models.items()}
+        backends = {role: load_backend(kind, model.path, **_engine_kwargs(kind, role, options.engine_kwargs))
+                    for role, model in models.items()}
     writer.update_manifest(engine=_engine_entry(backends))
     context_len = min(backend.max_total_tokens for backend in backends.values())
 
@@ -300,19 +300,27 @@ def _check_options(options: GenOptions) -> None:
             raise TraceError(message)
 
 
-def _check_shared_vocabulary(models: dict[str, ModelRef], tokenizers: dict) -> None:
-    """Steps pass between models as token ids, so both must read ids the same way."""
+def _shared_prompts(models: dict[str, ModelRef], tokenizers: dict, problems: list[Problem]) -> dict[str, list[int]]:
+    """Each problem's prompt ids. Steps pass between the models as token ids, so both must share the
+    vocabulary and turn every question into the same prompt."""
+    small, large = models["small"].name, models["large"].name
     if tokenizers["small"].get_vocab() != tokenizers["large"].get_vocab():
-        raise TraceError(
-            f"models {models['small'].name} and {models['large'].name} have different vocabularies; "
-            "a step tree needs both to share one tokenizer"
-        )
+        raise TraceError(f"models {small} and {large} have different vocabularies; a step tree needs one tokenizer")
+    prompts = {}
+    for problem in problems:
+        ids = prompt_token_ids(tokenizers["small"], problem.question)
+        if ids != prompt_token_ids(tokenizers["large"], problem.question):
+            raise TraceError(f"models {small} and {large} build different prompts for problem {problem.problem_id} "
+                             "(their chat templates differ); a step tree needs one prompt per problem")
+        prompts[problem.problem_id] = ids
+    return prompts
 
 
 def _manifest(options, models, tokenizers, dataset: Dataset, grader: Grader, sampling) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "models": [model_manifest(models[role], tokenizers[role]) for role in ROLES],
+        "model_paths": {role: models[role].path for role in ROLES},
         "dataset": {"name": dataset.name, "split": dataset.split, "file_hash": dataset.file_hash},
         "dataset_source": dataset.source,
         "prompt_template": {
@@ -336,6 +344,22 @@ def _manifest(options, models, tokenizers, dataset: Dataset, grader: Grader, sam
     }
 
 
+# On one GPU the four vLLM engines (a generator and an exact scorer per model) split the memory:
+# the large model gets 70% of it, and each model's scorer 40% of its model's share.
+VLLM_MEMORY_BUDGET = 0.88
+VLLM_MEMORY_SHARES = {"small": 0.3, "large": 0.7}
+VLLM_SCORER_SHARE = 0.4
+
+
+def _engine_kwargs(kind: str, role: str, given: dict) -> dict:
+    if kind != "vllm":
+        return dict(given)
+    share = VLLM_MEMORY_BUDGET * VLLM_MEMORY_SHARES[role]
+    defaults = {"gpu_memory_utilization": round(share * (1 - VLLM_SCORER_SHARE), 3),
+                "scorer_memory_utilization": round(share * VLLM_SCORER_SHARE, 3)}
+    return {**defaults, **given}
+
+
 def _engine_entry(backends: dict) -> dict:
     infos = {role: backend.engine_info() for role, backend in backends.items()}
     return infos["small"] if infos["small"] == infos["large"] else infos
@@ -346,7 +370,9 @@ def _write_hidden(writer: TraceWriter, options: GenOptions, models, root_ids, re
         Trace(writer.root, writer.manifest).scan("hidden").select("problem_id", "model", "layer").collect().iter_rows()
     )
     blocks = {role: hidden.block_count(model.path) for role, model in models.items()}
-    writer.update_manifest(hidden=hidden.manifest_entry(options.hidden_layers, blocks))
+    stored_layers = writer.manifest.get("hidden", {}).get("layers", [])
+    layers = stored_layers + [layer for layer in options.hidden_layers if layer not in stored_layers]
+    writer.update_manifest(hidden=hidden.manifest_entry(layers, blocks))
     written = 0
     for role, model in models.items():
         todo = {pid: ids for pid, ids in root_ids.items()

@@ -95,13 +95,24 @@ def model_manifest(model: ModelRef, tokenizer) -> dict:
     folder = Path(model.path)
     return {
         "role": model.role,
-        "name": model.name,
-        "path": model.path,
+        "name": canonical_name(model),
         "revision": revision(folder),
         "n_params": count_parameters(folder),
         "tokenizer_hash": _hash_files(folder, TOKENIZER_FILES),
         "chat_template_hash": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
     }
+
+
+def canonical_name(model: ModelRef) -> str:
+    """The same name however the model was given: the Hugging Face id of a hub model (alias, id or
+    cache snapshot folder alike), else the checkpoint folder's name (``toy-small``)."""
+    target = MODEL_ALIASES.get(model.name, model.name)
+    if _HF_ID.match(target) and not Path(target).exists():
+        return target
+    folder = Path(model.path)
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.name.removeprefix("models--").replace("--", "/")
+    return folder.name
 
 
 def revision(folder: Path) -> str:

@@ -1,9 +1,14 @@
-"""The toy world's character-level tokenizer, with Qwen's chat special tokens and template."""
+"""The toy world's character-level tokenizer, with Qwen's chat special tokens and template.
+
+It is a Qwen2 tokenizer (byte-level BPE) whose vocabulary holds single characters and no merges,
+so every character is one token, and `AutoTokenizer` (which picks `Qwen2Tokenizer` for Qwen2
+checkpoints) and vLLM load it unchanged. Space and newline carry their byte-level names.
+"""
 
 from __future__ import annotations
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import Qwen2Tokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
 CHARACTERS = ["\n"] + [chr(c) for c in range(32, 127)]
@@ -18,17 +23,16 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token=None,
+def build_tokenizer() -> Qwen2Tokenizer:
+    byte_name = bytes_to_unicode()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    vocab.update({byte_name[ord(ch)]: len(SPECIAL_TOKENS) + i for i, ch in enumerate(CHARACTERS)})
+    return Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        unk_token="<unk>",
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        unk_token="<unk>",
         additional_special_tokens=["<|im_start|>"],
         chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,

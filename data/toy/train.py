@@ -108,6 +108,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument(
+        "--stop-after", type=int, default=None, help="end after this many steps (the schedule still spans --steps)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-every", type=int, default=500)
@@ -136,7 +139,8 @@ def main() -> None:
     stream = training_problems(rng)
     started = time.time()
     log = []
-    for step in range(args.steps):
+    last_step = min(args.steps, args.stop_after or args.steps)
+    for step in range(last_step):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         ids, labels, mask = make_batch(tokenizer, [next(stream) for _ in range(args.batch)], len(prefix_ids))
@@ -148,7 +152,7 @@ def main() -> None:
         optimizer.step()
         if step % 50 == 0:
             print(f"step {step} loss {loss.item():.4f} {time.time() - started:.0f}s", flush=True)
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.eval_every == 0 or step + 1 == last_step:
             result = evaluate(model, tokenizer, n=args.eval_n, level=DEFAULT_LEVEL, seed=1)
             log.append({"step": step + 1, "seconds": round(time.time() - started), **result})
             print(json.dumps(log[-1]), flush=True)
@@ -165,6 +169,7 @@ def save(model, tokenizer, args, n_params: int, log: list[dict], seconds: float)
     command = (
         f"python -m data.toy.train --size {args.size} --steps {args.steps} --batch {args.batch} "
         f"--lr {args.lr} --seed {args.seed} --threads {args.threads}"
+        + (f" --stop-after {args.stop_after}" if args.stop_after is not None else "")
     )
     record = {"size": args.size, "n_params": n_params, "command": command, "wall_seconds": round(seconds), "log": log}
     (out / "training.json").write_text(json.dumps(record, indent=1))

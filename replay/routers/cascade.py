@@ -12,27 +12,97 @@ to model i+1; the last model's answer is always kept.
   reads the P(True) scorer (probability of "(A) True" when asked whether the answer is correct; one
   scorer call per checked answer, paid), ``final_mean``/``final_min`` use exp(mean/min logprob) of
   the final step, the step that holds the answer.
+
+``probe=PATH`` loads the probes ``trace train pik`` saved (fitted 80/10/10 inside the train split,
+with their test metrics) instead of fitting them here; the file's layer and hidden-state position
+are used. It is a joblib pickle of a dict (load only files you trust)::
+
+    {"format": "trace-pik", "version": 1, "layer": 24, "where": "prompt_last",
+     "probes": {"small": Pipeline(StandardScaler, MLPClassifier)}, "metrics": {"small": {...}},
+     "train_problem_ids": [...]}                      # must lie in the replay's train split
 """
+
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 from sklearn.neural_network import MLPClassifier
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from replay.engine import Costs, Walk, walk_chains
+from replay.artifacts import check_fitted_within
+from replay.engine import Costs, ReplayData, Walk, walk_chains
 from replay.errors import TraceError
 from replay.routers.base import QueryRouter
 
 P_TRUE_SOURCES = ("ptrue", "final_mean", "final_min")
+PIK_FORMAT = "trace-pik"
+PIK_VERSION = 1
+DEFAULT_LAYER, DEFAULT_WHERE = -1, "prompt_last"
+
+
+def new_probe(seed: int, l2: float = 1e-4) -> Pipeline:
+    """An unfitted P(IK) probe: standardised hidden state -> MLP with 64 hidden units (L2 penalty ``l2``)."""
+    return make_pipeline(StandardScaler(),
+                         MLPClassifier(hidden_layer_sizes=(64,), alpha=l2, max_iter=500, random_state=seed))
+
+
+def own_chain_labels(data: ReplayData, role: str) -> tuple[pl.DataFrame, np.ndarray]:
+    """(problem_id and world of every root whose all-``role`` solution is cached to its end, whether that
+    solution is correct)."""
+    roots = data.roots
+    chain = walk_chains(data, Costs(data, None), roots["node"].to_numpy(), data.roles.index(role))
+    done = chain.final_step >= 0
+    return roots.filter(pl.Series(done)).select("problem_id", "world"), data.tree.step_correct[chain.final_step[done]]
+
+
+def hidden_matrix(data: ReplayData, role: str, layer: int, where: str, problem_ids: pl.Series) -> np.ndarray:
+    """The hidden-state vector of ``role`` at (``layer``, ``where``) for each problem id, as rows of a matrix."""
+    vectors = (data.hidden.filter((pl.col("model") == role) & (pl.col("layer") == layer)
+                                  & (pl.col("where") == where))
+               .select("problem_id", "vector").collect())
+    if vectors["problem_id"].is_duplicated().any():
+        raise TraceError(f"hidden has more than one {where} vector of model {role} at layer {layer} "
+                         f"for problem {vectors.filter(pl.col('problem_id').is_duplicated())['problem_id'][0]!r}")
+    aligned = pl.DataFrame({"problem_id": problem_ids}).join(vectors, on="problem_id", how="left",
+                                                             maintain_order="left")
+    lacking = aligned.filter(pl.col("vector").is_null())
+    if lacking.height:
+        raise TraceError(f"P(IK) needs the {where} hidden state of model {role} at layer {layer}, "
+                         f"which the trace lacks for problem {lacking['problem_id'][0]!r} (or use pik=false)")
+    widths = aligned["vector"].list.len().unique()
+    if len(widths) != 1:
+        raise TraceError(f"hidden vectors of model {role} at layer {layer} differ in length")
+    return aligned["vector"].explode().to_numpy().astype(np.float64).reshape(aligned.height, widths[0])
+
+
+def load_probes(path: str | Path) -> dict:
+    """The dict of a ``trace train pik`` file, checked."""
+    import joblib
+
+    path = Path(path)
+    if not path.is_file():
+        raise TraceError(f"P(IK) probe file {path} does not exist")
+    try:
+        saved = joblib.load(path)
+    except Exception as error:  # unpickling raises many types for foreign or truncated files
+        raise TraceError(f"{path} is not a readable P(IK) probe file ({str(error).splitlines()[0]})") from None
+    if not isinstance(saved, dict) or saved.get("format") != PIK_FORMAT:
+        raise TraceError(f"{path} is not a trace P(IK) probe file (no format {PIK_FORMAT!r})")
+    if saved.get("version") != PIK_VERSION:
+        raise TraceError(f"{path} has P(IK) probe version {saved.get('version')!r}; this trace reads {PIK_VERSION}")
+    for key in ("layer", "where", "probes"):
+        if key not in saved:
+            raise TraceError(f"P(IK) probe file {path} has no {key!r}")
+    return saved
 
 
 class Cascade(QueryRouter):
     name = "cascade"
     sweepable = ("t_true", "t_ik")
 
-    def __init__(self, models="", p_true="ptrue", t_true=0.5, pik=True, t_ik=0.5, layer=-1,
-                 where="prompt_last", seed=0):
+    def __init__(self, models="", p_true="ptrue", t_true=0.5, pik=True, t_ik=0.5, layer=DEFAULT_LAYER,
+                 where=DEFAULT_WHERE, seed=0, probe=""):
         self.models = models
         self.p_true = p_true
         self.t_true = t_true
@@ -41,6 +111,7 @@ class Cascade(QueryRouter):
         self.layer = layer
         self.where = where
         self.seed = seed
+        self.probe = probe
 
     @property
     def scorer(self):
@@ -57,40 +128,36 @@ class Cascade(QueryRouter):
                              f"({', '.join(train.roles)}), smallest first; got {self.models!r}")
         self.roles_ = roles
         self.probes_ = {}
+        self.layer_, self.where_ = self.layer, self.where
         if not self.pik:
             return
-        roots = train.roots
-        costs = Costs(train, None)
+        if self.probe:
+            self._load_probes(train)
+            return
         for role in roles[:-1]:
-            chain = walk_chains(train, costs, roots["node"].to_numpy(), train.roles.index(role))
-            done = chain.final_step >= 0
-            labels = train.tree.step_correct[chain.final_step[done]]
+            roots, labels = own_chain_labels(train, role)
             if len(np.unique(labels)) < 2:
                 raise TraceError(f"cannot fit the P(IK) probe of model {role}: its {labels.size} complete train "
                                  f"solutions are all {'correct' if labels.all() else 'wrong'} (use pik=false)")
-            features = self._hidden(train, role, roots["problem_id"].filter(pl.Series(done)))
-            probe = make_pipeline(StandardScaler(),
-                                  MLPClassifier(hidden_layer_sizes=(64,), max_iter=500, random_state=self.seed))
-            self.probes_[role] = probe.fit(features, labels)
+            features = hidden_matrix(train, role, self.layer, self.where, roots["problem_id"])
+            self.probes_[role] = new_probe(self.seed).fit(features, labels)
+
+    def _load_probes(self, train):
+        saved = load_probes(self.probe)
+        for param, default in (("layer", DEFAULT_LAYER), ("where", DEFAULT_WHERE)):
+            if getattr(self, param) not in (default, saved[param]):
+                raise TraceError(f"router cascade: probe file {self.probe} was trained on {param} {saved[param]!r}, "
+                                 f"not {getattr(self, param)!r}")
+        check_fitted_within(self.probe, saved.get("train_problem_ids"), train.problems["problem_id"].to_list())
+        lacking = [role for role in self.roles_[:-1] if role not in saved["probes"]]
+        if lacking:
+            raise TraceError(f"router cascade: probe file {self.probe} has no probe for model(s) {', '.join(lacking)} "
+                             f"(it has {', '.join(saved['probes']) or 'none'})")
+        self.layer_, self.where_ = saved["layer"], saved["where"]
+        self.probes_ = {role: saved["probes"][role] for role in self.roles_[:-1]}
 
     def _hidden(self, data, role, problem_ids: pl.Series) -> np.ndarray:
-        """The hidden-state vector of ``role`` for each problem id, as rows of a matrix."""
-        vectors = (data.hidden.filter((pl.col("model") == role) & (pl.col("layer") == self.layer)
-                                      & (pl.col("where") == self.where))
-                   .select("problem_id", "vector").collect())
-        if vectors["problem_id"].is_duplicated().any():
-            raise TraceError(f"hidden has more than one {self.where} vector of model {role} at layer {self.layer} "
-                             f"for problem {vectors.filter(pl.col('problem_id').is_duplicated())['problem_id'][0]!r}")
-        aligned = pl.DataFrame({"problem_id": problem_ids}).join(vectors, on="problem_id", how="left",
-                                                                 maintain_order="left")
-        lacking = aligned.filter(pl.col("vector").is_null())
-        if lacking.height:
-            raise TraceError(f"P(IK) needs the {self.where} hidden state of model {role} at layer {self.layer}, "
-                             f"which the trace lacks for problem {lacking['problem_id'][0]!r} (or use pik=false)")
-        widths = aligned["vector"].list.len().unique()
-        if len(widths) != 1:
-            raise TraceError(f"hidden vectors of model {role} at layer {self.layer} differ in length")
-        return aligned["vector"].explode().to_numpy().astype(np.float64).reshape(aligned.height, widths[0])
+        return hidden_matrix(data, role, self.layer_, self.where_, problem_ids)
 
     def _p_true(self, data, final_steps: np.ndarray) -> np.ndarray:
         """P(T) of each final step row (NaN where the ptrue score is not cached)."""

@@ -11,7 +11,9 @@ Policy file (``torch.save`` of a dict; written by ``trace train policy``, read h
      "feature_mean": [...], "feature_std": [...],        # o = (raw - mean) / std; a null raw value -> 0
      "hidden": 64,                                        # width of the two hidden layers
      "kappa": 0.5,                                        # the trained threshold
-     "state_dict": {...}}                                 # of policy_network(len(features), hidden)
+     "state_dict": {...},                                 # of policy_network(len(features), hidden)
+     "train_problem_ids": [...],                          # optional: must lie in the replay's train split
+     ...}                                                 # optional: training metadata (trace train policy)
 
 The network is ``policy_network``: Linear-Tanh-Linear-Tanh-Linear, two logits (continue, escalate).
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from replay.artifacts import check_fitted_within, write_atomic
 from replay.engine import SMALL
 from replay.errors import TraceError
 from replay.routers.base import DraftRouter
@@ -80,12 +83,18 @@ def normalise(raw: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
 
 
 def save_policy(path: str | Path, network, features: list[str], feature_mean, feature_std, kappa: float,
-                hidden: int = 64) -> None:
+                hidden: int = 64, **metadata) -> None:
+    """Write a policy file atomically; the same arguments give the same bytes (``metadata``: plain values)."""
+    import io
+
     import torch
 
-    torch.save({"format": POLICY_FORMAT, "version": POLICY_VERSION, "features": list(features),
-                "feature_mean": [float(x) for x in feature_mean], "feature_std": [float(x) for x in feature_std],
-                "hidden": int(hidden), "kappa": float(kappa), "state_dict": network.state_dict()}, path)
+    saved = {**metadata, "format": POLICY_FORMAT, "version": POLICY_VERSION, "features": list(features),
+             "feature_mean": [float(x) for x in feature_mean], "feature_std": [float(x) for x in feature_std],
+             "hidden": int(hidden), "kappa": float(kappa), "state_dict": network.state_dict()}
+    buffer = io.BytesIO()  # in memory, the archive's inner folder name does not depend on the file name
+    torch.save(saved, buffer)
+    write_atomic(path, buffer.getvalue())
 
 
 def load_policy(path: str | Path) -> tuple[object, dict]:
@@ -135,6 +144,7 @@ class PolicyRouter(DraftRouter):
 
     def _fit(self, train):
         self.network_, saved = load_policy(self.path)
+        check_fitted_within(self.path, saved.get("train_problem_ids"), train.problems["problem_id"].to_list())
         self.features_ = list(saved["features"])
         self.feature_mean_ = np.asarray(saved["feature_mean"], dtype=np.float64)
         self.feature_std_ = np.asarray(saved["feature_std"], dtype=np.float64)

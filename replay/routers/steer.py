@@ -10,28 +10,42 @@ writes that step. ``mode="switch"``: the large model then writes every later ste
 A step index with fewer than ``min_samples`` train confidences uses the mixture of the deepest
 index below it that has enough. A draft without math tokens (null confidence) carries no signal
 and is kept.
+
+``gmms=PATH`` loads the mixtures that ``trace train steer`` saved instead of fitting them (JSON)::
+
+    {"format": "trace-steer", "version": 1, "signal": "conf_max_logit_math", "min_samples": 10, "seed": 0,
+     "train_problem_ids": [...],                      # must lie in the replay's train split
+     "mixtures": [{"depth": 0, "n": 812, "weights": [w0, w1], "means": [m0, m1],
+                   "variances": [v0, v1], "low_component": 0}, ...]}
 """
+
+import json
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 from sklearn.mixture import GaussianMixture
 
+from replay.artifacts import check_fitted_within, write_atomic
 from replay.engine import SMALL
 from replay.errors import TraceError
 from replay.routers.base import DraftRouter
 
 SIGNAL = "conf_max_logit_math"
+STEER_FORMAT = "trace-steer"
+STEER_VERSION = 1
 
 
 class Steer(DraftRouter):
     name = "steer"
     sweepable = ("tau",)
 
-    def __init__(self, tau=0.5, mode="switch", min_samples=10, seed=0):
+    def __init__(self, tau=0.5, mode="switch", min_samples=10, seed=0, gmms=""):
         self.tau = tau
         self.mode = mode
         self.min_samples = min_samples
         self.seed = seed
+        self.gmms = gmms
 
     @property
     def one_way(self):
@@ -42,10 +56,14 @@ class Steer(DraftRouter):
         self._check_range("min_samples", 2, float("inf"))
 
     def _fit(self, train):
+        if self.gmms:
+            self._load(train)
+            return
         confidences = train.steps.filter((pl.col("model") == SMALL) & pl.col(SIGNAL).is_not_null())
         per_depth = confidences.group_by("depth").agg(pl.col(SIGNAL)).sort("depth")
         self.mixtures_ = {}
         self.low_component_ = {}
+        self.n_samples_ = {}
         for depth, values in per_depth.iter_rows():
             if len(values) < self.min_samples:
                 continue
@@ -53,10 +71,62 @@ class Steer(DraftRouter):
             mixture.fit(np.asarray(values, dtype=np.float64).reshape(-1, 1))
             self.mixtures_[depth] = mixture
             self.low_component_[depth] = int(np.argmin(mixture.means_.ravel()))
+            self.n_samples_[depth] = len(values)
         if 0 not in self.mixtures_:
             raise TraceError(f"router steer needs at least min_samples={self.min_samples} small-model "
                              f"{SIGNAL} values at step index 0 in the train split; it has "
                              f"{confidences.filter(pl.col('depth') == 0).height}")
+
+    def save(self, path, train_problem_ids: list[str], **metadata) -> None:
+        """Write the fitted mixtures as a ``gmms`` JSON file (floats round-trip exactly)."""
+        self.check_fitted()
+        mixtures = [{"depth": int(depth), "n": int(self.n_samples_[depth]),
+                     "weights": mixture.weights_.tolist(), "means": mixture.means_.ravel().tolist(),
+                     "variances": mixture.covariances_.ravel().tolist(),
+                     "low_component": self.low_component_[depth]}
+                    for depth, mixture in sorted(self.mixtures_.items())]
+        saved = {"format": STEER_FORMAT, "version": STEER_VERSION, "signal": SIGNAL,
+                 "min_samples": self.min_samples, "seed": self.seed, **metadata,
+                 "train_problem_ids": sorted(train_problem_ids), "mixtures": mixtures}
+        write_atomic(path, (json.dumps(saved, indent=1) + "\n").encode())
+
+    def _load(self, train):
+        path = Path(self.gmms)
+        if not path.is_file():
+            raise TraceError(f"router steer: gmms file {path} does not exist")
+        try:
+            saved = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise TraceError(f"router steer: {path} is not JSON ({error})") from None
+        if not isinstance(saved, dict) or saved.get("format") != STEER_FORMAT:
+            raise TraceError(f"router steer: {path} is not a trace steer file (no format {STEER_FORMAT!r})")
+        if saved.get("version") != STEER_VERSION or saved.get("signal") != SIGNAL:
+            raise TraceError(f"router steer: {path} has version {saved.get('version')!r} and signal "
+                             f"{saved.get('signal')!r}; this trace reads version {STEER_VERSION} of {SIGNAL}")
+        check_fitted_within(path, saved.get("train_problem_ids"), train.problems["problem_id"].to_list())
+        self.mixtures_, self.low_component_, self.n_samples_ = {}, {}, {}
+        for number, entry in enumerate(saved.get("mixtures") or []):
+            try:
+                depth = int(entry["depth"])
+                weights, means, variances = (np.asarray(entry[key], dtype=np.float64)
+                                             for key in ("weights", "means", "variances"))
+                low = int(entry["low_component"])
+                if not (weights.shape == means.shape == variances.shape == (2,)) or (variances <= 0).any() \
+                        or low not in (0, 1):
+                    raise ValueError
+            except (KeyError, TypeError, ValueError):
+                raise TraceError(f"router steer: {path} mixture {number} needs depth, low_component (0 or 1) and "
+                                 f"two weights, means and positive variances") from None
+            mixture = GaussianMixture(n_components=2, random_state=self.seed)
+            mixture.weights_, mixture.means_ = weights, means.reshape(2, 1)
+            mixture.covariances_ = variances.reshape(2, 1, 1)
+            mixture.precisions_cholesky_ = (1 / np.sqrt(variances)).reshape(2, 1, 1)
+            mixture.precisions_ = (1 / variances).reshape(2, 1, 1)
+            mixture.n_features_in_ = 1
+            self.mixtures_[depth], self.low_component_[depth] = mixture, low
+            self.n_samples_[depth] = int(entry.get("n", 0))
+        if 0 not in self.mixtures_:
+            raise TraceError(f"router steer: {path} has no mixture for step index 0")
 
     def low_posterior(self, depths: np.ndarray, confidences: np.ndarray) -> np.ndarray:
         """Posterior of the low-confidence component for each (step index, confidence)."""

@@ -5,6 +5,7 @@ Engines are imported only when a backend is loaded, so phase two never pulls the
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from replay.errors import TraceError
@@ -26,6 +27,9 @@ def load_backend(kind: str, model_path: str, **engine_kwargs) -> Backend:
             from tracegen.backends.hf import HFBackend
         except ImportError as error:
             raise TraceError(f"the hf backend needs transformers ({error}); install trace-routing[hf]") from error
+        unknown = sorted(set(engine_kwargs) - set(inspect.signature(HFBackend).parameters))
+        if unknown:
+            raise TraceError(f"unknown hf engine argument(s): {', '.join(unknown)}")
         return HFBackend(str(model_path), **engine_kwargs)
     try:
         from tracegen.backends.vllm_engine import VLLMBackend

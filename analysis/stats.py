@@ -1,0 +1,77 @@
+"""Significance for router comparisons: a cluster bootstrap over problems and McNemar's paired test.
+
+Worlds of one problem share its difficulty, so they are not independent draws: the bootstrap
+resamples problems with replacement and keeps all worlds of a drawn problem together. Every
+statistic is a ratio of per-problem sums (correct / finished walks, cost / finished walks, ...),
+so a resample is a vector of draw counts per problem and all statistics of all routers come from
+one matrix product over the same resamples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+EXACT_BELOW = 25  # McNemar: exact binomial test when discordant pairs are fewer, else chi-square
+
+
+def bootstrap_counts(n_problems: int, n_resamples: int, seed: int) -> np.ndarray:
+    """(n_resamples, n_problems): how often each problem is drawn in each resample of n_problems draws."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_problems, np.full(n_problems, 1.0 / n_problems), size=n_resamples).astype(np.float64)
+
+
+def ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator, NaN where the denominator is zero."""
+    numerator, denominator = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
+    out = np.full(np.broadcast(numerator, denominator).shape, np.nan)
+    np.divide(numerator, denominator, out=out, where=denominator != 0)
+    return out
+
+
+def percentile_interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float] | None:
+    """Equal-tailed percentile interval of the finite samples; None when there are none."""
+    finite = samples[np.isfinite(samples)]
+    if finite.size == 0:
+        return None
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def resampled_ratio(counts: np.ndarray, numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """sum(numerator) / sum(denominator) over the problems of each resample (per-problem sums in)."""
+    return ratio(counts @ numerator, counts @ denominator)
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """McNemar's test of two classifiers' correctness on the same items."""
+
+    n_pairs: int      # items both were graded on
+    only_first: int   # first right, second wrong
+    only_second: int  # first wrong, second right
+    test: str         # "exact binomial" or "chi-square (continuity corrected)"
+    statistic: float  # the smaller discordant count (exact) or the chi-square value
+    p_value: float
+
+
+def mcnemar(first: np.ndarray, second: np.ndarray) -> McNemar:
+    """Two-sided McNemar test on paired booleans: exact binomial when the discordant pairs number fewer
+    than EXACT_BELOW, else chi-square with continuity correction, 1 degree of freedom."""
+    first, second = np.asarray(first, dtype=bool), np.asarray(second, dtype=bool)
+    if first.shape != second.shape:
+        raise ValueError("mcnemar needs paired arrays of one shape")
+    only_first = int(np.sum(first & ~second))
+    only_second = int(np.sum(~first & second))
+    discordant = only_first + only_second
+    if discordant < EXACT_BELOW:
+        p_value = 1.0 if discordant == 0 else float(stats.binomtest(only_first, discordant, 0.5).pvalue)
+        return McNemar(first.size, only_first, only_second, "exact binomial",
+                       float(min(only_first, only_second)), min(p_value, 1.0))
+    chi_square = (abs(only_first - only_second) - 1) ** 2 / discordant
+    return McNemar(first.size, only_first, only_second, "chi-square (continuity corrected)",
+                   float(chi_square), float(stats.chi2.sf(chi_square, df=1)))
+

@@ -1,0 +1,74 @@
+"""Re-measure the toy world's targets on 500 held-out problems of the default level.
+
+    python bench/toy.py            # print the table
+    python bench/toy.py --write    # also refresh data/toy/measured.json (quoted by data/toy/CARD.md)
+
+Targets (issue: toy world): small greedy accuracy in [30%, 75%]; large >= 85% and >= 20 points
+above small; large >= 4x the parameters of small; the small model's mean raw max-logit over a
+step separates valid from invalid steps with AUROC >= 0.65. Sampled accuracy at T=0.7 is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from data.toy import MODEL_ALIASES, TOY_DIR  # noqa: E402
+from data.toy.evaluate import evaluate  # noqa: E402
+from data.toy.task import DEFAULT_LEVEL  # noqa: E402
+
+
+def measure(name: str, n: int) -> dict:
+    path = MODEL_ALIASES[name]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    started = time.time()
+    result = {
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "greedy": evaluate(model, tokenizer, n=n, level=DEFAULT_LEVEL),
+        "sampled_t0.7": evaluate(model, tokenizer, n=n, level=DEFAULT_LEVEL, temperature=0.7, seed=1),
+    }
+    result["seconds"] = round(time.time() - started, 1)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=500)
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    measured = {name: measure(name, args.n) for name in sorted(MODEL_ALIASES)}
+    small, large = measured["toy-small"], measured["toy-large"]
+    checks = {
+        "small greedy accuracy in [0.30, 0.75]": 0.30 <= small["greedy"]["accuracy"] <= 0.75,
+        "large greedy accuracy >= 0.85": large["greedy"]["accuracy"] >= 0.85,
+        "large - small >= 0.20": large["greedy"]["accuracy"] - small["greedy"]["accuracy"] >= 0.20,
+        "large params >= 4x small": large["n_params"] >= 4 * small["n_params"],
+        "small step AUROC >= 0.65": small["greedy"]["step_auroc"] >= 0.65,
+    }
+    print(f"{'model':<10} {'params':>9} {'greedy acc':>10} {'T=0.7 acc':>10} {'step valid':>10} {'step AUROC':>10}")
+    for name, m in measured.items():
+        g, s = m["greedy"], m["sampled_t0.7"]
+        print(
+            f"{name:<10} {m['n_params']:>9,} {g['accuracy']:>10.1%} {s['accuracy']:>10.1%} "
+            f"{g['step_validity']:>10.1%} {g['step_auroc']:>10.3f}"
+        )
+    print(f"held-out problems: {args.n} of level {DEFAULT_LEVEL}")
+    for claim, ok in checks.items():
+        print(f"  {'PASS' if ok else 'FAIL'}  {claim}")
+    if args.write:
+        (TOY_DIR / "measured.json").write_text(json.dumps(measured, indent=1) + "\n")
+        print(f"wrote {TOY_DIR / 'measured.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The acceptance run on the real engine: `trace gen --model toy-small --large toy-large --dataset toy` with vLLM.
+
+Starts vLLM engines (slow): run with `pytest -m vllm`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from replay.store import open_trace
+from replay.validate import validate
+from test_gen import toy_models  # noqa: F401  (fixture: trained toy models, or random-weight stand-ins)
+from tracegen.expand import Comb, frontier
+
+pytestmark = pytest.mark.vllm
+
+ROOT = Path(__file__).resolve().parent.parent
+LIMIT = 12
+MAX_STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def vllm_trace(toy_models, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:  # noqa: F811
+    out = tmp_path_factory.mktemp("gen-vllm") / "toy"
+    command = [sys.executable, "-m", "cli", "gen", "--model", toy_models[0], "--large", toy_models[1],
+               "--dataset", "toy", "--limit", str(LIMIT), "--max-steps", str(MAX_STEPS), "--max-step-tokens", "32",
+               "--backend", "vllm", "--out", str(out)]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=1500)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out, result
+
+
+def test_acceptance_run_validates(vllm_trace):
+    out, result = vllm_trace
+    counts = validate(out)
+    assert counts["problems"] == LIMIT and counts["steps"] > 2 * LIMIT
+    assert "done" in result.stdout
+
+
+def test_trees_are_complete_combs(vllm_trace):
+    out, _ = vllm_trace
+    steps = open_trace(out).scan("steps").collect()
+    trees = {(p, 0): {} for p in steps["problem_id"].unique()}
+    for row in steps.iter_rows(named=True):
+        trees[(row["problem_id"], row["world"])][row["path"]] = row["is_final"]
+    assert len(trees) == LIMIT
+    assert frontier(trees, Comb(), max_steps=MAX_STEPS) == []
+
+
+def test_engine_signals_and_prefix_cache(vllm_trace):
+    out, _ = vllm_trace
+    trace = open_trace(out)
+    assert trace.manifest["engine"]["name"] == "vllm"
+    assert trace.manifest["engine"]["logprobs_mode"] == "raw_logits"
+    steps = trace.scan("steps").collect()
+    # every child prompt starts with its parent's prompt, so deeper steps hit vLLM's prefix cache
+    deep = steps.filter(pl.col("depth") >= 1)
+    assert deep.height and deep["n_cached_tokens"].sum() > 0.5 * deep["n_prompt_tokens"].sum()
+    assert (steps["n_cached_tokens"] <= steps["n_prompt_tokens"]).all()
+    assert (steps["logprob_mean"] <= 0).all() and (steps["logprob_min"] <= steps["logprob_mean"] + 1e-6).all()
+    tokens = trace.scan("tokens").collect()
+    lengths = tokens.select(pl.col("topk_ids").list.eval(pl.element().list.len()).list.unique().alias("k"))
+    assert lengths["k"].to_list() == [[5]] * tokens.height
+
+
+def test_final_steps_are_graded(vllm_trace):
+    out, _ = vllm_trace
+    steps = open_trace(out).scan("steps").collect()
+    finals = steps.filter(pl.col("is_final"))
+    assert finals.height > 0
+    assert finals["correct"].null_count() == 0
+    assert steps.filter(~pl.col("is_final"))["correct"].null_count() == steps.filter(~pl.col("is_final")).height

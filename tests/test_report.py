@@ -1,0 +1,484 @@
+"""`trace report` through the real CLI, on results that `trace replay` wrote for a hand-built comb trace.
+
+Every number the tests expect is recomputed here from the results Parquet or the trace's steps, not
+read from the report's own code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import struct
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from analysis.stats import bootstrap_counts
+from cli import app
+from replay.store import open_trace
+from tracebuild import build_trace, comb_steps, default_manifest
+
+runner = CliRunner()
+N_PROBLEMS, N_WORLDS, N_STEPS = 30, 2, 3
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def routing_steps(n_problems: int = N_PROBLEMS, flip: bool = False) -> list[dict]:
+    """Comb trees where a small step is sometimes 'bad' (low confidence, and the answer built on it is
+    wrong) and the large model is right in 90% of (problem, world) trees. ``flip`` grades every final
+    step the other way (a different trace with the same tree shapes)."""
+    steps = []
+    for i in range(n_problems):
+        for world in range(N_WORLDS):
+            rng = np.random.default_rng(1000 * i + world)
+            bad = rng.random(N_STEPS) < 0.3
+            large_right = rng.random() < 0.9
+
+            def correct(path, bad=bad, large_right=large_right):
+                right = not bad[: path.count("s")].any() and ("L" not in path or large_right)
+                return right != flip
+
+            for step in comb_steps(f"q{i:02d}", N_STEPS, world=world, correct=correct):
+                if step["path"].endswith("s"):
+                    depth = len(step["path"]) - 1
+                    step["conf_max_logit_math"] = float(rng.normal(3.0, 0.7) if bad[depth] else rng.normal(8.0, 1.0))
+                steps.append(step)
+    return steps
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(arg) for arg in args])
+
+
+def replay_to(trace, out, *args):
+    result = invoke("replay", trace, *args, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A 30-problem, 2-world comb trace and the results of trace replay on it."""
+    base = tmp_path_factory.mktemp("report")
+    trace = build_trace(base / "trace", routing_steps(), manifest=default_manifest(n_problems=N_PROBLEMS, worlds=N_WORLDS))
+    return {
+        "base": base,
+        "trace": trace,
+        "steer": replay_to(trace, base / "steer.parquet", "--router", "steer", "--sweep", "tau=0:1:0.1", "--split", "all"),
+        "random": replay_to(trace, base / "random.parquet", "--router", "random", "--sweep", "p=0:1:0.25",
+                            "--split", "all"),
+        "oracle": replay_to(trace, base / "oracle.parquet", "--router", "oracle", "--split", "all"),
+    }
+
+
+@pytest.fixture(scope="module")
+def main_report(inputs):
+    out = inputs["base"] / "main-report"
+    result = invoke("report", inputs["trace"], inputs["steer"], inputs["random"], inputs["oracle"], "--out", out,
+                    "--bootstrap", 200, "--seed", 7)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+# ---------------------------------------------------------------------- reading the report back
+
+
+class ImageSources(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources = []
+        self.generator = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.sources.append(attrs["src"])
+        if tag == "meta" and attrs.get("name") == "generator":
+            self.generator = attrs.get("content")
+
+
+def page_images(folder: Path) -> list[str]:
+    parser = ImageSources()
+    parser.feed((folder / "index.html").read_text())
+    assert parser.generator == "trace report"
+    return parser.sources
+
+
+def check_png(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, path
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.size == (width, height)
+        pixels = np.asarray(image.convert("L"))
+    assert width >= 600 and height >= 300 and len(data) > 10_000, (path, width, height, len(data))
+    assert pixels.std() > 10  # not a blank canvas
+    return width, height
+
+
+def md_tables(markdown: str) -> list[list[list[str]]]:
+    """Every Markdown table as rows of cells (header row first, separator row dropped)."""
+    tables, current = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-: "):
+                current.append([cell.strip() for cell in line.strip("|").split(" | ")])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def table_after(markdown: str, heading: str, index: int = 0) -> dict[str, list[str]]:
+    section = markdown.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    table = md_tables(section)[index]
+    return {row[0]: row[1:] for row in table}
+
+
+def number(cell: str) -> float:
+    return float(cell.split()[0].rstrip("%"))
+
+
+def interval(cell: str) -> tuple[float, float]:
+    low, high = cell.split("[", 1)[1].rstrip("]").split(", ")
+    return float(low), float(high)
+
+
+# ---------------------------------------------------------------------- independent expectations
+
+
+def trace_steps(trace) -> pl.DataFrame:
+    return open_trace(trace).scan("steps").collect()
+
+
+def single_model(trace, char: str) -> pl.DataFrame:
+    """(problem_id, world, correct) of one model's solution alone from the root."""
+    return trace_steps(trace).filter(pl.col("path") == char * N_STEPS).select("problem_id", "world", "correct")
+
+
+def per_config(results: Path) -> pl.DataFrame:
+    frame = pl.read_parquet(results)
+    return (frame.group_by("config").agg(
+        tau=pl.col("params").first(), misses=pl.col("misses").sum(),
+        accuracy=pl.col("correct").drop_nulls().cast(pl.Float64).mean(),
+        cost=pl.col("cost").filter(pl.col("misses") == 0).mean())
+        .with_columns(a_over_c=pl.col("accuracy") / pl.col("cost")).sort("config"))
+
+
+def chosen_by_ac(results: Path, floor: float) -> int:
+    configs = per_config(results).filter((pl.col("misses") == 0) & (pl.col("accuracy") >= floor - 1e-12))
+    best = max(configs.iter_rows(named=True), key=lambda r: (r["a_over_c"], r["accuracy"], -r["cost"], -r["config"]))
+    return best["config"]
+
+
+def tau_of(results: Path, config: int) -> float:
+    return json.loads(pl.read_parquet(results).filter(pl.col("config") == config)["params"][0])["tau"]
+
+
+# ---------------------------------------------------------------------- tests
+
+
+def test_page_references_valid_pngs_and_the_markdown_twin_matches(main_report):
+    sources = page_images(main_report)
+    assert sources == ["pareto.png", "escalation.png"]
+    for source in sources:
+        assert not Path(source).is_absolute()
+        check_png(main_report / source)
+    markdown = (main_report / "report.md").read_text()
+    assert [line for line in markdown.splitlines() if line.startswith("![")] == [
+        "![Accuracy against mean cost per query](pareto.png)", "![Share of large-model steps by step index](escalation.png)"]
+    html = (main_report / "index.html").read_text()
+    assert "<table>" in html and "Routers at their operating points" in html
+    assert sorted(p.name for p in main_report.iterdir()) == ["escalation.png", "index.html", "pareto.png", "report.md"]
+
+
+def test_table_numbers_come_from_the_results_and_the_trace(inputs, main_report):
+    markdown = (main_report / "report.md").read_text()
+    table = table_after(markdown, "Routers at their operating points")
+    assert list(table) == ["Router", "small-only", "large-only", "steer", "random", "oracle"]
+
+    large = single_model(inputs["trace"], "L")
+    small = single_model(inputs["trace"], "s")
+    large_accuracy = large["correct"].mean()
+    assert number(table["large-only"][1]) == pytest.approx(100 * large_accuracy, abs=0.05)
+    assert number(table["small-only"][1]) == pytest.approx(100 * small["correct"].mean(), abs=0.05)
+    assert table["large-only"][4].startswith("100.0") and table["small-only"][4].startswith("0.0")
+
+    chosen = chosen_by_ac(inputs["steer"], large_accuracy - 0.02)
+    configs = per_config(inputs["steer"]).filter(pl.col("config") == chosen).row(0, named=True)
+    assert table["steer"][0] == f"tau={tau_of(inputs['steer'], chosen):g}"
+    assert number(table["steer"][1]) == pytest.approx(100 * configs["accuracy"], abs=0.05)
+    assert number(table["steer"][2]) == pytest.approx(configs["cost"], rel=1e-3)
+    assert number(table["steer"][3]) == pytest.approx(configs["a_over_c"], rel=1e-3)
+    assert table["steer"][5] == "0"
+    # the random sweep's middle configurations miss (the comb lacks mixed paths): never chosen
+    random_pick = per_config(inputs["random"]).filter(
+        pl.col("config") == chosen_by_ac(inputs["random"], large_accuracy - 0.02)).row(0, named=True)
+    assert random_pick["misses"] == 0 and json.loads(random_pick["tau"])["p"] in (0.0, 1.0)
+    assert "highest A/C at or above the floor; 11 of 11 configurations without misses (steer.parquet)" in markdown
+    assert f"large-only accuracy {100 * large_accuracy:.1f}% minus 2 points" in markdown
+
+
+def test_bootstrap_interval_resamples_problems_with_their_worlds(inputs, main_report):
+    markdown = (main_report / "report.md").read_text()
+    row = table_after(markdown, "Routers at their operating points")["steer"]
+    chosen = chosen_by_ac(inputs["steer"], single_model(inputs["trace"], "L")["correct"].mean() - 0.02)
+    outcomes = pl.read_parquet(inputs["steer"]).filter(pl.col("config") == chosen)
+    problems = sorted(outcomes["problem_id"].unique().to_list())
+    by_problem = {pid: outcomes.filter(pl.col("problem_id") == pid) for pid in problems}
+    accuracies = []
+    for counts in bootstrap_counts(len(problems), 200, seed=7):
+        drawn = pl.concat([by_problem[pid] for pid, n in zip(problems, counts) for _ in range(int(n))])
+        accuracies.append(drawn["correct"].cast(pl.Float64).mean())
+    low, high = np.percentile(accuracies, [2.5, 97.5])
+    assert interval(row[1]) == pytest.approx((round(100 * low, 1), round(100 * high, 1)), abs=0.051)
+    assert interval(row[1])[0] < number(row[1]) < interval(row[1])[1]
+
+
+def test_mcnemar_against_large_only_is_paired_on_problem_and_world(inputs, main_report):
+    markdown = (main_report / "report.md").read_text()
+    table = table_after(markdown, "Significance against large-only (McNemar)")
+    large = single_model(inputs["trace"], "L").rename({"correct": "large"})
+    small = single_model(inputs["trace"], "s").join(large, on=["problem_id", "world"])
+    b = int((small["correct"] & ~small["large"]).sum())
+    c = int((~small["correct"] & small["large"]).sum())
+    pairs, only_small, only_large, test, statistic, p_value, significant = table["small-only"]
+    assert (int(pairs), int(only_small), int(only_large)) == (N_PROBLEMS * N_WORLDS, b, c)
+    if b + c < 25:
+        expected = min(1.0, 2 * sum(math.comb(b + c, i) for i in range(min(b, c) + 1)) / 2 ** (b + c))
+        assert test == "exact binomial"
+    else:
+        chi_square = (abs(b - c) - 1) ** 2 / (b + c)
+        expected = math.erfc(math.sqrt(chi_square / 2))
+        assert test.startswith("chi-square") and float(statistic) == pytest.approx(chi_square, rel=1e-3)
+    assert float(p_value) == pytest.approx(expected, rel=1e-3)
+    assert significant == ("yes" if expected < 0.05 else "no")
+    assert "large-only" not in table and set(table) == {"Router", "small-only", "steer", "random", "oracle"}
+
+
+def test_escalation_shares_by_step_index_come_from_the_walks_paths(inputs, main_report):
+    markdown = (main_report / "report.md").read_text()
+    by_depth = table_after(markdown, "Where escalations happen", 0)
+    first = table_after(markdown, "Where escalations happen", 1)
+    assert by_depth["Step index"] == ["steer", "random", "oracle"]
+    oracle = pl.read_parquet(inputs["oracle"])
+    paths = oracle.filter(pl.col("misses") == 0)["path"].to_list()
+    for depth in range(N_STEPS):
+        reaching = [path for path in paths if len(path) > depth]
+        share = sum(path[depth] == "L" for path in reaching) / len(reaching)
+        assert by_depth[str(depth)][2] == f"{100 * share:.1f}% of {len(reaching)}"
+    escalated = [path.index("L") for path in paths if "L" in path]
+    assert first["oracle"][:2] == [str(len(paths)), f"{len(escalated)} ({100 * len(escalated) / len(paths):.1f}%)"]
+    assert first["oracle"][2] == f"{float(np.median(escalated)):g}"
+
+
+def test_rerun_gives_identical_files(inputs, main_report, tmp_path):
+    again = tmp_path / "again"
+    for out in (again, main_report):
+        result = invoke("report", inputs["trace"], inputs["steer"], inputs["random"], inputs["oracle"], "--out", out,
+                        "--bootstrap", 200, "--seed", 7)
+        assert result.exit_code == 0, result.output
+    for name in ("report.md", "index.html", "pareto.png", "escalation.png"):
+        assert (again / name).read_bytes() == (main_report / name).read_bytes(), name
+    other_seed = tmp_path / "other-seed"
+    assert invoke("report", inputs["trace"], inputs["steer"], "--out", other_seed, "--bootstrap", 200,
+                  "--seed", 8).exit_code == 0
+    assert (other_seed / "report.md").read_text() != (again / "report.md").read_text()
+
+
+def write_policy_log(path: Path) -> Path:
+    step = np.arange(0, 200, 2)
+    coverage = 0.9 + 0.08 * (1 - np.exp(-step / 40))
+    kappa = 0.5 + 0.3 * np.exp(-step / 60)
+    pl.DataFrame({"step": step, "coverage": coverage, "kappa": kappa, "alpha": np.full(step.size, 0.05),
+                  "reward_loss": np.linspace(1, 0.1, step.size)}).write_parquet(path)
+    return path
+
+
+STEER_MIXTURES = {"signal": "conf_max_logit_math", "mixtures": {
+    "0": {"weights": [0.3, 0.7], "means": [3.0, 8.0], "variances": [0.49, 1.0]},
+    "1": {"weights": [0.75, 0.25], "means": [8.1, 2.9], "variances": [1.1, 0.5]},
+    "2": {"weights": [0.35, 0.65], "means": [3.2, 7.9], "covariances": [[[0.6]], [[0.9]]]}}}
+
+
+def test_policy_and_steer_sections_appear_only_when_given(inputs, tmp_path):
+    log = write_policy_log(tmp_path / "policy.pt.log.parquet")
+    mixtures = tmp_path / "steer.json"
+    mixtures.write_text(json.dumps(STEER_MIXTURES))
+    out = tmp_path / "report"
+    result = invoke("report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 50,
+                    "--policy-log", log, "--steer-gmm", mixtures)
+    assert result.exit_code == 0, result.output
+    assert page_images(out) == ["pareto.png", "escalation.png", "policy_training.png", "steer_mixtures.png"]
+    for name in ("policy_training.png", "steer_mixtures.png"):
+        check_png(out / name)
+    markdown = (out / "report.md").read_text()
+    assert "Target coverage 1 - alpha = 0.95 (alpha 0.05, from the log)" in markdown
+    assert "100 logged updates, steps 0-198" in markdown
+    assert "final kappa 0.5108" in markdown  # 0.5 + 0.3 exp(-198/60)
+    steer_table = table_after(markdown, "STEER confidence mixtures")
+    small_at = trace_steps(inputs["trace"]).filter(pl.col("model") == "small").group_by("depth").len()
+    for depth, low_mean, low_std, low_weight, other in [(0, 3.0, 0.7, 0.3, 8.0), (1, 2.9, math.sqrt(0.5), 0.25, 8.1),
+                                                        (2, 3.2, math.sqrt(0.6), 0.35, 7.9)]:
+        n, mean, std, weight, other_mean = steer_table[str(depth)]
+        assert int(n) == small_at.filter(pl.col("depth") == depth)["len"][0]
+        assert (float(mean), float(std), float(weight), float(other_mean)) == pytest.approx(
+            (low_mean, low_std, low_weight, other), abs=1e-3)
+
+    # the same folder again without them: their sections and figures go, a file of the user's stays
+    (out / "notes.txt").write_text("mine")
+    assert invoke("report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 50).exit_code == 0
+    assert "## Policy training" not in (out / "report.md").read_text()
+    assert "## STEER" not in (out / "report.md").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["escalation.png", "index.html", "notes.txt", "pareto.png",
+                                                     "report.md"]
+
+
+def test_policy_alpha_defaults_to_the_seed_value_or_the_option(inputs, tmp_path):
+    log = tmp_path / "p.log.parquet"
+    pl.DataFrame({"step": [0, 1, 2], "coverage": [0.9, 0.95, 0.97], "kappa": [0.5, 0.45, 0.42]}).write_parquet(log)
+    for extra, expected in [((), "alpha 0.02, the policy seed's default"), (("--alpha", 0.1), "alpha 0.1, given")]:
+        out = tmp_path / f"r{len(extra)}"
+        result = invoke("report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 20,
+                        "--policy-log", log, *extra)
+        assert result.exit_code == 0, result.output
+        assert expected in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--pick", "cheapest"], "cheapest"),
+    (["--pick", "accuracy"], "accuracy"),
+    (["--accuracy-floor", "0.5"], "floor"),
+    (["--at", "steer:tau=0.3"], "pinned"),
+])
+def test_pick_rules_choose_the_documented_configuration(inputs, tmp_path, options, expected):
+    out = tmp_path / "r"
+    result = invoke("report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 20, *options)
+    assert result.exit_code == 0, result.output
+    markdown = (out / "report.md").read_text()
+    configs = per_config(inputs["steer"]).with_columns(
+        tau=pl.col("tau").map_elements(lambda text: json.loads(text)["tau"], return_dtype=pl.Float64))
+    large_accuracy = single_model(inputs["trace"], "L")["correct"].mean()
+    meeting = configs.filter(pl.col("accuracy") >= large_accuracy - 0.02 - 1e-12)
+    if expected == "cheapest":
+        row = min(meeting.iter_rows(named=True), key=lambda r: (r["cost"], -r["accuracy"], r["config"]))
+    elif expected == "accuracy":
+        row = min(configs.iter_rows(named=True), key=lambda r: (-r["accuracy"], r["cost"], r["config"]))
+    elif expected == "floor":
+        row = configs.filter(pl.col("config") == chosen_by_ac(inputs["steer"], 0.5)).row(0, named=True)
+        assert "accuracy at least the floor (50.0% accuracy)" in markdown
+    else:
+        row = configs.filter((pl.col("tau") - 0.3).abs() < 1e-9).row(0, named=True)
+        assert "pinned with --at steer:tau=0.3" in markdown
+    assert table_after(markdown, "Routers at their operating points")["steer"][0] == f"tau={row['tau']:g}"
+
+
+def test_pick_split_chooses_on_calibration_and_reports_test(inputs, tmp_path):
+    out = tmp_path / "r"
+    result = invoke("report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 20,
+                    "--split", "test", "--pick-split", "calibration", "--accuracy-floor", "large")
+    assert result.exit_code == 0, result.output
+    markdown = (out / "report.md").read_text()
+    outcomes = pl.read_parquet(inputs["steer"])
+    test_rows = outcomes.filter((pl.col("split") == "test") & (pl.col("config") == 0))
+    assert f"Evaluated on split test: {test_rows['problem_id'].n_unique()} problems, {test_rows.height} " in markdown
+    assert "chosen on rows of split calibration" in markdown
+    calibration = outcomes.filter(pl.col("split") == "calibration")
+    large = single_model(inputs["trace"], "L").join(calibration.select("problem_id").unique(), on="problem_id")
+    by_config = (calibration.group_by("config").agg(accuracy=pl.col("correct").cast(pl.Float64).mean(),
+                                                   cost=pl.col("cost").mean())
+                 .filter(pl.col("accuracy") >= large["correct"].mean() - 1e-12)
+                 .with_columns(a_over_c=pl.col("accuracy") / pl.col("cost")))
+    best = max(by_config.iter_rows(named=True), key=lambda r: (r["a_over_c"], r["accuracy"], -r["cost"], -r["config"]))
+    steer_row = table_after(markdown, "Routers at their operating points")["steer"]
+    assert steer_row[0] == f"tau={tau_of(inputs['steer'], best['config']):g}"
+    chosen_test = outcomes.filter((pl.col("split") == "test") & (pl.col("config") == best["config"]))
+    assert number(steer_row[1]) == pytest.approx(100 * chosen_test["correct"].cast(pl.Float64).mean(), abs=0.05)
+
+
+def test_api_costs_need_the_baselines_as_results_files(inputs, tmp_path):
+    trace = inputs["trace"]
+    steer = replay_to(trace, tmp_path / "steer-api.parquet", "--router", "steer", "--cost", "api", "--split", "all")
+    out = tmp_path / "r"
+    refused = invoke("report", trace, steer, "--out", out)
+    assert refused.exit_code == 1 and "whose prices they do not record" in " ".join(refused.stderr.split())
+    assert not out.exists()
+    small = replay_to(trace, tmp_path / "small-api.parquet", "--router", "small-only", "--cost", "api", "--split", "all")
+    large = replay_to(trace, tmp_path / "large-api.parquet", "--router", "large-only", "--cost", "api", "--split", "all")
+    result = invoke("report", trace, steer, small, large, "--out", out, "--bootstrap", 20)
+    assert result.exit_code == 0, result.output
+    markdown = (out / "report.md").read_text()
+    assert "Cost (USD)" in markdown and "- large-only: its only configuration (large-api.parquet)" in markdown
+    large_cost = pl.read_parquet(large)["cost"].mean()
+    assert number(table_after(markdown, "Routers at their operating points")["large-only"][2]) == pytest.approx(
+        large_cost, rel=1e-3)
+
+
+def test_an_unrelated_folder_is_never_overwritten(inputs, tmp_path):
+    unrelated = tmp_path / "data"
+    unrelated.mkdir()
+    (unrelated / "report.md").write_text("someone's notes")
+    result = invoke("report", inputs["trace"], inputs["steer"], "--out", unrelated)
+    assert result.exit_code == 1 and "not a trace report" in " ".join(result.stderr.split())
+    assert [p.name for p in unrelated.iterdir()] == ["report.md"]
+    assert (unrelated / "report.md").read_text() == "someone's notes"
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    result = invoke("report", inputs["trace"], inputs["steer"], "--out", a_file)
+    assert result.exit_code == 1 and "is not a folder" in result.stderr and a_file.read_text() == "x"
+
+
+def test_bad_input_is_one_line_exit_1_and_nothing_written(inputs, tmp_path):
+    trace = inputs["trace"]
+    not_parquet = tmp_path / "notes.parquet"
+    not_parquet.write_text("hello")
+    steps_part = open_trace(trace).files("steps")[0]
+    other = build_trace(tmp_path / "other", routing_steps(flip=True), manifest=default_manifest())
+    fewer = build_trace(tmp_path / "fewer", routing_steps(n_problems=5), manifest=default_manifest())
+    world0 = replay_to(trace, tmp_path / "world0.parquet", "--router", "oracle", "--split", "all", "--worlds", "0")
+    bad_log = tmp_path / "bad.log.parquet"
+    pl.DataFrame({"step": [1, 2], "loss": [0.5, 0.4]}).write_parquet(bad_log)
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text(json.dumps({"mixtures": {"0": {"weights": [1.0], "means": [3.0], "variances": [1.0]}}}))
+    steer = inputs["steer"]
+    cases = [
+        ([trace, tmp_path / "absent.parquet"], "does not exist"),
+        ([tmp_path / "no-trace", steer], "does not exist"),
+        ([trace, not_parquet], "is not a readable Parquet file"),
+        ([trace, steps_part], "is not a trace replay result: it lacks column(s) router, params, config"),
+        ([other, steer], "results from a different trace?"),
+        ([fewer, steer], "is not in trace"),
+        ([trace, steer, world0], "does not cover the same 60 (problem, world) walks"),
+        ([trace, steer, "--policy-log", bad_log], "is not a policy training log: it lacks column(s) coverage, kappa"),
+        ([trace, steer, "--policy-log", tmp_path / "none.log.parquet"], "does not exist"),
+        ([trace, steer, "--steer-gmm", bad_json], "needs equally many (>= 2) weights"),
+        ([trace, steer, "--steer-gmm", not_parquet], "is not JSON"),
+        ([trace, steer, "--pick", "best"], "--pick must be one of ac, cheapest, accuracy"),
+        ([trace, steer, "--accuracy-floor", "1.5"], "--accuracy-floor must be"),
+        ([trace, steer, "--at", "steer:tau=0.33"], "0 configurations of steer match"),
+        ([trace, steer, "--at", "stir:tau=0.3"], "no router is called 'stir'"),
+        ([trace, steer, "--at", "steer"], "--at must look like"),
+        ([trace, steer, "--split", "dev"], "unknown split 'dev'"),
+    ]
+    out = tmp_path / "out"
+    for args, message in cases:
+        result = invoke("report", *args, "--out", out)
+        assert result.exit_code == 1, (args, result.output)
+        assert message in " ".join(result.stderr.split()), (args, result.stderr)
+        assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) <= 3, result.stderr
+        assert not out.exists(), args
+    # a failed run leaves an earlier report as it was
+    assert invoke("report", trace, steer, "--out", out, "--bootstrap", 20).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert invoke("report", trace, not_parquet, "--out", out).exit_code == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    shutil.rmtree(out)
