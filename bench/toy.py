@@ -63,6 +63,14 @@ def main() -> None:
             f"{g['step_validity']:>10.1%} {g['step_auroc']:>10.3f}"
         )
     print(f"held-out problems: {args.n} of level {DEFAULT_LEVEL}")
+    for name, m in measured.items():
+        for setting in ("greedy", "sampled_t0.7"):
+            r = m[setting]
+            depth = ", ".join(f"{d}: {a:.3f}" for d, a in r["step_auroc_by_depth"].items())
+            print(
+                f"{name} {setting}: step AUROC of mean max-logit {r['step_auroc']:.3f} (by depth {depth}); "
+                f"of min max-logit {r['step_auroc_min_logit']:.3f}"
+            )
     for claim, ok in checks.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {claim}")
     if args.write:

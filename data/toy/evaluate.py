@@ -44,35 +44,45 @@ def sample_solutions(model, tokenizer, questions, *, temperature=0.0, seed=0, ma
     return out
 
 
-def step_confidences(text: str, max_logits: list[float]) -> list[float]:
-    """Mean max logit per step, each step owning its characters plus its delimiter (char tokenizer)."""
-    confs, start = [], 0
-    for k, step in enumerate(text.split(STEP_DELIMITER)):
+def step_spans(text: str, max_logits: list[float]) -> list[list[float]]:
+    """Max logits per step, each step owning its characters plus its delimiter (char tokenizer)."""
+    spans, start = [], 0
+    for step in text.split(STEP_DELIMITER):
         end = start + len(step) + len(STEP_DELIMITER)
-        span = max_logits[start:end]
-        if span:
-            confs.append(float(np.mean(span)))
+        if max_logits[start:end]:
+            spans.append(max_logits[start:end])
         start = end
-    return confs
+    return spans
+
+
+def _auroc(labels, scores) -> float:
+    return float(roc_auc_score(labels, scores)) if 0 < sum(labels) < len(labels) else float("nan")
 
 
 def evaluate(model, tokenizer, *, n=500, level=None, seed=1, temperature=0.0) -> dict:
     kwargs = {} if level is None else {"level": level}
     problems = generate(n, split="test", seed=0, **kwargs)
     solutions = sample_solutions(model, tokenizer, [p.question for p in problems], temperature=temperature, seed=seed)
-    correct, labels, scores = [], [], []
+    correct, labels, means, mins, depths = [], [], [], [], []
     for problem, (text, max_logits) in zip(problems, solutions):
         steps = text.split(STEP_DELIMITER)
         correct.append(grade(extract_boxed(steps[-1]), str(problem.answer)))
-        valid = verify_steps(problem.question, steps)
-        confs = step_confidences(text, max_logits)
-        labels += valid[: len(confs)]
-        scores += confs[: len(valid)]
-    auroc = roc_auc_score(labels, scores) if 0 < sum(labels) < len(labels) else float("nan")
+        for depth, (valid, span) in enumerate(zip(verify_steps(problem.question, steps), step_spans(text, max_logits))):
+            labels.append(valid)
+            means.append(float(np.mean(span)))
+            mins.append(float(np.min(span)))
+            depths.append(depth)
+    depths = np.array(depths)
+    by_depth = {
+        int(d): _auroc([l for l, k in zip(labels, depths) if k == d], np.array(means)[depths == d])
+        for d in np.unique(depths)
+    }
     return {
         "accuracy": float(np.mean(correct)),
         "step_validity": float(np.mean(labels)),
-        "step_auroc": float(auroc),
+        "step_auroc": _auroc(labels, means),
+        "step_auroc_by_depth": by_depth,
+        "step_auroc_min_logit": _auroc(labels, mins),
         "n": n,
         "temperature": temperature,
     }
