@@ -82,9 +82,9 @@ def gen(
     large: str = typer.Option(..., "--large", help="Large model: alias, local folder or Hugging Face id."),
     dataset: str = typer.Option(..., "--dataset", help="gsm8k, math500, omnimath, mmlu, toy; a JSONL path (format sniffed); or FORMAT=PATH."),
     out: Path = typer.Option(..., "--out", help="Trace directory (created, or resumed if it holds a trace with the same settings)."),
-    split: str = typer.Option(None, "--split", help="Dataset split [default: test, or the one in the file name]."),
-    limit: int = typer.Option(None, "--limit", help="First N problems [default: all; 200 for toy]."),
-    level: int = typer.Option(None, "--level", help="Toy difficulty level 1-4 [default: 3]."),
+    split: str = typer.Option(None, "--split", help="Dataset split (default: test, or the one in the file name)."),
+    limit: int = typer.Option(None, "--limit", help="First N problems (default: all; 200 for toy)."),
+    level: int = typer.Option(None, "--level", help="Toy difficulty level 1-4 (default: 3)."),
     worlds: int = typer.Option(1, "--worlds", help="Seeded sampling draws per problem."),
     expand: str = typer.Option("comb", "--expand", help="comb: all-small chain plus the all-large completion from each of its nodes; full: every choice up to --depth."),
     depth: int = typer.Option(None, "--depth", help="Depth of the exhaustive part of --expand full."),
@@ -93,8 +93,8 @@ def gen(
     max_step_tokens: int = typer.Option(256, "--max-step-tokens", help="Tokens at most per step (then finish_reason = length)."),
     max_steps: int = typer.Option(32, "--max-steps", help="Steps at most per solution."),
     topk: int = typer.Option(5, "--topk", help="Top-k token ids and logprobs stored per generated token."),
-    hidden_layers: str = typer.Option("", "--hidden-layers", help="Prompt hidden states to store, e.g. -1,12 (-1 = last, normed) [default: none]."),
-    backend: str = typer.Option(None, "--backend", help="vllm or hf [default: vllm where importable, else hf]."),
+    hidden_layers: str = typer.Option("", "--hidden-layers", help="Prompt hidden states to store, e.g. -1,12 (-1 = last, normed) (default: none)."),
+    backend: str = typer.Option(None, "--backend", help="vllm or hf (default: vllm where importable, else hf)."),
     shard: str = typer.Option(None, "--shard", help="i/n: only problems whose id hashes to shard i of n (0-based), as writer shard{i}of{n}."),
     seed: int = typer.Option(0, "--seed", help="Base seed; each step's seed derives from it and (problem, world, node, model)."),
 ) -> None:
@@ -219,13 +219,13 @@ def report(
     pick: str = typer.Option("ac", "--pick", help="Operating point of a swept router: ac (highest accuracy per cost at or above the floor), cheapest (at or above the floor) or accuracy (highest)."),
     accuracy_floor: str = typer.Option("large-0.02", "--accuracy-floor", help="Least accuracy an operating point needs: large (large-only's), large-D (D below it, 0-1 scale) or a number in [0, 1]."),
     at: list[str] = typer.Option([], "--at", help="Pin a router's configuration instead, e.g. --at steer:tau=0.3 (repeatable)."),
-    split: str = typer.Option(None, "--split", help="Report only problems of this split (train, calibration, test) [default: every row]."),
-    pick_split: str = typer.Option(None, "--pick-split", help="Choose operating points on this split's problems, e.g. calibration [default: the reported ones]."),
+    split: str = typer.Option(None, "--split", help="Report only problems of this split (train, calibration, test); default: every row."),
+    pick_split: str = typer.Option(None, "--pick-split", help="Choose operating points on this split's problems, e.g. calibration; default: the reported ones."),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples of the problems for the 95% intervals."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
     policy_log: Path = typer.Option(None, "--policy-log", help="Policy training log (*.log.parquet: step, coverage, kappa): adds coverage and kappa over training."),
     steer_gmm: Path = typer.Option(None, "--steer-gmm", help="STEER mixtures JSON: adds the fitted mixtures over the small model's confidence histograms."),
-    alpha: float = typer.Option(None, "--alpha", help="Policy coverage target is 1 - alpha [default: the log's alpha column, else 0.02]."),
+    alpha: float = typer.Option(None, "--alpha", help="Policy coverage target is 1 - alpha; default: the log's alpha column, else 0.02."),
 ) -> None:
     """Compare replayed routers on one page: table with bootstrap intervals, accuracy-cost plot, McNemar tests
     against large-only, escalations by step index (index.html, report.md and PNG figures in --out).
@@ -238,6 +238,132 @@ def report(
                             bootstrap=bootstrap, seed=seed, policy_log=policy_log, steer_gmm=steer_gmm, alpha=alpha)
     written = make_report(trace_dir, results, out, options)
     console.print(f"[green]wrote[/] {out / 'index.html'} and {len(written) - 1} more file(s) in {out}")
+
+
+train_app = typer.Typer(help="Fit routers' learned parts on a trace's train split (CPU) and save them for replay.",
+                        no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+TRACE_ARG = typer.Argument(..., help="Trace directory.")
+SPLIT_SEED_OPT = typer.Option(0, "--split-seed", help="Seed of the hash that assigns problems to splits (as in trace replay).")
+SPLIT_FRACTIONS_OPT = typer.Option("0.5,0.1,0.4", "--split-fractions", help="train,calibration,test fractions (as in trace replay); fitting uses train only.")
+
+
+@train_app.command("policy")
+@user_errors
+def train_policy_command(
+    trace_dir: Path = TRACE_ARG,
+    out: Path = typer.Option(Path("policy.pt"), "--out", help="Policy file to write; the training log goes next to it as NAME.log.parquet."),
+    alpha: float = typer.Option(0.02, "--alpha", help="Allowed miscoverage: P(correct or large model alone wrong) >= 1 - alpha."),
+    steps: int = typer.Option(1000, "--steps", help="Policy updates."),
+    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate of the critics (success and cost)."),
+    batch: int = typer.Option(5, "--batch", help="Episodes (problem, world) rolled out per update."),
+    eta: float = typer.Option(0.1, "--eta", help="Step size of the kappa update."),
+    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, episode sampling and actions; same seed, same file bytes."),
+    delta: float = typer.Option(0.01, "--delta", help="Trust region: mean KL between successive policies at most this (nats)."),
+    kappa: float = typer.Option(0.5, "--kappa", help="Initial threshold: escalate iff pi(escalate | o) >= kappa."),
+    features: str = typer.Option(None, "--features", help="Observation: comma-separated steps columns and/or difficulty (default: conf_max_logit_math,depth,is_final,n_gen_tokens)."),
+    cost: str = typer.Option("tokens", "--cost", help="tokens: large-model generated tokens; flops: FLOPs of every step paid for; both as a share of the large model alone."),
+    split_seed: int = SPLIT_SEED_OPT,
+    split_fractions: str = SPLIT_FRACTIONS_OPT,
+) -> None:
+    """Train the escalation policy of --router policy (CMDP, V-trace critics, CPO steps, calibrated kappa).
+
+    Example: trace train policy runs/toy --alpha 0.02 --steps 1000 --seed 0 --out policy.pt
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from replay.splits import parse_fractions
+    from replay.train_policy import DEFAULT_FEATURES, Hyperparameters, train_policy
+
+    chosen = tuple(name.strip() for name in features.split(",") if name.strip()) if features else DEFAULT_FEATURES
+    hp = Hyperparameters(alpha=alpha, steps=steps, lr=lr, batch=batch, eta=eta, seed=seed, delta=delta, kappa=kappa,
+                         features=chosen, cost=cost,
+                         split_seed=split_seed, split_fractions=parse_fractions(split_fractions))
+    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[state]}"))
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("train", total=steps, state="")
+
+        def show(row):
+            progress.update(task, completed=row["step"],
+                            state=f"kappa {row['kappa']:.3f} coverage {row['coverage']:.2f} case {row['case']}")
+
+        result = train_policy(trace_dir, out, hp, on_step=show)
+    if not result.has_verifier:
+        console.print("no verifier scores in the trace: a trajectory is covered when correct or the large model alone is wrong")
+    console.print(f"[green]wrote[/] {result.policy_path} and {result.log_path}: kappa {result.kappa:.4f}; on the "
+                  f"{result.n_train_episodes:,} train episodes coverage {result.train_coverage:.4f} (target "
+                  f">= {1 - alpha:g}), accuracy {result.train_accuracy:.4f}, cost {result.train_cost:.4f} of the large "
+                  f"model alone; {result.seconds:.1f}s")
+
+
+@train_app.command("pik")
+@user_errors
+def train_pik_command(
+    trace_dir: Path = TRACE_ARG,
+    model: str = typer.Option("small", "--model", help="Model role(s) to probe, comma-separated (all but the largest of a cascade)."),
+    layer: int = typer.Option(-1, "--layer", help="Layer of the stored prompt hidden state (-1 = last)."),
+    where: str = typer.Option("prompt_last", "--where", help="Position of the stored hidden state."),
+    out: Path = typer.Option(Path("pik.joblib"), "--out", help="Probe file for --router cascade --param probe=FILE."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the probes and of the 80/10/10 fit/validation/test division."),
+    split_seed: int = SPLIT_SEED_OPT,
+    split_fractions: str = SPLIT_FRACTIONS_OPT,
+) -> None:
+    """Fit the cascade's P(IK) probes (MLP on the prompt hidden state predicting the model's own correctness).
+
+    Example: trace train pik runs/toy --model small --layer -1 --out pik.joblib
+    """
+    from rich.table import Table
+
+    from replay.splits import parse_fractions
+    from replay.train_pik import train_pik
+
+    models = [role.strip() for role in model.split(",") if role.strip()]
+    reports = train_pik(trace_dir, out, models, layer=layer, where=where, seed=seed, split_seed=split_seed,
+                        fractions=parse_fractions(split_fractions))
+    table = Table(title=f"P(IK) probes, layer {layer} ({where}): test part of the train split")
+    for name in ("Model", "Fit / val / test", "Correct (fit)", "L2", "Accuracy", "F1", "AUROC"):
+        table.add_column(name, justify="left" if name == "Model" else "right")
+    for r in reports:
+        table.add_row(r.model, f"{r.n_fit:,} / {r.n_validation:,} / {r.n_test:,}", f"{100 * r.positive_rate:.1f}%",
+                      f"{r.l2:g}", f"{r.test_accuracy:.3f}", f"{r.test_f1:.3f}",
+                      "-" if r.test_auroc != r.test_auroc else f"{r.test_auroc:.3f}")
+    console.print(table)
+    console.print(f"[green]wrote[/] {out}")
+
+
+@train_app.command("steer")
+@user_errors
+def train_steer_command(
+    trace_dir: Path = TRACE_ARG,
+    out: Path = typer.Option(Path("steer.json"), "--out", help="Mixture file for --router steer --param gmms=FILE and trace report --steer-gmm."),
+    min_samples: int = typer.Option(10, "--min-samples", help="Step indices with fewer train confidences use the mixture of the one before."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the mixtures' initialisation."),
+    split_seed: int = SPLIT_SEED_OPT,
+    split_fractions: str = SPLIT_FRACTIONS_OPT,
+) -> None:
+    """Fit STEER's two-component Gaussian mixtures of the small model's step confidence, per step index.
+
+    Example: trace train steer runs/toy --out steer.json
+    """
+    from rich.table import Table
+
+    from replay.splits import parse_fractions
+    from replay.train_steer import train_steer
+
+    if min_samples < 2:
+        raise typer.BadParameter(f"--min-samples must be at least 2, got {min_samples}")
+    rows = train_steer(trace_dir, out, min_samples=min_samples, seed=seed, split_seed=split_seed,
+                       fractions=parse_fractions(split_fractions))
+    table = Table(title="STEER mixtures of conf_max_logit_math (train split)")
+    for name in ("Step", "n", "Low mean", "Low sd", "Low weight", "High mean", "High sd"):
+        table.add_column(name, justify="right")
+    for row in rows.iter_rows(named=True):
+        table.add_row(str(row["depth"]), f"{row['n']:,}", f"{row['low_mean']:.4g}", f"{row['low_std']:.3g}",
+                      f"{row['low_weight']:.3f}", f"{row['high_mean']:.4g}", f"{row['high_std']:.3g}")
+    console.print(table)
+    console.print(f"[green]wrote[/] {out}")
 
 
 if __name__ == "__main__":

@@ -109,13 +109,19 @@ def escalation_png(series: dict[str, tuple[np.ndarray, np.ndarray]], large_role:
 
 
 def policy_training_png(step: np.ndarray, coverage: np.ndarray, kappa: np.ndarray, alpha: float) -> bytes:
-    """Coverage against its target 1 - alpha, and the escalation threshold kappa, over training."""
+    """Coverage against its target 1 - alpha (per update, and its running mean over a twentieth of the
+    updates), and the escalation threshold kappa, over training."""
     figure = Figure(figsize=(10, 4), layout="constrained")
     left, right = figure.subplots(1, 2)
-    left.plot(step, coverage, color=HIGH_COLOR, linewidth=1.2, label="coverage")
+    window = max(1, len(coverage) // 20)
+    left.plot(step, coverage, color=HIGH_COLOR, linewidth=0.8, alpha=0.35, label="coverage per update (batch)")
+    if window > 1:
+        running = np.convolve(coverage, np.ones(window) / window, mode="valid")
+        left.plot(step[window - 1:], running, color=HIGH_COLOR, linewidth=1.8,
+                  label=f"running mean of {window} updates")
     left.axhline(1 - alpha, color=LOW_COLOR, linestyle="--", label=f"target 1 - alpha = {1 - alpha:g}")
     left.set_xlabel("Training step")
-    left.set_ylabel("Coverage P(R_policy = 1 or R_small = 0)")
+    left.set_ylabel("Coverage P(R_policy = 1 or R_large = 0)")
     left.set_title("Coverage constraint")
     left.legend(fontsize="small")
     right.plot(step, kappa, color="#2ca02c", linewidth=1.2, label="kappa")
@@ -136,10 +142,7 @@ class Mixture:
     weights: np.ndarray
     means: np.ndarray
     variances: np.ndarray
-
-    @property
-    def low(self) -> int:
-        return int(np.argmin(self.means))
+    low: int  # index of the low-confidence component
 
     def component_densities(self, x: np.ndarray) -> np.ndarray:
         """(n_components, len(x)): weight * normal pdf of each component."""
@@ -170,7 +173,7 @@ def steer_mixtures_png(mixtures: list[Mixture], confidences: dict[int, np.ndarra
                       label=("low-confidence" if low else "confident") + f" (w={mixture.weights[index]:.2f})")
         axes.plot(x, densities.sum(axis=0), color="black", linewidth=1, linestyle="--", label="mixture")
         axes.set_title(f"step index {mixture.depth}")
-        axes.set_xlabel(signal)
+        axes.set_xlabel(f"{signal} (step confidence)")
         axes.set_ylabel("Density")
         axes.legend(fontsize="x-small")
     for axes in panels[len(mixtures):]:

@@ -36,9 +36,12 @@ from markdown_it import MarkdownIt
 
 from analysis import plots
 from analysis.stats import bootstrap_counts, mcnemar, percentile_interval, ratio, resampled_ratio
+from replay.costs import make_cost_model, manifest_models
 from replay.engine import ReplayData, replay, summarize
 from replay.errors import TraceError
 from replay.routers import ROUTERS, make_router
+from replay.routers.steer import SIGNAL as STEER_SIGNAL
+from replay.routers.steer import STEER_FORMAT, STEER_VERSION
 from replay.splits import SPLITS
 from replay.store import SCHEMAS, manifest_roles, model_char, open_trace
 
@@ -47,13 +50,14 @@ PAGE, MARKDOWN = "index.html", "report.md"
 FIGURES = {"pareto": "pareto.png", "escalation": "escalation.png", "policy": "policy_training.png",
            "steer": "steer_mixtures.png"}
 REPORT_FILES = (PAGE, MARKDOWN, *FIGURES.values())
-RESULT_COLUMNS = ("router", "params", "config", "problem_id", "world", "path", "correct", "cost", "misses",
-                  "cost_model", "cost_unit")
+# column -> what its type must be: "string", "integer", "float" or "boolean"
+RESULT_COLUMNS = {"router": "string", "params": "string", "config": "integer", "problem_id": "string",
+                  "world": "integer", "path": "string", "correct": "boolean", "cost": "float", "misses": "integer",
+                  "cost_model": "string", "cost_unit": "string"}
 BASELINES = ("small-only", "large-only")
 PICK_RULES = ("ac", "cheapest", "accuracy")
 DEFAULT_FLOOR = "large-0.02"
 DEFAULT_ALPHA = 0.02  # the policy seed's alpha, when the training log does not record its own
-STEER_SIGNAL = "conf_max_logit_math"
 MAX_MIXTURE_PANELS = 9
 LEVEL = 0.95
 
@@ -86,8 +90,8 @@ class Run:
     chosen: int = 0
     how: str = ""                 # how the configuration was chosen, for the table's notes
     below_floor: bool = False
-    rows: pl.DataFrame = field(default=None, repr=False)        # reported rows (all configurations)
-    pick_rows: pl.DataFrame = field(default=None, repr=False)   # rows the operating point is chosen on
+    rows: pl.DataFrame | None = field(default=None, repr=False)       # reported rows (all configurations)
+    pick_rows: pl.DataFrame | None = field(default=None, repr=False)  # rows the operating point is chosen on
 
     @property
     def swept(self) -> bool:
@@ -131,9 +135,15 @@ def read_results(path: Path, roles: list[str]) -> pl.DataFrame:
     if lacking:
         raise TraceError(f"{path} was not replayed on a trace with models {', '.join(roles)}: it lacks "
                          f"column(s) {', '.join(lacking)}")
+    expected = {**RESULT_COLUMNS, **{f"n_{role}": "integer" for role in roles}}
+    for column, kind in expected.items():
+        dtype = frame.schema[column]
+        if not {"string": dtype == pl.String, "integer": dtype.is_integer(), "float": dtype.is_float(),
+                "boolean": dtype == pl.Boolean}[kind]:
+            raise TraceError(f"{path} is not a trace replay result: column {column} holds {dtype}, not {kind}s")
     if frame.height == 0:
         raise TraceError(f"results file {path} holds no outcomes")
-    return frame
+    return frame.with_columns(pl.col("world").cast(pl.Int32), pl.col("config").cast(pl.Int32))
 
 
 def check_against_trace(frame: pl.DataFrame, path: Path, trace_dir, problem_ids: pl.Series,
@@ -148,8 +158,8 @@ def check_against_trace(frame: pl.DataFrame, path: Path, trace_dir, problem_ids:
     if other_worlds:
         raise TraceError(f"{path}: world {other_worlds[0]} is not in trace {trace_dir} (results from a different trace?)")
     finished = frame.filter(pl.col("misses") == 0).select("problem_id", "world", "path", "correct")
-    matched = finished.join(finals, on=["problem_id", "world", "path"], how="left", nulls_equal=True)
-    wrong = matched.filter(pl.col("in_trace").is_null() | (pl.col("correct") != pl.col("trace_correct")))
+    matched = finished.join(finals, on=["problem_id", "world", "path"], how="left")
+    wrong = matched.filter(pl.col("in_trace").is_null() | pl.col("correct").ne_missing(pl.col("trace_correct")))
     if wrong.height:
         row = wrong.row(0, named=True)
         raise TraceError(f"{path}: problem {row['problem_id']!r} world {row['world']} ends at node {row['path']!r}, "
@@ -193,8 +203,6 @@ def check_same_walks(runs: list[Run]) -> pl.DataFrame:
 
 def replay_baseline(name: str, trace, walks: pl.DataFrame, cost_model: str) -> Run:
     """small-only or large-only replayed here on exactly ``walks``, priced like the results."""
-    from replay.costs import make_cost_model
-
     if cost_model == "api":
         raise TraceError(f"the results use the api cost model, whose prices they do not record: replay {name} "
                          "with the same --price options and pass its results file too")
@@ -377,8 +385,7 @@ def table_row(run: Run, problems: list[str], counts: np.ndarray, roles: list[str
 
     accuracy, accuracy_samples = estimate("correct", "finished")
     cost, cost_samples = estimate("cost", "finished")
-    a_over_c = ratio(accuracy.value if accuracy.value is not None else np.nan, cost.value if cost.value else 0.0)
-    a_over_c = Estimate(None if np.isnan(a_over_c) else float(a_over_c),
+    a_over_c = Estimate(accuracy.value / cost.value if accuracy.value is not None and cost.value else None,
                         percentile_interval(ratio(accuracy_samples, cost_samples), LEVEL))
     large_share, _ = estimate("large", "steps")
     return Row(run, accuracy, cost, a_over_c, large_share, int(rows["misses"].sum()), rows.height)
@@ -430,46 +437,38 @@ def read_policy_log(path: Path, alpha: float | None) -> tuple[pl.DataFrame, floa
     return log, DEFAULT_ALPHA, "the policy seed's default; the log has no alpha column"
 
 
-def read_steer_mixtures(path: Path) -> tuple[str, list[plots.Mixture]]:
-    """STEER's per-step-index mixtures from JSON::
-
-        {"signal": "conf_max_logit_math",                       # optional, this by default
-         "mixtures": {"0": {"weights": [w0, w1], "means": [m0, m1], "variances": [v0, v1]}, ...}}
-
-    ``mixtures`` may also be a list of such objects with a ``depth`` key; ``covariances`` (as
-    scikit-learn stores them, one 1x1 matrix per component) may stand in for ``variances``.
-    """
+def read_steer_mixtures(path: Path) -> tuple[str, list[plots.Mixture], list[str] | None]:
+    """(signal, mixtures by step index, train problem ids if recorded) from a `trace train steer` file
+    (format ``trace-steer``, see replay.routers.steer)."""
     if not path.is_file():
         raise TraceError(f"STEER mixture file {path} does not exist")
     try:
         saved = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise TraceError(f"STEER mixture file {path} is not JSON ({error})") from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("mixtures"), (dict, list)) or not saved["mixtures"]:
-        raise TraceError(f"{path} is not a STEER mixture file: it needs a non-empty 'mixtures' object or list")
+    if not isinstance(saved, dict) or saved.get("format") != STEER_FORMAT:
+        raise TraceError(f"{path} is not a STEER mixture file (no format {STEER_FORMAT!r}; write one with trace train steer)")
+    if saved.get("version") != STEER_VERSION:
+        raise TraceError(f"{path} has STEER mixture version {saved.get('version')!r}; this report reads {STEER_VERSION}")
     signal = saved.get("signal", STEER_SIGNAL)
     if signal not in SCHEMAS["steps"].names:
         raise TraceError(f"{path}: signal {signal!r} is not a column of the steps table")
-    entries = saved["mixtures"]
-    if isinstance(entries, dict):
-        entries = [{"depth": depth, **entry} if isinstance(entry, dict) else entry for depth, entry in entries.items()]
     mixtures = []
-    for entry in entries:
+    for number, entry in enumerate(saved.get("mixtures") or []):
         try:
-            depth = int(entry["depth"])
-            weights = np.asarray(entry["weights"], dtype=np.float64)
-            means = np.asarray(entry["means"], dtype=np.float64).ravel()
-            variances = np.asarray(entry["variances"] if "variances" in entry else entry["covariances"],
-                                   dtype=np.float64).ravel()
+            depth, low = int(entry["depth"]), int(entry["low_component"])
+            weights, means, variances = (np.asarray(entry[key], dtype=np.float64) for key in ("weights", "means", "variances"))
+            if not (weights.shape == means.shape == variances.shape == (2,)) or (variances <= 0).any() \
+                    or low not in (0, 1) or not np.isfinite(np.concatenate([weights, means, variances])).all():
+                raise ValueError
         except (KeyError, TypeError, ValueError):
-            raise TraceError(f"{path}: every mixture needs depth, weights, means and variances (or covariances) "
-                             f"as numbers; got {json.dumps(entry)[:120]}") from None
-        if not (weights.shape == means.shape == variances.shape) or weights.size < 2 or (variances <= 0).any() \
-                or not np.isfinite(np.concatenate([weights, means, variances])).all():
-            raise TraceError(f"{path}: the mixture at step index {depth} needs equally many (>= 2) weights, means "
-                             "and positive variances")
-        mixtures.append(plots.Mixture(depth, weights, means, variances))
-    return signal, sorted(mixtures, key=lambda mixture: mixture.depth)
+            raise TraceError(f"{path}: mixture {number} needs depth, low_component (0 or 1) and two weights, means "
+                             "and positive variances") from None
+        mixtures.append(plots.Mixture(depth, weights, means, variances, low))
+    if not mixtures:
+        raise TraceError(f"{path} holds no mixtures")
+    train_ids = saved.get("train_problem_ids")
+    return signal, sorted(mixtures, key=lambda mixture: mixture.depth), train_ids if isinstance(train_ids, list) else None
 
 
 # ---------------------------------------------------------------------- Markdown
@@ -547,6 +546,8 @@ def build_report(trace_dir, result_paths: list[Path], options: ReportOptions) ->
     if options.bootstrap < 1:
         raise TraceError(f"--bootstrap must be at least 1, got {options.bootstrap}")
     pins = [(text, *parse_pin(text)) for text in options.at]
+    policy_log = read_policy_log(options.policy_log, options.alpha) if options.policy_log is not None else None
+    steer_mixtures = read_steer_mixtures(options.steer_gmm) if options.steer_gmm is not None else None
     trace = open_trace(trace_dir)
     roles = manifest_roles(trace.manifest)
     problem_ids = trace.scan("problems").select("problem_id").collect()["problem_id"]
@@ -581,8 +582,8 @@ def build_report(trace_dir, result_paths: list[Path], options: ReportOptions) ->
 
     large_summary = summarize(baselines["large-only"].pick_rows, roles)
     large_accuracy = large_summary["accuracy"][0] if large_summary["misses"][0] == 0 else None
-    floor, floor_text = (parse_floor(options.accuracy_floor, large_accuracy) if options.pick != "accuracy"
-                         else (0.0, "none"))
+    needs_floor = options.pick != "accuracy" and any(run.swept for run in routers)
+    floor, floor_text = parse_floor(options.accuracy_floor, large_accuracy) if needs_floor else (0.0, "none")
     pinned = set()
     for text, label, wanted in pins:
         matching = [run for run in routers if run.label == label] or [run for run in routers if run.router == label]
@@ -607,24 +608,27 @@ def build_report(trace_dir, result_paths: list[Path], options: ReportOptions) ->
     figures: dict[str, bytes] = {}
     sections = [
         _header(trace_dir, trace.manifest, roles, result_paths, everyone, problems, cost_model, cost_unit, options),
-        _main_table(table, cost_unit, options, floor_text),
+        _main_table(table, cost_unit, options, floor_text, any(run.swept for run in routers)),
         _pareto_section(everyone, roles, cost_unit, figures),
         _mcnemar_section(everyone, baselines["large-only"]),
         _escalation_section(routers, roles, figures),
     ]
-    if options.policy_log is not None:
-        sections.append(_policy_section(options.policy_log, options.alpha, figures))
-    if options.steer_gmm is not None:
-        sections.append(_steer_section(options.steer_gmm, trace, figures))
+    if policy_log is not None:
+        sections.append(_policy_section(options.policy_log, *policy_log, figures))
+    if steer_mixtures is not None:
+        sections.append(_steer_section(options.steer_gmm, *steer_mixtures, trace, figures))
     return Report("\n\n".join(sections) + "\n", figures)
 
 
 def _header(trace_dir, manifest, roles, result_paths, runs, problems, cost_model, cost_unit, options) -> str:
-    models = {model["role"]: model for model in manifest.get("models", []) if isinstance(model, dict)}
-    model_text = "; ".join(
-        f"{role}: {models.get(role, {}).get('name', '?')}"
-        + (f" ({models[role]['n_params']:,} parameters)" if models.get(role, {}).get("n_params") else "")
-        for role in roles)
+    models = manifest_models(manifest)
+
+    def describe(role: str) -> str:
+        n_params = models[role].get("n_params")
+        size = f" ({int(n_params):,} parameters)" if isinstance(n_params, (int, float)) and n_params else ""
+        return f"{role}: {models[role].get('name', '?')}{size}"
+
+    model_text = "; ".join(describe(role) for role in roles)
     dataset = manifest.get("dataset", {})
     dataset_name = dataset.get("name", "?") if isinstance(dataset, dict) else dataset
     n_walks = runs[0].at_chosen().height
@@ -640,7 +644,7 @@ def _header(trace_dir, manifest, roles, result_paths, runs, problems, cost_model
     return "\n".join(lines)
 
 
-def _main_table(table: list[Row], cost_unit: str, options: ReportOptions, floor_text: str) -> str:
+def _main_table(table: list[Row], cost_unit: str, options: ReportOptions, floor_text: str, swept: bool) -> str:
     headers = ["Router", "Operating point", "Acc (%) ↑", f"Cost ({cost_unit}) ↓", "A/C ↑", "Large steps (%)", "Misses"]
     rows = []
     for row in table:
@@ -657,6 +661,7 @@ def _main_table(table: list[Row], cost_unit: str, options: ReportOptions, floor_
     rule = {"ac": "the highest accuracy per cost (A/C)", "cheapest": "the lowest cost",
             "accuracy": "the highest accuracy"}[options.pick]
     pick_rows = f"rows of split {options.pick_split}" if options.pick_split else "the reported rows"
+    floor_clause = "" if options.pick == "accuracy" else f"those with accuracy at least the floor ({floor_text}), then "
     notes = [
         "## Routers at their operating points",
         "",
@@ -666,11 +671,12 @@ def _main_table(table: list[Row], cost_unit: str, options: ReportOptions, floor_
         "is the share of kept steps written by the large model. Brackets: 95% percentile bootstrap intervals, "
         f"{options.bootstrap:,} resamples of the problems (the worlds of a problem stay together), seed {options.seed}.",
         "",
-        f"**Operating point rule.** A router replayed over a sweep is shown at one configuration, chosen on "
-        f"{pick_rows}: among configurations without misses, those with accuracy at least the floor "
-        f"({floor_text}), then {rule}; ties go to higher accuracy, lower cost, earlier configuration."
-        + (" † no configuration reached the floor; the most accurate one is shown." if any(
-            r.run.below_floor for r in table) else ""),
+        (f"**Operating point rule.** A router replayed over a sweep is shown at one configuration, chosen on "
+         f"{pick_rows}: among configurations without misses, {floor_clause}{rule}; ties go to higher accuracy, "
+         "lower cost, earlier configuration; `--at` pins one instead."
+         + (" † no configuration reached the floor; the most accurate one is shown." if any(
+             r.run.below_floor for r in table) else "")) if swept else
+        "**Operating point rule.** Every router has a single configuration; each is shown at it.",
         "",
     ]
     notes += [f"- {row.run.label}: {row.run.how} ({Path(row.run.source).name})" for row in table]
@@ -766,8 +772,7 @@ def _escalation_section(routers: list[Run], roles: list[str], figures: dict[str,
     ])
 
 
-def _policy_section(path: Path, alpha: float | None, figures: dict[str, bytes]) -> str:
-    log, alpha, alpha_source = read_policy_log(path, alpha)
+def _policy_section(path: Path, log: pl.DataFrame, alpha: float, alpha_source: str, figures: dict[str, bytes]) -> str:
     figures[FIGURES["policy"]] = plots.policy_training_png(log["step"].to_numpy(), log["coverage"].to_numpy(),
                                                            log["kappa"].to_numpy(), alpha)
     tail = log.tail(max(1, log.height // 10))
@@ -783,30 +788,34 @@ def _policy_section(path: Path, alpha: float | None, figures: dict[str, bytes]) 
     ])
 
 
-def _steer_section(path: Path, trace, figures: dict[str, bytes]) -> str:
-    signal, mixtures = read_steer_mixtures(path)
+def _steer_section(path: Path, signal: str, mixtures: list[plots.Mixture], train_ids: list[str] | None, trace,
+                   figures: dict[str, bytes]) -> str:
     small = manifest_roles(trace.manifest)[0]
-    values = (trace.scan("steps").filter((pl.col("model") == small) & pl.col(signal).is_not_null())
-              .select("depth", signal).collect())
+    steps = trace.scan("steps").filter((pl.col("model") == small) & pl.col(signal).is_not_null())
+    if train_ids is not None:
+        steps = steps.filter(pl.col("problem_id").is_in(pl.Series(train_ids, dtype=pl.String).implode()))
+    values = steps.select("depth", signal).collect()
     shown = mixtures[:MAX_MIXTURE_PANELS]
     confidences = {mixture.depth: values.filter(pl.col("depth") == mixture.depth)[signal].cast(pl.Float64).to_numpy()
                    for mixture in shown}
     figures[FIGURES["steer"]] = plots.steer_mixtures_png(shown, confidences, signal)
+    high = [1 - m.low for m in shown]
     rows = [[m.depth, confidences[m.depth].size, f"{m.means[m.low]:.4g}", f"{np.sqrt(m.variances[m.low]):.4g}",
-             f"{m.weights[m.low]:.3f}", f"{np.max(np.delete(m.means, m.low)):.4g}"] for m in shown]
+             f"{m.weights[m.low]:.3f}", f"{m.means[h]:.4g}", f"{np.sqrt(m.variances[h]):.4g}"] for m, h in zip(shown, high)]
     omitted = f" Step indices after {shown[-1].depth} ({len(mixtures) - len(shown)} more) are not drawn." \
         if len(mixtures) > len(shown) else ""
+    over = (f"the {len(train_ids):,} train problems the file lists (what the mixtures were fitted on)"
+            if train_ids is not None else "every problem of the trace")
     return "\n".join([
         "## STEER confidence mixtures",
         "",
         f"![STEER mixtures over the small model's confidences]({FIGURES['steer']})",
         "",
-        f"Mixtures from `{path.name}` over the histogram of `{signal}` of every {small}-model step in the trace "
-        f"(the mixtures were fitted on its train split). Red: the low-confidence component, whose posterior "
-        f"STEER compares with tau.{omitted}",
+        f"Mixtures from `{path.name}` over the histogram of `{signal}` of the {small}-model steps of {over}. Red: the "
+        f"low-confidence component, whose posterior STEER compares with tau.{omitted}",
         "",
-        md_table(["Step index", "Small steps", "Low mean", "Low std", "Low weight", "Other mean"], rows,
-                 right={0, 1, 2, 3, 4, 5}),
+        md_table(["Step index", "Small steps", "Low mean", "Low std", "Low weight", "High mean", "High std"], rows,
+                 right=set(range(7))),
     ])
 
 

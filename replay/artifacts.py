@@ -1,4 +1,5 @@
-"""Files that `trace train` writes and routers read back: atomic writes and the train-split check.
+"""What the `trace train` commands share: the train split they fit on, atomic writes of what they
+save, and the check routers run when they load it.
 
 Every saved fitted part (policy, P(IK) probes, STEER mixtures) records the problem ids it was fitted
 on; a router that loads it checks they all lie in the train split of the replay at hand, so a file
@@ -10,7 +11,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from replay.engine import ReplayData
 from replay.errors import TraceError
+from replay.splits import SPLITS, assign_splits, check_fractions
+from replay.store import open_trace
+
+
+def load_train_split(root: str | os.PathLike, split_seed: int, fractions: tuple[float, float, float]) -> ReplayData:
+    """The train split of the trace at ``root``, drawn exactly as `trace replay` draws it."""
+    check_fractions(fractions)
+    data = ReplayData.from_trace(open_trace(root))
+    ids = data.problems["problem_id"].to_list()
+    train_ids = [pid for pid, split in zip(ids, assign_splits(ids, split_seed, fractions)) if split == SPLITS[0]]
+    if not train_ids:
+        raise TraceError(f"the train split of {root} holds no problems (fractions {fractions}, seed {split_seed})")
+    return data.subset(train_ids)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:

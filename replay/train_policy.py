@@ -26,12 +26,23 @@ Every policy step:
    alone is right (known per episode in training, never used by the policy);
 3. CPO step: g = gradient of minus the cost surrogate, b = gradient of the miscoverage surrogate
    (miscoverage advantage = -[large alone right] x success advantage), c = J_miss - alpha with J_miss
-   from the V-trace values at the episodes' starts; conjugate gradient for F^-1 g and F^-1 b; the
-   closed-form dual gives the Lagrange multiplier nu of the constraint (and lambda of the KL radius);
-   backtracking line search within KL delta;
+   the current policy's expected miscoverage over all train episodes, exact because the comb holds
+   every outcome (estimates from the 5-episode batches, or the buffer's rollouts, lag behind or are
+   optimistic and let the policy drift out of the constraint); an entropy bonus keeps the policy from
+   saturating, where its gradients vanish; conjugate gradient for F^-1 g and F^-1 b; the closed-form dual gives the Lagrange multiplier nu of
+   the constraint (and lambda of the KL radius); a step longer than the trust region is shortened to
+   it; backtracking line search within KL delta;
 4. kappa, the deployment threshold (escalate iff pi(escalate|o) >= kappa), moves by
    kappa <- clip(kappa - eta (1 - covered - alpha), 0, 1) with covered the batch mean coverage of the
    thresholded policy: a miss lowers kappa (more escalation), covered episodes raise it slowly.
+
+Training log (``NAME.log.parquet`` next to ``NAME.pt``), one row per policy step: reward, cost and
+rollout_coverage of the batch's rollouts; coverage of the thresholded policy on the same batch (what
+kappa tracks); alpha; kappa after its update; success_critic_loss, cost_critic_loss; entropy of
+the policy on the buffer; kl of the step
+taken (0 if none); constraint = J_miss - alpha; the CPO multipliers nu (constraint) and lam (KL);
+case (cpo, trpo, recovery, none); line_search (backtracking try accepted, -1 if none); verifier
+(whether verifier scores count towards coverage).
 """
 
 from __future__ import annotations
@@ -46,18 +57,18 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from replay.artifacts import write_atomic
+from replay.artifacts import load_train_split, write_atomic
 from replay.costs import CostModel, make_cost_model
 from replay.engine import LARGE, SMALL, Costs, ReplayData, walk_chains
 from replay.errors import TraceError
 from replay.routers.policy import ESCALATE, normalise, policy_network, raw_features, save_policy
-from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, SPLITS, assign_splits, check_fractions
-from replay.store import open_trace
+from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, check_fractions
 
 DEFAULT_FEATURES = ("conf_max_logit_math", "depth", "is_final", "n_gen_tokens")
 COST_UNITS = ("tokens", "flops")
 VERIFIER = "verifier"
-EPS = 1e-8
+EPS = 1e-30  # guards divisions only: a trust-region step has its length whatever the gradient's size, so even
+# the faint gradients of a nearly saturated policy still move it
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,7 @@ class Hyperparameters:
     seed: int = 0  # seeds network initialisation, episode sampling and actions
     kappa: float = 0.5  # initial deployment threshold on pi(escalate | o)
     delta: float = 0.01  # trust region: mean KL(old policy || new policy) per step at most
+    entropy_coef: float = 0.05  # weight of the policy's mean entropy added to minus the cost in the objective
     features: tuple[str, ...] = DEFAULT_FEATURES  # observation, names from replay.routers.policy.FEATURES
     cost: str = "tokens"  # tokens: large-model generated tokens; flops: FLOPs of every step paid for
     hidden: int = 64  # hidden units of the policy and critic MLPs (three layers each)
@@ -98,8 +110,9 @@ class Hyperparameters:
         for name, value in positive.items():
             if not value > 0:
                 raise TraceError(f"--{name} must be positive, got {value}")
-        if self.eta < 0 or self.cg_damping < 0:
-            raise TraceError(f"--eta and --cg-damping must not be negative, got {self.eta} and {self.cg_damping}")
+        if self.eta < 0 or self.cg_damping < 0 or self.entropy_coef < 0:
+            raise TraceError(f"--eta, --entropy-coef and --cg-damping must not be negative, got {self.eta}, "
+                             f"{self.entropy_coef} and {self.cg_damping}")
         if not 0 <= self.kappa <= 1:
             raise TraceError(f"--kappa must lie in [0, 1], got {self.kappa}")
         if not 0 < self.gamma <= 1 or not 0 < self.backtrack_ratio < 1:
@@ -244,6 +257,18 @@ def comb_episodes(data: ReplayData, hp: Hyperparameters) -> Episodes:
     )
 
 
+def expected_miss(episodes: Episodes, p_escalate: np.ndarray) -> np.ndarray:
+    """Per episode, the probability that a policy escalating at decision t with probability p_escalate[:, t]
+    leaves it uncovered (it escalates at the first decision where its draw says so)."""
+    rows = np.arange(len(episodes.length))
+    p = np.where(episodes.valid, p_escalate, 0.0)
+    no_escalation_before = np.cumprod(np.concatenate([np.ones((len(p), 1)), 1 - p[:, :-1]], axis=1), axis=1)
+    last = episodes.length - 1
+    keeps_all = no_escalation_before[rows, last] * (1 - p[rows, last])
+    success = (no_escalation_before * p * episodes.escalate_success).sum(axis=1) + keeps_all * episodes.small_success
+    return episodes.large_right * (1 - success)
+
+
 @dataclass
 class Rollout:
     """Episodes walked by one policy: what it did at each decision and how each episode ended."""
@@ -328,7 +353,7 @@ def cpo_multipliers(q: float, r: float, s: float, c: float, delta: float) -> tup
     if room < 0:  # c <= 0 and the constraint cannot bind inside the trust region
         return float(lam_b), 0.0, "trpo"
     a = max(q - r * r / s, 0.0)
-    lam_a = np.sqrt(a / (room + EPS))  # minimiser of the dual where nu = (lambda c + r) / s > 0
+    lam_a = np.sqrt(a / max(room, EPS))  # minimiser of the dual where nu = (lambda c + r) / s > 0
 
     def dual_a(lam):
         return a / (2 * lam) + room * lam / 2 - r * c / s
@@ -359,8 +384,9 @@ def conjugate_gradient(matvec: Callable, b, iters: int):
     x = torch.zeros_like(b)
     residual, direction = b.clone(), b.clone()
     norm = residual @ residual
+    tolerance = 1e-10 * norm
     for _ in range(iters):
-        if norm < 1e-12:
+        if norm <= tolerance or norm == 0:
             break
         product = matvec(direction)
         step = norm / (direction @ product)
@@ -395,20 +421,6 @@ def log_path_for(policy_path: str | Path) -> Path:
     return policy_path.with_name(f"{policy_path.stem}.log.parquet")
 
 
-def load_train_split(root, hp: Hyperparameters) -> ReplayData:
-    """The train split of the trace at ``root``, as `trace replay` draws it; TraceError if it cannot be trained on."""
-    trace = open_trace(root)
-    data = ReplayData.from_trace(trace)
-    if SMALL not in data.roles or LARGE not in data.roles:
-        raise TraceError(f"trace train policy needs a small and a large model; {root} has {', '.join(data.roles)}")
-    ids = data.problems["problem_id"].to_list()
-    train_ids = [i for i, split in zip(ids, assign_splits(ids, hp.split_seed, hp.split_fractions)) if split == SPLITS[0]]
-    if not train_ids:
-        raise TraceError(f"the train split of {root} holds no problems (fractions {hp.split_fractions}, "
-                         f"seed {hp.split_seed})")
-    return data.subset(train_ids)
-
-
 def train_policy(root, out, hp: Hyperparameters = Hyperparameters(),
                  on_step: Callable[[dict], None] | None = None) -> TrainResult:
     """Train the escalation policy on the train split of the trace at ``root``; write the policy file ``out``
@@ -420,7 +432,9 @@ def train_policy(root, out, hp: Hyperparameters = Hyperparameters(),
     if not out.parent.is_dir():
         raise TraceError(f"--out {out}: folder {out.parent} does not exist")
     started = time.perf_counter()
-    train = load_train_split(root, hp)
+    train = load_train_split(root, hp.split_seed, hp.split_fractions)
+    if SMALL not in train.roles or LARGE not in train.roles:
+        raise TraceError(f"trace train policy needs a small and a large model; {root} has {', '.join(train.roles)}")
     episodes = comb_episodes(train, hp)
     n_episodes, horizon, n_features = episodes.observation.shape
     critic_inputs = np.concatenate([episodes.observation,
@@ -443,6 +457,7 @@ def train_policy(root, out, hp: Hyperparameters = Hyperparameters(),
             buffer: deque[tuple[Rollout, np.ndarray]] = deque(maxlen=hp.buffer_batches)  # (rollout, mu(a|o))
             kappa = hp.kappa
             log = []
+            everyone = np.arange(n_episodes)
 
             def escalate_probability(index):
                 with torch.no_grad():
@@ -487,18 +502,20 @@ def train_policy(root, out, hp: Hyperparameters = Hyperparameters(),
                 large_right = episodes.large_right[data.episode].astype(np.float64)
                 miss_advantage = torch.from_numpy(-large_right[:, None] * success_advantage).float()
                 cost_adv = torch.from_numpy(cost_advantage).float()
-                miss_now = float(np.mean(large_right * (1.0 - success_targets[:, 0])))
-                constraint = miss_now - hp.alpha
+                constraint = float(expected_miss(episodes, escalate_probability(everyone)).mean()) - hp.alpha
                 old_taken = old_log_pi.gather(-1, action[..., None])[..., 0]
 
                 def surrogates():
+                    """(objective = -cost + entropy bonus, miscoverage, KL from the old policy, entropy)"""
                     log_pi = torch.log_softmax(policy(obs), dim=-1)
                     ratio = (log_pi.gather(-1, action[..., None])[..., 0] - old_taken).exp() * step_mask
                     kl = ((old_pi * (old_log_pi - log_pi)).sum(-1) * step_mask).sum() / step_mask.sum()
-                    return (ratio * cost_adv).sum() / n_buffer, (ratio * miss_advantage).sum() / n_buffer, kl
+                    entropy = (-(log_pi.exp() * log_pi).sum(-1) * step_mask).sum() / step_mask.sum()
+                    objective = -(ratio * cost_adv).sum() / n_buffer + hp.entropy_coef * entropy
+                    return objective, (ratio * miss_advantage).sum() / n_buffer, kl, entropy
 
-                cost_surrogate, miss_surrogate, kl = surrogates()
-                g = -torch.cat([x.reshape(-1) for x in torch.autograd.grad(cost_surrogate, params, retain_graph=True)])
+                objective, miss_surrogate, kl, entropy = surrogates()
+                g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(objective, params, retain_graph=True)])
                 b = torch.cat([x.reshape(-1) for x in torch.autograd.grad(miss_surrogate, params, retain_graph=True)])
                 kl_grad = torch.cat([x.reshape(-1) for x in torch.autograd.grad(kl, params, create_graph=True)])
 
@@ -516,15 +533,18 @@ def train_policy(root, out, hp: Hyperparameters = Hyperparameters(),
                     direction = None
                 else:
                     direction = (v - nu * w) / lam
+                    quadratic = (q - 2 * nu * r + nu * nu * s) / lam ** 2  # direction' F direction
+                    if quadratic > 2 * hp.delta:  # lam near 0 (g parallel to b): keep within the trust region
+                        direction = direction * np.sqrt(2 * hp.delta / quadratic)
                 old_params = torch.nn.utils.parameters_to_vector(params).detach()
-                old_cost, old_miss = cost_surrogate.item(), miss_surrogate.item()
+                old_objective, old_miss = objective.item(), miss_surrogate.item()
                 accepted, new_kl = -1, 0.0
                 for attempt in range(hp.backtrack_iters if direction is not None else 0):
                     torch.nn.utils.vector_to_parameters(old_params + hp.backtrack_ratio ** attempt * direction, params)
                     with torch.no_grad():
-                        new_cost, new_miss, trial_kl = (x.item() for x in surrogates())
-                    # a feasible policy must not get dearer; an infeasible one may, to get back within alpha
-                    if (trial_kl <= hp.delta and (new_cost <= old_cost or constraint > 0)
+                        new_objective, new_miss, trial_kl, _ = (x.item() for x in surrogates())
+                    # a feasible policy must not get worse; an infeasible one may, to get back within alpha
+                    if (trial_kl <= hp.delta and (new_objective >= old_objective or constraint > 0)
                             and new_miss - old_miss <= max(-constraint, 0.0)):
                         accepted, new_kl = attempt, trial_kl
                         break
@@ -536,15 +556,14 @@ def train_policy(root, out, hp: Hyperparameters = Hyperparameters(),
                 kappa = kappa_update(kappa, float(deployed.covered.mean()), hp.alpha, hp.eta)
 
                 row = {"step": step, "reward": float(batch.correct.mean()), "cost": float(batch.cost.sum(1).mean()),
-                       "coverage": float(batch.covered.mean()), "deployed_coverage": float(deployed.covered.mean()),
-                       "kappa": kappa, "success_critic_loss": float(errors[0]), "cost_critic_loss": float(errors[1]),
-                       "kl": new_kl, "constraint": constraint, "nu": nu, "lam": float(lam), "case": case,
+                       "rollout_coverage": float(batch.covered.mean()), "coverage": float(deployed.covered.mean()),
+                       "alpha": hp.alpha, "kappa": kappa, "success_critic_loss": errors[0].item(), "cost_critic_loss": errors[1].item(),
+                       "kl": new_kl, "entropy": entropy.item(), "constraint": constraint, "nu": nu, "lam": float(lam), "case": case,
                        "line_search": accepted, "verifier": episodes.has_verifier}
                 log.append(row)
                 if on_step is not None:
                     on_step(row)
 
-            everyone = np.arange(n_episodes)
             final = rollout(episodes, everyone, escalate_probability(everyone) >= kappa)
     finally:
         torch.set_num_threads(threads)

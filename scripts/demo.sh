@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (if needed), then run the main job on the embedded toy world:
-# gen (real vLLM CPU engine) -> validate -> info -> replay of the baselines and a STEER sweep.
+# gen (real vLLM CPU engine) -> validate -> info -> replay (baselines, STEER sweep) -> report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -14,7 +14,8 @@ trace validate "$out"
 trace info "$out"
 mkdir -p "$out/results"
 for router in small-only large-only oracle; do
-  trace replay "$out" --router "$router" --split all --out "$out/results/$router.parquet"
+  trace replay "$out" --router "$router" --out "$out/results/$router.parquet"
 done
-trace replay "$out" --router steer --param mode=switch --sweep tau=0:1:0.1 --out "$out/results/steer.parquet"
-echo "trace: $out   results: $out/results/"
+trace replay "$out" --router steer --param mode=switch --sweep tau=0:1:0.05 --out "$out/results/steer.parquet"
+trace report "$out" "$out/results/"*.parquet --out "$out/report"
+echo "trace: $out   report: $out/report/index.html"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import struct
 from html.parser import HTMLParser
 from pathlib import Path
@@ -304,10 +303,15 @@ def write_policy_log(path: Path) -> Path:
     return path
 
 
-STEER_MIXTURES = {"signal": "conf_max_logit_math", "mixtures": {
-    "0": {"weights": [0.3, 0.7], "means": [3.0, 8.0], "variances": [0.49, 1.0]},
-    "1": {"weights": [0.75, 0.25], "means": [8.1, 2.9], "variances": [1.1, 0.5]},
-    "2": {"weights": [0.35, 0.65], "means": [3.2, 7.9], "covariances": [[[0.6]], [[0.9]]]}}}
+TRAIN_IDS = [f"q{i:02d}" for i in range(0, N_PROBLEMS, 2)]
+STEER_MIXTURES = {"format": "trace-steer", "version": 1, "signal": "conf_max_logit_math", "train_problem_ids": TRAIN_IDS,
+                  "mixtures": [
+                      {"depth": 0, "n": 30, "weights": [0.3, 0.7], "means": [3.0, 8.0], "variances": [0.49, 1.0],
+                       "low_component": 0},
+                      {"depth": 1, "n": 30, "weights": [0.75, 0.25], "means": [8.1, 2.9], "variances": [1.1, 0.5],
+                       "low_component": 1},
+                      {"depth": 2, "n": 30, "weights": [0.35, 0.65], "means": [3.2, 7.9], "variances": [0.6, 0.9],
+                       "low_component": 0}]}
 
 
 def test_policy_and_steer_sections_appear_only_when_given(inputs, tmp_path):
@@ -324,15 +328,16 @@ def test_policy_and_steer_sections_appear_only_when_given(inputs, tmp_path):
     markdown = (out / "report.md").read_text()
     assert "Target coverage 1 - alpha = 0.95 (alpha 0.05, from the log)" in markdown
     assert "100 logged updates, steps 0-198" in markdown
-    assert "final kappa 0.5108" in markdown  # 0.5 + 0.3 exp(-198/60)
+    assert f"final kappa {0.5 + 0.3 * math.exp(-198 / 60):.4f}" in markdown
     steer_table = table_after(markdown, "STEER confidence mixtures")
-    small_at = trace_steps(inputs["trace"]).filter(pl.col("model") == "small").group_by("depth").len()
-    for depth, low_mean, low_std, low_weight, other in [(0, 3.0, 0.7, 0.3, 8.0), (1, 2.9, math.sqrt(0.5), 0.25, 8.1),
-                                                        (2, 3.2, math.sqrt(0.6), 0.35, 7.9)]:
-        n, mean, std, weight, other_mean = steer_table[str(depth)]
-        assert int(n) == small_at.filter(pl.col("depth") == depth)["len"][0]
-        assert (float(mean), float(std), float(weight), float(other_mean)) == pytest.approx(
-            (low_mean, low_std, low_weight, other), abs=1e-3)
+    small_at = (trace_steps(inputs["trace"]).filter((pl.col("model") == "small") & pl.col("problem_id").is_in(TRAIN_IDS))
+                .group_by("depth").len())
+    for depth, expected in [(0, (3.0, 0.7, 0.3, 8.0, 1.0)), (1, (2.9, math.sqrt(0.5), 0.25, 8.1, math.sqrt(1.1))),
+                            (2, (3.2, math.sqrt(0.6), 0.35, 7.9, math.sqrt(0.9)))]:
+        n, *numbers = steer_table[str(depth)]
+        assert int(n) == small_at.filter(pl.col("depth") == depth)["len"][0] == 30
+        assert [float(x) for x in numbers] == pytest.approx(expected, abs=1e-3)
+    assert "of the 15 train problems the file lists" in markdown
 
     # the same folder again without them: their sections and figures go, a file of the user's stays
     (out / "notes.txt").write_text("mine")
@@ -418,6 +423,7 @@ def test_api_costs_need_the_baselines_as_results_files(inputs, tmp_path):
     assert result.exit_code == 0, result.output
     markdown = (out / "report.md").read_text()
     assert "Cost (USD)" in markdown and "- large-only: its only configuration (large-api.parquet)" in markdown
+    assert "Every router has a single configuration" in markdown
     large_cost = pl.read_parquet(large)["cost"].mean()
     assert number(table_after(markdown, "Routers at their operating points")["large-only"][2]) == pytest.approx(
         large_cost, rel=1e-3)
@@ -445,22 +451,32 @@ def test_bad_input_is_one_line_exit_1_and_nothing_written(inputs, tmp_path):
     other = build_trace(tmp_path / "other", routing_steps(flip=True), manifest=default_manifest())
     fewer = build_trace(tmp_path / "fewer", routing_steps(n_problems=5), manifest=default_manifest())
     world0 = replay_to(trace, tmp_path / "world0.parquet", "--router", "oracle", "--split", "all", "--worlds", "0")
+    text_grades = tmp_path / "text-grades.parquet"
+    pl.read_parquet(inputs["steer"]).with_columns(pl.col("correct").cast(pl.String)).write_parquet(text_grades)
+    empty = tmp_path / "empty.parquet"
+    pl.read_parquet(inputs["steer"]).head(0).write_parquet(empty)
     bad_log = tmp_path / "bad.log.parquet"
     pl.DataFrame({"step": [1, 2], "loss": [0.5, 0.4]}).write_parquet(bad_log)
     bad_json = tmp_path / "bad.json"
-    bad_json.write_text(json.dumps({"mixtures": {"0": {"weights": [1.0], "means": [3.0], "variances": [1.0]}}}))
+    bad_json.write_text(json.dumps({**STEER_MIXTURES, "mixtures": [{"depth": 0, "weights": [1.0], "means": [3.0],
+                                                                    "variances": [1.0], "low_component": 0}]}))
+    not_steer = tmp_path / "not-steer.json"
+    not_steer.write_text(json.dumps({"mixtures": []}))
     steer = inputs["steer"]
     cases = [
         ([trace, tmp_path / "absent.parquet"], "does not exist"),
         ([tmp_path / "no-trace", steer], "does not exist"),
         ([trace, not_parquet], "is not a readable Parquet file"),
         ([trace, steps_part], "is not a trace replay result: it lacks column(s) router, params, config"),
+        ([trace, text_grades], "is not a trace replay result: column correct holds String, not booleans"),
+        ([trace, empty], "holds no outcomes"),
         ([other, steer], "results from a different trace?"),
         ([fewer, steer], "is not in trace"),
         ([trace, steer, world0], "does not cover the same 60 (problem, world) walks"),
         ([trace, steer, "--policy-log", bad_log], "is not a policy training log: it lacks column(s) coverage, kappa"),
         ([trace, steer, "--policy-log", tmp_path / "none.log.parquet"], "does not exist"),
-        ([trace, steer, "--steer-gmm", bad_json], "needs equally many (>= 2) weights"),
+        ([trace, steer, "--steer-gmm", bad_json], "mixture 0 needs depth, low_component (0 or 1) and two weights"),
+        ([trace, steer, "--steer-gmm", not_steer], "is not a STEER mixture file (no format 'trace-steer'"),
         ([trace, steer, "--steer-gmm", not_parquet], "is not JSON"),
         ([trace, steer, "--pick", "best"], "--pick must be one of ac, cheapest, accuracy"),
         ([trace, steer, "--accuracy-floor", "1.5"], "--accuracy-floor must be"),
@@ -481,4 +497,26 @@ def test_bad_input_is_one_line_exit_1_and_nothing_written(inputs, tmp_path):
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert invoke("report", trace, not_parquet, "--out", out).exit_code == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    shutil.rmtree(out)
+
+
+def test_steer_section_reads_the_file_the_steer_router_saves(inputs, tmp_path):
+    from replay.artifacts import load_train_split
+    from replay.routers.steer import Steer
+
+    train = load_train_split(inputs["trace"], 0, (0.5, 0.1, 0.4))
+    router = Steer(min_samples=5).fit(train)
+    saved = tmp_path / "steer.json"
+    router.save(saved, train.problems["problem_id"].to_list())
+    out = tmp_path / "r"
+    result = invoke("report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 20, "--steer-gmm", saved)
+    assert result.exit_code == 0, result.output
+    check_png(out / "steer_mixtures.png")
+    table = table_after((out / "report.md").read_text(), "STEER confidence mixtures")
+    assert [int(key) for key in table if key != "Step index"] == sorted(router.mixtures_)
+    for depth, mixture in router.mixtures_.items():
+        low = router.low_component_[depth]
+        n, low_mean, _, low_weight, high_mean, _ = table[str(depth)]
+        assert int(n) == router.n_samples_[depth]  # the histogram holds exactly the confidences it was fitted on
+        assert float(low_mean) == pytest.approx(mixture.means_[low, 0], rel=1e-3)
+        assert float(high_mean) == pytest.approx(mixture.means_[1 - low, 0], rel=1e-3)
+        assert float(low_weight) == pytest.approx(mixture.weights_[low], abs=1e-3)

@@ -35,7 +35,9 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vllm_backend(model_dir):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    return load_backend("vllm", str(model_dir))
+    backend = load_backend("vllm", str(model_dir))
+    yield backend
+    backend.close()
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +93,12 @@ def test_steps_keep_delimiter_tokens_and_children_hit_the_prefix_cache(vllm_back
             assert step.token_ids[-1] == tokenizer.eos_token_id and step.text == decoded
         else:
             assert step.finish_reason == "length" and len(step.token_ids) == SAMPLED.max_step_tokens
+    # the parent's prompt and all but its last step token went through the engine, in whole cache blocks
+    block = vllm_backend.engine_info()["block_size"]
     children = [StepRequest(p + tuple(s.token_ids), 7) for p, s in zip(prompts, sampled_steps)]
-    for parent, child in zip(prompts, vllm_backend.generate_steps(children, SAMPLED)):
-        assert child.n_cached_tokens >= 16 * (len(parent) // 16) > 0
+    cached = [step.n_cached_tokens for step in vllm_backend.generate_steps(children, SAMPLED)]
+    assert cached == [block * ((len(child.prompt_ids) - 1) // block) for child in children]
+    assert max(cached) > 0
 
 
 def test_a_delimiter_cuts_the_step_at_its_first_occurrence(vllm_backend, prompts):
@@ -127,3 +132,8 @@ def test_engine_info_and_bad_requests(vllm_backend, prompts):
     too_long = StepRequest(prompts[0] * 6, 0)
     with pytest.raises(TraceError, match="request 0 has a .*-token prompt"):
         vllm_backend.generate_steps([too_long], SAMPLED)
+
+
+def test_unknown_engine_arguments_are_refused_before_any_engine_starts(model_dir):
+    with pytest.raises(TraceError, match="unknown vLLM engine argument.*: max_batch_size"):
+        load_backend("vllm", str(model_dir), max_batch_size=4)

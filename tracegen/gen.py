@@ -304,7 +304,7 @@ def _shared_prompts(models: dict[str, ModelRef], tokenizers: dict, problems: lis
     """Each problem's prompt ids. Steps pass between the models as token ids, so both must share the
     vocabulary and turn every question into the same prompt."""
     small, large = models["small"].name, models["large"].name
-    if tokenizers["small"].get_vocab() != tokenizers["large"].get_vocab():
+    if _id_texts(tokenizers["small"]) != _id_texts(tokenizers["large"]):
         raise TraceError(f"models {small} and {large} have different vocabularies; a step tree needs one tokenizer")
     prompts = {}
     for problem in problems:
@@ -314,6 +314,11 @@ def _shared_prompts(models: dict[str, ModelRef], tokenizers: dict, problems: lis
                              "(their chat templates differ); a step tree needs one prompt per problem")
         prompts[problem.problem_id] = ids
     return prompts
+
+
+def _id_texts(tokenizer) -> list[str]:
+    """What every token id decodes to: equal lists mean the models read ids alike."""
+    return tokenizer.batch_decode([[token_id] for token_id in range(len(tokenizer))])
 
 
 def _manifest(options, models, tokenizers, dataset: Dataset, grader: Grader, sampling) -> dict:
@@ -399,8 +404,9 @@ def _load_trees(trace: Trace, problems: list[Problem], root_ids: dict, worlds: i
     )
     if steps.height == 0:
         return trees
-    tokens = trace.scan("tokens").select("step_id", "token_ids").filter(pl.col("step_id").is_in(steps["step_id"])).collect()
-    rows = steps.join(tokens, on="step_id", how="left")
+    tokens = trace.scan("tokens").select("step_id", "token_ids")
+    rows = steps.join(tokens.join(steps.lazy().select("step_id"), on="step_id", how="semi").collect(), on="step_id",
+                      how="left")
     for row in rows.iter_rows(named=True):
         if row["token_ids"] is None:
             raise TraceError(f"{trace.root}: step {row['step_id']!r} has no tokens row; run `trace validate`")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import re
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 

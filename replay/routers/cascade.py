@@ -69,7 +69,8 @@ def hidden_matrix(data: ReplayData, role: str, layer: int, where: str, problem_i
     lacking = aligned.filter(pl.col("vector").is_null())
     if lacking.height:
         raise TraceError(f"P(IK) needs the {where} hidden state of model {role} at layer {layer}, "
-                         f"which the trace lacks for problem {lacking['problem_id'][0]!r} (or use pik=false)")
+                         f"which the trace lacks for problem {lacking['problem_id'][0]!r} (store it with trace gen "
+                         "--hidden-layers; a cascade can do without: pik=false)")
     widths = aligned["vector"].list.len().unique()
     if len(widths) != 1:
         raise TraceError(f"hidden vectors of model {role} at layer {layer} differ in length")

@@ -26,8 +26,8 @@ class TokenScores:
     topk_ids: list[list[int]] = field(default_factory=list)
     topk_logprobs: list[list[float]] = field(default_factory=list)
 
-    def append(self, position: tuple[float, float, list[int], list[float]]) -> None:
-        logprob, max_logit, topk_ids, topk_logprobs = position
+    def append(self, token_scores: tuple[float, float, list[int], list[float]]) -> None:
+        logprob, max_logit, topk_ids, topk_logprobs = token_scores
         self.logprobs.append(logprob)
         self.max_logits.append(max_logit)
         self.topk_ids.append(topk_ids)
@@ -79,8 +79,8 @@ class HFBackend:
         ids = torch.tensor([list(prompt_ids) + list(continuation_ids)], device=self.device)
         logits = self.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
         scores = TokenScores()
-        for position in _score_rows(logits, ids[0, len(prompt_ids):], topk):
-            scores.append(position)
+        for token_scores in _score_rows(logits, ids[0, len(prompt_ids):], topk):
+            scores.append(token_scores)
         return scores
 
     @torch.inference_mode()
@@ -108,11 +108,11 @@ class HFBackend:
         active = list(range(len(requests)))  # request index of each cache row
         while True:
             sampled = _sample(logits, [generators[i] for i in active], sampling)
-            positions = _score_rows(logits, sampled, sampling.topk)
+            row_scores = _score_rows(logits, sampled, sampling.topk)
             still_running = []
-            for row, (i, token, position) in enumerate(zip(active, sampled.tolist(), positions)):
+            for row, (i, token, token_scores) in enumerate(zip(active, sampled.tolist(), row_scores)):
                 token_ids[i].append(token)
-                scores[i].append(position)
+                scores[i].append(token_scores)
                 reason, texts[i] = self._finish(token_ids[i], budgets[i], sampling.delimiter)
                 if reason:
                     finish_reasons[i] = reason
@@ -125,8 +125,8 @@ class HFBackend:
             active = [active[row] for row in still_running]
             attention_mask = torch.cat([attention_mask[keep], attention_mask.new_ones((len(active), 1))], dim=1)
             next_ids = torch.tensor([[token_ids[i][-1]] for i in active], device=self.device)
-            positions = torch.tensor([[prompt_lens[i] + len(token_ids[i]) - 1] for i in active], device=self.device)
-            logits = self.model(input_ids=next_ids, attention_mask=attention_mask, position_ids=positions,
+            position_ids = torch.tensor([[prompt_lens[i] + len(token_ids[i]) - 1] for i in active], device=self.device)
+            logits = self.model(input_ids=next_ids, attention_mask=attention_mask, position_ids=position_ids,
                                 past_key_values=cache, use_cache=True).logits[:, -1].float()
 
         shares = batch_shares(time.perf_counter() - started, [len(ids) for ids in token_ids])

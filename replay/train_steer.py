@@ -1,0 +1,38 @@
+"""`trace train steer`: fit STEER's per-step-index Gaussian mixtures on the train split and save them.
+
+The fitting is the router's own (`replay.routers.steer.Steer`); this only picks the split, fits and
+writes the JSON that `--router steer --param gmms=FILE` loads instead of refitting.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import polars as pl
+
+from replay.artifacts import load_train_split
+from replay.routers.steer import Steer
+from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED
+
+
+def train_steer(root: str | os.PathLike, out: str | os.PathLike, *, min_samples: int = 10, seed: int = 0,
+                split_seed: int = DEFAULT_SPLIT_SEED,
+                fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> pl.DataFrame:
+    """Fit the mixtures on the train split of the trace at ``root``, write them to ``out``; returns one row per
+    step index: depth, n, and weight, mean and standard deviation of the low and high components."""
+    train = load_train_split(root, split_seed, fractions)
+    router = Steer(min_samples=min_samples, seed=seed).fit(train)
+    router.save(Path(out), train.problems["problem_id"].to_list(), split_seed=split_seed,
+                split_fractions=[float(f) for f in fractions])
+    rows = []
+    for depth, mixture in sorted(router.mixtures_.items()):
+        low = router.low_component_[depth]
+        order = {"low": low, "high": 1 - low}
+        row = {"depth": depth, "n": router.n_samples_[depth]}
+        for name, k in order.items():
+            row[f"{name}_weight"] = float(mixture.weights_[k])
+            row[f"{name}_mean"] = float(mixture.means_[k, 0])
+            row[f"{name}_std"] = float(mixture.covariances_[k, 0, 0] ** 0.5)
+        rows.append(row)
+    return pl.DataFrame(rows)
