@@ -262,6 +262,7 @@ def train_policy_command(
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation, episode sampling and actions; same seed, same file bytes."),
     delta: float = typer.Option(0.01, "--delta", help="Trust region: mean KL between successive policies at most this (nats)."),
     kappa: float = typer.Option(0.5, "--kappa", help="Initial threshold: escalate iff pi(escalate | o) >= kappa."),
+    entropy_coef: float = typer.Option(0.05, "--entropy-coef", help="Weight of the policy's entropy in the objective (keeps it from saturating)."),
     features: str = typer.Option(None, "--features", help="Observation: comma-separated steps columns and/or difficulty (default: conf_max_logit_math,depth,is_final,n_gen_tokens)."),
     cost: str = typer.Option("tokens", "--cost", help="tokens: large-model generated tokens; flops: FLOPs of every step paid for; both as a share of the large model alone."),
     split_seed: int = SPLIT_SEED_OPT,
@@ -278,7 +279,7 @@ def train_policy_command(
 
     chosen = tuple(name.strip() for name in features.split(",") if name.strip()) if features else DEFAULT_FEATURES
     hp = Hyperparameters(alpha=alpha, steps=steps, lr=lr, batch=batch, eta=eta, seed=seed, delta=delta, kappa=kappa,
-                         features=chosen, cost=cost,
+                         entropy_coef=entropy_coef, features=chosen, cost=cost,
                          split_seed=split_seed, split_fractions=parse_fractions(split_fractions))
     columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[state]}"))

@@ -22,11 +22,18 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
 from replay.artifacts import load_train_split, write_atomic
 from replay.errors import TraceError
 from replay.routers.cascade import PIK_FORMAT, PIK_VERSION, hidden_matrix, new_probe, own_chain_labels
-from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, SPLITS, assign_splits
+from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, hash_uniform
 
-PROBE_FRACTIONS = (0.8, 0.1, 0.1)  # fit, validation, test
-PARTS = dict(zip(SPLITS, ("fit", "validation", "test")))
+PARTS = ("fit", "validation", "test")
+PROBE_FRACTIONS = (0.8, 0.1, 0.1)
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def probe_parts(problem_ids: list[str], seed: int) -> list[str]:
+    """fit, validation or test for each problem id, 80/10/10 by a hash of (seed, id) salted so that it does not
+    repeat the hash that drew the train split."""
+    uniform = hash_uniform([f"pik/{problem_id}" for problem_id in problem_ids], seed)
+    return [PARTS[i] for i in np.searchsorted(np.cumsum(PROBE_FRACTIONS)[:-1], uniform, side="right")]
 
 
 @dataclass(frozen=True)
@@ -44,11 +51,11 @@ class ProbeReport:
 
 
 def _fit_one(features: np.ndarray, labels: np.ndarray, part: np.ndarray, role: str, seed: int):
-    for name in PARTS.values():
+    for name in PARTS:
         if not (part == name).any():
             raise TraceError(f"the {name} part of model {role}'s P(IK) data is empty: the train split needs more "
                              f"problems with a complete {role} solution ({labels.size} now)")
-    fit, validation, test = (part == name for name in PARTS.values())
+    fit, validation, test = (part == name for name in PARTS)
     if len(np.unique(labels[fit])) < 2:
         raise TraceError(f"cannot fit the P(IK) probe of model {role}: its {int(fit.sum())} fit solutions are all "
                          f"{'correct' if labels[fit].all() else 'wrong'}")
@@ -83,7 +90,7 @@ def train_pik(root: str | os.PathLike, out: str | os.PathLike, models: list[str]
         raise TraceError(f"--model must name models of the trace ({', '.join(train.roles)}); got "
                          f"{', '.join(models) or 'none'}")
     ids = train.problems["problem_id"].to_list()
-    part_of = dict(zip(ids, (PARTS[split] for split in assign_splits(ids, seed, PROBE_FRACTIONS))))
+    part_of = dict(zip(ids, probe_parts(ids, seed)))
     probes, reports, fitted_on = {}, [], set()
     for role in models:
         roots, labels = own_chain_labels(train, role)

@@ -21,28 +21,30 @@ P(not covered) <= alpha, the paper's P(R_pi = 1 or R_M = 0) >= 1 - alpha.
 Every policy step:
 1. roll out ``batch`` episodes with the current stochastic policy; keep the last ``buffer_batches``
    batches with their behaviour probabilities mu(a|o);
-2. V-trace targets (rho-bar, c-bar) for a success critic and a cost critic on the buffer; each critic
-   takes ``critic_iters`` Adam steps towards its targets. The critics also see whether the large model
-   alone is right (known per episode in training, never used by the policy);
-3. CPO step: g = gradient of minus the cost surrogate, b = gradient of the miscoverage surrogate
-   (miscoverage advantage = -[large alone right] x success advantage), c = J_miss - alpha with J_miss
-   the current policy's expected miscoverage over all train episodes, exact because the comb holds
-   every outcome (estimates from the 5-episode batches, or the buffer's rollouts, lag behind or are
-   optimistic and let the policy drift out of the constraint); an entropy bonus keeps the policy from
-   saturating, where its gradients vanish; conjugate gradient for F^-1 g and F^-1 b; the closed-form dual gives the Lagrange multiplier nu of
-   the constraint (and lambda of the KL radius); a step longer than the trust region is shortened to
-   it; backtracking line search within KL delta;
+2. V-trace targets (rho-bar, c-bar) for the reward critic (its reward: success, i.e. correctness when
+   the trace has no verifier scores) and the cost critic on the buffer; each critic takes
+   ``critic_iters`` Adam steps towards its targets. The critics also see whether the large model
+   alone is right (known per episode in training, never shown to the policy);
+3. CPO step on the buffer: g = gradient of the objective (minus the cost surrogate, plus an entropy
+   bonus that keeps the policy from saturating, where its gradients vanish), b = gradient of the
+   miscoverage surrogate (miscoverage advantage = -[large alone right] x success advantage), and
+   c = J_miss - alpha, where J_miss is the current policy's expected miscoverage over all train
+   episodes, exact because the comb holds every outcome (estimated from rollouts it lags behind the
+   policy or, reweighted, is optimistic, and the policy drifts out of the constraint). Conjugate
+   gradient gives F^-1 g and F^-1 b, CPO's closed-form dual the Lagrange multiplier nu of the
+   constraint and lambda of the KL radius; a step beyond the trust region is shortened to it, and a
+   backtracking line search keeps KL <= delta, the objective (if feasible) and the linearised
+   constraint;
 4. kappa, the deployment threshold (escalate iff pi(escalate|o) >= kappa), moves by
    kappa <- clip(kappa - eta (1 - covered - alpha), 0, 1) with covered the batch mean coverage of the
    thresholded policy: a miss lowers kappa (more escalation), covered episodes raise it slowly.
 
 Training log (``NAME.log.parquet`` next to ``NAME.pt``), one row per policy step: reward, cost and
 rollout_coverage of the batch's rollouts; coverage of the thresholded policy on the same batch (what
-kappa tracks); alpha; kappa after its update; success_critic_loss, cost_critic_loss; entropy of
-the policy on the buffer; kl of the step
-taken (0 if none); constraint = J_miss - alpha; the CPO multipliers nu (constraint) and lam (KL);
-case (cpo, trpo, recovery, none); line_search (backtracking try accepted, -1 if none); verifier
-(whether verifier scores count towards coverage).
+kappa tracks); alpha; kappa after its update; success_critic_loss, cost_critic_loss; entropy of the
+policy on the buffer; kl of the step taken (0 if none); constraint = J_miss - alpha; the CPO
+multipliers nu (constraint) and lam (KL); case (cpo, trpo, recovery, none); line_search (backtracking
+try accepted, -1 if none); verifier (whether verifier scores count towards coverage).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ EPS = 1e-30  # guards divisions only: a trust-region step has its length whateve
 
 @dataclass(frozen=True)
 class Hyperparameters:
-    alpha: float = 0.02  # allowed miscoverage: P(correct or large alone wrong or verified) >= 1 - alpha
+    alpha: float = 0.02  # allowed miscoverage: P(correct or verified or large alone wrong) >= 1 - alpha
     steps: int = 1000  # policy steps
     lr: float = 1e-3  # Adam learning rate of the success and cost critics
     batch: int = 5  # episodes rolled out per policy step
@@ -98,29 +100,25 @@ class Hyperparameters:
     split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS  # train, calibration, test
 
     def check(self) -> None:
-        """TraceError naming the first hyperparameter out of range."""
-        open_unit = {"alpha": self.alpha}
-        for name, value in open_unit.items():
-            if not 0 < value < 1:
-                raise TraceError(f"--{name} must lie strictly between 0 and 1, got {value}")
-        positive = {"steps": self.steps, "batch": self.batch, "lr": self.lr, "delta": self.delta,
-                    "hidden": self.hidden, "rho-bar": self.rho_bar, "c-bar": self.c_bar,
-                    "buffer-batches": self.buffer_batches, "critic-iters": self.critic_iters,
-                    "cg-iters": self.cg_iters, "backtrack-iters": self.backtrack_iters}
-        for name, value in positive.items():
-            if not value > 0:
-                raise TraceError(f"--{name} must be positive, got {value}")
-        if self.eta < 0 or self.cg_damping < 0 or self.entropy_coef < 0:
-            raise TraceError(f"--eta, --entropy-coef and --cg-damping must not be negative, got {self.eta}, "
-                             f"{self.entropy_coef} and {self.cg_damping}")
+        """TraceError naming the first hyperparameter out of range (as its command-line option)."""
+        if not 0 < self.alpha < 1:
+            raise TraceError(f"--alpha must lie strictly between 0 and 1, got {self.alpha}")
         if not 0 <= self.kappa <= 1:
             raise TraceError(f"--kappa must lie in [0, 1], got {self.kappa}")
-        if not 0 < self.gamma <= 1 or not 0 < self.backtrack_ratio < 1:
-            raise TraceError("--gamma must lie in (0, 1] and --backtrack-ratio in (0, 1)")
         if self.cost not in COST_UNITS:
             raise TraceError(f"--cost must be one of {', '.join(COST_UNITS)}, got {self.cost!r}")
         if not self.features:
             raise TraceError("--features needs at least one feature")
+        positive = ("steps", "batch", "lr", "delta", "hidden", "rho_bar", "c_bar", "buffer_batches", "critic_iters",
+                    "cg_iters", "backtrack_iters")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise TraceError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("eta", "entropy_coef", "cg_damping"):
+            if getattr(self, name) < 0:
+                raise TraceError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if not 0 < self.gamma <= 1 or not 0 < self.backtrack_ratio < 1:
+            raise TraceError("--gamma must lie in (0, 1] and --backtrack-ratio in (0, 1)")
         check_fractions(self.split_fractions)
 
 
@@ -235,9 +233,11 @@ def comb_episodes(data: ReplayData, hp: Hyperparameters) -> Episodes:
     small_verified = drafts_pass.all(axis=1) & has_verifier
 
     raw = raw_features(steps, data.problems, list(hp.features))[draft[valid]]
-    mean = np.nan_to_num(np.nanmean(raw, axis=0)) if raw.size else np.zeros(raw.shape[1])
-    std = np.nanstd(raw, axis=0) if raw.size else np.ones(raw.shape[1])
-    std = np.where(np.isfinite(std) & (std > 0), std, 1.0)
+    known = np.isfinite(raw)  # a null feature (no math tokens, no difficulty) is left out and observed as 0
+    count = np.maximum(known.sum(axis=0), 1)
+    mean = np.where(known, raw, 0.0).sum(axis=0) / count
+    std = np.sqrt(np.where(known, (raw - mean) ** 2, 0.0).sum(axis=0) / count)
+    std = np.where(std > 0, std, 1.0)
     observation = np.zeros((n_episodes, horizon, raw.shape[1]), dtype=np.float32)
     observation[valid] = normalise(raw, mean, std)
     return Episodes(
@@ -471,22 +471,22 @@ def train_policy(root, out, hp: Hyperparameters = Hyperparameters(),
                 buffer.append((batch, np.where(batch.action == 1, p_escalate, 1 - p_escalate)))
 
                 # 2. V-trace targets on the buffer; critics regress on them
-                data = Rollout.concat([b for b, _ in buffer])
+                recent = Rollout.concat([b for b, _ in buffer])
                 mu = np.concatenate([m for _, m in buffer])
-                mask = data.mask.astype(np.float64)
-                obs = observation[data.episode]
-                action = torch.from_numpy(data.action)
+                mask = recent.mask.astype(np.float64)
+                obs = observation[recent.episode]
+                action = torch.from_numpy(recent.action)
                 with torch.no_grad():
                     old_log_pi = torch.log_softmax(policy(obs), dim=-1)
                     old_pi = old_log_pi.exp()
                     ratios = (old_log_pi.gather(-1, action[..., None])[..., 0].exp().double().numpy()
-                              / np.where(data.mask, mu, 1.0))
-                    inputs = torch.from_numpy(critic_inputs[data.episode])
+                              / np.where(recent.mask, mu, 1.0))
+                    inputs = torch.from_numpy(critic_inputs[recent.episode])
                     success_values = success_critic(inputs)[..., 0].double().numpy()
                     cost_values = cost_critic(inputs)[..., 0].double().numpy()
-                success_targets, success_advantage = vtrace(data.reward, success_values, ratios, mask, hp.gamma,
+                success_targets, success_advantage = vtrace(recent.reward, success_values, ratios, mask, hp.gamma,
                                                             hp.rho_bar, hp.c_bar)
-                cost_targets, cost_advantage = vtrace(data.cost, cost_values, ratios, mask, hp.gamma,
+                cost_targets, cost_advantage = vtrace(recent.cost, cost_values, ratios, mask, hp.gamma,
                                                       hp.rho_bar, hp.c_bar)
                 step_mask = torch.from_numpy(mask).float()
                 for _ in range(hp.critic_iters):
@@ -498,8 +498,8 @@ def train_policy(root, out, hp: Hyperparameters = Hyperparameters(),
                     critic_optimizer.step()
 
                 # 3. CPO step: minimise the cost surrogate subject to the linearised miscoverage constraint
-                n_buffer = len(data.episode)
-                large_right = episodes.large_right[data.episode].astype(np.float64)
+                n_buffer = len(recent.episode)
+                large_right = episodes.large_right[recent.episode].astype(np.float64)
                 miss_advantage = torch.from_numpy(-large_right[:, None] * success_advantage).float()
                 cost_adv = torch.from_numpy(cost_advantage).float()
                 constraint = float(expected_miss(episodes, escalate_probability(everyone)).mean()) - hp.alpha
@@ -557,9 +557,10 @@ def train_policy(root, out, hp: Hyperparameters = Hyperparameters(),
 
                 row = {"step": step, "reward": float(batch.correct.mean()), "cost": float(batch.cost.sum(1).mean()),
                        "rollout_coverage": float(batch.covered.mean()), "coverage": float(deployed.covered.mean()),
-                       "alpha": hp.alpha, "kappa": kappa, "success_critic_loss": errors[0].item(), "cost_critic_loss": errors[1].item(),
-                       "kl": new_kl, "entropy": entropy.item(), "constraint": constraint, "nu": nu, "lam": float(lam), "case": case,
-                       "line_search": accepted, "verifier": episodes.has_verifier}
+                       "alpha": hp.alpha, "kappa": kappa, "success_critic_loss": errors[0].item(),
+                       "cost_critic_loss": errors[1].item(), "entropy": entropy.item(), "kl": new_kl,
+                       "constraint": constraint, "nu": nu, "lam": lam, "case": case, "line_search": accepted,
+                       "verifier": episodes.has_verifier}
                 log.append(row)
                 if on_step is not None:
                     on_step(row)

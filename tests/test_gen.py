@@ -26,9 +26,9 @@ from tracegen.gen import GenOptions, StoredStep, Tree, in_shard, parse_shard, re
 from tracegen.grading import extract_answer, is_final_step
 
 ROOT = Path(__file__).resolve().parent.parent
-N_PROBLEMS = 2
-MAX_STEPS = 3
-STEP_TOKENS = 12
+N_PROBLEMS = 3
+MAX_STEPS = 5
+STEP_TOKENS = 48
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +124,7 @@ def test_final_steps_graded_exactly(comb_trace):
     problems = {p.problem_id: p for p in load_dataset("toy", limit=N_PROBLEMS).problems}
     by_id = {r["step_id"]: r for r in steps.iter_rows(named=True)}
     finals = [r for r in by_id.values() if r["is_final"]]
+    assert finals and any(r["correct"] for r in finals)
     for row in finals:
         prefix = f"{row['problem_id']}/{row['world']}/"
         solution = "\n\n".join(by_id[prefix + row["path"][:end]]["text"] for end in range(1, len(row["path"]) + 1))

@@ -29,7 +29,7 @@ MAX_STEPS = 8
 def vllm_trace(toy_models, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:  # noqa: F811
     out = tmp_path_factory.mktemp("gen-vllm") / "toy"
     command = [sys.executable, "-m", "cli", "gen", "--model", toy_models[0], "--large", toy_models[1],
-               "--dataset", "toy", "--limit", str(LIMIT), "--max-steps", str(MAX_STEPS), "--max-step-tokens", "32",
+               "--dataset", "toy", "--limit", str(LIMIT), "--max-steps", str(MAX_STEPS), "--max-step-tokens", "48",
                "--backend", "vllm", "--out", str(out)]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=1500)

@@ -154,6 +154,6 @@ def test_router_registry_errors():
     with pytest.raises(TraceError, match="parameter pik must be true or false"):
         make_router("cascade", pik="maybe")
     assert make_router("steer", tau="0.3", min_samples="4", mode="step").get_params() == {
-        "tau": 0.3, "mode": "step", "min_samples": 4, "seed": 0}
+        "tau": 0.3, "mode": "step", "min_samples": 4, "seed": 0, "gmms": ""}
     assert make_router("cascade", pik="false").pik is False
     assert repr(make_router("random", p=0.25)) == "RandomRouter(p=0.25, seed=0)"

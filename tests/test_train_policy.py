@@ -2,7 +2,7 @@
 kappa rule checked by hand; learning on a comb trace with a clear signal; same seed, same bytes; the policy
 replayed on held-out problems meets its coverage target; bad input gives one clear line.
 
-The signal trace: 200 problems, 3-step comb trees. In 40% of them one small step (at a random index) is
+The signal trace: 400 problems, 3-step comb trees. In 40% of them one small step (at a random index) is
 unconfident (conf_max_logit_math ~ 6, otherwise ~ 12) and breaks the small chain's answer; the large model
 is right from the root and from every node before the bad step. Small steps write 10 tokens, large 20.
 """
@@ -14,6 +14,7 @@ import polars as pl
 import pytest
 import torch
 from scipy.stats import binomtest
+from sklearn.metrics import roc_auc_score
 from tracebuild import build_trace, comb_steps, default_manifest
 from typer.testing import CliRunner
 
@@ -29,6 +30,7 @@ from replay.train_policy import (
     Hyperparameters,
     comb_episodes,
     cpo_multipliers,
+    expected_miss,
     kappa_update,
     rollout,
     train_policy,
@@ -45,7 +47,7 @@ def cli(*args):
     return runner.invoke(app, [*map(str, args)])
 
 
-def signal_steps(n_problems=200, n_steps=3, p_bad=0.4, seed=0):
+def signal_steps(n_problems=400, n_steps=3, p_bad=0.4, seed=0):
     rng = np.random.default_rng(seed)
     steps = []
     for i in range(n_problems):
@@ -138,6 +140,17 @@ def test_verifier_scores_count_towards_coverage(tmp_path, three_step):
     assert batch.covered.tolist() == [True, False]
 
 
+def test_expected_miss_by_hand(tmp_path, three_step):
+    steps, scores = three_step
+    episodes = episodes_of(build_trace(tmp_path / "t", steps))
+    # escalate first at 0 (p 1/2, LLL right), at 1 (1/4, sLL right), at 2 (1/8, ssL wrong), never (1/8, sss wrong)
+    np.testing.assert_allclose(expected_miss(episodes, np.full((1, 3), 0.5)), [1 / 8 + 1 / 8])
+    np.testing.assert_allclose(expected_miss(episodes, np.array([[0.0, 0.0, 1.0]])), [1.0])
+    np.testing.assert_allclose(expected_miss(episodes, np.array([[0.0, 1.0, 0.3]])), [0.0])
+    verified = episodes_of(build_trace(tmp_path / "v", steps, scores=scores))
+    np.testing.assert_allclose(expected_miss(verified, np.full((1, 3), 0.5)), [1 / 8])  # sss is verified
+
+
 def test_vtrace_targets_by_hand(tmp_path, three_step):
     steps, _ = three_step
     episodes = episodes_of(build_trace(tmp_path / "t", steps))
@@ -216,10 +229,14 @@ def test_learns_to_escalate_on_low_confidence(trained, signal_trace):
     assert saved["train_problem_ids"] == sorted(train.problems["problem_id"].to_list())
     data = ReplayData.from_trace(open_trace(signal_trace))
     small = data.steps.filter(pl.col("model") == "small")
-    escalates = router.escalate_probability(small, data.problems) >= router.kappa_
+    p_escalate = router.escalate_probability(small, data.problems)
+    escalates = p_escalate >= router.kappa_
     unsure = (small["conf_max_logit_math"] < (UNSURE + SURE) / 2).to_numpy()
-    assert escalates[unsure].mean() > 0.7
+    assert roc_auc_score(unsure, p_escalate) > 0.95
     assert escalates[~unsure].mean() < 0.02
+    # escalating at the first step costs as much as the large model alone: the alpha budget of misses goes there
+    later = small["depth"].to_numpy() > 0
+    assert escalates[unsure & later].mean() > 0.8
 
 
 def test_training_log_records_every_step_and_follows_the_kappa_rule(trained):
@@ -242,10 +259,12 @@ def test_training_log_records_every_step_and_follows_the_kappa_rule(trained):
 def test_replayed_policy_meets_the_coverage_target_on_held_out_problems(trained, signal_trace, tmp_path):
     path, _ = trained
     out = tmp_path / "policy.parquet"
-    result = cli("replay", signal_trace, "--router", "policy", "--param", f"path={path}", "--split", "test", "--out", out)
+    result = cli("replay", signal_trace, "--router", "policy", "--param", f"path={path}", "--split", "test",
+                 "--out", out)
     assert result.exit_code == 0, result.output
     outcomes = pl.read_parquet(out)
-    large = cli("replay", signal_trace, "--router", "large-only", "--split", "test", "--out", tmp_path / "large.parquet")
+    large = cli("replay", signal_trace, "--router", "large-only", "--split", "test",
+                "--out", tmp_path / "large.parquet")
     assert large.exit_code == 0, large.output
     large_right = pl.read_parquet(tmp_path / "large.parquet").select("problem_id", large_right="correct")
     covered = outcomes.join(large_right, on="problem_id").select(pl.col("correct") | ~pl.col("large_right"))

@@ -188,7 +188,7 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
 
     if backends is None:
         kind = options.backend or default_backend()
-        backends = {role: load_backend(kind, model.path, **_engine_kwargs(kind, role, options.engine_kwargs))
+        backends = {role: load_backend(kind, model.path, **engine_kwargs_for(kind, role, options.engine_kwargs))
                     for role, model in models.items()}
     writer.update_manifest(engine=_engine_entry(backends))
     context_len = min(backend.max_total_tokens for backend in backends.values())
@@ -356,7 +356,8 @@ VLLM_MEMORY_SHARES = {"small": 0.3, "large": 0.7}
 VLLM_SCORER_SHARE = 0.4
 
 
-def _engine_kwargs(kind: str, role: str, given: dict) -> dict:
+def engine_kwargs_for(kind: str, role: str, given: dict) -> dict:
+    """Engine arguments for one role: on vLLM, its share of GPU memory unless ``given`` sets it."""
     if kind != "vllm":
         return dict(given)
     share = VLLM_MEMORY_BUDGET * VLLM_MEMORY_SHARES[role]

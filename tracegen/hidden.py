@@ -71,15 +71,18 @@ def prompt_hidden_rows(
             width = max(lengths)
             ids = torch.tensor([prompts[pid] + [pad_id] * (width - len(prompts[pid])) for pid in batch], device=device)
             mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths], device=device)
-            states = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            states = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1).hidden_states
             last = torch.tensor(lengths, device=device) - 1
             for layer in layers:
                 vectors = states[layer][torch.arange(len(batch), device=device), last].to(torch.float16).cpu()
                 for pid, vector in zip(batch, vectors.numpy()):
                     rows.append({"problem_id": pid, "model": role, "layer": layer, "where": WHERE, "vector": vector})
+            del states
             if on_batch:
                 on_batch(len(batch))
     del model
+    if device == "cuda":
+        torch.cuda.empty_cache()  # before the vLLM engines measure free GPU memory
     return rows
 
 

@@ -27,6 +27,7 @@ from vllm.platforms import current_platform
 from replay.errors import TraceError
 from tracegen.backends.base import GeneratedStep, StepRequest, StepSampling, batch_shares, check_batch
 
+_CPU_KV_CACHE_BYTES = 1 << 30
 _CPU_BATCHED_TOKENS = 4096  # vLLM's CPU default token budget per engine step
 _OWN_ARGUMENTS = {"model", "logprobs_mode", "max_logprobs", "max_model_len", "gpu_memory_utilization",
                   "enable_prefix_caching"}
@@ -55,6 +56,10 @@ class VLLMBackend:
         dtype = dtype or _checkpoint_dtype(model_path)
         shared = dict(model=model_path, seed=seed, dtype=dtype, enforce_eager=enforce_eager,
                       enable_prefix_caching=True, max_logprobs=max_logprobs, **llm_kwargs)
+        if current_platform.is_cpu():
+            # a fixed KV cache per engine (VLLM_CPU_KVCACHE_SPACE still overrides it), instead of a fraction of
+            # the machine's memory that four engines (two models, two engines each) would not get
+            shared.setdefault("kv_cache_memory_bytes", _CPU_KV_CACHE_BYTES)
         # Where memory is a fraction (GPU, or CPU without VLLM_CPU_KVCACHE_SPACE), the two engines share it.
         self.scorer = LLM(logprobs_mode="raw_logprobs", max_model_len=max_model_len,
                           gpu_memory_utilization=scorer_memory_utilization, **shared)
