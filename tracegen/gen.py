@@ -245,7 +245,8 @@ def generate_requests(
             final = is_final_step(step.text, step.finish_reason)
             answer = correct = None
             if final:
-                solution = step.text if not request.parent_path else tree.solution_text(request.parent_path) + STEP_DELIMITER + step.text
+                earlier = tree.solution_text(request.parent_path)
+                solution = earlier + STEP_DELIMITER + step.text if earlier else step.text
                 answer = extract_answer(solution) or ""
                 correct = grader.grade(answer or None, tree.problem.reference)
             n_gen = len(step.token_ids)
