@@ -120,14 +120,19 @@ class Report:
 # ---------------------------------------------------------------------- inputs
 
 
+def read_parquet_input(path: Path, what: str) -> pl.DataFrame:
+    """Read one input Parquet file, or say in one sentence why it cannot be read."""
+    if not path.is_file():
+        raise TraceError(f"{what} {path} does not exist")
+    try:
+        return pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError) as error:
+        raise TraceError(f"{what} {path} is not a readable Parquet file ({str(error).splitlines()[0]})") from None
+
+
 def read_results(path: Path, roles: list[str]) -> pl.DataFrame:
     """A `trace replay --out` file, checked for the columns the report reads."""
-    if not path.is_file():
-        raise TraceError(f"results file {path} does not exist")
-    try:
-        frame = pl.read_parquet(path)
-    except (pl.exceptions.PolarsError, OSError) as error:
-        raise TraceError(f"results file {path} is not a readable Parquet file ({str(error).splitlines()[0]})") from None
+    frame = read_parquet_input(path, "results file")
     missing = [column for column in RESULT_COLUMNS if column not in frame.columns]
     if missing:
         raise TraceError(f"{path} is not a trace replay result: it lacks column(s) {', '.join(missing)}")
@@ -414,12 +419,7 @@ def first_escalation(rows: pl.DataFrame, large_char: str) -> dict:
 
 def read_policy_log(path: Path, alpha: float | None) -> tuple[pl.DataFrame, float, str]:
     """(log with step, coverage, kappa; alpha; where alpha came from) from a training log Parquet."""
-    if not path.is_file():
-        raise TraceError(f"policy log {path} does not exist")
-    try:
-        log = pl.read_parquet(path)
-    except (pl.exceptions.PolarsError, OSError) as error:
-        raise TraceError(f"policy log {path} is not a readable Parquet file ({str(error).splitlines()[0]})") from None
+    log = read_parquet_input(path, "policy log")
     missing = [column for column in ("step", "coverage", "kappa") if column not in log.columns]
     if missing:
         raise TraceError(f"{path} is not a policy training log: it lacks column(s) {', '.join(missing)}")

@@ -9,6 +9,7 @@ fitted under other split settings cannot leak test problems into a replay.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from replay.engine import ReplayData
@@ -50,3 +51,24 @@ def check_fitted_within(path: str | os.PathLike, fitted_ids: list[str] | None, t
         raise TraceError(f"{path} was fitted on {len(outside)} problem(s) outside this replay's train split "
                          f"(first: {outside[0]!r}); replay with the --split-seed and --split-fractions it was "
                          f"trained with, or train it again")
+
+
+def load_artifact(
+    path: str | os.PathLike, read: Callable[[Path], object], kind: str, fmt: str, version: int, keys: tuple[str, ...]
+) -> dict:
+    """Read a saved fitted part with ``read`` and check its format tag, version and required keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise TraceError(f"{kind} file {path} does not exist")
+    try:
+        saved = read(path)
+    except Exception as error:  # unpicklers raise many types for foreign or truncated files
+        raise TraceError(f"{path} is not a readable {kind} file ({str(error).splitlines()[0]})") from None
+    if not isinstance(saved, dict) or saved.get("format") != fmt:
+        raise TraceError(f"{path} is not a trace {kind} file (no format {fmt!r})")
+    if saved.get("version") != version:
+        raise TraceError(f"{path} has {kind} version {saved.get('version')!r}; this trace reads {version}")
+    for key in keys:
+        if key not in saved:
+            raise TraceError(f"{kind} file {path} has no {key!r}")
+    return saved

@@ -30,7 +30,7 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from replay.artifacts import check_fitted_within
+from replay.artifacts import check_fitted_within, load_artifact
 from replay.engine import Costs, ReplayData, Walk, walk_chains
 from replay.errors import TraceError
 from replay.routers.base import QueryRouter
@@ -81,21 +81,7 @@ def load_probes(path: str | Path) -> dict:
     """The dict of a ``trace train pik`` file, checked."""
     import joblib
 
-    path = Path(path)
-    if not path.is_file():
-        raise TraceError(f"P(IK) probe file {path} does not exist")
-    try:
-        saved = joblib.load(path)
-    except Exception as error:  # unpickling raises many types for foreign or truncated files
-        raise TraceError(f"{path} is not a readable P(IK) probe file ({str(error).splitlines()[0]})") from None
-    if not isinstance(saved, dict) or saved.get("format") != PIK_FORMAT:
-        raise TraceError(f"{path} is not a trace P(IK) probe file (no format {PIK_FORMAT!r})")
-    if saved.get("version") != PIK_VERSION:
-        raise TraceError(f"{path} has P(IK) probe version {saved.get('version')!r}; this trace reads {PIK_VERSION}")
-    for key in ("layer", "where", "probes"):
-        if key not in saved:
-            raise TraceError(f"P(IK) probe file {path} has no {key!r}")
-    return saved
+    return load_artifact(path, joblib.load, "P(IK) probe", PIK_FORMAT, PIK_VERSION, ("layer", "where", "probes"))
 
 
 class Cascade(QueryRouter):

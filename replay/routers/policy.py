@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from replay.artifacts import check_fitted_within, write_atomic
+from replay.artifacts import check_fitted_within, load_artifact, write_atomic
 from replay.engine import SMALL
 from replay.errors import TraceError
 from replay.routers.base import DraftRouter
@@ -102,19 +102,14 @@ def load_policy(path: str | Path) -> tuple[object, dict]:
     import torch
 
     path = Path(path)
-    if not path.is_file():
-        raise TraceError(f"policy file {path} does not exist")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for foreign or truncated files
-        raise TraceError(f"{path} is not a readable policy file ({str(error).splitlines()[0]})") from None
-    if not isinstance(saved, dict) or saved.get("format") != POLICY_FORMAT:
-        raise TraceError(f"{path} is not a trace policy file (no format {POLICY_FORMAT!r})")
-    if saved.get("version") != POLICY_VERSION:
-        raise TraceError(f"{path} has policy version {saved.get('version')!r}; this trace reads {POLICY_VERSION}")
-    for key in ("features", "feature_mean", "feature_std", "hidden", "kappa", "state_dict"):
-        if key not in saved:
-            raise TraceError(f"policy file {path} has no {key!r}")
+    saved = load_artifact(
+        path,
+        lambda p: torch.load(p, map_location="cpu", weights_only=True),
+        "policy",
+        POLICY_FORMAT,
+        POLICY_VERSION,
+        ("features", "feature_mean", "feature_std", "hidden", "kappa", "state_dict"),
+    )
     n = len(saved["features"])
     if len(saved["feature_mean"]) != n or len(saved["feature_std"]) != n or not all(s > 0 for s in saved["feature_std"]):
         raise TraceError(f"policy file {path}: feature_mean and feature_std need {n} entries, std > 0")
