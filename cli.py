@@ -97,6 +97,7 @@ def gen(
     backend: str = typer.Option(None, "--backend", help="vllm or hf (default: vllm where importable, else hf)."),
     shard: str = typer.Option(None, "--shard", help="i/n: only problems whose id hashes to shard i of n (0-based), as writer shard{i}of{n}."),
     seed: int = typer.Option(0, "--seed", help="Base seed; each step's seed derives from it and (problem, world, node, model)."),
+    timings: bool = typer.Option(False, "--timings", help="Store each step's share of measured engine wall time (gen_seconds) for latency models; off by default so the same command writes the same bytes."),
 ) -> None:
     """Grow step trees of a small and a large model over a dataset and store them as a trace.
 
@@ -113,7 +114,7 @@ def gen(
         small=model, large=large, dataset=dataset, out=out, split=split, limit=limit, level=level,
         worlds=worlds, expand=expand, depth=depth, temperature=temperature, top_p=top_p,
         max_step_tokens=max_step_tokens, max_steps=max_steps, topk=topk,
-        hidden_layers=parse_layers(hidden_layers), backend=backend, shard=shard, seed=seed,
+        hidden_layers=parse_layers(hidden_layers), backend=backend, shard=shard, seed=seed, timings=timings,
     )
     with RichProgress(console) as progress:
         summary = run_gen(options, progress)
@@ -122,6 +123,44 @@ def gen(
         f"{summary.new_gen_tokens:,} generated tokens in {summary.rounds} rounds, {summary.seconds:.1f}s"
         + (f"; {summary.skipped_context_full:,} nodes left unexpanded (context full)" if summary.skipped_context_full else "")
     )
+
+
+@app.command()
+@user_errors
+def score(
+    trace_dir: Path = typer.Argument(..., help="Trace directory (written by trace gen)."),
+    scorer: str = typer.Option(..., "--scorer", help="prm, judge, ptrue or verifier."),
+    model: str = typer.Option(None, "--model", help="Scorer model: alias, folder or Hugging Face id. prm: skywork-prm-1.5b (toy: toy-prm); judge/verifier: the trace's large model; ptrue: each answer's own model."),
+    backend: str = typer.Option(None, "--backend", help="vllm or hf (default: vllm where importable, else hf; the PRM always runs on transformers)."),
+    batch: int = typer.Option(None, "--batch", help="Steps per engine call (default: 64 for prm, 256 otherwise)."),
+) -> None:
+    """Annotate a trace's steps with a scorer, once, for the routers that read it.
+
+    prm (RSD) and judge (SpecReason) score the small model's steps, ptrue (cascade) every final answer,
+    verifier (the policy's coverage) every step. Values go to the scores table with the tokens each call
+    processed (replay charges them); rerun to resume. Example: trace score runs/toy --scorer prm
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from tracegen.scoring import run_score
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), console=console)
+
+    def progress(stage: str, **info) -> None:
+        if stage == "start":  # shown once the trace and scorer are checked, so errors print alone
+            bar.start()  # stopped below
+            bar.add_task(f"{scorer} scores", total=info["total"], completed=info["done"])
+        else:
+            bar.advance(bar.task_ids[0], info["n"])
+
+    try:
+        summary = run_score(trace_dir, scorer, model=model, backend=backend, batch=batch, progress=progress)
+    finally:
+        if bar.task_ids:
+            bar.stop()
+    console.print(f"[green]done[/] {trace_dir}: {summary.new:,} new {scorer} scores "
+                  f"({summary.wanted:,} steps to score in all), {summary.seconds:.1f}s")
 
 
 def _replay_table(result, swept: list[str], title: str, max_rows: int = 21):

@@ -8,8 +8,8 @@
    sequential pass runs second, so the engine's prefix cache is warm for it: the ratio is
    conservative. The share of steps that came out identical is printed too (batch invariance).
 2. Prefix-cache hits as a share of prompt tokens in the batched run: sum(n_cached_tokens) /
-   sum(n_prompt_tokens) (goal >= 80%). vLLM caches whole KV blocks (16 tokens on GPU, 128 by
-   default on CPU: pass --block-size 32 there for GPU-like granularity).
+   sum(n_prompt_tokens) (goal >= 80%). vLLM caches whole KV blocks (16 tokens on GPU; trace
+   uses 32 on CPU, where vLLM's own default is 128: --block-size 128 shows the difference).
 3. Bytes on disk per generated token: size of the steps and tokens parts / generated tokens
    (goal <= 48).
 """
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--large", default="toy-large")
     parser.add_argument("--out", type=Path, default=None, help="trace directory [default: a temporary one]")
     parser.add_argument("--block-size", type=int, default=None,
-                        help="vLLM KV block size (prefix-cache granularity; engine default: 16 on GPU, 128 on CPU)")
+                        help="vLLM KV block size (prefix-cache granularity; default: 16 on GPU, 32 on CPU)")
     args = parser.parse_args()
 
     kind = args.backend or default_backend()

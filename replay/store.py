@@ -245,7 +245,7 @@ def first_difference(stored: Any, new: Any, where: str = "") -> str | None:
     return None if stored == new and same_kind else where
 
 
-def _lookup(value: Any, dotted: str) -> Any:
+def lookup_field(value: Any, dotted: str) -> Any:
     """The value `first_difference` named, for the error message (None where absent)."""
     for part in dotted.split("."):
         if isinstance(value, dict):
@@ -426,8 +426,8 @@ class TraceWriter:
         differing = first_difference({key: self.manifest[key]}, {key: value})
         if differing:
             raise TraceError(
-                f"{self.root} was written with {differing} = {_lookup({key: self.manifest[key]}, differing)!r}, "
-                f"but this run has {differing} = {_lookup({key: value}, differing)!r}; "
+                f"{self.root} was written with {differing} = {lookup_field({key: self.manifest[key]}, differing)!r}, "
+                f"but this run has {differing} = {lookup_field({key: value}, differing)!r}; "
                 "use a new output directory or the trace's settings"
             )
 

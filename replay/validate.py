@@ -188,6 +188,12 @@ def _check_scores(trace: Trace, steps: pl.DataFrame) -> int:
         scores.filter(pl.struct("step_id", "scorer").is_duplicated()),
         lambda row: f"step {row['step_id']!r} has more than one {row['scorer']} score",
     )
+    described = list(trace.manifest.get("scorers") or {})
+    _first(
+        scores.filter(~pl.col("scorer").is_in(described)),
+        lambda row: f"{row['scorer']} score for step {row['step_id']!r}, but trace.json has no scorers.{row['scorer']} "
+        "entry (its model and prompt)",
+    )
     return scores.height
 
 

@@ -96,6 +96,7 @@ def test_appends_are_idempotent(tmp_path):
     writer.append_steps([s for s, _ in rows], [t for _, t in rows])
     writer.append_problems(open_trace(root).scan("problems").collect().to_dicts())
     score = {"step_id": "p0/0/s", "scorer": "prm", "value": 0.5, "n_tokens_processed": 9}
+    writer.update_manifest(scorers={"prm": {"model": "prm"}, "judge": {"model": "large"}})
     writer.append_scores([score])
     writer.append_scores([score, {**score, "scorer": "judge"}])
     assert writer.done_score_ids("prm") == {"p0/0/s"}

@@ -136,6 +136,16 @@ def test_score_for_missing_step(tmp_path):
         validate(root)
 
 
+def test_score_of_an_undescribed_scorer(tmp_path):
+    score = {"step_id": "p0/0/s", "scorer": "prm", "value": 0.5, "n_tokens_processed": 3}
+    root = build_trace(tmp_path / "t", comb_steps("p0", 2), scores=[score])
+    manifest = json.loads((root / "trace.json").read_text())
+    del manifest["scorers"]["prm"]
+    (root / "trace.json").write_text(json.dumps(manifest))
+    with pytest.raises(TraceError, match="prm score for step 'p0/0/s', but trace.json has no scorers.prm entry"):
+        validate(root)
+
+
 def test_duplicate_score(tmp_path):
     score = {"step_id": "p0/0/s", "scorer": "prm", "value": 0.5, "n_tokens_processed": 3}
     root = build_trace(tmp_path / "t", comb_steps("p0", 2), scores=[score])

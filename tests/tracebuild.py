@@ -170,6 +170,10 @@ def build_trace(
     if hidden:
         writer.append_hidden(hidden)
     if scores:
+        described = writer.manifest.get("scorers") or {}
+        missing = {row["scorer"]: {"prompt": "hand-built"} for row in scores if row["scorer"] not in described}
+        if missing:  # as `trace score` records each scorer it ran
+            writer.update_manifest(scorers={**described, **missing})
         writer.append_scores(scores)
     return Path(root)
 

@@ -10,6 +10,7 @@ The manifest is the cache key: a rerun with any output-changing setting that dif
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import time
@@ -55,6 +56,7 @@ class GenOptions:
     backend: str | None = None
     shard: str | None = None
     seed: int = 0
+    timings: bool = False  # store measured wall seconds per step (makes the step files differ run to run)
     engine_kwargs: dict = field(default_factory=dict)
 
 
@@ -186,13 +188,24 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
     if options.hidden_layers:
         summary.hidden_rows = _write_hidden(writer, options, models, root_ids, report)
 
-    if backends is None:
-        kind = options.backend or default_backend()
-        backends = {role: load_backend(kind, model.path, **engine_kwargs_for(kind, role, options.engine_kwargs))
-                    for role, model in models.items()}
+    with contextlib.ExitStack() as engines:
+        if backends is None:
+            kind = options.backend or default_backend()
+            backends = {}
+            for role, model in models.items():
+                backends[role] = load_backend(kind, model.path, **engine_kwargs_for(kind, role, options.engine_kwargs))
+                engines.callback(backends[role].close)
+        _grow(options, problems, root_ids, strategy, backends, sampling, grader, tokenizers, writer, summary, report)
+    _record_run(writer, options, strategy)
+    summary.seconds = time.perf_counter() - started
+    report(stage="done", requests=[], summary=summary)
+    return summary
+
+
+def _grow(options, problems, root_ids, strategy, backends, sampling, grader, tokenizers, writer, summary, report) -> None:
+    """Rounds of frontier requests, each one batch per model, until every tree of ``options`` is complete."""
     writer.update_manifest(engine=_engine_entry(backends))
     context_len = min(backend.max_total_tokens for backend in backends.values())
-
     trees = _load_trees(open_trace(options.out), problems, root_ids, options.worlds)
     while True:
         requests = frontier({key: tree.is_final_map() for key, tree in trees.items()}, strategy, options.max_steps)
@@ -203,12 +216,9 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
         report(stage="round", requests=requests, summary=summary)
         if not requests:
             break
-        generate_requests(requests, trees, backends, sampling, grader, tokenizers, writer, options.seed, summary)
+        generate_requests(requests, trees, backends, sampling, grader, tokenizers, writer, options.seed, summary,
+                          timings=options.timings)
         summary.rounds += 1
-    _record_run(writer, options, strategy)
-    summary.seconds = time.perf_counter() - started
-    report(stage="done", requests=[], summary=summary)
-    return summary
 
 
 def generate_requests(
@@ -221,6 +231,8 @@ def generate_requests(
     writer: TraceWriter,
     seed: int,
     summary: GenSummary,
+    *,
+    timings: bool = False,
 ) -> None:
     """One round: every request of each model in one batch, then one atomic append of all new steps.
 
@@ -268,7 +280,7 @@ def generate_requests(
                 "answer": answer,
                 "correct": correct,
                 **signals.step_fields,
-                "gen_seconds": step.gen_seconds,
+                "gen_seconds": step.gen_seconds if timings else None,
             })
             token_rows.append({
                 "step_id": request.step_id,

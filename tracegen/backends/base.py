@@ -63,6 +63,18 @@ class Backend(Protocol):
         """Engine name, version and every flag that can change an output, for the manifest."""
         ...
 
+    def continuation_logprobs(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
+        """Exact log-probability of every continuation token after its prompt (teacher forcing; for scorers)."""
+        ...
+
+    def next_token_logprobs(self, prompts: list[list[int]], topk: int) -> list[dict[int, float]]:
+        """Exact log-probabilities of the ``topk`` likeliest next tokens after each prompt (for scorers)."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine (its processes and memory) now rather than at interpreter exit."""
+        ...
+
 
 def check_batch(
     requests: Sequence[StepRequest],

@@ -65,6 +65,11 @@ class HFBackend:
             "max_total_tokens": self.max_total_tokens,
         }
 
+    def close(self) -> None:
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def generate_steps(self, requests: list[StepRequest], sampling: StepSampling) -> list[GeneratedStep]:
         check_batch(requests, sampling, max_total_tokens=self.max_total_tokens, vocab_size=self.vocab_size,
                     max_topk=self.vocab_size)
@@ -82,6 +87,19 @@ class HFBackend:
         for token_scores in _score_rows(logits, ids[0, len(prompt_ids):], topk):
             scores.append(token_scores)
         return scores
+
+    def continuation_logprobs(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
+        return [self.teacher_force(prompt, continuation, topk=1).logprobs
+                for prompt, continuation in zip(prompts, continuations)]
+
+    @torch.inference_mode()
+    def next_token_logprobs(self, prompts: list[list[int]], topk: int) -> list[dict[int, float]]:
+        result = []
+        for prompt in prompts:
+            logits = self.model(input_ids=torch.tensor([list(prompt)], device=self.device), logits_to_keep=1).logits
+            top = logits[0, -1].float().log_softmax(-1).topk(min(topk, logits.shape[-1]))
+            result.append(dict(zip(top.indices.tolist(), top.values.tolist())))
+        return result
 
     @torch.inference_mode()
     def _generate_batch(self, requests: list[StepRequest], sampling: StepSampling) -> list[GeneratedStep]:

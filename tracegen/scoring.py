@@ -1,0 +1,128 @@
+"""`trace score`: annotate a trace's steps with a scorer's values, resumable, with what each call cost.
+
+The scores land in the ``scores`` table (step_id, scorer, value, detail, n_tokens_processed) and the
+scorer's description (model, prompt; see ``tracegen.scorers``) in trace.json ``scorers.NAME``. That
+entry is part of the cache key: scoring again with another model or prompt is refused, naming the
+differing field, instead of mixing two scorers' values under one name. Steps already scored are
+skipped, so an interrupted run is resumed by running it again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from replay.errors import TraceError
+from replay.store import TraceWriter, first_difference, lookup_field, open_trace
+from tracegen.scorers import Item, make_scorer
+
+
+@dataclass
+class ScoreSummary:
+    scorer: str
+    wanted: int
+    new: int = 0
+    seconds: float = 0.0
+
+
+def run_score(root: str | Path, scorer_name: str, *, model: str | None = None, backend: str | None = None,
+              batch: int | None = None, progress: Callable | None = None) -> ScoreSummary:
+    """Score every step of the trace at ``root`` that ``scorer_name`` scores and has not scored yet."""
+    started = time.perf_counter()
+    if backend not in (None, "vllm", "hf"):
+        raise TraceError(f"--backend must be vllm or hf, not {backend!r}")
+    if batch is not None and batch < 1:
+        raise TraceError(f"--batch must be at least 1, got {batch}")
+    trace = open_trace(root)
+    scorer = make_scorer(scorer_name, trace.manifest, model=model, backend=backend)
+    entry = scorer.manifest_entry()
+    recorded = (trace.manifest.get("scorers") or {}).get(scorer_name)
+    if recorded is not None:
+        differing = first_difference(recorded, entry)
+        if differing:
+            raise TraceError(f"{root} holds {scorer_name} scores made with scorers.{scorer_name}.{differing} = "
+                             f"{lookup_field(recorded, differing)!r}, but this run has {lookup_field(entry, differing)!r}; "
+                             "score into a copy of the trace, or with the recorded settings")
+    writer = TraceWriter(root, None, writer_id=f"score_{scorer_name}")
+    done = writer.done_score_ids(scorer_name)
+    steps = trace.scan("steps").select(
+        "step_id", "problem_id", "world", "path", "model", "text", "is_final", "answer").collect()
+    wanted = steps.filter(scorer.wants()).sort("step_id")
+    todo = wanted.filter(~pl.col("step_id").is_in(list(done)))
+    summary = ScoreSummary(scorer=scorer_name, wanted=wanted.height)
+    report = progress or (lambda **_: None)
+    items = _items(trace, steps, todo) if todo.height else []
+    if todo.height:
+        scorer.start()
+    if recorded is None:  # only once the scorer's model has loaded: a failed start leaves trace.json as it was
+        writer.update_manifest(scorers={**(writer.manifest.get("scorers") or {}), scorer_name: entry})
+    report(stage="start", total=wanted.height, done=wanted.height - todo.height)
+    if todo.height:
+        size = batch or scorer.default_batch
+        try:
+            for first in range(0, len(items), size):
+                chunk = items[first:first + size]
+                scores = scorer.score(chunk)
+                writer.append_scores([
+                    {"step_id": item.step_id, "scorer": scorer_name, "value": score.value, "detail": score.detail,
+                     "n_tokens_processed": score.n_tokens_processed}
+                    for item, score in zip(chunk, scores)
+                ])
+                summary.new += len(chunk)
+                report(stage="batch", n=len(chunk))
+        finally:
+            scorer.close()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _items(trace, steps: pl.DataFrame, todo: pl.DataFrame) -> list[Item]:
+    """The steps to score with their paths' texts and token ids, and their problems' questions."""
+    from tracegen.prompts import prompt_token_ids
+    from tracegen.scorers.base import trace_model
+    from tracegen.models import load_tokenizer
+
+    problems = {row["problem_id"]: row for row in trace.scan("problems").select(
+        "problem_id", "question", "reference").collect().iter_rows(named=True)}
+    by_id = {row["step_id"]: row for row in steps.iter_rows(named=True)}
+    needed = set()
+    for row in todo.iter_rows(named=True):
+        needed.update(_path_ids(row))
+    tokens = dict(trace.scan("tokens").select("step_id", "token_ids")
+                  .filter(pl.col("step_id").is_in(list(needed))).collect().iter_rows())
+    tokenizer = load_tokenizer(trace_model(trace.manifest, "small"))
+    prompts: dict[str, list[int]] = {}
+    items = []
+    for row in todo.iter_rows(named=True):
+        path_ids = _path_ids(row)
+        absent = [step_id for step_id in path_ids if step_id not in by_id or step_id not in tokens]
+        if absent:
+            raise TraceError(f"{trace.root}: step {row['step_id']!r} needs step {absent[0]!r}, which the trace lacks; "
+                             "run `trace validate`")
+        problem = problems.get(row["problem_id"])
+        if problem is None:
+            raise TraceError(f"{trace.root}: step {row['step_id']!r} belongs to problem {row['problem_id']!r}, "
+                             "which the problems table lacks; run `trace validate`")
+        if row["problem_id"] not in prompts:
+            prompts[row["problem_id"]] = prompt_token_ids(tokenizer, problem["question"])
+        prefix = list(prompts[row["problem_id"]])
+        for step_id in path_ids[:-1]:
+            prefix += list(tokens[step_id])
+        items.append(Item(
+            step_id=row["step_id"], problem_id=row["problem_id"], question=problem["question"],
+            reference=problem["reference"], role=row["model"], path=row["path"],
+            step_texts=[by_id[step_id]["text"] for step_id in path_ids], prefix_ids=prefix,
+            step_ids=list(tokens[row["step_id"]]), is_final=row["is_final"], answer=row["answer"],
+        ))
+    return items
+
+
+def _path_ids(row: dict) -> list[str]:
+    """step_ids of every step on a step's path, root first, the step itself last."""
+    base = f"{row['problem_id']}/{row['world']}/"
+    return [base + row["path"][:end] for end in range(1, len(row["path"]) + 1)]
+
