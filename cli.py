@@ -86,7 +86,9 @@ def gen(
     limit: int = typer.Option(None, "--limit", help="First N problems (default: all; 200 for toy)."),
     level: int = typer.Option(None, "--level", help="Toy difficulty level 1-4 (default: 3)."),
     worlds: int = typer.Option(1, "--worlds", help="Seeded sampling draws per problem."),
-    expand: str = typer.Option("comb", "--expand", help="comb: all-small chain plus the all-large completion from each of its nodes; full: every choice up to --depth."),
+    expand: str = typer.Option("comb", "--expand", help="comb: all-small chain plus the all-large completion from each of its nodes; full: every choice up to --depth; closure: comb, then whatever the --routers configurations miss, until nothing is missing; online: only what the --routers configurations walk (the router drives generation)."),
+    routers: Path = typer.Option(None, "--routers", help="TOML file of [[router]] tables (name, params, sweep) for --expand closure or online; see tracegen/closure.py."),
+    budget_tokens: int = typer.Option(None, "--budget-tokens", help="Closure stops once this run generated this many tokens (default: no limit)."),
     depth: int = typer.Option(None, "--depth", help="Depth of the exhaustive part of --expand full."),
     temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
@@ -105,6 +107,7 @@ def gen(
     results atomically; rerun the same command to resume after a crash. Example:
     trace gen --model toy-small --large toy-large --dataset toy --limit 200 --out runs/toy
     """
+    from tracegen.closure import load_router_specs
     from tracegen.gen import GenOptions, RichProgress, run_gen
     from tracegen.hidden import parse_layers
 
@@ -115,6 +118,7 @@ def gen(
         worlds=worlds, expand=expand, depth=depth, temperature=temperature, top_p=top_p,
         max_step_tokens=max_step_tokens, max_steps=max_steps, topk=topk,
         hidden_layers=parse_layers(hidden_layers), backend=backend, shard=shard, seed=seed, timings=timings,
+        routers=tuple(load_router_specs(routers)) if routers is not None else (), budget_tokens=budget_tokens,
     )
     with RichProgress(console) as progress:
         summary = run_gen(options, progress)
@@ -123,6 +127,9 @@ def gen(
         f"{summary.new_gen_tokens:,} generated tokens in {summary.rounds} rounds, {summary.seconds:.1f}s"
         + (f"; {summary.skipped_context_full:,} nodes left unexpanded (context full)" if summary.skipped_context_full else "")
     )
+    if summary.closure is not None and summary.closure.remaining_misses:
+        why = "--budget-tokens spent" if summary.closure.budget_spent else "they cannot be grown (context full or --max-steps)"
+        console.print(f"[yellow]{summary.closure.remaining_misses:,} router misses left: {why}[/]")
 
 
 @app.command()

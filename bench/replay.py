@@ -5,7 +5,12 @@ The trace has GSM8K's shape (1,319 problems, 3-7 steps, ~5 on average) and is gr
 from each of its nodes), replay every sweep, synthesise the (node, model) steps the replays missed,
 repeat until no sweep misses. Then each sweep is timed on one core (goal: well under a second).
 
-    python bench/replay.py [--problems 1319] [--repeats 3]
+With ``--online N``, it also runs SpecReason (tau=7, toy judge) online on N toy problems through
+vLLM (engines started beforehand and not timed; the backend is vLLM where importable), then
+replays the same router on the trace that run wrote, and prints the ratio of the two wall times
+(goal >= 10^4), for one configuration and per configuration of a 101-point sweep.
+
+    python bench/replay.py [--problems 1319] [--repeats 3] [--online 20]
 """
 
 from __future__ import annotations
@@ -127,7 +132,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problems", type=int, default=1319)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--online", type=int, default=0, metavar="N",
+                        help="also time an online run on N toy problems against its replay")
     args = parser.parse_args()
+    if args.online:
+        online_vs_replay(args.online, args.repeats)
 
     started = time.perf_counter()
     data, rounds = grow_trace(args.problems)
@@ -151,6 +160,47 @@ def main() -> None:
         print(f"{label:28s} {len(values)} thresholds x {fresh.roots.height:,} problems: "
               f"{min(timings):.3f}s per sweep (best of {args.repeats}); misses {int(summary['misses'].sum())}; "
               f"accuracy {summary['accuracy'].min():.3f}-{summary['accuracy'].max():.3f}")
+
+
+def online_vs_replay(n_problems: int, repeats: int) -> None:
+    import tempfile
+
+    from replay.engine import replay_trace
+    from tracegen.backends import load_backend
+    from tracegen.closure import RouterSpec
+    from tracegen.gen import GenOptions, default_backend, engine_kwargs_for, run_gen
+    from tracegen.models import resolve_model
+
+    kind = default_backend()
+    started = time.perf_counter()
+    engines = {role: load_backend(kind, resolve_model(f"toy-{role}", role).path, **engine_kwargs_for(kind, role, {}))
+               for role in ("small", "large")}
+    print(f"online ({kind}): engines started in {time.perf_counter() - started:.1f}s (not timed below)")
+    spec = RouterSpec("specreason", {"tau": "7"})
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-online-") as folder:
+            options = GenOptions(small="toy-small", large="toy-large", dataset="toy", out=f"{folder}/trace",
+                                 limit=n_problems, expand="online", routers=(spec,), backend=kind)
+            started = time.perf_counter()
+            summary = run_gen(options, backends=engines)
+            online = time.perf_counter() - started
+            timings, sweeps = [], []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                result = replay_trace(options.out, spec.router(), split="all")
+                timings.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                replay_trace(options.out, spec.router(), split="all", sweep={"tau": np.linspace(0, 9, 101)})
+                sweeps.append(time.perf_counter() - started)
+    finally:
+        for engine in engines.values():
+            engine.close()
+    replayed = min(timings)
+    print(f"specreason tau=7 on {n_problems} toy problems: online {online:.1f}s ({summary.new_steps} steps, "
+          f"{summary.rounds} rounds); replay from the trace on disk {replayed * 1e3:.1f} ms (best of {repeats}), "
+          f"misses {int(result.outcomes['misses'].sum())}")
+    print(f"online / replay, one configuration:              {online / replayed:10,.0f}x   (goal >= 10^4)")
+    print(f"online / replay, per configuration of 101-point sweep: {online / (min(sweeps) / 101):10,.0f}x")
 
 
 if __name__ == "__main__":

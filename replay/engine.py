@@ -517,6 +517,10 @@ def replay_trace(root: str | os.PathLike, router, *, sweep: dict[str, np.ndarray
     if split not in (*SPLITS, "all"):
         raise TraceError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}, all")
     trace = open_trace(root)
+    scorer = getattr(router, "scorer", None)
+    if scorer and scorer not in (trace.manifest.get("scorers") or {}):
+        raise TraceError(f"router {router.name} reads {scorer} scores, which {root} does not have; "
+                         f"run `trace score {root} --scorer {scorer}` first")
     cost_model = make_cost_model(cost, trace.manifest, prices)
     data = ReplayData.from_trace(trace)
     if worlds is not None:

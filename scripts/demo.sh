@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Set up (if needed), then run the main job on the embedded toy world:
-# gen (real vLLM CPU engine) -> validate -> info -> replay (baselines, STEER sweep) -> report.
+# Set up (if needed), then run the whole study on the embedded toy world, on a CPU:
+# gen (real vLLM CPU engine; comb + closure over data/toy/routers.toml, which scores the PRM, judge and
+# P(True) on the way) -> verifier scores -> validate -> info -> train (policy, STEER mixtures)
+# -> replay every router with its sweep -> report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -8,14 +10,31 @@ bash scripts/setup.sh
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
 out="${TRACE_DEMO_DIR:-runs/toy}"
 limit="${TRACE_DEMO_LIMIT:-200}"
+results="$out/results"
 
-trace gen --model toy-small --large toy-large --dataset toy --limit "$limit" --out "$out"
+trace gen --model toy-small --large toy-large --dataset toy --limit "$limit" --hidden-layers -1 \
+  --expand closure --routers data/toy/routers.toml --out "$out"
+trace score "$out" --scorer verifier
 trace validate "$out"
 trace info "$out"
-mkdir -p "$out/results"
+
+trace train policy "$out" --alpha 0.1 --steps "${TRACE_DEMO_POLICY_STEPS:-1000}" --seed 0 --out "$out/policy.pt"
+trace train steer "$out" --out "$out/steer.json"
+
+mkdir -p "$results"
 for router in small-only large-only oracle; do
-  trace replay "$out" --router "$router" --out "$out/results/$router.parquet"
+  trace replay "$out" --router "$router" --out "$results/$router.parquet"
 done
-trace replay "$out" --router steer --param mode=switch --sweep tau=0:1:0.05 --out "$out/results/steer.parquet"
-trace report "$out" "$out/results/"*.parquet --out "$out/report"
+trace replay "$out" --router random --sweep p=0:1:0.1 --out "$results/random.parquet"
+trace replay "$out" --router steer --param mode=switch --param gmms="$out/steer.json" --sweep tau=0:1:0.05 \
+  --out "$results/steer-switch.parquet"
+trace replay "$out" --router steer --param mode=step --param gmms="$out/steer.json" --sweep tau=0:1:0.1 \
+  --out "$results/steer-step.parquet"
+trace replay "$out" --router rsd --sweep tau=0:1:0.05 --out "$results/rsd.parquet"
+trace replay "$out" --router specreason --sweep tau=0:9:1 --out "$results/specreason.parquet"
+trace replay "$out" --router cascade --sweep t_true=0:1:0.1 --out "$results/cascade.parquet"
+trace replay "$out" --router policy --param path="$out/policy.pt" --out "$results/policy.parquet"
+
+trace report "$out" "$results/"*.parquet --out "$out/report" \
+  --policy-log "$out/policy.log.parquet" --steer-gmm "$out/steer.json"
 echo "trace: $out   report: $out/report/index.html"

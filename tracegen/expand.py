@@ -17,7 +17,7 @@ from replay.errors import TraceError
 from replay.store import ROLE_CHARS, make_step_id
 
 CHAR_ROLES = {char: role for role, char in ROLE_CHARS.items()}
-EXPANSIONS = ("comb", "full")
+EXPANSIONS = ("comb", "full", "closure")
 
 
 @dataclass(frozen=True, order=True)
@@ -77,16 +77,28 @@ class Full(Strategy):
         return {"strategy": "full", "depth": self.depth}
 
 
+@dataclass(frozen=True)
+class Online(Strategy):
+    """Nothing up front: an online run grows only the steps its router asks for (see tracegen.closure)."""
+
+    def models_at(self, path: str) -> tuple[str, ...]:
+        return ()
+
+    def manifest_entry(self) -> dict:
+        return {"strategy": "online"}
+
+
 def make_strategy(name: str, depth: int | None = None) -> Strategy:
-    if name == "comb":
+    """The strategy whose frontier a run grows first; ``closure`` starts from ``comb``, ``online`` from nothing."""
+    if name in ("comb", "closure", "online"):
         if depth is not None:
             raise TraceError("--depth applies to --expand full only")
-        return Comb()
+        return Online() if name == "online" else Comb()
     if name == "full":
         if depth is None or depth < 0:
             raise TraceError("--expand full needs --depth D with D >= 0")
         return Full(depth)
-    raise TraceError(f"unknown --expand {name!r}; choose one of {', '.join(EXPANSIONS)} (closure comes with replay)")
+    raise TraceError(f"unknown --expand {name!r}; choose one of {', '.join(EXPANSIONS)}")
 
 
 def frontier(

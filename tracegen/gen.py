@@ -57,6 +57,8 @@ class GenOptions:
     shard: str | None = None
     seed: int = 0
     timings: bool = False  # store measured wall seconds per step (makes the step files differ run to run)
+    routers: tuple = ()  # RouterSpecs whose misses closure (and online) runs grow
+    budget_tokens: int | None = None  # closure stops once this many tokens were generated
     engine_kwargs: dict = field(default_factory=dict)
 
 
@@ -70,6 +72,7 @@ class GenSummary:
     skipped_context_full: int = 0
     seconds: float = 0.0
     hidden_rows: int = 0
+    closure: object = None  # ClosureResult of a closure or online run
 
 
 @dataclass
@@ -195,30 +198,32 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
             for role, model in models.items():
                 backends[role] = load_backend(kind, model.path, **engine_kwargs_for(kind, role, options.engine_kwargs))
                 engines.callback(backends[role].close)
-        _grow(options, problems, root_ids, strategy, backends, sampling, grader, tokenizers, writer, summary, report)
+        writer.update_manifest(engine=_engine_entry(backends))
+        trees = _load_trees(open_trace(options.out), problems, root_ids, options.worlds)
+        context_len = min(backend.max_total_tokens for backend in backends.values())
+
+        def fits(request: Request) -> bool:  # a node whose prompt leaves no room for a step is not grown
+            return len(trees[(request.problem_id, request.world)].prompt_ids(request.parent_path)) < context_len
+
+        def grow(requests: list[Request]) -> None:
+            generate_requests(requests, trees, backends, sampling, grader, tokenizers, writer, options.seed, summary,
+                              timings=options.timings)
+            summary.rounds += 1
+
+        while True:
+            requests = frontier({key: tree.is_final_map() for key, tree in trees.items()}, strategy, options.max_steps)
+            summary.skipped_context_full = sum(not fits(r) for r in requests)
+            requests = [r for r in requests if fits(r)]
+            report(stage="round", requests=requests, summary=summary)
+            if not requests:
+                break
+            grow(requests)
+        if options.routers:
+            summary.closure = _close(options, trees, backends, fits, grow, summary, report, engines)
     _record_run(writer, options, strategy)
     summary.seconds = time.perf_counter() - started
     report(stage="done", requests=[], summary=summary)
     return summary
-
-
-def _grow(options, problems, root_ids, strategy, backends, sampling, grader, tokenizers, writer, summary, report) -> None:
-    """Rounds of frontier requests, each one batch per model, until every tree of ``options`` is complete."""
-    writer.update_manifest(engine=_engine_entry(backends))
-    context_len = min(backend.max_total_tokens for backend in backends.values())
-    trees = _load_trees(open_trace(options.out), problems, root_ids, options.worlds)
-    while True:
-        requests = frontier({key: tree.is_final_map() for key, tree in trees.items()}, strategy, options.max_steps)
-        # a node whose prompt leaves no room for a step is not grown; replay reports it as a miss
-        fits = [len(trees[(r.problem_id, r.world)].prompt_ids(r.parent_path)) < context_len for r in requests]
-        summary.skipped_context_full = fits.count(False)
-        requests = [r for r, fit in zip(requests, fits) if fit]
-        report(stage="round", requests=requests, summary=summary)
-        if not requests:
-            break
-        generate_requests(requests, trees, backends, sampling, grader, tokenizers, writer, options.seed, summary,
-                          timings=options.timings)
-        summary.rounds += 1
 
 
 def generate_requests(
@@ -299,6 +304,28 @@ def generate_requests(
     summary.new_steps += len(new_steps)
 
 
+def _close(options: GenOptions, trees, backends, fits, grow, summary: GenSummary, report, engines):
+    """Grow and score what the routers of a closure or online run miss (see tracegen.closure)."""
+    from tracegen.closure import close_over
+    from tracegen.scoring import open_scorer, score_pending
+
+    scorers = {}
+
+    def score(names: set[str]) -> int:
+        scored = 0
+        for name in sorted(names):
+            if name not in scorers:
+                scorers[name] = open_scorer(options.out, name, backend=options.backend or default_backend(),
+                                            engines=backends)
+                engines.callback(scorers[name].close)
+            scored += score_pending(options.out, scorers[name]).new
+        return scored
+
+    return close_over(Path(options.out), list(options.routers), trees=trees, max_steps=options.max_steps, fits=fits,
+                      generate=grow, score=score, spent_tokens=lambda: summary.new_gen_tokens,
+                      budget_tokens=options.budget_tokens, report=report)
+
+
 def _check_options(options: GenOptions) -> None:
     checks = [
         (options.worlds >= 1, f"--worlds must be at least 1, got {options.worlds}"),
@@ -307,6 +334,11 @@ def _check_options(options: GenOptions) -> None:
         (options.max_step_tokens >= 1, f"--max-step-tokens must be at least 1, got {options.max_step_tokens}"),
         (options.max_steps >= 1, f"--max-steps must be at least 1, got {options.max_steps}"),
         (options.topk >= 1, f"--topk must be at least 1, got {options.topk}"),
+        (options.expand not in ("closure", "online") or bool(options.routers),
+         f"--expand {options.expand} needs --routers FILE (the router configurations whose misses it grows)"),
+        (not options.routers or options.expand in ("closure", "online"), "--routers applies to --expand closure or online only"),
+        (options.budget_tokens is None or options.budget_tokens >= 1,
+         f"--budget-tokens must be at least 1, got {options.budget_tokens}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -433,6 +465,9 @@ def _load_trees(trace: Trace, problems: list[Problem], root_ids: dict, worlds: i
 def _record_run(writer: TraceWriter, options: GenOptions, strategy: Strategy) -> None:
     """Remember which expansions and how many worlds this trace holds (not cache-key fields)."""
     expansion = {**strategy.manifest_entry(), "max_steps": options.max_steps}
+    if options.routers:
+        expansion.update(strategy=options.expand, routers=[spec.manifest_entry() for spec in options.routers],
+                         budget_tokens=options.budget_tokens)
     expansions = list(writer.manifest.get("expansions", []))
     if expansion not in expansions:
         expansions.append(expansion)

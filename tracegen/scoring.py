@@ -18,7 +18,7 @@ import polars as pl
 
 from replay.errors import TraceError
 from replay.store import TraceWriter, first_difference, lookup_field, open_trace
-from tracegen.scorers import Item, make_scorer
+from tracegen.scorers import Item, Scorer, make_scorer
 
 
 @dataclass
@@ -32,50 +32,68 @@ class ScoreSummary:
 def run_score(root: str | Path, scorer_name: str, *, model: str | None = None, backend: str | None = None,
               batch: int | None = None, progress: Callable | None = None) -> ScoreSummary:
     """Score every step of the trace at ``root`` that ``scorer_name`` scores and has not scored yet."""
-    started = time.perf_counter()
+    scorer = open_scorer(root, scorer_name, model=model, backend=backend)
+    try:
+        return score_pending(root, scorer, batch=batch, progress=progress)
+    finally:
+        scorer.close()
+
+
+def open_scorer(root: str | Path, scorer_name: str, *, model: str | None = None, backend: str | None = None,
+                engines: dict | None = None) -> Scorer:
+    """A scorer for the trace at ``root``, refused if the trace holds its scores made otherwise.
+
+    ``engines`` ({role: backend}) lends it engines already running for the trace's models.
+    """
     if backend not in (None, "vllm", "hf"):
         raise TraceError(f"--backend must be vllm or hf, not {backend!r}")
-    if batch is not None and batch < 1:
-        raise TraceError(f"--batch must be at least 1, got {batch}")
     trace = open_trace(root)
     scorer = make_scorer(scorer_name, trace.manifest, model=model, backend=backend)
-    entry = scorer.manifest_entry()
+    scorer.shared_engines = engines or {}
     recorded = (trace.manifest.get("scorers") or {}).get(scorer_name)
     if recorded is not None:
+        entry = scorer.manifest_entry()
         differing = first_difference(recorded, entry)
         if differing:
             raise TraceError(f"{root} holds {scorer_name} scores made with scorers.{scorer_name}.{differing} = "
                              f"{lookup_field(recorded, differing)!r}, but this run has {lookup_field(entry, differing)!r}; "
                              "score into a copy of the trace, or with the recorded settings")
-    writer = TraceWriter(root, None, writer_id=f"score_{scorer_name}")
-    done = writer.done_score_ids(scorer_name)
+    return scorer
+
+
+def score_pending(root: str | Path, scorer: Scorer, *, batch: int | None = None,
+                  progress: Callable | None = None) -> ScoreSummary:
+    """Score the steps of the trace at ``root`` that ``scorer`` wants and has not scored yet."""
+    started = time.perf_counter()
+    if batch is not None and batch < 1:
+        raise TraceError(f"--batch must be at least 1, got {batch}")
+    trace = open_trace(root)
+    writer = TraceWriter(root, None, writer_id=f"score_{scorer.name}")
+    done = writer.done_score_ids(scorer.name)
     steps = trace.scan("steps").select(
         "step_id", "problem_id", "world", "path", "model", "text", "is_final", "answer").collect()
     wanted = steps.filter(scorer.wants()).sort("step_id")
     todo = wanted.filter(~pl.col("step_id").is_in(list(done)))
-    summary = ScoreSummary(scorer=scorer_name, wanted=wanted.height)
+    summary = ScoreSummary(scorer=scorer.name, wanted=wanted.height)
     report = progress or (lambda **_: None)
     items = _items(trace, steps, todo) if todo.height else []
     if todo.height:
         scorer.start()
-    if recorded is None:  # only once the scorer's model has loaded: a failed start leaves trace.json as it was
-        writer.update_manifest(scorers={**(writer.manifest.get("scorers") or {}), scorer_name: entry})
+    described = writer.manifest.get("scorers") or {}
+    if scorer.name not in described:  # only once the scorer's model has loaded: a failed start leaves trace.json as it was
+        writer.update_manifest(scorers={**described, scorer.name: scorer.manifest_entry()})
     report(stage="start", total=wanted.height, done=wanted.height - todo.height)
-    if todo.height:
-        size = batch or scorer.default_batch
-        try:
-            for first in range(0, len(items), size):
-                chunk = items[first:first + size]
-                scores = scorer.score(chunk)
-                writer.append_scores([
-                    {"step_id": item.step_id, "scorer": scorer_name, "value": score.value, "detail": score.detail,
-                     "n_tokens_processed": score.n_tokens_processed}
-                    for item, score in zip(chunk, scores)
-                ])
-                summary.new += len(chunk)
-                report(stage="batch", n=len(chunk))
-        finally:
-            scorer.close()
+    size = batch or scorer.default_batch
+    for first in range(0, len(items), size):
+        chunk = items[first:first + size]
+        scores = scorer.score(chunk)
+        writer.append_scores([
+            {"step_id": item.step_id, "scorer": scorer.name, "value": score.value, "detail": score.detail,
+             "n_tokens_processed": score.n_tokens_processed}
+            for item, score in zip(chunk, scores)
+        ])
+        summary.new += len(chunk)
+        report(stage="batch", n=len(chunk))
     summary.seconds = time.perf_counter() - started
     return summary
 

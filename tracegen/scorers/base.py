@@ -58,6 +58,8 @@ class Scorer:
         self.model = model
         self.backend = backend
         self.toy = toy
+        self.shared_engines: dict = {}  # {role: backend} already running for the trace's models (lent by gen)
+        self._started = False
 
     def wants(self) -> pl.Expr:
         """Which steps rows this scorer scores."""
@@ -68,7 +70,13 @@ class Scorer:
         raise NotImplementedError
 
     def start(self) -> None:
-        """Load the models (called once, only when there is something to score)."""
+        """Load the models (when there is something to score; once)."""
+        if not self._started:
+            self._load()
+            self._started = True
+
+    def _load(self) -> None:
+        """Load what scoring needs."""
 
     def score(self, items: list[Item]) -> list[Score]:
         raise NotImplementedError
@@ -118,24 +126,26 @@ def model_entry(model) -> dict:
 class LanguageModelScorer(Scorer):
     """A scorer that asks language models (one engine per model role it needs) for probabilities."""
 
-    def start(self) -> None:
+    def _load(self) -> None:
         self._engines: dict[str, object] = {}
         self._tokenizers: dict[str, object] = {}
 
     def engine(self, role: str, model):
-        """The backend (scoring only) and tokenizer of ``model``, started on first use."""
-        if role not in self._engines:
+        """The backend (scoring only) and tokenizer of ``model`` (the trace's ``role`` model, or a scorer's own
+        model under its scorer's name), started on first use unless gen lent one for the role."""
+        if role not in self._tokenizers:
             from tracegen.backends import load_backend
             from tracegen.gen import default_backend
             from tracegen.models import load_tokenizer
 
-            kind = self.backend or default_backend()
-            kwargs = {"generator": False} if kind == "vllm" else {}
-            self._engines[role] = load_backend(kind, model.path, **kwargs)
             self._tokenizers[role] = load_tokenizer(model)
-        return self._engines[role], self._tokenizers[role]
+            if role not in self.shared_engines:
+                kind = self.backend or default_backend()
+                self._engines[role] = load_backend(kind, model.path, **({"generator": False} if kind == "vllm" else {}))
+        return self.shared_engines.get(role) or self._engines[role], self._tokenizers[role]
 
     def close(self) -> None:
         for engine in getattr(self, "_engines", {}).values():
             engine.close()
         self._engines = {}
+        self._started = False

@@ -42,7 +42,7 @@ class Judge(LanguageModelScorer):
         return {**who, **variant}
 
     def score(self, items: list[Item]) -> list[Score]:
-        engine, tokenizer = self.engine("judge", self._checkpoint)
+        engine, tokenizer = self.engine("large" if self.model is None else "judge", self._checkpoint)
         if self.toy:
             logprobs = engine.continuation_logprobs([i.prefix_ids for i in items], [i.step_ids for i in items])
             return [_toy_verdict(values, len(i.prefix_ids) + len(i.step_ids)) for i, values in zip(items, logprobs)]

@@ -36,7 +36,7 @@ class ProcessRewardModel(Scorer):
     def manifest_entry(self) -> dict:
         return {**model_entry(self._checkpoint), "model": "prm", "input": PRM_INPUT, "engine": "transformers"}
 
-    def start(self) -> None:
+    def _load(self) -> None:
         from transformers import AutoTokenizer
 
         from tracegen.value_head import load_value_head_model
@@ -68,3 +68,4 @@ class ProcessRewardModel(Scorer):
 
     def close(self) -> None:
         self.network = None
+        self._started = False

@@ -43,7 +43,7 @@ class StepVerifier(LanguageModelScorer):
 
             return [Score(value=float(step_is_valid(i.question, i.step_texts[:-1], i.step_texts[-1])),
                           n_tokens_processed=0) for i in items]
-        engine, tokenizer = self.engine("verifier", self._checkpoint)
+        engine, tokenizer = self.engine("large" if self.model is None else "verifier", self._checkpoint)
         prompts = [user_prompt_ids(tokenizer, VERIFIER_PROMPT.format(
             question=i.question, earlier=earlier_steps_text(i.step_texts[:-1]), step=i.step_texts[-1])) for i in items]
         first = {word: tokenizer.encode(word, add_special_tokens=False)[0] for word in ("correct", "incorrect")}
