@@ -21,7 +21,7 @@ from tracegen.expand import Comb, frontier
 pytestmark = pytest.mark.vllm
 
 ROOT = Path(__file__).resolve().parent.parent
-LIMIT = 12
+LIMIT = 100
 MAX_STEPS = 8
 
 
@@ -29,7 +29,7 @@ MAX_STEPS = 8
 def vllm_trace(toy_models, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:  # noqa: F811
     out = tmp_path_factory.mktemp("gen-vllm") / "toy"
     command = [sys.executable, "-m", "cli", "gen", "--model", toy_models[0], "--large", toy_models[1],
-               "--dataset", "toy", "--limit", str(LIMIT), "--max-steps", str(MAX_STEPS), "--max-step-tokens", "48",
+               "--dataset", "toy", "--limit", str(LIMIT), "--max-steps", str(MAX_STEPS), "--max-step-tokens", "48", "--hidden-layers", "-1",
                "--backend", "vllm", "--out", str(out)]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=1500)
@@ -77,3 +77,27 @@ def test_final_steps_are_graded(vllm_trace):
     assert finals.height > 0
     assert finals["correct"].null_count() == 0
     assert steps.filter(~pl.col("is_final"))["correct"].null_count() == steps.filter(~pl.col("is_final")).height
+
+
+def test_policy_meets_coverage_on_the_toy_trace_across_seeds(vllm_trace, tmp_path):
+    """The CMDP policy trained on the toy trace's train split, replayed on its test split: for each of 5 seeds
+    (alpha 0.1) and for alpha 0.02, coverage (correct, or the large model alone wrong) within the 95% binomial
+    interval of the target, and no misses (the comb holds every escalation)."""
+    from scipy.stats import binomtest
+
+    from replay.engine import replay_trace
+    from replay.routers import make_router
+    from replay.train_policy import Hyperparameters, train_policy
+    from tracegen.scoring import run_score
+
+    out, _ = vllm_trace
+    run_score(out, "verifier")
+    large = replay_trace(out, make_router("large-only")).outcomes.select("problem_id", "world", large="correct")
+    for alpha, seed in [(0.1, s) for s in range(5)] + [(0.02, 0)]:
+        policy = tmp_path / f"policy-{alpha}-{seed}.pt"
+        train_policy(out, policy, Hyperparameters(alpha=alpha, steps=300, seed=seed))
+        outcomes = replay_trace(out, make_router("policy", path=str(policy))).outcomes
+        assert outcomes["misses"].sum() == 0
+        covered = outcomes.join(large, on=["problem_id", "world"]).select(pl.col("correct") | ~pl.col("large"))
+        k, n = int(covered.to_series().sum()), covered.height
+        assert binomtest(k, n).proportion_ci(confidence_level=0.95).high >= 1 - alpha, (alpha, seed, k, n)

@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from data.toy import MODEL_ALIASES, MODELS_DIR
+from data.toy import LANGUAGE_MODELS, MODEL_ALIASES, MODELS_DIR
 from data.toy.evaluate import sample_solutions
 from data.toy.task import DEFAULT_LEVEL, extract_boxed, generate, grade
 from tracegen.prompts import prompt_token_ids
 
-NAMES = sorted(MODEL_ALIASES)
+NAMES = sorted(LANGUAGE_MODELS)
 N_PROMPTS = 16
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.toy import MODEL_ALIASES as TOY_MODEL_ALIASES
+from data.toy import TRAINING_SCRIPTS as TOY_TRAINING_SCRIPTS
 from replay.errors import TraceError
 
 MODEL_ALIASES: dict[str, str] = {
@@ -56,7 +57,7 @@ def resolve_model(name: str, role: str) -> ModelRef:
             raise TraceError(f"model folder {target} has no config.json")
         return ModelRef(role, name, str(Path(target).resolve()))
     if name in TOY_MODEL_ALIASES:
-        raise TraceError(f"the toy model {name} is not trained yet: {target} does not exist (see data/toy/train.py)")
+        raise TraceError(f"the toy model {name} is not trained yet: {target} does not exist (see {TOY_TRAINING_SCRIPTS[name]})")
     if _HF_ID.match(target):
         return ModelRef(role, name, _cached_snapshot(target) or target)
     raise TraceError(

@@ -1,7 +1,14 @@
-"""The toy world: a seeded arithmetic task, a character tokenizer and two tiny trained Qwen2 models."""
+"""The toy world: a seeded arithmetic task, a character tokenizer, two tiny trained Qwen2 models and a
+tiny process reward model (toy-prm) that scores the small model's steps."""
 
 from pathlib import Path
 
 TOY_DIR = Path(__file__).resolve().parent
 MODELS_DIR = TOY_DIR / "models"
-MODEL_ALIASES = {"toy-small": MODELS_DIR / "toy-small", "toy-large": MODELS_DIR / "toy-large"}
+MODEL_ALIASES = {
+    "toy-small": MODELS_DIR / "toy-small",
+    "toy-large": MODELS_DIR / "toy-large",
+    "toy-prm": MODELS_DIR / "toy-prm",
+}
+LANGUAGE_MODELS = ("toy-small", "toy-large")
+TRAINING_SCRIPTS = {"toy-small": "data/toy/train.py", "toy-large": "data/toy/train.py", "toy-prm": "data/toy/train_prm.py"}

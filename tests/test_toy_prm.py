@@ -1,0 +1,89 @@
+"""The shipped toy PRM (data/toy/models/toy-prm): it loads as a value-head model, reads the input
+`prm_input_ids` builds, and its step rewards separate toy-small's valid from invalid draft steps."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from data.toy import MODEL_ALIASES
+from data.toy.evaluate import sample_solutions
+from data.toy.task import STEP_DELIMITER, generate, step_text, verify_steps
+from tracegen.value_head import STEP_END, load_value_head_model, prm_input_ids
+
+N_HELDOUT = 100
+# Measured when the PRM was trained (data/toy/CARD.md): AUROC 0.958 on these 100 drafts (0.943 on all
+# 500); the bar is about 0.05 below it, so other thread counts or library versions (other samples) pass.
+MIN_AUROC = 0.90
+
+
+@pytest.fixture(scope="module")
+def prm():
+    path = MODEL_ALIASES["toy-prm"]
+    return AutoTokenizer.from_pretrained(path), load_value_head_model(path)
+
+
+@torch.no_grad()
+def step_rewards(model, tokenizer, question, steps):
+    ids, ends = prm_input_ids(tokenizer, question, steps)
+    values = torch.sigmoid(model(torch.tensor([ids])))[0]
+    return values[ends].tolist()
+
+
+def test_prm_separates_valid_from_invalid_draft_steps(prm):
+    tokenizer, model = prm
+    drafter_path = MODEL_ALIASES["toy-small"]
+    drafter = AutoModelForCausalLM.from_pretrained(drafter_path, dtype=torch.float32)
+    problems = generate(N_HELDOUT, split="test", seed=0)
+    drafts = sample_solutions(
+        drafter, AutoTokenizer.from_pretrained(drafter_path), [p.question for p in problems], temperature=0.7, seed=1
+    )
+    labels, scores = [], []
+    for problem, (text, _) in zip(problems, drafts):
+        steps = text.split(STEP_DELIMITER)
+        labels += verify_steps(problem.question, steps)
+        scores += step_rewards(model, tokenizer, problem.question, steps)
+    assert 0 < sum(labels) < len(labels), "the drafts need both valid and invalid steps"
+    auroc = roc_auc_score(labels, scores)
+    assert auroc >= MIN_AUROC, (auroc, np.mean(labels))
+
+
+def boxed_too_early(problem, k):
+    """Reference steps 0..k with step k (not the last) boxing its result: toy-small's most common slip."""
+    values, (op, b) = problem.running_values(), problem.ops[k]
+    return problem.solution_steps()[:k] + [step_text(values[k], op, b, is_last=True)]
+
+
+def test_step_end_token_follows_every_step_and_rewards_are_probabilities(prm):
+    tokenizer, model = prm
+    problem = generate(1, split="test", seed=3)[0]
+    step_end = tokenizer.encode(STEP_END, add_special_tokens=False)
+    assert len(step_end) == 1
+    question_ids = prm_input_ids(tokenizer, problem.question, [])[0]
+    assert tokenizer.decode(question_ids) == problem.question + STEP_END
+    for path in (problem.solution_steps(), boxed_too_early(problem, 1), [""], []):
+        ids, ends = prm_input_ids(tokenizer, problem.question, path)
+        assert len(ends) == len(path)
+        assert ends == sorted(set(ends)) and (not ends or ends[-1] == len(ids) - 1)
+        assert [ids[i] for i in ends] == step_end * len(path)
+        starts = [len(question_ids)] + [e + 1 for e in ends[:-1]]
+        assert [tokenizer.decode(ids[s:e]) for s, e in zip(starts, ends)] == path
+        rewards = step_rewards(model, tokenizer, problem.question, path)
+        assert len(rewards) == len(path)
+        assert all(0.0 < r < 1.0 for r in rewards)
+
+
+def test_prm_marks_down_an_answer_boxed_before_the_last_step(prm):
+    tokenizer, model = prm
+    exact, early = [], []
+    for problem in generate(30, split="test", seed=5):
+        steps, wrong = problem.solution_steps(), boxed_too_early(problem, 1)
+        assert verify_steps(problem.question, wrong) == [True, False]
+        good = step_rewards(model, tokenizer, problem.question, steps)
+        bad = step_rewards(model, tokenizer, problem.question, wrong)
+        assert bad[0] == pytest.approx(good[0], abs=1e-5)  # causal: a later step cannot change an earlier reward
+        exact.append(good[1])
+        early.append(bad[1])
+    assert np.mean(early) < np.mean(exact) - 0.5, (np.mean(early), np.mean(exact))
+    assert sum(b < g for b, g in zip(early, exact)) >= 27
