@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 DPI = 120
 LOW_COLOR, HIGH_COLOR = "#d62728", "#1f77b4"
@@ -46,11 +46,21 @@ def _png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
+LOG_COST_SPAN = 10
+
+
+def wants_log_cost_axis(costs: np.ndarray) -> bool:
+    """Whether positive costs span more than a factor LOG_COST_SPAN (e.g. a judge-priced router beside
+    single models), so that a linear axis would squeeze the other routers together."""
+    costs = costs[np.isfinite(costs)]
+    return bool(costs.size and costs.min() > 0 and costs.max() > LOG_COST_SPAN * costs.min())
+
+
 def pareto_png(curves: list[Curve], points: list[Point], cost_unit: str) -> bytes:
     """Accuracy against mean cost per query: one line per swept router (configurations without misses in
     order of cost, those with misses as unjoined hollow markers, the chosen configuration circled), a
     marker per single model or fixed router."""
-    figure = Figure(figsize=(8, 5), layout="constrained")
+    figure = Figure(figsize=(10, 5), layout="constrained")
     axes = figure.add_subplot()
     colors = _cycle()
     for curve in curves:
@@ -75,12 +85,19 @@ def pareto_png(curves: list[Curve], points: list[Point], cost_unit: str) -> byte
     if any(curve.missed.any() for curve in curves):
         axes.plot([], [], "o", markersize=5, markerfacecolor="none", markeredgecolor="#555555", linestyle="none",
                   label="configuration with misses (finished walks only)")
-    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
-    axes.set_xlabel(f"Mean cost per query ({cost_unit})")
+    log_scale = wants_log_cost_axis(np.concatenate([curve.cost for curve in curves]
+                                                   + [np.array([point.cost for point in points])]))
+    cost_label = FuncFormatter(lambda value, _: f"{value:.3g}")
+    if log_scale:
+        axes.set_xscale("log")
+        axes.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        axes.xaxis.set_minor_formatter(NullFormatter())
+    axes.xaxis.set_major_formatter(cost_label)
+    axes.set_xlabel(f"Mean cost per query ({cost_unit}{', log scale' if log_scale else ''})")
     axes.set_ylabel("Accuracy (%)")
     axes.set_title("Accuracy against cost")
     axes.grid(True, alpha=0.3)
-    axes.legend(loc="lower right", fontsize="small")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     return _png(figure)
 
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Set up (if needed), then run the whole study on the embedded toy world, on a CPU:
-# gen (real vLLM CPU engine; comb + closure over data/toy/routers.toml, which scores the PRM, judge and
-# P(True) on the way) -> verifier scores -> validate -> info -> train (policy, STEER mixtures)
+# gen (real vLLM CPU engine; comb + closure over data/toy/routers.toml, which scores the PRM and the judge
+# on the way) -> verifier scores -> validate -> info -> train (policy, STEER mixtures)
 # -> replay every router with its sweep -> report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
+export VLLM_LOGGING_LEVEL="${VLLM_LOGGING_LEVEL:-WARNING}"
 out="${TRACE_DEMO_DIR:-runs/toy}"
 limit="${TRACE_DEMO_LIMIT:-200}"
 results="$out/results"
@@ -32,7 +33,7 @@ trace replay "$out" --router steer --param mode=step --param gmms="$out/steer.js
   --out "$results/steer-step.parquet"
 trace replay "$out" --router rsd --sweep tau=0:1:0.05 --out "$results/rsd.parquet"
 trace replay "$out" --router specreason --sweep tau=0:9:1 --out "$results/specreason.parquet"
-trace replay "$out" --router cascade --sweep t_true=0:1:0.1 --out "$results/cascade.parquet"
+trace replay "$out" --router cascade --param p_true=final_min --sweep t_true=0:1:0.1 --out "$results/cascade.parquet"
 trace replay "$out" --router policy --param path="$out/policy.pt" --out "$results/policy.parquet"
 
 trace report "$out" "$results/"*.parquet --out "$out/report" \

@@ -134,3 +134,9 @@ def test_router_needing_an_unscored_scorer_names_the_command(closure_trace, tmp_
     result = CliRunner().invoke(app, ["replay", str(closure_trace), "--router", "rsd"])
     assert result.exit_code == 1
     assert f"run `trace score {closure_trace} --scorer prm` first" in " ".join(result.output.split())
+
+
+def test_the_demo_router_file_is_valid():
+    specs = load_router_specs(Path(__file__).resolve().parents[1] / "data/toy/routers.toml")
+    assert {spec.name for spec in specs} == {"rsd", "specreason", "steer", "random", "cascade"}
+    assert next(spec for spec in specs if spec.name == "cascade").params == {"p_true": "final_min"}

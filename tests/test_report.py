@@ -520,3 +520,11 @@ def test_steer_section_reads_the_file_the_steer_router_saves(inputs, tmp_path):
         assert float(low_mean) == pytest.approx(mixture.means_[low, 0], rel=1e-3)
         assert float(high_mean) == pytest.approx(mixture.means_[1 - low, 0], rel=1e-3)
         assert float(low_weight) == pytest.approx(mixture.weights_[low], abs=1e-3)
+
+
+@pytest.mark.parametrize("costs, log", [([1.0, 5.0], False), ([1.0, 20.0], True), ([0.0, 20.0], False),
+                                        ([2.0, np.nan, 30.0], True), ([], False)])
+def test_pareto_cost_axis_turns_logarithmic_past_a_factor_ten(costs, log):
+    from analysis.plots import wants_log_cost_axis
+
+    assert wants_log_cost_axis(np.array(costs, dtype=float)) is log

@@ -44,7 +44,7 @@ DEFAULT_LAYER, DEFAULT_WHERE = -1, "prompt_last"
 def new_probe(seed: int, l2: float = 1e-4) -> Pipeline:
     """An unfitted P(IK) probe: standardised hidden state -> MLP with 64 hidden units (L2 penalty ``l2``)."""
     return make_pipeline(StandardScaler(),
-                         MLPClassifier(hidden_layer_sizes=(64,), alpha=l2, max_iter=500, random_state=seed))
+                         MLPClassifier(hidden_layer_sizes=(64,), alpha=l2, max_iter=2000, random_state=seed))
 
 
 def own_chain_labels(data: ReplayData, role: str) -> tuple[pl.DataFrame, np.ndarray]:
