@@ -36,7 +36,12 @@ LEVEL_WEIGHTS = {1: 1, 2: 2, 3: 4, 4: 2}
 
 
 def model_config(size: str, tokenizer) -> Qwen2Config:
-    shape = SIZES[size]
+    return qwen2_config(tokenizer, **SIZES[size])
+
+
+def qwen2_config(tokenizer, **shape) -> Qwen2Config:
+    """A toy Qwen2 config of the given shape (hidden_size, num_hidden_layers, ...): the toy vocabulary,
+    one key/value head per attention head, tied embeddings, 512 positions, float32."""
     return Qwen2Config(
         vocab_size=VOCAB_SIZE,
         num_key_value_heads=shape["num_attention_heads"],

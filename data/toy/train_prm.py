@@ -51,7 +51,8 @@ from data.toy.task import (
     step_text,
     verify_steps,
 )
-from data.toy.tokenizer import VOCAB_SIZE, build_tokenizer
+from data.toy.tokenizer import build_tokenizer
+from data.toy.train import qwen2_config
 from tracegen.value_head import ValueHeadModel, load_value_head_model, prm_input_ids, save_value_head_model
 
 LEVEL_WEIGHTS = {2: 1, 3: 3, 4: 1}  # training problems per level, relative
@@ -243,21 +244,8 @@ def collate(examples: list[dict], pad_id: int):
 
 
 def prm_config(tokenizer, hidden: int, layers: int, heads: int, intermediate: int) -> Qwen2Config:
-    return Qwen2Config(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=512,
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        torch_dtype="float32",
-    )
+    return qwen2_config(tokenizer, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                        num_attention_heads=heads)
 
 
 def build_model(tokenizer, args, drafter) -> ValueHeadModel:
