@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from data.toy import LANGUAGE_MODELS, MODEL_ALIASES, MODELS_DIR
-from data.toy.evaluate import sample_solutions
+from data.toy.evaluate import evaluate, sample_solutions
 from data.toy.task import DEFAULT_LEVEL, extract_boxed, generate, grade
 from tracegen.prompts import prompt_token_ids
 
@@ -68,6 +68,14 @@ def test_large_model_solves_more_than_small():
         ) / len(problems)
     assert accuracy["toy-large"] >= 0.75, accuracy
     assert accuracy["toy-large"] > accuracy["toy-small"], accuracy
+
+
+def test_small_models_step_confidence_separates_valid_from_invalid_steps():
+    """The signal confidence routers read: a step's mean raw max-logit is lower when the step is wrong."""
+    tokenizer, model = load("toy-small")
+    result = evaluate(model, tokenizer, n=200, level=DEFAULT_LEVEL)
+    assert 0.2 < result["step_validity"] < 0.95, result
+    assert result["step_auroc"] >= 0.65, result
 
 
 def test_data_card_states_the_measured_targets():

@@ -1,6 +1,6 @@
 """Train a toy Qwen2 model on the toy arithmetic task and save it as a Hugging Face checkpoint.
 
-    python -m data.toy.train --size small --steps 3000 --seed 0
+    python -m data.toy.train --size small --steps 3000 --seed 0 --label-smoothing 0.03
     python -m data.toy.train --size large --steps 3000 --seed 0
 
 Loss is on the solution tokens only. Every prompt starts with the same system message and
@@ -94,7 +94,7 @@ def make_batch(tokenizer, problems, prefix_len: int):
     return ids, lab, mask
 
 
-def loss_on_batch(model, prefix: torch.Tensor, ids, labels, mask) -> torch.Tensor:
+def loss_on_batch(model, prefix: torch.Tensor, ids, labels, mask, label_smoothing: float = 0.0) -> torch.Tensor:
     batch = ids.shape[0]
     cache = DynamicCache()
     model(input_ids=prefix, past_key_values=cache, use_cache=True)
@@ -102,7 +102,10 @@ def loss_on_batch(model, prefix: torch.Tensor, ids, labels, mask) -> torch.Tenso
     full_mask = torch.cat([torch.ones(batch, prefix.shape[1], dtype=mask.dtype), mask], dim=1)
     logits = model(input_ids=ids, attention_mask=full_mask, past_key_values=cache, use_cache=False).logits
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+        label_smoothing=label_smoothing,
     )
 
 
@@ -113,6 +116,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=0.0,
+        help="bounds the confident logits, so a step's mean max-logit dips where the model is unsure",
+    )
     parser.add_argument(
         "--stop-after", type=int, default=None, help="end after this many steps (the schedule still spans --steps)"
     )
@@ -150,7 +159,7 @@ def main() -> None:
             group["lr"] = lr_at(step)
         ids, labels, mask = make_batch(tokenizer, [next(stream) for _ in range(args.batch)], len(prefix_ids))
         model.train()
-        loss = loss_on_batch(model, prefix, ids, labels, mask)
+        loss = loss_on_batch(model, prefix, ids, labels, mask, args.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -174,6 +183,7 @@ def save(model, tokenizer, args, n_params: int, log: list[dict], seconds: float)
     command = (
         f"python -m data.toy.train --size {args.size} --steps {args.steps} --batch {args.batch} "
         f"--lr {args.lr} --seed {args.seed} --threads {args.threads}"
+        + (f" --label-smoothing {args.label_smoothing}" if args.label_smoothing else "")
         + (f" --stop-after {args.stop_after}" if args.stop_after is not None else "")
     )
     record = {"size": args.size, "n_params": n_params, "command": command, "wall_seconds": round(seconds), "log": log}
