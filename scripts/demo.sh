@@ -33,7 +33,8 @@ trace replay "$out" --router steer --param mode=step --param gmms="$out/steer.js
   --out "$results/steer-step.parquet"
 trace replay "$out" --router rsd --sweep tau=0:1:0.05 --out "$results/rsd.parquet"
 trace replay "$out" --router specreason --sweep tau=0:9:1 --out "$results/specreason.parquet"
-trace replay "$out" --router cascade --param p_true=final_min --sweep t_true=0:1:0.1 --out "$results/cascade.parquet"
+trace replay "$out" --router cascade --param p_true=final_min --sweep t_true=0:1:0.2 --sweep t_ik=0:0.5:0.1 \
+  --out "$results/cascade.parquet"
 trace replay "$out" --router policy --param path="$out/policy.pt" --out "$results/policy.parquet"
 
 trace report "$out" "$results/"*.parquet --out "$out/report" \
