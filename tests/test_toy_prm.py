@@ -13,9 +13,9 @@ from data.toy.task import STEP_DELIMITER, generate, step_text, verify_steps
 from tracegen.value_head import STEP_END, load_value_head_model, prm_input_ids
 
 N_HELDOUT = 100
-# Measured when the PRM was trained (data/toy/CARD.md): AUROC 0.998 on these 100 drafts (0.995 on all
+# Measured when the PRM was trained (data/toy/CARD.md): AUROC 0.913 on these 100 drafts (0.934 on all
 # 500); the bar is about 0.05 below it, so other thread counts or library versions (other samples) pass.
-MIN_AUROC = 0.95
+MIN_AUROC = 0.86
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +75,11 @@ def test_step_end_token_follows_every_step_and_rewards_are_probabilities(prm):
 
 
 def test_prm_marks_down_an_answer_boxed_before_the_last_step(prm):
+    """Weakly: toy-small rarely boxes early, so the PRM saw few such steps (card: AUROC 0.768 on this
+    corruption; 0.5 would be blind to it)."""
     tokenizer, model = prm
     exact, early = [], []
-    for problem in generate(30, split="test", seed=5):
+    for problem in generate(100, split="test", seed=5):
         steps, wrong = problem.solution_steps(), boxed_too_early(problem, 1)
         assert verify_steps(problem.question, wrong) == [True, False]
         good = step_rewards(model, tokenizer, problem.question, steps)
@@ -85,5 +87,5 @@ def test_prm_marks_down_an_answer_boxed_before_the_last_step(prm):
         assert bad[0] == pytest.approx(good[0], abs=1e-5)  # causal: a later step cannot change an earlier reward
         exact.append(good[1])
         early.append(bad[1])
-    assert np.mean(early) < np.mean(exact) - 0.5, (np.mean(early), np.mean(exact))
-    assert sum(b < g for b, g in zip(early, exact)) >= 27
+    assert np.mean(early) < np.mean(exact), (np.mean(early), np.mean(exact))
+    assert sum(b < g for b, g in zip(early, exact)) >= 60

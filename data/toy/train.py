@@ -1,7 +1,7 @@
 """Train a toy Qwen2 model on the toy arithmetic task and save it as a Hugging Face checkpoint.
 
-    python -m data.toy.train --size small --steps 3000 --seed 0 --label-smoothing 0.03
-    python -m data.toy.train --size large --steps 3000 --seed 0
+    python -m data.toy.train --size small --steps 3000 --seed 0 --label-smoothing 0.05 --stop-after 2000
+    python -m data.toy.train --size large --steps 3000 --seed 0 --stop-after 2000
 
 Loss is on the solution tokens only. Every prompt starts with the same system message and
 ``Compute ``; that shared prefix is run once per batch and its key/value cache broadcast to
