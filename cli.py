@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from replay.errors import TraceError
+from replay.routers import ROUTERS
+from tracegen.scorers import SCORERS, WORLD_SCORERS
 
 app = typer.Typer(
     help="Cache step trees of a small and a large LLM once (gen), then replay any router on a CPU.",
@@ -59,7 +61,9 @@ def info(trace_dir: Path = typer.Argument(..., help="Trace directory.")) -> None
 def sql(
     trace_dir: Path = typer.Argument(..., help="Trace directory."),
     query: str = typer.Argument(..., help="DuckDB SQL over the views problems, steps, tokens, scores, hidden."),
-    out: Path = typer.Option(None, "--out", help="Write the result to this .csv or .parquet file instead of printing it."),
+    out: Path = typer.Option(
+        None, "--out", help="Write the result to this .csv or .parquet file instead of printing it."
+    ),
     max_rows: int = typer.Option(50, "--max-rows", help="Rows to print (without --out)."),
 ) -> None:
     """Run a DuckDB query over the trace's Parquet parts, in place."""
@@ -78,28 +82,66 @@ def sql(
 @app.command()
 @user_errors
 def gen(
-    model: str = typer.Option(..., "--model", help="Small model: alias (toy-small, qwen2.5-math-1.5b, ...), local folder or Hugging Face id."),
+    model: str = typer.Option(
+        ..., "--model", help="Small model: alias (toy-small, qwen2.5-math-1.5b, ...), local folder or Hugging Face id."
+    ),
     large: str = typer.Option(..., "--large", help="Large model: alias, local folder or Hugging Face id."),
-    dataset: str = typer.Option(..., "--dataset", help="gsm8k, math500, omnimath, mmlu, toy; a JSONL path (format sniffed); or FORMAT=PATH."),
-    out: Path = typer.Option(..., "--out", help="Trace directory (created, or resumed if it holds a trace with the same settings)."),
+    dataset: str = typer.Option(
+        ..., "--dataset", help="gsm8k, math500, omnimath, mmlu, toy; a JSONL path (format sniffed); or FORMAT=PATH."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="Trace directory (created, or resumed if it holds a trace with the same settings)."
+    ),
     split: str = typer.Option(None, "--split", help="Dataset split (default: test, or the one in the file name)."),
     limit: int = typer.Option(None, "--limit", help="First N problems (default: all; 200 for toy)."),
     level: int = typer.Option(None, "--level", help="Toy difficulty level 1-4 (default: 3)."),
     worlds: int = typer.Option(1, "--worlds", help="Seeded sampling draws per problem."),
-    expand: str = typer.Option("comb", "--expand", help="comb: all-small chain plus the all-large completion from each of its nodes; full: every choice up to --depth; closure: comb, then whatever the --routers configurations miss, until nothing is missing; online: only what the --routers configurations walk (the router drives generation)."),
-    routers: Path = typer.Option(None, "--routers", help="TOML file of [[router]] tables (name, params, sweep) for --expand closure or online; see tracegen/closure.py."),
-    budget_tokens: int = typer.Option(None, "--budget-tokens", help="Closure stops once this run generated this many tokens (default: no limit)."),
+    expand: str = typer.Option(
+        "comb",
+        "--expand",
+        help=(
+            "comb: all-small chain plus the all-large completion from each of its nodes; full: every choice up to "
+            "--depth; closure: comb, then whatever the --routers configurations miss, until nothing is missing; "
+            "online: only what the --routers configurations walk (the router drives generation)."
+        ),
+    ),
+    routers: Path = typer.Option(
+        None,
+        "--routers",
+        help=(
+            "TOML file of [[router]] tables (name, params, sweep) for --expand closure or online; see "
+            "tracegen/closure.py."
+        ),
+    ),
+    budget_tokens: int = typer.Option(
+        None, "--budget-tokens", help="Closure stops once this run generated this many tokens (default: no limit)."
+    ),
     depth: int = typer.Option(None, "--depth", help="Depth of the exhaustive part of --expand full."),
     temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
-    max_step_tokens: int = typer.Option(256, "--max-step-tokens", help="Tokens at most per step (then finish_reason = length)."),
+    max_step_tokens: int = typer.Option(
+        256, "--max-step-tokens", help="Tokens at most per step (then finish_reason = length)."
+    ),
     max_steps: int = typer.Option(32, "--max-steps", help="Steps at most per solution."),
     topk: int = typer.Option(5, "--topk", help="Top-k token ids and logprobs stored per generated token."),
-    hidden_layers: str = typer.Option("", "--hidden-layers", help="Prompt hidden states to store, e.g. -1,12 (-1 = last, normed) (default: none)."),
+    hidden_layers: str = typer.Option(
+        "", "--hidden-layers", help="Prompt hidden states to store, e.g. -1,12 (-1 = last, normed) (default: none)."
+    ),
     backend: str = typer.Option(None, "--backend", help="vllm or hf (default: vllm where importable, else hf)."),
-    shard: str = typer.Option(None, "--shard", help="i/n: only problems whose id hashes to shard i of n (0-based), as writer shard{i}of{n}."),
-    seed: int = typer.Option(0, "--seed", help="Base seed; each step's seed derives from it and (problem, world, node, model)."),
-    timings: bool = typer.Option(False, "--timings", help="Store each step's share of measured engine wall time (gen_seconds) for latency models; off by default so the same command writes the same bytes."),
+    shard: str = typer.Option(
+        None, "--shard", help="i/n: only problems whose id hashes to shard i of n (0-based), as writer shard{i}of{n}."
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="Base seed; each step's seed derives from it and (problem, world, node, model)."
+    ),
+    timings: bool = typer.Option(
+        False,
+        "--timings",
+        help=(
+            "Store each step's share of measured engine wall time (gen_seconds) for latency models; off by default so "
+            "the same command writes the same bytes."
+        ),
+    ),
 ) -> None:
     """Grow step trees of a small and a large model over a dataset and store them as a trace.
 
@@ -108,27 +150,51 @@ def gen(
     trace gen --model toy-small --large toy-large --dataset toy --limit 200 --out runs/toy
     """
     from tracegen.closure import load_router_specs
-    from tracegen.gen import GenOptions, RichProgress, run_gen
+    from tracegen.gen import GenOptions, run_gen
     from tracegen.hidden import parse_layers
+    from tracegen.progress import GenProgress
 
-    if backend not in (None, "vllm", "hf"):
-        raise typer.BadParameter(f"--backend must be vllm or hf, not {backend!r}")
     options = GenOptions(
-        small=model, large=large, dataset=dataset, out=out, split=split, limit=limit, level=level,
-        worlds=worlds, expand=expand, depth=depth, temperature=temperature, top_p=top_p,
-        max_step_tokens=max_step_tokens, max_steps=max_steps, topk=topk,
-        hidden_layers=parse_layers(hidden_layers), backend=backend, shard=shard, seed=seed, timings=timings,
-        routers=tuple(load_router_specs(routers)) if routers is not None else (), budget_tokens=budget_tokens,
+        small=model,
+        large=large,
+        dataset=dataset,
+        out=out,
+        split=split,
+        limit=limit,
+        level=level,
+        worlds=worlds,
+        expand=expand,
+        depth=depth,
+        temperature=temperature,
+        top_p=top_p,
+        max_step_tokens=max_step_tokens,
+        max_steps=max_steps,
+        topk=topk,
+        hidden_layers=parse_layers(hidden_layers),
+        backend=backend,
+        shard=shard,
+        seed=seed,
+        timings=timings,
+        routers=tuple(load_router_specs(routers)) if routers is not None else (),
+        budget_tokens=budget_tokens,
     )
-    with RichProgress(console) as progress:
+    with GenProgress(console) as progress:
         summary = run_gen(options, progress)
     console.print(
         f"[green]done[/] {summary.out}: {summary.problems:,} problems, {summary.new_steps:,} new steps, "
         f"{summary.new_gen_tokens:,} generated tokens in {summary.rounds} rounds, {summary.seconds:.1f}s"
-        + (f"; {summary.skipped_context_full:,} nodes left unexpanded (context full)" if summary.skipped_context_full else "")
+        + (
+            f"; {summary.skipped_context_full:,} nodes left unexpanded (context full)"
+            if summary.skipped_context_full
+            else ""
+        )
     )
     if summary.closure is not None and summary.closure.remaining_misses:
-        why = "--budget-tokens spent" if summary.closure.budget_spent else "they cannot be grown (context full or --max-steps)"
+        why = (
+            "--budget-tokens spent"
+            if summary.closure.budget_spent
+            else "they cannot be grown (context full or --max-steps)"
+        )
         console.print(f"[yellow]{summary.closure.remaining_misses:,} router misses left: {why}[/]")
 
 
@@ -136,9 +202,29 @@ def gen(
 @user_errors
 def score(
     trace_dir: Path = typer.Argument(..., help="Trace directory (written by trace gen)."),
-    scorer: str = typer.Option(..., "--scorer", help="prm, judge, ptrue or verifier."),
-    model: str = typer.Option(None, "--model", help="Scorer model: alias, folder or Hugging Face id. prm: skywork-prm-1.5b (toy: toy-prm); judge/verifier: the trace's large model; ptrue: each answer's own model."),
-    backend: str = typer.Option(None, "--backend", help="vllm or hf (default: vllm where importable, else hf; the PRM always runs on transformers)."),
+    scorer: str = typer.Option(
+        ...,
+        "--scorer",
+        help=f"One of {', '.join(sorted(SCORERS))}. By world: "
+        + "; ".join(
+            f"{world} traces run " + ", ".join(f"{variant} for {signal}" for signal, variant in variants.items())
+            for world, variants in WORLD_SCORERS.items()
+        )
+        + ".",
+    ),
+    model: str = typer.Option(
+        None,
+        "--model",
+        help=(
+            "Scorer model: alias, folder or Hugging Face id. prm: skywork-prm-1.5b (toy: toy-prm); judge/verifier: "
+            "the trace's large model; ptrue: each answer's own model."
+        ),
+    ),
+    backend: str = typer.Option(
+        None,
+        "--backend",
+        help="vllm or hf (default: vllm where importable, else hf; the PRM always runs on transformers).",
+    ),
     batch: int = typer.Option(None, "--batch", help="Steps per engine call (default: 64 for prm, 256 otherwise)."),
 ) -> None:
     """Annotate a trace's steps with a scorer, once, for the routers that read it.
@@ -147,27 +233,15 @@ def score(
     verifier (the policy's coverage) every step. Values go to the scores table with the tokens each call
     processed (replay charges them); rerun to resume. Example: trace score runs/toy --scorer prm
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
+    from tracegen.progress import ScoreProgress
     from tracegen.scoring import run_score
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), console=console)
-
-    def progress(stage: str, **info) -> None:
-        if stage == "start":  # shown once the trace and scorer are checked, so errors print alone
-            bar.start()  # stopped below
-            bar.add_task(f"{scorer} scores", total=info["total"], completed=info["done"])
-        else:
-            bar.advance(bar.task_ids[0], info["n"])
-
-    try:
+    with ScoreProgress(scorer, console) as progress:
         summary = run_score(trace_dir, scorer, model=model, backend=backend, batch=batch, progress=progress)
-    finally:
-        if bar.task_ids:
-            bar.stop()
-    console.print(f"[green]done[/] {trace_dir}: {summary.new:,} new {scorer} scores "
-                  f"({summary.wanted:,} steps to score in all), {summary.seconds:.1f}s")
+    console.print(
+        f"[green]done[/] {trace_dir}: {summary.new:,} new {scorer} scores "
+        f"({summary.wanted:,} steps to score in all), {summary.seconds:.1f}s"
+    )
 
 
 def _replay_table(result, swept: list[str], title: str, max_rows: int = 21):
@@ -181,8 +255,10 @@ def _replay_table(result, swept: list[str], title: str, max_rows: int = 21):
     if len(rows) > max_rows:
         step = -(-(len(rows) - 1) // (max_rows - 1))
         rows = rows[::step] + ([rows[-1]] if (len(rows) - 1) % step else [])
-    table = Table(title=title, caption=f"{len(rows)} of {summary.height} configurations shown"
-                  if len(rows) < summary.height else None)
+    table = Table(
+        title=title,
+        caption=f"{len(rows)} of {summary.height} configurations shown" if len(rows) < summary.height else None,
+    )
     table.add_column("Router")
     table.add_column("Params")
     for name in ("Acc", f"Cost ({result.cost_unit})", "A/C", "Large steps", "Misses"):
@@ -206,16 +282,37 @@ def _replay_table(result, swept: list[str], title: str, max_rows: int = 21):
 @user_errors
 def replay(
     trace_dir: Path = typer.Argument(..., help="Trace directory."),
-    router: str = typer.Option(..., "--router", help="small-only, large-only, random, oracle, steer, rsd, specreason, cascade or policy."),
-    param: list[str] = typer.Option([], "--param", help="Router parameter name=value, repeatable, e.g. --param mode=step."),
-    sweep: list[str] = typer.Option([], "--sweep", help="Threshold sweep name=start:stop:step (stop included) or name=v1,v2,...; repeat for a grid."),
-    split: str = typer.Option("test", "--split", help="Problems replayed: train, calibration, test or all (learned routers always fit on train)."),
-    cost: str = typer.Option("flops", "--cost", help="flops (TFLOPs of generated tokens), flops+prefill, or api (USD)."),
-    price: list[str] = typer.Option([], "--price", help="api prices NAME=input/cached/output in USD per 1M tokens for a model role or scorer, repeatable; without any, GPT-4.1-mini rates (0.40/0.10/1.60) for all."),
+    router: str = typer.Option(..., "--router", help=f"One of {', '.join(sorted(ROUTERS))}."),
+    param: list[str] = typer.Option(
+        [], "--param", help="Router parameter name=value, repeatable, e.g. --param mode=step."
+    ),
+    sweep: list[str] = typer.Option(
+        [], "--sweep", help="Threshold sweep name=start:stop:step (stop included) or name=v1,v2,...; repeat for a grid."
+    ),
+    split: str = typer.Option(
+        "test",
+        "--split",
+        help="Problems replayed: train, calibration, test or all (learned routers always fit on train).",
+    ),
+    cost: str = typer.Option(
+        "flops", "--cost", help="flops (TFLOPs of generated tokens), flops+prefill, or api (USD)."
+    ),
+    price: list[str] = typer.Option(
+        [],
+        "--price",
+        help=(
+            "api prices NAME=input/cached/output in USD per 1M tokens for a model role or scorer, repeatable; without "
+            "any, GPT-4.1-mini rates (0.40/0.10/1.60) for all."
+        ),
+    ),
     worlds: str = typer.Option("all", "--worlds", help="all, or comma-separated world numbers, e.g. 0,1."),
     split_seed: int = typer.Option(0, "--split-seed", help="Seed of the hash that assigns problems to splits."),
-    split_fractions: str = typer.Option("0.5,0.1,0.4", "--split-fractions", help="train,calibration,test fractions of the problems."),
-    out: Path = typer.Option(None, "--out", help="Parquet file for per-problem outcomes (one row per problem x world x configuration)."),
+    split_fractions: str = typer.Option(
+        "0.5,0.1,0.4", "--split-fractions", help="train,calibration,test fractions of the problems."
+    ),
+    out: Path = typer.Option(
+        None, "--out", help="Parquet file for per-problem outcomes (one row per problem x world x configuration)."
+    ),
 ) -> None:
     """Replay a router on a cached trace (CPU only) and print accuracy, cost, A/C, large-step share and misses.
 
@@ -240,14 +337,25 @@ def replay(
     chosen = make_router(router, **dict(parse_param(p) for p in param))
     sweeps = dict(parse_sweep(s) for s in sweep)
     prices = dict(parse_price(p) for p in price) or None
-    result = replay_trace(trace_dir, chosen, sweep=sweeps, split=split, cost=cost, prices=prices,
-                          worlds=world_list, split_seed=split_seed, fractions=parse_fractions(split_fractions))
+    result = replay_trace(
+        trace_dir,
+        chosen,
+        sweep=sweeps,
+        split=split,
+        cost=cost,
+        prices=prices,
+        worlds=world_list,
+        split_seed=split_seed,
+        fractions=parse_fractions(split_fractions),
+    )
     title = f"{trace_dir}: split {split}, cost {cost} (mean per query)"
     console.print(_replay_table(result, list(sweeps), title))
     misses = miss_list(result)
     if misses:
-        console.print(f"[yellow]{result.outcomes['misses'].sum():,} walks missed {len(misses):,} distinct uncached "
-                      "(node, model) steps or scores; their accuracy and cost are left out. First:[/]")
+        console.print(
+            f"[yellow]{result.outcomes['misses'].sum():,} walks missed {len(misses):,} distinct uncached "
+            "(node, model) steps or scores; their accuracy and cost are left out. First:[/]"
+        )
         for miss in misses[:5]:
             what = f"{miss['scorer']} score of step" if miss["scorer"] else "step by"
             console.print(f"  {miss['problem_id']} world {miss['world']} node {miss['path']!r}: {what} {miss['model']}")
@@ -261,17 +369,55 @@ def replay(
 def report(
     trace_dir: Path = typer.Argument(..., help="Trace directory the results were replayed on."),
     results: list[Path] = typer.Argument(..., help="Outcome files written by trace replay --out (one or more)."),
-    out: Path = typer.Option(..., "--out", help="Report folder: created, or updated if it holds an earlier report; any other non-empty folder is refused."),
-    pick: str = typer.Option("ac", "--pick", help="Operating point of a swept router: ac (highest accuracy per cost at or above the floor), cheapest (at or above the floor) or accuracy (highest)."),
-    accuracy_floor: str = typer.Option("large-0.02", "--accuracy-floor", help="Least accuracy an operating point needs: large (large-only's), large-D (D below it, 0-1 scale) or a number in [0, 1]."),
-    at: list[str] = typer.Option([], "--at", help="Pin a router's configuration instead, e.g. --at steer:tau=0.3 (repeatable)."),
-    split: str = typer.Option(None, "--split", help="Report only problems of this split (train, calibration, test); default: every row."),
-    pick_split: str = typer.Option(None, "--pick-split", help="Choose operating points on this split's problems, e.g. calibration; default: the reported ones."),
-    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples of the problems for the 95% intervals."),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help="Report folder: created, or updated if it holds an earlier report; any other non-empty folder is refused.",
+    ),
+    pick: str = typer.Option(
+        "ac",
+        "--pick",
+        help=(
+            "Operating point of a swept router: ac (highest accuracy per cost at or above the floor), cheapest (at or "
+            "above the floor) or accuracy (highest)."
+        ),
+    ),
+    accuracy_floor: str = typer.Option(
+        "large-0.02",
+        "--accuracy-floor",
+        help=(
+            "Least accuracy an operating point needs: large (large-only's), large-D (D below it, 0-1 scale) or a "
+            "number in [0, 1]."
+        ),
+    ),
+    at: list[str] = typer.Option(
+        [], "--at", help="Pin a router's configuration instead, e.g. --at steer:tau=0.3 (repeatable)."
+    ),
+    split: str = typer.Option(
+        None, "--split", help="Report only problems of this split (train, calibration, test); default: every row."
+    ),
+    pick_split: str = typer.Option(
+        None,
+        "--pick-split",
+        help="Choose operating points on this split's problems, e.g. calibration; default: the reported ones.",
+    ),
+    bootstrap: int = typer.Option(
+        1000, "--bootstrap", help="Bootstrap resamples of the problems for the 95% intervals."
+    ),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
-    policy_log: Path = typer.Option(None, "--policy-log", help="Policy training log (*.log.parquet: step, coverage, kappa): adds coverage and kappa over training."),
-    steer_gmm: Path = typer.Option(None, "--steer-gmm", help="STEER mixtures JSON: adds the fitted mixtures over the small model's confidence histograms."),
-    alpha: float = typer.Option(None, "--alpha", help="Policy coverage target is 1 - alpha; default: the log's alpha column, else 0.02."),
+    policy_log: Path = typer.Option(
+        None,
+        "--policy-log",
+        help="Policy training log (*.log.parquet: step, coverage, kappa): adds coverage and kappa over training.",
+    ),
+    steer_gmm: Path = typer.Option(
+        None,
+        "--steer-gmm",
+        help="STEER mixtures JSON: adds the fitted mixtures over the small model's confidence histograms.",
+    ),
+    alpha: float = typer.Option(
+        None, "--alpha", help="Policy coverage target is 1 - alpha; default: the log's alpha column, else 0.02."
+    ),
 ) -> None:
     """Compare replayed routers on one page: table with bootstrap intervals, accuracy-cost plot, McNemar tests
     against large-only, escalations by step index (index.html, report.md and PNG figures in --out).
@@ -280,37 +426,78 @@ def report(
     """
     from analysis.report import ReportOptions, make_report
 
-    options = ReportOptions(pick=pick, accuracy_floor=accuracy_floor, at=tuple(at), split=split, pick_split=pick_split,
-                            bootstrap=bootstrap, seed=seed, policy_log=policy_log, steer_gmm=steer_gmm, alpha=alpha)
+    options = ReportOptions(
+        pick=pick,
+        accuracy_floor=accuracy_floor,
+        at=tuple(at),
+        split=split,
+        pick_split=pick_split,
+        bootstrap=bootstrap,
+        seed=seed,
+        policy_log=policy_log,
+        steer_gmm=steer_gmm,
+        alpha=alpha,
+    )
     written = make_report(trace_dir, results, out, options)
     console.print(f"[green]wrote[/] {out / 'index.html'} and {len(written) - 1} more file(s) in {out}")
 
 
-train_app = typer.Typer(help="Fit routers' learned parts on a trace's train split (CPU) and save them for replay.",
-                        no_args_is_help=True)
+train_app = typer.Typer(
+    help="Fit routers' learned parts on a trace's train split (CPU) and save them for replay.", no_args_is_help=True
+)
 app.add_typer(train_app, name="train")
 
 TRACE_ARG = typer.Argument(..., help="Trace directory.")
-SPLIT_SEED_OPT = typer.Option(0, "--split-seed", help="Seed of the hash that assigns problems to splits (as in trace replay).")
-SPLIT_FRACTIONS_OPT = typer.Option("0.5,0.1,0.4", "--split-fractions", help="train,calibration,test fractions (as in trace replay); fitting uses train only.")
+SPLIT_SEED_OPT = typer.Option(
+    0, "--split-seed", help="Seed of the hash that assigns problems to splits (as in trace replay)."
+)
+SPLIT_FRACTIONS_OPT = typer.Option(
+    "0.5,0.1,0.4",
+    "--split-fractions",
+    help="train,calibration,test fractions (as in trace replay); fitting uses train only.",
+)
 
 
 @train_app.command("policy")
 @user_errors
 def train_policy_command(
     trace_dir: Path = TRACE_ARG,
-    out: Path = typer.Option(Path("policy.pt"), "--out", help="Policy file to write; the training log goes next to it as NAME.log.parquet."),
-    alpha: float = typer.Option(0.02, "--alpha", help="Allowed miscoverage: P(correct or large model alone wrong) >= 1 - alpha."),
+    out: Path = typer.Option(
+        Path("policy.pt"), "--out", help="Policy file to write; the training log goes next to it as NAME.log.parquet."
+    ),
+    alpha: float = typer.Option(
+        0.02, "--alpha", help="Allowed miscoverage: P(correct or large model alone wrong) >= 1 - alpha."
+    ),
     steps: int = typer.Option(1000, "--steps", help="Policy updates."),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate of the critics (success and cost)."),
     batch: int = typer.Option(5, "--batch", help="Episodes (problem, world) rolled out per update."),
     eta: float = typer.Option(0.1, "--eta", help="Step size of the kappa update."),
-    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, episode sampling and actions; same seed, same file bytes."),
-    delta: float = typer.Option(0.01, "--delta", help="Trust region: mean KL between successive policies at most this (nats)."),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed of initialisation, episode sampling and actions; same seed, same file bytes."
+    ),
+    delta: float = typer.Option(
+        0.01, "--delta", help="Trust region: mean KL between successive policies at most this (nats)."
+    ),
     kappa: float = typer.Option(0.5, "--kappa", help="Initial threshold: escalate iff pi(escalate | o) >= kappa."),
-    entropy_coef: float = typer.Option(0.05, "--entropy-coef", help="Weight of the policy's entropy in the objective (keeps it from saturating)."),
-    features: str = typer.Option(None, "--features", help="Observation: comma-separated steps columns and/or difficulty (default: conf_max_logit_math,depth,is_final,n_gen_tokens)."),
-    cost: str = typer.Option("tokens", "--cost", help="tokens: large-model generated tokens; flops: FLOPs of every step paid for; both as a share of the large model alone."),
+    entropy_coef: float = typer.Option(
+        0.05, "--entropy-coef", help="Weight of the policy's entropy in the objective (keeps it from saturating)."
+    ),
+    features: str = typer.Option(
+        None,
+        "--features",
+        help=(
+            "Observation: comma-separated steps columns and/or difficulty (default: "
+            "conf_max_logit_math,depth,is_final,n_gen_tokens)."
+        ),
+    ),
+    cost: str = typer.Option(
+        "tokens",
+        "--cost",
+        help=(
+            "tokens: large-model generated tokens; flops: FLOPs of every step paid for; both as a share of the large "
+            "model alone."
+        ),
+    ),
     split_seed: int = SPLIT_SEED_OPT,
     split_fractions: str = SPLIT_FRACTIONS_OPT,
 ) -> None:
@@ -324,32 +511,58 @@ def train_policy_command(
     from replay.train_policy import DEFAULT_FEATURES, Hyperparameters, train_policy
 
     chosen = tuple(name.strip() for name in features.split(",") if name.strip()) if features else DEFAULT_FEATURES
-    hp = Hyperparameters(alpha=alpha, steps=steps, lr=lr, batch=batch, eta=eta, seed=seed, delta=delta, kappa=kappa,
-                         entropy_coef=entropy_coef, features=chosen, cost=cost,
-                         split_seed=split_seed, split_fractions=parse_fractions(split_fractions))
-    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[state]}"))
+    hp = Hyperparameters(
+        alpha=alpha,
+        steps=steps,
+        lr=lr,
+        batch=batch,
+        eta=eta,
+        seed=seed,
+        delta=delta,
+        kappa=kappa,
+        entropy_coef=entropy_coef,
+        features=chosen,
+        cost=cost,
+        split_seed=split_seed,
+        split_fractions=parse_fractions(split_fractions),
+    )
+    columns = (
+        TextColumn("training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[state]}"),
+    )
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("train", total=steps, state="")
 
         def show(row):
-            progress.update(task, completed=row["step"],
-                            state=f"kappa {row['kappa']:.3f} coverage {row['coverage']:.2f} case {row['case']}")
+            progress.update(
+                task,
+                completed=row["step"],
+                state=f"kappa {row['kappa']:.3f} coverage {row['coverage']:.2f} case {row['case']}",
+            )
 
         result = train_policy(trace_dir, out, hp, on_step=show)
     if not result.has_verifier:
-        console.print("no verifier scores in the trace: a trajectory is covered when correct or the large model alone is wrong")
-    console.print(f"[green]wrote[/] {result.policy_path} and {result.log_path}: kappa {result.kappa:.4f}; on the "
-                  f"{result.n_train_episodes:,} train episodes coverage {result.train_coverage:.4f} (target "
-                  f">= {1 - alpha:g}), accuracy {result.train_accuracy:.4f}, cost {result.train_cost:.4f} of the large "
-                  f"model alone; {result.seconds:.1f}s")
+        console.print(
+            "no verifier scores in the trace: a trajectory is covered when correct or the large model alone is wrong"
+        )
+    console.print(
+        f"[green]wrote[/] {result.policy_path} and {result.log_path}: kappa {result.kappa:.4f}; on the "
+        f"{result.n_train_episodes:,} train episodes coverage {result.train_coverage:.4f} (target "
+        f">= {1 - alpha:g}), accuracy {result.train_accuracy:.4f}, cost {result.train_cost:.4f} of the large "
+        f"model alone; {result.seconds:.1f}s"
+    )
 
 
 @train_app.command("pik")
 @user_errors
 def train_pik_command(
     trace_dir: Path = TRACE_ARG,
-    model: str = typer.Option("small", "--model", help="Model role(s) to probe, comma-separated (all but the largest of a cascade)."),
+    model: str = typer.Option(
+        "small", "--model", help="Model role(s) to probe, comma-separated (all but the largest of a cascade)."
+    ),
     layer: int = typer.Option(-1, "--layer", help="Layer of the stored prompt hidden state (-1 = last)."),
     where: str = typer.Option("prompt_last", "--where", help="Position of the stored hidden state."),
     out: Path = typer.Option(Path("pik.joblib"), "--out", help="Probe file for --router cascade --param probe=FILE."),
@@ -367,15 +580,29 @@ def train_pik_command(
     from replay.train_pik import train_pik
 
     models = [role.strip() for role in model.split(",") if role.strip()]
-    reports = train_pik(trace_dir, out, models, layer=layer, where=where, seed=seed, split_seed=split_seed,
-                        fractions=parse_fractions(split_fractions))
+    reports = train_pik(
+        trace_dir,
+        out,
+        models,
+        layer=layer,
+        where=where,
+        seed=seed,
+        split_seed=split_seed,
+        fractions=parse_fractions(split_fractions),
+    )
     table = Table(title=f"P(IK) probes, layer {layer} ({where}): test part of the train split")
     for name in ("Model", "Fit / val / test", "Correct (fit)", "L2", "Accuracy", "F1", "AUROC"):
         table.add_column(name, justify="left" if name == "Model" else "right")
     for r in reports:
-        table.add_row(r.model, f"{r.n_fit:,} / {r.n_validation:,} / {r.n_test:,}", f"{100 * r.positive_rate:.1f}%",
-                      f"{r.l2:g}", f"{r.test_accuracy:.3f}", f"{r.test_f1:.3f}",
-                      "-" if r.test_auroc != r.test_auroc else f"{r.test_auroc:.3f}")
+        table.add_row(
+            r.model,
+            f"{r.n_fit:,} / {r.n_validation:,} / {r.n_test:,}",
+            f"{100 * r.positive_rate:.1f}%",
+            f"{r.l2:g}",
+            f"{r.test_accuracy:.3f}",
+            f"{r.test_f1:.3f}",
+            "-" if r.test_auroc != r.test_auroc else f"{r.test_auroc:.3f}",
+        )
     console.print(table)
     console.print(f"[green]wrote[/] {out}")
 
@@ -384,8 +611,14 @@ def train_pik_command(
 @user_errors
 def train_steer_command(
     trace_dir: Path = TRACE_ARG,
-    out: Path = typer.Option(Path("steer.json"), "--out", help="Mixture file for --router steer --param gmms=FILE and trace report --steer-gmm."),
-    min_samples: int = typer.Option(10, "--min-samples", help="Step indices with fewer train confidences use the mixture of the one before."),
+    out: Path = typer.Option(
+        Path("steer.json"),
+        "--out",
+        help="Mixture file for --router steer --param gmms=FILE and trace report --steer-gmm.",
+    ),
+    min_samples: int = typer.Option(
+        10, "--min-samples", help="Step indices with fewer train confidences use the mixture of the one before."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the mixtures' initialisation."),
     split_seed: int = SPLIT_SEED_OPT,
     split_fractions: str = SPLIT_FRACTIONS_OPT,
@@ -401,14 +634,27 @@ def train_steer_command(
 
     if min_samples < 2:
         raise typer.BadParameter(f"--min-samples must be at least 2, got {min_samples}")
-    rows = train_steer(trace_dir, out, min_samples=min_samples, seed=seed, split_seed=split_seed,
-                       fractions=parse_fractions(split_fractions))
+    rows = train_steer(
+        trace_dir,
+        out,
+        min_samples=min_samples,
+        seed=seed,
+        split_seed=split_seed,
+        fractions=parse_fractions(split_fractions),
+    )
     table = Table(title="STEER mixtures of conf_max_logit_math (train split)")
     for name in ("Step", "n", "Low mean", "Low sd", "Low weight", "High mean", "High sd"):
         table.add_column(name, justify="right")
     for row in rows.iter_rows(named=True):
-        table.add_row(str(row["depth"]), f"{row['n']:,}", f"{row['low_mean']:.4g}", f"{row['low_std']:.3g}",
-                      f"{row['low_weight']:.3f}", f"{row['high_mean']:.4g}", f"{row['high_std']:.3g}")
+        table.add_row(
+            str(row["depth"]),
+            f"{row['n']:,}",
+            f"{row['low_mean']:.4g}",
+            f"{row['low_std']:.3g}",
+            f"{row['low_weight']:.3f}",
+            f"{row['high_mean']:.4g}",
+            f"{row['high_std']:.3g}",
+        )
     console.print(table)
     console.print(f"[green]wrote[/] {out}")
 

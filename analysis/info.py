@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from replay.store import TABLES, manifest_roles, model_char, open_trace
+from replay.schema import TABLES, model_char
+from replay.store import open_trace
 
 
 @dataclass
@@ -30,10 +31,12 @@ class TraceInfo:
 
 def trace_info(root: str | os.PathLike) -> TraceInfo:
     trace = open_trace(root)
-    steps = trace.scan("steps").select(
-        "problem_id", "world", "path", "model", "n_gen_tokens", "is_final", "correct"
-    ).collect()
-    roles = manifest_roles(trace.manifest)
+    steps = (
+        trace.scan("steps")
+        .select("problem_id", "world", "path", "model", "n_gen_tokens", "is_final", "correct")
+        .collect()
+    )
+    roles = trace.manifest.roles
     models = (
         steps.group_by("model")
         .agg(steps=pl.len(), gen_tokens=pl.col("n_gen_tokens").cast(pl.Int64).sum())

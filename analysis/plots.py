@@ -67,26 +67,75 @@ def pareto_png(curves: list[Curve], points: list[Point], cost_unit: str) -> byte
         complete = np.flatnonzero(~curve.missed)
         order = complete[np.lexsort((curve.accuracy[complete], curve.cost[complete]))]
         color = next(colors)
-        axes.plot(curve.cost[order], 100 * curve.accuracy[order], "-o", color=color, markersize=3,
-                  linewidth=1.2, label=f"{curve.label}, sweep", zorder=3)
+        axes.plot(
+            curve.cost[order],
+            100 * curve.accuracy[order],
+            "-o",
+            color=color,
+            markersize=3,
+            linewidth=1.2,
+            label=f"{curve.label}, sweep",
+            zorder=3,
+        )
         if curve.missed.any():
-            axes.plot(curve.cost[curve.missed], 100 * curve.accuracy[curve.missed], "o", color=color, markersize=5,
-                      markerfacecolor="none", linestyle="none", zorder=3)
-        axes.plot(curve.cost[curve.chosen], 100 * curve.accuracy[curve.chosen], "o", markersize=11,
-                  markerfacecolor="none", markeredgecolor=color, markeredgewidth=2, zorder=4)
+            axes.plot(
+                curve.cost[curve.missed],
+                100 * curve.accuracy[curve.missed],
+                "o",
+                color=color,
+                markersize=5,
+                markerfacecolor="none",
+                linestyle="none",
+                zorder=3,
+            )
+        axes.plot(
+            curve.cost[curve.chosen],
+            100 * curve.accuracy[curve.chosen],
+            "o",
+            markersize=11,
+            markerfacecolor="none",
+            markeredgecolor=color,
+            markeredgewidth=2,
+            zorder=4,
+        )
     markers = {"small": ("s", "#555555"), "large": ("^", "#000000")}
     for point in points:
         marker, color = markers.get(point.kind, ("D", None))
-        axes.plot(point.cost, 100 * point.accuracy, marker, markersize=9, linestyle="none",
-                  color=color or next(colors), label=point.label, zorder=2)
+        axes.plot(
+            point.cost,
+            100 * point.accuracy,
+            marker,
+            markersize=9,
+            linestyle="none",
+            color=color or next(colors),
+            label=point.label,
+            zorder=2,
+        )
     if curves:
-        axes.plot([], [], "o", markersize=11, markerfacecolor="none", markeredgecolor="#555555",
-                  markeredgewidth=2, label="chosen operating point")
+        axes.plot(
+            [],
+            [],
+            "o",
+            markersize=11,
+            markerfacecolor="none",
+            markeredgecolor="#555555",
+            markeredgewidth=2,
+            label="chosen operating point",
+        )
     if any(curve.missed.any() for curve in curves):
-        axes.plot([], [], "o", markersize=5, markerfacecolor="none", markeredgecolor="#555555", linestyle="none",
-                  label="configuration with misses (finished walks only)")
-    log_scale = wants_log_cost_axis(np.concatenate([curve.cost for curve in curves]
-                                                   + [np.array([point.cost for point in points])]))
+        axes.plot(
+            [],
+            [],
+            "o",
+            markersize=5,
+            markerfacecolor="none",
+            markeredgecolor="#555555",
+            linestyle="none",
+            label="configuration with misses (finished walks only)",
+        )
+    log_scale = wants_log_cost_axis(
+        np.concatenate([curve.cost for curve in curves] + [np.array([point.cost for point in points])])
+    )
     cost_label = FuncFormatter(lambda value, _: f"{value:.3g}")
     if log_scale:
         axes.set_xscale("log")
@@ -134,8 +183,9 @@ def policy_training_png(step: np.ndarray, coverage: np.ndarray, kappa: np.ndarra
     left.plot(step, coverage, color=HIGH_COLOR, linewidth=0.8, alpha=0.35, label="coverage per update (batch)")
     if window > 1:
         running = np.convolve(coverage, np.ones(window) / window, mode="valid")
-        left.plot(step[window - 1:], running, color=HIGH_COLOR, linewidth=1.8,
-                  label=f"running mean of {window} updates")
+        left.plot(
+            step[window - 1 :], running, color=HIGH_COLOR, linewidth=1.8, label=f"running mean of {window} updates"
+        )
     left.axhline(1 - alpha, color=LOW_COLOR, linestyle="--", label=f"target 1 - alpha = {1 - alpha:g}")
     left.set_xlabel("Training step")
     left.set_ylabel("Coverage P(R_policy = 1 or R_large = 0)")
@@ -178,22 +228,36 @@ def steer_mixtures_png(mixtures: list[Mixture], confidences: dict[int, np.ndarra
     for axes, mixture in zip(panels, mixtures):
         values = confidences.get(mixture.depth, np.array([]))
         spread = np.sqrt(mixture.variances)
-        x = np.linspace(np.concatenate([mixture.means - 4 * spread, values]).min(),
-                        np.concatenate([mixture.means + 4 * spread, values]).max(), 400)
+        x = np.linspace(
+            np.concatenate([mixture.means - 4 * spread, values]).min(),
+            np.concatenate([mixture.means + 4 * spread, values]).max(),
+            400,
+        )
         if values.size:
-            axes.hist(values, bins=min(40, max(5, values.size // 5)), density=True, color="#cccccc",
-                      edgecolor="#999999", label=f"small steps (n={values.size})")
+            axes.hist(
+                values,
+                bins=min(40, max(5, values.size // 5)),
+                density=True,
+                color="#cccccc",
+                edgecolor="#999999",
+                label=f"small steps (n={values.size})",
+            )
         densities = mixture.component_densities(x)
         for index, density in enumerate(densities):
             low = index == mixture.low
-            axes.plot(x, density, color=LOW_COLOR if low else HIGH_COLOR, linewidth=1.5,
-                      label=("low-confidence" if low else "confident") + f" (w={mixture.weights[index]:.2f})")
+            axes.plot(
+                x,
+                density,
+                color=LOW_COLOR if low else HIGH_COLOR,
+                linewidth=1.5,
+                label=("low-confidence" if low else "confident") + f" (w={mixture.weights[index]:.2f})",
+            )
         axes.plot(x, densities.sum(axis=0), color="black", linewidth=1, linestyle="--", label="mixture")
         axes.set_title(f"step index {mixture.depth}")
         axes.set_xlabel(f"{signal} (step confidence)")
         axes.set_ylabel("Density")
         axes.legend(fontsize="x-small")
-    for axes in panels[len(mixtures):]:
+    for axes in panels[len(mixtures) :]:
         axes.set_visible(False)
     figure.suptitle("STEER: fitted mixtures over the small model's step confidences")
     return _png(figure)

@@ -12,8 +12,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from replay.atomic import write_atomic
 from replay.errors import TraceError
-from replay.store import SCHEMAS, TABLES, Trace, open_trace
+from replay.schema import SCHEMAS, TABLES
+from replay.store import Trace, open_trace
 
 OUTPUT_FORMATS = (".csv", ".parquet")
 
@@ -86,8 +88,8 @@ def check_out_path(out: str | os.PathLike) -> Path:
 def write_result(result: pa.Table, out: str | os.PathLike) -> None:
     """Write a query result to .csv or .parquet, atomically (an existing file is replaced only on success)."""
     out = check_out_path(out)
-    temp = out.with_name(f".{out.name}.tmp")
-    try:
+
+    def write(temp: Path) -> None:
         if out.suffix == ".parquet":
             pq.write_table(result, temp, compression="zstd")
         else:
@@ -95,9 +97,8 @@ def write_result(result: pa.Table, out: str | os.PathLike) -> None:
             connection.register("result", result)
             connection.execute(f"COPY result TO {_quote(str(temp))} (FORMAT csv, HEADER)")
             connection.close()
-        os.replace(temp, out)
-    finally:
-        temp.unlink(missing_ok=True)
+
+    write_atomic(out, write)
 
 
 def _cell(value) -> Text:
@@ -119,5 +120,9 @@ def print_result(result: pa.Table, console: Console, max_rows: int) -> None:
     for row in zip(*(column.to_pylist() for column in shown.columns)):
         table.add_row(*(_cell(value) for value in row))
     console.print(table)
-    shown_of = f"{result.num_rows:,} rows" if result.num_rows <= max_rows else f"first {max_rows:,} of {result.num_rows:,} rows"
+    shown_of = (
+        f"{result.num_rows:,} rows"
+        if result.num_rows <= max_rows
+        else f"first {max_rows:,} of {result.num_rows:,} rows"
+    )
     console.print(shown_of, style="dim")

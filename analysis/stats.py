@@ -50,10 +50,10 @@ def resampled_ratio(counts: np.ndarray, numerator: np.ndarray, denominator: np.n
 class McNemar:
     """McNemar's test of two classifiers' correctness on the same items."""
 
-    n_pairs: int      # items both were graded on
-    only_first: int   # first right, second wrong
+    n_pairs: int  # items both were graded on
+    only_first: int  # first right, second wrong
     only_second: int  # first wrong, second right
-    test: str         # "exact binomial" or "chi-square (continuity corrected)"
+    test: str  # "exact binomial" or "chi-square (continuity corrected)"
     statistic: float  # the smaller discordant count (exact) or the chi-square value
     p_value: float
 
@@ -69,9 +69,20 @@ def mcnemar(first: np.ndarray, second: np.ndarray) -> McNemar:
     discordant = only_first + only_second
     if discordant < EXACT_BELOW:
         p_value = 1.0 if discordant == 0 else float(stats.binomtest(only_first, discordant, 0.5).pvalue)
-        return McNemar(first.size, only_first, only_second, "exact binomial",
-                       float(min(only_first, only_second)), min(p_value, 1.0))
+        return McNemar(
+            first.size,
+            only_first,
+            only_second,
+            "exact binomial",
+            float(min(only_first, only_second)),
+            min(p_value, 1.0),
+        )
     chi_square = (abs(only_first - only_second) - 1) ** 2 / discordant
-    return McNemar(first.size, only_first, only_second, "chi-square (continuity corrected)",
-                   float(chi_square), float(stats.chi2.sf(chi_square, df=1)))
-
+    return McNemar(
+        first.size,
+        only_first,
+        only_second,
+        "chi-square (continuity corrected)",
+        float(chi_square),
+        float(stats.chi2.sf(chi_square, df=1)),
+    )

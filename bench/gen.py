@@ -31,9 +31,9 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 def main() -> None:
     from replay.store import open_trace
-    from tracegen.backends import StepRequest, StepSampling, load_backend
+    from tracegen.backends import StepRequest, StepSampling, default_backend, engine_kwargs_for, load_backend
     from tracegen.expand import Request
-    from tracegen.gen import GenOptions, Tree, default_backend, engine_kwargs_for, request_seed, run_gen
+    from tracegen.gen import GenOptions, Tree, request_seed, run_gen
     from tracegen.models import resolve_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,14 +43,27 @@ def main() -> None:
     parser.add_argument("--small", default="toy-small")
     parser.add_argument("--large", default="toy-large")
     parser.add_argument("--out", type=Path, default=None, help="trace directory [default: a temporary one]")
-    parser.add_argument("--block-size", type=int, default=None,
-                        help="vLLM KV block size (prefix-cache granularity; default: 16 on GPU, 32 on CPU)")
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="vLLM KV block size (prefix-cache granularity; default: 16 on GPU, 32 on CPU)",
+    )
     args = parser.parse_args()
 
     kind = args.backend or default_backend()
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-gen-")) / "trace"
-    options = GenOptions(small=args.small, large=args.large, dataset="toy", out=out, limit=args.problems,
-                         max_step_tokens=64, max_steps=8, backend=kind, seed=0)
+    options = GenOptions(
+        small=args.small,
+        large=args.large,
+        dataset="toy",
+        out=out,
+        limit=args.problems,
+        max_step_tokens=64,
+        max_steps=8,
+        backend=kind,
+        seed=0,
+    )
     paths = {"small": resolve_model(args.small, "small").path, "large": resolve_model(args.large, "large").path}
     started = time.perf_counter()
     given = {"block_size": args.block_size} if args.block_size and kind == "vllm" else {}
@@ -66,8 +79,10 @@ def main() -> None:
     summary = run_gen(options, progress, backends=backends)
     batched_seconds = marks["last"] - marks["round"]
     batched_rate = summary.new_gen_tokens / batched_seconds
-    print(f"batched: {summary.new_steps:,} steps, {summary.new_gen_tokens:,} tokens in {summary.rounds} rounds, "
-          f"{batched_seconds:.1f}s -> {batched_rate:,.0f} generated tokens/s")
+    print(
+        f"batched: {summary.new_steps:,} steps, {summary.new_gen_tokens:,} tokens in {summary.rounds} rounds, "
+        f"{batched_seconds:.1f}s -> {batched_rate:,.0f} generated tokens/s"
+    )
 
     trace = open_trace(out)
     steps = trace.scan("steps").collect()
@@ -81,8 +96,9 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(paths["small"])
     sample = random.Random(0).sample(sorted(by_id), min(args.sequential_steps, len(by_id)))
-    sampling = StepSampling(temperature=options.temperature, top_p=options.top_p,
-                            max_step_tokens=options.max_step_tokens, topk=options.topk)
+    sampling = StepSampling(
+        temperature=options.temperature, top_p=options.top_p, max_step_tokens=options.max_step_tokens, topk=options.topk
+    )
     sequential_tokens, identical = 0, 0
     started = time.perf_counter()
     for step_id in sample:
@@ -94,13 +110,16 @@ def main() -> None:
             tree.steps[ancestor["path"]] = ancestor_step(ancestor)
         request = Request(row["problem_id"], row["world"], row["parent_path"], row["model"])
         [step] = backends[row["model"]].generate_steps(
-            [StepRequest(tuple(tree.prompt_ids(row["parent_path"])), request_seed(options.seed, request))], sampling)
+            [StepRequest(tuple(tree.prompt_ids(row["parent_path"])), request_seed(options.seed, request))], sampling
+        )
         sequential_tokens += len(step.token_ids)
         identical += list(step.token_ids) == list(row["token_ids"])
     sequential_seconds = time.perf_counter() - started
     sequential_rate = sequential_tokens / sequential_seconds
-    print(f"one request per node: {len(sample)} steps, {sequential_tokens:,} tokens in {sequential_seconds:.1f}s "
-          f"-> {sequential_rate:,.0f} generated tokens/s; {identical}/{len(sample)} steps identical to the batched run")
+    print(
+        f"one request per node: {len(sample)} steps, {sequential_tokens:,} tokens in {sequential_seconds:.1f}s "
+        f"-> {sequential_rate:,.0f} generated tokens/s; {identical}/{len(sample)} steps identical to the batched run"
+    )
 
     cached = steps["n_cached_tokens"].sum() / steps["n_prompt_tokens"].sum()
     on_disk = sum(os.path.getsize(f) for table in ("steps", "tokens") for f in trace.files(table))
@@ -109,16 +128,19 @@ def main() -> None:
     print()
     print(f"batched / one-per-node tokens/s:      {batched_rate / sequential_rate:6.1f}x   (goal >= 5x)")
     print(f"prefix-cache hits / prompt tokens:    {cached:6.1%}   (goal >= 80%)")
-    print(f"bytes on disk per generated token:    {per_token:6.1f}   (goal <= 48; whole trace dir "
-          f"{whole / steps['n_gen_tokens'].sum():.1f})")
+    print(
+        f"bytes on disk per generated token:    {per_token:6.1f}   (goal <= 48; whole trace dir "
+        f"{whole / steps['n_gen_tokens'].sum():.1f})"
+    )
     print(f"trace: {out}")
 
 
 def ancestor_step(row: dict):
     from tracegen.gen import StoredStep
 
-    return StoredStep(row["model"], row["text"], list(row["token_ids"]), row["n_prompt_tokens"], row["n_gen_tokens"],
-                      row["is_final"])
+    return StoredStep(
+        row["model"], row["text"], list(row["token_ids"]), row["n_prompt_tokens"], row["n_gen_tokens"], row["is_final"]
+    )
 
 
 if __name__ == "__main__":

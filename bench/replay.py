@@ -33,11 +33,13 @@ import polars as pl  # noqa: E402
 from replay.costs import make_cost_model  # noqa: E402
 from replay.engine import ReplayData, miss_list, parse_sweep, replay  # noqa: E402
 from replay.routers import make_router  # noqa: E402
+from replay.schema import SCHEMAS, model_char  # noqa: E402
 from replay.splits import hash_uniform  # noqa: E402
-from replay.store import SCHEMAS, model_char  # noqa: E402
 
-MANIFEST = {"models": [{"role": "small", "n_params": 1.5e9}, {"role": "large", "n_params": 7e9}],
-            "scorers": {"prm": {"model": "skywork-prm-1.5b", "n_params": 1.5e9}, "judge": {"model": "large"}}}
+MANIFEST = {
+    "models": [{"role": "small", "n_params": 1.5e9}, {"role": "large", "n_params": 7e9}],
+    "scorers": {"prm": {"model": "skywork-prm-1.5b", "n_params": 1.5e9}, "judge": {"model": "large"}},
+}
 SWEEPS = {
     "steer mode=switch": ("steer", {"mode": "switch"}, "tau=0:1:0.01"),
     "steer mode=step": ("steer", {"mode": "step"}, "tau=0:1:0.01"),
@@ -75,29 +77,60 @@ def synth(problem_ids: list[str], paths: list[str]) -> tuple[pl.DataFrame, pl.Da
     digit_logits = -((np.arange(10)[None, :] - center[:, None]) ** 2) / 2
     probabilities = np.exp(digit_logits) / np.exp(digit_logits).sum(axis=1, keepdims=True)
     prompt = 120 + 50 * depth
-    steps = pl.DataFrame({
-        "step_id": names, "problem_id": problem_ids, "world": np.zeros(n, dtype=np.int32),
-        "parent_path": [path[:-1] for path in paths], "path": paths, "depth": depth.astype(np.int32),
-        "model": ["small" if is_small else "large" for is_small in small], "text": [""] * n,
-        "n_prompt_tokens": prompt.astype(np.int32), "n_new_prefill_tokens": np.full(n, 60, dtype=np.int32),
-        "n_cached_tokens": (prompt - 60).astype(np.int32), "n_gen_tokens": n_gen,
-        "finish_reason": ["eos" if final else "delimiter" for final in is_final], "is_final": is_final,
-        "answer": ["42" if final else None for final in is_final],
-        "correct": [bool(c) if final else None for c, final in zip(correct, is_final)],
-        "conf_max_logit_mean": confidence, "conf_max_logit_math": confidence, "conf_top1_prob_min_math": prm,
-        "logprob_mean": -prm, "logprob_min": -2 * prm, "first_token_logprob": -prm, "gen_seconds": np.zeros(n),
-    })
+    steps = pl.DataFrame(
+        {
+            "step_id": names,
+            "problem_id": problem_ids,
+            "world": np.zeros(n, dtype=np.int32),
+            "parent_path": [path[:-1] for path in paths],
+            "path": paths,
+            "depth": depth.astype(np.int32),
+            "model": ["small" if is_small else "large" for is_small in small],
+            "text": [""] * n,
+            "n_prompt_tokens": prompt.astype(np.int32),
+            "n_new_prefill_tokens": np.full(n, 60, dtype=np.int32),
+            "n_cached_tokens": (prompt - 60).astype(np.int32),
+            "n_gen_tokens": n_gen,
+            "finish_reason": ["eos" if final else "delimiter" for final in is_final],
+            "is_final": is_final,
+            "answer": ["42" if final else None for final in is_final],
+            "correct": [bool(c) if final else None for c, final in zip(correct, is_final)],
+            "conf_max_logit_mean": confidence,
+            "conf_max_logit_math": confidence,
+            "conf_top1_prob_min_math": prm,
+            "logprob_mean": -prm,
+            "logprob_min": -2 * prm,
+            "first_token_logprob": -prm,
+            "gen_seconds": np.zeros(n),
+        }
+    )
     steps = pl.from_arrow(steps.to_arrow().cast(SCHEMAS["steps"]))
     judged = np.flatnonzero(small)
     context = (prompt + n_gen)[judged].astype(np.int32)
-    scores = pl.concat([
-        pl.DataFrame({"step_id": [names[i] for i in judged], "scorer": "prm", "value": prm[judged],
-                      "detail": [None] * len(judged), "n_tokens_processed": context},
-                     schema_overrides={"detail": pl.List(pl.Float32)}),
-        pl.DataFrame({"step_id": [names[i] for i in judged], "scorer": "judge",
-                      "value": probabilities[judged].argmax(axis=1).astype(np.float32),
-                      "detail": probabilities[judged].astype(np.float32).tolist(), "n_tokens_processed": context + 1}),
-    ], how="vertical_relaxed")
+    scores = pl.concat(
+        [
+            pl.DataFrame(
+                {
+                    "step_id": [names[i] for i in judged],
+                    "scorer": "prm",
+                    "value": prm[judged],
+                    "detail": [None] * len(judged),
+                    "n_tokens_processed": context,
+                },
+                schema_overrides={"detail": pl.List(pl.Float32)},
+            ),
+            pl.DataFrame(
+                {
+                    "step_id": [names[i] for i in judged],
+                    "scorer": "judge",
+                    "value": probabilities[judged].argmax(axis=1).astype(np.float32),
+                    "detail": probabilities[judged].astype(np.float32).tolist(),
+                    "n_tokens_processed": context + 1,
+                }
+            ),
+        ],
+        how="vertical_relaxed",
+    )
     return steps, pl.from_arrow(scores.to_arrow().cast(SCHEMAS["scores"]))
 
 
@@ -133,16 +166,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problems", type=int, default=1319)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--online", type=int, default=0, metavar="N",
-                        help="also time an online run on N toy problems against its replay")
+    parser.add_argument(
+        "--online",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time an online run on N toy problems against its replay",
+    )
     args = parser.parse_args()
     if args.online:
         online_vs_replay(args.online, args.repeats)
 
     started = time.perf_counter()
     data, rounds = grow_trace(args.problems)
-    print(f"synthetic trace: {args.problems:,} problems, {data.steps.height:,} steps "
-          f"(comb + {rounds} closure rounds), built in {time.perf_counter() - started:.1f}s")
+    print(
+        f"synthetic trace: {args.problems:,} problems, {data.steps.height:,} steps "
+        f"(comb + {rounds} closure rounds), built in {time.perf_counter() - started:.1f}s"
+    )
     cost = make_cost_model("flops", MANIFEST)
     fresh = ReplayData(MANIFEST, data.steps, data.problems, scores=data.scores)
     started = time.perf_counter()
@@ -158,9 +198,11 @@ def main() -> None:
             result = replay(fresh, chosen, cost, {name: values})
             timings.append(time.perf_counter() - started)
         summary = result.summary()
-        print(f"{label:28s} {len(values)} thresholds x {fresh.roots.height:,} problems: "
-              f"{min(timings):.3f}s per sweep (best of {args.repeats}); misses {int(summary['misses'].sum())}; "
-              f"accuracy {summary['accuracy'].min():.3f}-{summary['accuracy'].max():.3f}")
+        print(
+            f"{label:28s} {len(values)} thresholds x {fresh.roots.height:,} problems: "
+            f"{min(timings):.3f}s per sweep (best of {args.repeats}); misses {int(summary['misses'].sum())}; "
+            f"accuracy {summary['accuracy'].min():.3f}-{summary['accuracy'].max():.3f}"
+        )
 
 
 def online_vs_replay(n_problems: int, repeats: int) -> None:
@@ -168,21 +210,31 @@ def online_vs_replay(n_problems: int, repeats: int) -> None:
 
     from replay.engine import replay_trace
     from replay.store import open_trace
-    from tracegen.backends import load_backend
+    from tracegen.backends import default_backend, engine_kwargs_for, load_backend
     from tracegen.closure import RouterSpec
-    from tracegen.gen import GenOptions, default_backend, engine_kwargs_for, run_gen
+    from tracegen.gen import GenOptions, run_gen
     from tracegen.models import resolve_model
 
     kind = default_backend()
     started = time.perf_counter()
-    engines = {role: load_backend(kind, resolve_model(f"toy-{role}", role).path, **engine_kwargs_for(kind, role, {}))
-               for role in ("small", "large")}
+    engines = {
+        role: load_backend(kind, resolve_model(f"toy-{role}", role).path, **engine_kwargs_for(kind, role, {}))
+        for role in ("small", "large")
+    }
     print(f"online ({kind}): engines started in {time.perf_counter() - started:.1f}s (not timed below)")
     spec = RouterSpec("specreason", {"tau": "7"})
     try:
         with tempfile.TemporaryDirectory(prefix="bench-online-") as folder:
-            options = GenOptions(small="toy-small", large="toy-large", dataset="toy", out=f"{folder}/trace",
-                                 limit=n_problems, expand="online", routers=(spec,), backend=kind)
+            options = GenOptions(
+                small="toy-small",
+                large="toy-large",
+                dataset="toy",
+                out=f"{folder}/trace",
+                limit=n_problems,
+                expand="online",
+                routers=(spec,),
+                backend=kind,
+            )
             started = time.perf_counter()
             summary = run_gen(options, backends=engines)
             online = time.perf_counter() - started
@@ -204,10 +256,12 @@ def online_vs_replay(n_problems: int, repeats: int) -> None:
         for engine in engines.values():
             engine.close()
     replayed, walked = min(timings), min(in_memory)
-    print(f"specreason tau=7 on {n_problems} toy problems: online {online:.1f}s ({summary.new_steps} steps, "
-          f"{summary.rounds} rounds); replay {replayed * 1e3:.1f} ms opening the trace on disk, "
-          f"{walked * 1e3:.2f} ms on the trace loaded once (best of {repeats}); "
-          f"misses {int(result.outcomes['misses'].sum())}")
+    print(
+        f"specreason tau=7 on {n_problems} toy problems: online {online:.1f}s ({summary.new_steps} steps, "
+        f"{summary.rounds} rounds); replay {replayed * 1e3:.1f} ms opening the trace on disk, "
+        f"{walked * 1e3:.2f} ms on the trace loaded once (best of {repeats}); "
+        f"misses {int(result.outcomes['misses'].sum())}"
+    )
     print("online / replay (goal >= 10^4):")
     print(f"  one configuration, opening the trace:       {online / replayed:12,.0f}x")
     print(f"  one configuration, trace loaded once:       {online / walked:12,.0f}x")

@@ -22,8 +22,8 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from data.toy import LANGUAGE_MODELS, MODEL_ALIASES, TOY_DIR  # noqa: E402
-from data.toy.evaluate import evaluate  # noqa: E402
 from data.toy.task import DEFAULT_LEVEL  # noqa: E402
+from scripts.toy.evaluate import evaluate  # noqa: E402
 
 
 def measure(name: str, n: int) -> dict:

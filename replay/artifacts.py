@@ -1,5 +1,5 @@
-"""What the `trace train` commands share: the train split they fit on, atomic writes of what they
-save, and the check routers run when they load it.
+"""What the `trace train` commands share: the train split they fit on, and the checks routers run when
+they load what was saved.
 
 Every saved fitted part (policy, P(IK) probes, STEER mixtures) records the problem ids it was fitted
 on; a router that loads it checks they all lie in the train split of the replay at hand, so a file
@@ -29,28 +29,17 @@ def load_train_split(root: str | os.PathLike, split_seed: int, fractions: tuple[
     return data.subset(train_ids)
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temp name next to ``path``, fsync, rename: a reader never sees half a file."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise TraceError(f"cannot write {path}: folder {path.parent} does not exist")
-    temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-
-
 def check_fitted_within(path: str | os.PathLike, fitted_ids: list[str] | None, train_ids: list[str]) -> None:
     """TraceError if the file at ``path`` was fitted on problems outside this replay's train split."""
     if fitted_ids is None:
         return
     outside = sorted(set(fitted_ids) - set(train_ids))
     if outside:
-        raise TraceError(f"{path} was fitted on {len(outside)} problem(s) outside this replay's train split "
-                         f"(first: {outside[0]!r}); replay with the --split-seed and --split-fractions it was "
-                         f"trained with, or train it again")
+        raise TraceError(
+            f"{path} was fitted on {len(outside)} problem(s) outside this replay's train split "
+            f"(first: {outside[0]!r}); replay with the --split-seed and --split-fractions it was "
+            f"trained with, or train it again"
+        )
 
 
 def load_artifact(

@@ -7,12 +7,14 @@ A parameter count or price the model needs and cannot find is a TraceError, neve
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
 from replay.errors import TraceError
+from replay.schema import Manifest
 
 COST_MODELS = ("flops", "flops+prefill", "api")
 FLOPS_UNIT = 1e12  # flops costs are reported in TFLOPs per query
@@ -30,16 +32,6 @@ class Price:
 GPT_41_MINI = Price(input=0.40, cached_input=0.10, output=1.60)
 
 
-def manifest_models(manifest: dict) -> dict[str, dict]:
-    """The manifest's models keyed by role, in manifest order (smallest first)."""
-    models = manifest.get("models")
-    if isinstance(models, dict):
-        return {role: {"role": role, **info} for role, info in models.items()}
-    if isinstance(models, list) and all(isinstance(m, dict) and "role" in m for m in models):
-        return {m["role"]: m for m in models}
-    raise TraceError("trace.json field 'models' must list the models, each with a 'role'")
-
-
 def parse_price(text: str) -> tuple[str, Price]:
     """Parse ``ROLE=input/cached_input/output`` (USD per 1M tokens), e.g. ``large=2/0.5/8``."""
     key, sep, numbers = text.partition("=")
@@ -49,8 +41,9 @@ def parse_price(text: str) -> tuple[str, Price]:
             raise ValueError
         price = Price(*(float(part) for part in parts))
     except ValueError:
-        raise TraceError(f"--price must look like ROLE=input/cached/output in USD per 1M tokens, "
-                         f"e.g. large=2/0.5/8, got {text!r}") from None
+        raise TraceError(
+            f"--price must look like ROLE=input/cached/output in USD per 1M tokens, e.g. large=2/0.5/8, got {text!r}"
+        ) from None
     return key, price
 
 
@@ -114,8 +107,10 @@ class FlopsCost(CostModel):
         elif model in self.n_params:
             per_token = self._per_token(np.full(len(n_tokens_processed), model, dtype=object))
         else:
-            raise TraceError(f"cost model {self.name} needs the parameter count of scorer {scorer!r}: set "
-                             f"trace.json scorers.{scorer}.n_params, or its model to a role or \"self\"")
+            raise TraceError(
+                f"cost model {self.name} needs the parameter count of scorer {scorer!r}: set "
+                f'trace.json scorers.{scorer}.n_params, or its model to a role or "self"'
+            )
         return per_token * n_tokens_processed.astype(np.float64)
 
 
@@ -137,8 +132,12 @@ class ApiCost(CostModel):
         """USD per token of ``field`` for each key (a role or scorer name)."""
         known = {key: self.prices.get(key, self.default) for key in set(keys.tolist())}
         known = {key: getattr(price, field) / 1e6 for key, price in known.items() if price is not None}
-        return _per_role(keys, known, "cost model api has no price for {roles}: pass --price NAME=input/cached/output "
-                         "(USD per 1M tokens) for each").astype(np.float64)
+        return _per_role(
+            keys,
+            known,
+            "cost model api has no price for {roles}: pass --price NAME=input/cached/output "
+            "(USD per 1M tokens) for each",
+        ).astype(np.float64)
 
     def step_costs(self, steps):
         roles = steps["model"].to_numpy()
@@ -159,17 +158,16 @@ class ApiCost(CostModel):
         return self._prices(keys, "input") * n_tokens_processed.astype(np.float64)
 
 
-def make_cost_model(name: str, manifest: dict, prices: dict[str, Price] | None = None) -> CostModel:
+def make_cost_model(name: str, manifest: Mapping, prices: dict[str, Price] | None = None) -> CostModel:
     """Build cost model ``name`` from the trace manifest (parameter counts) and optional prices.
 
     Without prices the api model prices every model role and scorer at GPT-4.1-mini's rates; once any
     price is given, every role or scorer the replay uses needs its own (a scorer may use its model's).
     """
-    models = manifest_models(manifest)
-    scorers = {scorer: info for scorer, info in (manifest.get("scorers") or {}).items() if isinstance(info, dict)}
+    manifest = Manifest(manifest)
+    scorers = manifest.scorers
     if name in ("flops", "flops+prefill"):
-        n_params = {role: float(m["n_params"]) for role, m in models.items() if m.get("n_params")}
-        return FlopsCost(n_params, scorers, include_prefill=name == "flops+prefill")
+        return FlopsCost(manifest.n_params, scorers, include_prefill=name == "flops+prefill")
     if name == "api":
         return ApiCost(prices or {}, scorers, default=None if prices else GPT_41_MINI)
     raise TraceError(f"unknown cost model {name!r}; choose one of {', '.join(COST_MODELS)}")

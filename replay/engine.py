@@ -15,20 +15,21 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
 import polars as pl
 
-from replay.costs import CostModel, Price, make_cost_model, manifest_models
+from replay.atomic import write_atomic
+from replay.costs import CostModel, Price, make_cost_model
 from replay.errors import TraceError
+from replay.schema import LARGE, SMALL, Manifest
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, SPLITS, assign_splits
 from replay.store import Trace, empty_frame, open_trace
 
 _SEP = "\x1f"  # joins (problem_id, world, path) into one node key; cannot occur in ids or paths
-SMALL, LARGE = "small", "large"
 
 
 def _node_key(problem_id: pl.Expr, world: pl.Expr, path: pl.Expr) -> pl.Expr:
@@ -39,10 +40,10 @@ def _node_key(problem_id: pl.Expr, world: pl.Expr, path: pl.Expr) -> pl.Expr:
 class TreeIndex:
     """The trees as integer arrays: node ids (positions in the sorted node keys) and step rows."""
 
-    children: np.ndarray      # (n_roles, n_nodes): the step row continuing the node by that role, -1 if not cached
-    step_parent: np.ndarray   # node each step row continues
-    step_child: np.ndarray    # node each step row creates
-    step_role: np.ndarray     # role index of each step row
+    children: np.ndarray  # (n_roles, n_nodes): the step row continuing the node by that role, -1 if not cached
+    step_parent: np.ndarray  # node each step row continues
+    step_child: np.ndarray  # node each step row creates
+    step_role: np.ndarray  # role index of each step row
     step_final: np.ndarray
     step_correct: np.ndarray  # False for non-final steps
 
@@ -56,17 +57,23 @@ class ReplayData:
     steps is walked like any other and misses at once.
     """
 
-    def __init__(self, manifest: dict, steps: pl.DataFrame, problems: pl.DataFrame, *,
-                 scores: pl.LazyFrame | pl.DataFrame | None = None,
-                 hidden: pl.LazyFrame | pl.DataFrame | None = None,
-                 worlds: list[int] | None = None):
-        self.manifest = manifest
-        self.roles = list(manifest_models(manifest))
+    def __init__(
+        self,
+        manifest: Mapping,
+        steps: pl.DataFrame,
+        problems: pl.DataFrame,
+        *,
+        scores: pl.LazyFrame | pl.DataFrame | None = None,
+        hidden: pl.LazyFrame | pl.DataFrame | None = None,
+        worlds: list[int] | None = None,
+    ):
+        self.manifest = Manifest(manifest)
+        self.roles = self.manifest.roles
         self.steps = steps.drop("text", strict=False)
         self.problems = problems
         if worlds is None:
-            recorded = manifest.get("worlds")
-            worlds = range(recorded) if isinstance(recorded, int) else sorted(self.steps["world"].unique()) or [0]
+            recorded = self.manifest.worlds
+            worlds = range(recorded) if recorded is not None else sorted(self.steps["world"].unique()) or [0]
         self.worlds = [int(world) for world in worlds]
         self.scores = (scores if scores is not None else empty_frame("scores")).lazy()
         self.hidden = (hidden if hidden is not None else empty_frame("hidden")).lazy()
@@ -81,13 +88,20 @@ class ReplayData:
     def subset(self, problem_ids: list[str]) -> ReplayData:
         """The same trace restricted to ``problem_ids`` (index rebuilt lazily)."""
         keep = pl.col("problem_id").is_in(pl.Series(problem_ids, dtype=pl.String).implode())
-        return ReplayData(self.manifest, self.steps.filter(keep), self.problems.filter(keep),
-                          scores=self.scores, hidden=self.hidden, worlds=self.worlds)
+        return ReplayData(
+            self.manifest,
+            self.steps.filter(keep),
+            self.problems.filter(keep),
+            scores=self.scores,
+            hidden=self.hidden,
+            worlds=self.worlds,
+        )
 
     def role_index(self, role: str, router: str) -> int:
         if role not in self.roles:
-            raise TraceError(f"router {router} needs a {role!r} model, but the trace's models are "
-                             f"{', '.join(self.roles)}")
+            raise TraceError(
+                f"router {router} needs a {role!r} model, but the trace's models are {', '.join(self.roles)}"
+            )
         return self.roles.index(role)
 
     # ------------------------------------------------------------------ tree index
@@ -96,7 +110,8 @@ class ReplayData:
     def _root_rows(self) -> pl.DataFrame:
         """One row per replayed (problem, world), problem-major."""
         return self.problems.select("problem_id").join(
-            pl.DataFrame({"world": self.worlds}, schema={"world": pl.Int32}), how="cross")
+            pl.DataFrame({"world": self.worlds}, schema={"world": pl.Int32}), how="cross"
+        )
 
     def _node_ids(self, frame: pl.DataFrame, path: pl.Expr) -> np.ndarray:
         keys = frame.select(_node_key(pl.col("problem_id"), pl.col("world"), path)).to_series()
@@ -105,11 +120,13 @@ class ReplayData:
     @cached_property
     def _node_keys(self) -> pl.Series:
         """Sorted keys of every node (roots, and both ends of every step); a node's id is its position."""
-        keys = pl.concat([
-            self._root_rows.select(key=_node_key(pl.col("problem_id"), pl.col("world"), pl.lit(""))),
-            self.steps.select(key=_node_key(pl.col("problem_id"), pl.col("world"), pl.col("parent_path"))),
-            self.steps.select(key=_node_key(pl.col("problem_id"), pl.col("world"), pl.col("path"))),
-        ])
+        keys = pl.concat(
+            [
+                self._root_rows.select(key=_node_key(pl.col("problem_id"), pl.col("world"), pl.lit(""))),
+                self.steps.select(key=_node_key(pl.col("problem_id"), pl.col("world"), pl.col("parent_path"))),
+                self.steps.select(key=_node_key(pl.col("problem_id"), pl.col("world"), pl.col("path"))),
+            ]
+        )
         return keys["key"].unique().sort()
 
     @cached_property
@@ -162,8 +179,11 @@ class ReplayData:
         """The scores of ``scorer`` aligned to the step rows: value, detail, n_tokens_processed (null where
         the step has no score)."""
         if scorer not in self._scores_by_scorer:
-            rows = (self.scores.filter(pl.col("scorer") == scorer)
-                    .select("step_id", "value", "detail", "n_tokens_processed").collect())
+            rows = (
+                self.scores.filter(pl.col("scorer") == scorer)
+                .select("step_id", "value", "detail", "n_tokens_processed")
+                .collect()
+            )
             twice = rows.filter(pl.col("step_id").is_duplicated())
             if twice.height:
                 raise TraceError(f"step {twice['step_id'][0]!r} has more than one {scorer!r} score")
@@ -207,25 +227,30 @@ class Costs:
 class Walk:
     """What each walked state did: cost by bucket, steps kept by role, where it ended, and its miss."""
 
-    decode: np.ndarray        # (n_roles, S) decode cost of kept steps, by the role that wrote them
-    kept: np.ndarray          # (n_roles, S) kept steps by role
-    prefill: np.ndarray       # (S,) prefill cost of kept steps
-    discarded: np.ndarray     # (S,) full cost of drafts that were written and thrown away
-    n_discarded: np.ndarray   # (S,)
-    scorer: np.ndarray        # (S,) scorer calls
-    final_step: np.ndarray    # (S,) step row that ended the solution, -1 if none
-    end_node: np.ndarray      # (S,) final node, or the node where the walk missed
-    miss_role: np.ndarray     # (S,) role index of the missing step (or of the unscored draft); -1 = no miss
-    miss_scorer: np.ndarray   # (S,) the miss is the router scorer's score of the step (end_node, miss_role)
+    decode: np.ndarray  # (n_roles, S) decode cost of kept steps, by the role that wrote them
+    kept: np.ndarray  # (n_roles, S) kept steps by role
+    prefill: np.ndarray  # (S,) prefill cost of kept steps
+    discarded: np.ndarray  # (S,) full cost of drafts that were written and thrown away
+    n_discarded: np.ndarray  # (S,)
+    scorer: np.ndarray  # (S,) scorer calls
+    final_step: np.ndarray  # (S,) step row that ended the solution, -1 if none
+    end_node: np.ndarray  # (S,) final node, or the node where the walk missed
+    miss_role: np.ndarray  # (S,) role index of the missing step (or of the unscored draft); -1 = no miss
+    miss_scorer: np.ndarray  # (S,) the miss is the router scorer's score of the step (end_node, miss_role)
 
     @classmethod
     def empty(cls, n_roles: int, n_states: int) -> Walk:
         return cls(
-            decode=np.zeros((n_roles, n_states)), kept=np.zeros((n_roles, n_states), dtype=np.int64),
-            prefill=np.zeros(n_states), discarded=np.zeros(n_states),
-            n_discarded=np.zeros(n_states, dtype=np.int64), scorer=np.zeros(n_states),
-            final_step=np.full(n_states, -1, dtype=np.int64), end_node=np.full(n_states, -1, dtype=np.int64),
-            miss_role=np.full(n_states, -1, dtype=np.int64), miss_scorer=np.zeros(n_states, dtype=bool),
+            decode=np.zeros((n_roles, n_states)),
+            kept=np.zeros((n_roles, n_states), dtype=np.int64),
+            prefill=np.zeros(n_states),
+            discarded=np.zeros(n_states),
+            n_discarded=np.zeros(n_states, dtype=np.int64),
+            scorer=np.zeros(n_states),
+            final_step=np.full(n_states, -1, dtype=np.int64),
+            end_node=np.full(n_states, -1, dtype=np.int64),
+            miss_role=np.full(n_states, -1, dtype=np.int64),
+            miss_scorer=np.zeros(n_states, dtype=bool),
         )
 
     def take(self, index: np.ndarray) -> Walk:
@@ -241,14 +266,14 @@ class Walk:
 
 
 @dataclass(frozen=True)
-class Judge:
-    """How a draft-and-verify router judges the small model's draft at each node.
+class DraftRule:
+    """How a draft-and-verify router decides whether to keep the small model's draft at each node.
 
     ``signal`` holds one number per step row (NaN where the router has none); ``accept`` maps the
     drafts' signals and the states' parameter values to keep/discard. A discarded draft is paid for
     and the large model writes that step; with ``one_way`` the large model then writes every later
     step too, without drafts. With ``scorer``, each draft needs that scorer's score (its absence is
-    a miss) and every judged draft pays for a scorer call.
+    a miss) and every checked draft pays for a scorer call.
     """
 
     signal: np.ndarray
@@ -257,26 +282,33 @@ class Judge:
     scorer: str | None = None
 
 
-def walk_steps(data: ReplayData, costs: Costs, starts: np.ndarray, params: dict[str, np.ndarray], *,
-               choose: Callable[[np.ndarray, dict[str, np.ndarray]], np.ndarray] | None = None,
-               judge: Judge | None = None, router: str = "router") -> Walk:
+def walk_steps(
+    data: ReplayData,
+    costs: Costs,
+    starts: np.ndarray,
+    params: dict[str, np.ndarray],
+    *,
+    choose: Callable[[np.ndarray, dict[str, np.ndarray]], np.ndarray] | None = None,
+    draft_rule: DraftRule | None = None,
+    router: str = "router",
+) -> Walk:
     """Walk every state from its start node until a final step or a miss.
 
     Exactly one of ``choose`` (the role index that writes the next step, from the current nodes and
-    parameter values of the active states) and ``judge`` (small drafts, the router keeps or discards)
+    parameter values of the active states) and ``draft_rule`` (small drafts, the router keeps or discards)
     drives the walk. ``params`` holds one array per parameter, aligned with ``starts``.
     """
-    if (choose is None) == (judge is None):
-        raise ValueError("walk_steps needs exactly one of choose and judge")
+    if (choose is None) == (draft_rule is None):
+        raise ValueError("walk_steps needs exactly one of choose and draft_rule")
     n_states = len(starts)
     walk = Walk.empty(len(data.roles), n_states)
     tree = data.tree
     children, step_child, step_final, step_role = tree.children, tree.step_child, tree.step_final, tree.step_role
     scorer_cost = None
-    if judge is not None:
+    if draft_rule is not None:
         small, large = data.role_index(SMALL, router), data.role_index(LARGE, router)
-        if judge.scorer:
-            scorer_cost = costs.scorer(judge.scorer)
+        if draft_rule.scorer:
+            scorer_cost = costs.scorer(draft_rule.scorer)
     node = starts.astype(np.int64).copy()
     escalated = np.zeros(n_states, dtype=bool)
     active = np.arange(n_states)
@@ -288,19 +320,19 @@ def walk_steps(data: ReplayData, costs: Costs, starts: np.ndarray, params: dict[
 
     while active.size:
         here = node[active]
-        if judge is None:
+        if draft_rule is None:
             role = np.asarray(choose(here, {k: v[active] for k, v in params.items()}), dtype=np.int64)
-            judged = np.zeros(active.size, dtype=bool)
+            drafted = np.zeros(active.size, dtype=bool)
         else:
-            judged = ~escalated[active] if judge.one_way else np.ones(active.size, dtype=bool)
-            role = np.where(judged, small, large)
+            drafted = ~escalated[active] if draft_rule.one_way else np.ones(active.size, dtype=bool)
+            role = np.where(drafted, small, large)
         step = children[role, here]
         cached = step >= 0
         stop_missing(active[~cached], here[~cached], role[~cached])
-        active, here, role, step, judged = active[cached], here[cached], role[cached], step[cached], judged[cached]
+        active, here, role, step, drafted = active[cached], here[cached], role[cached], step[cached], drafted[cached]
 
-        if judged.any():
-            drafts = np.flatnonzero(judged)
+        if drafted.any():
+            drafts = np.flatnonzero(drafted)
             if scorer_cost is not None:
                 call_cost = scorer_cost[step[drafts]]
                 unscored = np.isnan(call_cost)
@@ -309,13 +341,15 @@ def walk_steps(data: ReplayData, costs: Costs, starts: np.ndarray, params: dict[
                 scored = np.ones(active.size, dtype=bool)
                 scored[drafts[unscored]] = False
                 active, here, role, step = active[scored], here[scored], role[scored], step[scored]
-                drafts = np.flatnonzero(judged[scored])
-            accepted = np.asarray(judge.accept(judge.signal[step[drafts]],
-                                               {k: v[active[drafts]] for k, v in params.items()}), dtype=bool)
+                drafts = np.flatnonzero(drafted[scored])
+            accepted = np.asarray(
+                draft_rule.accept(draft_rule.signal[step[drafts]], {k: v[active[drafts]] for k, v in params.items()}),
+                dtype=bool,
+            )
             rejected = drafts[~accepted]
             walk.discarded[active[rejected]] += costs.step_total[step[rejected]]
             walk.n_discarded[active[rejected]] += 1
-            if judge.one_way:
+            if draft_rule.one_way:
                 escalated[active[rejected]] = True
             rewrite = children[large, here[rejected]]
             step[rejected] = rewrite
@@ -364,8 +398,9 @@ def parse_sweep(text: str) -> tuple[str, np.ndarray]:
         else:
             values = np.array([float(part) for part in value.split(",")])
     except ValueError:
-        raise TraceError(f"--sweep must look like {name}=start:stop:step (step > 0, stop >= start) "
-                         f"or {name}=v1,v2,..., got {text!r}") from None
+        raise TraceError(
+            f"--sweep must look like {name}=start:stop:step (step > 0, stop >= start) or {name}=v1,v2,..., got {text!r}"
+        ) from None
     return name, values
 
 
@@ -434,15 +469,21 @@ def replay(data: ReplayData, router, cost_model: CostModel, sweep: dict[str, np.
     world = roots["world"].to_numpy()
     params_json = pl.Series([json.dumps(p, sort_keys=True) for p in configs.params], dtype=pl.String)
     final_rows = data.steps.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("final"), "answer", "correct")
-    outcomes = pl.DataFrame({
-        "router": pl.Series([router.name] * len(starts), dtype=pl.String),
-        "params": params_json.gather(state_config),
-        "config": pl.Series(state_config, dtype=pl.Int32),
-        "problem_id": pl.Series(np.tile(problem, len(configs)), dtype=pl.String),
-        "world": pl.Series(np.tile(world, len(configs)), dtype=pl.Int32),
-        "path": pl.Series(data.node_path[walk.end_node], dtype=pl.String),
-        "final": final,
-    }).join(final_rows, on="final", how="left", maintain_order="left").drop("final")
+    outcomes = (
+        pl.DataFrame(
+            {
+                "router": pl.Series([router.name] * len(starts), dtype=pl.String),
+                "params": params_json.gather(state_config),
+                "config": pl.Series(state_config, dtype=pl.Int32),
+                "problem_id": pl.Series(np.tile(problem, len(configs)), dtype=pl.String),
+                "world": pl.Series(np.tile(world, len(configs)), dtype=pl.Int32),
+                "path": pl.Series(data.node_path[walk.end_node], dtype=pl.String),
+                "final": final,
+            }
+        )
+        .join(final_rows, on="final", how="left", maintain_order="left")
+        .drop("final")
+    )
     outcomes = outcomes.with_columns(
         cost=walk.total,
         **{f"cost_{role}": walk.decode[i] for i, role in enumerate(data.roles)},
@@ -456,15 +497,18 @@ def replay(data: ReplayData, router, cost_model: CostModel, sweep: dict[str, np.
         cost_unit=pl.lit(cost_model.unit),
     )
     missed = np.flatnonzero(walk.missed)
-    misses = pl.DataFrame({
-        "problem_id": pl.Series(np.tile(problem, len(configs))[missed], dtype=pl.String),
-        "world": pl.Series(np.tile(world, len(configs))[missed], dtype=pl.Int32),
-        "path": pl.Series(data.node_path[walk.end_node[missed]], dtype=pl.String),
-        "model": pl.Series(np.array(data.roles, dtype=object)[walk.miss_role[missed]] if missed.size else [],
-                           dtype=pl.String),
-        "scorer": pl.Series([router.scorer if s else None for s in walk.miss_scorer[missed]], dtype=pl.String),
-        "config": pl.Series(state_config[missed], dtype=pl.Int32),
-    })
+    misses = pl.DataFrame(
+        {
+            "problem_id": pl.Series(np.tile(problem, len(configs))[missed], dtype=pl.String),
+            "world": pl.Series(np.tile(world, len(configs))[missed], dtype=pl.Int32),
+            "path": pl.Series(data.node_path[walk.end_node[missed]], dtype=pl.String),
+            "model": pl.Series(
+                np.array(data.roles, dtype=object)[walk.miss_role[missed]] if missed.size else [], dtype=pl.String
+            ),
+            "scorer": pl.Series([router.scorer if s else None for s in walk.miss_scorer[missed]], dtype=pl.String),
+            "config": pl.Series(state_config[missed], dtype=pl.Int32),
+        }
+    )
     return ReplayResult(outcomes=outcomes, roles=data.roles, cost_unit=cost_model.unit, misses=misses)
 
 
@@ -473,9 +517,11 @@ def miss_list(result: ReplayResult) -> list[dict]:
     ``{"problem_id", "world", "path", "model", "scorer", "n_configs"}`` -- the step ``model`` would
     write at node ``path`` of (problem_id, world), or, when ``scorer`` is set, that scorer's score of
     the cached step at (path, model). ``n_configs`` counts the configurations that needed it."""
-    grouped = (result.misses.group_by("problem_id", "world", "path", "model", "scorer")
-               .agg(n_configs=pl.col("config").n_unique())
-               .sort("problem_id", "world", "path", "model", "scorer", nulls_last=False))
+    grouped = (
+        result.misses.group_by("problem_id", "world", "path", "model", "scorer")
+        .agg(n_configs=pl.col("config").n_unique())
+        .sort("problem_id", "world", "path", "model", "scorer", nulls_last=False)
+    )
     return grouped.to_dicts()
 
 
@@ -505,31 +551,45 @@ def summarize(outcomes: pl.DataFrame, roles: list[str]) -> pl.DataFrame:
 
 
 def split_frame(problem_ids: list[str], seed: int, fractions: tuple[float, float, float]) -> pl.DataFrame:
-    return pl.DataFrame({"problem_id": problem_ids, "split": assign_splits(problem_ids, seed, fractions)},
-                        schema={"problem_id": pl.String, "split": pl.String})
+    return pl.DataFrame(
+        {"problem_id": problem_ids, "split": assign_splits(problem_ids, seed, fractions)},
+        schema={"problem_id": pl.String, "split": pl.String},
+    )
 
 
-def replay_trace(root: str | os.PathLike, router, *, sweep: dict[str, np.ndarray] | None = None,
-                 split: str = "test", cost: str = "flops", prices: dict[str, Price] | None = None,
-                 worlds: list[int] | None = None, split_seed: int = DEFAULT_SPLIT_SEED,
-                 fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> ReplayResult:
+def replay_trace(
+    root: str | os.PathLike,
+    router,
+    *,
+    sweep: dict[str, np.ndarray] | None = None,
+    split: str = "test",
+    cost: str = "flops",
+    prices: dict[str, Price] | None = None,
+    worlds: list[int] | None = None,
+    split_seed: int = DEFAULT_SPLIT_SEED,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+) -> ReplayResult:
     """Open a trace, fit ``router`` on its train split, replay it on ``split`` (or ``all``)."""
     if split not in (*SPLITS, "all"):
         raise TraceError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}, all")
     trace = open_trace(root)
     scorer = getattr(router, "scorer", None)
-    if scorer and scorer not in (trace.manifest.get("scorers") or {}):
-        raise TraceError(f"router {router.name} reads {scorer} scores, which {root} does not have; "
-                         f"run `trace score {root} --scorer {scorer}` first")
+    if scorer and scorer not in trace.manifest.scorers:
+        raise TraceError(
+            f"router {router.name} reads {scorer} scores, which {root} does not have; "
+            f"run `trace score {root} --scorer {scorer}` first"
+        )
     cost_model = make_cost_model(cost, trace.manifest, prices)
     data = ReplayData.from_trace(trace)
     if worlds is not None:
         absent = sorted(set(worlds) - set(data.worlds))
         if absent:
-            raise TraceError(f"{root} has no world(s) {', '.join(map(str, absent))}; it has "
-                             f"{', '.join(map(str, data.worlds))}")
-        data = ReplayData(data.manifest, data.steps, data.problems, scores=data.scores, hidden=data.hidden,
-                          worlds=worlds)
+            raise TraceError(
+                f"{root} has no world(s) {', '.join(map(str, absent))}; it has {', '.join(map(str, data.worlds))}"
+            )
+        data = ReplayData(
+            data.manifest, data.steps, data.problems, scores=data.scores, hidden=data.hidden, worlds=worlds
+        )
     splits = split_frame(data.problems["problem_id"].to_list(), split_seed, fractions)
     ids_of = {name: splits.filter(pl.col("split") == name)["problem_id"].to_list() for name in SPLITS}
     router.fit(data.subset(ids_of["train"]))
@@ -546,7 +606,4 @@ def replay_trace(root: str | os.PathLike, router, *, sweep: dict[str, np.ndarray
 
 def write_outcomes(outcomes: pl.DataFrame, path: str | os.PathLike) -> None:
     """Write outcomes to Parquet atomically (a temp file renamed over ``path``)."""
-    path = os.fspath(path)
-    temp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
-    outcomes.write_parquet(temp, compression="zstd")
-    os.replace(temp, path)
+    write_atomic(path, lambda temp: outcomes.write_parquet(temp, compression="zstd"))

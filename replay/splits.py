@@ -39,13 +39,16 @@ def parse_fractions(text: str) -> tuple[float, float, float]:
 
 def check_fractions(fractions: tuple[float, ...]) -> tuple[float, float, float]:
     if len(fractions) != len(SPLITS) or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-9:
-        raise TraceError(f"split fractions must be three non-negative numbers (train, calibration, test) "
-                         f"summing to 1, got {fractions}")
+        raise TraceError(
+            f"split fractions must be three non-negative numbers (train, calibration, test) "
+            f"summing to 1, got {fractions}"
+        )
     return fractions  # type: ignore[return-value]
 
 
-def assign_splits(problem_ids: list[str], seed: int = DEFAULT_SPLIT_SEED,
-                  fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> list[str]:
+def assign_splits(
+    problem_ids: list[str], seed: int = DEFAULT_SPLIT_SEED, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
+) -> list[str]:
     """The split name of each problem id, in the same order."""
     check_fractions(fractions)
     edges = np.cumsum(fractions)[:-1]

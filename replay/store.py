@@ -1,4 +1,4 @@
-"""The trace on disk: file names, Arrow schemas, the manifest, an atomic resumable writer and a lazy reader.
+"""The trace on disk: a lazy reader and an atomic, resumable writer (the format itself: `replay.schema`).
 
 A trace is a directory::
 
@@ -17,7 +17,6 @@ when its writer reopens the trace.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -29,237 +28,32 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from replay.atomic import write_atomic
 from replay.errors import TraceError
-
-SCHEMA_VERSION: int = 1
-MANIFEST_FILE = "trace.json"
-TABLES = ("problems", "steps", "tokens", "hidden", "scores")
-
-# Manifest fields that change what a step or score would contain. Reopening a trace
-# with a manifest that differs in one of these is refused (see TraceWriter).
-CACHE_KEY_FIELDS: tuple[str, ...] = (
-    "schema_version",
-    "models",
-    "dataset",
-    "prompt_template",
-    "sampling",
-    "delimiter",
-    "grader",
-    "engine",
-    "seeds",
+from replay.schema import (
+    CACHE_KEY_FIELDS,
+    MANIFEST_FILE,
+    ROW_GROUP_ROWS,
+    ROW_KEYS,
+    SCHEMA_VERSION,
+    SCHEMAS,
+    TABLES,
+    TOKEN_ARRAY_COLUMNS,
+    Manifest,
+    first_difference,
+    json_normal,
+    lookup_field,
+    make_step_id,
+    manifest_json,
+    part_name,
+    read_manifest,
 )
-
-FINISH_REASONS = ("delimiter", "eos", "length")
-ROLE_CHARS = {"small": "s", "large": "L"}  # roles m0..m9 of K-model traces use their index digit
-
-
-def _field(name: str, type_: pa.DataType, nullable: bool = False) -> pa.Field:
-    return pa.field(name, type_, nullable=nullable)
-
-
-SCHEMAS: dict[str, pa.Schema] = {
-    "problems": pa.schema(
-        [
-            _field("problem_id", pa.string()),
-            _field("dataset", pa.string()),
-            _field("split", pa.string()),
-            _field("question", pa.string()),
-            _field("reference", pa.string()),
-            _field("meta", pa.string(), nullable=True),  # JSON object as a string
-        ]
-    ),
-    "steps": pa.schema(
-        [
-            _field("step_id", pa.string()),
-            _field("problem_id", pa.string()),
-            _field("world", pa.int32()),
-            _field("parent_path", pa.string()),
-            _field("path", pa.string()),
-            _field("depth", pa.int32()),
-            _field("model", pa.string()),
-            _field("text", pa.string()),
-            _field("n_prompt_tokens", pa.int32()),
-            _field("n_new_prefill_tokens", pa.int32()),
-            _field("n_cached_tokens", pa.int32()),
-            _field("n_gen_tokens", pa.int32()),
-            _field("finish_reason", pa.string()),
-            _field("is_final", pa.bool_()),
-            _field("answer", pa.string(), nullable=True),
-            _field("correct", pa.bool_(), nullable=True),
-            _field("conf_max_logit_mean", pa.float32()),
-            _field("conf_max_logit_math", pa.float32(), nullable=True),
-            _field("conf_top1_prob_min_math", pa.float32(), nullable=True),
-            _field("logprob_mean", pa.float32()),
-            _field("logprob_min", pa.float32()),
-            _field("first_token_logprob", pa.float32()),
-            _field("gen_seconds", pa.float32(), nullable=True),
-        ]
-    ),
-    "tokens": pa.schema(
-        [
-            _field("step_id", pa.string()),
-            _field("token_ids", pa.list_(pa.int32())),
-            _field("logprobs", pa.list_(pa.float32())),
-            _field("max_logits", pa.list_(pa.float32())),
-            _field("topk_ids", pa.list_(pa.list_(pa.int32()))),
-            _field("topk_logprobs", pa.list_(pa.list_(pa.float32()))),
-            _field("is_math", pa.list_(pa.bool_())),
-        ]
-    ),
-    # DESIGN.md says fixed_size_list<float16>; models of different widths share this
-    # column, so it is a variable list (every row of one model has the same length).
-    "hidden": pa.schema(
-        [
-            _field("problem_id", pa.string()),
-            _field("model", pa.string()),
-            _field("layer", pa.int16()),  # -1 = last layer
-            _field("where", pa.string()),  # "prompt_last"
-            _field("vector", pa.list_(pa.float16())),
-        ]
-    ),
-    "scores": pa.schema(
-        [
-            _field("step_id", pa.string()),
-            _field("scorer", pa.string()),
-            _field("value", pa.float32()),
-            _field("detail", pa.list_(pa.float32()), nullable=True),
-            _field("n_tokens_processed", pa.int32()),
-        ]
-    ),
-}
-
-TOKEN_ARRAY_COLUMNS = ("token_ids", "logprobs", "max_logits", "topk_ids", "topk_logprobs", "is_math")
-# Columns that identify a row: appending a row whose key is already stored is a no-op.
-ROW_KEYS: dict[str, tuple[str, ...]] = {
-    "problems": ("problem_id",),
-    "steps": ("step_id",),
-    "tokens": ("step_id",),
-    "hidden": ("problem_id", "model", "layer", "where"),
-    "scores": ("step_id", "scorer"),
-}
-# Row groups of a few MB so that readers can stream (token rows are ~100x wider than step rows).
-ROW_GROUP_ROWS = {"problems": 65_536, "steps": 65_536, "tokens": 2_048, "hidden": 4_096, "scores": 65_536}
 
 _WRITER_ID = re.compile(r"[A-Za-z0-9_]+")
 
 
-def model_char(role: str) -> str:
-    """The character a step by `role` adds to a node path: small -> "s", large -> "L", m3 -> "3"."""
-    if role in ROLE_CHARS:
-        return ROLE_CHARS[role]
-    match = re.fullmatch(r"m(\d)", role)
-    if match is None:
-        raise TraceError(f"unknown model role {role!r}: expected small, large or m0..m9")
-    return match.group(1)
-
-
-def manifest_roles(manifest: dict) -> list[str]:
-    """Model roles in manifest order; `models` is a list of objects with a "role" (or a dict keyed by role)."""
-    models = manifest.get("models")
-    if isinstance(models, dict):
-        return list(models)
-    if isinstance(models, list) and all(isinstance(model, dict) and "role" in model for model in models):
-        return [model["role"] for model in models]
-    raise TraceError(f"trace.json: 'models' must be a list of objects with a 'role', not {models!r}")
-
-
-def make_step_id(problem_id: str, world: int, path: str) -> str:
-    return f"{problem_id}/{world}/{path}"
-
-
-def part_name(writer_id: str, seq: int) -> str:
-    return f"part-{writer_id}-{seq:05d}.parquet"
-
-
 def _temp_name(writer_id: str, seq: int) -> str:
     return f".{part_name(writer_id, seq)}.tmp"
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, temp: Path, write) -> None:
-    """Write through `write(file)` to `temp`, fsync, then rename over `path`."""
-    with open(temp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-    _fsync_dir(path.parent)
-
-
-# ---------------------------------------------------------------- manifest
-
-
-def read_manifest(root: Path) -> dict:
-    """The manifest of the trace at `root`, checked for a known schema_version."""
-    path = root / MANIFEST_FILE
-    if not path.is_file():
-        raise TraceError(f"{root} is not a trace: it has no {MANIFEST_FILE}")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise TraceError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(manifest, dict):
-        raise TraceError(f"{path} must hold a JSON object, not {type(manifest).__name__}")
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise TraceError(
-            f"{path} has schema_version {version!r}; this version of trace reads schema_version {SCHEMA_VERSION}"
-        )
-    return manifest
-
-
-def _json_normal(value: Any) -> Any:
-    """`value` as it reads back from JSON (tuples become lists, keys strings)."""
-    return json.loads(json.dumps(value))
-
-
-def first_difference(stored: Any, new: Any, where: str = "") -> str | None:
-    """Dotted name of the first field where two manifest values differ, e.g. `sampling.temperature`,
-    `models.large.revision` (list items of dicts with a role are named by role); None if they are equal."""
-    if isinstance(stored, dict) and isinstance(new, dict):
-        for key in sorted(set(stored) | set(new)):
-            name = f"{where}.{key}" if where else key
-            if key not in stored or key not in new:
-                return name
-            found = first_difference(stored[key], new[key], name)
-            if found:
-                return found
-        return None
-    if isinstance(stored, list) and isinstance(new, list):
-        if len(stored) != len(new):
-            return where
-        for index, (a, b) in enumerate(zip(stored, new)):
-            label = _role(a) or index
-            found = first_difference(a, b, f"{where}.{label}")
-            if found:
-                return found
-        return None
-    same_kind = isinstance(stored, bool) == isinstance(new, bool)  # True == 1 in Python, not in a manifest
-    return None if stored == new and same_kind else where
-
-
-def lookup_field(value: Any, dotted: str) -> Any:
-    """The value `first_difference` named, for the error message (None where absent)."""
-    for part in dotted.split("."):
-        if isinstance(value, dict):
-            value = value.get(part)
-        elif isinstance(value, list):
-            matches = [item for index, item in enumerate(value) if part in (str(index), _role(item))]
-            value = matches[0] if matches else None
-        else:
-            return None
-    return value
-
-
-def _role(item: Any) -> str | None:
-    return item.get("role") if isinstance(item, dict) else None
 
 
 # ---------------------------------------------------------------- reader
@@ -287,7 +81,7 @@ def empty_frame(table: str) -> pl.DataFrame:
 class Trace:
     """Read side of a trace: lazy Polars scans over all committed part files of each table."""
 
-    def __init__(self, root: Path, manifest: dict):
+    def __init__(self, root: Path, manifest: Manifest):
         self.root = root
         self.manifest = manifest
         self._checked: dict[str, list[str]] = {}
@@ -383,7 +177,7 @@ class TraceWriter:
         self.root = Path(root)
         self.writer_id = writer_id
         if (self.root / MANIFEST_FILE).exists():
-            self.manifest = read_manifest(self.root)
+            self._manifest = read_manifest(self.root).to_dict()
             if manifest is not None:
                 self._adopt(manifest)
         elif manifest is None:
@@ -396,6 +190,11 @@ class TraceWriter:
 
     # -- manifest
 
+    @property
+    def manifest(self) -> Manifest:
+        """The trace's manifest as this writer last read or wrote it."""
+        return Manifest(self._manifest)
+
     def _create(self, manifest: dict) -> None:
         if self.root.exists() and not self.root.is_dir():
             raise TraceError(f"{self.root} exists and is not a directory")
@@ -405,50 +204,48 @@ class TraceWriter:
         if version != SCHEMA_VERSION:
             raise TraceError(f"manifest has schema_version {version!r}; this writer writes {SCHEMA_VERSION}")
         self.root.mkdir(parents=True, exist_ok=True)
-        self.manifest = _json_normal({**manifest, "schema_version": SCHEMA_VERSION})
+        self._manifest = json_normal({**manifest, "schema_version": SCHEMA_VERSION})
         self._write_manifest()
 
     def _adopt(self, manifest: dict) -> None:
-        new = _json_normal(manifest)
+        new = json_normal(manifest)
         added = {}
         for key in CACHE_KEY_FIELDS:
             if key not in new:
                 continue
-            if key not in self.manifest:
+            if key not in self._manifest:
                 added[key] = new[key]
                 continue
             self._refuse_change(key, new[key])
         if added:
-            self.manifest.update(added)
+            self._manifest.update(added)
             self._write_manifest()
 
     def _refuse_change(self, key: str, value: Any) -> None:
-        differing = first_difference({key: self.manifest[key]}, {key: value})
+        stored = {key: self._manifest[key]}
+        differing = first_difference(stored, {key: value})
         if differing:
             raise TraceError(
-                f"{self.root} was written with {differing} = {lookup_field({key: self.manifest[key]}, differing)!r}, "
+                f"{self.root} was written with {differing} = {lookup_field(stored, differing)!r}, "
                 f"but this run has {differing} = {lookup_field({key: value}, differing)!r}; "
                 "use a new output directory or the trace's settings"
             )
 
     def _write_manifest(self) -> None:
-        text = json.dumps(self.manifest, indent=2, sort_keys=True) + "\n"
-        _atomic_write(
+        write_atomic(
             self.root / MANIFEST_FILE,
-            self.root / f".{MANIFEST_FILE}.{self.writer_id}.tmp",
-            lambda handle: handle.write(text.encode("utf-8")),
+            manifest_json(self._manifest).encode("utf-8"),
+            temp=self.root / f".{MANIFEST_FILE}.{self.writer_id}.tmp",
         )
 
     def update_manifest(self, **fields) -> None:
         """Set manifest fields (atomic rewrite). A cache-key field already recorded cannot change."""
-        current = read_manifest(self.root)
-        new = _json_normal(fields)
+        self._manifest = read_manifest(self.root).to_dict()
+        new = json_normal(fields)
         for key, value in new.items():
-            if key in CACHE_KEY_FIELDS and key in current:
-                self.manifest = current
+            if key in CACHE_KEY_FIELDS and key in self._manifest:
                 self._refuse_change(key, value)
-        current.update(new)
-        self.manifest = current
+        self._manifest.update(new)
         self._write_manifest()
 
     # -- part files
@@ -483,12 +280,10 @@ class TraceWriter:
     def _write_part(self, table: str, rows: pa.Table, seq: int) -> None:
         directory = self.root / table
         directory.mkdir(exist_ok=True)
-        _atomic_write(
+        write_atomic(
             directory / part_name(self.writer_id, seq),
-            directory / _temp_name(self.writer_id, seq),
-            lambda handle: pq.write_table(
-                rows, handle, compression="zstd", row_group_size=ROW_GROUP_ROWS[table]
-            ),
+            lambda temp: pq.write_table(rows, temp, compression="zstd", row_group_size=ROW_GROUP_ROWS[table]),
+            temp=directory / _temp_name(self.writer_id, seq),
         )
 
     def _stored_keys(self, table: str) -> set:
@@ -595,9 +390,7 @@ class TraceWriter:
             for row in clash:
                 for column in ("question", "reference"):
                     if row.get(column) != old[row["problem_id"]][column]:
-                        raise TraceError(
-                            f"problem {row['problem_id']!r} is already stored with a different {column}"
-                        )
+                        raise TraceError(f"problem {row['problem_id']!r} is already stored with a different {column}")
         self._append("problems", rows)
 
     def append_hidden(self, rows: list[dict]) -> None:

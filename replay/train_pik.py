@@ -19,7 +19,8 @@ import numpy as np
 import polars as pl
 from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
 
-from replay.artifacts import load_train_split, write_atomic
+from replay.artifacts import load_train_split
+from replay.atomic import write_atomic
 from replay.errors import TraceError
 from replay.routers.cascade import PIK_FORMAT, PIK_VERSION, hidden_matrix, new_probe, own_chain_labels
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, hash_uniform
@@ -53,12 +54,16 @@ class ProbeReport:
 def _fit_one(features: np.ndarray, labels: np.ndarray, part: np.ndarray, role: str, seed: int):
     for name in PARTS:
         if not (part == name).any():
-            raise TraceError(f"the {name} part of model {role}'s P(IK) data is empty: the train split needs more "
-                             f"problems with a complete {role} solution ({labels.size} now)")
+            raise TraceError(
+                f"the {name} part of model {role}'s P(IK) data is empty: the train split needs more "
+                f"problems with a complete {role} solution ({labels.size} now)"
+            )
     fit, validation, test = (part == name for name in PARTS)
     if len(np.unique(labels[fit])) < 2:
-        raise TraceError(f"cannot fit the P(IK) probe of model {role}: its {int(fit.sum())} fit solutions are all "
-                         f"{'correct' if labels[fit].all() else 'wrong'}")
+        raise TraceError(
+            f"cannot fit the P(IK) probe of model {role}: its {int(fit.sum())} fit solutions are all "
+            f"{'correct' if labels[fit].all() else 'wrong'}"
+        )
     best = None
     for l2 in L2_GRID:
         probe = new_probe(seed, l2).fit(features[fit], labels[fit])
@@ -70,25 +75,40 @@ def _fit_one(features: np.ndarray, labels: np.ndarray, part: np.ndarray, role: s
     y_test = labels[test]
     auroc = roc_auc_score(y_test, p_test) if len(np.unique(y_test)) == 2 else float("nan")
     report = ProbeReport(
-        model=role, n_fit=int(fit.sum()), n_validation=int(validation.sum()), n_test=int(test.sum()),
-        positive_rate=float(labels[fit].mean()), l2=l2, validation_log_loss=float(loss),
+        model=role,
+        n_fit=int(fit.sum()),
+        n_validation=int(validation.sum()),
+        n_test=int(test.sum()),
+        positive_rate=float(labels[fit].mean()),
+        l2=l2,
+        validation_log_loss=float(loss),
         test_accuracy=float(accuracy_score(y_test, p_test >= 0.5)),
-        test_f1=float(f1_score(y_test, p_test >= 0.5, zero_division=0.0)), test_auroc=float(auroc),
+        test_f1=float(f1_score(y_test, p_test >= 0.5, zero_division=0.0)),
+        test_auroc=float(auroc),
     )
     return probe, report
 
 
-def train_pik(root: str | os.PathLike, out: str | os.PathLike, models: list[str], *, layer: int = -1,
-              where: str = "prompt_last", seed: int = 0, split_seed: int = DEFAULT_SPLIT_SEED,
-              fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> list[ProbeReport]:
+def train_pik(
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    models: list[str],
+    *,
+    layer: int = -1,
+    where: str = "prompt_last",
+    seed: int = 0,
+    split_seed: int = DEFAULT_SPLIT_SEED,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+) -> list[ProbeReport]:
     """Fit one probe per model in ``models`` on the train split of the trace at ``root``; write them to ``out``."""
     import joblib
 
     train = load_train_split(root, split_seed, fractions)
     unknown = [role for role in models if role not in train.roles]
     if unknown or not models:
-        raise TraceError(f"--model must name models of the trace ({', '.join(train.roles)}); got "
-                         f"{', '.join(models) or 'none'}")
+        raise TraceError(
+            f"--model must name models of the trace ({', '.join(train.roles)}); got {', '.join(models) or 'none'}"
+        )
     ids = train.problems["problem_id"].to_list()
     part_of = dict(zip(ids, probe_parts(ids, seed)))
     probes, reports, fitted_on = {}, [], set()
@@ -99,10 +119,18 @@ def train_pik(root: str | os.PathLike, out: str | os.PathLike, models: list[str]
         probes[role], report = _fit_one(features, labels, part, role, seed)
         reports.append(report)
         fitted_on |= set(roots["problem_id"].filter(pl.Series(part == "fit")).to_list())
-    saved = {"format": PIK_FORMAT, "version": PIK_VERSION, "layer": layer, "where": where, "probes": probes,
-             "metrics": {report.model: asdict(report) for report in reports}, "seed": seed,
-             "train_problem_ids": sorted(fitted_on), "split_seed": split_seed,
-             "split_fractions": [float(f) for f in fractions]}
+    saved = {
+        "format": PIK_FORMAT,
+        "version": PIK_VERSION,
+        "layer": layer,
+        "where": where,
+        "probes": probes,
+        "metrics": {report.model: asdict(report) for report in reports},
+        "seed": seed,
+        "train_problem_ids": sorted(fitted_on),
+        "split_seed": split_seed,
+        "split_fractions": [float(f) for f in fractions],
+    }
     buffer = io.BytesIO()
     joblib.dump(saved, buffer)
     write_atomic(out, buffer.getvalue())

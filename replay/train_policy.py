@@ -59,11 +59,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from replay.artifacts import load_train_split, write_atomic
+from replay.artifacts import load_train_split
+from replay.atomic import write_atomic
 from replay.costs import CostModel, make_cost_model
-from replay.engine import LARGE, SMALL, Costs, ReplayData, walk_chains
+from replay.engine import Costs, ReplayData, walk_chains
 from replay.errors import TraceError
-from replay.routers.policy import ESCALATE, normalise, policy_network, raw_features, save_policy
+from replay.routers.policy import ESCALATE, mlp, normalise, policy_network, raw_features, save_policy
+from replay.schema import LARGE, SMALL
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, check_fractions
 
 DEFAULT_FEATURES = ("conf_max_logit_math", "depth", "is_final", "n_gen_tokens")
@@ -109,8 +111,19 @@ class Hyperparameters:
             raise TraceError(f"--cost must be one of {', '.join(COST_UNITS)}, got {self.cost!r}")
         if not self.features:
             raise TraceError("--features needs at least one feature")
-        positive = ("steps", "batch", "lr", "delta", "hidden", "rho_bar", "c_bar", "buffer_batches", "critic_iters",
-                    "cg_iters", "backtrack_iters")
+        positive = (
+            "steps",
+            "batch",
+            "lr",
+            "delta",
+            "hidden",
+            "rho_bar",
+            "c_bar",
+            "buffer_batches",
+            "critic_iters",
+            "cg_iters",
+            "backtrack_iters",
+        )
         for name in positive:
             if not getattr(self, name) > 0:
                 raise TraceError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -122,20 +135,6 @@ class Hyperparameters:
         check_fractions(self.split_fractions)
 
 
-# ---------------------------------------------------------------------- networks
-
-
-def critic_network(n_inputs: int, hidden: int):
-    """A value MLP shaped like the policy (three linear layers, tanh), one output."""
-    import torch
-
-    return torch.nn.Sequential(
-        torch.nn.Linear(n_inputs, hidden), torch.nn.Tanh(),
-        torch.nn.Linear(hidden, hidden), torch.nn.Tanh(),
-        torch.nn.Linear(hidden, 1),
-    )
-
-
 # ---------------------------------------------------------------------- the decision process on the cache
 
 
@@ -144,16 +143,16 @@ class Episodes:
     """Every train (problem, world) as padded (E, T) arrays; T is the longest all-small chain."""
 
     problem_id: list[str]
-    length: np.ndarray            # (E,) decisions = small drafts on the chain up to its final step
-    observation: np.ndarray       # (E, T, F) normalised observation of draft t
-    keep_cost: np.ndarray         # (E, T) cost of keeping draft t
-    escalate_cost: np.ndarray     # (E, T) cost of escalating at t: the discarded draft and the large completion
+    length: np.ndarray  # (E,) decisions = small drafts on the chain up to its final step
+    observation: np.ndarray  # (E, T, F) normalised observation of draft t
+    keep_cost: np.ndarray  # (E, T) cost of keeping draft t
+    escalate_cost: np.ndarray  # (E, T) cost of escalating at t: the discarded draft and the large completion
     escalate_correct: np.ndarray  # (E, T) the large completion from draft t's node is correct
     escalate_success: np.ndarray  # (E, T) ... or every step kept on that path is verified
-    small_correct: np.ndarray     # (E,) the all-small chain is correct
-    small_success: np.ndarray     # (E,) ... or every step on it is verified
-    large_right: np.ndarray       # (E,) the large model alone (the root's large chain) is correct
-    feature_mean: np.ndarray      # (F,) of the raw train observations
+    small_correct: np.ndarray  # (E,) the all-small chain is correct
+    small_success: np.ndarray  # (E,) ... or every step on it is verified
+    large_right: np.ndarray  # (E,) the large model alone (the root's large chain) is correct
+    feature_mean: np.ndarray  # (F,) of the raw train observations
     feature_std: np.ndarray
     has_verifier: bool
 
@@ -179,9 +178,11 @@ def _chain_sums(data: ReplayData, starts: np.ndarray, role: str, values: np.ndar
     walk = walk_chains(data, Costs(data, _PerStep(values)), starts, data.roles.index(role))
     if walk.missed.any():
         node = data.node_names(walk.end_node[np.flatnonzero(walk.missed)[:1]])[0]
-        raise TraceError(f"the trace lacks the {role} model's step at node {node!r} (and {int(walk.missed.sum()) - 1} "
-                         f"more), which a one-way escalation rollout needs: train policy needs a comb trace "
-                         f"(trace gen --expand comb) complete on the train split")
+        raise TraceError(
+            f"the trace lacks the {role} model's step at node {node!r} (and {int(walk.missed.sum()) - 1} "
+            f"more), which a one-way escalation rollout needs: train policy needs a comb trace "
+            f"(trace gen --expand comb) complete on the train split"
+        )
     return walk, walk.total
 
 
@@ -220,8 +221,9 @@ def comb_episodes(data: ReplayData, hp: Hyperparameters) -> Episodes:
     large_alone_cost = grid(completion_cost, 0.0)[:, 0]
     if (large_alone_cost <= 0).any():
         problem = data.roots["problem_id"][int(np.argmax(large_alone_cost <= 0))]
-        raise TraceError(f"the large model alone costs nothing on problem {problem!r} ({hp.cost}): cost shares "
-                         "need a positive cost")
+        raise TraceError(
+            f"the large model alone costs nothing on problem {problem!r} ({hp.cost}): cost shares need a positive cost"
+        )
     some_row = np.where(valid, draft, 0)  # a harmless row index where there is no draft
     draft_unit = np.where(valid, unit[some_row], 0.0)
     escalate_correct = grid(tree.step_correct[completion.final_step], False)
@@ -273,13 +275,13 @@ def expected_miss(episodes: Episodes, p_escalate: np.ndarray) -> np.ndarray:
 class Rollout:
     """Episodes walked by one policy: what it did at each decision and how each episode ended."""
 
-    episode: np.ndarray    # (B,) episode indices
-    mask: np.ndarray       # (B, T) decisions taken
-    action: np.ndarray     # (B, T) 1 = escalate (only ever at an episode's last decision)
-    reward: np.ndarray     # (B, T) success, at the last decision
-    cost: np.ndarray       # (B, T)
-    correct: np.ndarray    # (B,)
-    covered: np.ndarray    # (B,)
+    episode: np.ndarray  # (B,) episode indices
+    mask: np.ndarray  # (B, T) decisions taken
+    action: np.ndarray  # (B, T) 1 = escalate (only ever at an episode's last decision)
+    reward: np.ndarray  # (B, T) success, at the last decision
+    cost: np.ndarray  # (B, T)
+    correct: np.ndarray  # (B,)
+    covered: np.ndarray  # (B,)
 
     @classmethod
     def concat(cls, rollouts: list[Rollout]) -> Rollout:
@@ -310,8 +312,15 @@ def rollout(episodes: Episodes, index: np.ndarray, escalate: np.ndarray) -> Roll
 # ---------------------------------------------------------------------- the pieces of one update
 
 
-def vtrace(rewards: np.ndarray, values: np.ndarray, ratios: np.ndarray, mask: np.ndarray, gamma: float = 1.0,
-           rho_bar: float = 2.0, c_bar: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def vtrace(
+    rewards: np.ndarray,
+    values: np.ndarray,
+    ratios: np.ndarray,
+    mask: np.ndarray,
+    gamma: float = 1.0,
+    rho_bar: float = 2.0,
+    c_bar: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
     """V-trace targets v_s and policy-gradient advantages rho_s (r_s + gamma v_{s+1} - V(x_s)) (Espeholt et al.
     2018, eq. 1 and 4, lambda = 1) of padded episodes (E, T); ``ratios`` = pi(a|x) / mu(a|x). The state after an
     episode's last step is terminal (value 0)."""
@@ -407,9 +416,9 @@ class TrainResult:
     log_path: Path
     kappa: float
     n_train_episodes: int
-    train_coverage: float   # of the thresholded policy on every train episode
+    train_coverage: float  # of the thresholded policy on every train episode
     train_accuracy: float
-    train_cost: float       # mean cost share
+    train_cost: float  # mean cost share
     has_verifier: bool
     seconds: float
     log: pl.DataFrame
@@ -421,8 +430,9 @@ def log_path_for(policy_path: str | Path) -> Path:
     return policy_path.with_name(f"{policy_path.stem}.log.parquet")
 
 
-def train_policy(root, out, hp: Hyperparameters = Hyperparameters(),
-                 on_step: Callable[[dict], None] | None = None) -> TrainResult:
+def train_policy(
+    root, out, hp: Hyperparameters = Hyperparameters(), on_step: Callable[[dict], None] | None = None
+) -> TrainResult:
     """Train the escalation policy on the train split of the trace at ``root``; write the policy file ``out``
     and its training log next to it. ``on_step`` receives each step's log row."""
     import torch
@@ -437,9 +447,9 @@ def train_policy(root, out, hp: Hyperparameters = Hyperparameters(),
         raise TraceError(f"trace train policy needs a small and a large model; {root} has {', '.join(train.roles)}")
     episodes = comb_episodes(train, hp)
     n_episodes, horizon, n_features = episodes.observation.shape
-    critic_inputs = np.concatenate([episodes.observation,
-                                    np.broadcast_to(episodes.large_right[:, None, None], (n_episodes, horizon, 1))],
-                                   axis=2).astype(np.float32)
+    critic_inputs = np.concatenate(
+        [episodes.observation, np.broadcast_to(episodes.large_right[:, None, None], (n_episodes, horizon, 1))], axis=2
+    ).astype(np.float32)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny networks: one thread is fastest and bit-for-bit repeatable
@@ -449,8 +459,8 @@ def train_policy(root, out, hp: Hyperparameters = Hyperparameters(),
             torch.manual_seed(hp.seed)
             rng = np.random.default_rng(hp.seed)
             policy = policy_network(n_features, hp.hidden)
-            success_critic = critic_network(n_features + 1, hp.hidden)
-            cost_critic = critic_network(n_features + 1, hp.hidden)
+            success_critic = mlp(n_features + 1, hp.hidden, 1)  # input: the observation and large_right
+            cost_critic = mlp(n_features + 1, hp.hidden, 1)
             critic_optimizer = torch.optim.Adam([*success_critic.parameters(), *cost_critic.parameters()], lr=hp.lr)
             params = list(policy.parameters())
             observation = torch.from_numpy(episodes.observation)
@@ -479,20 +489,25 @@ def train_policy(root, out, hp: Hyperparameters = Hyperparameters(),
                 with torch.no_grad():
                     old_log_pi = torch.log_softmax(policy(obs), dim=-1)
                     old_pi = old_log_pi.exp()
-                    ratios = (old_log_pi.gather(-1, action[..., None])[..., 0].exp().double().numpy()
-                              / np.where(recent.mask, mu, 1.0))
+                    ratios = old_log_pi.gather(-1, action[..., None])[..., 0].exp().double().numpy() / np.where(
+                        recent.mask, mu, 1.0
+                    )
                     inputs = torch.from_numpy(critic_inputs[recent.episode])
                     success_values = success_critic(inputs)[..., 0].double().numpy()
                     cost_values = cost_critic(inputs)[..., 0].double().numpy()
-                success_targets, success_advantage = vtrace(recent.reward, success_values, ratios, mask, hp.gamma,
-                                                            hp.rho_bar, hp.c_bar)
-                cost_targets, cost_advantage = vtrace(recent.cost, cost_values, ratios, mask, hp.gamma,
-                                                      hp.rho_bar, hp.c_bar)
+                success_targets, success_advantage = vtrace(
+                    recent.reward, success_values, ratios, mask, hp.gamma, hp.rho_bar, hp.c_bar
+                )
+                cost_targets, cost_advantage = vtrace(
+                    recent.cost, cost_values, ratios, mask, hp.gamma, hp.rho_bar, hp.c_bar
+                )
                 step_mask = torch.from_numpy(mask).float()
                 for _ in range(hp.critic_iters):
-                    errors = [((critic(inputs)[..., 0] - torch.from_numpy(targets).float()) ** 2 * step_mask).sum()
-                              / step_mask.sum() for critic, targets in ((success_critic, success_targets),
-                                                                        (cost_critic, cost_targets))]
+                    errors = [
+                        ((critic(inputs)[..., 0] - torch.from_numpy(targets).float()) ** 2 * step_mask).sum()
+                        / step_mask.sum()
+                        for critic, targets in ((success_critic, success_targets), (cost_critic, cost_targets))
+                    ]
                     critic_optimizer.zero_grad()
                     (errors[0] + errors[1]).backward()
                     critic_optimizer.step()
@@ -533,19 +548,22 @@ def train_policy(root, out, hp: Hyperparameters = Hyperparameters(),
                     direction = None
                 else:
                     direction = (v - nu * w) / lam
-                    quadratic = (q - 2 * nu * r + nu * nu * s) / lam ** 2  # direction' F direction
+                    quadratic = (q - 2 * nu * r + nu * nu * s) / lam**2  # direction' F direction
                     if quadratic > 2 * hp.delta:  # lam near 0 (g parallel to b): keep within the trust region
                         direction = direction * np.sqrt(2 * hp.delta / quadratic)
                 old_params = torch.nn.utils.parameters_to_vector(params).detach()
                 old_objective, old_miss = objective.item(), miss_surrogate.item()
                 accepted, new_kl = -1, 0.0
                 for attempt in range(hp.backtrack_iters if direction is not None else 0):
-                    torch.nn.utils.vector_to_parameters(old_params + hp.backtrack_ratio ** attempt * direction, params)
+                    torch.nn.utils.vector_to_parameters(old_params + hp.backtrack_ratio**attempt * direction, params)
                     with torch.no_grad():
                         new_objective, new_miss, trial_kl, _ = (x.item() for x in surrogates())
                     # a feasible policy must not get worse; an infeasible one may, to get back within alpha
-                    if (trial_kl <= hp.delta and (new_objective >= old_objective or constraint > 0)
-                            and new_miss - old_miss <= max(-constraint, 0.0)):
+                    if (
+                        trial_kl <= hp.delta
+                        and (new_objective >= old_objective or constraint > 0)
+                        and new_miss - old_miss <= max(-constraint, 0.0)
+                    ):
                         accepted, new_kl = attempt, trial_kl
                         break
                 if accepted < 0:
@@ -555,12 +573,25 @@ def train_policy(root, out, hp: Hyperparameters = Hyperparameters(),
                 deployed = rollout(episodes, index, escalate_probability(index) >= kappa)
                 kappa = kappa_update(kappa, float(deployed.covered.mean()), hp.alpha, hp.eta)
 
-                row = {"step": step, "reward": float(batch.correct.mean()), "cost": float(batch.cost.sum(1).mean()),
-                       "rollout_coverage": float(batch.covered.mean()), "coverage": float(deployed.covered.mean()),
-                       "alpha": hp.alpha, "kappa": kappa, "success_critic_loss": errors[0].item(),
-                       "cost_critic_loss": errors[1].item(), "entropy": entropy.item(), "kl": new_kl,
-                       "constraint": constraint, "nu": nu, "lam": lam, "case": case, "line_search": accepted,
-                       "verifier": episodes.has_verifier}
+                row = {
+                    "step": step,
+                    "reward": float(batch.correct.mean()),
+                    "cost": float(batch.cost.sum(1).mean()),
+                    "rollout_coverage": float(batch.covered.mean()),
+                    "coverage": float(deployed.covered.mean()),
+                    "alpha": hp.alpha,
+                    "kappa": kappa,
+                    "success_critic_loss": errors[0].item(),
+                    "cost_critic_loss": errors[1].item(),
+                    "entropy": entropy.item(),
+                    "kl": new_kl,
+                    "constraint": constraint,
+                    "nu": nu,
+                    "lam": lam,
+                    "case": case,
+                    "line_search": accepted,
+                    "verifier": episodes.has_verifier,
+                }
                 log.append(row)
                 if on_step is not None:
                     on_step(row)
@@ -570,22 +601,45 @@ def train_policy(root, out, hp: Hyperparameters = Hyperparameters(),
         torch.set_num_threads(threads)
 
     train_ids = sorted(train.problems["problem_id"].to_list())
-    metrics = {"coverage": float(final.covered.mean()), "accuracy": float(final.correct.mean()),
-               "cost": float(final.cost.sum(1).mean()), "episodes": int(n_episodes)}
+    metrics = {
+        "coverage": float(final.covered.mean()),
+        "accuracy": float(final.correct.mean()),
+        "cost": float(final.cost.sum(1).mean()),
+        "episodes": int(n_episodes),
+    }
     coverage_events = ["correct", "large_alone_wrong"] + (["all_steps_verified"] if episodes.has_verifier else [])
-    save_policy(out, policy, list(hp.features), episodes.feature_mean, episodes.feature_std, kappa, hp.hidden,
-                train_problem_ids=train_ids, split_seed=hp.split_seed,
-                split_fractions=[float(f) for f in hp.split_fractions], alpha=float(hp.alpha),
-                coverage_events=coverage_events, cost_unit=hp.cost,
-                trace={"dataset": train.manifest.get("dataset"), "models": train.manifest.get("models")},
-                training={key: list(value) if isinstance(value, tuple) else value for key, value in asdict(hp).items()},
-                train_metrics=metrics)
+    save_policy(
+        out,
+        policy,
+        list(hp.features),
+        episodes.feature_mean,
+        episodes.feature_std,
+        kappa,
+        hp.hidden,
+        train_problem_ids=train_ids,
+        split_seed=hp.split_seed,
+        split_fractions=[float(f) for f in hp.split_fractions],
+        alpha=float(hp.alpha),
+        coverage_events=coverage_events,
+        cost_unit=hp.cost,
+        trace={"dataset": train.manifest.dataset, "models": list(train.manifest.models.values())},
+        training={key: list(value) if isinstance(value, tuple) else value for key, value in asdict(hp).items()},
+        train_metrics=metrics,
+    )
     log_frame = pl.DataFrame(log, schema_overrides={"case": pl.String, "line_search": pl.Int32})
     buffer_bytes = io.BytesIO()
     log_frame.write_parquet(buffer_bytes, compression="zstd")
     log_path = log_path_for(out)
     write_atomic(log_path, buffer_bytes.getvalue())
-    return TrainResult(policy_path=out, log_path=log_path, kappa=kappa, n_train_episodes=n_episodes,
-                       train_coverage=metrics["coverage"], train_accuracy=metrics["accuracy"],
-                       train_cost=metrics["cost"], has_verifier=episodes.has_verifier,
-                       seconds=time.perf_counter() - started, log=log_frame)
+    return TrainResult(
+        policy_path=out,
+        log_path=log_path,
+        kappa=kappa,
+        n_train_episodes=n_episodes,
+        train_coverage=metrics["coverage"],
+        train_accuracy=metrics["accuracy"],
+        train_cost=metrics["cost"],
+        has_verifier=episodes.has_verifier,
+        seconds=time.perf_counter() - started,
+        log=log_frame,
+    )

@@ -16,15 +16,25 @@ from replay.routers.steer import Steer
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED
 
 
-def train_steer(root: str | os.PathLike, out: str | os.PathLike, *, min_samples: int = 10, seed: int = 0,
-                split_seed: int = DEFAULT_SPLIT_SEED,
-                fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> pl.DataFrame:
+def train_steer(
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    min_samples: int = 10,
+    seed: int = 0,
+    split_seed: int = DEFAULT_SPLIT_SEED,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+) -> pl.DataFrame:
     """Fit the mixtures on the train split of the trace at ``root``, write them to ``out``; returns one row per
     step index: depth, n, and weight, mean and standard deviation of the low and high components."""
     train = load_train_split(root, split_seed, fractions)
     router = Steer(min_samples=min_samples, seed=seed).fit(train)
-    router.save(Path(out), train.problems["problem_id"].to_list(), split_seed=split_seed,
-                split_fractions=[float(f) for f in fractions])
+    router.save(
+        Path(out),
+        train.problems["problem_id"].to_list(),
+        split_seed=split_seed,
+        split_fractions=[float(f) for f in fractions],
+    )
     rows = []
     for depth, mixture in sorted(router.mixtures_.items()):
         low = router.low_component_[depth]

@@ -8,17 +8,8 @@ from collections.abc import Callable
 import polars as pl
 
 from replay.errors import TraceError
-from replay.store import (
-    FINISH_REASONS,
-    ROW_KEYS,
-    SCHEMAS,
-    TABLES,
-    TOKEN_ARRAY_COLUMNS,
-    Trace,
-    manifest_roles,
-    model_char,
-    open_trace,
-)
+from replay.schema import FINISH_REASONS, ROW_KEYS, SCHEMAS, TABLES, TOKEN_ARRAY_COLUMNS, model_char
+from replay.store import Trace, open_trace
 
 FILE = "_file"  # column holding each row's part file, for messages
 
@@ -82,7 +73,7 @@ def _check_required(trace: Trace, table: str) -> None:
 
 def _manifest_roles(trace: Trace) -> dict[str, str]:
     """Role -> path character of every model the manifest lists."""
-    return {role: model_char(role) for role in manifest_roles(trace.manifest)}
+    return {role: model_char(role) for role in trace.manifest.roles}
 
 
 def _check_unique(problems: pl.DataFrame, table: str) -> None:
@@ -102,51 +93,69 @@ def _check_steps(steps: pl.DataFrame, roles: dict[str, str]) -> None:
     expected_id = pl.concat_str(pl.col("problem_id"), pl.col("world").cast(pl.String), pl.col("path"), separator="/")
     _first(
         steps.filter(pl.col("step_id") != expected_id),
-        lambda row: f"step {row['step_id']!r} should have step_id "
-        f"{row['problem_id']}/{row['world']}/{row['path']} (problem_id/world/path)",
+        lambda row: (
+            f"step {row['step_id']!r} should have step_id "
+            f"{row['problem_id']}/{row['world']}/{row['path']} (problem_id/world/path)"
+        ),
     )
     _first(
         steps.filter(~pl.col("finish_reason").is_in(FINISH_REASONS)),
-        lambda row: f"step {row['step_id']!r} has finish_reason {row['finish_reason']!r}; "
-        f"expected one of {', '.join(FINISH_REASONS)}",
+        lambda row: (
+            f"step {row['step_id']!r} has finish_reason {row['finish_reason']!r}; "
+            f"expected one of {', '.join(FINISH_REASONS)}"
+        ),
     )
     _first(
         steps.filter(~pl.col("model").is_in(list(roles))),
-        lambda row: f"step {row['step_id']!r} is by model {row['model']!r}, "
-        f"which is not a role in trace.json (roles: {', '.join(roles)})",
+        lambda row: (
+            f"step {row['step_id']!r} is by model {row['model']!r}, "
+            f"which is not a role in trace.json (roles: {', '.join(roles)})"
+        ),
     )
     char = pl.col("model").replace_strict(roles, return_dtype=pl.String)
     _first(
         steps.filter(pl.col("path") != pl.col("parent_path") + char),
-        lambda row: f"step {row['step_id']!r} by {row['model']} has path {row['path']!r}, "
-        f"but parent_path {row['parent_path']!r} + {roles[row['model']]!r} is "
-        f"{row['parent_path'] + roles[row['model']]!r}",
+        lambda row: (
+            f"step {row['step_id']!r} by {row['model']} has path {row['path']!r}, "
+            f"but parent_path {row['parent_path']!r} + {roles[row['model']]!r} is "
+            f"{row['parent_path'] + roles[row['model']]!r}"
+        ),
     )
     _first(
         steps.filter(pl.col("depth") != pl.col("parent_path").str.len_chars()),
-        lambda row: f"step {row['step_id']!r} has depth {row['depth']}, "
-        f"but its parent_path {row['parent_path']!r} has length {len(row['parent_path'])}",
+        lambda row: (
+            f"step {row['step_id']!r} has depth {row['depth']}, "
+            f"but its parent_path {row['parent_path']!r} has length {len(row['parent_path'])}"
+        ),
     )
     _first(
         steps.filter(pl.col("is_final") & (pl.col("answer").is_null() | pl.col("correct").is_null())),
-        lambda row: f"final step {row['step_id']!r} has a null "
-        f"{'answer' if row['answer'] is None else 'correct'}; final steps must be graded",
+        lambda row: (
+            f"final step {row['step_id']!r} has a null "
+            f"{'answer' if row['answer'] is None else 'correct'}; final steps must be graded"
+        ),
     )
     _first(
         steps.filter(~pl.col("is_final") & (pl.col("answer").is_not_null() | pl.col("correct").is_not_null())),
-        lambda row: f"step {row['step_id']!r} is not final but has "
-        f"{'an answer' if row['answer'] is not None else 'a correct flag'}",
+        lambda row: (
+            f"step {row['step_id']!r} is not final but has "
+            f"{'an answer' if row['answer'] is not None else 'a correct flag'}"
+        ),
     )
 
 
 def _check_tree(steps: pl.DataFrame) -> None:
     """Every step continues the root or a node some step of the same (problem, world) created."""
     nodes = steps.select("problem_id", "world", pl.col("path").alias("parent_path"))
-    orphans = steps.filter(pl.col("parent_path") != "").join(nodes, on=["problem_id", "world", "parent_path"], how="anti")
+    orphans = steps.filter(pl.col("parent_path") != "").join(
+        nodes, on=["problem_id", "world", "parent_path"], how="anti"
+    )
     _first(
         orphans,
-        lambda row: f"step {row['step_id']!r} continues node {row['parent_path']!r}, "
-        f"which no step of problem {row['problem_id']!r} world {row['world']} creates",
+        lambda row: (
+            f"step {row['step_id']!r} continues node {row['parent_path']!r}, "
+            f"which no step of problem {row['problem_id']!r} world {row['world']} creates"
+        ),
     )
 
 
@@ -172,8 +181,10 @@ def _check_tokens(trace: Trace, steps: pl.DataFrame) -> int:
     for column in TOKEN_ARRAY_COLUMNS:
         _first(
             joined.filter(pl.col(column) != pl.col("n_gen_tokens")),
-            lambda row, column=column: f"tokens.{column} of step {row['step_id']!r} has {row[column]} entries, "
-            f"but n_gen_tokens is {row['n_gen_tokens']}",
+            lambda row, column=column: (
+                f"tokens.{column} of step {row['step_id']!r} has {row[column]} entries, "
+                f"but n_gen_tokens is {row['n_gen_tokens']}"
+            ),
         )
     return lengths.height
 
@@ -188,11 +199,13 @@ def _check_scores(trace: Trace, steps: pl.DataFrame) -> int:
         scores.filter(pl.struct("step_id", "scorer").is_duplicated()),
         lambda row: f"step {row['step_id']!r} has more than one {row['scorer']} score",
     )
-    described = list(trace.manifest.get("scorers") or {})
+    described = list(trace.manifest.scorers)
     _first(
         scores.filter(~pl.col("scorer").is_in(described)),
-        lambda row: f"{row['scorer']} score for step {row['step_id']!r}, but trace.json has no scorers.{row['scorer']} "
-        "entry (its model and prompt)",
+        lambda row: (
+            f"{row['scorer']} score for step {row['step_id']!r}, but trace.json has no scorers.{row['scorer']} "
+            "entry (its model and prompt)"
+        ),
     )
     return scores.height
 
@@ -206,14 +219,18 @@ def _check_hidden(trace: Trace, problems: pl.DataFrame, roles: dict[str, str]) -
     )
     _first(
         hidden.filter(~pl.col("model").is_in(list(roles))),
-        lambda row: f"hidden vector of problem {row['problem_id']!r} is for model {row['model']!r}, "
-        "which is not a role in trace.json",
+        lambda row: (
+            f"hidden vector of problem {row['problem_id']!r} is for model {row['model']!r}, "
+            "which is not a role in trace.json"
+        ),
         order="problem_id",
     )
     _first(
         hidden.filter(pl.struct("problem_id", "model", "layer", "where").is_duplicated()),
-        lambda row: f"problem {row['problem_id']!r} has more than one {row['model']} hidden vector "
-        f"for layer {row['layer']} at {row['where']}",
+        lambda row: (
+            f"problem {row['problem_id']!r} has more than one {row['model']} hidden vector "
+            f"for layer {row['layer']} at {row['where']}"
+        ),
         order="problem_id",
     )
     return hidden.height
@@ -221,17 +238,18 @@ def _check_hidden(trace: Trace, problems: pl.DataFrame, roles: dict[str, str]) -
 
 def _check_manifest_counts(trace: Trace, problems: pl.DataFrame) -> None:
     """What the manifest records about the dataset must match the problems table."""
-    n_problems = trace.manifest.get("n_problems")
+    n_problems = trace.manifest.n_problems
     if n_problems is not None and n_problems != problems.height:
         raise TraceError(
             f"{trace.root}/trace.json records n_problems = {n_problems}, but problems has {problems.height} rows"
         )
-    dataset = trace.manifest.get("dataset")
-    name = dataset.get("name") if isinstance(dataset, dict) else None
+    name = trace.manifest.dataset_name
     if name is not None:
         _first(
             problems.filter(pl.col("dataset") != name),
-            lambda row: f"problem {row['problem_id']!r} is from dataset {row['dataset']!r}, "
-            f"but trace.json records dataset {name!r}",
+            lambda row: (
+                f"problem {row['problem_id']!r} is from dataset {row['dataset']!r}, "
+                f"but trace.json records dataset {name!r}"
+            ),
             order="problem_id",
         )

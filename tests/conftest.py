@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from tracebuild import build_trace, comb_steps, default_manifest
 
 

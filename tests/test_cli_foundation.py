@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from replay.store import MANIFEST_FILE
+from replay.schema import MANIFEST_FILE
 
 runner = CliRunner()
 
@@ -75,7 +75,9 @@ def test_sql_max_rows(comb_trace):
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
 def test_sql_out(comb_trace, tmp_path, suffix):
     out = tmp_path / f"result{suffix}"
-    result = runner.invoke(app, ["sql", str(comb_trace), "SELECT step_id, depth FROM steps ORDER BY step_id", "--out", str(out)])
+    result = runner.invoke(
+        app, ["sql", str(comb_trace), "SELECT step_id, depth FROM steps ORDER BY step_id", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     assert one_line(result.stdout) == f"wrote 54 rows to {out}"
     frame = pl.read_csv(out) if suffix == ".csv" else pl.read_parquet(out)
@@ -132,8 +134,13 @@ def test_bad_trace(comb_trace, tmp_path, command, breakage):
     args = {
         "validate": ["validate", str(root)],
         "info": ["info", str(root)],
-        "sql": ["sql", str(root), "SELECT count(*) FROM steps JOIN tokens USING (step_id) JOIN problems USING (problem_id)",
-                "--out", str(out)],
+        "sql": [
+            "sql",
+            str(root),
+            "SELECT count(*) FROM steps JOIN tokens USING (step_id) JOIN problems USING (problem_id)",
+            "--out",
+            str(out),
+        ],
     }[command]
     result = runner.invoke(app, args)
     assert_one_error(result, message)
@@ -157,7 +164,9 @@ def test_sql_error_writes_nothing(comb_trace, tmp_path, out_exists):
     before = snapshot(tmp_path)
     result = runner.invoke(app, ["sql", str(comb_trace), "SELECT depth FROM stepz", "--out", str(out)])
     assert result.exit_code == 1
-    assert_one_error(result, "SQL error in 'SELECT depth FROM stepz': Catalog Error: Table with name stepz does not exist")
+    assert_one_error(
+        result, "SQL error in 'SELECT depth FROM stepz': Catalog Error: Table with name stepz does not exist"
+    )
     assert snapshot(tmp_path) == before
 
 

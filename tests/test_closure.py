@@ -30,13 +30,37 @@ sweep = ["p=0.3,0.6"]
 name = "specreason"
 sweep = "tau=5:9:2"
 """
-OUTCOME = ["problem_id", "world", "path", "answer", "correct", "cost", "cost_small", "cost_large", "cost_prefill",
-           "cost_discarded", "cost_scorer", "n_small", "n_large", "n_discarded", "misses"]
+OUTCOME = [
+    "problem_id",
+    "world",
+    "path",
+    "answer",
+    "correct",
+    "cost",
+    "cost_small",
+    "cost_large",
+    "cost_prefill",
+    "cost_discarded",
+    "cost_scorer",
+    "n_small",
+    "n_large",
+    "n_discarded",
+    "misses",
+]
 
 
 def options(out: Path, **overrides) -> GenOptions:
-    settings = dict(small="toy-small", large="toy-large", dataset="toy", out=out, limit=N_PROBLEMS,
-                    max_step_tokens=48, max_steps=5, backend="hf", seed=11)
+    settings = dict(
+        small="toy-small",
+        large="toy-large",
+        dataset="toy",
+        out=out,
+        limit=N_PROBLEMS,
+        max_step_tokens=48,
+        max_steps=5,
+        backend="hf",
+        seed=11,
+    )
     return GenOptions(**{**settings, **overrides})
 
 
@@ -61,7 +85,9 @@ def test_closure_leaves_no_misses_and_a_rerun_adds_nothing(closure_trace):
     expansions = json.loads((closure_trace / "trace.json").read_text())["expansions"]
     assert expansions[-1]["strategy"] == "closure"
     assert [r["router"] for r in expansions[-1]["routers"]] == ["random", "specreason"]
-    again = run_gen(options(closure_trace, expand="closure", routers=tuple(load_router_specs_from_text(closure_trace.parent))))
+    again = run_gen(
+        options(closure_trace, expand="closure", routers=tuple(load_router_specs_from_text(closure_trace.parent)))
+    )
     assert again.new_steps == 0 and again.closure.remaining_misses == 0
 
 
@@ -75,45 +101,81 @@ def test_online_run_matches_the_replay_on_the_closure_trace(closure_trace, tmp_p
     run_gen(options(online, expand="online", routers=(spec,)))
     validate(online)
     for cost in ("flops", "flops+prefill"):
-        ran, replayed = (replay_trace(root, spec.router(), split="all", cost=cost).outcomes.select(OUTCOME)
-                         for root in (online, closure_trace))
+        ran, replayed = (
+            replay_trace(root, spec.router(), split="all", cost=cost).outcomes.select(OUTCOME)
+            for root in (online, closure_trace)
+        )
         assert ran["misses"].sum() == 0
         assert ran.equals(replayed), cost
     # the online trace holds exactly the steps the router took, identical to the cached ones
     online_steps = _steps_with_tokens(online).sort("step_id")
-    cached = _steps_with_tokens(closure_trace).join(online_steps.select("step_id"), on="step_id", how="semi").sort("step_id")
+    cached = (
+        _steps_with_tokens(closure_trace).join(online_steps.select("step_id"), on="step_id", how="semi").sort("step_id")
+    )
     assert online_steps.drop("logprobs").equals(cached.drop("logprobs"))
     # batch rows are padded differently online, so float rounding differs (the sampled tokens did not)
-    np.testing.assert_allclose(online_steps["logprobs"].explode().to_numpy(), cached["logprobs"].explode().to_numpy(),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        online_steps["logprobs"].explode().to_numpy(), cached["logprobs"].explode().to_numpy(), atol=1e-4
+    )
 
 
 def _steps_with_tokens(root: Path) -> pl.DataFrame:
     trace = open_trace(root)
-    return (trace.scan("steps").select("step_id", "text", "answer", "correct", "n_gen_tokens", "n_new_prefill_tokens")
-            .join(trace.scan("tokens").select("step_id", "token_ids", "logprobs"), on="step_id").collect())
+    return (
+        trace.scan("steps")
+        .select("step_id", "text", "answer", "correct", "n_gen_tokens", "n_new_prefill_tokens")
+        .join(trace.scan("tokens").select("step_id", "token_ids", "logprobs"), on="step_id")
+        .collect()
+    )
 
 
 def test_budget_stops_closure_and_says_so(tmp_path):
     (tmp_path / "routers.toml").write_text(ROUTERS)
-    result = CliRunner().invoke(app, [
-        "gen", "--model", "toy-small", "--large", "toy-large", "--dataset", "toy", "--limit", "2", "--max-steps", "4",
-        "--max-step-tokens", "48", "--backend", "hf", "--expand", "closure", "--routers", str(tmp_path / "routers.toml"),
-        "--budget-tokens", "1", "--out", str(tmp_path / "t")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "gen",
+            "--model",
+            "toy-small",
+            "--large",
+            "toy-large",
+            "--dataset",
+            "toy",
+            "--limit",
+            "2",
+            "--max-steps",
+            "4",
+            "--max-step-tokens",
+            "48",
+            "--backend",
+            "hf",
+            "--expand",
+            "closure",
+            "--routers",
+            str(tmp_path / "routers.toml"),
+            "--budget-tokens",
+            "1",
+            "--out",
+            str(tmp_path / "t"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "router misses left: --budget-tokens spent" in result.output
 
 
-@pytest.mark.parametrize("text, message", [
-    (None, "does not exist"),
-    ("[[router]\nname = 'x'", "is not valid TOML"),
-    ("[other]\nname = 'rsd'", "one or more \\[\\[router\\]\\] tables"),
-    ("[[router]]\nparams = {tau = 1}", "name is missing"),
-    ("[[router]]\nname = 'rsd'\ncolour = 'red'", "unknown key\\(s\\) colour"),
-    ("[[router]]\nname = 'nope'", "router 1: unknown router 'nope'"),
-    ("[[router]]\nname = 'rsd'\n[[router]]\nname = 'rsd'\nparams = {tau_x = 1}", "router 2: .*tau_x"),
-    ("[[router]]\nname = 'rsd'\nsweep = 'mode=0:1:0.5'", "cannot sweep mode"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (None, "does not exist"),
+        ("[[router]\nname = 'x'", "is not valid TOML"),
+        ("[other]\nname = 'rsd'", "one or more \\[\\[router\\]\\] tables"),
+        ("[[router]]\nparams = {tau = 1}", "name is missing"),
+        ("[[router]]\nname = 'rsd'\ncolour = 'red'", "unknown key\\(s\\) colour"),
+        ("[[router]]\nname = 'nope'", "router 1: unknown router 'nope'"),
+        ("[[router]]\nname = 'rsd'\n[[router]]\nname = 'rsd'\nparams = {tau_x = 1}", "router 2: .*tau_x"),
+        ("[[router]]\nname = 'rsd'\nsweep = 'mode=0:1:0.5'", "cannot sweep mode"),
+    ],
+)
 def test_router_file_errors(tmp_path, text, message):
     path = tmp_path / "routers.toml"
     if text is not None:

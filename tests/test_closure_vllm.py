@@ -16,30 +16,54 @@ from data.toy import MODEL_ALIASES
 from replay.engine import replay_trace
 from replay.store import open_trace
 from replay.validate import validate
-from tracegen.backends import load_backend
+from tracegen.backends import engine_kwargs_for, load_backend
 from tracegen.closure import RouterSpec
-from tracegen.gen import GenOptions, engine_kwargs_for, run_gen
+from tracegen.gen import GenOptions, run_gen
 from tracegen.scoring import open_scorer, run_score, score_pending
 
 pytestmark = pytest.mark.vllm
 
 SPECS = (RouterSpec("specreason", {"tau": "7"}), RouterSpec("random", {"p": "0.6"}))
-OUTCOME = ["problem_id", "world", "path", "answer", "correct", "cost", "cost_prefill", "cost_discarded", "cost_scorer",
-           "n_small", "n_large", "n_discarded", "misses"]
+OUTCOME = [
+    "problem_id",
+    "world",
+    "path",
+    "answer",
+    "correct",
+    "cost",
+    "cost_prefill",
+    "cost_discarded",
+    "cost_scorer",
+    "n_small",
+    "n_large",
+    "n_discarded",
+    "misses",
+]
 
 
 @pytest.fixture(scope="module")
 def engines():
-    started = {role: load_backend("vllm", str(MODEL_ALIASES[f"toy-{role}"]), **engine_kwargs_for("vllm", role, {}))
-               for role in ("small", "large")}
+    started = {
+        role: load_backend("vllm", str(MODEL_ALIASES[f"toy-{role}"]), **engine_kwargs_for("vllm", role, {}))
+        for role in ("small", "large")
+    }
     yield started
     for backend in started.values():
         backend.close()
 
 
 def options(out: Path, **overrides) -> GenOptions:
-    settings = dict(small="toy-small", large="toy-large", dataset="toy", out=out, limit=4, max_step_tokens=48,
-                    max_steps=5, backend="vllm", seed=13)
+    settings = dict(
+        small="toy-small",
+        large="toy-large",
+        dataset="toy",
+        out=out,
+        limit=4,
+        max_step_tokens=48,
+        max_steps=5,
+        backend="vllm",
+        seed=13,
+    )
     return GenOptions(**{**settings, **overrides})
 
 
@@ -55,8 +79,10 @@ def test_online_run_through_vllm_matches_the_replay(engines, closure_trace, tmp_
     online = tmp_path / "online"
     run_gen(options(online, expand="online", routers=(spec,)), backends=engines)
     validate(online)
-    ran, replayed = (replay_trace(root, spec.router(), split="all", cost="flops+prefill").outcomes.select(OUTCOME)
-                     for root in (online, closure_trace))
+    ran, replayed = (
+        replay_trace(root, spec.router(), split="all", cost="flops+prefill").outcomes.select(OUTCOME)
+        for root in (online, closure_trace)
+    )
     assert ran["misses"].sum() == 0 and replayed["misses"].sum() == 0
     assert ran.equals(replayed)
 
@@ -70,8 +96,10 @@ def test_vllm_scorers_agree_with_transformers(engines, closure_trace, tmp_path):
     shutil.rmtree(copy / "scores")
     for name in ("judge", "ptrue"):
         run_score(copy, name, backend="hf")
-        ours, theirs = (open_trace(root).scan("scores").filter(pl.col("scorer") == name).sort("step_id").collect()
-                        for root in (closure_trace, copy))
+        ours, theirs = (
+            open_trace(root).scan("scores").filter(pl.col("scorer") == name).sort("step_id").collect()
+            for root in (closure_trace, copy)
+        )
         assert ours["step_id"].to_list() == theirs["step_id"].to_list()
         np.testing.assert_allclose(ours["value"].to_numpy(), theirs["value"].to_numpy(), atol=1e-4)
         assert (ours["n_tokens_processed"] == theirs["n_tokens_processed"]).all()

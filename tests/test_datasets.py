@@ -58,16 +58,28 @@ def test_math500_fields_and_unique_ids():
 
 def test_omnimath_and_multiple_choice_sniffed(tmp_path):
     omni = tmp_path / "omni.jsonl"
-    omni.write_text(json.dumps({"problem": "Find $x$.", "answer": "\\frac{3}{4}", "domain": ["Algebra"],
-                                "difficulty": 4.5, "solution": "..."}) + "\n")
+    omni.write_text(
+        json.dumps(
+            {
+                "problem": "Find $x$.",
+                "answer": "\\frac{3}{4}",
+                "domain": ["Algebra"],
+                "difficulty": 4.5,
+                "solution": "...",
+            }
+        )
+        + "\n"
+    )
     dataset = load_dataset(str(omni))
     assert dataset.name == "omnimath" and dataset.problems[0].problem_id == "omnimath-test-00000"
     assert json.loads(dataset.problems[0].row()["meta"])["difficulty"] == 4.5
 
     mmlu = tmp_path / "mmlu_validation.jsonl"
     mmlu.write_text(
-        json.dumps({"question": "2+2=?", "choices": ["3", "4", "5"], "answer": 1}) + "\n"
-        + json.dumps({"question": "Capital of France?", "choices": ["Paris", "Rome"], "answer": "a"}) + "\n"
+        json.dumps({"question": "2+2=?", "choices": ["3", "4", "5"], "answer": 1})
+        + "\n"
+        + json.dumps({"question": "Capital of France?", "choices": ["Paris", "Rome"], "answer": "a"})
+        + "\n"
     )
     dataset = load_dataset(str(mmlu))
     assert dataset.name == "mmlu" and dataset.split == "validation"
@@ -97,7 +109,7 @@ def test_malformed_line_names_file_and_line(tmp_path):
     with pytest.raises(TraceError, match=r"no_marker.jsonl, line 2: field 'answer' does not end with '#### N'"):
         load_dataset(str(no_marker))
     missing_field = tmp_path / "m.jsonl"
-    missing_field.write_text(json.dumps({"problem": "p", "answer": "1", "level": 1}) + "\n{\"problem\": \"q\"}\n")
+    missing_field.write_text(json.dumps({"problem": "p", "answer": "1", "level": 1}) + '\n{"problem": "q"}\n')
     with pytest.raises(TraceError, match=r"m.jsonl, line 2: missing field 'answer'"):
         load_dataset(f"math500={missing_field}")
 

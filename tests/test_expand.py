@@ -36,16 +36,26 @@ def test_comb_stops_each_chain_at_its_final_step():
     trees, _ = grow(Comb(), max_steps=10, final_at=final_at)
     assert set(trees[("p0", 0)]) == {"s", "ss", "sss", "L", "LL", "sL", "sLL", "ssL", "ssLL"}
     # nothing continues a final node
-    assert not any(path + "s" in trees[("p0", 0)] or path + "L" in trees[("p0", 0)]
-                   for path, final in trees[("p0", 0)].items() if final)
+    assert not any(
+        path + "s" in trees[("p0", 0)] or path + "L" in trees[("p0", 0)]
+        for path, final in trees[("p0", 0)].items()
+        if final
+    )
 
 
 def test_full_depth_one():
     trees, _ = grow(Full(1), max_steps=3, final_at=lambda path: False)
     expected = {
-        "s", "L",  # depth-1 choices
-        "ss", "sss", "sL", "sLL",  # leaf "s" completed by each model alone
-        "Ls", "Lss", "LL", "LLL",  # leaf "L" completed by each model alone
+        "s",
+        "L",  # depth-1 choices
+        "ss",
+        "sss",
+        "sL",
+        "sLL",  # leaf "s" completed by each model alone
+        "Ls",
+        "Lss",
+        "LL",
+        "LLL",  # leaf "L" completed by each model alone
     }
     assert set(trees[("p0", 0)]) == expected
 
@@ -79,8 +89,12 @@ def test_frontier_is_sorted_over_trees_and_skips_foreign_nodes():
 
 def test_missing_for_explicit_requests():
     trees = {("a", 0): {"s": False, "ss": True}}
-    wanted = [Request("a", 0, "s", "large"), Request("a", 0, "", "small"), Request("a", 0, "ss", "large"),
-              Request("a", 0, "s", "large")]
+    wanted = [
+        Request("a", 0, "s", "large"),
+        Request("a", 0, "", "small"),
+        Request("a", 0, "ss", "large"),
+        Request("a", 0, "s", "large"),
+    ]
     # already there, and continuing a final node, are dropped; duplicates collapse
     assert missing(trees, wanted, max_steps=5) == [Request("a", 0, "s", "large")]
     with pytest.raises(TraceError, match="node 'sL' is not in the trace"):

@@ -39,7 +39,7 @@ def toy_models(tmp_path_factory) -> tuple[str, str]:
     from transformers import Qwen2ForCausalLM
 
     from data.toy.tokenizer import build_tokenizer
-    from data.toy.train import model_config
+    from scripts.toy.train import model_config
 
     folder = tmp_path_factory.mktemp("toy-models")
     tokenizer = build_tokenizer()
@@ -51,8 +51,17 @@ def toy_models(tmp_path_factory) -> tuple[str, str]:
 
 
 def options(models, out, **overrides) -> GenOptions:
-    settings = dict(small=models[0], large=models[1], dataset="toy", out=out, limit=N_PROBLEMS,
-                    max_step_tokens=STEP_TOKENS, max_steps=MAX_STEPS, backend="hf", seed=3)
+    settings = dict(
+        small=models[0],
+        large=models[1],
+        dataset="toy",
+        out=out,
+        limit=N_PROBLEMS,
+        max_step_tokens=STEP_TOKENS,
+        max_steps=MAX_STEPS,
+        backend="hf",
+        seed=3,
+    )
     settings.update(overrides)
     return GenOptions(**settings)
 
@@ -80,7 +89,7 @@ def test_comb_trace_validates_and_is_complete(comb_trace):
     assert frontier(trees, Comb(), max_steps=MAX_STEPS) == []
     # and every step is a comb step: small chains, large completions
     assert all("Ls" not in path for path in steps["path"])
-    for (problem_id, world), nodes in trees.items():
+    for nodes in trees.values():
         assert "s" in nodes and "L" in nodes
         chain = [path for path in nodes if "L" not in path]
         for path in chain:
@@ -108,7 +117,9 @@ def test_step_counters_follow_the_tree(comb_trace):
         own = [a for a in ancestors if a["model"] == row["model"]]
         if own:  # the model already holds its last step's prompt and all but its last sampled token
             last = own[-1]
-            assert row["n_new_prefill_tokens"] == row["n_prompt_tokens"] - (last["n_prompt_tokens"] + last["n_gen_tokens"] - 1)
+            assert row["n_new_prefill_tokens"] == row["n_prompt_tokens"] - (
+                last["n_prompt_tokens"] + last["n_gen_tokens"] - 1
+            )
         else:
             assert row["n_new_prefill_tokens"] == row["n_prompt_tokens"]
         assert row["depth"] == len(row["parent_path"])
@@ -163,8 +174,9 @@ def test_hidden_vectors_match_a_direct_forward(comb_trace):
     with torch.inference_mode():
         states = model.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
     for layer in (-1, 1):
-        stored = hidden.filter((pl.col("problem_id") == problem.problem_id) & (pl.col("model") == "large")
-                               & (pl.col("layer") == layer))["vector"].to_list()[0]
+        stored = hidden.filter(
+            (pl.col("problem_id") == problem.problem_id) & (pl.col("model") == "large") & (pl.col("layer") == layer)
+        )["vector"].to_list()[0]
         np.testing.assert_allclose(stored, states[layer][0, -1].numpy(), rtol=2e-3, atol=2e-3)
 
 
@@ -198,9 +210,30 @@ def test_same_command_twice_gives_identical_files(toy_models, tmp_path):
 def test_killed_run_resumes_to_the_uninterrupted_result(toy_models, tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     run_gen(options(toy_models, reference, max_steps=5))
-    command = [sys.executable, "-m", "cli", "gen", "--model", toy_models[0], "--large", toy_models[1],
-               "--dataset", "toy", "--limit", str(N_PROBLEMS), "--max-steps", "5", "--max-step-tokens", str(STEP_TOKENS),
-               "--backend", "hf", "--seed", "3", "--out", str(killed)]
+    command = [
+        sys.executable,
+        "-m",
+        "cli",
+        "gen",
+        "--model",
+        toy_models[0],
+        "--large",
+        toy_models[1],
+        "--dataset",
+        "toy",
+        "--limit",
+        str(N_PROBLEMS),
+        "--max-steps",
+        "5",
+        "--max-step-tokens",
+        str(STEP_TOKENS),
+        "--backend",
+        "hf",
+        "--seed",
+        "3",
+        "--out",
+        str(killed),
+    ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not list((killed / "steps").glob("part-*.parquet")) and time.time() < deadline and process.poll() is None:
@@ -235,8 +268,12 @@ def test_shards_partition_the_problems(toy_models, tmp_path):
 def test_seed_and_shard_parsing():
     request = Request("toy-test-L3-00000", 0, "s", "large")
     assert request_seed(0, request) == request_seed(0, request)
-    others = [Request("toy-test-L3-00000", 1, "s", "large"), Request("toy-test-L3-00000", 0, "", "large"),
-              Request("toy-test-L3-00000", 0, "s", "small"), Request("toy-test-L3-00001", 0, "s", "large")]
+    others = [
+        Request("toy-test-L3-00000", 1, "s", "large"),
+        Request("toy-test-L3-00000", 0, "", "large"),
+        Request("toy-test-L3-00000", 0, "s", "small"),
+        Request("toy-test-L3-00001", 0, "s", "large"),
+    ]
     seeds = {request_seed(0, r) for r in others} | {request_seed(0, request), request_seed(1, request)}
     assert len(seeds) == 6 and all(0 <= s < 2**63 for s in seeds)
     assert parse_shard("1/4") == (1, 4) and parse_shard(None) is None
@@ -259,10 +296,38 @@ def test_new_prefill_counts_on_a_hand_tree():
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    result = CliRunner().invoke(app, ["gen", "--model", "gpt-9", "--large", "toy-large", "--dataset", "toy",
-                                      "--out", str(tmp_path / "x"), "--backend", "hf"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "gen",
+            "--model",
+            "gpt-9",
+            "--large",
+            "toy-large",
+            "--dataset",
+            "toy",
+            "--out",
+            str(tmp_path / "x"),
+            "--backend",
+            "hf",
+        ],
+    )
     assert result.exit_code == 1
     assert "unknown model 'gpt-9'" in result.output and "Traceback" not in result.output
-    result = CliRunner().invoke(app, ["gen", "--model", "toy-small", "--large", "toy-large", "--dataset", "nope",
-                                      "--out", str(tmp_path / "x"), "--backend", "hf"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "gen",
+            "--model",
+            "toy-small",
+            "--large",
+            "toy-large",
+            "--dataset",
+            "nope",
+            "--out",
+            str(tmp_path / "x"),
+            "--backend",
+            "hf",
+        ],
+    )
     assert result.exit_code == 1 and "neither a dataset name" in result.output

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from test_gen import toy_models  # noqa: F401  (fixture: trained toy models, or random-weight stand-ins)
 
 from replay.store import open_trace
 from replay.validate import validate
-from test_gen import toy_models  # noqa: F401  (fixture: trained toy models, or random-weight stand-ins)
 from tracegen.expand import Comb, frontier
 
 pytestmark = pytest.mark.vllm
@@ -28,9 +28,30 @@ MAX_STEPS = 8
 @pytest.fixture(scope="module")
 def vllm_trace(toy_models, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:  # noqa: F811
     out = tmp_path_factory.mktemp("gen-vllm") / "toy"
-    command = [sys.executable, "-m", "cli", "gen", "--model", toy_models[0], "--large", toy_models[1],
-               "--dataset", "toy", "--limit", str(LIMIT), "--max-steps", str(MAX_STEPS), "--max-step-tokens", "48", "--hidden-layers", "-1",
-               "--backend", "vllm", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "cli",
+        "gen",
+        "--model",
+        toy_models[0],
+        "--large",
+        toy_models[1],
+        "--dataset",
+        "toy",
+        "--limit",
+        str(LIMIT),
+        "--max-steps",
+        str(MAX_STEPS),
+        "--max-step-tokens",
+        "48",
+        "--hidden-layers",
+        "-1",
+        "--backend",
+        "vllm",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=1500)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -63,8 +63,9 @@ def test_toy_grading_is_exact_integer_equality():
     problem = task.generate(1, split="test", seed=0)[0]
     solution = problem.solution()
     assert grader.grade(extract_answer(solution), str(problem.answer))
-    assert not grader.grade(extract_answer(solution.replace(f"{{{problem.answer}}}", f"{{{problem.answer + 1}}}")),
-                            str(problem.answer))
+    assert not grader.grade(
+        extract_answer(solution.replace(f"{{{problem.answer}}}", f"{{{problem.answer + 1}}}")), str(problem.answer)
+    )
     assert not grader.grade("0.5e2", "50")  # math-verify would say yes; the toy grader is exact
     assert grader.name == "toy-exact" and grader.version.startswith("data.toy.task.grade@")
 

@@ -8,8 +8,8 @@ import torch
 from transformers import Qwen2ForCausalLM
 
 from data.toy.tokenizer import build_tokenizer
-from data.toy.train import model_config
 from replay.errors import TraceError
+from scripts.toy.train import model_config
 from tracegen.backends import StepRequest, StepSampling, load_backend
 from tracegen.prompts import prompt_token_ids
 
@@ -77,8 +77,9 @@ def test_cached_decoding_scores_equal_a_full_forward(backend, prompts):
         with torch.no_grad():
             logits = backend.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].double()
         exact = logits.log_softmax(-1)
-        np.testing.assert_allclose(step.logprobs, exact.gather(-1, torch.tensor(step.token_ids)[:, None])[:, 0],
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            step.logprobs, exact.gather(-1, torch.tensor(step.token_ids)[:, None])[:, 0], atol=1e-5
+        )
         np.testing.assert_allclose(step.max_logits, logits.max(-1).values, atol=1e-5)
         assert [row[0] for row in step.topk_ids] == exact.argmax(-1).tolist()
 
@@ -120,8 +121,9 @@ def test_multi_token_delimiter_cuts_at_its_first_occurrence(backend, prompts):
     assert free.finish_reason in ("length", "eos")
     delimiter = free.text[20:22]
     cut = free.text.find(delimiter)
-    stopped = backend.generate_steps([request], StepSampling(temperature=1.0, max_step_tokens=40,
-                                                             delimiter=delimiter))[0]
+    stopped = backend.generate_steps([request], StepSampling(temperature=1.0, max_step_tokens=40, delimiter=delimiter))[
+        0
+    ]
     assert stopped.finish_reason == "delimiter" and stopped.text == free.text[:cut]
     n = len(stopped.token_ids)
     assert stopped.token_ids == free.token_ids[:n]

@@ -22,7 +22,10 @@ def test_replay_prints_the_table_and_writes_one_row_per_problem_world_configurat
     outcomes = pl.read_parquet(out)
     assert outcomes.height == 3 * 2 * 3
     assert outcomes.group_by("config").agg(pl.col("params").first()).sort("config")["params"].to_list() == [
-        '{"p": 0.0, "seed": 0}', '{"p": 0.5, "seed": 0}', '{"p": 1.0, "seed": 0}']
+        '{"p": 0.0, "seed": 0}',
+        '{"p": 0.5, "seed": 0}',
+        '{"p": 1.0, "seed": 0}',
+    ]
     large = outcomes.filter(pl.col("config") == 2)
     assert large["n_small"].sum() == 0 and large["correct"].all()
 

@@ -9,11 +9,23 @@ import pytest
 from replay.costs import GPT_41_MINI, Price, make_cost_model, parse_price
 from replay.errors import TraceError
 
-MANIFEST = {"models": [{"role": "small", "n_params": 1.5e9}, {"role": "large", "n_params": 7e9}],
-            "scorers": {"prm": {"model": "skywork", "n_params": 1.5e9}, "judge": {"model": "large"},
-                        "ptrue": {"model": "self"}}}
-STEPS = pl.DataFrame({"model": ["small", "large"], "n_gen_tokens": [100, 50], "n_prompt_tokens": [300, 400],
-                      "n_new_prefill_tokens": [300, 120], "n_cached_tokens": [0, 256]})
+MANIFEST = {
+    "models": [{"role": "small", "n_params": 1.5e9}, {"role": "large", "n_params": 7e9}],
+    "scorers": {
+        "prm": {"model": "skywork", "n_params": 1.5e9},
+        "judge": {"model": "large"},
+        "ptrue": {"model": "self"},
+    },
+}
+STEPS = pl.DataFrame(
+    {
+        "model": ["small", "large"],
+        "n_gen_tokens": [100, 50],
+        "n_prompt_tokens": [300, 400],
+        "n_new_prefill_tokens": [300, 120],
+        "n_cached_tokens": [0, 256],
+    }
+)
 
 
 def test_flops_counts_generated_tokens_in_tflops():
@@ -61,7 +73,7 @@ def test_missing_numbers_are_errors_never_zero():
         make_cost_model("api", MANIFEST, {"small": GPT_41_MINI}).scorer_costs("prm", np.array([1]), np.array(["small"]))
     with pytest.raises(TraceError, match="unknown cost model 'watts'"):
         make_cost_model("watts", MANIFEST)
-    with pytest.raises(TraceError, match="'models' must list the models"):
+    with pytest.raises(TraceError, match="'models' must be a list of objects"):
         make_cost_model("flops", {"models": "small"})
 
 

@@ -27,11 +27,17 @@ def test_a_missing_step_is_a_miss_and_never_invented(tmp_path):
     steps = [s for s in sized(comb_steps("p0", 3)) if s["path"] != "ss"] + sized(comb_steps("p1", 3))
     result = run(build_trace(tmp_path / "t", steps, manifest=manifest()), make_router("small-only"))
     rows = {row["problem_id"]: row for row in result.outcomes.iter_rows(named=True)}
-    assert (rows["p0"]["misses"], rows["p0"]["path"], rows["p0"]["correct"], rows["p0"]["answer"]) == (1, "s", None, None)
+    assert (rows["p0"]["misses"], rows["p0"]["path"], rows["p0"]["correct"], rows["p0"]["answer"]) == (
+        1,
+        "s",
+        None,
+        None,
+    )
     assert (rows["p0"]["n_small"], rows["p0"]["cost"]) == (1, 10.0)  # the one step it did take
     assert (rows["p1"]["misses"], rows["p1"]["path"], rows["p1"]["correct"]) == (0, "sss", False)
-    assert miss_list(result) == [{"problem_id": "p0", "world": 0, "path": "s", "model": "small", "scorer": None,
-                                  "n_configs": 1}]
+    assert miss_list(result) == [
+        {"problem_id": "p0", "world": 0, "path": "s", "model": "small", "scorer": None, "n_configs": 1}
+    ]
     summary = result.summary().row(0, named=True)
     assert (summary["n"], summary["misses"], summary["accuracy"], summary["cost"]) == (2, 1, 0.0, 30.0)
 
@@ -86,8 +92,9 @@ def test_replay_trace_fits_on_train_and_records_the_split(comb_trace):
     assert {pid: split for pid, split in result.outcomes.select("problem_id", "split").rows()} == expected
     assert router.n_train_problems_ == list(expected.values()).count("train")
     assert result.outcomes["split_seed"].unique().to_list() == [3]
-    test_only = replay_trace(comb_trace, make_router("small-only"), split="test", split_seed=3,
-                             fractions=(0.34, 0.33, 0.33))
+    test_only = replay_trace(
+        comb_trace, make_router("small-only"), split="test", split_seed=3, fractions=(0.34, 0.33, 0.33)
+    )
     assert set(test_only.outcomes["split"]) <= {"test"}
     with pytest.raises(TraceError, match="unknown split 'dev'"):
         replay_trace(comb_trace, make_router("small-only"), split="dev")
@@ -97,9 +104,29 @@ def test_outcome_columns_and_parquet_round_trip(comb_trace, tmp_path):
     result = run(comb_trace, make_router("random"), sweep={"p": np.array([0.2, 0.8])}, cost="flops+prefill")
     outcomes = result.outcomes
     assert outcomes.height == 3 * 2 * 2  # problems x worlds x configurations
-    for column in ("router", "params", "config", "split", "problem_id", "world", "path", "answer", "correct", "cost",
-                   "cost_small", "cost_large", "cost_prefill", "cost_discarded", "cost_scorer", "n_small", "n_large",
-                   "n_discarded", "misses", "cost_model", "cost_unit"):
+    for column in (
+        "router",
+        "params",
+        "config",
+        "split",
+        "problem_id",
+        "world",
+        "path",
+        "answer",
+        "correct",
+        "cost",
+        "cost_small",
+        "cost_large",
+        "cost_prefill",
+        "cost_discarded",
+        "cost_scorer",
+        "n_small",
+        "n_large",
+        "n_discarded",
+        "misses",
+        "cost_model",
+        "cost_unit",
+    ):
         assert column in outcomes.columns
     parts = outcomes["cost_small"] + outcomes["cost_large"] + outcomes["cost_prefill"] + outcomes["cost_discarded"]
     np.testing.assert_allclose(outcomes["cost"].to_numpy(), (parts + outcomes["cost_scorer"]).to_numpy())
@@ -154,6 +181,11 @@ def test_router_registry_errors():
     with pytest.raises(TraceError, match="parameter pik must be true or false"):
         make_router("cascade", pik="maybe")
     assert make_router("steer", tau="0.3", min_samples="4", mode="step").get_params() == {
-        "tau": 0.3, "mode": "step", "min_samples": 4, "seed": 0, "gmms": ""}
+        "tau": 0.3,
+        "mode": "step",
+        "min_samples": 4,
+        "seed": 0,
+        "gmms": "",
+    }
     assert make_router("cascade", pik="false").pik is False
     assert repr(make_router("random", p=0.25)) == "RandomRouter(p=0.25, seed=0)"

@@ -16,12 +16,12 @@ import numpy as np
 import polars as pl
 import pytest
 from PIL import Image
+from tracebuild import build_trace, comb_steps, default_manifest
 from typer.testing import CliRunner
 
 from analysis.stats import bootstrap_counts
 from cli import app
 from replay.store import open_trace
-from tracebuild import build_trace, comb_steps, default_manifest
 
 runner = CliRunner()
 N_PROBLEMS, N_WORLDS, N_STEPS = 30, 2, 3
@@ -65,13 +65,18 @@ def replay_to(trace, out, *args):
 def inputs(tmp_path_factory):
     """A 30-problem, 2-world comb trace and the results of trace replay on it."""
     base = tmp_path_factory.mktemp("report")
-    trace = build_trace(base / "trace", routing_steps(), manifest=default_manifest(n_problems=N_PROBLEMS, worlds=N_WORLDS))
+    trace = build_trace(
+        base / "trace", routing_steps(), manifest=default_manifest(n_problems=N_PROBLEMS, worlds=N_WORLDS)
+    )
     return {
         "base": base,
         "trace": trace,
-        "steer": replay_to(trace, base / "steer.parquet", "--router", "steer", "--sweep", "tau=0:1:0.1", "--split", "all"),
-        "random": replay_to(trace, base / "random.parquet", "--router", "random", "--sweep", "p=0:1:0.25",
-                            "--split", "all"),
+        "steer": replay_to(
+            trace, base / "steer.parquet", "--router", "steer", "--sweep", "tau=0:1:0.1", "--split", "all"
+        ),
+        "random": replay_to(
+            trace, base / "random.parquet", "--router", "random", "--sweep", "p=0:1:0.25", "--split", "all"
+        ),
         "oracle": replay_to(trace, base / "oracle.parquet", "--router", "oracle", "--split", "all"),
     }
 
@@ -79,8 +84,19 @@ def inputs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def main_report(inputs):
     out = inputs["base"] / "main-report"
-    result = invoke("report", inputs["trace"], inputs["steer"], inputs["random"], inputs["oracle"], "--out", out,
-                    "--bootstrap", 200, "--seed", 7)
+    result = invoke(
+        "report",
+        inputs["trace"],
+        inputs["steer"],
+        inputs["random"],
+        inputs["oracle"],
+        "--out",
+        out,
+        "--bootstrap",
+        200,
+        "--seed",
+        7,
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -166,11 +182,17 @@ def single_model(trace, char: str) -> pl.DataFrame:
 
 def per_config(results: Path) -> pl.DataFrame:
     frame = pl.read_parquet(results)
-    return (frame.group_by("config").agg(
-        tau=pl.col("params").first(), misses=pl.col("misses").sum(),
-        accuracy=pl.col("correct").drop_nulls().cast(pl.Float64).mean(),
-        cost=pl.col("cost").filter(pl.col("misses") == 0).mean())
-        .with_columns(a_over_c=pl.col("accuracy") / pl.col("cost")).sort("config"))
+    return (
+        frame.group_by("config")
+        .agg(
+            tau=pl.col("params").first(),
+            misses=pl.col("misses").sum(),
+            accuracy=pl.col("correct").drop_nulls().cast(pl.Float64).mean(),
+            cost=pl.col("cost").filter(pl.col("misses") == 0).mean(),
+        )
+        .with_columns(a_over_c=pl.col("accuracy") / pl.col("cost"))
+        .sort("config")
+    )
 
 
 def chosen_by_ac(results: Path, floor: float) -> int:
@@ -194,7 +216,9 @@ def test_page_references_valid_pngs_and_the_markdown_twin_matches(main_report):
         check_png(main_report / source)
     markdown = (main_report / "report.md").read_text()
     assert [line for line in markdown.splitlines() if line.startswith("![")] == [
-        "![Accuracy against mean cost per query](pareto.png)", "![Share of large-model steps by step index](escalation.png)"]
+        "![Accuracy against mean cost per query](pareto.png)",
+        "![Share of large-model steps by step index](escalation.png)",
+    ]
     html = (main_report / "index.html").read_text()
     assert "<table>" in html and "Routers at their operating points" in html
     assert sorted(p.name for p in main_report.iterdir()) == ["escalation.png", "index.html", "pareto.png", "report.md"]
@@ -220,8 +244,11 @@ def test_table_numbers_come_from_the_results_and_the_trace(inputs, main_report):
     assert number(table["steer"][3]) == pytest.approx(configs["a_over_c"], rel=1e-3)
     assert table["steer"][5] == "0"
     # the random sweep's middle configurations miss (the comb lacks mixed paths): never chosen
-    random_pick = per_config(inputs["random"]).filter(
-        pl.col("config") == chosen_by_ac(inputs["random"], large_accuracy - 0.02)).row(0, named=True)
+    random_pick = (
+        per_config(inputs["random"])
+        .filter(pl.col("config") == chosen_by_ac(inputs["random"], large_accuracy - 0.02))
+        .row(0, named=True)
+    )
     assert random_pick["misses"] == 0 and json.loads(random_pick["tau"])["p"] in (0.0, 1.0)
     assert "highest A/C at or above the floor; 11 of 11 configurations without misses (steer.parquet)" in markdown
     assert f"large-only accuracy {100 * large_accuracy:.1f}% minus 2 points" in markdown
@@ -283,14 +310,29 @@ def test_escalation_shares_by_step_index_come_from_the_walks_paths(inputs, main_
 def test_rerun_gives_identical_files(inputs, main_report, tmp_path):
     again = tmp_path / "again"
     for out in (again, main_report):
-        result = invoke("report", inputs["trace"], inputs["steer"], inputs["random"], inputs["oracle"], "--out", out,
-                        "--bootstrap", 200, "--seed", 7)
+        result = invoke(
+            "report",
+            inputs["trace"],
+            inputs["steer"],
+            inputs["random"],
+            inputs["oracle"],
+            "--out",
+            out,
+            "--bootstrap",
+            200,
+            "--seed",
+            7,
+        )
         assert result.exit_code == 0, result.output
     for name in ("report.md", "index.html", "pareto.png", "escalation.png"):
         assert (again / name).read_bytes() == (main_report / name).read_bytes(), name
     other_seed = tmp_path / "other-seed"
-    assert invoke("report", inputs["trace"], inputs["steer"], "--out", other_seed, "--bootstrap", 200,
-                  "--seed", 8).exit_code == 0
+    assert (
+        invoke(
+            "report", inputs["trace"], inputs["steer"], "--out", other_seed, "--bootstrap", 200, "--seed", 8
+        ).exit_code
+        == 0
+    )
     assert (other_seed / "report.md").read_text() != (again / "report.md").read_text()
 
 
@@ -298,20 +340,44 @@ def write_policy_log(path: Path) -> Path:
     step = np.arange(0, 200, 2)
     coverage = 0.9 + 0.08 * (1 - np.exp(-step / 40))
     kappa = 0.5 + 0.3 * np.exp(-step / 60)
-    pl.DataFrame({"step": step, "coverage": coverage, "kappa": kappa, "alpha": np.full(step.size, 0.05),
-                  "reward_loss": np.linspace(1, 0.1, step.size)}).write_parquet(path)
+    pl.DataFrame(
+        {
+            "step": step,
+            "coverage": coverage,
+            "kappa": kappa,
+            "alpha": np.full(step.size, 0.05),
+            "reward_loss": np.linspace(1, 0.1, step.size),
+        }
+    ).write_parquet(path)
     return path
 
 
 TRAIN_IDS = [f"q{i:02d}" for i in range(0, N_PROBLEMS, 2)]
-STEER_MIXTURES = {"format": "trace-steer", "version": 1, "signal": "conf_max_logit_math", "train_problem_ids": TRAIN_IDS,
-                  "mixtures": [
-                      {"depth": 0, "n": 30, "weights": [0.3, 0.7], "means": [3.0, 8.0], "variances": [0.49, 1.0],
-                       "low_component": 0},
-                      {"depth": 1, "n": 30, "weights": [0.75, 0.25], "means": [8.1, 2.9], "variances": [1.1, 0.5],
-                       "low_component": 1},
-                      {"depth": 2, "n": 30, "weights": [0.35, 0.65], "means": [3.2, 7.9], "variances": [0.6, 0.9],
-                       "low_component": 0}]}
+STEER_MIXTURES = {
+    "format": "trace-steer",
+    "version": 1,
+    "signal": "conf_max_logit_math",
+    "train_problem_ids": TRAIN_IDS,
+    "mixtures": [
+        {"depth": 0, "n": 30, "weights": [0.3, 0.7], "means": [3.0, 8.0], "variances": [0.49, 1.0], "low_component": 0},
+        {
+            "depth": 1,
+            "n": 30,
+            "weights": [0.75, 0.25],
+            "means": [8.1, 2.9],
+            "variances": [1.1, 0.5],
+            "low_component": 1,
+        },
+        {
+            "depth": 2,
+            "n": 30,
+            "weights": [0.35, 0.65],
+            "means": [3.2, 7.9],
+            "variances": [0.6, 0.9],
+            "low_component": 0,
+        },
+    ],
+}
 
 
 def test_policy_and_steer_sections_appear_only_when_given(inputs, tmp_path):
@@ -319,8 +385,19 @@ def test_policy_and_steer_sections_appear_only_when_given(inputs, tmp_path):
     mixtures = tmp_path / "steer.json"
     mixtures.write_text(json.dumps(STEER_MIXTURES))
     out = tmp_path / "report"
-    result = invoke("report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 50,
-                    "--policy-log", log, "--steer-gmm", mixtures)
+    result = invoke(
+        "report",
+        inputs["trace"],
+        inputs["steer"],
+        "--out",
+        out,
+        "--bootstrap",
+        50,
+        "--policy-log",
+        log,
+        "--steer-gmm",
+        mixtures,
+    )
     assert result.exit_code == 0, result.output
     assert page_images(out) == ["pareto.png", "escalation.png", "policy_training.png", "steer_mixtures.png"]
     for name in ("policy_training.png", "steer_mixtures.png"):
@@ -330,10 +407,17 @@ def test_policy_and_steer_sections_appear_only_when_given(inputs, tmp_path):
     assert "100 logged updates, steps 0-198" in markdown
     assert f"final kappa {0.5 + 0.3 * math.exp(-198 / 60):.4f}" in markdown
     steer_table = table_after(markdown, "STEER confidence mixtures")
-    small_at = (trace_steps(inputs["trace"]).filter((pl.col("model") == "small") & pl.col("problem_id").is_in(TRAIN_IDS))
-                .group_by("depth").len())
-    for depth, expected in [(0, (3.0, 0.7, 0.3, 8.0, 1.0)), (1, (2.9, math.sqrt(0.5), 0.25, 8.1, math.sqrt(1.1))),
-                            (2, (3.2, math.sqrt(0.6), 0.35, 7.9, math.sqrt(0.9)))]:
+    small_at = (
+        trace_steps(inputs["trace"])
+        .filter((pl.col("model") == "small") & pl.col("problem_id").is_in(TRAIN_IDS))
+        .group_by("depth")
+        .len()
+    )
+    for depth, expected in [
+        (0, (3.0, 0.7, 0.3, 8.0, 1.0)),
+        (1, (2.9, math.sqrt(0.5), 0.25, 8.1, math.sqrt(1.1))),
+        (2, (3.2, math.sqrt(0.6), 0.35, 7.9, math.sqrt(0.9))),
+    ]:
         n, *numbers = steer_table[str(depth)]
         assert int(n) == small_at.filter(pl.col("depth") == depth)["len"][0] == 30
         assert [float(x) for x in numbers] == pytest.approx(expected, abs=1e-3)
@@ -344,8 +428,13 @@ def test_policy_and_steer_sections_appear_only_when_given(inputs, tmp_path):
     assert invoke("report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 50).exit_code == 0
     assert "## Policy training" not in (out / "report.md").read_text()
     assert "## STEER" not in (out / "report.md").read_text()
-    assert sorted(p.name for p in out.iterdir()) == ["escalation.png", "index.html", "notes.txt", "pareto.png",
-                                                     "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "escalation.png",
+        "index.html",
+        "notes.txt",
+        "pareto.png",
+        "report.md",
+    ]
 
 
 def test_policy_alpha_defaults_to_the_seed_value_or_the_option(inputs, tmp_path):
@@ -353,25 +442,30 @@ def test_policy_alpha_defaults_to_the_seed_value_or_the_option(inputs, tmp_path)
     pl.DataFrame({"step": [0, 1, 2], "coverage": [0.9, 0.95, 0.97], "kappa": [0.5, 0.45, 0.42]}).write_parquet(log)
     for extra, expected in [((), "alpha 0.02, the policy seed's default"), (("--alpha", 0.1), "alpha 0.1, given")]:
         out = tmp_path / f"r{len(extra)}"
-        result = invoke("report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 20,
-                        "--policy-log", log, *extra)
+        result = invoke(
+            "report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 20, "--policy-log", log, *extra
+        )
         assert result.exit_code == 0, result.output
         assert expected in (out / "report.md").read_text()
 
 
-@pytest.mark.parametrize("options, expected", [
-    (["--pick", "cheapest"], "cheapest"),
-    (["--pick", "accuracy"], "accuracy"),
-    (["--accuracy-floor", "0.5"], "floor"),
-    (["--at", "steer:tau=0.3"], "pinned"),
-])
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (["--pick", "cheapest"], "cheapest"),
+        (["--pick", "accuracy"], "accuracy"),
+        (["--accuracy-floor", "0.5"], "floor"),
+        (["--at", "steer:tau=0.3"], "pinned"),
+    ],
+)
 def test_pick_rules_choose_the_documented_configuration(inputs, tmp_path, options, expected):
     out = tmp_path / "r"
     result = invoke("report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 20, *options)
     assert result.exit_code == 0, result.output
     markdown = (out / "report.md").read_text()
     configs = per_config(inputs["steer"]).with_columns(
-        tau=pl.col("tau").map_elements(lambda text: json.loads(text)["tau"], return_dtype=pl.Float64))
+        tau=pl.col("tau").map_elements(lambda text: json.loads(text)["tau"], return_dtype=pl.Float64)
+    )
     large_accuracy = single_model(inputs["trace"], "L")["correct"].mean()
     meeting = configs.filter(pl.col("accuracy") >= large_accuracy - 0.02 - 1e-12)
     if expected == "cheapest":
@@ -389,8 +483,21 @@ def test_pick_rules_choose_the_documented_configuration(inputs, tmp_path, option
 
 def test_pick_split_chooses_on_calibration_and_reports_test(inputs, tmp_path):
     out = tmp_path / "r"
-    result = invoke("report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 20,
-                    "--split", "test", "--pick-split", "calibration", "--accuracy-floor", "large")
+    result = invoke(
+        "report",
+        inputs["trace"],
+        inputs["steer"],
+        "--out",
+        out,
+        "--bootstrap",
+        20,
+        "--split",
+        "test",
+        "--pick-split",
+        "calibration",
+        "--accuracy-floor",
+        "large",
+    )
     assert result.exit_code == 0, result.output
     markdown = (out / "report.md").read_text()
     outcomes = pl.read_parquet(inputs["steer"])
@@ -399,10 +506,12 @@ def test_pick_split_chooses_on_calibration_and_reports_test(inputs, tmp_path):
     assert "chosen on rows of split calibration" in markdown
     calibration = outcomes.filter(pl.col("split") == "calibration")
     large = single_model(inputs["trace"], "L").join(calibration.select("problem_id").unique(), on="problem_id")
-    by_config = (calibration.group_by("config").agg(accuracy=pl.col("correct").cast(pl.Float64).mean(),
-                                                   cost=pl.col("cost").mean())
-                 .filter(pl.col("accuracy") >= large["correct"].mean() - 1e-12)
-                 .with_columns(a_over_c=pl.col("accuracy") / pl.col("cost")))
+    by_config = (
+        calibration.group_by("config")
+        .agg(accuracy=pl.col("correct").cast(pl.Float64).mean(), cost=pl.col("cost").mean())
+        .filter(pl.col("accuracy") >= large["correct"].mean() - 1e-12)
+        .with_columns(a_over_c=pl.col("accuracy") / pl.col("cost"))
+    )
     best = max(by_config.iter_rows(named=True), key=lambda r: (r["a_over_c"], r["accuracy"], -r["cost"], -r["config"]))
     steer_row = table_after(markdown, "Routers at their operating points")["steer"]
     assert steer_row[0] == f"tau={tau_of(inputs['steer'], best['config']):g}"
@@ -417,8 +526,12 @@ def test_api_costs_need_the_baselines_as_results_files(inputs, tmp_path):
     refused = invoke("report", trace, steer, "--out", out)
     assert refused.exit_code == 1 and "whose prices they do not record" in " ".join(refused.stderr.split())
     assert not out.exists()
-    small = replay_to(trace, tmp_path / "small-api.parquet", "--router", "small-only", "--cost", "api", "--split", "all")
-    large = replay_to(trace, tmp_path / "large-api.parquet", "--router", "large-only", "--cost", "api", "--split", "all")
+    small = replay_to(
+        trace, tmp_path / "small-api.parquet", "--router", "small-only", "--cost", "api", "--split", "all"
+    )
+    large = replay_to(
+        trace, tmp_path / "large-api.parquet", "--router", "large-only", "--cost", "api", "--split", "all"
+    )
     result = invoke("report", trace, steer, small, large, "--out", out, "--bootstrap", 20)
     assert result.exit_code == 0, result.output
     markdown = (out / "report.md").read_text()
@@ -426,7 +539,8 @@ def test_api_costs_need_the_baselines_as_results_files(inputs, tmp_path):
     assert "Every router has a single configuration" in markdown
     large_cost = pl.read_parquet(large)["cost"].mean()
     assert number(table_after(markdown, "Routers at their operating points")["large-only"][2]) == pytest.approx(
-        large_cost, rel=1e-3)
+        large_cost, rel=1e-3
+    )
 
 
 def test_an_unrelated_folder_is_never_overwritten(inputs, tmp_path):
@@ -458,8 +572,14 @@ def test_bad_input_is_one_line_exit_1_and_nothing_written(inputs, tmp_path):
     bad_log = tmp_path / "bad.log.parquet"
     pl.DataFrame({"step": [1, 2], "loss": [0.5, 0.4]}).write_parquet(bad_log)
     bad_json = tmp_path / "bad.json"
-    bad_json.write_text(json.dumps({**STEER_MIXTURES, "mixtures": [{"depth": 0, "weights": [1.0], "means": [3.0],
-                                                                    "variances": [1.0], "low_component": 0}]}))
+    bad_json.write_text(
+        json.dumps(
+            {
+                **STEER_MIXTURES,
+                "mixtures": [{"depth": 0, "weights": [1.0], "means": [3.0], "variances": [1.0], "low_component": 0}],
+            }
+        )
+    )
     not_steer = tmp_path / "not-steer.json"
     not_steer.write_text(json.dumps({"mixtures": []}))
     steer = inputs["steer"]
@@ -522,8 +642,10 @@ def test_steer_section_reads_the_file_the_steer_router_saves(inputs, tmp_path):
         assert float(low_weight) == pytest.approx(mixture.weights_[low], abs=1e-3)
 
 
-@pytest.mark.parametrize("costs, log", [([1.0, 5.0], False), ([1.0, 20.0], True), ([0.0, 20.0], False),
-                                        ([2.0, np.nan, 30.0], True), ([], False)])
+@pytest.mark.parametrize(
+    "costs, log",
+    [([1.0, 5.0], False), ([1.0, 20.0], True), ([0.0, 20.0], False), ([2.0, np.nan, 30.0], True), ([], False)],
+)
 def test_pareto_cost_axis_turns_logarithmic_past_a_factor_ten(costs, log):
     from analysis.plots import wants_log_cost_axis
 

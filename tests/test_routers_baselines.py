@@ -18,10 +18,12 @@ SMALL_STEP, LARGE_STEP = 10.0, 80.0
 
 
 def manifest():
-    return default_manifest(models=[
-        {"role": "small", "name": "s", "revision": "t", "n_params": 0.5e12},
-        {"role": "large", "name": "l", "revision": "t", "n_params": 2e12},
-    ])
+    return default_manifest(
+        models=[
+            {"role": "small", "name": "s", "revision": "t", "n_params": 0.5e12},
+            {"role": "large", "name": "l", "revision": "t", "n_params": 2e12},
+        ]
+    )
 
 
 def sized(steps):
@@ -43,8 +45,9 @@ def only_row(result):
 @pytest.fixture
 def comb(tmp_path):
     right = {"ssL", "sLL"}
-    return build_trace(tmp_path / "t", sized(comb_steps("p0", 3, correct=lambda path: path in right)),
-                       manifest=manifest())
+    return build_trace(
+        tmp_path / "t", sized(comb_steps("p0", 3, correct=lambda path: path in right)), manifest=manifest()
+    )
 
 
 def test_small_only_and_large_only_walk_their_chains(comb):
@@ -83,8 +86,9 @@ def test_oracle_without_any_complete_path_is_a_miss_where_the_small_chain_breaks
     result = run(root, make_router("oracle"))
     row = only_row(result)
     assert row["misses"] == 1 and row["correct"] is None
-    assert miss_list(result) == [{"problem_id": "p0", "world": 0, "path": "ss", "model": "small", "scorer": None,
-                                  "n_configs": 1}]
+    assert miss_list(result) == [
+        {"problem_id": "p0", "world": 0, "path": "ss", "model": "small", "scorer": None, "n_configs": 1}
+    ]
 
 
 def full_tree(problem_id: str, depth: int, correct) -> list[dict]:
@@ -93,8 +97,15 @@ def full_tree(problem_id: str, depth: int, correct) -> list[dict]:
     steps = []
     for level in range(1, depth + 1):
         paths = [p + c for p in paths for c in "sL"]
-        steps += [{"problem_id": problem_id, "path": p, "is_final": level == depth,
-                   "correct": correct(p) if level == depth else None} for p in paths]
+        steps += [
+            {
+                "problem_id": problem_id,
+                "path": p,
+                "is_final": level == depth,
+                "correct": correct(p) if level == depth else None,
+            }
+            for p in paths
+        ]
     return sized(steps)
 
 

@@ -25,8 +25,13 @@ SMALL_CHAIN, LARGE_CHAIN, PTRUE_CALL = 20.0, 160.0, 40.0
 
 
 def ptrue(problem: str, path: str, value: float) -> dict:
-    return {"step_id": f"{problem}/0/{path}", "scorer": "ptrue", "value": value, "detail": None,
-            "n_tokens_processed": 40}
+    return {
+        "step_id": f"{problem}/0/{path}",
+        "scorer": "ptrue",
+        "value": value,
+        "detail": None,
+        "n_tokens_processed": 40,
+    }
 
 
 def problem_steps(problem: str, small_right: bool, logprob_mean: float) -> list[dict]:
@@ -52,8 +57,13 @@ def trace(tmp_path):
     for i in range(20):
         steps += problem_steps(f"t{i}", i % 2 == 0, -0.5)
         states.append(hidden(f"t{i}", i % 2 == 0, 0.01 * i))
-    root = build_trace(tmp_path / "t", steps, manifest={**manifest(), "scorers": {"ptrue": {"model": "self"}}},
-                       scores=scores, hidden=states)
+    root = build_trace(
+        tmp_path / "t",
+        steps,
+        manifest={**manifest(), "scorers": {"ptrue": {"model": "self"}}},
+        scores=scores,
+        hidden=states,
+    )
     data = ReplayData.from_trace(open_trace(root))
     ids = data.problems["problem_id"].to_list()
     return data.subset([i for i in ids if i.startswith("t")]), data.subset(["q0", "q1"])
@@ -69,7 +79,12 @@ def outcomes(trace, cost="flops", sweep=None, **params):
 def test_ptrue_keeps_a_confident_small_answer_and_escalates_the_rest(trace):
     rows, _ = outcomes(trace, pik=False)
     q0, q1 = rows["q0"], rows["q1"]
-    assert (q0["path"], q0["correct"], q0["cost"], q0["cost_scorer"]) == ("ss", True, SMALL_CHAIN + PTRUE_CALL, PTRUE_CALL)
+    assert (q0["path"], q0["correct"], q0["cost"], q0["cost_scorer"]) == (
+        "ss",
+        True,
+        SMALL_CHAIN + PTRUE_CALL,
+        PTRUE_CALL,
+    )
     # q1: the small chain and its P(True) call are paid, then the large chain answers.
     assert (q1["path"], q1["correct"], q1["n_small"], q1["n_large"]) == ("LL", True, 2, 2)
     assert q1["cost"] == SMALL_CHAIN + PTRUE_CALL + LARGE_CHAIN
@@ -141,13 +156,21 @@ def test_probe_errors_name_the_problem(trace, tmp_path):
 
 
 def test_three_models_in_order_of_size(tmp_path):
-    models = [{"role": f"m{i}", "name": f"m{i}", "revision": "t", "n_params": n}
-              for i, n in enumerate((0.5e12, 1e12, 2e12))]
+    models = [
+        {"role": f"m{i}", "name": f"m{i}", "revision": "t", "n_params": n} for i, n in enumerate((0.5e12, 1e12, 2e12))
+    ]
     steps = []
     for path in ("0", "00", "1", "11", "2", "22"):
         final = len(path) == 2
-        steps.append({"path": path, "n_gen_tokens": 10, "is_final": final, "correct": path == "11" if final else None,
-                      "logprob_mean": {"00": -3.0, "11": -0.05, "22": -0.01}.get(path, -0.1)})
+        steps.append(
+            {
+                "path": path,
+                "n_gen_tokens": 10,
+                "is_final": final,
+                "correct": path == "11" if final else None,
+                "logprob_mean": {"00": -3.0, "11": -0.05, "22": -0.01}.get(path, -0.1),
+            }
+        )
     root = build_trace(tmp_path / "t", steps, manifest=default_manifest(models=models))
     data = ReplayData.from_trace(open_trace(root))
     router = make_router("cascade", pik=False, p_true="final_mean", t_true=0.9).fit(data)

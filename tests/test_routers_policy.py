@@ -107,8 +107,9 @@ def test_kappa_sweep_equals_single_replays(tmp_path):
 
 def test_difficulty_feature_reads_the_level_from_meta():
     steps = pl.DataFrame({"problem_id": ["a", "b", "c"], "depth": [0, 1, 2]})
-    problems = pl.DataFrame({"problem_id": ["a", "b", "c"],
-                             "meta": [json.dumps({"level": "Level 3"}), json.dumps({"level": 2}), "{}"]})
+    problems = pl.DataFrame(
+        {"problem_id": ["a", "b", "c"], "meta": [json.dumps({"level": "Level 3"}), json.dumps({"level": 2}), "{}"]}
+    )
     features = raw_features(steps, problems, ["difficulty", "depth"])
     np.testing.assert_array_equal(features[:, 1], [0, 1, 2])
     np.testing.assert_array_equal(features[:2, 0], [3.0, 2.0])

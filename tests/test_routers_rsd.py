@@ -27,16 +27,27 @@ def prm(path: str, value: float, problem: str = "p0") -> dict:
 
 def judge(path: str, greedy: int, probabilities: dict[int, float], problem: str = "p0") -> dict:
     detail = [probabilities.get(d, 0.0) for d in range(10)]
-    return {"step_id": f"{problem}/0/{path}", "scorer": "judge", "value": float(greedy), "detail": detail,
-            "n_tokens_processed": 31}
+    return {
+        "step_id": f"{problem}/0/{path}",
+        "scorer": "judge",
+        "value": float(greedy),
+        "detail": detail,
+        "n_tokens_processed": 31,
+    }
 
 
 @pytest.fixture
 def tree(tmp_path):
     """Full depth-2 tree; only sL and LL are right. PRM: s 0.9, ss 0.3, Ls 0.8."""
     steps = full_tree("p0", 2, lambda path: path in ("sL", "LL"))
-    scores = [prm("s", 0.9), prm("ss", 0.3), prm("Ls", 0.8),
-              judge("s", 8, {8: 1.0}), judge("ss", 6, {6: 0.5, 9: 0.5}), judge("Ls", 2, {2: 1.0})]
+    scores = [
+        prm("s", 0.9),
+        prm("ss", 0.3),
+        prm("Ls", 0.8),
+        judge("s", 8, {8: 1.0}),
+        judge("ss", 6, {6: 0.5, 9: 0.5}),
+        judge("Ls", 2, {2: 1.0}),
+    ]
     return build_trace(tmp_path / "t", steps, manifest=scored_manifest(), scores=scores)
 
 
@@ -103,11 +114,14 @@ def test_scorer_without_a_parameter_count_is_an_error(tmp_path):
         run(root, make_router("rsd"))
 
 
-@pytest.mark.parametrize("router,params,taus", [
-    ("rsd", {}, [0.0, 0.25, 0.5, 0.75, 1.0]),
-    ("specreason", {}, [0.0, 3.0, 5.0, 7.0, 9.0]),
-    ("specreason", {"score": "expected"}, [0.0, 3.5, 5.5, 7.5, 9.0]),
-])
+@pytest.mark.parametrize(
+    "router,params,taus",
+    [
+        ("rsd", {}, [0.0, 0.25, 0.5, 0.75, 1.0]),
+        ("specreason", {}, [0.0, 3.0, 5.0, 7.0, 9.0]),
+        ("specreason", {"score": "expected"}, [0.0, 3.5, 5.5, 7.5, 9.0]),
+    ],
+)
 def test_sweep_equals_single_replays(tmp_path, router, params, taus):
     rng = np.random.default_rng(1)
     steps, scores = [], []
@@ -117,8 +131,10 @@ def test_sweep_equals_single_replays(tmp_path, router, params, taus):
         for step in tree:
             if step["path"][-1] == "s":
                 probabilities = rng.dirichlet(np.ones(10))
-                scores += [prm(step["path"], float(rng.uniform()), f"p{i}"),
-                           judge(step["path"], int(probabilities.argmax()), dict(enumerate(probabilities)), f"p{i}")]
+                scores += [
+                    prm(step["path"], float(rng.uniform()), f"p{i}"),
+                    judge(step["path"], int(probabilities.argmax()), dict(enumerate(probabilities)), f"p{i}"),
+                ]
     root = build_trace(tmp_path / "t", steps, manifest=scored_manifest(), scores=scores)
     swept = run(root, make_router(router, **params), sweep={"tau": np.array(taus)}).outcomes
     paths = set()

@@ -33,8 +33,10 @@ def split_data(tmp_path, test_steps: list[dict]) -> tuple[ReplayData, ReplayData
     root = build_trace(tmp_path / "t", sized(train_steps() + test_steps), manifest=manifest())
     data = ReplayData.from_trace(open_trace(root))
     ids = data.problems["problem_id"].to_list()
-    return (data.subset([i for i in ids if i.startswith("train")]),
-            data.subset([i for i in ids if not i.startswith("train")]))
+    return (
+        data.subset([i for i in ids if i.startswith("train")]),
+        data.subset([i for i in ids if not i.startswith("train")]),
+    )
 
 
 def outcome(train, test, **params):
@@ -91,14 +93,17 @@ def test_mixtures_are_fitted_per_step_index_on_small_train_steps(tmp_path):
     assert sorted(router.mixtures_) == [0, 1, 2]
     small = train.steps.filter((train.steps["model"] == "small") & (train.steps["depth"] == 1))
     reference = GaussianMixture(n_components=2, random_state=3).fit(
-        small["conf_max_logit_math"].to_numpy().astype(float).reshape(-1, 1))
+        small["conf_max_logit_math"].to_numpy().astype(float).reshape(-1, 1)
+    )
     values = np.array([5.0, 9.0, 11.0, 15.0])
     low = int(np.argmin(reference.means_.ravel()))
-    np.testing.assert_allclose(router.low_posterior(np.ones(4, dtype=int), values),
-                               reference.predict_proba(values.reshape(-1, 1))[:, low])
+    np.testing.assert_allclose(
+        router.low_posterior(np.ones(4, dtype=int), values), reference.predict_proba(values.reshape(-1, 1))[:, low]
+    )
     # deeper step indices than any fitted one use the deepest mixture
-    np.testing.assert_allclose(router.low_posterior(np.array([7]), values[:1]),
-                               router.low_posterior(np.array([2]), values[:1]))
+    np.testing.assert_allclose(
+        router.low_posterior(np.array([7]), values[:1]), router.low_posterior(np.array([2]), values[:1])
+    )
 
 
 def test_too_few_train_confidences_is_an_error(tmp_path):

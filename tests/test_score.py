@@ -23,7 +23,7 @@ from replay.store import open_trace
 from replay.validate import validate
 from tracegen.gen import GenOptions, run_gen
 from tracegen.prompts import prompt_token_ids
-from tracegen.scorers.ptrue import _boxed_token_positions
+from tracegen.scorers.toy_ptrue import _boxed_token_positions
 from tracegen.scoring import run_score
 
 N_PROBLEMS = 5
@@ -32,8 +32,19 @@ N_PROBLEMS = 5
 @pytest.fixture(scope="module")
 def toy_trace(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("score") / "toy"
-    run_gen(GenOptions(small="toy-small", large="toy-large", dataset="toy", out=out, limit=N_PROBLEMS,
-                       max_step_tokens=48, max_steps=5, backend="hf", seed=5))
+    run_gen(
+        GenOptions(
+            small="toy-small",
+            large="toy-large",
+            dataset="toy",
+            out=out,
+            limit=N_PROBLEMS,
+            max_step_tokens=48,
+            max_steps=5,
+            backend="hf",
+            seed=5,
+        )
+    )
     return out
 
 
@@ -44,10 +55,15 @@ def trace(toy_trace, tmp_path) -> Path:
 
 def joined(root: Path, scorer: str) -> pl.DataFrame:
     t = open_trace(root)
-    return (t.scan("scores").filter(pl.col("scorer") == scorer)
-            .join(t.scan("steps"), on="step_id").join(t.scan("tokens"), on="step_id")
-            .join(t.scan("problems").select("problem_id", "question"), on="problem_id")
-            .sort("step_id").collect())
+    return (
+        t.scan("scores")
+        .filter(pl.col("scorer") == scorer)
+        .join(t.scan("steps"), on="step_id")
+        .join(t.scan("tokens"), on="step_id")
+        .join(t.scan("problems").select("problem_id", "question"), on="problem_id")
+        .sort("step_id")
+        .collect()
+    )
 
 
 def path_texts(steps: pl.DataFrame, row: dict) -> list[str]:
@@ -76,7 +92,7 @@ def test_verifier_is_the_exact_step_check_and_a_rerun_adds_nothing(trace):
 def large_logprobs(prompt: list[int], continuation: list[int]) -> np.ndarray:
     model = AutoModelForCausalLM.from_pretrained(MODEL_ALIASES["toy-large"], dtype=torch.float32).eval()
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([prompt + continuation])).logits[0, len(prompt) - 1:-1]
+        logits = model(input_ids=torch.tensor([prompt + continuation])).logits[0, len(prompt) - 1 : -1]
     return logits.log_softmax(-1).gather(-1, torch.tensor(continuation)[:, None])[:, 0].numpy()
 
 
@@ -157,9 +173,47 @@ def test_rsd_replays_on_prm_scores(trace):
     prm = joined(trace, "prm")
     assert prm.height > 0 and prm["value"].is_between(0, 1).all()
     # a call reads the step and its end token (the PRM caches the prefix): one token per character here
-    assert (prm["n_tokens_processed"] == prm["text"].str.len_chars() + 1 + np.where(
-        prm["depth"] == 0, prm["question"].str.len_chars() + 1, 0)).all()
+    assert (
+        prm["n_tokens_processed"]
+        == prm["text"].str.len_chars() + 1 + np.where(prm["depth"] == 0, prm["question"].str.len_chars() + 1, 0)
+    ).all()
     result = replay_trace(trace, make_router("rsd", tau=0.0), split="all")
     summary = result.summary().row(0, named=True)
     assert summary["misses"] == 0 and summary["large_share"] == 0  # tau 0 accepts every draft
     assert (result.outcomes["cost_scorer"] > 0).all()
+
+
+def test_a_toy_trace_runs_the_toy_variants_under_the_signal_names(trace):
+    run_score(trace, "judge", backend="hf")
+    run_score(trace, "verifier")
+    scorers = open_trace(trace).manifest.scorers
+    assert scorers["judge"]["scorer"] == "toy-judge" and scorers["verifier"]["scorer"] == "exact-verifier"
+    assert set(pl.read_parquet(trace / "scores")["scorer"]) == {"judge", "verifier"}
+
+
+@pytest.mark.parametrize("name", ["judge", "verifier", "ptrue"])
+def test_the_real_scorers_run_on_the_toy_models(trace, name):
+    """The instruction-following scorers, as real models run them, through the same code path: the toy models
+    cannot follow the instructions, so only the form of the values is checked, and the prompt's cost."""
+    from tracegen.scorers import SCORERS
+    from tracegen.scoring import score_pending
+
+    scorer = SCORERS[name](open_trace(trace).manifest, backend="hf")
+    try:
+        summary = score_pending(trace, scorer)
+    finally:
+        scorer.close()
+    scores = joined(trace, name)
+    assert summary.new == scores.height > 0
+    assert open_trace(trace).manifest.scorers[name]["scorer"] == name
+    detail = np.stack(scores["detail"].to_numpy())
+    assert ((detail >= 0) & (detail <= 1 + 1e-6)).all() and (detail.sum(axis=1) <= 1 + 1e-5).all()
+    if name == "judge":
+        assert scores["value"].is_in([float(d) for d in range(10)]).all() and detail.shape[1] == 10
+    elif name == "verifier":
+        assert scores["value"].is_in([0.0, 1.0]).all()
+        assert (scores["value"] == (detail[:, 0] > detail[:, 1])).all()
+    else:
+        assert scores["value"].is_between(0, 1).all() and detail.shape[1] == 2
+    # a call reads the question and (for judge and verifier) the steps, and writes one token
+    assert (scores["n_tokens_processed"] > scores["question"].str.len_chars()).all()

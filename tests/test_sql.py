@@ -8,11 +8,11 @@ import re
 
 import pyarrow.parquet as pq
 import pytest
+from tracebuild import build_trace, comb_steps, step_and_tokens
 
 from analysis.sql import run_sql, write_result
 from replay.errors import TraceError
-from replay.store import SCHEMAS, TABLES
-from tracebuild import build_trace, comb_steps, step_and_tokens
+from replay.schema import SCHEMAS, TABLES
 
 # The README's example queries (they must keep working on a comb-shaped trace).
 ACCURACY_BY_ESCALATION = """
@@ -97,8 +97,12 @@ def test_tokens_by_escalation(graded_comb):
     finals = [s for s in steps if s["is_final"]]
     for group in sorted({escalation(s["path"]) for s in finals}, key=lambda k: (k is not None, k)):
         members = [f for f in finals if escalation(f["path"]) == group]
-        used = [s for f in members for s in steps
-                if (s["problem_id"], s["world"]) == (f["problem_id"], f["world"]) and f["path"].startswith(s["path"])]
+        used = [
+            s
+            for f in members
+            for s in steps
+            if (s["problem_id"], s["world"]) == (f["problem_id"], f["world"]) and f["path"].startswith(s["path"])
+        ]
         expected.append(
             (
                 group,
@@ -126,7 +130,9 @@ def test_empty_tables_are_views_with_typed_columns(comb_trace):
         result = run_sql(comb_trace, f"SELECT * FROM {table}")
         assert result.num_rows == 0
         assert result.schema.names == SCHEMAS[table].names
-    types = run_sql(comb_trace, "SELECT typeof(vector) AS v, typeof(layer) AS l, typeof(detail) AS d FROM hidden, scores")
+    types = run_sql(
+        comb_trace, "SELECT typeof(vector) AS v, typeof(layer) AS l, typeof(detail) AS d FROM hidden, scores"
+    )
     assert types.num_rows == 0
     described = run_sql(comb_trace, "DESCRIBE hidden").to_pydict()
     assert dict(zip(described["column_name"], described["column_type"]))["vector"] == "FLOAT[]"
@@ -137,7 +143,9 @@ def test_every_table_is_queryable(tmp_path):
         tmp_path / "t",
         comb_steps("p0", 2),
         scores=[{"step_id": "p0/0/s", "scorer": "prm", "value": 0.25, "detail": [0.5, 0.5], "n_tokens_processed": 7}],
-        hidden=[{"problem_id": "p0", "model": "large", "layer": 24, "where": "prompt_last", "vector": [0.5, -2.0, 4.0]}],
+        hidden=[
+            {"problem_id": "p0", "model": "large", "layer": 24, "where": "prompt_last", "vector": [0.5, -2.0, 4.0]}
+        ],
     )
     for table in TABLES:
         assert run_sql(root, f"SELECT count(*) FROM {table}").column(0)[0].as_py() >= 1
@@ -155,7 +163,9 @@ def test_uncommitted_tokens_part_is_not_in_the_view(comb_trace):
 
 
 def test_write_csv_and_parquet(comb_trace, tmp_path):
-    result = run_sql(comb_trace, "SELECT step_id, depth, correct, token_ids FROM steps JOIN tokens USING (step_id) ORDER BY step_id")
+    result = run_sql(
+        comb_trace, "SELECT step_id, depth, correct, token_ids FROM steps JOIN tokens USING (step_id) ORDER BY step_id"
+    )
     write_result(result, tmp_path / "r.parquet")
     assert pq.read_table(tmp_path / "r.parquet").equals(result)
     write_result(result, tmp_path / "r.csv")
@@ -167,7 +177,9 @@ def test_write_csv_and_parquet(comb_trace, tmp_path):
 
 
 def test_sql_error_is_a_trace_error(comb_trace):
-    with pytest.raises(TraceError, match="SQL error in 'SELECT nope FROM steps': Binder Error: Referenced column \"nope\" not found"):
+    with pytest.raises(
+        TraceError, match="SQL error in 'SELECT nope FROM steps': Binder Error: Referenced column \"nope\" not found"
+    ):
         run_sql(comb_trace, "SELECT nope FROM steps")
 
 

@@ -33,8 +33,11 @@ def paired(only_first: int, only_second: int, both_right: int = 7, both_wrong: i
 def test_mcnemar_exact_binomial_below_25_discordant_pairs(only_first, only_second):
     result = mcnemar(*paired(only_first, only_second))
     assert result.test == "exact binomial"
-    assert (result.only_first, result.only_second, result.n_pairs) == (only_first, only_second,
-                                                                      only_first + only_second + 12)
+    assert (result.only_first, result.only_second, result.n_pairs) == (
+        only_first,
+        only_second,
+        only_first + only_second + 12,
+    )
     expected = 1.0 if only_first + only_second == 0 else exact_two_sided(only_first, only_first + only_second)
     assert result.p_value == pytest.approx(expected, rel=1e-12)
     assert result.statistic == min(only_first, only_second)

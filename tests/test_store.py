@@ -13,20 +13,12 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from tracebuild import build_trace, comb_steps, default_manifest, default_problem, step_and_tokens
 
 from replay.errors import TraceError
-from replay.store import (
-    MANIFEST_FILE,
-    SCHEMA_VERSION,
-    SCHEMAS,
-    TABLES,
-    TraceWriter,
-    first_difference,
-    model_char,
-    open_trace,
-)
+from replay.schema import MANIFEST_FILE, SCHEMA_VERSION, SCHEMAS, TABLES, first_difference, model_char
+from replay.store import TraceWriter, open_trace
 from replay.validate import validate
-from tracebuild import build_trace, comb_steps, default_manifest, default_problem, step_and_tokens
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -145,11 +137,15 @@ def test_reopen_with_a_different_cache_key_names_the_field(tmp_path):
     root = build_trace(tmp_path / "t", comb_steps("p0", 1))
     before = all_files(root)
     hotter = default_manifest(sampling={**default_manifest()["sampling"], "temperature": 0.8})
-    with pytest.raises(TraceError, match=r"sampling\.temperature = 0\.7, but this run has sampling\.temperature = 0\.8"):
+    with pytest.raises(
+        TraceError, match=r"sampling\.temperature = 0\.7, but this run has sampling\.temperature = 0\.8"
+    ):
         TraceWriter(root, hotter)
     models = default_manifest()["models"]
     other = default_manifest(models=[models[0], {**models[1], "revision": "v2"}])
-    with pytest.raises(TraceError, match=r"models\.large\.revision = 'test', but this run has models\.large\.revision = 'v2'"):
+    with pytest.raises(
+        TraceError, match=r"models\.large\.revision = 'test', but this run has models\.large\.revision = 'v2'"
+    ):
         TraceWriter(root, other)
     with pytest.raises(TraceError, match="delimiter"):
         TraceWriter(root, default_manifest(delimiter="\n"))
@@ -207,14 +203,18 @@ def test_crash_leftovers_are_invisible_and_cleaned_on_reopen(tmp_path):
     (root / "tokens" / ".part-w0-00009.parquet.tmp").write_bytes(b"PAR1 half a file")
     trace = open_trace(root)
     assert set(trace.scan("tokens").collect()["step_id"]) == kept
-    with pytest.raises(TraceError, match=f"{root / 'tokens' / last.name} has no steps part: it was left by an interrupted write"):
+    with pytest.raises(
+        TraceError, match=f"{root / 'tokens' / last.name} has no steps part: it was left by an interrupted write"
+    ):
         validate(root)
     # another writer's temp file is left alone: it may be writing right now
     (root / "steps" / ".part-w1-00001.parquet.tmp").write_bytes(b"busy")
 
     writer = TraceWriter(root, default_manifest())
     assert writer.done_step_ids() == kept
-    assert sorted(p.name for p in (root / "tokens").glob("part-*")) == sorted(p.name for p in (root / "steps").glob("part-*"))
+    assert sorted(p.name for p in (root / "tokens").glob("part-*")) == sorted(
+        p.name for p in (root / "steps").glob("part-*")
+    )
     assert [p.name for p in root.rglob(".*")] == [".part-w1-00001.parquet.tmp"]
     rows = [step_and_tokens(s) for s in steps]
     writer.append_steps([s for s, _ in rows], [t for _, t in rows])

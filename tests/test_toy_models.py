@@ -9,8 +9,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from data.toy import LANGUAGE_MODELS, MODEL_ALIASES, MODELS_DIR
-from data.toy.evaluate import evaluate, sample_solutions
 from data.toy.task import DEFAULT_LEVEL, extract_boxed, generate, grade
+from scripts.toy.evaluate import evaluate, sample_solutions
 from tracegen.prompts import prompt_token_ids
 
 NAMES = sorted(LANGUAGE_MODELS)
@@ -119,5 +119,8 @@ def test_vllm_and_transformers_give_the_same_greedy_tokens(name):
     finally:
         del llm
     hf_tokens = hf_greedy(name, prompts)
-    strip = lambda ids: [t for t in ids if t not in (tokenizer.eos_token_id, tokenizer.pad_token_id)]
+
+    def strip(ids):
+        return [t for t in ids if t not in (tokenizer.eos_token_id, tokenizer.pad_token_id)]
+
     assert [strip(t) for t in vllm_tokens] == [strip(t) for t in hf_tokens]

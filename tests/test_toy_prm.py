@@ -8,8 +8,8 @@ from sklearn.metrics import roc_auc_score
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data.toy import MODEL_ALIASES
-from data.toy.evaluate import sample_solutions
 from data.toy.task import STEP_DELIMITER, generate, step_text, verify_steps
+from scripts.toy.evaluate import sample_solutions
 from tracegen.value_head import STEP_END, load_value_head_model, prm_input_ids
 
 N_HELDOUT = 100

@@ -4,12 +4,12 @@ from data.toy.task import (
     DEFAULT_LEVEL,
     LEVELS,
     apply,
-    step_text,
     extract_boxed,
     generate,
     grade,
     parse_question,
     step_is_valid,
+    step_text,
     verify_steps,
 )
 
@@ -78,7 +78,7 @@ def test_verifier_rejects_corrupted_steps():
 
 def test_a_step_that_continues_correctly_from_a_mistake_is_valid_on_its_own():
     for p in generate(200, level=DEFAULT_LEVEL):
-        (op0, b0), (op1, b1) = p.ops[0], p.ops[1]
+        op1, b1 = p.ops[1]
         wrong = p.running_values()[1] + 1
         if apply(wrong, op1, b1) in range(100):
             break

@@ -36,8 +36,15 @@ def probe_trace(root, n_problems=300, everyone_right=False, seed=0):
         problem = f"q{i:03d}"
         steps += comb_steps(problem, 2, correct=lambda path, knows=knows: "L" in path or knows)
         direction = np.array([1.0, -1.0, 0.5, 0, 0, 0, 0, 0]) * (1 if knows else -1)
-        hidden.append({"problem_id": problem, "model": "small", "layer": LAYER, "where": "prompt_last",
-                       "vector": (direction + rng.normal(0, 0.6, 8)).tolist()})
+        hidden.append(
+            {
+                "problem_id": problem,
+                "model": "small",
+                "layer": LAYER,
+                "where": "prompt_last",
+                "vector": (direction + rng.normal(0, 0.6, 8)).tolist(),
+            }
+        )
     return build_trace(root, steps, hidden=hidden)
 
 

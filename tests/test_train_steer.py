@@ -64,8 +64,10 @@ def test_saved_mixtures_are_the_routers_fit(trace, saved):
         assert entry["variances"] == mixture.covariances_.ravel().tolist()
         assert entry["low_component"] == fitted.low_component_[entry["depth"]]
         assert entry["means"][entry["low_component"]] == pytest.approx(5.0, abs=0.6)
-        assert entry["n"] == train.steps.filter((train.steps["model"] == "small")
-                                                & (train.steps["depth"] == entry["depth"])).height
+        assert (
+            entry["n"]
+            == train.steps.filter((train.steps["model"] == "small") & (train.steps["depth"] == entry["depth"])).height
+        )
     signal, mixtures = read_steer_mixtures(path)[:2]  # the report draws them
     assert signal == "conf_max_logit_math" and [m.depth for m in mixtures] == [0, 1, 2]
 
@@ -106,8 +108,11 @@ def test_bad_mixture_files_are_named(trace, saved, tmp_path):
     assert cli("train", "steer", trace, "--split-fractions", "0.9,0.05,0.05", "--out", other).exit_code == 0
     with pytest.raises(TraceError, match="outside this replay's train split"):
         fit(other)
-    for args, message in (([tmp_path / "nope"], "does not exist"), ([trace, "--min-samples", 1000], "min_samples=1000"),
-                          ([trace, "--out", tmp_path / "no" / "s.json"], "does not exist")):
+    for args, message in (
+        ([tmp_path / "nope"], "does not exist"),
+        ([trace, "--min-samples", 1000], "min_samples=1000"),
+        ([trace, "--out", tmp_path / "no" / "s.json"], "does not exist"),
+    ):
         result = cli("train", "steer", *args, *([] if "--out" in args else ["--out", tmp_path / "s.json"]))
         assert result.exit_code == 1 and message in result.stderr, (args, result.output)
         assert len(result.stderr.strip().splitlines()) == 1

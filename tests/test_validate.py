@@ -6,11 +6,11 @@ import json
 
 import polars as pl
 import pytest
+from tracebuild import build_trace, comb_steps, default_manifest, default_problem, rewrite_parts
 
 from replay.errors import TraceError
-from replay.store import MANIFEST_FILE, TOKEN_ARRAY_COLUMNS
+from replay.schema import MANIFEST_FILE, TOKEN_ARRAY_COLUMNS
 from replay.validate import validate
-from tracebuild import build_trace, comb_steps, default_manifest, default_problem, rewrite_parts
 
 
 def test_sound_comb_trace_passes(comb_trace):
@@ -36,17 +36,39 @@ def test_scores_and_hidden_count(tmp_path):
     [
         ([{"path": "s", "finish_reason": "stop"}], "step 'p0/0/s' has finish_reason 'stop'; expected one of"),
         ([{"path": "s", "model": "medium"}], "step 'p0/0/s' is by model 'medium', which is not a role in trace.json"),
-        ([{"path": "s"}, {"path": "sL", "model": "small"}], "step 'p0/0/sL' by small has path 'sL', but parent_path 's' \\+ 's' is 'ss'"),
-        ([{"path": "s"}, {"path": "ss", "depth": 0}], "step 'p0/0/ss' has depth 0, but its parent_path 's' has length 1"),
-        ([{"path": "s"}, {"path": "sLs"}], "step 'p0/0/sLs' continues node 'sL', which no step of problem 'p0' world 0 creates"),
-        ([{"path": "s", "world": 1}, {"path": "ss"}], "step 'p0/0/ss' continues node 's', which no step of problem 'p0' world 0"),
+        (
+            [{"path": "s"}, {"path": "sL", "model": "small"}],
+            "step 'p0/0/sL' by small has path 'sL', but parent_path 's' \\+ 's' is 'ss'",
+        ),
+        (
+            [{"path": "s"}, {"path": "ss", "depth": 0}],
+            "step 'p0/0/ss' has depth 0, but its parent_path 's' has length 1",
+        ),
+        (
+            [{"path": "s"}, {"path": "sLs"}],
+            "step 'p0/0/sLs' continues node 'sL', which no step of problem 'p0' world 0 creates",
+        ),
+        (
+            [{"path": "s", "world": 1}, {"path": "ss"}],
+            "step 'p0/0/ss' continues node 's', which no step of problem 'p0' world 0",
+        ),
         ([{"path": "s", "is_final": True, "answer": None}], "final step 'p0/0/s' has a null answer"),
         ([{"path": "s", "is_final": True, "correct": None}], "final step 'p0/0/s' has a null correct"),
         ([{"path": "s", "answer": "7"}], "step 'p0/0/s' is not final but has an answer"),
         ([{"path": "s", "correct": False}], "step 'p0/0/s' is not final but has a correct flag"),
     ],
-    ids=["finish_reason", "model_role", "path_char", "depth", "parent_missing", "parent_other_world",
-         "final_answer", "final_correct", "nonfinal_answer", "nonfinal_correct"],
+    ids=[
+        "finish_reason",
+        "model_role",
+        "path_char",
+        "depth",
+        "parent_missing",
+        "parent_other_world",
+        "final_answer",
+        "final_correct",
+        "nonfinal_answer",
+        "nonfinal_correct",
+    ],
 )
 def test_step_invariants(tmp_path, steps, message):
     root = build_trace(tmp_path / "t", steps)
@@ -70,7 +92,9 @@ def test_model_missing_from_manifest(tmp_path):
     manifest = default_manifest()
     manifest["models"] = manifest["models"][:1]
     root = build_trace(tmp_path / "t", [{"path": "s"}, {"path": "L"}], manifest=manifest)
-    with pytest.raises(TraceError, match="step 'p0/0/L' is by model 'large', which is not a role in trace.json \\(roles: small\\)"):
+    with pytest.raises(
+        TraceError, match="step 'p0/0/L' is by model 'large', which is not a role in trace.json \\(roles: small\\)"
+    ):
         validate(root)
 
 
@@ -84,15 +108,23 @@ def test_duplicate_step_id(comb_trace):
 
 
 def test_step_id_not_problem_world_path(comb_trace):
-    rewrite_parts(comb_trace, "steps", lambda f: f.with_columns(
-        step_id=pl.when(pl.col("step_id") == "p1/1/sL").then(pl.lit("p1/9/sL")).otherwise("step_id")))
+    rewrite_parts(
+        comb_trace,
+        "steps",
+        lambda f: f.with_columns(
+            step_id=pl.when(pl.col("step_id") == "p1/1/sL").then(pl.lit("p1/9/sL")).otherwise("step_id")
+        ),
+    )
     with pytest.raises(TraceError, match="step 'p1/9/sL' should have step_id p1/1/sL"):
         validate(comb_trace)
 
 
 def test_null_in_required_column(comb_trace):
-    rewrite_parts(comb_trace, "steps", lambda f: f.with_columns(
-        text=pl.when(pl.col("step_id") == "p2/0/ss").then(None).otherwise("text")))
+    rewrite_parts(
+        comb_trace,
+        "steps",
+        lambda f: f.with_columns(text=pl.when(pl.col("step_id") == "p2/0/ss").then(None).otherwise("text")),
+    )
     with pytest.raises(TraceError, match="steps row 'p2/0/ss' has a null text, which is required"):
         validate(comb_trace)
 
@@ -123,8 +155,13 @@ def test_two_tokens_rows(comb_trace):
 
 @pytest.mark.parametrize("column", TOKEN_ARRAY_COLUMNS)
 def test_token_array_length(comb_trace, column):
-    rewrite_parts(comb_trace, "tokens", lambda f: f.with_columns(
-        pl.when(pl.col("step_id") == "p1/0/sLL").then(pl.col(column).list.head(1)).otherwise(column).alias(column)))
+    rewrite_parts(
+        comb_trace,
+        "tokens",
+        lambda f: f.with_columns(
+            pl.when(pl.col("step_id") == "p1/0/sLL").then(pl.col(column).list.head(1)).otherwise(column).alias(column)
+        ),
+    )
     with pytest.raises(TraceError, match=f"tokens.{column} of step 'p1/0/sLL' has 1 entries, but n_gen_tokens is 4"):
         validate(comb_trace)
 

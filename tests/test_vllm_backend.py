@@ -80,8 +80,9 @@ def test_greedy_steps_match_transformers(vllm_backend, hf_backend, prompts):
     ]
 
 
-def test_steps_keep_delimiter_tokens_and_children_hit_the_prefix_cache(vllm_backend, hf_backend, sampled_steps,
-                                                                       prompts):
+def test_steps_keep_delimiter_tokens_and_children_hit_the_prefix_cache(
+    vllm_backend, hf_backend, sampled_steps, prompts
+):
     tokenizer = hf_backend.tokenizer
     for step in sampled_steps:
         decoded = tokenizer.decode(step.token_ids, skip_special_tokens=True)
@@ -103,11 +104,13 @@ def test_steps_keep_delimiter_tokens_and_children_hit_the_prefix_cache(vllm_back
 
 def test_a_delimiter_cuts_the_step_at_its_first_occurrence(vllm_backend, prompts):
     request = StepRequest(prompts[1], 5)
-    free = vllm_backend.generate_steps([request], StepSampling(temperature=1.0, max_step_tokens=40,
-                                                               delimiter="\x00"))[0]
+    free = vllm_backend.generate_steps([request], StepSampling(temperature=1.0, max_step_tokens=40, delimiter="\x00"))[
+        0
+    ]
     delimiter = free.text[10:12]
-    stopped = vllm_backend.generate_steps([request], StepSampling(temperature=1.0, max_step_tokens=40,
-                                                                  delimiter=delimiter))[0]
+    stopped = vllm_backend.generate_steps(
+        [request], StepSampling(temperature=1.0, max_step_tokens=40, delimiter=delimiter)
+    )[0]
     assert len(delimiter) == 2 and stopped.finish_reason == "delimiter"
     assert stopped.text == free.text[: free.text.find(delimiter)]
     assert stopped.token_ids == free.token_ids[: len(stopped.token_ids)]
@@ -126,7 +129,11 @@ def test_same_seeds_reproduce_and_rescoring_without_the_cache_agrees(vllm_backen
 def test_engine_info_and_bad_requests(vllm_backend, prompts):
     info = vllm_backend.engine_info()
     assert (info["name"], info["logprobs_mode"], info["dtype"], info["prefix_caching"]) == (
-        "vllm", "raw_logits", "float32", True)
+        "vllm",
+        "raw_logits",
+        "float32",
+        True,
+    )
     with pytest.raises(TraceError, match="topk must be between 1 and 20"):
         vllm_backend.generate_steps([StepRequest(prompts[0], 0)], StepSampling(topk=21))
     too_long = StepRequest(prompts[0] * 6, 0)

@@ -1,4 +1,5 @@
-"""Grow what routers need: `trace gen --expand closure --routers FILE` and online runs (`trace run`).
+"""Grow what routers need: `trace gen --expand closure --routers FILE` and online runs
+(`trace gen --expand online --routers FILE`).
 
 Closure replays every listed router configuration on the trace, generates all the (node, model)
 steps they needed but the trace lacked as one batch per model, scores the new steps with the
@@ -22,12 +23,12 @@ Router file (TOML), one table per router configuration::
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import tomllib
 
 from replay.errors import TraceError
 from tracegen.expand import Request, missing
@@ -74,8 +75,10 @@ def load_router_specs(path: str | Path) -> list[RouterSpec]:
         where = f"{path}, router {index}"
         unknown = sorted(set(table) - ROUTER_KEYS)
         if unknown or "name" not in table:
-            raise TraceError(f"{where}: a [[router]] has a name and optional params and sweep"
-                             + (f"; unknown key(s) {', '.join(unknown)}" if unknown else "; name is missing"))
+            raise TraceError(
+                f"{where}: a [[router]] has a name and optional params and sweep"
+                + (f"; unknown key(s) {', '.join(unknown)}" if unknown else "; name is missing")
+            )
         sweep = table.get("sweep", [])
         sweep = [sweep] if isinstance(sweep, str) else sweep
         params = table.get("params", {})
@@ -130,11 +133,13 @@ def close_over(
             replayed = replay_trace(root, spec.router(), sweep=spec.sweep_values(), split="all")
             misses += [m for m in miss_list(replayed) if (m["problem_id"], m["world"]) in trees]
         wanted = {Request(m["problem_id"], m["world"], m["path"], m["model"]) for m in misses if m["scorer"] is None}
-        requests = [r for r in missing({key: tree.is_final_map() for key, tree in trees.items()}, wanted, max_steps)
-                    if fits(r)]
+        requests = [
+            r for r in missing({key: tree.is_final_map() for key, tree in trees.items()}, wanted, max_steps) if fits(r)
+        ]
         unscored = {m["scorer"] for m in misses if m["scorer"] is not None}
-        result.remaining_misses = len({(m["problem_id"], m["world"], m["path"], m["model"], m["scorer"])
-                                       for m in misses})
+        result.remaining_misses = len(
+            {(m["problem_id"], m["world"], m["path"], m["model"], m["scorer"]) for m in misses}
+        )
         report(stage="closure", misses=result.remaining_misses, requests=len(requests))
         if budget_tokens is not None and spent_tokens() >= budget_tokens and (requests or unscored):
             result.budget_spent = True

@@ -113,9 +113,7 @@ def _parse_spec(spec: str, split: str | None) -> tuple[str | None, Path | None]:
     path = Path(spec)
     if path.exists():
         return None, path
-    raise TraceError(
-        f"--dataset {spec!r} is neither a dataset name ({', '.join(FORMATS)}) nor an existing file"
-    )
+    raise TraceError(f"--dataset {spec!r} is neither a dataset name ({', '.join(FORMATS)}) nor an existing file")
 
 
 def sniff_format(record: dict, path: Path) -> str:

@@ -10,14 +10,14 @@ per round until nothing is missing. ``closure`` fits the same loop: its requests
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 from replay.errors import TraceError
-from replay.store import ROLE_CHARS, make_step_id
+from replay.schema import LARGE, ROLE_CHARS, TWO_MODEL_ROLES, make_step_id
 
 CHAR_ROLES = {char: role for role, char in ROLE_CHARS.items()}
-EXPANSIONS = ("comb", "full", "closure")
+EXPANSIONS = ("comb", "full", "closure", "online")
 
 
 @dataclass(frozen=True, order=True)
@@ -27,7 +27,7 @@ class Request:
     problem_id: str
     world: int
     parent_path: str
-    model: str  # role: "small" or "large"
+    model: str  # the role of the model that writes it
 
     @property
     def path(self) -> str:
@@ -56,7 +56,7 @@ class Comb(Strategy):
     """The all-small chain, plus from every node on it the all-large completion."""
 
     def models_at(self, path: str) -> tuple[str, ...]:
-        return ("small", "large") if "L" not in path else ("large",)
+        return TWO_MODEL_ROLES if ROLE_CHARS[LARGE] not in path else (LARGE,)
 
     def manifest_entry(self) -> dict:
         return {"strategy": "comb"}
@@ -70,7 +70,7 @@ class Full(Strategy):
 
     def models_at(self, path: str) -> tuple[str, ...]:
         if len(path) <= self.depth:
-            return ("small", "large")
+            return TWO_MODEL_ROLES
         return (CHAR_ROLES[path[-1]],)
 
     def manifest_entry(self) -> dict:
@@ -123,7 +123,9 @@ def frontier(
     return sorted(requests)
 
 
-def missing(trees: Mapping[tuple[str, int], Mapping[str, bool]], wanted: Iterable[Request], max_steps: int) -> list[Request]:
+def missing(
+    trees: Mapping[tuple[str, int], Mapping[str, bool]], wanted: Iterable[Request], max_steps: int
+) -> list[Request]:
     """Of explicitly ``wanted`` (node, model) pairs (e.g. a replay's misses), those that can and must be generated."""
     needed = set()
     for request in wanted:

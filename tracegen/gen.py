@@ -22,15 +22,23 @@ from pathlib import Path
 import polars as pl
 
 from replay.errors import TraceError
-from replay.store import SCHEMA_VERSION, Trace, TraceWriter, model_char, open_trace
+from replay.schema import LARGE, SCHEMA_VERSION, SMALL, TWO_MODEL_ROLES, model_char
+from replay.store import Trace, TraceWriter, open_trace
 from tracegen import hidden
+from tracegen.backends import (
+    StepRequest,
+    StepSampling,
+    check_backend,
+    default_backend,
+    engine_kwargs_for,
+    load_backend,
+)
+from tracegen.closure import ClosureResult, close_over
 from tracegen.datasets import Dataset, Problem, load_dataset
 from tracegen.expand import Request, Strategy, frontier, make_strategy
 from tracegen.grading import Grader, extract_answer, grader_for, is_final_step
 from tracegen.models import ModelRef, fetch_model, load_tokenizer, model_manifest, resolve_model
 from tracegen.prompts import STEP_DELIMITER, SYSTEM_PROMPT, prompt_token_ids
-
-ROLES = ("small", "large")
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,7 @@ class GenSummary:
     skipped_context_full: int = 0
     seconds: float = 0.0
     hidden_rows: int = 0
-    closure: object = None  # ClosureResult of a closure or online run
+    closure: ClosureResult | None = None  # of a closure or online run
 
 
 @dataclass
@@ -148,22 +156,12 @@ def request_seed(seed: int, request: Request) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def default_backend() -> str:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return "hf"
-    return "vllm"
-
-
 def run_gen(options: GenOptions, progress: Callable | None = None, backends: dict | None = None) -> GenSummary:
     """Grow the trees of ``options`` into ``options.out``; resumable and idempotent.
 
-    ``progress(stage=..., **info)`` is called as work advances (see RichProgress). ``backends``
+    ``progress(stage=..., **info)`` is called as work advances (see tracegen.progress.GenProgress). ``backends``
     ({"small": ..., "large": ...}) reuses engines already loaded for these models.
     """
-    from tracegen.backends import StepSampling, load_backend
-
     started = time.perf_counter()
     _check_options(options)
     shard = parse_shard(options.shard)
@@ -171,7 +169,10 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
     dataset = load_dataset(options.dataset, split=options.split, limit=options.limit, level=options.level)
     grader = grader_for(dataset.name)
     problems = [p for p in dataset.problems if in_shard(p.problem_id, shard)]
-    models = {role: fetch_model(resolve_model(name, role)) for role, name in zip(ROLES, (options.small, options.large))}
+    models = {
+        role: fetch_model(resolve_model(name, role))
+        for role, name in zip(TWO_MODEL_ROLES, (options.small, options.large))
+    }
     tokenizers = {role: load_tokenizer(model) for role, model in models.items()}
     root_ids = _shared_prompts(models, tokenizers, problems)
     sampling = StepSampling(
@@ -206,8 +207,18 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
             return len(trees[(request.problem_id, request.world)].prompt_ids(request.parent_path)) < context_len
 
         def grow(requests: list[Request]) -> None:
-            generate_requests(requests, trees, backends, sampling, grader, tokenizers, writer, options.seed, summary,
-                              timings=options.timings)
+            generate_requests(
+                requests,
+                trees,
+                backends,
+                sampling,
+                grader,
+                tokenizers,
+                writer,
+                options.seed,
+                summary,
+                timings=options.timings,
+            )
             summary.rounds += 1
 
         while True:
@@ -243,11 +254,10 @@ def generate_requests(
 
     ``closure`` calls this with the (node, model) misses of a router replay (see ``expand.missing``).
     """
-    from tracegen.backends import StepRequest
     from tracegen.signals import step_signals
 
     step_rows, token_rows, new_steps = [], [], []
-    for role in ROLES:
+    for role in TWO_MODEL_ROLES:
         batch = [r for r in requests if r.model == role]
         if not batch:
             continue
@@ -267,36 +277,42 @@ def generate_requests(
                 answer = extract_answer(solution) or ""
                 correct = grader.grade(answer or None, tree.problem.reference)
             n_gen = len(step.token_ids)
-            step_rows.append({
-                "step_id": request.step_id,
-                "problem_id": request.problem_id,
-                "world": request.world,
-                "parent_path": request.parent_path,
-                "path": request.path,
-                "depth": len(request.parent_path),
-                "model": role,
-                "text": step.text,
-                "n_prompt_tokens": len(prompt),
-                "n_new_prefill_tokens": len(prompt) - tree.processed_by(role, request.parent_path),
-                "n_cached_tokens": step.n_cached_tokens,
-                "n_gen_tokens": n_gen,
-                "finish_reason": step.finish_reason,
-                "is_final": final,
-                "answer": answer,
-                "correct": correct,
-                **signals.step_fields,
-                "gen_seconds": step.gen_seconds if timings else None,
-            })
-            token_rows.append({
-                "step_id": request.step_id,
-                "token_ids": step.token_ids,
-                "logprobs": step.logprobs,
-                "max_logits": step.max_logits,
-                "topk_ids": step.topk_ids,
-                "topk_logprobs": step.topk_logprobs,
-                "is_math": signals.is_math,
-            })
-            new_steps.append((tree, request, StoredStep(role, step.text, list(step.token_ids), len(prompt), n_gen, final)))
+            step_rows.append(
+                {
+                    "step_id": request.step_id,
+                    "problem_id": request.problem_id,
+                    "world": request.world,
+                    "parent_path": request.parent_path,
+                    "path": request.path,
+                    "depth": len(request.parent_path),
+                    "model": role,
+                    "text": step.text,
+                    "n_prompt_tokens": len(prompt),
+                    "n_new_prefill_tokens": len(prompt) - tree.processed_by(role, request.parent_path),
+                    "n_cached_tokens": step.n_cached_tokens,
+                    "n_gen_tokens": n_gen,
+                    "finish_reason": step.finish_reason,
+                    "is_final": final,
+                    "answer": answer,
+                    "correct": correct,
+                    **signals.step_fields,
+                    "gen_seconds": step.gen_seconds if timings else None,
+                }
+            )
+            token_rows.append(
+                {
+                    "step_id": request.step_id,
+                    "token_ids": step.token_ids,
+                    "logprobs": step.logprobs,
+                    "max_logits": step.max_logits,
+                    "topk_ids": step.topk_ids,
+                    "topk_logprobs": step.topk_logprobs,
+                    "is_math": signals.is_math,
+                }
+            )
+            new_steps.append(
+                (tree, request, StoredStep(role, step.text, list(step.token_ids), len(prompt), n_gen, final))
+            )
             summary.new_gen_tokens += n_gen
     writer.append_steps(step_rows, token_rows)
     for tree, request, stored in new_steps:
@@ -306,7 +322,6 @@ def generate_requests(
 
 def _close(options: GenOptions, trees, backends, fits, grow, summary: GenSummary, report, engines):
     """Grow and score what the routers of a closure or online run miss (see tracegen.closure)."""
-    from tracegen.closure import close_over
     from tracegen.scoring import open_scorer, score_pending
 
     scorers = {}
@@ -315,18 +330,29 @@ def _close(options: GenOptions, trees, backends, fits, grow, summary: GenSummary
         scored = 0
         for name in sorted(names):
             if name not in scorers:
-                scorers[name] = open_scorer(options.out, name, backend=options.backend or default_backend(),
-                                            engines=backends)
+                scorers[name] = open_scorer(
+                    options.out, name, backend=options.backend or default_backend(), engines=backends
+                )
                 engines.callback(scorers[name].close)
             scored += score_pending(options.out, scorers[name]).new
         return scored
 
-    return close_over(Path(options.out), list(options.routers), trees=trees, max_steps=options.max_steps, fits=fits,
-                      generate=grow, score=score, spent_tokens=lambda: summary.new_gen_tokens,
-                      budget_tokens=options.budget_tokens, report=report)
+    return close_over(
+        Path(options.out),
+        list(options.routers),
+        trees=trees,
+        max_steps=options.max_steps,
+        fits=fits,
+        generate=grow,
+        score=score,
+        spent_tokens=lambda: summary.new_gen_tokens,
+        budget_tokens=options.budget_tokens,
+        report=report,
+    )
 
 
 def _check_options(options: GenOptions) -> None:
+    check_backend(options.backend)
     checks = [
         (options.worlds >= 1, f"--worlds must be at least 1, got {options.worlds}"),
         (options.temperature >= 0, f"--temperature must be >= 0, got {options.temperature}"),
@@ -334,11 +360,18 @@ def _check_options(options: GenOptions) -> None:
         (options.max_step_tokens >= 1, f"--max-step-tokens must be at least 1, got {options.max_step_tokens}"),
         (options.max_steps >= 1, f"--max-steps must be at least 1, got {options.max_steps}"),
         (options.topk >= 1, f"--topk must be at least 1, got {options.topk}"),
-        (options.expand not in ("closure", "online") or bool(options.routers),
-         f"--expand {options.expand} needs --routers FILE (the router configurations whose misses it grows)"),
-        (not options.routers or options.expand in ("closure", "online"), "--routers applies to --expand closure or online only"),
-        (options.budget_tokens is None or options.budget_tokens >= 1,
-         f"--budget-tokens must be at least 1, got {options.budget_tokens}"),
+        (
+            options.expand not in ("closure", "online") or bool(options.routers),
+            f"--expand {options.expand} needs --routers FILE (the router configurations whose misses it grows)",
+        ),
+        (
+            not options.routers or options.expand in ("closure", "online"),
+            "--routers applies to --expand closure or online only",
+        ),
+        (
+            options.budget_tokens is None or options.budget_tokens >= 1,
+            f"--budget-tokens must be at least 1, got {options.budget_tokens}",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -348,15 +381,17 @@ def _check_options(options: GenOptions) -> None:
 def _shared_prompts(models: dict[str, ModelRef], tokenizers: dict, problems: list[Problem]) -> dict[str, list[int]]:
     """Each problem's prompt ids. Steps pass between the models as token ids, so both must share the
     vocabulary and turn every question into the same prompt."""
-    small, large = models["small"].name, models["large"].name
-    if _id_texts(tokenizers["small"]) != _id_texts(tokenizers["large"]):
+    small, large = models[SMALL].name, models[LARGE].name
+    if _id_texts(tokenizers[SMALL]) != _id_texts(tokenizers[LARGE]):
         raise TraceError(f"models {small} and {large} have different vocabularies; a step tree needs one tokenizer")
     prompts = {}
     for problem in problems:
-        ids = prompt_token_ids(tokenizers["small"], problem.question)
-        if ids != prompt_token_ids(tokenizers["large"], problem.question):
-            raise TraceError(f"models {small} and {large} build different prompts for problem {problem.problem_id} "
-                             "(their chat templates differ); a step tree needs one prompt per problem")
+        ids = prompt_token_ids(tokenizers[SMALL], problem.question)
+        if ids != prompt_token_ids(tokenizers[LARGE], problem.question):
+            raise TraceError(
+                f"models {small} and {large} build different prompts for problem {problem.problem_id} "
+                "(their chat templates differ); a step tree needs one prompt per problem"
+            )
         prompts[problem.problem_id] = ids
     return prompts
 
@@ -369,8 +404,8 @@ def _id_texts(tokenizer) -> list[str]:
 def _manifest(options, models, tokenizers, dataset: Dataset, grader: Grader, sampling) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
-        "models": [model_manifest(models[role], tokenizers[role]) for role in ROLES],
-        "model_paths": {role: models[role].path for role in ROLES},
+        "models": [model_manifest(models[role], tokenizers[role]) for role in TWO_MODEL_ROLES],
+        "model_paths": {role: models[role].path for role in TWO_MODEL_ROLES},
         "dataset": {"name": dataset.name, "split": dataset.split, "file_hash": dataset.file_hash},
         "dataset_source": dataset.source,
         "prompt_template": {
@@ -394,26 +429,9 @@ def _manifest(options, models, tokenizers, dataset: Dataset, grader: Grader, sam
     }
 
 
-# On one GPU the four vLLM engines (a generator and an exact scorer per model) split the memory:
-# the large model gets 70% of it, and each model's scorer 40% of its model's share.
-VLLM_MEMORY_BUDGET = 0.88
-VLLM_MEMORY_SHARES = {"small": 0.3, "large": 0.7}
-VLLM_SCORER_SHARE = 0.4
-
-
-def engine_kwargs_for(kind: str, role: str, given: dict) -> dict:
-    """Engine arguments for one role: on vLLM, its share of GPU memory unless ``given`` sets it."""
-    if kind != "vllm":
-        return dict(given)
-    share = VLLM_MEMORY_BUDGET * VLLM_MEMORY_SHARES[role]
-    defaults = {"gpu_memory_utilization": round(share * (1 - VLLM_SCORER_SHARE), 3),
-                "scorer_memory_utilization": round(share * VLLM_SCORER_SHARE, 3)}
-    return {**defaults, **given}
-
-
 def _engine_entry(backends: dict) -> dict:
     infos = {role: backend.engine_info() for role, backend in backends.items()}
-    return infos["small"] if infos["small"] == infos["large"] else infos
+    return infos[SMALL] if infos[SMALL] == infos[LARGE] else infos
 
 
 def _write_hidden(writer: TraceWriter, options: GenOptions, models, root_ids, report) -> int:
@@ -421,18 +439,26 @@ def _write_hidden(writer: TraceWriter, options: GenOptions, models, root_ids, re
         Trace(writer.root, writer.manifest).scan("hidden").select("problem_id", "model", "layer").collect().iter_rows()
     )
     blocks = {role: hidden.block_count(model.path) for role, model in models.items()}
-    stored_layers = writer.manifest.get("hidden", {}).get("layers", [])
+    stored_layers = writer.manifest.hidden_layers
     layers = stored_layers + [layer for layer in options.hidden_layers if layer not in stored_layers]
     writer.update_manifest(hidden=hidden.manifest_entry(layers, blocks))
     written = 0
     for role, model in models.items():
-        todo = {pid: ids for pid, ids in root_ids.items()
-                if any((pid, role, layer) not in done for layer in options.hidden_layers)}
+        todo = {
+            pid: ids
+            for pid, ids in root_ids.items()
+            if any((pid, role, layer) not in done for layer in options.hidden_layers)
+        }
         if not todo:
             continue
         report(stage="hidden", role=role, total=len(todo))
-        rows = hidden.prompt_hidden_rows(model.path, role, todo, options.hidden_layers,
-                                         on_batch=lambda n, role=role: report(stage="hidden-batch", role=role, n=n))
+        rows = hidden.prompt_hidden_rows(
+            model.path,
+            role,
+            todo,
+            options.hidden_layers,
+            on_batch=lambda n, role=role: report(stage="hidden-batch", role=role, n=n),
+        )
         writer.append_hidden(rows)
         written += len(rows)
     return written
@@ -445,19 +471,27 @@ def _load_trees(trace: Trace, problems: list[Problem], root_ids: dict, worlds: i
     steps = (
         trace.scan("steps")
         .filter(pl.col("problem_id").is_in(ids) & (pl.col("world") < worlds))
-        .select("step_id", "problem_id", "world", "path", "model", "text", "n_prompt_tokens", "n_gen_tokens", "is_final")
+        .select(
+            "step_id", "problem_id", "world", "path", "model", "text", "n_prompt_tokens", "n_gen_tokens", "is_final"
+        )
         .collect()
     )
     if steps.height == 0:
         return trees
     tokens = trace.scan("tokens").select("step_id", "token_ids")
-    rows = steps.join(tokens.join(steps.lazy().select("step_id"), on="step_id", how="semi").collect(), on="step_id",
-                      how="left")
+    rows = steps.join(
+        tokens.join(steps.lazy().select("step_id"), on="step_id", how="semi").collect(), on="step_id", how="left"
+    )
     for row in rows.iter_rows(named=True):
         if row["token_ids"] is None:
             raise TraceError(f"{trace.root}: step {row['step_id']!r} has no tokens row; run `trace validate`")
         trees[(row["problem_id"], row["world"])].steps[row["path"]] = StoredStep(
-            row["model"], row["text"], list(row["token_ids"]), row["n_prompt_tokens"], row["n_gen_tokens"], row["is_final"]
+            row["model"],
+            row["text"],
+            list(row["token_ids"]),
+            row["n_prompt_tokens"],
+            row["n_gen_tokens"],
+            row["is_final"],
         )
     return trees
 
@@ -466,58 +500,13 @@ def _record_run(writer: TraceWriter, options: GenOptions, strategy: Strategy) ->
     """Remember which expansions and how many worlds this trace holds (not cache-key fields)."""
     expansion = {**strategy.manifest_entry(), "max_steps": options.max_steps}
     if options.routers:
-        expansion.update(strategy=options.expand, routers=[spec.manifest_entry() for spec in options.routers],
-                         budget_tokens=options.budget_tokens)
-    expansions = list(writer.manifest.get("expansions", []))
+        expansion.update(
+            strategy=options.expand,
+            routers=[spec.manifest_entry() for spec in options.routers],
+            budget_tokens=options.budget_tokens,
+        )
+    expansions = writer.manifest.expansions
     if expansion not in expansions:
         expansions.append(expansion)
-    worlds = max(options.worlds, writer.manifest.get("worlds", 0))
+    worlds = max(options.worlds, writer.manifest.worlds or 0)
     writer.update_manifest(expansions=expansions, worlds=worlds)
-
-
-class RichProgress:
-    """A rich progress bar for ``run_gen``: problems finished, steps, generated tokens/s, ETA."""
-
-    def __init__(self, console=None):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-        )
-        self._tasks: dict[str, int] = {}
-        self._gen_started: float | None = None
-
-    def __enter__(self) -> RichProgress:
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._progress.stop()
-
-    def __call__(self, stage: str, **info) -> None:
-        if stage == "hidden":
-            self._tasks[f"hidden-{info['role']}"] = self._progress.add_task(
-                f"hidden states ({info['role']})", total=info["total"], info="")
-        elif stage == "hidden-batch":
-            self._progress.advance(self._tasks[f"hidden-{info['role']}"], info["n"])
-        elif stage in ("round", "done"):
-            self._show_round(info["requests"], info["summary"])
-
-    def _show_round(self, requests: list[Request], summary: GenSummary) -> None:
-        now = time.perf_counter()
-        if self._gen_started is None:
-            self._gen_started = now
-            self._tasks["gen"] = self._progress.add_task("problems", total=summary.problems, info="")
-        pending = {r.problem_id for r in requests}
-        rate = summary.new_gen_tokens / max(now - self._gen_started, 1e-9)
-        self._progress.update(
-            self._tasks["gen"],
-            completed=summary.problems - len(pending),
-            info=f"round {summary.rounds}, {summary.new_steps:,} steps, {rate:,.0f} tok/s, {len(requests):,} queued",
-        )

@@ -118,8 +118,13 @@ class ToyGrader(Grader):
         return self._grade(answer, reference)
 
 
-_GRADERS = {"toy": ToyGrader, "mmlu": ChoiceGrader, "gsm8k": MathVerifyGrader, "math500": MathVerifyGrader,
-            "omnimath": MathVerifyGrader}
+_GRADERS = {
+    "toy": ToyGrader,
+    "mmlu": ChoiceGrader,
+    "gsm8k": MathVerifyGrader,
+    "math500": MathVerifyGrader,
+    "omnimath": MathVerifyGrader,
+}
 
 
 @lru_cache(maxsize=4096)

@@ -59,8 +59,10 @@ def prompt_hidden_rows(
     n_blocks = model.config.num_hidden_layers
     for layer in layers:
         if not -1 <= layer <= n_blocks:
-            raise TraceError(f"--hidden-layers {layer} is out of range for {model_path}: it has {n_blocks} blocks "
-                             f"(use 0..{n_blocks}, or -1 for the last)")
+            raise TraceError(
+                f"--hidden-layers {layer} is out of range for {model_path}: it has {n_blocks} blocks "
+                f"(use 0..{n_blocks}, or -1 for the last)"
+            )
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     rows = []
     problem_ids = sorted(prompts)
@@ -71,7 +73,9 @@ def prompt_hidden_rows(
             width = max(lengths)
             ids = torch.tensor([prompts[pid] + [pad_id] * (width - len(prompts[pid])) for pid in batch], device=device)
             mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths], device=device)
-            states = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1).hidden_states
+            states = model(
+                input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1
+            ).hidden_states
             last = torch.tensor(lengths, device=device) - 1
             for layer in layers:
                 vectors = states[layer][torch.arange(len(batch), device=device), last].to(torch.float16).cpu()

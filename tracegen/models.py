@@ -17,6 +17,7 @@ from pathlib import Path
 from data.toy import MODEL_ALIASES as TOY_MODEL_ALIASES
 from data.toy import TRAINING_SCRIPTS as TOY_TRAINING_SCRIPTS
 from replay.errors import TraceError
+from replay.schema import Manifest
 
 MODEL_ALIASES: dict[str, str] = {
     "qwen2.5-math-1.5b": "Qwen/Qwen2.5-Math-1.5B-Instruct",
@@ -57,7 +58,9 @@ def resolve_model(name: str, role: str) -> ModelRef:
             raise TraceError(f"model folder {target} has no config.json")
         return ModelRef(role, name, str(Path(target).resolve()))
     if name in TOY_MODEL_ALIASES:
-        raise TraceError(f"the toy model {name} is not trained yet: {target} does not exist (see {TOY_TRAINING_SCRIPTS[name]})")
+        raise TraceError(
+            f"the toy model {name} is not trained yet: {target} does not exist (see {TOY_TRAINING_SCRIPTS[name]})"
+        )
     if _HF_ID.match(target):
         return ModelRef(role, name, _cached_snapshot(target) or target)
     raise TraceError(
@@ -102,6 +105,26 @@ def model_manifest(model: ModelRef, tokenizer) -> dict:
         "tokenizer_hash": _hash_files(folder, TOKENIZER_FILES),
         "chat_template_hash": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
     }
+
+
+def trace_model(manifest: Manifest, role: str) -> ModelRef:
+    """The checkpoint of one of a trace's model roles: where gen loaded it, else by its recorded name."""
+    entry = manifest.model(role)
+    path = manifest.model_path(role)
+    if path and Path(path).is_dir():
+        return ModelRef(role, entry["name"], path)
+    return fetch_model(resolve_model(entry["name"], role))
+
+
+def named_model(name: str, role: str) -> ModelRef:
+    """A model given by alias, folder or Hugging Face id, fetched if need be."""
+    return fetch_model(resolve_model(name, role))
+
+
+def model_entry(model: ModelRef) -> dict:
+    """Manifest fields of a scorer's own model: its name, revision and parameter count (for cost models)."""
+    folder = Path(model.path)
+    return {"name": canonical_name(model), "revision": revision(folder), "n_params": count_parameters(folder)}
 
 
 def canonical_name(model: ModelRef) -> str:

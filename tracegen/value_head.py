@@ -66,8 +66,9 @@ def value_head_tensors(path: str | Path) -> dict[str, torch.Tensor]:
                     head[key.split(HEAD_PREFIX, 1)[1]] = weights.get_tensor(key)
     if set(head) != {"weight", "bias"}:
         found = ", ".join(sorted(head)) or "none"
-        raise TraceError(f"{path} is not a process reward model: it has no value head "
-                         f"({HEAD_PREFIX}weight and bias; found {found})")
+        raise TraceError(
+            f"{path} is not a process reward model: it has no value head ({HEAD_PREFIX}weight and bias; found {found})"
+        )
     return head
 
 

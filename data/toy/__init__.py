@@ -11,4 +11,9 @@ MODEL_ALIASES = {
     "toy-prm": MODELS_DIR / "toy-prm",
 }
 LANGUAGE_MODELS = ("toy-small", "toy-large")
-TRAINING_SCRIPTS = {"toy-small": "data/toy/train.py", "toy-large": "data/toy/train.py", "toy-prm": "data/toy/train_prm.py"}
+# Trained by these tools (run from the repo root as `python -m scripts.toy.train ...`); data/ never imports them.
+TRAINING_SCRIPTS = {
+    "toy-small": "scripts/toy/train.py",
+    "toy-large": "scripts/toy/train.py",
+    "toy-prm": "scripts/toy/train_prm.py",
+}

@@ -1,4 +1,8 @@
-"""Router registry: every module in this package defines one router, registered by its ``name``."""
+"""Router registry: every module in this package defines one router, registered by its ``name``.
+
+Modules import heavy libraries (scikit-learn, torch) inside the functions that use them, so that
+listing the registry (the names in `trace --help`) stays fast.
+"""
 
 import importlib
 import pkgutil

@@ -84,8 +84,9 @@ class Router:
 
     def _check_choice(self, param: str, choices: tuple[str, ...]) -> None:
         if getattr(self, param) not in choices:
-            raise TraceError(f"router {self.name}: {param} must be one of {', '.join(choices)}, "
-                             f"got {getattr(self, param)!r}")
+            raise TraceError(
+                f"router {self.name}: {param} must be one of {', '.join(choices)}, got {getattr(self, param)!r}"
+            )
 
     def _check_range(self, param: str, low: float, high: float) -> None:
         value = getattr(self, param)
@@ -103,8 +104,9 @@ class WriterRouter(Router):
     def walk(self, data, costs, starts, params):
         from replay.engine import walk_steps
 
-        return walk_steps(data, costs, starts, params, choose=lambda nodes, p: self.choose(data, nodes, p),
-                          router=self.name)
+        return walk_steps(
+            data, costs, starts, params, choose=lambda nodes, p: self.choose(data, nodes, p), router=self.name
+        )
 
 
 class DraftRouter(Router):
@@ -121,10 +123,10 @@ class DraftRouter(Router):
         raise NotImplementedError
 
     def walk(self, data, costs, starts, params):
-        from replay.engine import Judge, walk_steps
+        from replay.engine import DraftRule, walk_steps
 
-        judge = Judge(signal=self.draft_signal(data), accept=self.accept, one_way=self.one_way, scorer=self.scorer)
-        return walk_steps(data, costs, starts, params, judge=judge, router=self.name)
+        rule = DraftRule(signal=self.draft_signal(data), accept=self.accept, one_way=self.one_way, scorer=self.scorer)
+        return walk_steps(data, costs, starts, params, draft_rule=rule, router=self.name)
 
 
 class QueryRouter(Router):

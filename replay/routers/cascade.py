@@ -26,9 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from sklearn.neural_network import MLPClassifier
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from replay.artifacts import check_fitted_within, load_artifact
 from replay.engine import Costs, ReplayData, Walk, walk_chains
@@ -41,10 +38,16 @@ PIK_VERSION = 1
 DEFAULT_LAYER, DEFAULT_WHERE = -1, "prompt_last"
 
 
-def new_probe(seed: int, l2: float = 1e-4) -> Pipeline:
-    """An unfitted P(IK) probe: standardised hidden state -> MLP with 64 hidden units (L2 penalty ``l2``)."""
-    return make_pipeline(StandardScaler(),
-                         MLPClassifier(hidden_layer_sizes=(64,), alpha=l2, max_iter=2000, random_state=seed))
+def new_probe(seed: int, l2: float = 1e-4):
+    """An unfitted P(IK) probe (a scikit-learn Pipeline): standardised hidden state -> MLP with 64 hidden
+    units (L2 penalty ``l2``)."""
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(
+        StandardScaler(), MLPClassifier(hidden_layer_sizes=(64,), alpha=l2, max_iter=2000, random_state=seed)
+    )
 
 
 def own_chain_labels(data: ReplayData, role: str) -> tuple[pl.DataFrame, np.ndarray]:
@@ -58,19 +61,26 @@ def own_chain_labels(data: ReplayData, role: str) -> tuple[pl.DataFrame, np.ndar
 
 def hidden_matrix(data: ReplayData, role: str, layer: int, where: str, problem_ids: pl.Series) -> np.ndarray:
     """The hidden-state vector of ``role`` at (``layer``, ``where``) for each problem id, as rows of a matrix."""
-    vectors = (data.hidden.filter((pl.col("model") == role) & (pl.col("layer") == layer)
-                                  & (pl.col("where") == where))
-               .select("problem_id", "vector").collect())
+    vectors = (
+        data.hidden.filter((pl.col("model") == role) & (pl.col("layer") == layer) & (pl.col("where") == where))
+        .select("problem_id", "vector")
+        .collect()
+    )
     if vectors["problem_id"].is_duplicated().any():
-        raise TraceError(f"hidden has more than one {where} vector of model {role} at layer {layer} "
-                         f"for problem {vectors.filter(pl.col('problem_id').is_duplicated())['problem_id'][0]!r}")
-    aligned = pl.DataFrame({"problem_id": problem_ids}).join(vectors, on="problem_id", how="left",
-                                                             maintain_order="left")
+        raise TraceError(
+            f"hidden has more than one {where} vector of model {role} at layer {layer} "
+            f"for problem {vectors.filter(pl.col('problem_id').is_duplicated())['problem_id'][0]!r}"
+        )
+    aligned = pl.DataFrame({"problem_id": problem_ids}).join(
+        vectors, on="problem_id", how="left", maintain_order="left"
+    )
     lacking = aligned.filter(pl.col("vector").is_null())
     if lacking.height:
-        raise TraceError(f"P(IK) needs the {where} hidden state of model {role} at layer {layer}, "
-                         f"which the trace lacks for problem {lacking['problem_id'][0]!r} (store it with trace gen "
-                         "--hidden-layers; a cascade can do without: pik=false)")
+        raise TraceError(
+            f"P(IK) needs the {where} hidden state of model {role} at layer {layer}, "
+            f"which the trace lacks for problem {lacking['problem_id'][0]!r} (store it with trace gen "
+            "--hidden-layers; a cascade can do without: pik=false)"
+        )
     widths = aligned["vector"].list.len().unique()
     if len(widths) != 1:
         raise TraceError(f"hidden vectors of model {role} at layer {layer} differ in length")
@@ -88,8 +98,18 @@ class Cascade(QueryRouter):
     name = "cascade"
     sweepable = ("t_true", "t_ik")
 
-    def __init__(self, models="", p_true="ptrue", t_true=0.5, pik=True, t_ik=0.5, layer=DEFAULT_LAYER,
-                 where=DEFAULT_WHERE, seed=0, probe=""):
+    def __init__(
+        self,
+        models="",
+        p_true="ptrue",
+        t_true=0.5,
+        pik=True,
+        t_ik=0.5,
+        layer=DEFAULT_LAYER,
+        where=DEFAULT_WHERE,
+        seed=0,
+        probe="",
+    ):
         self.models = models
         self.p_true = p_true
         self.t_true = t_true
@@ -111,8 +131,10 @@ class Cascade(QueryRouter):
         roles = [role.strip() for role in self.models.split(",")] if self.models else list(train.roles)
         unknown = [role for role in roles if role not in train.roles]
         if unknown or len(roles) < 2:
-            raise TraceError(f"router cascade: models must name two or more of the trace's models "
-                             f"({', '.join(train.roles)}), smallest first; got {self.models!r}")
+            raise TraceError(
+                f"router cascade: models must name two or more of the trace's models "
+                f"({', '.join(train.roles)}), smallest first; got {self.models!r}"
+            )
         self.roles_ = roles
         self.probes_ = {}
         self.layer_, self.where_ = self.layer, self.where
@@ -124,8 +146,10 @@ class Cascade(QueryRouter):
         for role in roles[:-1]:
             roots, labels = own_chain_labels(train, role)
             if len(np.unique(labels)) < 2:
-                raise TraceError(f"cannot fit the P(IK) probe of model {role}: its {labels.size} complete train "
-                                 f"solutions are all {'correct' if labels.all() else 'wrong'} (use pik=false)")
+                raise TraceError(
+                    f"cannot fit the P(IK) probe of model {role}: its {labels.size} complete train "
+                    f"solutions are all {'correct' if labels.all() else 'wrong'} (use pik=false)"
+                )
             features = hidden_matrix(train, role, self.layer, self.where, roots["problem_id"])
             self.probes_[role] = new_probe(self.seed).fit(features, labels)
 
@@ -133,13 +157,17 @@ class Cascade(QueryRouter):
         saved = load_probes(self.probe)
         for param, default in (("layer", DEFAULT_LAYER), ("where", DEFAULT_WHERE)):
             if getattr(self, param) not in (default, saved[param]):
-                raise TraceError(f"router cascade: probe file {self.probe} was trained on {param} {saved[param]!r}, "
-                                 f"not {getattr(self, param)!r}")
+                raise TraceError(
+                    f"router cascade: probe file {self.probe} was trained on {param} {saved[param]!r}, "
+                    f"not {getattr(self, param)!r}"
+                )
         check_fitted_within(self.probe, saved.get("train_problem_ids"), train.problems["problem_id"].to_list())
         lacking = [role for role in self.roles_[:-1] if role not in saved["probes"]]
         if lacking:
-            raise TraceError(f"router cascade: probe file {self.probe} has no probe for model(s) {', '.join(lacking)} "
-                             f"(it has {', '.join(saved['probes']) or 'none'})")
+            raise TraceError(
+                f"router cascade: probe file {self.probe} has no probe for model(s) {', '.join(lacking)} "
+                f"(it has {', '.join(saved['probes']) or 'none'})"
+            )
         self.layer_, self.where_ = saved["layer"], saved["where"]
         self.probes_ = {role: saved["probes"][role] for role in self.roles_[:-1]}
 
@@ -159,8 +187,9 @@ class Cascade(QueryRouter):
         roots, inverse = np.unique(starts, return_inverse=True)
         root_frame = data.roots
         order = np.argsort(root_frame["node"].to_numpy())
-        root_problems = root_frame["problem_id"].gather(order[np.searchsorted(
-            root_frame["node"].to_numpy()[order], roots)])
+        root_problems = root_frame["problem_id"].gather(
+            order[np.searchsorted(root_frame["node"].to_numpy()[order], roots)]
+        )
         result = Walk.empty(len(data.roles), len(starts))
         undecided = np.ones(len(starts), dtype=bool)
         for position, role in enumerate(self.roles_):

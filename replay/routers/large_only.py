@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from replay.engine import LARGE
 from replay.routers.base import WriterRouter
+from replay.schema import LARGE
 
 
 class LargeOnly(WriterRouter):

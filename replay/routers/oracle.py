@@ -9,8 +9,9 @@ miss, reported where the small model's chain breaks off.
 import numpy as np
 import polars as pl
 
-from replay.engine import SMALL, Walk, walk_chains
+from replay.engine import Walk, walk_chains
 from replay.routers.base import QueryRouter
+from replay.schema import SMALL
 
 
 class Oracle(QueryRouter):
@@ -45,10 +46,16 @@ class Oracle(QueryRouter):
             kept[:, rows[inner]] += kept[:, above[inner]]
             prefill[rows[inner]] += prefill[above[inner]]
         total = decode.sum(axis=0) + prefill
-        candidates = pl.DataFrame({
-            "step": np.arange(n_steps), "root": root, "wrong": ~data.tree.step_correct, "cost": total,
-            "length": depth, "path": steps["path"],
-        }).filter(pl.Series(data.tree.step_final & np.isin(root, roots)))
+        candidates = pl.DataFrame(
+            {
+                "step": np.arange(n_steps),
+                "root": root,
+                "wrong": ~data.tree.step_correct,
+                "cost": total,
+                "length": depth,
+                "path": steps["path"],
+            }
+        ).filter(pl.Series(data.tree.step_final & np.isin(root, roots)))
         best = candidates.sort("wrong", "cost", "length", "path").group_by("root", maintain_order=True).first()
         chosen = np.full(len(roots), -1, dtype=np.int64)
         chosen[np.searchsorted(roots, best["root"].to_numpy())] = best["step"].to_numpy()

@@ -26,30 +26,48 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from replay.artifacts import check_fitted_within, load_artifact, write_atomic
-from replay.engine import SMALL
+from replay.artifacts import check_fitted_within, load_artifact
+from replay.atomic import write_atomic
 from replay.errors import TraceError
 from replay.routers.base import DraftRouter
+from replay.schema import SMALL
 
 POLICY_FORMAT = "trace-policy"
 POLICY_VERSION = 1
 ESCALATE = 1  # index of the escalate logit
 # Observation features: numeric columns of the steps table, plus the problem's difficulty
 # (problems.meta "level": a number, or a string like "Level 3").
-STEP_FEATURES = ("conf_max_logit_math", "conf_max_logit_mean", "conf_top1_prob_min_math", "logprob_mean",
-                 "logprob_min", "first_token_logprob", "depth", "is_final", "n_gen_tokens", "n_prompt_tokens")
+STEP_FEATURES = (
+    "conf_max_logit_math",
+    "conf_max_logit_mean",
+    "conf_top1_prob_min_math",
+    "logprob_mean",
+    "logprob_min",
+    "first_token_logprob",
+    "depth",
+    "is_final",
+    "n_gen_tokens",
+    "n_prompt_tokens",
+)
 FEATURES = (*STEP_FEATURES, "difficulty")
 
 
-def policy_network(n_features: int, hidden: int = 64):
-    """The policy MLP: three linear layers, ``hidden`` units, logits for (continue, escalate)."""
+def mlp(n_inputs: int, hidden: int, n_outputs: int):
+    """Three linear layers with tanh between them: the shape of the policy and of its critics."""
     import torch
 
     return torch.nn.Sequential(
-        torch.nn.Linear(n_features, hidden), torch.nn.Tanh(),
-        torch.nn.Linear(hidden, hidden), torch.nn.Tanh(),
-        torch.nn.Linear(hidden, 2),
+        torch.nn.Linear(n_inputs, hidden),
+        torch.nn.Tanh(),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.Tanh(),
+        torch.nn.Linear(hidden, n_outputs),
     )
+
+
+def policy_network(n_features: int, hidden: int = 64):
+    """The policy MLP: ``hidden`` units, logits for (continue, escalate)."""
+    return mlp(n_features, hidden, 2)
 
 
 def difficulty(meta: pl.Series) -> pl.Series:
@@ -82,16 +100,32 @@ def normalise(raw: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     return np.nan_to_num(observation, nan=0.0).astype(np.float32)
 
 
-def save_policy(path: str | Path, network, features: list[str], feature_mean, feature_std, kappa: float,
-                hidden: int = 64, **metadata) -> None:
+def save_policy(
+    path: str | Path,
+    network,
+    features: list[str],
+    feature_mean,
+    feature_std,
+    kappa: float,
+    hidden: int = 64,
+    **metadata,
+) -> None:
     """Write a policy file atomically; the same arguments give the same bytes (``metadata``: plain values)."""
     import io
 
     import torch
 
-    saved = {**metadata, "format": POLICY_FORMAT, "version": POLICY_VERSION, "features": list(features),
-             "feature_mean": [float(x) for x in feature_mean], "feature_std": [float(x) for x in feature_std],
-             "hidden": int(hidden), "kappa": float(kappa), "state_dict": network.state_dict()}
+    saved = {
+        **metadata,
+        "format": POLICY_FORMAT,
+        "version": POLICY_VERSION,
+        "features": list(features),
+        "feature_mean": [float(x) for x in feature_mean],
+        "feature_std": [float(x) for x in feature_std],
+        "hidden": int(hidden),
+        "kappa": float(kappa),
+        "state_dict": network.state_dict(),
+    }
     buffer = io.BytesIO()  # in memory, the archive's inner folder name does not depend on the file name
     torch.save(saved, buffer)
     write_atomic(path, buffer.getvalue())
@@ -111,14 +145,20 @@ def load_policy(path: str | Path) -> tuple[object, dict]:
         ("features", "feature_mean", "feature_std", "hidden", "kappa", "state_dict"),
     )
     n = len(saved["features"])
-    if len(saved["feature_mean"]) != n or len(saved["feature_std"]) != n or not all(s > 0 for s in saved["feature_std"]):
+    if (
+        len(saved["feature_mean"]) != n
+        or len(saved["feature_std"]) != n
+        or not all(s > 0 for s in saved["feature_std"])
+    ):
         raise TraceError(f"policy file {path}: feature_mean and feature_std need {n} entries, std > 0")
     network = policy_network(n, saved["hidden"])
     try:
         network.load_state_dict(saved["state_dict"])
     except RuntimeError as error:
-        raise TraceError(f"policy file {path}: state_dict does not fit a {n}-feature network with "
-                         f"{saved['hidden']} hidden units ({str(error).splitlines()[0]})") from None
+        raise TraceError(
+            f"policy file {path}: state_dict does not fit a {n}-feature network with "
+            f"{saved['hidden']} hidden units ({str(error).splitlines()[0]})"
+        ) from None
     return network.eval(), saved
 
 

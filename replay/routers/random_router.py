@@ -6,8 +6,8 @@ in every configuration of a sweep over p, and online.
 
 import numpy as np
 
-from replay.engine import LARGE, SMALL
 from replay.routers.base import WriterRouter
+from replay.schema import LARGE, SMALL
 from replay.splits import hash_uniform
 
 

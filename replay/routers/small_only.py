@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from replay.engine import SMALL
 from replay.routers.base import WriterRouter
+from replay.schema import SMALL
 
 
 class SmallOnly(WriterRouter):

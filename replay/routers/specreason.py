@@ -37,8 +37,10 @@ class SpecReason(DraftRouter):
         bad = scored & ~(scores["detail"].list.len() == len(DIGITS)).fill_null(False)
         if bad.any():
             step_id = data.steps["step_id"].filter(bad)[0]
-            raise TraceError(f"score='expected' needs the {self.scorer} scorer's ten digit probabilities in "
-                             f"detail, but step {step_id!r} has {scores['detail'].filter(bad)[0]!r}")
+            raise TraceError(
+                f"score='expected' needs the {self.scorer} scorer's ten digit probabilities in "
+                f"detail, but step {step_id!r} has {scores['detail'].filter(bad)[0]!r}"
+            )
         signal = np.full(len(scores), np.nan)
         mask = scored.to_numpy()
         probabilities = scores["detail"].filter(scored).explode().to_numpy().astype(np.float64).reshape(-1, 10)

@@ -20,20 +20,82 @@ and is kept.
 """
 
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-from sklearn.mixture import GaussianMixture
 
-from replay.artifacts import check_fitted_within, write_atomic
-from replay.engine import SMALL
+from replay.artifacts import check_fitted_within
+from replay.atomic import write_atomic
 from replay.errors import TraceError
 from replay.routers.base import DraftRouter
+from replay.schema import SMALL
 
 SIGNAL = "conf_max_logit_math"
 STEER_FORMAT = "trace-steer"
 STEER_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SavedMixture:
+    """One step index's two-component mixture as `trace train steer` saved it."""
+
+    depth: int
+    n: int  # train confidences it was fitted on (0 when the file does not say)
+    weights: np.ndarray
+    means: np.ndarray
+    variances: np.ndarray
+    low_component: int  # 0 or 1: the low-confidence component
+
+
+@dataclass(frozen=True)
+class SavedMixtures:
+    """A `trace train steer` file, checked: its signal, mixtures by step index, and the train problems."""
+
+    signal: str
+    mixtures: list[SavedMixture]
+    train_problem_ids: list[str] | None  # None when the file does not record them
+
+
+def load_mixtures(path: str | os.PathLike, kind: str) -> SavedMixtures:
+    """Read and check a ``gmms`` file (the format in the module doc); ``kind`` names the file in errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise TraceError(f"{kind} file {path} does not exist")
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise TraceError(f"{kind} file {path} is not JSON ({error})") from None
+    if not isinstance(saved, dict) or saved.get("format") != STEER_FORMAT:
+        raise TraceError(f"{path} is not a {kind} file (no format {STEER_FORMAT!r}; write one with trace train steer)")
+    if saved.get("version") != STEER_VERSION:
+        raise TraceError(f"{path} has {kind} version {saved.get('version')!r}; this trace reads {STEER_VERSION}")
+    train_ids = saved.get("train_problem_ids")
+    if train_ids is not None and not isinstance(train_ids, list):
+        raise TraceError(f"{path}: train_problem_ids must be a list of problem ids")
+    mixtures = []
+    for number, entry in enumerate(saved.get("mixtures") or []):
+        try:
+            depth, low, n = int(entry["depth"]), int(entry["low_component"]), int(entry.get("n", 0))
+            weights, means, variances = (
+                np.asarray(entry[key], dtype=np.float64) for key in ("weights", "means", "variances")
+            )
+            if (
+                not (weights.shape == means.shape == variances.shape == (2,))
+                or (variances <= 0).any()
+                or low not in (0, 1)
+                or not np.isfinite(np.concatenate([weights, means, variances])).all()
+            ):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise TraceError(
+                f"{path}: mixture {number} needs depth, low_component (0 or 1) and two weights, means "
+                "and positive variances"
+            ) from None
+        mixtures.append(SavedMixture(depth, n, weights, means, variances, low))
+    return SavedMixtures(saved.get("signal", SIGNAL), sorted(mixtures, key=lambda mixture: mixture.depth), train_ids)
 
 
 class Steer(DraftRouter):
@@ -67,66 +129,61 @@ class Steer(DraftRouter):
         for depth, values in per_depth.iter_rows():
             if len(values) < self.min_samples:
                 continue
-            mixture = GaussianMixture(n_components=2, random_state=self.seed)
+            mixture = _mixture(self.seed)
             mixture.fit(np.asarray(values, dtype=np.float64).reshape(-1, 1))
             self.mixtures_[depth] = mixture
             self.low_component_[depth] = int(np.argmin(mixture.means_.ravel()))
             self.n_samples_[depth] = len(values)
         if 0 not in self.mixtures_:
-            raise TraceError(f"router steer needs at least min_samples={self.min_samples} small-model "
-                             f"{SIGNAL} values at step index 0 in the train split; it has "
-                             f"{confidences.filter(pl.col('depth') == 0).height}")
+            raise TraceError(
+                f"router steer needs at least min_samples={self.min_samples} small-model "
+                f"{SIGNAL} values at step index 0 in the train split; it has "
+                f"{confidences.filter(pl.col('depth') == 0).height}"
+            )
 
     def save(self, path, train_problem_ids: list[str], **metadata) -> None:
         """Write the fitted mixtures as a ``gmms`` JSON file (floats round-trip exactly)."""
         self.check_fitted()
-        mixtures = [{"depth": int(depth), "n": int(self.n_samples_[depth]),
-                     "weights": mixture.weights_.tolist(), "means": mixture.means_.ravel().tolist(),
-                     "variances": mixture.covariances_.ravel().tolist(),
-                     "low_component": self.low_component_[depth]}
-                    for depth, mixture in sorted(self.mixtures_.items())]
-        saved = {"format": STEER_FORMAT, "version": STEER_VERSION, "signal": SIGNAL,
-                 "min_samples": self.min_samples, "seed": self.seed, **metadata,
-                 "train_problem_ids": sorted(train_problem_ids), "mixtures": mixtures}
+        mixtures = [
+            {
+                "depth": int(depth),
+                "n": int(self.n_samples_[depth]),
+                "weights": mixture.weights_.tolist(),
+                "means": mixture.means_.ravel().tolist(),
+                "variances": mixture.covariances_.ravel().tolist(),
+                "low_component": self.low_component_[depth],
+            }
+            for depth, mixture in sorted(self.mixtures_.items())
+        ]
+        saved = {
+            "format": STEER_FORMAT,
+            "version": STEER_VERSION,
+            "signal": SIGNAL,
+            "min_samples": self.min_samples,
+            "seed": self.seed,
+            **metadata,
+            "train_problem_ids": sorted(train_problem_ids),
+            "mixtures": mixtures,
+        }
         write_atomic(path, (json.dumps(saved, indent=1) + "\n").encode())
 
     def _load(self, train):
-        path = Path(self.gmms)
-        if not path.is_file():
-            raise TraceError(f"router steer: gmms file {path} does not exist")
-        try:
-            saved = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise TraceError(f"router steer: {path} is not JSON ({error})") from None
-        if not isinstance(saved, dict) or saved.get("format") != STEER_FORMAT:
-            raise TraceError(f"router steer: {path} is not a trace steer file (no format {STEER_FORMAT!r})")
-        if saved.get("version") != STEER_VERSION or saved.get("signal") != SIGNAL:
-            raise TraceError(f"router steer: {path} has version {saved.get('version')!r} and signal "
-                             f"{saved.get('signal')!r}; this trace reads version {STEER_VERSION} of {SIGNAL}")
-        check_fitted_within(path, saved.get("train_problem_ids"), train.problems["problem_id"].to_list())
+        saved = load_mixtures(self.gmms, "trace steer")
+        if saved.signal != SIGNAL:
+            raise TraceError(f"router steer: {self.gmms} has signal {saved.signal!r}; this trace reads {SIGNAL}")
+        check_fitted_within(self.gmms, saved.train_problem_ids, train.problems["problem_id"].to_list())
         self.mixtures_, self.low_component_, self.n_samples_ = {}, {}, {}
-        for number, entry in enumerate(saved.get("mixtures") or []):
-            try:
-                depth = int(entry["depth"])
-                weights, means, variances = (np.asarray(entry[key], dtype=np.float64)
-                                             for key in ("weights", "means", "variances"))
-                low = int(entry["low_component"])
-                if not (weights.shape == means.shape == variances.shape == (2,)) or (variances <= 0).any() \
-                        or low not in (0, 1):
-                    raise ValueError
-            except (KeyError, TypeError, ValueError):
-                raise TraceError(f"router steer: {path} mixture {number} needs depth, low_component (0 or 1) and "
-                                 f"two weights, means and positive variances") from None
-            mixture = GaussianMixture(n_components=2, random_state=self.seed)
-            mixture.weights_, mixture.means_ = weights, means.reshape(2, 1)
-            mixture.covariances_ = variances.reshape(2, 1, 1)
-            mixture.precisions_cholesky_ = (1 / np.sqrt(variances)).reshape(2, 1, 1)
-            mixture.precisions_ = (1 / variances).reshape(2, 1, 1)
+        for entry in saved.mixtures:
+            mixture = _mixture(self.seed)
+            mixture.weights_, mixture.means_ = entry.weights, entry.means.reshape(2, 1)
+            mixture.covariances_ = entry.variances.reshape(2, 1, 1)
+            mixture.precisions_cholesky_ = (1 / np.sqrt(entry.variances)).reshape(2, 1, 1)
+            mixture.precisions_ = (1 / entry.variances).reshape(2, 1, 1)
             mixture.n_features_in_ = 1
-            self.mixtures_[depth], self.low_component_[depth] = mixture, low
-            self.n_samples_[depth] = int(entry.get("n", 0))
+            self.mixtures_[entry.depth], self.low_component_[entry.depth] = mixture, entry.low_component
+            self.n_samples_[entry.depth] = entry.n
         if 0 not in self.mixtures_:
-            raise TraceError(f"router steer: {path} has no mixture for step index 0")
+            raise TraceError(f"router steer: {self.gmms} has no mixture for step index 0")
 
     def low_posterior(self, depths: np.ndarray, confidences: np.ndarray) -> np.ndarray:
         """Posterior of the low-confidence component for each (step index, confidence)."""
@@ -143,9 +200,17 @@ class Steer(DraftRouter):
         steps = data.steps
         judged = ((steps["model"] == SMALL) & steps[SIGNAL].is_not_null()).to_numpy()
         signal = np.full(steps.height, np.nan)
-        signal[judged] = self.low_posterior(steps["depth"].to_numpy()[judged],
-                                            steps[SIGNAL].to_numpy()[judged].astype(np.float64))
+        signal[judged] = self.low_posterior(
+            steps["depth"].to_numpy()[judged], steps[SIGNAL].to_numpy()[judged].astype(np.float64)
+        )
         return signal
 
     def accept(self, signal, params):
         return ~(signal > params["tau"])
+
+
+def _mixture(seed: int):
+    """An unfitted two-component scikit-learn GaussianMixture."""
+    from sklearn.mixture import GaussianMixture
+
+    return GaussianMixture(n_components=2, random_state=seed)

@@ -1,4 +1,5 @@
-"""Generation backends for `trace gen`: vLLM (default where installed) and transformers.
+"""Generation backends for `trace gen`: vLLM (default where installed) and transformers, and the engine
+settings each model role gets.
 
 Engines are imported only when a backend is loaded, so phase two never pulls them in.
 """
@@ -9,17 +10,66 @@ import inspect
 from pathlib import Path
 
 from replay.errors import TraceError
-from tracegen.backends.base import FINISH_REASONS, Backend, GeneratedStep, StepRequest, StepSampling
+from replay.schema import LARGE, SMALL
+from tracegen.backends.base import Backend, GeneratedStep, StepRequest, StepSampling
 
 BACKENDS = ("vllm", "hf")
 
-__all__ = ["BACKENDS", "FINISH_REASONS", "Backend", "GeneratedStep", "StepRequest", "StepSampling", "load_backend"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "GeneratedStep",
+    "StepRequest",
+    "StepSampling",
+    "check_backend",
+    "default_backend",
+    "engine_kwargs_for",
+    "load_backend",
+    "scorer_engine_kwargs",
+]
+
+# On one GPU the four vLLM engines (a generator and an exact scorer per model) split the memory:
+# the large model gets 70% of it, and each model's scorer 40% of its model's share.
+VLLM_MEMORY_BUDGET = 0.88
+VLLM_MEMORY_SHARES = {SMALL: 0.3, LARGE: 0.7}
+VLLM_SCORER_SHARE = 0.4
+
+
+def check_backend(kind: str | None) -> None:
+    """TraceError unless ``kind`` is None (the default backend) or a known backend."""
+    if kind is not None and kind not in BACKENDS:
+        raise TraceError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def default_backend() -> str:
+    """vllm where it is importable, else hf."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return "hf"
+    return "vllm"
+
+
+def engine_kwargs_for(kind: str, role: str, given: dict) -> dict:
+    """Engine arguments for one model role: on vLLM, its share of GPU memory unless ``given`` sets it."""
+    if kind != "vllm":
+        return dict(given)
+    share = VLLM_MEMORY_BUDGET * VLLM_MEMORY_SHARES[role]
+    defaults = {
+        "gpu_memory_utilization": round(share * (1 - VLLM_SCORER_SHARE), 3),
+        "scorer_memory_utilization": round(share * VLLM_SCORER_SHARE, 3),
+    }
+    return {**defaults, **given}
+
+
+def scorer_engine_kwargs(kind: str) -> dict:
+    """Engine arguments of a scorer's own engine: on vLLM, scoring only (no generator)."""
+    return {"generator": False} if kind == "vllm" else {}
 
 
 def load_backend(kind: str, model_path: str, **engine_kwargs) -> Backend:
     """Start the engine ``kind`` ("vllm" or "hf") on a local checkpoint folder or a Hugging Face id."""
-    if kind not in BACKENDS:
-        raise TraceError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(kind)
     if str(model_path).startswith((".", "/", "~")) and not Path(model_path).expanduser().is_dir():
         raise TraceError(f"model folder {model_path} does not exist")
     if kind == "hf":

@@ -8,8 +8,6 @@ from typing import Protocol
 
 from replay.errors import TraceError
 
-FINISH_REASONS = ("delimiter", "eos", "length")
-
 
 @dataclass(frozen=True)
 class StepSampling:

@@ -37,8 +37,9 @@ class TokenScores:
 class HFBackend:
     name = "hf"
 
-    def __init__(self, model_path: str, *, device: str | None = None, max_model_len: int | None = None,
-                 max_batch_size: int = 64):
+    def __init__(
+        self, model_path: str, *, device: str | None = None, max_model_len: int | None = None, max_batch_size: int = 64
+    ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.device).eval()
@@ -71,11 +72,16 @@ class HFBackend:
             torch.cuda.empty_cache()
 
     def generate_steps(self, requests: list[StepRequest], sampling: StepSampling) -> list[GeneratedStep]:
-        check_batch(requests, sampling, max_total_tokens=self.max_total_tokens, vocab_size=self.vocab_size,
-                    max_topk=self.vocab_size)
+        check_batch(
+            requests,
+            sampling,
+            max_total_tokens=self.max_total_tokens,
+            vocab_size=self.vocab_size,
+            max_topk=self.vocab_size,
+        )
         steps: list[GeneratedStep] = []
         for start in range(0, len(requests), self.max_batch_size):
-            steps += self._generate_batch(requests[start:start + self.max_batch_size], sampling)
+            steps += self._generate_batch(requests[start : start + self.max_batch_size], sampling)
         return steps
 
     @torch.inference_mode()
@@ -84,13 +90,15 @@ class HFBackend:
         ids = torch.tensor([list(prompt_ids) + list(continuation_ids)], device=self.device)
         logits = self.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
         scores = TokenScores()
-        for token_scores in _score_rows(logits, ids[0, len(prompt_ids):], topk):
+        for token_scores in _score_rows(logits, ids[0, len(prompt_ids) :], topk):
             scores.append(token_scores)
         return scores
 
     def continuation_logprobs(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
-        return [self.teacher_force(prompt, continuation, topk=1).logprobs
-                for prompt, continuation in zip(prompts, continuations)]
+        return [
+            self.teacher_force(prompt, continuation, topk=1).logprobs
+            for prompt, continuation in zip(prompts, continuations)
+        ]
 
     @torch.inference_mode()
     def next_token_logprobs(self, prompts: list[list[int]], topk: int) -> list[dict[int, float]]:
@@ -111,12 +119,17 @@ class HFBackend:
         input_ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(requests), width), dtype=torch.long)
         for row, request in enumerate(requests):  # left padding: every row's last token is in the last column
-            input_ids[row, width - prompt_lens[row]:] = torch.tensor(request.prompt_ids)
-            attention_mask[row, width - prompt_lens[row]:] = 1
+            input_ids[row, width - prompt_lens[row] :] = torch.tensor(request.prompt_ids)
+            attention_mask[row, width - prompt_lens[row] :] = 1
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        output = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=True, logits_to_keep=1)
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         cache, logits = output.past_key_values, output.logits[:, -1].float()
 
         token_ids: list[list[int]] = [[] for _ in requests]
@@ -144,14 +157,31 @@ class HFBackend:
             attention_mask = torch.cat([attention_mask[keep], attention_mask.new_ones((len(active), 1))], dim=1)
             next_ids = torch.tensor([[token_ids[i][-1]] for i in active], device=self.device)
             position_ids = torch.tensor([[prompt_lens[i] + len(token_ids[i]) - 1] for i in active], device=self.device)
-            logits = self.model(input_ids=next_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                past_key_values=cache, use_cache=True).logits[:, -1].float()
+            logits = (
+                self.model(
+                    input_ids=next_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                .logits[:, -1]
+                .float()
+            )
 
         shares = batch_shares(time.perf_counter() - started, [len(ids) for ids in token_ids])
         return [
-            GeneratedStep(token_ids=ids, text=text, finish_reason=reason, logprobs=s.logprobs,
-                          max_logits=s.max_logits, topk_ids=s.topk_ids, topk_logprobs=s.topk_logprobs,
-                          n_cached_tokens=0, gen_seconds=share)
+            GeneratedStep(
+                token_ids=ids,
+                text=text,
+                finish_reason=reason,
+                logprobs=s.logprobs,
+                max_logits=s.max_logits,
+                topk_ids=s.topk_ids,
+                topk_logprobs=s.topk_logprobs,
+                n_cached_tokens=0,
+                gen_seconds=share,
+            )
             for ids, text, reason, s, share in zip(token_ids, texts, finish_reasons, scores, shares)
         ]
 

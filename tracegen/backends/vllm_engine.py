@@ -33,8 +33,14 @@ _CPU_BATCHED_TOKENS = 4096  # vLLM's CPU default token budget per engine step
 # vLLM's CPU default KV block is 128 tokens; the prefix cache only reuses whole blocks, so a sibling
 # re-reads at most 32 tokens of its parent's prefix instead of up to 127 (16 is the GPU default).
 _CPU_BLOCK_SIZE = 32
-_OWN_ARGUMENTS = {"model", "logprobs_mode", "max_logprobs", "max_model_len", "gpu_memory_utilization",
-                  "enable_prefix_caching"}
+_OWN_ARGUMENTS = {
+    "model",
+    "logprobs_mode",
+    "max_logprobs",
+    "max_model_len",
+    "gpu_memory_utilization",
+    "enable_prefix_caching",
+}
 
 
 class VLLMBackend:
@@ -59,16 +65,27 @@ class VLLMBackend:
         if unknown:
             raise TraceError(f"unknown vLLM engine argument(s): {', '.join(unknown)}")
         dtype = dtype or _checkpoint_dtype(model_path)
-        shared = dict(model=model_path, seed=seed, dtype=dtype, enforce_eager=enforce_eager,
-                      enable_prefix_caching=True, max_logprobs=max_logprobs, **llm_kwargs)
+        shared = dict(
+            model=model_path,
+            seed=seed,
+            dtype=dtype,
+            enforce_eager=enforce_eager,
+            enable_prefix_caching=True,
+            max_logprobs=max_logprobs,
+            **llm_kwargs,
+        )
         if current_platform.is_cpu():
             # a fixed KV cache per engine (VLLM_CPU_KVCACHE_SPACE still overrides it), instead of a fraction of
             # the machine's memory that four engines (two models, two engines each) would not get
             shared.setdefault("kv_cache_memory_bytes", _CPU_KV_CACHE_BYTES)
             shared.setdefault("block_size", _CPU_BLOCK_SIZE)
         # Where memory is a fraction (GPU, or CPU without VLLM_CPU_KVCACHE_SPACE), the two engines share it.
-        self.scorer = LLM(logprobs_mode="raw_logprobs", max_model_len=max_model_len,
-                          gpu_memory_utilization=scorer_memory_utilization, **shared)
+        self.scorer = LLM(
+            logprobs_mode="raw_logprobs",
+            max_model_len=max_model_len,
+            gpu_memory_utilization=scorer_memory_utilization,
+            **shared,
+        )
         context = self.scorer.llm_engine.model_config.max_model_len
         self.max_total_tokens = context - 1
         self.max_logprobs = max_logprobs
@@ -78,9 +95,16 @@ class VLLMBackend:
             # offset", GPUModelRunner._bookkeeping_sync), so prompts are prefilled whole there.
             generator_args.setdefault("enable_chunked_prefill", False)
             generator_args.setdefault("max_num_batched_tokens", max(_CPU_BATCHED_TOKENS, context))
-        self.generator = (LLM(logprobs_mode="raw_logits", max_model_len=context - 1,
-                              gpu_memory_utilization=gpu_memory_utilization, **generator_args)
-                          if generator else None)
+        self.generator = (
+            LLM(
+                logprobs_mode="raw_logits",
+                max_model_len=context - 1,
+                gpu_memory_utilization=gpu_memory_utilization,
+                **generator_args,
+            )
+            if generator
+            else None
+        )
         engine = self.generator or self.scorer
         model_config = engine.llm_engine.model_config
         self.vocab_size = model_config.get_vocab_size()
@@ -118,35 +142,51 @@ class VLLMBackend:
 
     def next_token_logprobs(self, prompts: list[list[int]], topk: int) -> list[dict[int, float]]:
         params = SamplingParams(temperature=0, max_tokens=1, logprobs=topk, detokenize=False)
-        outputs = self.scorer.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
-                                       use_tqdm=False)
-        return [{token: entry.logprob for token, entry in output.outputs[0].logprobs[0].items()}
-                for output in outputs]
+        outputs = self.scorer.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
+        )
+        return [{token: entry.logprob for token, entry in output.outputs[0].logprobs[0].items()} for output in outputs]
 
     def generate_steps(self, requests: list[StepRequest], sampling: StepSampling) -> list[GeneratedStep]:
         if self.generator is None:
             raise RuntimeError("this backend was started with generator=False (scoring only)")
-        check_batch(requests, sampling, max_total_tokens=self.max_total_tokens, vocab_size=self.vocab_size,
-                    max_topk=self.max_logprobs)
+        check_batch(
+            requests,
+            sampling,
+            max_total_tokens=self.max_total_tokens,
+            vocab_size=self.vocab_size,
+            max_topk=self.max_logprobs,
+        )
         if not requests:
             return []
         params = [
-            SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                           max_tokens=sampling.max_step_tokens, stop=[sampling.delimiter], seed=request.seed,
-                           logprobs=sampling.topk, flat_logprobs=True)
+            SamplingParams(
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_step_tokens,
+                stop=[sampling.delimiter],
+                seed=request.seed,
+                logprobs=sampling.topk,
+                flat_logprobs=True,
+            )
             for request in requests
         ]
         started = time.perf_counter()
-        outputs = self.generator.generate([TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests],
-                                          params, use_tqdm=False)
+        outputs = self.generator.generate(
+            [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests], params, use_tqdm=False
+        )
         generate_seconds = time.perf_counter() - started
 
         completions = [output.outputs[0] for output in outputs]
         token_ids = [list(completion.token_ids) for completion in completions]
         started = time.perf_counter()
         scores, rescored = self._score([list(r.prompt_ids) for r in requests], token_ids, sampling.topk)
-        self.last_batch = {"generate_seconds": generate_seconds, "score_seconds": time.perf_counter() - started,
-                           "requests": len(requests), "rescored": rescored}
+        self.last_batch = {
+            "generate_seconds": generate_seconds,
+            "score_seconds": time.perf_counter() - started,
+            "requests": len(requests),
+            "rescored": rescored,
+        }
 
         shares = batch_shares(generate_seconds, [len(ids) for ids in token_ids])
         return [
@@ -177,10 +217,17 @@ class VLLMBackend:
 
     def _score_pass(self, prompts, steps, topk: int, indices, scores: list, *, read_cache: bool) -> list[int]:
         """Fill ``scores[i]`` for each i in ``indices``; return those whose cache hit hid their first step row."""
-        params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=topk, detokenize=False,
-                                flat_logprobs=True, skip_reading_prefix_cache=not read_cache)
-        outputs = self.scorer.generate([TokensPrompt(prompt_token_ids=prompts[i] + steps[i]) for i in indices],
-                                       params, use_tqdm=False)
+        params = SamplingParams(
+            temperature=0,
+            max_tokens=1,
+            prompt_logprobs=topk,
+            detokenize=False,
+            flat_logprobs=True,
+            skip_reading_prefix_cache=not read_cache,
+        )
+        outputs = self.scorer.generate(
+            [TokensPrompt(prompt_token_ids=prompts[i] + steps[i]) for i in indices], params, use_tqdm=False
+        )
         missed = []
         for i, output in zip(indices, outputs):
             # prompt_logprobs[p] scores token p from row p - 1; rows inside a cache hit are never written

@@ -3,19 +3,29 @@
 A scorer is a class with a ``name``; defining it registers it (adding a scorer is one new file).
 It picks the steps it scores (``wants``), describes itself for trace.json (``manifest_entry``:
 its model, prompt and, for cost models, whose parameters a call costs) and scores a batch of
-``Item``s, returning one ``Score`` each.
+``Item``s, returning one ``Score`` each. A world's variant of a scorer (the toy judge) is a class
+of its own that stores the same signal; ``make_scorer`` picks it for that world's traces.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar
 
 import polars as pl
 
 from replay.errors import TraceError
+from replay.schema import LARGE, Manifest
+from tracegen.backends import default_backend, load_backend, scorer_engine_kwargs
+from tracegen.models import ModelRef, load_tokenizer, model_entry, named_model, trace_model
+from tracegen.prompts import earlier_steps_text, user_prompt_ids
 
 SCORERS: dict[str, type[Scorer]] = {}
+# What a trace of a world asks for by signal name: the toy models cannot follow the judge's or P(True)'s
+# instructions, and the toy world has an exact step verifier and a PRM of its own.
+WORLD_SCORERS = {"toy": {"judge": "toy-judge", "ptrue": "toy-ptrue", "verifier": "exact-verifier"}}
+WORLD_SCORER_MODELS = {"toy": {"prm": "toy-prm"}}
 
 
 @dataclass(frozen=True)
@@ -26,11 +36,11 @@ class Item:
     problem_id: str
     question: str
     reference: str
-    role: str                # the model role that wrote the step
+    role: str  # the model role that wrote the step
     path: str
-    step_texts: list[str]    # every step of the path, this one last
-    prefix_ids: list[int]    # prompt + earlier steps' token ids (the writer's context)
-    step_ids: list[int]      # this step's token ids
+    step_texts: list[str]  # every step of the path, this one last
+    prefix_ids: list[int]  # prompt + earlier steps' token ids (the writer's context)
+    step_ids: list[int]  # this step's token ids
     is_final: bool
     answer: str | None
 
@@ -43,9 +53,16 @@ class Score:
 
 
 class Scorer:
-    """Base class of all scorers. ``toy`` selects the toy world's variant (see each scorer's docstring)."""
+    """Base class of all scorers.
+
+    ``name`` registers the class; ``signal`` is the name its values are stored under (scores.scorer,
+    trace.json ``scorers.SIGNAL``) and the routers read: a variant such as ``toy-judge`` stores the
+    ``judge`` signal. The constructor only stores its arguments; ``check`` and ``manifest_entry``
+    resolve the scorer's model, ``start`` loads it.
+    """
 
     name: ClassVar[str]
+    signal: ClassVar[str]
     default_batch: ClassVar[int] = 256
 
     def __init_subclass__(cls, **kwargs):
@@ -53,20 +70,23 @@ class Scorer:
         if "name" in cls.__dict__:
             SCORERS[cls.name] = cls
 
-    def __init__(self, manifest: dict, *, model: str | None, backend: str | None, toy: bool):
+    def __init__(self, manifest: Manifest, *, model: str | None = None, backend: str | None = None):
         self.manifest = manifest
         self.model = model
         self.backend = backend
-        self.toy = toy
         self.shared_engines: dict = {}  # {role: backend} already running for the trace's models (lent by gen)
         self._started = False
+
+    def check(self) -> None:
+        """TraceError if this scorer cannot run as configured (before anything is loaded or written)."""
 
     def wants(self) -> pl.Expr:
         """Which steps rows this scorer scores."""
         raise NotImplementedError
 
     def manifest_entry(self) -> dict:
-        """trace.json ``scorers.NAME``: model (a role, "self", a name), prompt/variant, n_params if its own."""
+        """trace.json ``scorers.SIGNAL``: this scorer's name, its model (a role, "self", "exact", a name),
+        prompt or variant, and n_params if it has its own model."""
         raise NotImplementedError
 
     def start(self) -> None:
@@ -85,42 +105,15 @@ class Scorer:
         """Release engines."""
 
 
-def make_scorer(name: str, manifest: dict, *, model: str | None = None, backend: str | None = None) -> Scorer:
-    if name not in SCORERS:
+def make_scorer(name: str, manifest: Manifest, *, model: str | None = None, backend: str | None = None) -> Scorer:
+    """The scorer ``name`` (a registered name, or a signal that the trace's world serves with a variant)."""
+    variants = WORLD_SCORERS.get(manifest.dataset_name, {})
+    chosen = variants.get(name, name)
+    if chosen not in SCORERS:
         raise TraceError(f"unknown scorer {name!r}; choose one of {', '.join(sorted(SCORERS))}")
-    toy = (manifest.get("dataset") or {}).get("name") == "toy"
-    return SCORERS[name](manifest, model=model, backend=backend, toy=toy)
-
-
-def trace_model(manifest: dict, role: str):
-    """The checkpoint of one of the trace's model roles: where gen loaded it, else by its name."""
-    from pathlib import Path
-
-    from tracegen.models import ModelRef, fetch_model, resolve_model
-
-    entry = next((m for m in manifest.get("models", []) if m.get("role") == role), None)
-    if entry is None:
-        raise TraceError(f"the trace has no {role} model")
-    path = (manifest.get("model_paths") or {}).get(role)
-    if path and Path(path).is_dir():
-        return ModelRef(role, entry["name"], path)
-    return fetch_model(resolve_model(entry["name"], role))
-
-
-def named_model(name: str, role: str):
-    from tracegen.models import fetch_model, resolve_model
-
-    return fetch_model(resolve_model(name, role))
-
-
-def model_entry(model) -> dict:
-    """Manifest fields of a scorer's own model: its name, revision and parameter count (for cost models)."""
-    from pathlib import Path
-
-    from tracegen.models import canonical_name, count_parameters, revision
-
-    return {"name": canonical_name(model), "revision": revision(Path(model.path)),
-            "n_params": count_parameters(Path(model.path))}
+    return SCORERS[chosen](
+        manifest, model=model or WORLD_SCORER_MODELS.get(manifest.dataset_name, {}).get(name), backend=backend
+    )
 
 
 class LanguageModelScorer(Scorer):
@@ -134,14 +127,10 @@ class LanguageModelScorer(Scorer):
         """The backend (scoring only) and tokenizer of ``model`` (the trace's ``role`` model, or a scorer's own
         model under its scorer's name), started on first use unless gen lent one for the role."""
         if role not in self._tokenizers:
-            from tracegen.backends import load_backend
-            from tracegen.gen import default_backend
-            from tracegen.models import load_tokenizer
-
             self._tokenizers[role] = load_tokenizer(model)
             if role not in self.shared_engines:
                 kind = self.backend or default_backend()
-                self._engines[role] = load_backend(kind, model.path, **({"generator": False} if kind == "vllm" else {}))
+                self._engines[role] = load_backend(kind, model.path, **scorer_engine_kwargs(kind))
         return self.shared_engines.get(role) or self._engines[role], self._tokenizers[role]
 
     def close(self) -> None:
@@ -149,3 +138,31 @@ class LanguageModelScorer(Scorer):
             engine.close()
         self._engines = {}
         self._started = False
+
+
+class LargeModelScorer(LanguageModelScorer):
+    """A scorer asked of the trace's large model, unless ``--model`` names one of its own."""
+
+    @cached_property
+    def checkpoint(self) -> ModelRef:
+        return named_model(self.model, self.signal) if self.model else trace_model(self.manifest, LARGE)
+
+    @property
+    def engine_role(self) -> str:
+        """Under which name its engine runs: the large role (gen may lend that engine), or the scorer's own."""
+        return LARGE if self.model is None else self.signal
+
+    def model_fields(self) -> dict:
+        """trace.json's record of whose model a call runs (and its size, for an own model)."""
+        return {"model": LARGE} if self.model is None else {**model_entry(self.checkpoint), "model": self.signal}
+
+
+def step_prompt_ids(tokenizer, template: str, items: list[Item]) -> list[list[int]]:
+    """Each item's question, earlier steps and latest step put into ``template`` as a user turn, as token ids."""
+    return [
+        user_prompt_ids(
+            tokenizer,
+            template.format(question=i.question, earlier=earlier_steps_text(i.step_texts[:-1]), step=i.step_texts[-1]),
+        )
+        for i in items
+    ]

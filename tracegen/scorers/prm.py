@@ -2,52 +2,70 @@
 
 Input as RSD feeds it (``tracegen.value_head.prm_input_ids``): BOS + raw question + "\\n", then
 each step of the path followed by the step-end token; value = sigmoid of the value head at the
-scored step's end token. Real: Skywork-o1-Open-PRM-Qwen-2.5-1.5B (``skywork-prm-1.5b``); toy: the
-value-head model ``toy-prm`` shipped in data/toy. It runs on transformers with either ``--backend``
-(vLLM has no value-head architecture for it). A call costs the tokens of the step and its end
-token: the PRM keeps its cache over the accepted prefix, as RSD runs it.
+scored step's end token. Default model: Skywork-o1-Open-PRM-Qwen-2.5-1.5B (``skywork-prm-1.5b``);
+toy traces use the value-head model ``toy-prm`` shipped in data/toy (``WORLD_SCORER_MODELS``). It
+runs on transformers with either ``--backend`` (vLLM has no value-head architecture for it). A call
+costs the tokens of the step and its end token: the PRM keeps its cache over the accepted prefix,
+as RSD runs it.
 """
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import polars as pl
-import torch
 
 from replay.errors import TraceError
-from tracegen.scorers.base import Item, Score, Scorer, model_entry, named_model
-from tracegen.value_head import prm_input_ids, value_head_tensors
+from replay.schema import SMALL
+from tracegen.models import ModelRef, model_entry, named_model
+from tracegen.scorers.base import Item, Score, Scorer
 
 PRM_INPUT = "BOS + question + \\n, then each step + \\n; value = sigmoid(value head) at the step's end token"
 
 
 class ProcessRewardModel(Scorer):
     name = "prm"
+    signal = "prm"
     default_batch = 64
+    default_model = "skywork-prm-1.5b"
 
-    def __init__(self, manifest, *, model, backend, toy):
-        super().__init__(manifest, model=model or ("toy-prm" if toy else "skywork-prm-1.5b"), backend=backend,
-                         toy=toy)
-        self._checkpoint = named_model(self.model, "prm")
-        value_head_tensors(self._checkpoint.path)
+    @cached_property
+    def checkpoint(self) -> ModelRef:
+        return named_model(self.model or self.default_model, self.signal)
+
+    def check(self) -> None:
+        from tracegen.value_head import value_head_tensors
+
+        value_head_tensors(self.checkpoint.path)
 
     def wants(self) -> pl.Expr:
-        return pl.col("model") == "small"
+        return pl.col("model") == SMALL
 
     def manifest_entry(self) -> dict:
-        return {**model_entry(self._checkpoint), "model": "prm", "input": PRM_INPUT, "engine": "transformers"}
+        return {
+            "scorer": self.name,
+            **model_entry(self.checkpoint),
+            "model": self.signal,
+            "input": PRM_INPUT,
+            "engine": "transformers",
+        }
 
     def _load(self) -> None:
+        import torch
         from transformers import AutoTokenizer
 
         from tracegen.value_head import load_value_head_model
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.network = load_value_head_model(self._checkpoint.path, self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(self._checkpoint.path)
+        self.network = load_value_head_model(self.checkpoint.path, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint.path)
         self.pad_id = self.tokenizer.pad_token_id or 0
 
-    @torch.inference_mode()
     def score(self, items: list[Item]) -> list[Score]:
+        import torch
+
+        from tracegen.value_head import prm_input_ids
+
         encoded = [prm_input_ids(self.tokenizer, item.question, item.step_texts) for item in items]
         width = max(len(ids) for ids, _ in encoded)
         limit = self.network.body.config.max_position_embeddings
@@ -58,12 +76,14 @@ class ProcessRewardModel(Scorer):
         for row, (ids, _) in enumerate(encoded):  # right padding: causal attention never reads the pads
             input_ids[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
-        logits = self.network(input_ids.to(self.device), mask.to(self.device)).float().cpu()
+        with torch.inference_mode():
+            logits = self.network(input_ids.to(self.device), mask.to(self.device)).float().cpu()
         scores = []
         for row, (_, ends) in enumerate(encoded):
             start = ends[-2] + 1 if len(ends) > 1 else 0
-            scores.append(Score(value=float(torch.sigmoid(logits[row, ends[-1]])),
-                                n_tokens_processed=ends[-1] + 1 - start))
+            scores.append(
+                Score(value=float(torch.sigmoid(logits[row, ends[-1]])), n_tokens_processed=ends[-1] + 1 - start)
+            )
         return scores
 
     def close(self) -> None:

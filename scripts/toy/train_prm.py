@@ -1,7 +1,7 @@
 """Train the toy process reward model (PRM): a Qwen2 body with a one-unit value head that scores
 toy-small's draft steps, and save it where RSD finds it (alias ``toy-prm``).
 
-    python -m data.toy.train_prm --seed 0 --threads 1
+    python -m scripts.toy.train_prm --seed 0 --threads 1
 
 Data: toy-small solutions sampled at temperature 0.7 on training-pool problems (levels 2-4, mostly
 the default level 3), regenerated from the seed on every run; plus the same model's greedy
@@ -19,8 +19,9 @@ tells an exact reference step from the same step corrupted: whether it reads the
 
 Evaluation: AUROC of the step reward (sigmoid of the value at the step end) against exact step labels
 on toy-small T=0.7 solutions of held-out problems (``generate(n, split="test", seed=0)``, default
-level, sampling seed 1, as ``data/toy/evaluate.py`` does), overall and by step depth.
-Results are reproducible for a fixed seed and thread count.
+level, sampling seed 1, as ``scripts/toy/evaluate.py`` does), overall and by step depth.
+Results are reproducible for a fixed seed and thread count. The learning-rate schedule, optimizer and
+update step are train.py's (``lr_at``, ``adamw``, ``optimizer_step``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import random
 import sys
 import time
@@ -40,7 +40,6 @@ from sklearn.metrics import roc_auc_score
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2Model
 
 from data.toy import MODELS_DIR
-from data.toy.evaluate import sample_solutions
 from data.toy.task import (
     DEFAULT_LEVEL,
     STEP_DELIMITER,
@@ -52,7 +51,8 @@ from data.toy.task import (
     verify_steps,
 )
 from data.toy.tokenizer import build_tokenizer
-from data.toy.train import qwen2_config
+from scripts.toy.evaluate import sample_solutions
+from scripts.toy.train import adamw, lr_at, optimizer_step, qwen2_config
 from tracegen.value_head import ValueHeadModel, load_value_head_model, prm_input_ids, save_value_head_model
 
 LEVEL_WEIGHTS = {2: 1, 3: 3, 4: 1}  # training problems per level, relative
@@ -244,8 +244,13 @@ def collate(examples: list[dict], pad_id: int):
 
 
 def prm_config(tokenizer, hidden: int, layers: int, heads: int, intermediate: int) -> Qwen2Config:
-    return qwen2_config(tokenizer, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                        num_attention_heads=heads)
+    return qwen2_config(
+        tokenizer,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+    )
 
 
 def build_model(tokenizer, args, drafter) -> ValueHeadModel:
@@ -280,7 +285,7 @@ def auroc(labels, scores) -> float | None:
 
 def measure(model, examples: list[dict], pad_id: int) -> dict:
     scores = step_scores(model, examples, pad_id)
-    labels = np.array([l for e in examples for l in e["labels"]])
+    labels = np.array([label for e in examples for label in e["labels"]])
     depths = np.array([k for e in examples for k in range(len(e["labels"]))])
     return {
         "auroc": auroc(labels, scores),
@@ -369,7 +374,7 @@ def main() -> None:
         greedy_share=0.0,
         offset=args.n_problems,
     )
-    train_steps = [l for e in train for l in e["labels"]]
+    train_steps = [label for e in train for label in e["labels"]]
     data_seconds = time.time() - started
     print(
         f"data: {len(train)} drafts, {len(train_steps)} steps, {np.mean(train_steps):.1%} valid; "
@@ -381,13 +386,7 @@ def main() -> None:
     model = build_model(tokenizer, args, drafter)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"PRM: {n_params:,} parameters (init {args.init})", flush=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-
-    def lr_at(step: int) -> float:
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+    optimizer = adamw(model, args.lr)
 
     order: list[int] = []
     log = [
@@ -404,14 +403,9 @@ def main() -> None:
             order = list(range(len(train)))
             rng.shuffle(order)
         picked, order = order[: args.batch], order[args.batch :]
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
         model.train()
         loss = loss_on_batch(model, collate([train[i] for i in picked], pad_id), args.aux_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        optimizer_step(model, optimizer, loss, lr_at(step, lr=args.lr, warmup=args.warmup, steps=args.steps))
         if step % 50 == 0:
             print(f"step {step} loss {loss.item():.4f} {time.time() - started:.0f}s", flush=True)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
@@ -489,7 +483,7 @@ def repo_relative(path: Path) -> str:
 
 def command_line(args) -> str:
     """The command as it was typed (``args`` in training.json holds every resolved setting)."""
-    return "python -m data.toy.train_prm " + " ".join(sys.argv[1:])
+    return "python -m scripts.toy.train_prm " + " ".join(sys.argv[1:])
 
 
 if __name__ == "__main__":

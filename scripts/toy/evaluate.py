@@ -24,7 +24,11 @@ def sample_solutions(model, tokenizer, questions, *, temperature=0.0, seed=0, ma
         pad = tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+        sampling = (
+            dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+            if temperature > 0
+            else dict(do_sample=False)
+        )
         result = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -74,7 +78,7 @@ def evaluate(model, tokenizer, *, n=500, level=None, seed=1, temperature=0.0) ->
             depths.append(depth)
     depths = np.array(depths)
     by_depth = {
-        int(d): _auroc([l for l, k in zip(labels, depths) if k == d], np.array(means)[depths == d])
+        int(d): _auroc([label for label, k in zip(labels, depths) if k == d], np.array(means)[depths == d])
         for d in np.unique(depths)
     }
     return {

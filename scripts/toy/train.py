@@ -1,12 +1,13 @@
 """Train a toy Qwen2 model on the toy arithmetic task and save it as a Hugging Face checkpoint.
 
-    python -m data.toy.train --size small --steps 3000 --seed 0 --label-smoothing 0.05 --stop-after 2000
-    python -m data.toy.train --size large --steps 3000 --seed 0 --stop-after 2000
+    python -m scripts.toy.train --size small --steps 3000 --seed 0 --label-smoothing 0.05 --stop-after 2000
+    python -m scripts.toy.train --size large --steps 3000 --seed 0 --stop-after 2000
 
 Loss is on the solution tokens only. Every prompt starts with the same system message and
 ``Compute ``; that shared prefix is run once per batch and its key/value cache broadcast to
 the batch, which gives the same gradients as running it per row at a fraction of the cost.
-Results are reproducible for a fixed seed and thread count.
+Results are reproducible for a fixed seed and thread count. The learning-rate schedule and the
+optimizer step (``lr_at``, ``adamw``, ``optimizer_step``) are the toy recipe that train_prm.py shares.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.cache_utils import DynamicCache
 
 from data.toy import MODELS_DIR
-from data.toy.evaluate import evaluate
 from data.toy.task import DEFAULT_LEVEL, LEVELS, ToyProblem, _draw, _in_test_pool
 from data.toy.tokenizer import VOCAB_SIZE, build_tokenizer
+from scripts.toy.evaluate import evaluate
 from tracegen.prompts import prompt_token_ids
 
 SIZES = {
@@ -54,6 +55,30 @@ def qwen2_config(tokenizer, **shape) -> Qwen2Config:
         torch_dtype="float32",
         **shape,
     )
+
+
+def lr_at(step: int, *, lr: float, warmup: int, steps: int) -> float:
+    """Learning rate at ``step``: linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to 5% of
+    ``lr`` at ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def adamw(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
+    """AdamW as every toy model is trained: betas 0.9/0.98, weight decay 0.01."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float) -> None:
+    """One update of ``model`` from ``loss`` at learning rate ``lr``, the gradient norm clipped to 1.0."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
 
 
 def training_problems(rng: random.Random):
@@ -89,7 +114,7 @@ def make_batch(tokenizer, problems, prefix_len: int):
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    lab = torch.tensor([l + [-100] * (width - len(l)) for l in labels])
+    lab = torch.tensor([row + [-100] * (width - len(row)) for row in labels])
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     return ids, lab, mask
 
@@ -142,28 +167,17 @@ def main() -> None:
 
     prefix_ids = shared_prefix(tokenizer)
     prefix = torch.tensor([prefix_ids])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-
-    def lr_at(step: int) -> float:
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+    optimizer = adamw(model, args.lr)
 
     stream = training_problems(rng)
     started = time.time()
     log = []
     last_step = min(args.steps, args.stop_after or args.steps)
     for step in range(last_step):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
         ids, labels, mask = make_batch(tokenizer, [next(stream) for _ in range(args.batch)], len(prefix_ids))
         model.train()
         loss = loss_on_batch(model, prefix, ids, labels, mask, args.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        optimizer_step(model, optimizer, loss, lr_at(step, lr=args.lr, warmup=args.warmup, steps=args.steps))
         if step % 50 == 0:
             print(f"step {step} loss {loss.item():.4f} {time.time() - started:.0f}s", flush=True)
         if (step + 1) % args.eval_every == 0 or step + 1 == last_step:
@@ -181,7 +195,7 @@ def save(model, tokenizer, args, n_params: int, log: list[dict], seconds: float)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     command = (
-        f"python -m data.toy.train --size {args.size} --steps {args.steps} --batch {args.batch} "
+        f"python -m scripts.toy.train --size {args.size} --steps {args.steps} --batch {args.batch} "
         f"--lr {args.lr} --seed {args.seed} --threads {args.threads}"
         + (f" --label-smoothing {args.label_smoothing}" if args.label_smoothing else "")
         + (f" --stop-after {args.stop_after}" if args.stop_after is not None else "")

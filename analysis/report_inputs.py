@@ -1,0 +1,304 @@
+"""What `trace report` reads, checked: the options, the results files of `trace replay --out` split into
+one run per router, the baselines it replays itself, the splits, and the optional policy log and STEER
+mixtures. A problem with an input is a TraceError saying which file and why, before anything is drawn.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from analysis import plots
+from replay.costs import make_cost_model
+from replay.engine import ReplayData, replay
+from replay.errors import TraceError
+from replay.routers import ROUTERS, make_router
+from replay.routers.steer import load_mixtures
+from replay.schema import SCHEMAS
+from replay.splits import SPLITS
+
+# column -> what its type must be: "string", "integer", "float" or "boolean"
+RESULT_COLUMNS = {
+    "router": "string",
+    "params": "string",
+    "config": "integer",
+    "problem_id": "string",
+    "world": "integer",
+    "path": "string",
+    "correct": "boolean",
+    "cost": "float",
+    "misses": "integer",
+    "cost_model": "string",
+    "cost_unit": "string",
+}
+DEFAULT_FLOOR = "large-0.02"
+DEFAULT_ALPHA = 0.02  # the policy seed's alpha, when the training log does not record its own
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """How operating points are chosen (the rule: analysis.operating_points) and which optional sections
+    are drawn."""
+
+    pick: str = "ac"  # ac | cheapest | accuracy
+    accuracy_floor: str = DEFAULT_FLOOR  # large, large-D, or an accuracy in [0, 1]
+    at: tuple[str, ...] = ()  # pinned configurations: ROUTER:name=value[,name=value]
+    split: str | None = None  # report only rows of this split (default: every row)
+    pick_split: str | None = None  # choose operating points on rows of this split (default: reported rows)
+    bootstrap: int = 1000  # bootstrap resamples
+    seed: int = 0  # bootstrap seed
+    policy_log: Path | None = None
+    steer_gmm: Path | None = None
+    alpha: float | None = None  # policy coverage target 1 - alpha (default: the log's alpha, else 0.02)
+
+
+@dataclass
+class Run:
+    """One router's outcomes from one results file (every configuration), and its chosen configuration."""
+
+    router: str
+    source: str
+    outcomes: pl.DataFrame
+    params: dict[int, dict]
+    label: str = ""
+    chosen: int = 0
+    how: str = ""  # how the configuration was chosen, for the table's notes
+    below_floor: bool = False
+    rows: pl.DataFrame | None = field(default=None, repr=False)  # reported rows (all configurations)
+    pick_rows: pl.DataFrame | None = field(default=None, repr=False)  # rows the operating point is chosen on
+
+    @property
+    def swept(self) -> bool:
+        return len(self.params) > 1
+
+    def at_chosen(self) -> pl.DataFrame:
+        return self.rows.filter(pl.col("config") == self.chosen)
+
+    def point_params(self) -> dict:
+        """The chosen configuration's decision parameters (sweepable ones, or the ones this file swept)."""
+        params = self.params[self.chosen]
+        names = ROUTERS[self.router].sweepable if self.router in ROUTERS else ()
+        names = [name for name in names if name in params] or varying_params(self.params)
+        return {name: params[name] for name in names}
+
+
+def read_parquet_input(path: Path, what: str) -> pl.DataFrame:
+    """Read one input Parquet file, or say in one sentence why it cannot be read."""
+    if not path.is_file():
+        raise TraceError(f"{what} {path} does not exist")
+    try:
+        return pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError) as error:
+        raise TraceError(f"{what} {path} is not a readable Parquet file ({str(error).splitlines()[0]})") from None
+
+
+def read_results(path: Path, roles: list[str]) -> pl.DataFrame:
+    """A `trace replay --out` file, checked for the columns the report reads."""
+    frame = read_parquet_input(path, "results file")
+    missing = [column for column in RESULT_COLUMNS if column not in frame.columns]
+    if missing:
+        raise TraceError(f"{path} is not a trace replay result: it lacks column(s) {', '.join(missing)}")
+    lacking = [f"n_{role}" for role in roles if f"n_{role}" not in frame.columns]
+    if lacking:
+        raise TraceError(
+            f"{path} was not replayed on a trace with models {', '.join(roles)}: it lacks "
+            f"column(s) {', '.join(lacking)}"
+        )
+    expected = {**RESULT_COLUMNS, **{f"n_{role}": "integer" for role in roles}}
+    for column, kind in expected.items():
+        dtype = frame.schema[column]
+        if not {
+            "string": dtype == pl.String,
+            "integer": dtype.is_integer(),
+            "float": dtype.is_float(),
+            "boolean": dtype == pl.Boolean,
+        }[kind]:
+            raise TraceError(f"{path} is not a trace replay result: column {column} holds {dtype}, not {kind}s")
+    if frame.height == 0:
+        raise TraceError(f"results file {path} holds no outcomes")
+    return frame.with_columns(pl.col("world").cast(pl.Int32), pl.col("config").cast(pl.Int32))
+
+
+def check_against_trace(
+    frame: pl.DataFrame, path: Path, trace_dir, problem_ids: pl.Series, worlds: list[int], finals: pl.DataFrame
+) -> None:
+    """Every problem and world of the results is in the trace, and every finished walk ends at a final
+    step the trace holds, graded the same."""
+    unknown = frame.filter(~pl.col("problem_id").is_in(problem_ids.implode()))
+    if unknown.height:
+        raise TraceError(
+            f"{path}: problem {unknown['problem_id'][0]!r} is not in trace {trace_dir} "
+            "(results from a different trace?)"
+        )
+    other_worlds = sorted(set(frame["world"].unique().to_list()) - set(worlds))
+    if other_worlds:
+        raise TraceError(
+            f"{path}: world {other_worlds[0]} is not in trace {trace_dir} (results from a different trace?)"
+        )
+    finished = frame.filter(pl.col("misses") == 0).select("problem_id", "world", "path", "correct")
+    matched = finished.join(finals, on=["problem_id", "world", "path"], how="left")
+    wrong = matched.filter(pl.col("in_trace").is_null() | pl.col("correct").ne_missing(pl.col("trace_correct")))
+    if wrong.height:
+        row = wrong.row(0, named=True)
+        raise TraceError(
+            f"{path}: problem {row['problem_id']!r} world {row['world']} ends at node {row['path']!r}, "
+            f"which trace {trace_dir} does not hold as a final step graded {row['correct']} "
+            "(results from a different trace?)"
+        )
+
+
+def varying_params(params: dict[int, dict]) -> list[str]:
+    """Names of the parameters whose values differ between configurations, in name order."""
+    names = sorted({name for config in params.values() for name in config})
+    return [name for name in names if len({json.dumps(config.get(name)) for config in params.values()}) > 1]
+
+
+def split_runs(frame: pl.DataFrame, source: str) -> list[Run]:
+    runs = []
+    for router in frame["router"].unique(maintain_order=True).to_list():
+        outcomes = frame.filter(pl.col("router") == router)
+        configs = outcomes.select("config", "params").unique().sort("config")
+        if configs["config"].n_unique() != configs.height:
+            raise TraceError(f"{source}: configuration numbers of router {router} map to more than one params value")
+        try:
+            params = {config: json.loads(text) for config, text in configs.iter_rows()}
+        except json.JSONDecodeError:
+            raise TraceError(f"{source}: the params column of router {router} is not JSON") from None
+        runs.append(Run(router=router, source=source, outcomes=outcomes, params=params))
+    return runs
+
+
+def check_same_walks(runs: list[Run]) -> pl.DataFrame:
+    """The (problem, world) pairs every configuration of every run covers; TraceError if they differ."""
+    reference = runs[0].outcomes.select("problem_id", "world").unique().sort("problem_id", "world")
+    for run in runs:
+        per_config = run.outcomes.group_by("config").agg(n=pl.len(), pairs=pl.struct("problem_id", "world").n_unique())
+        pairs = run.outcomes.select("problem_id", "world").unique()
+        same = (
+            pairs.height == reference.height
+            and pairs.join(reference, on=["problem_id", "world"], how="anti").height == 0
+        )
+        if not same or (per_config["n"] != reference.height).any() or (per_config["pairs"] != reference.height).any():
+            raise TraceError(
+                f"{run.source} ({run.router}) does not cover the same {reference.height} (problem, world) "
+                f"walks per configuration as {runs[0].source}: replay every router on the same split "
+                "and worlds"
+            )
+    return reference
+
+
+def replay_baseline(name: str, trace, walks: pl.DataFrame, cost_model: str) -> Run:
+    """small-only or large-only replayed here on exactly ``walks``, priced like the results."""
+    if cost_model == "api":
+        raise TraceError(
+            f"the results use the api cost model, whose prices they do not record: replay {name} "
+            "with the same --price options and pass its results file too"
+        )
+    data = ReplayData.from_trace(trace)
+    data = ReplayData(
+        data.manifest,
+        data.steps,
+        data.problems,
+        scores=data.scores,
+        hidden=data.hidden,
+        worlds=sorted(walks["world"].unique().to_list()),
+    ).subset(walks["problem_id"].unique().to_list())
+    router = make_router(name).fit(data)
+    outcomes = replay(data, router, make_cost_model(cost_model, trace.manifest)).outcomes
+    outcomes = outcomes.join(walks, on=["problem_id", "world"], how="semi", maintain_order="left")
+    return Run(
+        router=name, source="replayed from the trace", outcomes=outcomes, params={0: json.loads(outcomes["params"][0])}
+    )
+
+
+def label_runs(runs: list[Run]) -> None:
+    """Router name, plus the fixed parameters that tell apart runs of one router, plus the file if still needed."""
+    for run in runs:
+        same = [other for other in runs if other.router == run.router]
+        fixed = {
+            name: value for name, value in run.params[min(run.params)].items() if name not in varying_params(run.params)
+        }
+        telling = [
+            name
+            for name in sorted(fixed)
+            if len({json.dumps(other.params[min(other.params)].get(name)) for other in same}) > 1
+        ]
+        run.label = run.router + (" (" + ", ".join(f"{n}={fixed[n]}" for n in telling) + ")" if telling else "")
+    for run in runs:
+        if sum(other.label == run.label for other in runs) > 1:
+            run.label += f" [{Path(run.source).name}]"
+
+
+def select_splits(runs: list[Run], options: ReportOptions) -> None:
+    """Set each run's reported rows and the rows its operating point is chosen on."""
+    for chosen in (options.split, options.pick_split):
+        if chosen is not None and chosen not in SPLITS:
+            raise TraceError(f"unknown split {chosen!r}; choose one of {', '.join(SPLITS)}")
+    splits = None
+    if options.split or options.pick_split:
+        with_split = [run for run in runs if "split" in run.outcomes.columns]
+        if not with_split:
+            raise TraceError("--split and --pick-split need results with a split column (from trace replay)")
+        splits = pl.concat([run.outcomes.select("problem_id", "split") for run in with_split]).unique()
+        if splits["problem_id"].n_unique() != splits.height:
+            raise TraceError(
+                "the results assign some problem to different splits: replay them with the same "
+                "--split-seed and --split-fractions"
+            )
+
+    def rows_of(run: Run, split: str | None) -> pl.DataFrame:
+        if split is None:
+            return run.outcomes
+        ids = splits.filter(pl.col("split") == split)["problem_id"]
+        rows = run.outcomes.filter(pl.col("problem_id").is_in(ids.implode()))
+        if rows.height == 0:
+            raise TraceError(f"the results hold no problems of split {split!r}: replay with --split {split} or all")
+        return rows
+
+    for run in runs:
+        run.rows = rows_of(run, options.split)
+        run.pick_rows = rows_of(run, options.pick_split) if options.pick_split else run.rows
+
+
+# ---------------------------------------------------------------------- optional inputs
+
+
+def read_policy_log(path: Path, alpha: float | None) -> tuple[pl.DataFrame, float, str]:
+    """(log with step, coverage, kappa; alpha; where alpha came from) from a training log Parquet."""
+    log = read_parquet_input(path, "policy log")
+    missing = [column for column in ("step", "coverage", "kappa") if column not in log.columns]
+    if missing:
+        raise TraceError(f"{path} is not a policy training log: it lacks column(s) {', '.join(missing)}")
+    log = (
+        log.select("step", "coverage", "kappa", *(["alpha"] if "alpha" in log.columns else []))
+        .drop_nulls(["step", "coverage", "kappa"])
+        .sort("step")
+    )
+    if log.height == 0:
+        raise TraceError(f"policy log {path} has no rows with step, coverage and kappa")
+    if alpha is not None:
+        return log, alpha, "given with --alpha"
+    if "alpha" in log.columns and log["alpha"].drop_nulls().len():
+        values = log["alpha"].drop_nulls().unique()
+        if values.len() > 1:
+            raise TraceError(f"policy log {path}: column alpha changes during training; pass --alpha")
+        return log, float(values[0]), "from the log"
+    return log, DEFAULT_ALPHA, "the policy seed's default; the log has no alpha column"
+
+
+def read_steer_mixtures(path: Path) -> tuple[str, list[plots.Mixture], list[str] | None]:
+    """(signal, mixtures by step index, train problem ids if recorded) from a `trace train steer` file
+    (format ``trace-steer``, see replay.routers.steer)."""
+    saved = load_mixtures(path, "STEER mixture")
+    if saved.signal not in SCHEMAS["steps"].names:
+        raise TraceError(f"{path}: signal {saved.signal!r} is not a column of the steps table")
+    if not saved.mixtures:
+        raise TraceError(f"{path} holds no mixtures")
+    mixtures = [
+        plots.Mixture(entry.depth, entry.weights, entry.means, entry.variances, entry.low_component)
+        for entry in saved.mixtures
+    ]
+    return saved.signal, mixtures, saved.train_problem_ids

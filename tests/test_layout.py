@@ -1,0 +1,107 @@
+"""The package graph DESIGN.md's layout promises: no import cycle between modules, phase two never
+imports phase one or an engine, the toy world's data imports no code of ours. Read with `ast`, so
+imports inside functions count too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("tracegen", "replay", "analysis", "data")
+ENGINES = ("vllm", "transformers")
+
+
+def module_files() -> dict[str, Path]:
+    files = {"cli": ROOT / "cli.py"}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return files
+
+
+def imported_names(path: Path) -> set[str]:
+    """Every module name an import statement in ``path`` names (``from a import b`` names a.b and a)."""
+    names = set()
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = module_files()
+    return {
+        module: {name for name in imported_names(path) if name in files and name != module}
+        for module, path in files.items()
+    }
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a list of modules (first repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        state[module] = 1
+        path.append(module)
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                return path[path.index(target) :] + [target]
+            if target not in state:
+                found = visit(target)
+                if found:
+                    return found
+        path.pop()
+        state[module] = 2
+        return None
+
+    for module in sorted(graph):
+        if module not in state:
+            found = visit(module)
+            if found:
+                return found
+    return None
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_modules_import_each_other_without_a_cycle():
+    graph = import_graph()
+    assert {"cli", "replay.schema", "replay.store", "tracegen.gen", "analysis.report", "data.toy.task"} <= set(graph)
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_packages_import_only_downwards():
+    """cli -> analysis -> replay; cli -> tracegen -> replay, data; data imports none of them."""
+    allowed = {
+        "replay": {"replay"},
+        "analysis": {"analysis", "replay"},
+        "tracegen": {"tracegen", "replay", "data"},
+        "data": {"data"},
+    }
+    for module, targets in import_graph().items():
+        package = module.split(".")[0]
+        if package == "cli":
+            continue
+        wrong = sorted(t for t in targets if t.split(".")[0] not in allowed[package])
+        assert not wrong, f"{module} imports {wrong}"
+
+
+def test_phase_two_never_imports_an_engine():
+    for module, path in module_files().items():
+        if module.split(".")[0] in ("replay", "analysis"):
+            engines = sorted(n for n in imported_names(path) if n.split(".")[0] in ENGINES)
+            assert not engines, f"{module} imports {engines}"

@@ -1,0 +1,90 @@
+"""Progress bars (rich) for the long phase-one commands: `trace gen` and `trace score`.
+
+Each is a context manager and a callable that the library calls as ``progress(stage=..., **info)``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from tracegen.expand import Request
+from tracegen.gen import GenSummary
+
+
+class GenProgress:
+    """A rich progress bar for ``run_gen``: problems finished, steps, generated tokens/s, ETA."""
+
+    def __init__(self, console=None):
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self._tasks: dict[str, int] = {}
+        self._gen_started: float | None = None
+
+    def __enter__(self) -> GenProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.stop()
+
+    def __call__(self, stage: str, **info) -> None:
+        if stage == "hidden":
+            self._tasks[f"hidden-{info['role']}"] = self._progress.add_task(
+                f"hidden states ({info['role']})", total=info["total"], info=""
+            )
+        elif stage == "hidden-batch":
+            self._progress.advance(self._tasks[f"hidden-{info['role']}"], info["n"])
+        elif stage in ("round", "done"):
+            self._show_round(info["requests"], info["summary"])
+
+    def _show_round(self, requests: list[Request], summary: GenSummary) -> None:
+        now = time.perf_counter()
+        if self._gen_started is None:
+            self._gen_started = now
+            self._tasks["gen"] = self._progress.add_task("problems", total=summary.problems, info="")
+        pending = {r.problem_id for r in requests}
+        rate = summary.new_gen_tokens / max(now - self._gen_started, 1e-9)
+        self._progress.update(
+            self._tasks["gen"],
+            completed=summary.problems - len(pending),
+            info=f"round {summary.rounds}, {summary.new_steps:,} steps, {rate:,.0f} tok/s, {len(requests):,} queued",
+        )
+
+
+class ScoreProgress:
+    """A rich progress bar for ``run_score``: steps scored of those the scorer wants, ETA. It appears once the
+    trace and scorer are checked, so that an error prints alone."""
+
+    def __init__(self, label: str, console=None):
+        self._label = label
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
+
+    def __enter__(self) -> ScoreProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress.task_ids:
+            self._progress.stop()
+
+    def __call__(self, stage: str, **info) -> None:
+        if stage == "start":
+            self._progress.start()
+            self._progress.add_task(f"{self._label} scores", total=info["total"], completed=info["done"])
+        else:
+            self._progress.advance(self._progress.task_ids[0], info["n"])

@@ -1,0 +1,51 @@
+"""``toy-ptrue``: the toy world's P(True) (stores the ``ptrue`` signal).
+
+The toy models cannot answer a question about an answer, so P(True) is the probability the model
+gives its own answer: the product of its probabilities of the tokens inside the final step's
+\\boxed{...}, teacher forced after the same context (0 without a box). A call costs the prefill of
+the context and the step.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tracegen.scorers.base import Item, Score
+from tracegen.scorers.ptrue import PTrue
+
+TOY_P_TRUE = "product of the model's probabilities of the tokens inside the final \\boxed{...}, teacher forced"
+BOX_OPEN = "\\boxed{"
+
+
+class ToyPTrue(PTrue):
+    name = "toy-ptrue"
+
+    def method(self) -> dict:
+        return {"prompt": TOY_P_TRUE}
+
+    def score_own(self, engine, tokenizer, items: list[Item]) -> list[Score]:
+        logprobs = engine.continuation_logprobs([i.prefix_ids for i in items], [i.step_ids for i in items])
+        scores = []
+        for item, values in zip(items, logprobs):
+            inside = _boxed_token_positions(tokenizer, item.step_ids)
+            value = math.exp(sum(values[k] for k in inside)) if inside else 0.0
+            scores.append(Score(value=value, n_tokens_processed=len(item.prefix_ids) + len(item.step_ids)))
+        return scores
+
+
+def _boxed_token_positions(tokenizer, token_ids: list[int]) -> list[int]:
+    """Positions of the tokens that overlap the content of the last \\boxed{...} in the decoded step."""
+    pieces = [tokenizer.decode([token]) for token in token_ids]
+    text = "".join(pieces)
+    start = text.rfind(BOX_OPEN)
+    if start < 0:
+        return []
+    start += len(BOX_OPEN)
+    end = text.find("}", start)
+    end = len(text) if end < 0 else end
+    positions, offset = [], 0
+    for k, piece in enumerate(pieces):
+        if offset < end and offset + len(piece) > start:
+            positions.append(k)
+        offset += len(piece)
+    return positions
