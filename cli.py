@@ -295,14 +295,21 @@ def replay(
         help="Problems replayed: train, calibration, test or all (learned routers always fit on train).",
     ),
     cost: str = typer.Option(
-        "flops", "--cost", help="flops (TFLOPs of generated tokens), flops+prefill, or api (USD)."
+        "flops",
+        "--cost",
+        help=(
+            "flops: 2N FLOPs per generated token, models and scorers alike, prefill not counted (the seeds' "
+            "convention), in TFLOPs; flops+prefill: also 2N per prefilled token; kaplan: 2N + 2 n_layer n_ctx d_model "
+            "per generated token (the cascade seed's eq. 2); api: US cents at --price prices."
+        ),
     ),
     price: list[str] = typer.Option(
         [],
         "--price",
         help=(
-            "api prices NAME=input/cached/output in USD per 1M tokens for a model role or scorer, repeatable; without "
-            "any, GPT-4.1-mini rates (0.40/0.10/1.60) for all."
+            "api prices per model role or scorer, repeatable: ROLE=MODEL (gpt-4.1-mini, gpt-4o-mini, ...), "
+            "ROLE=input/cached/output in USD per 1M tokens, or ROLE=0 for a free (open) model; every role needs one. "
+            "Example: --price small=0 --price large=gpt-4.1-mini"
         ),
     ),
     worlds: str = typer.Option("all", "--worlds", help="all, or comma-separated world numbers, e.g. 0,1."),

@@ -18,6 +18,7 @@ import polars as pl
 
 from analysis.report_inputs import ReportOptions, Run
 from analysis.stats import percentile_interval, ratio, resampled_ratio
+from replay.costs import A_OVER_C_SCALE
 from replay.engine import summarize
 from replay.errors import TraceError
 
@@ -199,8 +200,8 @@ def table_row(run: Run, problems: list[str], counts: np.ndarray, roles: list[str
     accuracy, accuracy_samples = estimate("correct", "finished")
     cost, cost_samples = estimate("cost", "finished")
     a_over_c = Estimate(
-        accuracy.value / cost.value if accuracy.value is not None and cost.value else None,
-        percentile_interval(ratio(accuracy_samples, cost_samples), LEVEL),
+        A_OVER_C_SCALE * accuracy.value / cost.value if accuracy.value is not None and cost.value else None,
+        percentile_interval(ratio(A_OVER_C_SCALE * accuracy_samples, cost_samples), LEVEL),
     )
     large_share, _ = estimate("large", "steps")
     return Row(run, accuracy, cost, a_over_c, large_share, int(rows["misses"].sum()), rows.height)

@@ -93,7 +93,7 @@ code {{ background: #f4f4f4; padding: 0 0.2em; }}
 
 
 def header_section(
-    trace_dir, manifest: Manifest, roles, result_paths, runs, problems, cost_model, cost_unit, options
+    trace_dir, manifest: Manifest, roles, result_paths, runs, problems, cost_model, cost_unit, cost_convention, options
 ) -> str:
     models = manifest.models
 
@@ -111,7 +111,7 @@ def header_section(
         "",
         f"- Trace: `{trace_dir}` (dataset {dataset_name}; models {model_text})",
         f"- Evaluated on {split_text}: {len(problems):,} problems, {n_walks:,} (problem, world) walks per router",
-        f"- Cost model: {cost_model}, mean cost per query in {cost_unit}",
+        f"- Cost model: {cost_model} ({cost_convention}), mean cost per query in {cost_unit}",
         "- Results: " + ", ".join(f"`{Path(path).name}`" for path in result_paths),
     ]
     return "\n".join(lines)
@@ -145,7 +145,7 @@ def table_section(table: list[Row], cost_unit: str, options: ReportOptions, floo
         "",
         md_table(headers, rows, right={2, 3, 4, 5, 6}),
         "",
-        f"Accuracy and cost are over the walks that finished; A/C is accuracy (0-1) per {cost_unit}; large steps "
+        f"Accuracy and cost are over the walks that finished; A/C is accuracy (%) per {cost_unit}; large steps "
         "is the share of kept steps written by the large model. Brackets: 95% percentile bootstrap intervals, "
         f"{options.bootstrap:,} resamples of the problems (the worlds of a problem stay together), "
         f"seed {options.seed}.",

@@ -98,15 +98,19 @@ def build_report(trace_dir, result_paths: list[Path], options: ReportOptions) ->
         check_against_trace(frame, path, trace_dir, problem_ids, worlds, finals)
         runs += split_runs(frame, str(path))
     cost_models = sorted(
-        {pair for run in runs for pair in run.outcomes.select("cost_model", "cost_unit").unique().rows()}
+        {
+            row
+            for run in runs
+            for row in run.outcomes.select("cost_model", "cost_unit", "cost_convention").unique().rows()
+        }
     )
     if len(cost_models) > 1:
         raise TraceError(
             "the results use different cost models ("
-            + ", ".join(f"{m} in {u}" for m, u in cost_models)
+            + ", ".join(f"{m} in {u}" for m, u, _ in cost_models)
             + "): replay every router with the same --cost"
         )
-    cost_model, cost_unit = cost_models[0]
+    cost_model, cost_unit, cost_convention = cost_models[0]
     walks = check_same_walks(runs)
     baselines = {}
     for name in BASELINES:
@@ -130,7 +134,16 @@ def build_report(trace_dir, result_paths: list[Path], options: ReportOptions) ->
     figures: dict[str, bytes] = {}
     sections = [
         header_section(
-            trace_dir, trace.manifest, roles, result_paths, everyone, problems, cost_model, cost_unit, options
+            trace_dir,
+            trace.manifest,
+            roles,
+            result_paths,
+            everyone,
+            problems,
+            cost_model,
+            cost_unit,
+            cost_convention,
+            options,
         ),
         table_section(table, cost_unit, options, floor_text, any(run.swept for run in routers)),
         pareto_section(everyone, roles, cost_unit, figures),

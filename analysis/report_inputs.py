@@ -33,6 +33,7 @@ RESULT_COLUMNS = {
     "misses": "integer",
     "cost_model": "string",
     "cost_unit": "string",
+    "cost_convention": "string",
 }
 DEFAULT_FLOOR = "large-0.02"
 DEFAULT_ALPHA = 0.02  # the policy seed's alpha, when the training log does not record its own

@@ -1,12 +1,23 @@
-"""Cost models: what one cached step, or one scorer call, costs a router.
+"""Cost models: what one cached step, or one scorer call, costs a router, in the seeds' conventions.
 
-Every model turns the steps table into two arrays (decode and prefill cost per step row) and
-prices scorer calls by their ``n_tokens_processed``; the replay engine only adds them up.
-A parameter count or price the model needs and cannot find is a TraceError, never a zero.
+- ``flops`` (the CMDP seed's §5 "Average cost"): 2·N FLOPs per *generated* token, for models and
+  scorers alike; prefill is not counted. A PRM generates nothing; SpecReason's judge writes one token.
+- ``flops+prefill``: also 2·N per prompt token processed (a step's ``n_new_prefill_tokens``, under
+  prefix caching; a scorer call's whole context).
+- ``kaplan`` (the cascade seed's eq. 2): per generated token 2·N + 2·n_layer·n_ctx·d_model, with
+  n_ctx the tokens before it.
+- ``api``: US cents, at explicit per-role (or per-scorer) prices in USD per 1M input / cached input /
+  output tokens. Cached input is the prefix-cache reuse ``n_prompt_tokens - n_new_prefill_tokens``.
+
+Every model turns the steps table into two arrays (decode and prefill cost per step row) and prices
+scorer calls from their ``n_tokens_processed`` and the tokens a call generates (trace.json
+``scorers.NAME.generated_tokens``); the replay engine only adds them up. A parameter count, layer
+count, width or price a model needs and cannot find is a TraceError naming it, never a zero.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -16,8 +27,9 @@ import polars as pl
 from replay.errors import TraceError
 from replay.schema import Manifest
 
-COST_MODELS = ("flops", "flops+prefill", "api")
-FLOPS_UNIT = 1e12  # flops costs are reported in TFLOPs per query
+FLOPS_UNIT = 1e12  # FLOPs costs are reported in TFLOPs per query
+CENTS_PER_USD = 100
+A_OVER_C_SCALE = 100  # A/C as the seeds print it: accuracy in % per cost unit (per 10^12 FLOPs, per US cent)
 
 
 @dataclass(frozen=True)
@@ -29,34 +41,52 @@ class Price:
     output: float
 
 
-GPT_41_MINI = Price(input=0.40, cached_input=0.10, output=1.60)
+FREE = Price(0.0, 0.0, 0.0)
+# Published list prices (USD per 1M input / cached input / output tokens) of the seeds' API models.
+KNOWN_PRICES = {
+    "gpt-4.1": Price(2.00, 0.50, 8.00),
+    "gpt-4.1-mini": Price(0.40, 0.10, 1.60),
+    "gpt-4.1-nano": Price(0.10, 0.025, 0.40),
+    "gpt-4o": Price(2.50, 1.25, 10.00),
+    "gpt-4o-mini": Price(0.15, 0.075, 0.60),
+}
+PRICE_FORMS = "ROLE=MODEL (" + ", ".join(KNOWN_PRICES) + "), ROLE=input/cached/output in USD per 1M tokens, or ROLE=0"
 
 
 def parse_price(text: str) -> tuple[str, Price]:
-    """Parse ``ROLE=input/cached_input/output`` (USD per 1M tokens), e.g. ``large=2/0.5/8``."""
-    key, sep, numbers = text.partition("=")
-    parts = numbers.split("/")
+    """Parse ``ROLE=PRICE`` where PRICE is a known model name (``large=gpt-4.1-mini``), three numbers in USD
+    per 1M tokens (``large=2/0.5/8``: input, cached input, output) or ``0`` (a free, e.g. open, model)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise TraceError(f"--price must look like {PRICE_FORMS}; got {text!r}")
+    if value in KNOWN_PRICES:
+        return key, KNOWN_PRICES[value]
+    parts = value.split("/")
     try:
-        if not sep or not key or len(parts) != 3:
-            raise ValueError
-        price = Price(*(float(part) for part in parts))
+        numbers = [float(part) for part in parts]
     except ValueError:
-        raise TraceError(
-            f"--price must look like ROLE=input/cached/output in USD per 1M tokens, e.g. large=2/0.5/8, got {text!r}"
-        ) from None
-    return key, price
+        numbers = []
+    if len(numbers) == 1 and numbers[0] == 0:
+        return key, FREE
+    if len(numbers) != 3:
+        raise TraceError(f"--price must look like {PRICE_FORMS}; got {text!r}")
+    if not all(math.isfinite(n) and n >= 0 for n in numbers):
+        raise TraceError(f"--price {text}: prices must be finite and not negative")
+    return key, Price(*numbers)
 
 
 class CostModel:
-    """Prices steps and scorer calls; ``unit`` names what one cost number means.
+    """Prices steps and scorer calls; ``unit`` names what one cost number means, ``convention`` how it is
+    counted (every result file and report states it).
 
     A scorer's model comes from trace.json ``scorers.NAME``: ``{"model": ROLE | "self" | NAME,
-    "n_params": N}``, where ``"self"`` means the model that wrote the scored step (P(True) asks a
+    "n_params": N, ...}``, where ``"self"`` means the model that wrote the scored step (P(True) asks a
     model about its own answer).
     """
 
     name: str
     unit: str
+    convention: str
 
     def step_costs(self, steps: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(decode, prefill) cost of each step row."""
@@ -67,107 +97,206 @@ class CostModel:
         raise NotImplementedError
 
 
-def _per_role(roles: np.ndarray, values: dict, missing: str) -> np.ndarray:
-    """``values[role]`` for each entry of ``roles``; TraceError naming the roles without a value."""
-    lacking = sorted(set(roles.tolist()) - set(values))
+def _per_key(keys: np.ndarray, values: dict, missing: str) -> np.ndarray:
+    """``values[key]`` for each entry of ``keys``; TraceError naming the keys without a value."""
+    lacking = sorted(set(keys.tolist()) - set(values))
     if lacking:
-        raise TraceError(missing.format(roles=", ".join(lacking)))
-    return np.array([values[role] for role in roles.tolist()], dtype=object) if roles.size else np.array([])
+        raise TraceError(missing.format(keys=", ".join(lacking)))
+    return np.array([values[key] for key in keys.tolist()], dtype=np.float64) if keys.size else np.array([])
+
+
+def _column(steps: pl.DataFrame, name: str) -> np.ndarray:
+    return steps[name].to_numpy().astype(np.float64)
+
+
+@dataclass(frozen=True)
+class _Scorer:
+    """What pricing a scorer's calls needs from its trace.json entry."""
+
+    name: str
+    info: dict
+
+    @property
+    def generated(self) -> int:
+        tokens = self.info.get("generated_tokens")
+        if not isinstance(tokens, int) or tokens < 0:
+            raise TraceError(
+                f"trace.json scorers.{self.name} has no generated_tokens (tokens a call writes), which the cost "
+                f"models need; score the trace again with this version of trace score"
+            )
+        return tokens
+
+    def keys(self, n_calls: int, step_roles: np.ndarray) -> np.ndarray:
+        """For each call, whose model it runs: the scorer's own (keyed by the scorer's name), the scored
+        step's role ("self"), or a role of the trace."""
+        model = self.info.get("model")
+        if self.info.get("n_params") or model is None:
+            return np.full(n_calls, self.name, dtype=object)
+        if model == "self":
+            return step_roles
+        return np.full(n_calls, model, dtype=object)
 
 
 class FlopsCost(CostModel):
-    """2·N FLOPs per generated token (and, with prefill, per newly prefilled token); in TFLOPs."""
+    """2·N FLOPs per generated token (and, with prefill, per prefilled token); in TFLOPs."""
 
     unit = "TFLOPs"
 
-    def __init__(self, n_params: dict[str, float], scorers: dict[str, dict], include_prefill: bool):
-        self.n_params = n_params
-        self.scorers = scorers
+    def __init__(self, manifest: Manifest, include_prefill: bool):
+        self.n_params = manifest.n_params
+        self.scorers = manifest.scorers
         self.include_prefill = include_prefill
         self.name = "flops+prefill" if include_prefill else "flops"
+        self.convention = (
+            "2·N FLOPs per generated and per prefilled token (new prefix tokens of a step; a scorer's whole context)"
+            if include_prefill
+            else "2·N FLOPs per generated token, models and scorers alike; prefill not counted (the seeds')"
+        )
 
-    def _per_token(self, roles: np.ndarray) -> np.ndarray:
-        n = _per_role(roles, self.n_params, "cost model flops needs n_params of model role(s) {roles} in trace.json")
-        return 2 * n.astype(np.float64) / FLOPS_UNIT
+    def _per_token(self, keys: np.ndarray, sizes: dict) -> np.ndarray:
+        n = _per_key(keys, sizes, f"cost model {self.name} needs n_params of {{keys}} in trace.json")
+        return 2 * n / FLOPS_UNIT
 
     def step_costs(self, steps):
-        per_token = self._per_token(steps["model"].to_numpy())
-        decode = per_token * steps["n_gen_tokens"].to_numpy().astype(np.float64)
+        per_token = self._per_token(steps["model"].to_numpy(), self.n_params)
+        decode = per_token * _column(steps, "n_gen_tokens")
         if not self.include_prefill:
             return decode, np.zeros(len(steps))
-        return decode, per_token * steps["n_new_prefill_tokens"].to_numpy().astype(np.float64)
+        return decode, per_token * _column(steps, "n_new_prefill_tokens")
 
     def scorer_costs(self, scorer, n_tokens_processed, step_roles):
-        info = self.scorers.get(scorer, {})
-        model = info.get("model")
-        if info.get("n_params"):
-            per_token = np.full(len(n_tokens_processed), 2 * float(info["n_params"]) / FLOPS_UNIT)
-        elif model == "self":
-            per_token = self._per_token(step_roles)
-        elif model in self.n_params:
-            per_token = self._per_token(np.full(len(n_tokens_processed), model, dtype=object))
-        else:
+        described = _Scorer(scorer, self.scorers.get(scorer, {}))
+        tokens = n_tokens_processed.astype(np.float64)
+        if not self.include_prefill:
+            tokens = np.full(len(tokens), float(described.generated))
+            if described.generated == 0:
+                return tokens  # nothing generated: no parameter count needed
+        sizes = dict(self.n_params)
+        if described.info.get("n_params"):
+            sizes[scorer] = float(described.info["n_params"])
+        keys = described.keys(len(tokens), step_roles)
+        if not set(keys.tolist()) <= set(sizes):
             raise TraceError(
-                f"cost model {self.name} needs the parameter count of scorer {scorer!r}: set "
-                f'trace.json scorers.{scorer}.n_params, or its model to a role or "self"'
+                f"cost model {self.name} needs the parameter count of scorer {scorer!r}: set trace.json "
+                f'scorers.{scorer}.n_params, or its model to a role or "self"'
             )
-        return per_token * n_tokens_processed.astype(np.float64)
+        return self._per_token(keys, sizes) * tokens
+
+
+class KaplanCost(CostModel):
+    """The cascade seed's eq. (2): per generated token 2·N + 2·n_layer·n_ctx·d_model; in TFLOPs."""
+
+    name = "kaplan"
+    unit = "TFLOPs"
+    convention = "per generated token 2·N + 2·n_layer·n_ctx·d_model FLOPs, n_ctx = tokens before it (Kaplan et al.)"
+
+    def __init__(self, manifest: Manifest):
+        self.shapes = {role: self._shape(f"models.{role}", model) for role, model in manifest.models.items()}
+        self.scorers = manifest.scorers
+
+    @staticmethod
+    def _shape(where: str, info: dict) -> tuple[float, float, float]:
+        for field in ("n_params", "n_layer", "d_model"):
+            if not info.get(field):
+                raise TraceError(f"cost model kaplan needs trace.json {where}.{field}")
+        return float(info["n_params"]), float(info["n_layer"]), float(info["d_model"])
+
+    @staticmethod
+    def _generation(shape: np.ndarray, context: np.ndarray, generated: np.ndarray) -> np.ndarray:
+        """FLOPs of generating ``generated`` tokens after ``context`` tokens: sum over t < g of
+        2N + 2·n_layer·(context + t)·d_model."""
+        n, n_layer, d_model = shape.T
+        positions = generated * context + generated * (generated - 1) / 2
+        return (2 * n * generated + 2 * n_layer * d_model * positions) / FLOPS_UNIT
+
+    def _shapes_of(self, keys: np.ndarray, shapes: dict) -> np.ndarray:
+        lacking = sorted(set(keys.tolist()) - set(shapes))
+        if lacking:
+            raise TraceError(f"cost model kaplan needs n_params, n_layer and d_model of {', '.join(lacking)}")
+        return np.array([shapes[key] for key in keys.tolist()], dtype=np.float64).reshape(-1, 3)
+
+    def step_costs(self, steps):
+        shape = self._shapes_of(steps["model"].to_numpy(), self.shapes)
+        decode = self._generation(shape, _column(steps, "n_prompt_tokens"), _column(steps, "n_gen_tokens"))
+        return decode, np.zeros(len(steps))
+
+    def scorer_costs(self, scorer, n_tokens_processed, step_roles):
+        described = _Scorer(scorer, self.scorers.get(scorer, {}))
+        generated = np.full(len(n_tokens_processed), float(described.generated))
+        if described.generated == 0:
+            return generated
+        shapes = dict(self.shapes)
+        if described.info.get("n_params"):
+            shapes[scorer] = self._shape(f"scorers.{scorer}", described.info)
+        shape = self._shapes_of(described.keys(len(generated), step_roles), shapes)
+        return self._generation(shape, n_tokens_processed.astype(np.float64) - generated, generated)
 
 
 class ApiCost(CostModel):
-    """USD: uncached input, cached input (vLLM's n_cached_tokens) and output tokens at per-model prices.
+    """US cents at per-role prices: uncached input, cached input (prefix reuse) and output tokens.
 
-    ``prices`` is keyed by model role or scorer name; ``default`` (if any) prices every key not in it.
+    ``prices`` is keyed by model role or scorer name; a scorer without its own price is billed at its
+    model's (a role, or the scored step's role for "self").
     """
 
     name = "api"
-    unit = "USD"
+    unit = "US cents"
+    convention = (
+        "US cents at the given prices per 1M tokens; cached input = n_prompt_tokens - n_new_prefill_tokens "
+        "(the trace's prefix-cache reuse); a scorer call's context is uncached input"
+    )
 
-    def __init__(self, prices: dict[str, Price], scorers: dict[str, dict], default: Price | None = None):
+    def __init__(self, manifest: Manifest, prices: dict[str, Price]):
         self.prices = prices
-        self.scorers = scorers
-        self.default = default
+        self.scorers = manifest.scorers
 
-    def _prices(self, keys: np.ndarray, field: str) -> np.ndarray:
-        """USD per token of ``field`` for each key (a role or scorer name)."""
-        known = {key: self.prices.get(key, self.default) for key in set(keys.tolist())}
-        known = {key: getattr(price, field) / 1e6 for key, price in known.items() if price is not None}
-        return _per_role(
-            keys,
-            known,
-            "cost model api has no price for {roles}: pass --price NAME=input/cached/output "
-            "(USD per 1M tokens) for each",
-        ).astype(np.float64)
+    def _rates(self, keys: np.ndarray, field: str) -> np.ndarray:
+        """US cents per token of ``field`` for each key (a role or scorer name)."""
+        rates = {key: getattr(price, field) * CENTS_PER_USD / 1e6 for key, price in self.prices.items()}
+        missing = "cost model api has no price for {keys}: pass --price NAME=... for each (" + PRICE_FORMS + ")"
+        return _per_key(keys, rates, missing)
 
     def step_costs(self, steps):
         roles = steps["model"].to_numpy()
-        cached = steps["n_cached_tokens"].to_numpy().astype(np.float64)
-        uncached = steps["n_prompt_tokens"].to_numpy().astype(np.float64) - cached
-        decode = self._prices(roles, "output") * steps["n_gen_tokens"].to_numpy().astype(np.float64)
-        return decode, self._prices(roles, "input") * uncached + self._prices(roles, "cached_input") * cached
+        prompt = _column(steps, "n_prompt_tokens")
+        cached = prompt - _column(steps, "n_new_prefill_tokens")
+        decode = self._rates(roles, "output") * _column(steps, "n_gen_tokens")
+        return decode, self._rates(roles, "input") * (prompt - cached) + self._rates(roles, "cached_input") * cached
 
     def scorer_costs(self, scorer, n_tokens_processed, step_roles):
-        model = self.scorers.get(scorer, {}).get("model")
-        if scorer in self.prices or model is None:
-            keys = np.full(len(n_tokens_processed), scorer, dtype=object)
-        elif model == "self":
-            keys = step_roles
-        else:
-            keys = np.full(len(n_tokens_processed), model if model in self.prices else scorer, dtype=object)
-        # A scorer reads its whole context as input; the judge's single output token is priced as input too.
-        return self._prices(keys, "input") * n_tokens_processed.astype(np.float64)
+        described = _Scorer(scorer, self.scorers.get(scorer, {}))
+        n = len(n_tokens_processed)
+        keys = np.full(n, scorer, dtype=object) if scorer in self.prices else described.keys(n, step_roles)
+        generated = float(described.generated)
+        context = n_tokens_processed.astype(np.float64) - generated
+        return self._rates(keys, "input") * context + self._rates(keys, "output") * generated
+
+
+COST_MODELS = ("flops", "flops+prefill", "kaplan", "api")
 
 
 def make_cost_model(name: str, manifest: Mapping, prices: dict[str, Price] | None = None) -> CostModel:
-    """Build cost model ``name`` from the trace manifest (parameter counts) and optional prices.
+    """Build cost model ``name`` from the trace manifest (model sizes, scorers) and, for ``api``, prices.
 
-    Without prices the api model prices every model role and scorer at GPT-4.1-mini's rates; once any
-    price is given, every role or scorer the replay uses needs its own (a scorer may use its model's).
+    ``api`` needs a price for every model role in the steps it prices and every scorer it bills (a
+    scorer may use its model's); an open model billed nothing is priced ``0``.
     """
     manifest = Manifest(manifest)
-    scorers = manifest.scorers
     if name in ("flops", "flops+prefill"):
-        return FlopsCost(manifest.n_params, scorers, include_prefill=name == "flops+prefill")
+        return FlopsCost(manifest, include_prefill=name == "flops+prefill")
+    if name == "kaplan":
+        return KaplanCost(manifest)
     if name == "api":
-        return ApiCost(prices or {}, scorers, default=None if prices else GPT_41_MINI)
+        if not prices:
+            raise TraceError(
+                f"cost model api needs prices: --price ROLE=... for each model role ({', '.join(manifest.roles)}) "
+                f"as {PRICE_FORMS}"
+            )
+        unknown = sorted(set(prices) - set(manifest.roles) - set(manifest.scorers))
+        if unknown:
+            raise TraceError(
+                f"--price {unknown[0]}: not a model role ({', '.join(manifest.roles)}) or scorer "
+                f"({', '.join(manifest.scorers) or 'none'}) of this trace"
+            )
+        return ApiCost(manifest, prices)
     raise TraceError(f"unknown cost model {name!r}; choose one of {', '.join(COST_MODELS)}")

@@ -23,7 +23,7 @@ import numpy as np
 import polars as pl
 
 from replay.atomic import write_atomic
-from replay.costs import CostModel, Price, make_cost_model
+from replay.costs import A_OVER_C_SCALE, CostModel, Price, make_cost_model
 from replay.errors import TraceError
 from replay.schema import LARGE, SMALL, Manifest
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, SPLITS, assign_splits
@@ -451,7 +451,8 @@ def replay(data: ReplayData, router, cost_model: CostModel, sweep: dict[str, np.
     filled in), config, problem_id, world, path (the final node, or where the walk missed), answer
     and correct (null after a miss), cost = cost_<role> (decoding of kept steps, per role) +
     cost_prefill + cost_discarded (drafts thrown away) + cost_scorer, n_<role> kept steps,
-    n_discarded, misses (0 or 1: a walk stops at its first miss), cost_model and cost_unit.
+    n_discarded, misses (0 or 1: a walk stops at its first miss), cost_model, cost_unit and cost_convention
+    (how the cost model counts, in words).
     """
     router.check_fitted()
     configs = sweep_configs(router, sweep)
@@ -495,6 +496,7 @@ def replay(data: ReplayData, router, cost_model: CostModel, sweep: dict[str, np.
         misses=pl.Series(walk.missed.astype(np.int32)),
         cost_model=pl.lit(cost_model.name),
         cost_unit=pl.lit(cost_model.unit),
+        cost_convention=pl.lit(cost_model.convention),
     )
     missed = np.flatnonzero(walk.missed)
     misses = pl.DataFrame(
@@ -542,7 +544,7 @@ def summarize(outcomes: pl.DataFrame, roles: list[str]) -> pl.DataFrame:
         )
         .with_columns(large_share=pl.when(pl.col("all_steps") > 0).then(pl.col("large_steps") / pl.col("all_steps")))
         .drop("large_steps", "all_steps")
-        .with_columns(a_over_c=pl.col("accuracy") / pl.col("cost"))
+        .with_columns(a_over_c=A_OVER_C_SCALE * pl.col("accuracy") / pl.col("cost"))
         .sort("config")
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -151,6 +152,9 @@ def test_manifest_records_the_run(comb_trace):
     small, large = manifest["models"]
     assert (small["role"], large["role"]) == ("small", "large")
     assert 0 < small["n_params"] < large["n_params"]
+    for model in (small, large):  # the shape the kaplan cost model reads, as the checkpoint's config.json says
+        config = json.loads((Path(manifest.model_path(model["role"])) / "config.json").read_text())
+        assert (model["n_layer"], model["d_model"]) == (config["num_hidden_layers"], config["hidden_size"])
     assert manifest["dataset"]["name"] == "toy" and manifest["grader"]["name"] == "toy-exact"
     assert manifest["sampling"] == {"temperature": 0.7, "top_p": 1.0, "max_step_tokens": STEP_TOKENS, "topk": 5}
     assert manifest["expansions"] == [{"strategy": "comb", "max_steps": MAX_STEPS}] and manifest["worlds"] == 2
@@ -187,7 +191,7 @@ def test_rerun_is_a_no_op_and_a_differing_setting_is_refused(comb_trace, toy_mod
     assert sorted(os.listdir(comb_trace / "steps")) == before
     with pytest.raises(TraceError, match=r"sampling\.temperature"):
         run_gen(options(toy_models, comb_trace, worlds=2, temperature=0.5))
-    with pytest.raises(TraceError, match=r"models\W+large\W+n_params"):
+    with pytest.raises(TraceError, match=r"models\W+large\W+d_model"):
         run_gen(options(toy_models, comb_trace, worlds=2, large=toy_models[0]))
     assert sorted(os.listdir(comb_trace / "steps")) == before
 

@@ -55,6 +55,9 @@ def invoke(*args):
     return runner.invoke(app, [str(arg) for arg in args])
 
 
+API = ("--cost", "api", "--price", "small=0", "--price", "large=gpt-4.1-mini")
+
+
 def replay_to(trace, out, *args):
     result = invoke("replay", trace, *args, "--out", out)
     assert result.exit_code == 0, result.output
@@ -190,7 +193,7 @@ def per_config(results: Path) -> pl.DataFrame:
             accuracy=pl.col("correct").drop_nulls().cast(pl.Float64).mean(),
             cost=pl.col("cost").filter(pl.col("misses") == 0).mean(),
         )
-        .with_columns(a_over_c=pl.col("accuracy") / pl.col("cost"))
+        .with_columns(a_over_c=100 * pl.col("accuracy") / pl.col("cost"))  # % per cost unit
         .sort("config")
     )
 
@@ -510,7 +513,7 @@ def test_pick_split_chooses_on_calibration_and_reports_test(inputs, tmp_path):
         calibration.group_by("config")
         .agg(accuracy=pl.col("correct").cast(pl.Float64).mean(), cost=pl.col("cost").mean())
         .filter(pl.col("accuracy") >= large["correct"].mean() - 1e-12)
-        .with_columns(a_over_c=pl.col("accuracy") / pl.col("cost"))
+        .with_columns(a_over_c=100 * pl.col("accuracy") / pl.col("cost"))  # % per cost unit
     )
     best = max(by_config.iter_rows(named=True), key=lambda r: (r["a_over_c"], r["accuracy"], -r["cost"], -r["config"]))
     steer_row = table_after(markdown, "Routers at their operating points")["steer"]
@@ -521,21 +524,17 @@ def test_pick_split_chooses_on_calibration_and_reports_test(inputs, tmp_path):
 
 def test_api_costs_need_the_baselines_as_results_files(inputs, tmp_path):
     trace = inputs["trace"]
-    steer = replay_to(trace, tmp_path / "steer-api.parquet", "--router", "steer", "--cost", "api", "--split", "all")
+    steer = replay_to(trace, tmp_path / "steer-api.parquet", "--router", "steer", *API, "--split", "all")
     out = tmp_path / "r"
     refused = invoke("report", trace, steer, "--out", out)
     assert refused.exit_code == 1 and "whose prices they do not record" in " ".join(refused.stderr.split())
     assert not out.exists()
-    small = replay_to(
-        trace, tmp_path / "small-api.parquet", "--router", "small-only", "--cost", "api", "--split", "all"
-    )
-    large = replay_to(
-        trace, tmp_path / "large-api.parquet", "--router", "large-only", "--cost", "api", "--split", "all"
-    )
+    small = replay_to(trace, tmp_path / "small-api.parquet", "--router", "small-only", *API, "--split", "all")
+    large = replay_to(trace, tmp_path / "large-api.parquet", "--router", "large-only", *API, "--split", "all")
     result = invoke("report", trace, steer, small, large, "--out", out, "--bootstrap", 20)
     assert result.exit_code == 0, result.output
     markdown = (out / "report.md").read_text()
-    assert "Cost (USD)" in markdown and "- large-only: its only configuration (large-api.parquet)" in markdown
+    assert "Cost (US cents)" in markdown and "- large-only: its only configuration (large-api.parquet)" in markdown
     assert "Every router has a single configuration" in markdown
     large_cost = pl.read_parquet(large)["cost"].mean()
     assert number(table_after(markdown, "Routers at their operating points")["large-only"][2]) == pytest.approx(

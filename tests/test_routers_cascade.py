@@ -2,7 +2,8 @@
 hidden states, K > 2 models; outcomes and costs worked out by hand.
 
 Two-step solutions; small step 10 TFLOPs, large step 80, so a small chain costs 20, a large one 160.
-P(True) asks the model that wrote the answer ("self"): 40 tokens on the small model = 40 TFLOPs.
+P(True) asks the model that wrote the answer ("self"); under flops a call costs the one token it generates
+(1 TFLOP on the small model; its 40-token context is not counted).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from replay.errors import TraceError
 from replay.routers import make_router
 from replay.store import open_trace
 
-SMALL_CHAIN, LARGE_CHAIN, PTRUE_CALL = 20.0, 160.0, 40.0
+SMALL_CHAIN, LARGE_CHAIN, PTRUE_CALL = 20.0, 160.0, 1.0
 
 
 def ptrue(problem: str, path: str, value: float) -> dict:
@@ -60,7 +61,7 @@ def trace(tmp_path):
     root = build_trace(
         tmp_path / "t",
         steps,
-        manifest={**manifest(), "scorers": {"ptrue": {"model": "self"}}},
+        manifest={**manifest(), "scorers": {"ptrue": {"model": "self", "generated_tokens": 1}}},
         scores=scores,
         hidden=states,
     )
@@ -134,7 +135,8 @@ def test_threshold_sweep_equals_single_replays(trace):
 
 def test_missing_ptrue_score_is_a_scorer_miss(tmp_path):
     steps = problem_steps("q0", True, -0.1)
-    root = build_trace(tmp_path / "t", steps, manifest={**manifest(), "scorers": {"ptrue": {"model": "self"}}})
+    scorers = {"ptrue": {"model": "self", "generated_tokens": 1}}
+    root = build_trace(tmp_path / "t", steps, manifest={**manifest(), "scorers": scorers})
     data = ReplayData.from_trace(open_trace(root))
     result = replay(data, make_router("cascade", pik=False).fit(data), make_cost_model("flops", data.manifest))
     assert result.outcomes["misses"].to_list() == [1]

@@ -1,7 +1,9 @@
 """RSD and SpecReason on a hand-built depth-2 tree, outcomes and costs worked out by hand.
 
-Small step 10 TFLOPs, large step 80. PRM: 1e12 parameters (2 TFLOPs per token), 30 tokens per call
-= 60 TFLOPs. Judge: the large model (4 TFLOPs per token), 31 tokens per call = 124 TFLOPs.
+Small step 10 TFLOPs, large step 80. Under the default flops (the seeds' convention: generated tokens only)
+a PRM call costs nothing (a value head generates no token) and a judge call one token of the large model
+(4 TFLOPs). Under flops+prefill a call costs its context: PRM 1e12 parameters (2 TFLOPs per token) x 30
+tokens = 60 TFLOPs; judge 4 TFLOPs x 31 tokens = 124 TFLOPs.
 """
 
 from __future__ import annotations
@@ -14,11 +16,18 @@ from tracebuild import build_trace
 from replay.errors import TraceError
 from replay.routers import make_router
 
-PRM_CALL, JUDGE_CALL = 60.0, 124.0
+PRM_CALL, JUDGE_CALL = 0.0, 4.0
+PRM_CALL_PREFILL, JUDGE_CALL_PREFILL = 60.0, 124.0
 
 
 def scored_manifest():
-    return {**manifest(), "scorers": {"prm": {"model": "prm-test", "n_params": 1e12}, "judge": {"model": "large"}}}
+    return {
+        **manifest(),
+        "scorers": {
+            "prm": {"model": "prm-test", "n_params": 1e12, "generated_tokens": 0},
+            "judge": {"model": "large", "generated_tokens": 1},
+        },
+    }
 
 
 def prm(path: str, value: float, problem: str = "p0") -> dict:
@@ -63,6 +72,8 @@ def test_rsd_keeps_good_drafts_and_lets_the_large_model_write_rejected_steps(tre
     assert row["cost_discarded"] == SMALL_STEP
     assert row["cost_scorer"] == 2 * PRM_CALL
     assert row["cost"] == SMALL_STEP + SMALL_STEP + LARGE_STEP + 2 * PRM_CALL
+    with_prefill = row_of(run(tree, make_router("rsd", tau=0.7), cost="flops+prefill"))
+    assert with_prefill["cost_scorer"] == 2 * PRM_CALL_PREFILL
 
 
 def test_rsd_returns_to_the_small_model_after_a_rejection(tree):
@@ -90,6 +101,8 @@ def test_specreason_greedy_and_expected_scores(tree):
     row = row_of(run(tree, make_router("specreason")))
     assert (row["path"], row["n_discarded"], row["cost_scorer"]) == ("sL", 1, 2 * JUDGE_CALL)
     assert row["cost"] == 2 * SMALL_STEP + LARGE_STEP + 2 * JUDGE_CALL
+    with_prefill = row_of(run(tree, make_router("specreason"), cost="flops+prefill"))
+    assert with_prefill["cost_scorer"] == 2 * JUDGE_CALL_PREFILL
     # expected: ss = 0.5*6 + 0.5*9 = 7.5 >= 7 kept -> ss (wrong).
     row = row_of(run(tree, make_router("specreason", score="expected")))
     assert (row["path"], row["correct"], row["n_discarded"]) == ("ss", False, 0)
@@ -110,8 +123,9 @@ def test_expected_score_needs_the_digit_probabilities(tmp_path):
 def test_scorer_without_a_parameter_count_is_an_error(tmp_path):
     steps = full_tree("p0", 1, lambda path: True)
     root = build_trace(tmp_path / "t", steps, manifest=manifest(), scores=[prm("s", 0.9)])
+    assert row_of(run(root, make_router("rsd")))["cost_scorer"] == 0  # flops: a PRM generates nothing
     with pytest.raises(TraceError, match="parameter count of scorer 'prm'"):
-        run(root, make_router("rsd"))
+        run(root, make_router("rsd"), cost="flops+prefill")
 
 
 @pytest.mark.parametrize(

@@ -155,7 +155,7 @@ def test_refusals_leave_the_trace_unchanged(trace):
         run_score(trace, "nope")
     with pytest.raises(TraceError, match="not a process reward model"):
         run_score(trace, "prm", model="toy-small")
-    with pytest.raises(TraceError, match=r"scorers\.judge\.model"):
+    with pytest.raises(TraceError, match=r"scorers\.judge\.d_model"):
         run_score(trace, "judge", model="toy-small", backend="hf")
     with pytest.raises(TraceError, match="takes no --model"):
         run_score(trace, "ptrue", model="toy-large")
@@ -180,7 +180,9 @@ def test_rsd_replays_on_prm_scores(trace):
     result = replay_trace(trace, make_router("rsd", tau=0.0), split="all")
     summary = result.summary().row(0, named=True)
     assert summary["misses"] == 0 and summary["large_share"] == 0  # tau 0 accepts every draft
-    assert (result.outcomes["cost_scorer"] > 0).all()
+    assert (result.outcomes["cost_scorer"] == 0).all()  # flops: a PRM generates no token
+    with_prefill = replay_trace(trace, make_router("rsd", tau=0.0), split="all", cost="flops+prefill").outcomes
+    assert (with_prefill["cost_scorer"] > 0).all()  # it reads every step it scores
 
 
 def test_a_toy_trace_runs_the_toy_variants_under_the_signal_names(trace):

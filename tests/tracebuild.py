@@ -30,6 +30,9 @@ from replay.store import TraceWriter, open_trace
 CHAR_ROLES = {model_char(role): role for role in ("small", "large")}
 TOPK = 3
 
+# tokens one call of each scorer generates, as `trace score` records it (judge, verifier, P(True): one; a PRM: none)
+GENERATED_TOKENS = {"judge": 1, "verifier": 1, "ptrue": 1}
+
 
 def default_manifest(**overrides) -> dict:
     manifest = {
@@ -165,7 +168,11 @@ def build_trace(
         writer.append_hidden(hidden)
     if scores:
         described = writer.manifest.get("scorers") or {}
-        missing = {row["scorer"]: {"prompt": "hand-built"} for row in scores if row["scorer"] not in described}
+        missing = {
+            row["scorer"]: {"prompt": "hand-built", "generated_tokens": GENERATED_TOKENS.get(row["scorer"], 0)}
+            for row in scores
+            if row["scorer"] not in described
+        }
         if missing:  # as `trace score` records each scorer it ran
             writer.update_manifest(scorers={**described, **missing})
         writer.append_scores(scores)

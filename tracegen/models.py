@@ -102,6 +102,7 @@ def model_manifest(model: ModelRef, tokenizer) -> dict:
         "name": canonical_name(model),
         "revision": revision(folder),
         "n_params": count_parameters(folder),
+        **model_shape(folder),
         "tokenizer_hash": _hash_files(folder, TOKENIZER_FILES),
         "chat_template_hash": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
     }
@@ -122,9 +123,30 @@ def named_model(name: str, role: str) -> ModelRef:
 
 
 def model_entry(model: ModelRef) -> dict:
-    """Manifest fields of a scorer's own model: its name, revision and parameter count (for cost models)."""
+    """Manifest fields of a scorer's own model: its name, revision and size (for cost models)."""
     folder = Path(model.path)
-    return {"name": canonical_name(model), "revision": revision(folder), "n_params": count_parameters(folder)}
+    return {
+        "name": canonical_name(model),
+        "revision": revision(folder),
+        "n_params": count_parameters(folder),
+        **model_shape(folder),
+    }
+
+
+def model_shape(folder: Path) -> dict:
+    """n_layer and d_model (the residual stream's width) from config.json, for the Kaplan cost model; the
+    fields a config does not name are left out (that cost model then says which is missing)."""
+    config = json.loads((folder / "config.json").read_text())
+    config = config.get("text_config", config)  # multimodal configs nest the language model's
+    shape = {}
+    for field, names in (
+        ("n_layer", ("num_hidden_layers", "n_layer", "num_layers")),
+        ("d_model", ("hidden_size", "n_embd", "d_model")),
+    ):
+        value = next((config[name] for name in names if isinstance(config.get(name), int)), None)
+        if value is not None:
+            shape[field] = value
+    return shape
 
 
 def canonical_name(model: ModelRef) -> str:

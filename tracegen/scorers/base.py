@@ -63,6 +63,7 @@ class Scorer:
 
     name: ClassVar[str]
     signal: ClassVar[str]
+    generated_tokens: ClassVar[int]  # tokens one call generates (what the flops and kaplan cost models charge)
     default_batch: ClassVar[int] = 256
 
     def __init_subclass__(cls, **kwargs):
@@ -85,8 +86,11 @@ class Scorer:
         raise NotImplementedError
 
     def manifest_entry(self) -> dict:
-        """trace.json ``scorers.SIGNAL``: this scorer's name, its model (a role, "self", "exact", a name),
-        prompt or variant, and n_params if it has its own model."""
+        """trace.json ``scorers.SIGNAL``: this scorer's name, the tokens a call generates, and ``describe``."""
+        return {"scorer": self.name, "generated_tokens": self.generated_tokens, **self.describe()}
+
+    def describe(self) -> dict:
+        """Its model (a role, "self", "exact", a name; with n_params, n_layer, d_model if its own) and prompt."""
         raise NotImplementedError
 
     def start(self) -> None:

@@ -17,12 +17,13 @@ EXACT = "data.toy.task.step_is_valid (exact arithmetic and format check)"
 class ExactVerifier(Scorer):
     name = "exact-verifier"
     signal = "verifier"
+    generated_tokens = 0
 
     def wants(self) -> pl.Expr:
         return pl.lit(True)
 
-    def manifest_entry(self) -> dict:
-        return {"scorer": self.name, "model": "exact", "prompt": EXACT}
+    def describe(self) -> dict:
+        return {"model": "exact", "prompt": EXACT}
 
     def score(self, items: list[Item]) -> list[Score]:
         return [

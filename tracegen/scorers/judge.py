@@ -23,12 +23,13 @@ TOP_K = 20
 class Judge(LargeModelScorer):
     name = "judge"
     signal = "judge"
+    generated_tokens = 1  # the verdict digit
 
     def wants(self) -> pl.Expr:
         return pl.col("model") == SMALL
 
-    def manifest_entry(self) -> dict:
-        return {"scorer": self.name, **self.model_fields(), **self.method()}
+    def describe(self) -> dict:
+        return {**self.model_fields(), **self.method()}
 
     def method(self) -> dict:
         """The prompt (and top-k) of the verdict, recorded in trace.json."""

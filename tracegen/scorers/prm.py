@@ -26,6 +26,7 @@ PRM_INPUT = "BOS + question + \\n, then each step + \\n; value = sigmoid(value h
 class ProcessRewardModel(Scorer):
     name = "prm"
     signal = "prm"
+    generated_tokens = 0  # a value head reads the step; nothing is generated
     default_batch = 64
     default_model = "skywork-prm-1.5b"
 
@@ -41,14 +42,8 @@ class ProcessRewardModel(Scorer):
     def wants(self) -> pl.Expr:
         return pl.col("model") == SMALL
 
-    def manifest_entry(self) -> dict:
-        return {
-            "scorer": self.name,
-            **model_entry(self.checkpoint),
-            "model": self.signal,
-            "input": PRM_INPUT,
-            "engine": "transformers",
-        }
+    def describe(self) -> dict:
+        return {**model_entry(self.checkpoint), "model": self.signal, "input": PRM_INPUT, "engine": "transformers"}
 
     def _load(self) -> None:
         import torch

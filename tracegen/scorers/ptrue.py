@@ -23,6 +23,7 @@ TOP_K = 20
 class PTrue(LanguageModelScorer):
     name = "ptrue"
     signal = "ptrue"
+    generated_tokens = 1  # the letter of the verdict
 
     def check(self) -> None:
         if self.model is not None:
@@ -31,8 +32,8 @@ class PTrue(LanguageModelScorer):
     def wants(self) -> pl.Expr:
         return pl.col("is_final")
 
-    def manifest_entry(self) -> dict:
-        return {"scorer": self.name, "model": "self", **self.method()}
+    def describe(self) -> dict:
+        return {"model": "self", **self.method()}
 
     def method(self) -> dict:
         """The prompt (and top-k) of the question, recorded in trace.json."""

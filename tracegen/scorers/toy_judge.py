@@ -19,6 +19,7 @@ TOY_JUDGE = "9 * exp(mean logprob of the step's tokens under the large model, te
 
 class ToyJudge(Judge):
     name = "toy-judge"
+    generated_tokens = 0  # it reads the step's tokens (teacher forced) and writes none
 
     def method(self) -> dict:
         return {"prompt": TOY_JUDGE}

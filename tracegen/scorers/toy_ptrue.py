@@ -19,6 +19,7 @@ BOX_OPEN = "\\boxed{"
 
 class ToyPTrue(PTrue):
     name = "toy-ptrue"
+    generated_tokens = 0  # it reads the answer's tokens (teacher forced) and writes none
 
     def method(self) -> dict:
         return {"prompt": TOY_P_TRUE}

@@ -21,12 +21,13 @@ TOP_K = 20
 class StepVerifier(LargeModelScorer):
     name = "verifier"
     signal = "verifier"
+    generated_tokens = 1  # "correct" or "incorrect"
 
     def wants(self) -> pl.Expr:
         return pl.lit(True)
 
-    def manifest_entry(self) -> dict:
-        return {"scorer": self.name, **self.model_fields(), "prompt": VERIFIER_PROMPT, "top_k": TOP_K}
+    def describe(self) -> dict:
+        return {**self.model_fields(), "prompt": VERIFIER_PROMPT, "top_k": TOP_K}
 
     def score(self, items: list[Item]) -> list[Score]:
         engine, tokenizer = self.engine(self.engine_role, self.checkpoint)
