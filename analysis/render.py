@@ -14,7 +14,7 @@ from markdown_it import MarkdownIt
 from analysis import plots
 from analysis.operating_points import Estimate, Row, percent
 from analysis.report_inputs import ReportOptions, Run
-from analysis.stats import mcnemar
+from analysis.stats import PERMUTATIONS, mcnemar, paired_problem_test
 from replay.engine import summarize
 from replay.schema import Manifest, model_char
 
@@ -206,8 +206,11 @@ def pareto_section(runs: list[Run], roles: list[str], cost_unit: str, figures: d
     )
 
 
-def mcnemar_section(runs: list[Run], large: Run) -> str:
+def significance_section(runs: list[Run], large: Run, seed: int) -> str:
+    """Each router against large-only, paired on (problem, world): McNemar's test with one world per problem,
+    else a paired permutation test with the problem as the unit (its worlds are not independent)."""
     reference = large.at_chosen().select("problem_id", "world", large_correct="correct", large_misses="misses")
+    several_worlds = reference["world"].n_unique() > 1
     rows = []
     for run in runs:
         if run is large:
@@ -217,7 +220,11 @@ def mcnemar_section(runs: list[Run], large: Run) -> str:
             .join(reference, on=["problem_id", "world"], how="inner")
             .filter((pl.col("misses") == 0) & (pl.col("large_misses") == 0))
         )
-        test = mcnemar(paired["correct"].to_numpy(), paired["large_correct"].to_numpy())
+        correct, large_correct = paired["correct"].to_numpy(), paired["large_correct"].to_numpy()
+        if several_worlds:
+            test = paired_problem_test(correct, large_correct, paired["problem_id"].to_numpy(), seed)
+        else:
+            test = mcnemar(correct, large_correct)
         rows.append(
             [
                 run.label,
@@ -232,7 +239,9 @@ def mcnemar_section(runs: list[Run], large: Run) -> str:
         )
     return "\n".join(
         [
-            "## Significance against large-only (McNemar)",
+            "## Significance against large-only ("
+            + ("paired permutation over problems" if several_worlds else "McNemar")
+            + ")",
             "",
             md_table(
                 [
@@ -250,8 +259,14 @@ def mcnemar_section(runs: list[Run], large: Run) -> str:
             ),
             "",
             "Paired on (problem, world) at each router's operating point; pairs where either walk missed are left out. "
-            "Exact two-sided binomial test when the discordant pairs number fewer than 25 (statistic: the smaller "
-            "discordant count), else chi-square with continuity correction, 1 degree of freedom.",
+            + (
+                "The worlds of a problem are not independent, so the unit is the problem: a two-sided paired "
+                "permutation test on each problem's mean correctness over its worlds (statistic: the mean "
+                f"difference, router minus large-only; {PERMUTATIONS:,} random sign flips, or all of them when fewer)."
+                if several_worlds
+                else "Exact two-sided binomial test when the discordant pairs number fewer than 25 (statistic: the "
+                "smaller discordant count), else chi-square with continuity correction, 1 degree of freedom."
+            ),
         ]
     )
 

@@ -5,7 +5,8 @@ The page (``index.html``, its Markdown twin ``report.md`` and PNG figures next t
   accuracy, mean cost per query, A/C, share of large-model steps and misses, and 95% bootstrap
   intervals (problems resampled, the worlds of a problem kept together);
 - an accuracy-cost plot (a curve per swept router, a point per single model or fixed router);
-- McNemar's test of every router against large-only, paired on (problem, world);
+- a paired test of every router against large-only: McNemar's on (problem, world) with one world, a
+  permutation test with the problem as the unit with several;
 - where escalations happen: the share of large-model steps by step index, from each walk's path;
 - with ``policy_log``: coverage against 1 - alpha and kappa over policy training;
 - with ``steer_gmm``: STEER's fitted mixtures over the histogram of the small model's confidences.
@@ -31,10 +32,10 @@ from analysis.render import (
     GENERATOR,
     escalation_section,
     header_section,
-    mcnemar_section,
     pareto_section,
     policy_section,
     render_html,
+    significance_section,
     steer_section,
     table_section,
 )
@@ -147,7 +148,7 @@ def build_report(trace_dir, result_paths: list[Path], options: ReportOptions) ->
         ),
         table_section(table, cost_unit, options, floor_text, any(run.swept for run in routers)),
         pareto_section(everyone, roles, cost_unit, figures),
-        mcnemar_section(everyone, baselines["large-only"]),
+        significance_section(everyone, baselines["large-only"], options.seed),
         escalation_section(routers, roles, figures),
     ]
     if policy_log is not None:

@@ -273,15 +273,34 @@ def test_bootstrap_interval_resamples_problems_with_their_worlds(inputs, main_re
     assert interval(row[1])[0] < number(row[1]) < interval(row[1])[1]
 
 
-def test_mcnemar_against_large_only_is_paired_on_problem_and_world(inputs, main_report):
+def test_significance_against_large_only_takes_the_problem_as_the_unit_with_two_worlds(inputs, main_report):
     markdown = (main_report / "report.md").read_text()
-    table = table_after(markdown, "Significance against large-only (McNemar)")
+    table = table_after(markdown, "Significance against large-only (paired permutation over problems)")
     large = single_model(inputs["trace"], "L").rename({"correct": "large"})
     small = single_model(inputs["trace"], "s").join(large, on=["problem_id", "world"])
     b = int((small["correct"] & ~small["large"]).sum())
     c = int((~small["correct"] & small["large"]).sum())
     pairs, only_small, only_large, test, statistic, p_value, significant = table["small-only"]
     assert (int(pairs), int(only_small), int(only_large)) == (N_PROBLEMS * N_WORLDS, b, c)
+    assert test == f"paired permutation over {N_PROBLEMS} problems"
+    by_problem = small.group_by("problem_id").agg((pl.col("correct").mean() - pl.col("large").mean()).alias("d"))
+    assert float(statistic) == pytest.approx(by_problem["d"].mean(), rel=1e-3)
+    assert 0 < float(p_value) <= 1 and significant == ("yes" if float(p_value) < 0.05 else "no")
+    assert "large-only" not in table and set(table) == {"Router", "small-only", "steer", "random", "oracle"}
+
+
+def test_mcnemar_against_large_only_is_paired_on_problem_and_world_with_one_world(inputs, tmp_path):
+    trace = inputs["trace"]
+    small = replay_to(trace, tmp_path / "small.parquet", "--router", "small-only", "--split", "all", "--worlds", "0")
+    result = invoke("report", trace, small, "--out", tmp_path / "r", "--bootstrap", 20)
+    assert result.exit_code == 0, result.output
+    table = table_after((tmp_path / "r" / "report.md").read_text(), "Significance against large-only (McNemar)")
+    large = single_model(trace, "L").rename({"correct": "large"}).filter(pl.col("world") == 0)
+    small = single_model(trace, "s").join(large, on=["problem_id", "world"])
+    b = int((small["correct"] & ~small["large"]).sum())
+    c = int((~small["correct"] & small["large"]).sum())
+    pairs, only_small, only_large, test, statistic, p_value, significant = table["small-only"]
+    assert (int(pairs), int(only_small), int(only_large)) == (N_PROBLEMS, b, c)
     if b + c < 25:
         expected = min(1.0, 2 * sum(math.comb(b + c, i) for i in range(min(b, c) + 1)) / 2 ** (b + c))
         assert test == "exact binomial"
@@ -291,7 +310,6 @@ def test_mcnemar_against_large_only_is_paired_on_problem_and_world(inputs, main_
         assert test.startswith("chi-square") and float(statistic) == pytest.approx(chi_square, rel=1e-3)
     assert float(p_value) == pytest.approx(expected, rel=1e-3)
     assert significant == ("yes" if expected < 0.05 else "no")
-    assert "large-only" not in table and set(table) == {"Router", "small-only", "steer", "random", "oracle"}
 
 
 def test_escalation_shares_by_step_index_come_from_the_walks_paths(inputs, main_report):

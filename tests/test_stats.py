@@ -11,6 +11,7 @@ from analysis.stats import (
     EXACT_BELOW,
     bootstrap_counts,
     mcnemar,
+    paired_problem_test,
     percentile_interval,
     ratio,
     resampled_ratio,
@@ -95,3 +96,26 @@ def test_percentile_interval_of_a_mean_matches_the_normal_approximation():
     assert (high - low) / 2 == pytest.approx(half_width, rel=0.1)
     assert percentile_interval(np.array([np.nan, np.nan])) is None
     assert percentile_interval(np.array([np.nan, 1.0, 1.0])) == (1.0, 1.0)
+
+
+def test_paired_problem_test_by_hand():
+    # three problems, two worlds each; per-problem mean differences 1, 0.5, 0: eight sign patterns, of which
+    # four give |mean| >= the observed 0.5, so the exact two-sided p is 4/8
+    problems = np.repeat(["a", "b", "c"], 2)
+    first = np.array([True, True, True, True, False, True])
+    second = np.array([False, False, True, False, False, True])
+    result = paired_problem_test(first, second, problems)
+    assert result.p_value == pytest.approx(0.5)
+    assert result.statistic == pytest.approx(0.5) and (result.only_first, result.only_second) == (3, 0)
+    assert result.n_pairs == 6 and result.test == "paired permutation over 3 problems"
+
+
+def test_worlds_of_a_problem_are_not_independent_evidence():
+    """Six problems where the router alone is right, four ties, five identical worlds each: McNemar over the
+    50 (problem, world) pairs sees 30 discordant pairs; the problem-level test sees six problems, p = 2 / 2^6."""
+    problems = np.repeat([f"p{i}" for i in range(10)], 5)
+    first = np.ones(50, dtype=bool)
+    second = np.repeat([False] * 6 + [True] * 4, 5)
+    assert mcnemar(first, second).p_value < 1e-6
+    assert paired_problem_test(first, second, problems).p_value == pytest.approx(2 / 2**6)
+    assert paired_problem_test(first, first, problems).p_value == 1.0
