@@ -401,12 +401,15 @@ def report(
         [], "--at", help="Pin a router's configuration instead, e.g. --at steer:tau=0.3 (repeatable)."
     ),
     split: str = typer.Option(
-        None, "--split", help="Report only problems of this split (train, calibration, test); default: every row."
+        "test", "--split", help="Report the problems of this split (train, calibration, test), or all for every row."
     ),
     pick_split: str = typer.Option(
-        None,
+        "calibration",
         "--pick-split",
-        help="Choose operating points on this split's problems, e.g. calibration; default: the reported ones.",
+        help=(
+            "Choose operating points on this split's problems (never the reported ones, as the seeds do), or "
+            "'reported' to choose on the reported rows themselves (labelled so in the report)."
+        ),
     ),
     bootstrap: int = typer.Option(
         1000, "--bootstrap", help="Bootstrap resamples of the problems for the 95% intervals."

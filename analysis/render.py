@@ -13,7 +13,7 @@ from markdown_it import MarkdownIt
 
 from analysis import plots
 from analysis.operating_points import Estimate, Row, percent
-from analysis.report_inputs import ReportOptions, Run
+from analysis.report_inputs import ALL_ROWS, REPORTED_ROWS, ReportOptions, Run
 from analysis.stats import PERMUTATIONS, mcnemar, paired_problem_test
 from replay.engine import summarize
 from replay.schema import Manifest, model_char
@@ -105,7 +105,7 @@ def header_section(
     model_text = "; ".join(describe(role) for role in roles)
     dataset_name = manifest.dataset_name or "?"
     n_walks = runs[0].at_chosen().height
-    split_text = f"split {options.split}" if options.split else "every row of the results"
+    split_text = "every row of the results" if options.split == ALL_ROWS else f"split {options.split}"
     lines = [
         f"# Routing report: {Path(trace_dir).name}",
         "",
@@ -138,7 +138,11 @@ def table_section(table: list[Row], cost_unit: str, options: ReportOptions, floo
         "cheapest": "the lowest cost",
         "accuracy": "the highest accuracy",
     }[options.pick]
-    pick_rows = f"rows of split {options.pick_split}" if options.pick_split else "the reported rows"
+    pick_rows = (
+        "the reported rows themselves (which flatters threshold routers)"
+        if options.pick_split == REPORTED_ROWS
+        else f"rows of split {options.pick_split}, not the reported ones"
+    )
     floor_clause = "" if options.pick == "accuracy" else f"those with accuracy at least the floor ({floor_text}), then "
     notes = [
         "## Routers at their operating points",

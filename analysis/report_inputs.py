@@ -36,6 +36,8 @@ RESULT_COLUMNS = {
     "cost_convention": "string",
 }
 DEFAULT_FLOOR = "large-0.02"
+ALL_ROWS = "all"  # --split: every row of the results
+REPORTED_ROWS = "reported"  # --pick-split: choose on the rows reported (flatters threshold routers; labelled)
 DEFAULT_ALPHA = 0.02  # the policy seed's alpha, when the training log does not record its own
 
 
@@ -47,8 +49,8 @@ class ReportOptions:
     pick: str = "ac"  # ac | cheapest | accuracy
     accuracy_floor: str = DEFAULT_FLOOR  # large, large-D, or an accuracy in [0, 1]
     at: tuple[str, ...] = ()  # pinned configurations: ROUTER:name=value[,name=value]
-    split: str | None = None  # report only rows of this split (default: every row)
-    pick_split: str | None = None  # choose operating points on rows of this split (default: reported rows)
+    split: str = "test"  # report rows of this split, or ALL_ROWS
+    pick_split: str = "calibration"  # choose operating points on rows of this split, or REPORTED_ROWS
     bootstrap: int = 1000  # bootstrap resamples
     seed: int = 0  # bootstrap seed
     policy_log: Path | None = None
@@ -235,14 +237,17 @@ def label_runs(runs: list[Run]) -> None:
 
 def select_splits(runs: list[Run], options: ReportOptions) -> None:
     """Set each run's reported rows and the rows its operating point is chosen on."""
-    for chosen in (options.split, options.pick_split):
-        if chosen is not None and chosen not in SPLITS:
-            raise TraceError(f"unknown split {chosen!r}; choose one of {', '.join(SPLITS)}")
+    for chosen, special in ((options.split, ALL_ROWS), (options.pick_split, REPORTED_ROWS)):
+        if chosen not in (*SPLITS, special):
+            raise TraceError(f"unknown split {chosen!r}; choose one of {', '.join(SPLITS)}, {special}")
     splits = None
-    if options.split or options.pick_split:
+    if options.split != ALL_ROWS or options.pick_split != REPORTED_ROWS:
         with_split = [run for run in runs if "split" in run.outcomes.columns]
         if not with_split:
-            raise TraceError("--split and --pick-split need results with a split column (from trace replay)")
+            raise TraceError(
+                f"--split and --pick-split need results with a split column (from trace replay); pass --split "
+                f"{ALL_ROWS} --pick-split {REPORTED_ROWS} to report every row"
+            )
         splits = pl.concat([run.outcomes.select("problem_id", "split") for run in with_split]).unique()
         if splits["problem_id"].n_unique() != splits.height:
             raise TraceError(
@@ -250,18 +255,21 @@ def select_splits(runs: list[Run], options: ReportOptions) -> None:
                 "--split-seed and --split-fractions"
             )
 
-    def rows_of(run: Run, split: str | None) -> pl.DataFrame:
-        if split is None:
+    def rows_of(run: Run, split: str) -> pl.DataFrame:
+        if split == ALL_ROWS:
             return run.outcomes
         ids = splits.filter(pl.col("split") == split)["problem_id"]
         rows = run.outcomes.filter(pl.col("problem_id").is_in(ids.implode()))
         if rows.height == 0:
-            raise TraceError(f"the results hold no problems of split {split!r}: replay with --split {split} or all")
+            raise TraceError(
+                f"the results hold no problems of split {split!r}: replay with --split all (operating points are "
+                f"chosen on the calibration split and reported on test), or choose other --split/--pick-split"
+            )
         return rows
 
     for run in runs:
         run.rows = rows_of(run, options.split)
-        run.pick_rows = rows_of(run, options.pick_split) if options.pick_split else run.rows
+        run.pick_rows = run.rows if options.pick_split == REPORTED_ROWS else rows_of(run, options.pick_split)
 
 
 # ---------------------------------------------------------------------- optional inputs

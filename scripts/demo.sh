@@ -24,18 +24,18 @@ trace train steer "$out" --out "$out/steer.json"
 
 mkdir -p "$results"
 for router in small-only large-only oracle; do
-  trace replay "$out" --router "$router" --out "$results/$router.parquet"
+  trace replay "$out" --split all --router "$router" --out "$results/$router.parquet"
 done
-trace replay "$out" --router random --sweep p=0:1:0.1 --out "$results/random.parquet"
-trace replay "$out" --router steer --param mode=switch --param gmms="$out/steer.json" --sweep tau=0:1:0.05 \
+trace replay "$out" --split all --router random --sweep p=0:1:0.1 --out "$results/random.parquet"
+trace replay "$out" --split all --router steer --param mode=switch --param gmms="$out/steer.json" --sweep tau=0:1:0.05 \
   --out "$results/steer-switch.parquet"
-trace replay "$out" --router steer --param mode=step --param gmms="$out/steer.json" --sweep tau=0:1:0.1 \
+trace replay "$out" --split all --router steer --param mode=step --param gmms="$out/steer.json" --sweep tau=0:1:0.1 \
   --out "$results/steer-step.parquet"
-trace replay "$out" --router rsd --sweep tau=0:1:0.05 --out "$results/rsd.parquet"
-trace replay "$out" --router specreason --sweep tau=0:9:1 --out "$results/specreason.parquet"
-trace replay "$out" --router cascade --param p_true=final_min --sweep t_true=0:1:0.2 --sweep t_ik=0:0.5:0.1 \
+trace replay "$out" --split all --router rsd --sweep tau=0:1:0.05 --out "$results/rsd.parquet"
+trace replay "$out" --split all --router specreason --sweep tau=0:9:1 --out "$results/specreason.parquet"
+trace replay "$out" --split all --router cascade --param p_true=final_min --sweep t_true=0:1:0.2 --sweep t_ik=0:0.5:0.1 \
   --out "$results/cascade.parquet"
-trace replay "$out" --router policy --param path="$out/policy.pt" --out "$results/policy.parquet"
+trace replay "$out" --split all --router policy --param path="$out/policy.pt" --out "$results/policy.parquet"
 
 trace report "$out" "$results/"*.parquet --out "$out/report" \
   --policy-log "$out/policy.log.parquet" --steer-gmm "$out/steer.json"

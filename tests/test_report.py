@@ -55,6 +55,7 @@ def invoke(*args):
     return runner.invoke(app, [str(arg) for arg in args])
 
 
+EVERY_ROW = ("--split", "all", "--pick-split", "reported")  # report and choose on every row of the results
 API = ("--cost", "api", "--price", "small=0", "--price", "large=gpt-4.1-mini")
 
 
@@ -99,6 +100,7 @@ def main_report(inputs):
         200,
         "--seed",
         7,
+        *EVERY_ROW,
     )
     assert result.exit_code == 0, result.output
     return out
@@ -292,7 +294,7 @@ def test_significance_against_large_only_takes_the_problem_as_the_unit_with_two_
 def test_mcnemar_against_large_only_is_paired_on_problem_and_world_with_one_world(inputs, tmp_path):
     trace = inputs["trace"]
     small = replay_to(trace, tmp_path / "small.parquet", "--router", "small-only", "--split", "all", "--worlds", "0")
-    result = invoke("report", trace, small, "--out", tmp_path / "r", "--bootstrap", 20)
+    result = invoke("report", trace, small, "--out", tmp_path / "r", "--bootstrap", 20, *EVERY_ROW)
     assert result.exit_code == 0, result.output
     table = table_after((tmp_path / "r" / "report.md").read_text(), "Significance against large-only (McNemar)")
     large = single_model(trace, "L").rename({"correct": "large"}).filter(pl.col("world") == 0)
@@ -446,7 +448,9 @@ def test_policy_and_steer_sections_appear_only_when_given(inputs, tmp_path):
 
     # the same folder again without them: their sections and figures go, a file of the user's stays
     (out / "notes.txt").write_text("mine")
-    assert invoke("report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 50).exit_code == 0
+    assert (
+        invoke("report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 50, *EVERY_ROW).exit_code == 0
+    )
     assert "## Policy training" not in (out / "report.md").read_text()
     assert "## STEER" not in (out / "report.md").read_text()
     assert sorted(p.name for p in out.iterdir()) == [
@@ -481,7 +485,7 @@ def test_policy_alpha_defaults_to_the_seed_value_or_the_option(inputs, tmp_path)
 )
 def test_pick_rules_choose_the_documented_configuration(inputs, tmp_path, options, expected):
     out = tmp_path / "r"
-    result = invoke("report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 20, *options)
+    result = invoke("report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 20, *EVERY_ROW, *options)
     assert result.exit_code == 0, result.output
     markdown = (out / "report.md").read_text()
     configs = per_config(inputs["steer"]).with_columns(
@@ -502,29 +506,17 @@ def test_pick_rules_choose_the_documented_configuration(inputs, tmp_path, option
     assert table_after(markdown, "Routers at their operating points")["steer"][0] == f"tau={row['tau']:g}"
 
 
-def test_pick_split_chooses_on_calibration_and_reports_test(inputs, tmp_path):
+def test_by_default_operating_points_are_chosen_on_calibration_and_reported_on_test(inputs, tmp_path):
     out = tmp_path / "r"
     result = invoke(
-        "report",
-        inputs["trace"],
-        inputs["steer"],
-        "--out",
-        out,
-        "--bootstrap",
-        20,
-        "--split",
-        "test",
-        "--pick-split",
-        "calibration",
-        "--accuracy-floor",
-        "large",
+        "report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 20, "--accuracy-floor", "large"
     )
     assert result.exit_code == 0, result.output
     markdown = (out / "report.md").read_text()
     outcomes = pl.read_parquet(inputs["steer"])
     test_rows = outcomes.filter((pl.col("split") == "test") & (pl.col("config") == 0))
     assert f"Evaluated on split test: {test_rows['problem_id'].n_unique()} problems, {test_rows.height} " in markdown
-    assert "chosen on rows of split calibration" in markdown
+    assert "chosen on rows of split calibration, not the reported ones" in " ".join(markdown.split())
     calibration = outcomes.filter(pl.col("split") == "calibration")
     large = single_model(inputs["trace"], "L").join(calibration.select("problem_id").unique(), on="problem_id")
     by_config = (
@@ -549,7 +541,7 @@ def test_api_costs_need_the_baselines_as_results_files(inputs, tmp_path):
     assert not out.exists()
     small = replay_to(trace, tmp_path / "small-api.parquet", "--router", "small-only", *API, "--split", "all")
     large = replay_to(trace, tmp_path / "large-api.parquet", "--router", "large-only", *API, "--split", "all")
-    result = invoke("report", trace, steer, small, large, "--out", out, "--bootstrap", 20)
+    result = invoke("report", trace, steer, small, large, "--out", out, "--bootstrap", 20, *EVERY_ROW)
     assert result.exit_code == 0, result.output
     markdown = (out / "report.md").read_text()
     assert "Cost (US cents)" in markdown and "- large-only: its only configuration (large-api.parquet)" in markdown
@@ -630,7 +622,7 @@ def test_bad_input_is_one_line_exit_1_and_nothing_written(inputs, tmp_path):
         assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) <= 3, result.stderr
         assert not out.exists(), args
     # a failed run leaves an earlier report as it was
-    assert invoke("report", trace, steer, "--out", out, "--bootstrap", 20).exit_code == 0
+    assert invoke("report", trace, steer, "--out", out, "--bootstrap", 20, *EVERY_ROW).exit_code == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert invoke("report", trace, not_parquet, "--out", out).exit_code == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -645,7 +637,9 @@ def test_steer_section_reads_the_file_the_steer_router_saves(inputs, tmp_path):
     saved = tmp_path / "steer.json"
     router.save(saved, train.problems["problem_id"].to_list())
     out = tmp_path / "r"
-    result = invoke("report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 20, "--steer-gmm", saved)
+    result = invoke(
+        "report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 20, "--steer-gmm", saved, *EVERY_ROW
+    )
     assert result.exit_code == 0, result.output
     check_png(out / "steer_mixtures.png")
     table = table_after((out / "report.md").read_text(), "STEER confidence mixtures")
@@ -667,3 +661,15 @@ def test_pareto_cost_axis_turns_logarithmic_past_a_factor_ten(costs, log):
     from analysis.plots import wants_log_cost_axis
 
     assert wants_log_cost_axis(np.array(costs, dtype=float)) is log
+
+
+def test_choosing_on_the_reported_rows_is_labelled_and_test_only_results_are_refused(inputs, tmp_path):
+    out = tmp_path / "r"
+    labelled = invoke("report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 20, *EVERY_ROW)
+    assert labelled.exit_code == 0, labelled.output
+    assert "the reported rows themselves (which flatters threshold routers)" in (out / "report.md").read_text()
+    test_only = replay_to(inputs["trace"], tmp_path / "test.parquet", "--router", "steer", "--sweep", "tau=0:1:0.5")
+    refused = invoke("report", inputs["trace"], test_only, "--out", tmp_path / "r2")
+    message = " ".join(refused.stderr.split())
+    assert refused.exit_code == 1 and "hold no problems of split 'calibration': replay with --split all" in message
+    assert not (tmp_path / "r2").exists()
