@@ -10,12 +10,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from data.toy import MODEL_ALIASES
 from data.toy.task import STEP_DELIMITER, generate, step_text, verify_steps
 from scripts.toy.evaluate import sample_solutions
-from tracegen.value_head import STEP_END, load_value_head_model, prm_input_ids
+from tracegen.value_head import load_value_head_model, prm_input_ids, trained_separator
 
 N_HELDOUT = 100
 # Measured when the PRM was trained (data/toy/CARD.md): AUROC 0.913 on these 100 drafts (0.934 on all
 # 500); the bar is about 0.05 below it, so other thread counts or library versions (other samples) pass.
 MIN_AUROC = 0.86
+SEPARATOR = trained_separator(MODEL_ALIASES["toy-prm"])  # what its training.json records: "\n"
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def prm():
 
 @torch.no_grad()
 def step_rewards(model, tokenizer, question, steps):
-    ids, ends = prm_input_ids(tokenizer, question, steps)
+    ids, ends = prm_input_ids(tokenizer, question, steps, SEPARATOR)
     values = torch.sigmoid(model(torch.tensor([ids])))[0]
     return values[ends].tolist()
 
@@ -58,12 +59,12 @@ def boxed_too_early(problem, k):
 def test_step_end_token_follows_every_step_and_rewards_are_probabilities(prm):
     tokenizer, model = prm
     problem = generate(1, split="test", seed=3)[0]
-    step_end = tokenizer.encode(STEP_END, add_special_tokens=False)
+    step_end = tokenizer.encode(SEPARATOR, add_special_tokens=False)
     assert len(step_end) == 1
-    question_ids = prm_input_ids(tokenizer, problem.question, [])[0]
-    assert tokenizer.decode(question_ids) == problem.question + STEP_END
+    question_ids = prm_input_ids(tokenizer, problem.question, [], SEPARATOR)[0]
+    assert tokenizer.decode(question_ids) == problem.question + SEPARATOR
     for path in (problem.solution_steps(), boxed_too_early(problem, 1), [""], []):
-        ids, ends = prm_input_ids(tokenizer, problem.question, path)
+        ids, ends = prm_input_ids(tokenizer, problem.question, path, SEPARATOR)
         assert len(ends) == len(path)
         assert ends == sorted(set(ends)) and (not ends or ends[-1] == len(ids) - 1)
         assert [ids[i] for i in ends] == step_end * len(path)
@@ -89,3 +90,15 @@ def test_prm_marks_down_an_answer_boxed_before_the_last_step(prm):
         early.append(bad[1])
     assert np.mean(early) < np.mean(exact), (np.mean(early), np.mean(exact))
     assert sum(b < g for b, g in zip(early, exact)) >= 60
+
+
+def test_the_toy_prm_records_its_separator_and_the_scorer_reads_it():
+    """RSD's code puts "\n\n" after each step; the toy PRM was trained with "\n" and says so, and the prm
+    scorer records the one it uses in trace.json."""
+    from tracegen.scorers.prm import ProcessRewardModel
+    from tracegen.value_head import RSD_SEPARATOR
+
+    assert SEPARATOR == "\n" and RSD_SEPARATOR == "\n\n"
+    scorer = ProcessRewardModel({"models": []}, model="toy-prm")
+    assert scorer.manifest_entry()["separator"] == "\n"
+    assert trained_separator(MODEL_ALIASES["toy-small"]) == RSD_SEPARATOR  # no record: RSD's

@@ -19,17 +19,27 @@ from torch import nn
 
 from replay.errors import TraceError
 
-STEP_END = "\n"
+RSD_SEPARATOR = "\n\n"  # what RSD's code puts after the question and after each step before the PRM reads them
+SEPARATOR_FIELD = "step_separator"  # training.json field of a PRM trained with another separator
 HEAD_PREFIX = "v_head.summary."
 
 
-def prm_input_ids(tokenizer, question: str, steps: list[str]) -> tuple[list[int], list[int]]:
-    """(token ids, index of each step's end token) of a question and the steps of one path."""
-    step_end = tokenizer.encode(STEP_END, add_special_tokens=False)[-1]
-    ids = tokenizer.encode((tokenizer.bos_token or "") + question + STEP_END, add_special_tokens=False)
+def trained_separator(folder: str | Path) -> str:
+    """The step separator a PRM checkpoint was trained with: its training.json says, else RSD's."""
+    record = Path(folder) / "training.json"
+    if record.is_file():
+        return json.loads(record.read_text()).get(SEPARATOR_FIELD, RSD_SEPARATOR)
+    return RSD_SEPARATOR
+
+
+def prm_input_ids(tokenizer, question: str, steps: list[str], separator: str) -> tuple[list[int], list[int]]:
+    """(token ids, index of each step's last separator token) of a question and the steps of one path:
+    BOS + question + separator, then each step + separator."""
+    separator_ids = tokenizer.encode(separator, add_special_tokens=False)
+    ids = tokenizer.encode((tokenizer.bos_token or "") + question + separator, add_special_tokens=False)
     ends = []
     for step in steps:
-        ids += tokenizer.encode(step, add_special_tokens=False) + [step_end]
+        ids += tokenizer.encode(step, add_special_tokens=False) + separator_ids
         ends.append(len(ids) - 1)
     return ids, ends
 

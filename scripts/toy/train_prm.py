@@ -53,10 +53,18 @@ from data.toy.task import (
 from data.toy.tokenizer import build_tokenizer
 from scripts.toy.evaluate import sample_solutions
 from scripts.toy.train import adamw, lr_at, optimizer_step, qwen2_config
-from tracegen.value_head import ValueHeadModel, load_value_head_model, prm_input_ids, save_value_head_model
+from tracegen.value_head import (
+    SEPARATOR_FIELD,
+    ValueHeadModel,
+    load_value_head_model,
+    prm_input_ids,
+    save_value_head_model,
+)
 
 LEVEL_WEIGHTS = {2: 1, 3: 3, 4: 1}  # training problems per level, relative
 SAMPLE_BATCH = 250
+
+SEPARATOR = "\n"  # after the question and each step (one toy character; RSD's code uses "\n\n")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -91,10 +99,10 @@ def prefix_labels(question: str, steps: list[str]) -> list[list[int]]:
 def encode_example(tokenizer, question: str, text: str) -> dict:
     """PRM input of one sampled solution with its step labels (and per-token prefix labels)."""
     steps = text.split(STEP_DELIMITER)
-    ids, ends = prm_input_ids(tokenizer, question, steps)
+    ids, ends = prm_input_ids(tokenizer, question, steps, SEPARATOR)
     labels = [int(v) for v in verify_steps(question, steps)]
     token_targets = [-1] * len(ids)  # -1: no per-token target (question, step ends)
-    first = len(prm_input_ids(tokenizer, question, [])[0])
+    first = len(prm_input_ids(tokenizer, question, [], SEPARATOR)[0])
     for k, chars in enumerate(prefix_labels(question, steps)):
         if ends[k] - first == len(chars):  # one token per character, as the toy tokenizer writes them
             token_targets[first : ends[k]] = chars
@@ -427,6 +435,7 @@ def main() -> None:
     print("held-out:", json.dumps(result), "corruptions:", json.dumps(corruption), flush=True)
     metadata = {
         "command": command_line(args),
+        SEPARATOR_FIELD: SEPARATOR,
         "args": {
             name: repo_relative(value) if isinstance(value, Path) else value for name, value in vars(args).items()
         },

@@ -1,12 +1,13 @@
 """``prm``: a process reward model scores every step the small model wrote (RSD's signal).
 
-Input as RSD feeds it (``tracegen.value_head.prm_input_ids``): BOS + raw question + "\\n", then
-each step of the path followed by the step-end token; value = sigmoid of the value head at the
-scored step's end token. Default model: Skywork-o1-Open-PRM-Qwen-2.5-1.5B (``skywork-prm-1.5b``);
-toy traces use the value-head model ``toy-prm`` shipped in data/toy (``WORLD_SCORER_MODELS``). It
-runs on transformers with either ``--backend`` (vLLM has no value-head architecture for it). A call
-costs the tokens of the step and its end token: the PRM keeps its cache over the accepted prefix,
-as RSD runs it.
+Input as RSD's code feeds it (``tracegen.value_head.prm_input_ids``): BOS + raw question + separator,
+then each step of the path followed by the separator; value = sigmoid of the value head at the scored
+step's last separator token. The separator is RSD's "\\n\\n" unless the checkpoint's training.json
+records the one it was trained with (the toy PRM: "\\n"); trace.json records it. Default model:
+Skywork-o1-Open-PRM-Qwen-2.5-1.5B (``skywork-prm-1.5b``); toy traces use ``toy-prm`` shipped in
+data/toy (``WORLD_SCORER_MODELS``). It runs on transformers with either ``--backend`` (vLLM has no
+value-head architecture for it). A call reads the step and its separator (the PRM keeps its cache over
+the accepted prefix, as RSD runs it) and generates nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from replay.schema import SMALL
 from tracegen.models import ModelRef, model_entry, named_model
 from tracegen.scorers.base import Item, Score, Scorer
 
-PRM_INPUT = "BOS + question + \\n, then each step + \\n; value = sigmoid(value head) at the step's end token"
+PRM_INPUT = "BOS + question + separator, then each step + separator; value = sigmoid(value head) at its last token"
 
 
 class ProcessRewardModel(Scorer):
@@ -43,7 +44,19 @@ class ProcessRewardModel(Scorer):
         return pl.col("model") == SMALL
 
     def describe(self) -> dict:
-        return {**model_entry(self.checkpoint), "model": self.signal, "input": PRM_INPUT, "engine": "transformers"}
+        return {
+            **model_entry(self.checkpoint),
+            "model": self.signal,
+            "input": PRM_INPUT,
+            "separator": self.separator,
+            "engine": "transformers",
+        }
+
+    @cached_property
+    def separator(self) -> str:
+        from tracegen.value_head import trained_separator
+
+        return trained_separator(self.checkpoint.path)
 
     def _load(self) -> None:
         import torch
@@ -61,7 +74,7 @@ class ProcessRewardModel(Scorer):
 
         from tracegen.value_head import prm_input_ids
 
-        encoded = [prm_input_ids(self.tokenizer, item.question, item.step_texts) for item in items]
+        encoded = [prm_input_ids(self.tokenizer, item.question, item.step_texts, self.separator) for item in items]
         width = max(len(ids) for ids, _ in encoded)
         limit = self.network.body.config.max_position_embeddings
         if width > limit:
