@@ -219,3 +219,17 @@ def test_the_real_scorers_run_on_the_toy_models(trace, name):
         assert scores["value"].is_between(0, 1).all() and detail.shape[1] == 2
     # a call reads the question and (for judge and verifier) the steps, and writes one token
     assert (scores["n_tokens_processed"] > scores["question"].str.len_chars()).all()
+
+
+def test_the_judge_prompt_is_laid_out_as_specreason_lays_it_out():
+    from tracegen.prompts import JUDGE_PREFILL, JUDGE_REQUEST, judge_prompt_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_ALIASES["toy-large"])
+    text = tokenizer.decode(judge_prompt_ids(tokenizer, "Compute 2+3.", ["2+3=5", "so \\boxed{5}"]))
+    question, steps, request = (
+        text.index("Compute 2+3."),
+        text.index("2+3=5\n\nso \\boxed{5}"),
+        text.index(JUDGE_REQUEST),
+    )
+    assert question < steps < request and text.endswith("assistant\n" + JUDGE_PREFILL)
+    assert text[question:steps].count("<|im_start|>assistant") == 1  # the steps are the assistant's own turn

@@ -26,11 +26,14 @@ def _chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 
 
 # Scorer prompts (trace score), recorded in trace.json with each scorer.
-JUDGE_PROMPT = (  # SpecReason's verdict: the large model rates the latest step 0-9
-    "Question: {question}\n\nEarlier steps:\n{earlier}\n\nLatest step:\n{step}\n\n"
-    "Evaluate the latest step for mathematical and logical correctness given the question and the earlier "
-    "steps. Rate it with a single digit from 0 (certainly wrong) to 9 (certainly correct). Reply with the digit only."
+# SpecReason's verdict, laid out as its public code lays it out: the question as the user's turn, the steps so
+# far as the assistant's reasoning, then a request to rate the last step from 0 to 9 (this wording is ours),
+# and the assistant's reply prefilled with JUDGE_PREFILL; the next token is the score.
+JUDGE_REQUEST = (
+    "Evaluate the last step of your reasoning above for mathematical and logical correctness, given the question "
+    "and the steps before it. Rate it with a single digit from 0 (certainly wrong) to 9 (certainly correct)."
 )
+JUDGE_PREFILL = "I think the quality score is: "
 P_TRUE_PROMPT = (  # Kadavath et al. 2022, "Language Models (Mostly) Know What They Know"
     "Question: {question}\nProposed Answer: {answer}\nIs the proposed answer:\n (A) True\n (B) False\n"
     "The proposed answer is:"
@@ -39,6 +42,16 @@ VERIFIER_PROMPT = (
     "Question: {question}\n\nEarlier steps:\n{earlier}\n\nLatest step:\n{step}\n\n"
     "Is the latest step correct? Reply with exactly one verdict: correct or incorrect."
 )
+
+
+def judge_prompt_ids(tokenizer, question: str, steps: list[str]) -> list[int]:
+    """Token ids of SpecReason's judge prompt for the last of ``steps``, ending inside the prefilled reply."""
+    messages = [
+        *chat_messages(question),
+        {"role": "assistant", "content": STEP_DELIMITER.join(steps)},
+        {"role": "user", "content": JUDGE_REQUEST},
+    ]
+    return _chat_ids(tokenizer, messages) + tokenizer.encode(JUDGE_PREFILL, add_special_tokens=False)
 
 
 def user_prompt_ids(tokenizer, text: str) -> list[int]:

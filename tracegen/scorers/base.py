@@ -19,7 +19,6 @@ from replay.errors import TraceError
 from replay.schema import LARGE, Manifest
 from tracegen.backends import default_backend, load_backend, scorer_engine_kwargs
 from tracegen.models import ModelRef, load_tokenizer, model_entry, named_model, trace_model
-from tracegen.prompts import earlier_steps_text, user_prompt_ids
 
 SCORERS: dict[str, type[Scorer]] = {}
 # What a trace of a world asks for by signal name: the toy models cannot follow the judge's or P(True)'s
@@ -159,14 +158,3 @@ class LargeModelScorer(LanguageModelScorer):
     def model_fields(self) -> dict:
         """trace.json's record of whose model a call runs (and its size, for an own model)."""
         return {"model": LARGE} if self.model is None else {**model_entry(self.checkpoint), "model": self.signal}
-
-
-def step_prompt_ids(tokenizer, template: str, items: list[Item]) -> list[list[int]]:
-    """Each item's question, earlier steps and latest step put into ``template`` as a user turn, as token ids."""
-    return [
-        user_prompt_ids(
-            tokenizer,
-            template.format(question=i.question, earlier=earlier_steps_text(i.step_texts[:-1]), step=i.step_texts[-1]),
-        )
-        for i in items
-    ]

@@ -1,9 +1,11 @@
 """``judge``: SpecReason's verdict of the large model on each step the small model wrote.
 
-The large model (or ``--model``) reads the question, the earlier steps and the latest step (prompt
-``JUDGE_PROMPT``) and rates it 0-9: value = the likeliest digit, detail = the probabilities of the
-digits 0-9 among its top-k next tokens (0 where a digit is not in the top-k). A call costs the
-prompt's prefill plus one token.
+Laid out as SpecReason's public code lays it out (``tracegen.prompts.judge_prompt_ids``): the question
+as the user's turn, the steps so far as the assistant's reasoning, a request to rate the last step 0-9,
+and the assistant's reply prefilled with "I think the quality score is: ". value = the greedy next
+token's digit (a non-digit counts as 0); detail = the probabilities of the digits 0-9 among the top-k
+next tokens (0 where a digit is not in the top-k), from which ``--param score=expected`` takes the
+expected digit. A call reads the prompt and generates one token.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import math
 import polars as pl
 
 from replay.schema import SMALL
-from tracegen.prompts import JUDGE_PROMPT
-from tracegen.scorers.base import Item, LargeModelScorer, Score, step_prompt_ids
+from tracegen.prompts import JUDGE_PREFILL, JUDGE_REQUEST, judge_prompt_ids
+from tracegen.scorers.base import Item, LargeModelScorer, Score
 
 DIGITS = tuple(str(d) for d in range(10))
 TOP_K = 20
@@ -33,11 +35,17 @@ class Judge(LargeModelScorer):
 
     def method(self) -> dict:
         """The prompt (and top-k) of the verdict, recorded in trace.json."""
-        return {"prompt": JUDGE_PROMPT, "top_k": TOP_K}
+        return {
+            "layout": "user: question; assistant: steps; user: request",
+            "prompt": JUDGE_REQUEST,
+            "prefill": JUDGE_PREFILL,
+            "value": "greedy next token's digit, non-digit 0",
+            "top_k": TOP_K,
+        }
 
     def score(self, items: list[Item]) -> list[Score]:
         engine, tokenizer = self.engine(self.engine_role, self.checkpoint)
-        prompts = step_prompt_ids(tokenizer, JUDGE_PROMPT, items)
+        prompts = [judge_prompt_ids(tokenizer, item.question, item.step_texts) for item in items]
         digit_ids = {tokenizer.convert_tokens_to_ids(d): int(d) for d in DIGITS}
         scores = []
         for prompt, top in zip(prompts, engine.next_token_logprobs(prompts, TOP_K)):
@@ -45,6 +53,7 @@ class Judge(LargeModelScorer):
             for token, logprob in top.items():
                 if token in digit_ids:
                     probabilities[digit_ids[token]] += math.exp(logprob)
-            value = float(max(range(10), key=probabilities.__getitem__)) if any(probabilities) else 0.0
+            greedy = max(top, key=top.__getitem__)
+            value = float(digit_ids.get(greedy, 0))  # SpecReason: a non-digit verdict counts as 0
             scores.append(Score(value=value, detail=probabilities, n_tokens_processed=len(prompt) + 1))
         return scores

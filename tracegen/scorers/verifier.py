@@ -12,8 +12,8 @@ import math
 
 import polars as pl
 
-from tracegen.prompts import VERIFIER_PROMPT
-from tracegen.scorers.base import Item, LargeModelScorer, Score, step_prompt_ids
+from tracegen.prompts import VERIFIER_PROMPT, earlier_steps_text, user_prompt_ids
+from tracegen.scorers.base import Item, LargeModelScorer, Score
 
 TOP_K = 20
 
@@ -31,7 +31,15 @@ class StepVerifier(LargeModelScorer):
 
     def score(self, items: list[Item]) -> list[Score]:
         engine, tokenizer = self.engine(self.engine_role, self.checkpoint)
-        prompts = step_prompt_ids(tokenizer, VERIFIER_PROMPT, items)
+        prompts = [
+            user_prompt_ids(
+                tokenizer,
+                VERIFIER_PROMPT.format(
+                    question=i.question, earlier=earlier_steps_text(i.step_texts[:-1]), step=i.step_texts[-1]
+                ),
+            )
+            for i in items
+        ]
         first = {word: tokenizer.encode(word, add_special_tokens=False)[0] for word in ("correct", "incorrect")}
         scores = []
         for prompt, top in zip(prompts, engine.next_token_logprobs(prompts, TOP_K)):
