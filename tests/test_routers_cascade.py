@@ -78,7 +78,7 @@ def outcomes(trace, cost="flops", sweep=None, **params):
 
 
 def test_ptrue_keeps_a_confident_small_answer_and_escalates_the_rest(trace):
-    rows, _ = outcomes(trace, pik=False)
+    rows, _ = outcomes(trace, pik=False, t_true=0.5)  # P(T) 0.9 is stored as float32 0.8999
     q0, q1 = rows["q0"], rows["q1"]
     assert (q0["path"], q0["correct"], q0["cost"], q0["cost_scorer"]) == (
         "ss",
@@ -100,7 +100,7 @@ def test_final_step_probability_needs_no_scorer(trace):
 
 
 def test_pik_probe_skips_the_small_model_before_it_writes(trace):
-    rows, _ = outcomes(trace, pik=True, t_ik=0.5)
+    rows, _ = outcomes(trace, pik=True, t_ik=0.5, t_true=0.5)
     q0, q1 = rows["q0"], rows["q1"]
     assert (q0["path"], q0["cost"]) == ("ss", SMALL_CHAIN + PTRUE_CALL)
     # q1 looks like the train problems the small model gets wrong: it never writes; under flops its
@@ -112,7 +112,7 @@ def test_pik_probe_skips_the_small_model_before_it_writes(trace):
 
 
 def test_a_skipped_model_pays_its_prompt_prefill(trace):
-    rows, _ = outcomes(trace, cost="flops+prefill", pik=True, t_ik=0.5)
+    rows, _ = outcomes(trace, cost="flops+prefill", pik=True, t_ik=0.5, t_true=0.5)
     # prefill: 20 prompt tokens for a root step (tracebuild), 24 for a depth-1 step; small 1, large 4 TFLOPs/token
     large_chain = LARGE_CHAIN + 4 * (20 + 24)
     assert rows["q1"]["cost"] == 20.0 + large_chain

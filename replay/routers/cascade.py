@@ -1,8 +1,8 @@
 """Query-level cascade over K models (Chen, Chen, Yen: Confidence-Driven Multi-Scale Model Selection).
 
 Models are tried in order of size (``models``, default the trace's roles in manifest order). Model
-i's whole solution is kept if P(T) >= ``t_true`` and P(IK) >= ``t_ik``; otherwise the query goes
-to model i+1; the last model's answer is always kept.
+i's whole solution is kept if P(T) >= ``t_true`` (default 0.9, the paper's) and P(IK) >= ``t_ik``;
+otherwise the query goes to model i+1; the last model's answer is always kept.
 
 - P(IK): an MLP probe (64 hidden units, scikit-learn) on the prompt's hidden state of model i at
   ``layer`` (from the hidden table), fitted on the train split to predict whether model i's own
@@ -102,7 +102,7 @@ class Cascade(QueryRouter):
         self,
         models="",
         p_true="ptrue",
-        t_true=0.5,
+        t_true=0.9,  # the paper's
         pik=True,
         t_ik=0.5,
         layer=DEFAULT_LAYER,
