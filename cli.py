@@ -425,6 +425,15 @@ def report(
         "--steer-gmm",
         help="STEER mixtures JSON: adds the fitted mixtures over the small model's confidence histograms.",
     ),
+    table: list[str] = typer.Option(
+        [],
+        "--table",
+        help=(
+            "Add a seed's table layout, repeatable: cmdp (methods x Acc, Cost, A/C, as the CMDP seed's Tables 1-2) "
+            "or cascade (model chains with accuracy, PD and compute saving, with and without P(IK), and the P(T) "
+            "threshold sensitivity, as the cascade seed's Table 1); also written as table_NAME.md and .csv."
+        ),
+    ),
     alpha: float = typer.Option(
         None, "--alpha", help="Policy coverage target is 1 - alpha; default: the log's alpha column, else 0.02."
     ),
@@ -447,6 +456,7 @@ def report(
         policy_log=policy_log,
         steer_gmm=steer_gmm,
         alpha=alpha,
+        tables=tuple(table),
     )
     written = make_report(trace_dir, results, out, options)
     console.print(f"[green]wrote[/] {out / 'index.html'} and {len(written) - 1} more file(s) in {out}")

@@ -21,7 +21,7 @@ inputs give the same bytes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -53,12 +53,14 @@ from analysis.report_inputs import (
     split_runs,
 )
 from analysis.stats import bootstrap_counts
+from analysis.tables import TABLES, cascade_table, cmdp_table, table_markdown
 from replay.atomic import write_atomic
 from replay.errors import TraceError
 from replay.store import open_trace
 
 PAGE, MARKDOWN = "index.html", "report.md"
-REPORT_FILES = (PAGE, MARKDOWN, *FIGURES.values())
+TABLE_FILES = {name: (f"table_{name}.md", f"table_{name}.csv") for name in TABLES}
+REPORT_FILES = (PAGE, MARKDOWN, *FIGURES.values(), *(name for files in TABLE_FILES.values() for name in files))
 BASELINES = ("small-only", "large-only")
 
 
@@ -66,9 +68,11 @@ BASELINES = ("small-only", "large-only")
 class Report:
     markdown: str
     figures: dict[str, bytes]  # file name -> PNG
+    tables: dict[str, bytes] = field(default_factory=dict)  # file name -> the seeds' tables as Markdown and CSV
 
     def files(self) -> dict[str, bytes]:
-        return {MARKDOWN: self.markdown.encode(), PAGE: render_html(self.markdown).encode(), **self.figures}
+        page = render_html(self.markdown).encode()
+        return {MARKDOWN: self.markdown.encode(), PAGE: page, **self.figures, **self.tables}
 
 
 # ---------------------------------------------------------------------- the report
@@ -82,6 +86,9 @@ def build_report(trace_dir, result_paths: list[Path], options: ReportOptions) ->
         raise TraceError(f"--pick must be one of {', '.join(PICK_RULES)}, got {options.pick!r}")
     if options.bootstrap < 1:
         raise TraceError(f"--bootstrap must be at least 1, got {options.bootstrap}")
+    unknown = [name for name in options.tables if name not in TABLES]
+    if unknown:
+        raise TraceError(f"unknown --table {unknown[0]!r}; choose one of {', '.join(TABLES)}")
     pins = [(text, *parse_pin(text)) for text in options.at]
     policy_log = read_policy_log(options.policy_log, options.alpha) if options.policy_log is not None else None
     steer_mixtures = read_steer_mixtures(options.steer_gmm) if options.steer_gmm is not None else None
@@ -155,7 +162,22 @@ def build_report(trace_dir, result_paths: list[Path], options: ReportOptions) ->
         sections.append(policy_section(options.policy_log, *policy_log, figures))
     if steer_mixtures is not None:
         sections.append(steer_section(options.steer_gmm, *steer_mixtures, trace, figures))
-    return Report("\n\n".join(sections) + "\n", figures)
+    tables = {}
+    for name in options.tables:
+        if name == "cmdp":
+            frame = cmdp_table(table, trace.manifest.dataset_name or "?", cost_unit)
+        else:
+            frame = cascade_table(routers, baselines, roles)
+        markdown = table_markdown(name, frame, cost_unit)
+        sections.append(markdown)
+        md_file, csv_file = TABLE_FILES[name]
+        tables[md_file] = (markdown + "\n").encode()
+        tables[csv_file] = _csv_bytes(frame)
+    return Report("\n\n".join(sections) + "\n", figures, tables)
+
+
+def _csv_bytes(frame: pl.DataFrame) -> bytes:
+    return frame.write_csv().encode()
 
 
 # ---------------------------------------------------------------------- the output folder

@@ -56,6 +56,7 @@ class ReportOptions:
     policy_log: Path | None = None
     steer_gmm: Path | None = None
     alpha: float | None = None  # policy coverage target 1 - alpha (default: the log's alpha, else 0.02)
+    tables: tuple[str, ...] = ()  # the seeds' table layouts to add (analysis.tables)
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from html.parser import HTMLParser
 from pathlib import Path
@@ -673,3 +674,66 @@ def test_choosing_on_the_reported_rows_is_labelled_and_test_only_results_are_ref
     message = " ".join(refused.stderr.split())
     assert refused.exit_code == 1 and "hold no problems of split 'calibration': replay with --split all" in message
     assert not (tmp_path / "r2").exists()
+
+
+def test_the_seeds_tables_come_from_the_report_numbers(inputs, tmp_path):
+    trace = inputs["trace"]
+    cascade = replay_to(
+        trace,
+        tmp_path / "cascade.parquet",
+        "--router",
+        "cascade",
+        "--param",
+        "pik=false",
+        "--param",
+        "p_true=final_min",
+        "--sweep",
+        "t_true=0:1:0.5",
+        "--split",
+        "all",
+    )
+    out = tmp_path / "r"
+    result = invoke(
+        "report",
+        trace,
+        inputs["steer"],
+        inputs["oracle"],
+        cascade,
+        "--out",
+        out,
+        "--bootstrap",
+        20,
+        "--table",
+        "cmdp",
+        "--table",
+        "cascade",
+        *EVERY_ROW,
+    )
+    assert result.exit_code == 0, result.output
+    markdown = (out / "report.md").read_text()
+    main = table_after(markdown, "Routers at their operating points")
+
+    cmdp = pl.read_csv(out / "table_cmdp.csv")
+    assert cmdp["method"].to_list() == ["small-only", "large-only", "steer", "oracle", "cascade"]  # the seed's order
+    for row in cmdp.iter_rows(named=True):
+        assert row["accuracy_pct"] == pytest.approx(number(main[row["method"]][1]), abs=0.05)
+        assert row["cost_tflops"] == pytest.approx(number(main[row["method"]][2]), rel=1e-3)
+        assert row["a_over_c"] == pytest.approx(100 * row["accuracy_pct"] / 100 / row["cost_tflops"], rel=1e-6)
+    assert (out / "table_cmdp.md").read_text().startswith("## The CMDP seed's layout")
+
+    table = pl.read_csv(out / "table_cascade.csv")
+    large, small = (single_model(trace, char) for char in ("L", "s"))
+    assert table.row(0, named=True)["accuracy_pct"] == pytest.approx(100 * small["correct"].mean())
+    assert table.row(1, named=True)["pd_points"] == 0 and table.row(1, named=True)["reduced_cc_pct"] == 0
+    outcomes = pl.read_parquet(cascade)
+    chosen = table.filter(pl.col("kind") == "without P(IK)").row(0, named=True)
+    t_true = float(re.search(r"t_true=([0-9.]+)", chosen["operating_point"]).group(1))
+    config = outcomes.filter(pl.col("params").str.contains(f'"t_true": {t_true}'))
+    accuracy, cost = config["correct"].cast(pl.Float64).mean(), config["cost"].mean()
+    large_only_cost = number(main["large-only"][2])
+    assert chosen["chain"] == "small → large"
+    assert chosen["pd_points"] == pytest.approx(100 * (accuracy - large["correct"].mean()))
+    assert chosen["reduced_cc_pct"] == pytest.approx(100 * (1 - cost / large_only_cost), rel=1e-3)
+    sensitivity = table.filter(pl.col("kind").str.ends_with("P(T) sensitivity"))
+    assert sensitivity.height == 2  # the other two t_true values of the sweep
+    assert "## The cascade seed's layout" in markdown

@@ -1,0 +1,173 @@
+"""The seeds' table layouts, from the same runs and operating points as the report (`trace report --table`).
+
+- ``cmdp`` (Si, Lee, Bastani, Tables 1 and 2): one row per method at its operating point, the seed's methods
+  first (small-only, large-only, RSD, SpecReason, STEER, the policy), then any other router; columns
+  Acc (%), Cost and A/C (accuracy in % per cost unit) under the trace's dataset.
+- ``cascade`` (Chen, Chen, Yen, Table 1): each model alone, then each cascade run (its chain of models, with
+  or without P(IK)) at its operating point, with accuracy, PD (performance drop in points against the
+  largest model alone) and Reduced CC (compute saved against the largest model alone, %); then, for a
+  cascade swept over ``t_true``, its P(T)-threshold sensitivity: the same columns at every ``t_true``,
+  the other parameters as chosen.
+
+Each table is written as Markdown and CSV next to the report.
+"""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+
+from analysis.operating_points import Row
+from analysis.report_inputs import Run
+
+TABLES = ("cmdp", "cascade")
+CMDP_ORDER = ("small-only", "large-only", "rsd", "specreason", "steer", "policy")
+CHAIN_ARROW = " → "
+
+
+def cmdp_table(rows: list[Row], dataset: str, cost_unit: str) -> pl.DataFrame:
+    """One row per method, the seed's order first; accuracy in %, cost per query, A/C in % per cost unit."""
+
+    def rank(row: Row) -> tuple[int, int]:
+        router = row.run.router
+        return (CMDP_ORDER.index(router) if router in CMDP_ORDER else len(CMDP_ORDER), rows.index(row))
+
+    return pl.DataFrame(
+        [
+            {
+                "method": row.run.label,
+                "operating_point": _params_text(row.run.point_params()),
+                "dataset": dataset,
+                "accuracy_pct": _scaled(row.accuracy.value, 100),
+                f"cost_{_unit_name(cost_unit)}": row.cost.value,
+                "a_over_c": row.a_over_c.value,
+            }
+            for row in sorted(rows, key=rank)
+        ],
+        schema_overrides={
+            "accuracy_pct": pl.Float64,
+            f"cost_{_unit_name(cost_unit)}": pl.Float64,
+            "a_over_c": pl.Float64,
+        },
+    )
+
+
+def cascade_table(runs: list[Run], baselines: dict[str, Run], roles: list[str]) -> pl.DataFrame:
+    """Single models, every cascade run at its operating point, and the t_true sensitivity of swept ones."""
+    largest = _accuracy_and_cost(baselines["large-only"].at_chosen())
+    records = []
+    for name, role in (("small-only", roles[0]), ("large-only", roles[-1])):
+        accuracy, cost = _accuracy_and_cost(baselines[name].at_chosen())
+        records.append(_record(role, "single model", "", accuracy, cost, largest))
+    for run in runs:
+        if run.router != "cascade":
+            continue
+        chosen = run.params[run.chosen]
+        chain = CHAIN_ARROW.join(_chain(chosen, roles))
+        with_pik = chosen.get("pik", True)
+        pik = "with P(IK)" if with_pik else "without P(IK)"
+        point = {k: v for k, v in run.point_params().items() if with_pik or k != "t_ik"}
+        accuracy, cost = _accuracy_and_cost(run.at_chosen())
+        records.append(_record(chain, pik, _params_text(point), accuracy, cost, largest))
+        others = {key: value for key, value in chosen.items() if key != "t_true"}
+        for config, params in sorted(run.params.items(), key=lambda item: item[1].get("t_true", 0)):
+            if config == run.chosen or {k: v for k, v in params.items() if k != "t_true"} != others:
+                continue
+            accuracy, cost = _accuracy_and_cost(run.rows.filter(pl.col("config") == config))
+            records.append(
+                _record(chain, f"{pik}, P(T) sensitivity", f"t_true={params['t_true']:g}", accuracy, cost, largest)
+            )
+    return pl.DataFrame(
+        records,
+        schema={
+            "chain": pl.String,
+            "kind": pl.String,
+            "operating_point": pl.String,
+            "accuracy_pct": pl.Float64,
+            "pd_points": pl.Float64,
+            "reduced_cc_pct": pl.Float64,
+            "cost": pl.Float64,
+        },
+    )
+
+
+def table_markdown(name: str, table: pl.DataFrame, cost_unit: str) -> str:
+    """The table as the seed prints it, in Markdown."""
+    if name == "cmdp":
+        dataset = table["dataset"][0] if table.height else "?"
+        headers = ["Method", "Operating point", f"{dataset}: Acc (%)", f"Cost ({cost_unit})", "A/C"]
+        cost_column = [column for column in table.columns if column.startswith("cost_")][0]
+        body = [
+            [
+                r["method"],
+                r["operating_point"],
+                _fmt(r["accuracy_pct"], ".1f"),
+                _fmt(r[cost_column], ".4g"),
+                _fmt(r["a_over_c"], ".4g"),
+            ]
+            for r in table.iter_rows(named=True)
+        ]
+        title = "The CMDP seed's layout (Tables 1 and 2): each method at its operating point"
+    else:
+        headers = ["LLM(s)", "", "Operating point", "Acc. (%)", "PD (points)", "Reduced CC (%)", f"Cost ({cost_unit})"]
+        body = [
+            [
+                r["chain"],
+                r["kind"],
+                r["operating_point"],
+                _fmt(r["accuracy_pct"], ".2f"),
+                _fmt(r["pd_points"], "+.2f"),
+                _fmt(r["reduced_cc_pct"], ".2f"),
+                _fmt(r["cost"], ".4g"),
+            ]
+            for r in table.iter_rows(named=True)
+        ]
+        title = "The cascade seed's layout (Table 1): PD and Reduced CC against the largest model alone"
+    lines = [f"## {title}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def _accuracy_and_cost(rows: pl.DataFrame) -> tuple[float | None, float | None]:
+    done = rows.filter(pl.col("misses") == 0)
+    if done.height == 0:
+        return None, None
+    return float(done["correct"].cast(pl.Float64).mean()), float(done["cost"].mean())
+
+
+def _record(chain, kind, point, accuracy, cost, largest) -> dict:
+    large_accuracy, large_cost = largest
+    return {
+        "chain": chain,
+        "kind": kind,
+        "operating_point": point,
+        "accuracy_pct": _scaled(accuracy, 100),
+        "pd_points": None if accuracy is None or large_accuracy is None else 100 * (accuracy - large_accuracy),
+        "reduced_cc_pct": None if cost is None or not large_cost else 100 * (1 - cost / large_cost),
+        "cost": cost,
+    }
+
+
+def _chain(params: dict, roles: list[str]) -> list[str]:
+    models = params.get("models") or ""
+    return [role.strip() for role in models.split(",")] if models else list(roles)
+
+
+def _params_text(params: dict) -> str:
+    return ", ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={json.dumps(v) if isinstance(v, bool) else v}"
+        for k, v in params.items()
+    )
+
+
+def _scaled(value: float | None, factor: float) -> float | None:
+    return None if value is None else factor * value
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _unit_name(cost_unit: str) -> str:
+    return cost_unit.lower().replace(" ", "_")
