@@ -38,5 +38,5 @@ trace replay "$out" --split all --router cascade --param p_true=final_min --swee
 trace replay "$out" --split all --router policy --param path="$out/policy.pt" --out "$results/policy.parquet"
 
 trace report "$out" "$results/"*.parquet --out "$out/report" \
-  --policy-log "$out/policy.log.parquet" --steer-gmm "$out/steer.json"
+  --policy-log "$out/policy.log.parquet" --steer-gmm "$out/steer.json" --table cmdp --table cascade
 echo "trace: $out   report: $out/report/index.html"
