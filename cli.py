@@ -583,7 +583,12 @@ def train_pik_command(
     model: str = typer.Option(
         "small", "--model", help="Model role(s) to probe, comma-separated (all but the largest of a cascade)."
     ),
-    layer: int = typer.Option(-1, "--layer", help="Layer of the stored prompt hidden state (-1 = last)."),
+    layer: str = typer.Option(
+        "auto",
+        "--layer",
+        help="Layer of the stored prompt hidden state: auto (the paper's 24 when the model has more layers, else "
+        "the last), or a number (-1 = last).",
+    ),
     where: str = typer.Option("prompt_last", "--where", help="Position of the stored hidden state."),
     out: Path = typer.Option(Path("pik.joblib"), "--out", help="Probe file for --router cascade --param probe=FILE."),
     seed: int = typer.Option(0, "--seed", help="Seed of the probes and of the 80/10/10 fit/validation/test division."),
@@ -592,7 +597,7 @@ def train_pik_command(
 ) -> None:
     """Fit the cascade's P(IK) probes (MLP on the prompt hidden state predicting the model's own correctness).
 
-    Example: trace train pik runs/toy --model small --layer -1 --out pik.joblib
+    Example: trace train pik runs/toy --model small --out pik.joblib
     """
     from rich.table import Table
 
@@ -600,7 +605,7 @@ def train_pik_command(
     from replay.train_pik import train_pik
 
     models = [role.strip() for role in model.split(",") if role.strip()]
-    reports = train_pik(
+    reports, layers = train_pik(
         trace_dir,
         out,
         models,
@@ -610,12 +615,13 @@ def train_pik_command(
         split_seed=split_seed,
         fractions=parse_fractions(split_fractions),
     )
-    table = Table(title=f"P(IK) probes, layer {layer} ({where}): test part of the train split")
-    for name in ("Model", "Fit / val / test", "Correct (fit)", "L2", "Accuracy", "F1", "AUROC"):
+    table = Table(title=f"P(IK) probes ({where}): test part of the train split")
+    for name in ("Model", "Layer", "Fit / val / test", "Correct (fit)", "L2", "Accuracy", "F1", "AUROC"):
         table.add_column(name, justify="left" if name == "Model" else "right")
     for r in reports:
         table.add_row(
             r.model,
+            str(layers[r.model]),
             f"{r.n_fit:,} / {r.n_validation:,} / {r.n_test:,}",
             f"{100 * r.positive_rate:.1f}%",
             f"{r.l2:g}",

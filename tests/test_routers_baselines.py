@@ -20,8 +20,8 @@ SMALL_STEP, LARGE_STEP = 10.0, 80.0
 def manifest():
     return default_manifest(
         models=[
-            {"role": "small", "name": "s", "revision": "t", "n_params": 0.5e12},
-            {"role": "large", "name": "l", "revision": "t", "n_params": 2e12},
+            {"role": "small", "name": "s", "revision": "t", "n_params": 0.5e12, "n_layer": 2, "d_model": 64},
+            {"role": "large", "name": "l", "revision": "t", "n_params": 2e12, "n_layer": 3, "d_model": 128},
         ]
     )
 

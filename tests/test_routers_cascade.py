@@ -23,6 +23,7 @@ from replay.routers import make_router
 from replay.store import open_trace
 
 SMALL_CHAIN, LARGE_CHAIN, PTRUE_CALL = 20.0, 160.0, 1.0
+N_TRAIN = 60  # the probe is fitted 80/10/10: enough for a non-empty validation and test part
 
 
 def ptrue(problem: str, path: str, value: float) -> dict:
@@ -50,12 +51,12 @@ def hidden(problem: str, knows: bool, jitter: float) -> dict:
 
 @pytest.fixture
 def trace(tmp_path):
-    """q0: small right, P(T) 0.9; q1: small wrong, P(T) 0.2. Train problems t0..t19 for the probe: the
+    """q0: small right, P(T) 0.9; q1: small wrong, P(T) 0.2. Train problems t0..t59 for the probe: the
     small model is right on even ones, whose hidden states point one way, wrong on odd ones."""
     steps = problem_steps("q0", True, -0.1) + problem_steps("q1", False, -2.0)
     scores = [ptrue("q0", "ss", 0.9), ptrue("q1", "ss", 0.2)]
     states = [hidden("q0", True, 0.05), hidden("q1", False, 0.05)]
-    for i in range(20):
+    for i in range(N_TRAIN):
         steps += problem_steps(f"t{i}", i % 2 == 0, -0.5)
         states.append(hidden(f"t{i}", i % 2 == 0, 0.01 * i))
     root = build_trace(

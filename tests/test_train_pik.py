@@ -15,10 +15,9 @@ from typer.testing import CliRunner
 from cli import app
 from replay.artifacts import load_train_split
 from replay.errors import TraceError
+from replay.pik import load_probes, probe_parts
 from replay.routers import make_router
-from replay.routers.cascade import load_probes
 from replay.splits import DEFAULT_FRACTIONS
-from replay.train_pik import probe_parts
 
 runner = CliRunner()
 LAYER = 3
@@ -72,7 +71,7 @@ def test_probe_metrics_are_those_of_its_test_part(trace, probe):
     path, stdout = probe
     assert "AUROC" in stdout and "small" in stdout
     saved = load_probes(path)
-    assert (saved["layer"], saved["where"], list(saved["probes"])) == (LAYER, "prompt_last", ["small"])
+    assert (saved["layers"], saved["where"], list(saved["probes"])) == ({"small": LAYER}, "prompt_last", ["small"])
     train = load_train_split(trace, 0, DEFAULT_FRACTIONS)
     ids = train.problems["problem_id"].to_list()
     part = dict(zip(ids, probe_parts(ids, 0)))
@@ -95,12 +94,12 @@ def test_cascade_replays_with_the_saved_probe(trace, probe, tmp_path):
     router = make_router("cascade", probe=str(path), p_true="final_mean").fit(train)
     saved = load_probes(path)
     assert router.probes_["small"] is not saved["probes"]["small"]  # loaded again, not shared
-    assert router.layer_ == LAYER
+    assert router.layers_ == {"small": LAYER}
     x = np.random.default_rng(0).normal(size=(4, 8))
     np.testing.assert_array_equal(router.probes_["small"].predict_proba(x), saved["probes"]["small"].predict_proba(x))
     result = cli("replay", trace, "--router", "cascade", "--param", f"probe={path}", "--param", "p_true=final_mean")
     assert result.exit_code == 0, result.output
-    # without the file the cascade fits its own probe at its layer (-1), which this trace does not store
+    # without the file the cascade fits its own probe at layer auto: -1 for this 2-layer model, not stored here
     result = cli("replay", trace, "--router", "cascade", "--param", "p_true=final_mean")
     assert result.exit_code == 1 and "at layer -1" in result.stderr
 
@@ -122,7 +121,7 @@ def test_bad_input_is_one_clear_line(trace, probe, tmp_path):
         assert result.exit_code == 1, (args, result.output)
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
     train = load_train_split(trace, 0, DEFAULT_FRACTIONS)
-    with pytest.raises(TraceError, match="was trained on layer 3, not 5"):
+    with pytest.raises(TraceError, match="read model small at layer 3, not 5"):
         make_router("cascade", probe=str(path), layer=5).fit(train)
     other = tmp_path / "other.joblib"
     result = cli("train", "pik", trace, "--layer", LAYER, "--split-fractions", "0.9,0.05,0.05", "--out", other)

@@ -37,8 +37,22 @@ GENERATED_TOKENS = {"judge": 1, "verifier": 1, "ptrue": 1}
 def default_manifest(**overrides) -> dict:
     manifest = {
         "models": [
-            {"role": "small", "name": "toy-small", "revision": "test", "n_params": 100_000},
-            {"role": "large", "name": "toy-large", "revision": "test", "n_params": 800_000},
+            {
+                "role": "small",
+                "name": "toy-small",
+                "revision": "test",
+                "n_params": 100_000,
+                "n_layer": 2,
+                "d_model": 64,
+            },
+            {
+                "role": "large",
+                "name": "toy-large",
+                "revision": "test",
+                "n_params": 800_000,
+                "n_layer": 3,
+                "d_model": 128,
+            },
         ],
         "dataset": {"name": "toy", "file_hash": "test"},
         "prompt_template": "test",
