@@ -73,7 +73,7 @@ def trace(tmp_path):
 
 def outcomes(trace, cost="flops", sweep=None, **params):
     train, test = trace
-    router = make_router("cascade", **params).fit(train)
+    router = make_router("cascade", **{"p_true": "ptrue", **params}).fit(train)  # this tree holds P(True) scores
     result = replay(test, router, make_cost_model(cost, test.manifest), sweep)
     return {row["problem_id"]: row for row in result.outcomes.iter_rows(named=True)}, result
 
@@ -90,6 +90,22 @@ def test_ptrue_keeps_a_confident_small_answer_and_escalates_the_rest(trace):
     # q1: the small chain and its P(True) call are paid, then the large chain answers.
     assert (q1["path"], q1["correct"], q1["n_small"], q1["n_large"]) == ("LL", True, 2, 2)
     assert q1["cost"] == SMALL_CHAIN + PTRUE_CALL + LARGE_CHAIN
+
+
+def test_first_token_confidence_is_read_from_its_scorer(tmp_path):
+    """p_true=first_token reads the first_token scores as p_true=ptrue reads P(True)'s."""
+    steps = problem_steps("q0", True, -0.1) + problem_steps("q1", False, -2.0)
+    scores = [{**ptrue("q0", "ss", 0.95), "scorer": "first_token"}, {**ptrue("q1", "ss", 0.3), "scorer": "first_token"}]
+    described = {"first_token": {"model": "self", "generated_tokens": 1}}
+    root = build_trace(tmp_path / "t", steps, manifest={**manifest(), "scorers": described}, scores=scores)
+    data = ReplayData.from_trace(open_trace(root))
+    router = make_router("cascade", pik=False, p_true="first_token").fit(data)
+    assert router.scorer == "first_token"
+    rows = {
+        r["problem_id"]: r for r in replay(data, router, make_cost_model("flops", data.manifest)).outcomes.to_dicts()
+    }
+    assert (rows["q0"]["path"], rows["q1"]["path"]) == ("ss", "LL")  # 0.95 >= t_true 0.9 > 0.3
+    assert rows["q0"]["cost_scorer"] == PTRUE_CALL  # one generated token on the small model
 
 
 def test_final_step_probability_needs_no_scorer(trace):
@@ -122,7 +138,7 @@ def test_a_skipped_model_pays_its_prompt_prefill(trace):
 
 def test_threshold_sweep_equals_single_replays(trace):
     train, test = trace
-    router = make_router("cascade").fit(train)
+    router = make_router("cascade", p_true="ptrue").fit(train)
     cost = make_cost_model("flops", test.manifest)
     swept = replay(test, router, cost, {"t_ik": np.array([0.0, 0.5, 1.0]), "t_true": np.array([0.1, 0.5])})
     assert swept.outcomes["config"].n_unique() == 6
@@ -139,7 +155,8 @@ def test_missing_ptrue_score_is_a_scorer_miss(tmp_path):
     scorers = {"ptrue": {"model": "self", "generated_tokens": 1}}
     root = build_trace(tmp_path / "t", steps, manifest={**manifest(), "scorers": scorers})
     data = ReplayData.from_trace(open_trace(root))
-    result = replay(data, make_router("cascade", pik=False).fit(data), make_cost_model("flops", data.manifest))
+    router = make_router("cascade", pik=False, p_true="ptrue").fit(data)
+    result = replay(data, router, make_cost_model("flops", data.manifest))
     assert result.outcomes["misses"].to_list() == [1]
     assert result.misses.select("path", "model", "scorer").rows() == [("s", "small", "ptrue")]
 

@@ -233,3 +233,26 @@ def test_the_judge_prompt_is_laid_out_as_specreason_lays_it_out():
     )
     assert question < steps < request and text.endswith("assistant\n" + JUDGE_PREFILL)
     assert text[question:steps].count("<|im_start|>assistant") == 1  # the steps are the assistant's own turn
+
+
+def test_first_token_confidence_is_the_probability_that_the_reply_starts_with_answer(trace):
+    """The cascade seed's P(T) for generation tasks, asked of the model that wrote each final answer: the
+    probability of "Answer"'s first token right after the request, computed here with transformers."""
+    from tracegen.prompts import FIRST_TOKEN, FIRST_TOKEN_PROMPT, user_prompt_ids
+
+    run_score(trace, "first_token", backend="hf")
+    scores = joined(trace, "first_token")
+    assert scores.height == open_trace(trace).scan("steps").filter(pl.col("is_final")).collect().height > 0
+    for role in ("small", "large"):
+        tokenizer = AutoTokenizer.from_pretrained(MODEL_ALIASES[f"toy-{role}"])
+        model = AutoModelForCausalLM.from_pretrained(MODEL_ALIASES[f"toy-{role}"], dtype=torch.float32).eval()
+        answer = tokenizer.encode(FIRST_TOKEN, add_special_tokens=False)[0]
+        for row in scores.filter(pl.col("model") == role).iter_rows(named=True):
+            prompt = user_prompt_ids(tokenizer, FIRST_TOKEN_PROMPT.format(question=row["question"]))
+            with torch.no_grad():
+                probabilities = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double(), -1)
+            in_top_k = int((probabilities > probabilities[answer]).sum()) < 20
+            expected = float(probabilities[answer]) if in_top_k else 0.0
+            assert row["value"] == pytest.approx(expected, abs=1e-4)
+            assert row["n_tokens_processed"] == len(prompt) + 1
+    assert open_trace(trace).manifest.scorers["first_token"]["model"] == "self"

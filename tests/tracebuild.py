@@ -31,7 +31,7 @@ CHAR_ROLES = {model_char(role): role for role in ("small", "large")}
 TOPK = 3
 
 # tokens one call of each scorer generates, as `trace score` records it (judge, verifier, P(True): one; a PRM: none)
-GENERATED_TOKENS = {"judge": 1, "verifier": 1, "ptrue": 1}
+GENERATED_TOKENS = {"judge": 1, "verifier": 1, "ptrue": 1, "first_token": 1}
 
 
 def default_manifest(**overrides) -> dict:

@@ -38,6 +38,10 @@ P_TRUE_PROMPT = (  # Kadavath et al. 2022, "Language Models (Mostly) Know What T
     "Question: {question}\nProposed Answer: {answer}\nIs the proposed answer:\n (A) True\n (B) False\n"
     "The proposed answer is:"
 )
+FIRST_TOKEN_PROMPT = (  # the cascade seed's P(T) for generation tasks: is the first token of the reply "Answer"?
+    '{question}\n\nReply in the format "Answer: <your answer>".'
+)
+FIRST_TOKEN = "Answer"
 VERIFIER_PROMPT = (
     "Question: {question}\n\nEarlier steps:\n{earlier}\n\nLatest step:\n{step}\n\n"
     "Is the latest step correct? Reply with exactly one verdict: correct or incorrect."

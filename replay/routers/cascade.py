@@ -12,8 +12,10 @@ otherwise the query goes to model i+1; the last model's answer is always kept.
   ablation without it.
 - P(T): the model's confidence in its answer, checked after it wrote its solution: ``p_true="ptrue"``
   reads the P(True) scorer (probability of "(A) True" when asked whether the answer is correct; one
-  scorer call per checked answer, paid), ``final_mean``/``final_min`` use exp(mean/min logprob) of
-  the final step, the step that holds the answer.
+  scorer call per checked answer, paid), ``first_token`` the paper's first-token confidence for
+  generation tasks (the probability that its reply to "answer in the format 'Answer: ...'" starts with
+  "Answer"; scorer first_token), ``final_mean``/``final_min`` use exp(mean/min logprob) of the final
+  step, the step that holds the answer.
 
 ``probe=PATH`` loads the probes ``trace train pik`` saved (fitted the same way, with their test
 metrics) instead of fitting them here; the file's layers and hidden-state position are used. It is a
@@ -33,7 +35,8 @@ from replay.errors import TraceError
 from replay.pik import AUTO_LAYER, DEFAULT_WHERE, fit_probes, hidden_matrix, load_probes, probe_layer
 from replay.routers.base import QueryRouter
 
-P_TRUE_SOURCES = ("ptrue", "final_mean", "final_min")
+P_TRUE_SOURCES = ("ptrue", "first_token", "final_mean", "final_min")
+SCORED_P_TRUE = ("ptrue", "first_token")  # read from the scores table (trace score --scorer ptrue | first_token)
 
 
 class Cascade(QueryRouter):
@@ -43,7 +46,7 @@ class Cascade(QueryRouter):
     def __init__(
         self,
         models="",
-        p_true="ptrue",
+        p_true="first_token",  # the paper's P(T) for generation tasks
         t_true=0.9,  # the paper's
         pik=True,
         t_ik=0.5,
@@ -64,7 +67,7 @@ class Cascade(QueryRouter):
 
     @property
     def scorer(self):
-        return "ptrue" if self.p_true == "ptrue" else None
+        return self.p_true if self.p_true in SCORED_P_TRUE else None
 
     def _check_params(self):
         self._check_choice("p_true", P_TRUE_SOURCES)
@@ -113,8 +116,8 @@ class Cascade(QueryRouter):
 
     def _p_true(self, data, final_steps: np.ndarray) -> np.ndarray:
         """P(T) of each final step row (NaN where the ptrue score is not cached)."""
-        if self.p_true == "ptrue":
-            values = data.scores_of("ptrue")["value"].cast(float).fill_null(np.nan).to_numpy()
+        if self.p_true in SCORED_P_TRUE:
+            values = data.scores_of(self.p_true)["value"].cast(float).fill_null(np.nan).to_numpy()
         else:
             column = "logprob_mean" if self.p_true == "final_mean" else "logprob_min"
             values = np.exp(data.steps[column].cast(float).to_numpy())
