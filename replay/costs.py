@@ -33,7 +33,7 @@ GPT_41_MINI = Price(input=0.40, cached_input=0.10, output=1.60)
 
 
 def parse_price(text: str) -> tuple[str, Price]:
-    """Parse ``ROLE=input/cached_input/output`` (USD per 1M tokens), e.g. ``large=2/0.5/8``."""
+    """Parse ``ROLE=input/cached_input/output`` (USD per 1M tokens, each finite and >= 0), e.g. ``large=2/0.5/8``."""
     key, sep, numbers = text.partition("=")
     parts = numbers.split("/")
     try:
@@ -44,7 +44,20 @@ def parse_price(text: str) -> tuple[str, Price]:
         raise TraceError(
             f"--price must look like ROLE=input/cached/output in USD per 1M tokens, e.g. large=2/0.5/8, got {text!r}"
         ) from None
+    if not all(np.isfinite(value) and value >= 0 for value in vars(price).values()):
+        raise TraceError(f"--price {text}: prices must be finite numbers >= 0 (USD per 1M tokens)")
     return key, price
+
+
+def parse_prices(texts: list[str]) -> dict[str, Price] | None:
+    """Every ``--price`` by name (None if none was given); a name priced twice is an error."""
+    prices: dict[str, Price] = {}
+    for text in texts:
+        key, price = parse_price(text)
+        if key in prices:
+            raise TraceError(f"--price {key} is given twice; give each role or scorer one price")
+        prices[key] = price
+    return prices or None
 
 
 class CostModel:
@@ -166,6 +179,14 @@ def make_cost_model(name: str, manifest: Mapping, prices: dict[str, Price] | Non
     """
     manifest = Manifest(manifest)
     scorers = manifest.scorers
+    if prices and name != "api":
+        raise TraceError(f"--price applies to --cost api, not {name}")
+    unknown = sorted(set(prices or {}) - set(manifest.roles) - set(scorers))
+    if unknown:
+        raise TraceError(
+            f"--price names {', '.join(unknown)}, which is neither a model role ({', '.join(manifest.roles)}) nor "
+            f"a scorer ({', '.join(scorers) or 'none'}) of this trace"
+        )
     if name in ("flops", "flops+prefill"):
         return FlopsCost(manifest.n_params, scorers, include_prefill=name == "flops+prefill")
     if name == "api":

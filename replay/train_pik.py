@@ -22,6 +22,7 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
 from replay.artifacts import load_train_split
 from replay.atomic import write_atomic
 from replay.errors import TraceError
+from replay.outputs import check_output_file
 from replay.routers.cascade import PIK_FORMAT, PIK_VERSION, hidden_matrix, new_probe, own_chain_labels
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, hash_uniform
 
@@ -99,10 +100,13 @@ def train_pik(
     seed: int = 0,
     split_seed: int = DEFAULT_SPLIT_SEED,
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    force: bool = False,
 ) -> list[ProbeReport]:
-    """Fit one probe per model in ``models`` on the train split of the trace at ``root``; write them to ``out``."""
+    """Fit one probe per model in ``models`` on the train split of the trace at ``root``; write them to ``out``
+    (replacing an existing file only with ``force``)."""
     import joblib
 
+    check_output_file(out, force=force)
     train = load_train_split(root, split_seed, fractions)
     unknown = [role for role in models if role not in train.roles]
     if unknown or not models:

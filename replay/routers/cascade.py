@@ -22,6 +22,7 @@ are used. It is a joblib pickle of a dict (load only files you trust)::
      "train_problem_ids": [...]}                      # must lie in the replay's train split
 """
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ import polars as pl
 from replay.artifacts import check_fitted_within, load_artifact
 from replay.engine import Costs, ReplayData, Walk, walk_chains
 from replay.errors import TraceError
-from replay.routers.base import QueryRouter
+from replay.routers.base import SEED, UNIT, Domain, QueryRouter
 
 P_TRUE_SOURCES = ("ptrue", "final_mean", "final_min")
 PIK_FORMAT = "trace-pik"
@@ -97,6 +98,7 @@ def load_probes(path: str | Path) -> dict:
 class Cascade(QueryRouter):
     name = "cascade"
     sweepable = ("t_true", "t_ik")
+    domains = {"t_true": UNIT, "t_ik": UNIT, "layer": Domain(-1, math.inf, integer=True), "seed": SEED}
 
     def __init__(
         self,
