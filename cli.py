@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from replay.engine import DEFAULT_MAX_CONFIGS
 from replay.errors import TraceError
 from replay.routers import ROUTERS
 from tracegen.scorers import SCORERS, WORLD_SCORERS
@@ -19,8 +21,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# emoji=False: a path or parameter such as a:b:c must print as typed, not as an emoji code
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
+
+
+class _NoteHandler(logging.Handler):
+    """The library's notices (a lock taken over, a lost part regrown) as one yellow line on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err_console.print(f"[yellow]note:[/] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
+
+
+logging.getLogger("replay").addHandler(_NoteHandler())
 
 
 def user_errors(command):
@@ -39,18 +52,43 @@ def user_errors(command):
 
 @app.command()
 @user_errors
-def validate(trace_dir: Path = typer.Argument(..., help="Trace directory.")) -> None:
-    """Check every invariant of a trace; exit 1 naming the first violation."""
+def validate(
+    trace_dir: Path = typer.Argument(..., help="Trace directory."),
+    repair: bool = typer.Option(
+        False,
+        "--repair",
+        help=(
+            "First repair what concurrent or crashed writers left: drop exact duplicate rows, remove temp files and "
+            "uncommitted tokens parts, forget recorded parts that are gone; print each thing done. Takes the "
+            "trace's writer lock."
+        ),
+    ),
+) -> None:
+    """Check every invariant of a trace (page checksums and value ranges included); exit 1 naming the first
+    violation."""
+    from replay.repair import repair as repair_trace
     from replay.validate import validate as validate_trace
 
+    if repair:
+        report = repair_trace(trace_dir)
+        for line in report.done:
+            console.print(f"repaired: {escape(line)}", highlight=False)
+        for line in report.left:
+            console.print(f"[yellow]left as is:[/] {escape(line)}", highlight=False)
+        if not report.done and not report.left:
+            console.print("nothing to repair")
     counts = validate_trace(trace_dir)
-    console.print(f"[green]ok[/] {trace_dir}: " + ", ".join(f"{n:,} {table}" for table, n in counts.items()))
+    console.print(
+        f"[green]ok[/] {escape(str(trace_dir))}: " + ", ".join(f"{n:,} {table}" for table, n in counts.items()),
+        highlight=False,
+    )
 
 
 @app.command()
 @user_errors
 def info(trace_dir: Path = typer.Argument(..., help="Trace directory.")) -> None:
-    """Problems, worlds, steps and generated tokens per model, single-model accuracy, size on disk."""
+    """Problems, worlds, steps and generated tokens per model, single-model accuracy, size of the tables on disk
+    (other files in the trace's folder are listed apart)."""
     from analysis.info import print_info, trace_info
 
     print_info(trace_info(trace_dir), console)
@@ -60,23 +98,43 @@ def info(trace_dir: Path = typer.Argument(..., help="Trace directory.")) -> None
 @user_errors
 def sql(
     trace_dir: Path = typer.Argument(..., help="Trace directory."),
-    query: str = typer.Argument(..., help="DuckDB SQL over the views problems, steps, tokens, scores, hidden."),
+    query: str = typer.Argument(
+        ...,
+        help="One DuckDB query (SELECT, WITH, FROM, DESCRIBE, ...) over the views problems, steps, tokens, "
+        "scores, hidden and the --file views.",
+    ),
+    file: list[str] = typer.Option(
+        [],
+        "--file",
+        help="NAME=PATH: also read this .parquet, .csv or .json(l) file, as the view NAME (repeatable). No other "
+        "file is readable.",
+    ),
     out: Path = typer.Option(
         None, "--out", help="Write the result to this .csv or .parquet file instead of printing it."
     ),
+    force: bool = typer.Option(False, "--force", help="Replace the --out file if it exists."),
     max_rows: int = typer.Option(50, "--max-rows", help="Rows to print (without --out)."),
 ) -> None:
-    """Run a DuckDB query over the trace's Parquet parts, in place."""
-    from analysis.sql import check_out_path, print_result, run_sql, write_result
+    """Run a read-only DuckDB query over the trace's Parquet parts, in place.
+
+    Only one query runs (no COPY, ATTACH, CREATE, INSTALL, SET, ...), reading only the trace and --file files.
+    """
+    from analysis.sql import check_out_path, parse_file_option, print_result, run_sql, write_result
 
     if out is not None:
-        check_out_path(out)
-    result = run_sql(trace_dir, query)
+        check_out_path(out, force=force)
+    files = {}
+    for text in file:
+        name, path = parse_file_option(text)
+        if name in files:
+            raise TraceError(f"--file {name} is given twice")
+        files[name] = path
+    result = run_sql(trace_dir, query, files)
     if out is None:
         print_result(result, console, max_rows)
     else:
-        write_result(result, out)
-        console.print(f"wrote {result.num_rows:,} rows to {out}")
+        write_result(result, out, force=force)
+        console.print(f"wrote {result.num_rows:,} rows to {escape(str(out))}", highlight=False)
 
 
 @app.command()
@@ -181,14 +239,16 @@ def gen(
     with GenProgress(console) as progress:
         summary = run_gen(options, progress)
     console.print(
-        f"[green]done[/] {summary.out}: {summary.problems:,} problems, {summary.new_steps:,} new steps, "
-        f"{summary.new_gen_tokens:,} generated tokens in {summary.rounds} rounds, {summary.seconds:.1f}s"
-        + (
-            f"; {summary.skipped_context_full:,} nodes left unexpanded (context full)"
-            if summary.skipped_context_full
-            else ""
-        )
+        f"[green]done[/] {escape(str(summary.out))}: {summary.problems:,} problems, {summary.new_steps:,} new steps, "
+        f"{summary.new_gen_tokens:,} generated tokens in {summary.rounds} rounds, {summary.seconds:.1f}s",
+        highlight=False,
     )
+    if summary.skipped_context_full:
+        console.print(
+            f"[yellow]{summary.skipped_context_full:,} node(s) left unexpanded because their prompt fills the "
+            f"model's context, in problem(s):[/] {escape(', '.join(summary.context_full_problems))}",
+            highlight=False,
+        )
     if summary.closure is not None and summary.closure.remaining_misses:
         why = (
             "--budget-tokens spent"
@@ -239,8 +299,9 @@ def score(
     with ScoreProgress(scorer, console) as progress:
         summary = run_score(trace_dir, scorer, model=model, backend=backend, batch=batch, progress=progress)
     console.print(
-        f"[green]done[/] {trace_dir}: {summary.new:,} new {scorer} scores "
-        f"({summary.wanted:,} steps to score in all), {summary.seconds:.1f}s"
+        f"[green]done[/] {escape(str(trace_dir))}: {summary.new:,} new {escape(scorer)} scores "
+        f"({summary.wanted:,} steps to score in all), {summary.seconds:.1f}s",
+        highlight=False,
     )
 
 
@@ -268,7 +329,7 @@ def _replay_table(result, swept: list[str], title: str, max_rows: int = 21):
         shown = {k: params[k] for k in swept} if swept else {k: v for k, v in params.items() if v not in ("", None)}
         table.add_row(
             row["router"],
-            " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()),
+            escape(" ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())),
             "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%",
             "-" if row["cost"] is None else f"{row['cost']:.4g}",
             "-" if row["a_over_c"] is None else f"{row['a_over_c']:.4g}",
@@ -307,9 +368,9 @@ def replay(
         [],
         "--price",
         help=(
-            "api prices per model role or scorer, repeatable: ROLE=MODEL (gpt-4.1-mini, gpt-4o-mini, ...), "
-            "ROLE=input/cached/output in USD per 1M tokens, or ROLE=0 for a free (open) model; every role needs one. "
-            "Example: --price small=0 --price large=gpt-4.1-mini"
+            "api prices per model role or scorer of the trace, once each, repeatable: ROLE=MODEL (gpt-4.1-mini, "
+            "gpt-4o-mini, ...), ROLE=input/cached/output in USD per 1M tokens (numbers >= 0), or ROLE=0 for a free "
+            "(open) model; every role needs one. Example: --price small=0 --price large=gpt-4.1-mini"
         ),
     ),
     worlds: str = typer.Option("all", "--worlds", help="all, or comma-separated world numbers, e.g. 0,1."),
@@ -320,20 +381,29 @@ def replay(
     out: Path = typer.Option(
         None, "--out", help="Parquet file for per-problem outcomes (one row per problem x world x configuration)."
     ),
+    force: bool = typer.Option(False, "--force", help="Replace the --out file if it exists."),
+    max_configs: int = typer.Option(
+        DEFAULT_MAX_CONFIGS,
+        "--max-configs",
+        help="Most configurations a sweep may have; a larger grid is refused, naming its size and memory.",
+    ),
 ) -> None:
     """Replay a router on a cached trace (CPU only) and print accuracy, cost, A/C, large-step share and misses.
 
     Example: trace replay runs/toy --router steer --param mode=step --sweep tau=0:1:0.01 --out steer.parquet
     """
-    from replay.costs import parse_price
+    from replay.costs import parse_prices
     from replay.engine import miss_list, parse_param, parse_sweep, replay_trace, write_outcomes
+    from replay.outputs import check_output_file
     from replay.routers import make_router
     from replay.splits import parse_fractions
 
     if out is not None and out.suffix != ".parquet":
-        raise typer.BadParameter(f"--out must name a .parquet file, got {out}")
-    if out is not None and not out.parent.is_dir():
-        raise TraceError(f"--out {out}: folder {out.parent} does not exist")
+        raise TraceError(f"--out must name a .parquet file, got {out}")
+    if out is not None:
+        check_output_file(out, force=force)
+    if max_configs < 1:
+        raise TraceError(f"--max-configs must be at least 1, got {max_configs}")
     if worlds == "all":
         world_list = None
     else:
@@ -342,8 +412,8 @@ def replay(
         except ValueError:
             raise typer.BadParameter(f"--worlds must be all or numbers like 0,1, got {worlds!r}") from None
     chosen = make_router(router, **dict(parse_param(p) for p in param))
-    sweeps = dict(parse_sweep(s) for s in sweep)
-    prices = dict(parse_price(p) for p in price) or None
+    sweeps = dict(parse_sweep(s, max_configs) for s in sweep)
+    prices = parse_prices(price)
     result = replay_trace(
         trace_dir,
         chosen,
@@ -354,8 +424,9 @@ def replay(
         worlds=world_list,
         split_seed=split_seed,
         fractions=parse_fractions(split_fractions),
+        max_configs=max_configs,
     )
-    title = f"{trace_dir}: split {split}, cost {cost} (mean per query)"
+    title = escape(f"{trace_dir}: split {split}, cost {cost} (mean per query)")
     console.print(_replay_table(result, list(sweeps), title))
     misses = miss_list(result)
     if misses:
@@ -365,10 +436,13 @@ def replay(
         )
         for miss in misses[:5]:
             what = f"{miss['scorer']} score of step" if miss["scorer"] else "step by"
-            console.print(f"  {miss['problem_id']} world {miss['world']} node {miss['path']!r}: {what} {miss['model']}")
+            console.print(
+                escape(f"  {miss['problem_id']} world {miss['world']} node {miss['path']!r}: {what} {miss['model']}"),
+                highlight=False,
+            )
     if out is not None:
-        write_outcomes(result.outcomes, out)
-        console.print(f"wrote {result.outcomes.height:,} outcomes to {out}")
+        write_outcomes(result.outcomes, out, force=force)
+        console.print(f"wrote {result.outcomes.height:,} outcomes to {escape(str(out))}", highlight=False)
 
 
 @app.command()
@@ -459,7 +533,10 @@ def report(
         tables=tuple(table),
     )
     written = make_report(trace_dir, results, out, options)
-    console.print(f"[green]wrote[/] {out / 'index.html'} and {len(written) - 1} more file(s) in {out}")
+    console.print(
+        f"[green]wrote[/] {escape(str(out / 'index.html'))} and {len(written) - 1} more file(s) in {escape(str(out))}",
+        highlight=False,
+    )
 
 
 train_app = typer.Typer(
@@ -485,6 +562,7 @@ def train_policy_command(
     out: Path = typer.Option(
         Path("policy.pt"), "--out", help="Policy file to write; the training log goes next to it as NAME.log.parquet."
     ),
+    force: bool = typer.Option(False, "--force", help="Replace the policy file and its log if they exist."),
     alpha: float = typer.Option(
         0.02, "--alpha", help="Allowed miscoverage: P(correct or large model alone wrong) >= 1 - alpha."
     ),
@@ -563,13 +641,14 @@ def train_policy_command(
                 state=f"kappa {row['kappa']:.3f} coverage {row['coverage']:.2f} case {row['case']}",
             )
 
-        result = train_policy(trace_dir, out, hp, on_step=show)
+        result = train_policy(trace_dir, out, hp, on_step=show, force=force)
     if not result.has_verifier:
         console.print(
             "no verifier scores in the trace: a trajectory is covered when correct or the large model alone is wrong"
         )
     console.print(
-        f"[green]wrote[/] {result.policy_path} and {result.log_path}: kappa {result.kappa:.4f}; on the "
+        f"[green]wrote[/] {escape(str(result.policy_path))} and {escape(str(result.log_path))}: kappa "
+        f"{result.kappa:.4f}; on the "
         f"{result.n_train_episodes:,} train episodes coverage {result.train_coverage:.4f} (target "
         f">= {1 - alpha:g}), accuracy {result.train_accuracy:.4f}, cost {result.train_cost:.4f} of the large "
         f"model alone; {result.seconds:.1f}s"
@@ -591,6 +670,7 @@ def train_pik_command(
     ),
     where: str = typer.Option("prompt_last", "--where", help="Position of the stored hidden state."),
     out: Path = typer.Option(Path("pik.joblib"), "--out", help="Probe file for --router cascade --param probe=FILE."),
+    force: bool = typer.Option(False, "--force", help="Replace the probe file if it exists."),
     seed: int = typer.Option(0, "--seed", help="Seed of the probes and of the 80/10/10 fit/validation/test division."),
     split_seed: int = SPLIT_SEED_OPT,
     split_fractions: str = SPLIT_FRACTIONS_OPT,
@@ -614,6 +694,7 @@ def train_pik_command(
         seed=seed,
         split_seed=split_seed,
         fractions=parse_fractions(split_fractions),
+        force=force,
     )
     table = Table(title=f"P(IK) probes ({where}): test part of the train split")
     for name in ("Model", "Layer", "Fit / val / test", "Correct (fit)", "L2", "Accuracy", "F1", "AUROC"):
@@ -630,7 +711,7 @@ def train_pik_command(
             "-" if r.test_auroc != r.test_auroc else f"{r.test_auroc:.3f}",
         )
     console.print(table)
-    console.print(f"[green]wrote[/] {out}")
+    console.print(f"[green]wrote[/] {escape(str(out))}", highlight=False)
 
 
 @train_app.command("steer")
@@ -642,6 +723,7 @@ def train_steer_command(
         "--out",
         help="Mixture file for --router steer --param gmms=FILE and trace report --steer-gmm.",
     ),
+    force: bool = typer.Option(False, "--force", help="Replace the mixture file if it exists."),
     min_samples: int = typer.Option(
         10, "--min-samples", help="Step indices with fewer train confidences use the mixture of the one before."
     ),
@@ -667,6 +749,7 @@ def train_steer_command(
         seed=seed,
         split_seed=split_seed,
         fractions=parse_fractions(split_fractions),
+        force=force,
     )
     table = Table(title="STEER mixtures of conf_max_logit_math (train split)")
     for name in ("Step", "n", "Low mean", "Low sd", "Low weight", "High mean", "High sd"):
@@ -682,7 +765,7 @@ def train_steer_command(
             f"{row['high_std']:.3g}",
         )
     console.print(table)
-    console.print(f"[green]wrote[/] {out}")
+    console.print(f"[green]wrote[/] {escape(str(out))}", highlight=False)
 
 
 if __name__ == "__main__":

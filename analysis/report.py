@@ -56,6 +56,7 @@ from analysis.stats import bootstrap_counts
 from analysis.tables import TABLES, cascade_table, cmdp_table, table_markdown
 from replay.atomic import write_atomic
 from replay.errors import TraceError
+from replay.outputs import check_outside_trace
 from replay.store import open_trace
 
 PAGE, MARKDOWN = "index.html", "report.md"
@@ -192,7 +193,9 @@ def is_previous_report(folder: Path) -> bool:
 
 
 def check_out_dir(out: Path) -> None:
-    """``out`` may be new, empty, or hold an earlier report; anything else is refused."""
+    """``out`` may be new, empty, or hold an earlier report (which is updated); anything else is refused,
+    and so is a folder inside a trace's tables."""
+    check_outside_trace(out)
     if out.exists() and not out.is_dir():
         raise TraceError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not is_previous_report(out):

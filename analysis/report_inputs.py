@@ -91,10 +91,12 @@ class Run:
 
 def read_parquet_input(path: Path, what: str) -> pl.DataFrame:
     """Read one input Parquet file, or say in one sentence why it cannot be read."""
+    if path.is_dir():
+        raise TraceError(f"{what} {path} is a folder; pass the files in it, e.g. {path / '*.parquet'}")
     if not path.is_file():
         raise TraceError(f"{what} {path} does not exist")
     try:
-        return pl.read_parquet(path)
+        return pl.read_parquet(path, glob=False)
     except (pl.exceptions.PolarsError, OSError) as error:
         raise TraceError(f"{what} {path} is not a readable Parquet file ({str(error).splitlines()[0]})") from None
 

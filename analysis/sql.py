@@ -1,8 +1,16 @@
-"""`trace sql`: DuckDB over a trace's Parquet parts, in place (views problems, steps, tokens, scores, hidden)."""
+"""`trace sql`: DuckDB over a trace's Parquet parts, in place (views problems, steps, tokens, scores, hidden).
+
+The connection only reads. DuckDB enforces it, not string matching: it runs exactly one statement,
+which its parser must classify as a query (SELECT, WITH, FROM, VALUES, DESCRIBE, SHOW, SUMMARIZE);
+file access is off except for the trace's parts and the files named with ``--file NAME=PATH``
+(``enable_external_access=false`` with ``allowed_paths``); extensions are neither installed nor
+loaded; nothing spills to disk; and the configuration is locked before the user's query runs.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import duckdb
@@ -14,10 +22,19 @@ from rich.text import Text
 
 from replay.atomic import write_atomic
 from replay.errors import TraceError
+from replay.outputs import check_output_file
 from replay.schema import SCHEMAS, TABLES
 from replay.store import Trace, open_trace
 
 OUTPUT_FORMATS = (".csv", ".parquet")
+FILE_READERS = {".parquet": "read_parquet", ".csv": "read_csv", ".tsv": "read_csv", ".json": "read_json"}
+FILE_READERS |= {".jsonl": "read_json", ".ndjson": "read_json"}
+_VIEW_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+READ_ONLY_SETTINGS = {
+    "autoinstall_known_extensions": "false",
+    "autoload_known_extensions": "false",
+    "temp_directory": "",  # no spilling: a query too large for memory fails instead of writing files
+}
 
 
 def _duckdb_type(arrow_type: pa.DataType) -> str:
@@ -49,45 +66,90 @@ def _view_sql(trace: Trace, table: str) -> str:
     return f"CREATE VIEW {table} AS SELECT {columns} WHERE false"
 
 
-def connect(root: str | os.PathLike) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with one view per trace table over its part files."""
+def parse_file_option(text: str) -> tuple[str, Path]:
+    """``NAME=PATH`` of ``--file``: a view NAME over the Parquet, CSV or JSON file at PATH."""
+    name, sep, path = text.partition("=")
+    if not sep or not _VIEW_NAME.fullmatch(name):
+        raise TraceError(f"--file must look like NAME=PATH with NAME a SQL name (letters, digits, _), got {text!r}")
+    if name in TABLES:
+        raise TraceError(f"--file {text}: {name} is a table of the trace; choose another name")
+    path = Path(path)
+    if path.suffix not in FILE_READERS:
+        raise TraceError(f"--file {text}: the file name must end in {', '.join(FILE_READERS)}")
+    if not path.is_file():
+        raise TraceError(f"--file {text}: {path} is not a file")
+    return name, path
+
+
+def connect(root: str | os.PathLike, files: dict[str, Path] | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection that can only read: one view per trace table over its part files
+    and one per file in ``files`` (view name -> path), and no other file."""
     trace = open_trace(root)
-    connection = duckdb.connect()
+    files = files or {}
+    connection = duckdb.connect(config=READ_ONLY_SETTINGS)
+    readable = []
     for table in TABLES:
         connection.execute(_view_sql(trace, table))
+        readable += trace.files(table)
+    for name, path in files.items():
+        absolute = str(Path(path).resolve())
+        connection.execute(f"CREATE VIEW {name} AS SELECT * FROM {FILE_READERS[Path(path).suffix]}({_quote(absolute)})")
+        readable.append(absolute)
+    connection.execute(f"SET allowed_paths = [{', '.join(_quote(path) for path in readable)}]")
+    connection.execute("SET enable_external_access = false")
+    connection.execute("SET lock_configuration = true")
     return connection
 
 
 def _sql_error(query: str, error: duckdb.Error) -> TraceError:
-    message = str(error).split("\n\nLINE")[0]
-    return TraceError(f"SQL error in {query.strip()!r}: {' '.join(message.split())}")
+    message = " ".join(str(error).split("\n\nLINE")[0].split())
+    if isinstance(error, duckdb.PermissionException):
+        message += "; trace sql reads only the trace's tables and the files named with --file NAME=PATH"
+    return TraceError(f"SQL error in {query.strip()!r}: {message}")
 
 
-def run_sql(root: str | os.PathLike, query: str) -> pa.Table:
-    """Result of `query` over the trace at `root` as an Arrow table (empty if it returns no rows)."""
-    connection = connect(root)
+def _one_query(connection: duckdb.DuckDBPyConnection, query: str) -> str:
+    """The text of ``query``'s one statement, if DuckDB's parser says it is a query."""
     try:
-        relation = connection.sql(query)
-        return pa.table({}) if relation is None else relation.to_arrow_table()
+        statements = connection.extract_statements(query)
+    except duckdb.Error as error:
+        raise _sql_error(query, error) from None
+    if not statements:
+        raise TraceError("the query is empty: give one SELECT statement")
+    if len(statements) > 1:
+        raise TraceError(f"give one statement, not {len(statements)}: {query.strip()!r}")
+    statement = statements[0]
+    if statement.type != duckdb.StatementType.SELECT:
+        keyword = statement.query.split()[0].upper()
+        raise TraceError(
+            f"trace sql only reads: {keyword} is refused ({query.strip()!r}); run one query (SELECT, WITH, FROM, "
+            "DESCRIBE, ...) over the trace's tables and the files named with --file NAME=PATH"
+        )
+    return statement.query
+
+
+def run_sql(root: str | os.PathLike, query: str, files: dict[str, Path] | None = None) -> pa.Table:
+    """Result of the query ``query`` over the trace at ``root`` (and ``files``) as an Arrow table."""
+    connection = connect(root, files)
+    try:
+        return connection.sql(_one_query(connection, query)).to_arrow_table()
     except duckdb.Error as error:
         raise _sql_error(query, error) from None
     finally:
         connection.close()
 
 
-def check_out_path(out: str | os.PathLike) -> Path:
+def check_out_path(out: str | os.PathLike, *, force: bool = False) -> Path:
     """`out` if a result can be written there (checked before running a possibly long query)."""
     out = Path(out)
     if out.suffix not in OUTPUT_FORMATS:
         raise TraceError(f"--out {out}: the file name must end in {' or '.join(OUTPUT_FORMATS)}")
-    if not out.parent.is_dir():
-        raise TraceError(f"--out {out}: folder {out.parent} does not exist")
-    return out
+    return check_output_file(out, force=force)
 
 
-def write_result(result: pa.Table, out: str | os.PathLike) -> None:
-    """Write a query result to .csv or .parquet, atomically (an existing file is replaced only on success)."""
-    out = check_out_path(out)
+def write_result(result: pa.Table, out: str | os.PathLike, *, force: bool = False) -> None:
+    """Write a query result to .csv or .parquet, atomically (an existing file is replaced only with ``force``)."""
+    out = check_out_path(out, force=force)
 
     def write(temp: Path) -> None:
         if out.suffix == ".parquet":

@@ -75,6 +75,17 @@ def parse_price(text: str) -> tuple[str, Price]:
     return key, Price(*numbers)
 
 
+def parse_prices(texts: list[str]) -> dict[str, Price] | None:
+    """Every ``--price`` by name (None if none was given); a name priced twice is an error."""
+    prices: dict[str, Price] = {}
+    for text in texts:
+        key, price = parse_price(text)
+        if key in prices:
+            raise TraceError(f"--price {key} is given twice; give each role or scorer one price")
+        prices[key] = price
+    return prices or None
+
+
 class CostModel:
     """Prices steps and scorer calls; ``unit`` names what one cost number means, ``convention`` how it is
     counted (every result file and report states it).
@@ -282,6 +293,8 @@ def make_cost_model(name: str, manifest: Mapping, prices: dict[str, Price] | Non
     scorer may use its model's); an open model billed nothing is priced ``0``.
     """
     manifest = Manifest(manifest)
+    if prices and name != "api":
+        raise TraceError(f"--price applies to --cost api, not {name}")
     if name in ("flops", "flops+prefill"):
         return FlopsCost(manifest, include_prefill=name == "flops+prefill")
     if name == "kaplan":

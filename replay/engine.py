@@ -25,6 +25,7 @@ import polars as pl
 from replay.atomic import write_atomic
 from replay.costs import A_OVER_C_SCALE, CostModel, Price, make_cost_model
 from replay.errors import TraceError
+from replay.outputs import check_output_file
 from replay.schema import LARGE, SMALL, Manifest
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, SPLITS, assign_splits
 from replay.store import Trace, empty_frame, open_trace
@@ -377,6 +378,16 @@ def walk_chains(data: ReplayData, costs: Costs, starts: np.ndarray, role: int) -
 # ---------------------------------------------------------------------- sweeps and replay
 
 
+# At most this many configurations unless the user raises it (`--max-configs`): a sweep such as
+# tau=0:1:1e-9 would otherwise allocate until the kernel kills the process.
+DEFAULT_MAX_CONFIGS = 20_000
+# Walk states (problem x world x configuration) walked at once: a larger grid is walked in chunks.
+CHUNK_STATES = 1_000_000
+# Peak memory per walk state, for the estimate a refusal names: measured replaying RSD sweeps of 0.2M-2M
+# states on the toy demo trace, 450-670 bytes (the outcomes keep ~135; the rest is working copies).
+BYTES_PER_STATE = 600
+
+
 def parse_param(text: str) -> tuple[str, str]:
     """Split ``k=v``."""
     name, sep, value = text.partition("=")
@@ -385,22 +396,31 @@ def parse_param(text: str) -> tuple[str, str]:
     return name.strip(), value.strip()
 
 
-def parse_sweep(text: str) -> tuple[str, np.ndarray]:
-    """``tau=0:1:0.01`` (start:stop:step, stop included) or ``tau=0.3,0.5,0.7`` -> (name, values)."""
-    name, value = parse_param(text)
+def parse_sweep(text: str, max_configs: int = DEFAULT_MAX_CONFIGS) -> tuple[str, np.ndarray]:
+    """``tau=0:1:0.01`` (start:stop:step, stop included) or ``tau=0.3,0.5,0.7`` -> (name, values).
+    A range of more than ``max_configs`` values is refused before it is built."""
+    name, sep, value = text.partition("=")
+    name, value = name.strip(), value.strip()
+    usage = f"--sweep must look like name=start:stop:step (step > 0, stop >= start) or name=v1,v2,..., got {text!r}"
+    if not sep or not name:
+        raise TraceError(usage)
     try:
         if ":" in value:
             start, stop, step = (float(part) for part in value.split(":"))
-            if step <= 0 or stop < start:
+            if not np.isfinite([start, stop, step]).all() or step <= 0 or stop < start:
                 raise ValueError
-            count = int(np.floor((stop - start) / step + 1e-9)) + 1
+            steps = (stop - start) / step
+            count = int(np.floor(steps + 1e-9 * max(1.0, steps))) + 1  # stop included despite rounding
+            if count > max_configs:
+                raise TraceError(
+                    f"--sweep {text} has {count:,} values; at most {max_configs:,} configurations run "
+                    "(use a coarser step, or raise --max-configs)"
+                )
             values = np.round(start + step * np.arange(count), 12)
         else:
             values = np.array([float(part) for part in value.split(",")])
     except ValueError:
-        raise TraceError(
-            f"--sweep must look like {name}=start:stop:step (step > 0, stop >= start) or {name}=v1,v2,..., got {text!r}"
-        ) from None
+        raise TraceError(usage) from None
     return name, values
 
 
@@ -414,15 +434,46 @@ class Configs:
     def __len__(self) -> int:
         return len(self.params)
 
+    def take(self, index: slice) -> Configs:
+        return Configs(self.params[index], {name: values[index] for name, values in self.values.items()})
 
-def sweep_configs(router, sweep: dict[str, np.ndarray] | None) -> Configs:
-    """The router's own configuration, or the grid of every swept parameter (others fixed)."""
-    base = {**router.get_params(), **router.decision_params()}
-    sweep = sweep or {}
+
+def check_sweep(router, sweep: dict[str, np.ndarray]) -> None:
+    """Refuse a sweep of a parameter the router cannot sweep, or a value outside the parameter's domain
+    (needs no fitted router, so it runs before fitting)."""
     unknown = sorted(set(sweep) - set(router.sweepable))
     if unknown:
         allowed = ", ".join(router.sweepable) or "none"
         raise TraceError(f"router {router.name} cannot sweep {', '.join(unknown)}; sweepable: {allowed}")
+    for name, values in sweep.items():
+        router.check_values(name, values, "--sweep")
+
+
+def check_grid_size(sweep: dict[str, np.ndarray], max_configs: int, n_walks: int | None = None) -> None:
+    """Refuse a grid of more than ``max_configs`` configurations, naming its size (in walk states and
+    memory too, given the ``n_walks`` walked per configuration)."""
+    sizes = [len(values) for values in sweep.values()]
+    n_configs = int(np.prod(sizes, dtype=float))
+    if n_configs <= max_configs:
+        return
+    size = f"{' x '.join(map(str, sizes))} = {n_configs:,} configurations"
+    if n_walks is not None:
+        states = n_configs * n_walks
+        size += f" x {n_walks:,} walks = {states:,} walk states (about {states * BYTES_PER_STATE / 1e9:.3g} GB)"
+    raise TraceError(
+        f"--sweep gives {size}; at most {max_configs:,} configurations run (use coarser steps, or raise --max-configs)"
+    )
+
+
+def sweep_configs(
+    router, sweep: dict[str, np.ndarray] | None, max_configs: int = DEFAULT_MAX_CONFIGS, n_walks: int | None = None
+) -> Configs:
+    """The router's own configuration, or the grid of every swept parameter (others fixed); see check_sweep
+    and check_grid_size."""
+    base = {**router.get_params(), **router.decision_params()}
+    sweep = sweep or {}
+    check_sweep(router, sweep)
+    check_grid_size(sweep, max_configs, n_walks)
     names = list(router.sweepable)
     grids = [sweep.get(name, np.array([base[name]], dtype=float)) for name in names]
     combos = list(itertools.product(*grids)) if names else [()]
@@ -444,8 +495,15 @@ class ReplayResult:
         return summarize(self.outcomes, self.roles)
 
 
-def replay(data: ReplayData, router, cost_model: CostModel, sweep: dict[str, np.ndarray] | None = None) -> ReplayResult:
-    """Replay a fitted ``router`` over every root of ``data``, for one configuration or a whole sweep.
+def replay(
+    data: ReplayData,
+    router,
+    cost_model: CostModel,
+    sweep: dict[str, np.ndarray] | None = None,
+    max_configs: int = DEFAULT_MAX_CONFIGS,
+) -> ReplayResult:
+    """Replay a fitted ``router`` over every root of ``data``, for one configuration or a whole sweep
+    (at most ``max_configs`` configurations, walked CHUNK_STATES walk states at a time).
 
     Outcomes: one row per (configuration, problem, world) with router, params (JSON, swept values
     filled in), config, problem_id, world, path (the final node, or where the walk missed), answer
@@ -455,29 +513,47 @@ def replay(data: ReplayData, router, cost_model: CostModel, sweep: dict[str, np.
     (how the cost model counts, in words).
     """
     router.check_fitted()
-    configs = sweep_configs(router, sweep)
+    configs = sweep_configs(router, sweep, max_configs, data.roots.height)
+    costs = Costs(data, cost_model)
+    per_chunk = max(1, CHUNK_STATES // max(data.roots.height, 1))
+    chunks = [
+        _replay_chunk(data, router, costs, configs, first, per_chunk) for first in range(0, len(configs), per_chunk)
+    ]
+    return ReplayResult(
+        outcomes=pl.concat([outcomes for outcomes, _ in chunks]),
+        roles=data.roles,
+        cost_unit=cost_model.unit,
+        misses=pl.concat([misses for _, misses in chunks]),
+    )
+
+
+def _replay_chunk(
+    data: ReplayData, router, costs: Costs, configs: Configs, first: int, size: int
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Outcomes and misses of configurations first .. first + size - 1."""
+    chunk = configs.take(slice(first, first + size))
     roots = data.roots
     n_roots = roots.height
-    state_config = np.repeat(np.arange(len(configs)), n_roots)
-    starts = np.tile(roots["node"].to_numpy(), len(configs))
-    params = {name: values[state_config] for name, values in configs.values.items()}
-    costs = Costs(data, cost_model)
+    state_config = np.repeat(np.arange(len(chunk)), n_roots)
+    starts = np.tile(roots["node"].to_numpy(), len(chunk))
+    params = {name: values[state_config] for name, values in chunk.values.items()}
     walk = router.walk(data, costs, starts, params)
+    config_ids = state_config + first
 
     finished = walk.final_step >= 0
     final = pl.Series(walk.final_step).set(pl.Series(~finished), None)
     problem = roots["problem_id"].to_numpy()
     world = roots["world"].to_numpy()
-    params_json = pl.Series([json.dumps(p, sort_keys=True) for p in configs.params], dtype=pl.String)
+    params_json = pl.Series([json.dumps(p, sort_keys=True) for p in chunk.params], dtype=pl.String)
     final_rows = data.steps.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("final"), "answer", "correct")
     outcomes = (
         pl.DataFrame(
             {
                 "router": pl.Series([router.name] * len(starts), dtype=pl.String),
                 "params": params_json.gather(state_config),
-                "config": pl.Series(state_config, dtype=pl.Int32),
-                "problem_id": pl.Series(np.tile(problem, len(configs)), dtype=pl.String),
-                "world": pl.Series(np.tile(world, len(configs)), dtype=pl.Int32),
+                "config": pl.Series(config_ids, dtype=pl.Int32),
+                "problem_id": pl.Series(np.tile(problem, len(chunk)), dtype=pl.String),
+                "world": pl.Series(np.tile(world, len(chunk)), dtype=pl.Int32),
                 "path": pl.Series(data.node_path[walk.end_node], dtype=pl.String),
                 "final": final,
             }
@@ -494,24 +570,24 @@ def replay(data: ReplayData, router, cost_model: CostModel, sweep: dict[str, np.
         **{f"n_{role}": pl.Series(walk.kept[i], dtype=pl.Int32) for i, role in enumerate(data.roles)},
         n_discarded=pl.Series(walk.n_discarded, dtype=pl.Int32),
         misses=pl.Series(walk.missed.astype(np.int32)),
-        cost_model=pl.lit(cost_model.name),
-        cost_unit=pl.lit(cost_model.unit),
-        cost_convention=pl.lit(cost_model.convention),
+        cost_model=pl.lit(costs.model.name),
+        cost_unit=pl.lit(costs.model.unit),
+        cost_convention=pl.lit(costs.model.convention),
     )
     missed = np.flatnonzero(walk.missed)
     misses = pl.DataFrame(
         {
-            "problem_id": pl.Series(np.tile(problem, len(configs))[missed], dtype=pl.String),
-            "world": pl.Series(np.tile(world, len(configs))[missed], dtype=pl.Int32),
+            "problem_id": pl.Series(np.tile(problem, len(chunk))[missed], dtype=pl.String),
+            "world": pl.Series(np.tile(world, len(chunk))[missed], dtype=pl.Int32),
             "path": pl.Series(data.node_path[walk.end_node[missed]], dtype=pl.String),
             "model": pl.Series(
                 np.array(data.roles, dtype=object)[walk.miss_role[missed]] if missed.size else [], dtype=pl.String
             ),
             "scorer": pl.Series([router.scorer if s else None for s in walk.miss_scorer[missed]], dtype=pl.String),
-            "config": pl.Series(state_config[missed], dtype=pl.Int32),
+            "config": pl.Series(config_ids[missed], dtype=pl.Int32),
         }
     )
-    return ReplayResult(outcomes=outcomes, roles=data.roles, cost_unit=cost_model.unit, misses=misses)
+    return outcomes, misses
 
 
 def miss_list(result: ReplayResult) -> list[dict]:
@@ -570,10 +646,14 @@ def replay_trace(
     worlds: list[int] | None = None,
     split_seed: int = DEFAULT_SPLIT_SEED,
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    max_configs: int = DEFAULT_MAX_CONFIGS,
 ) -> ReplayResult:
-    """Open a trace, fit ``router`` on its train split, replay it on ``split`` (or ``all``)."""
+    """Open a trace, fit ``router`` on its train split, replay it on ``split`` (or ``all``). The sweep is
+    checked (parameters, domains, grid size) before anything is fitted."""
     if split not in (*SPLITS, "all"):
         raise TraceError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}, all")
+    router.check_params()
+    check_sweep(router, sweep or {})
     trace = open_trace(root)
     scorer = getattr(router, "scorer", None)
     if scorer and scorer not in trace.manifest.scorers:
@@ -594,11 +674,17 @@ def replay_trace(
         )
     splits = split_frame(data.problems["problem_id"].to_list(), split_seed, fractions)
     ids_of = {name: splits.filter(pl.col("split") == name)["problem_id"].to_list() for name in SPLITS}
-    router.fit(data.subset(ids_of["train"]))
     evaluated = data if split == "all" else data.subset(ids_of[split])
     if evaluated.problems.height == 0:
         raise TraceError(f"split {split!r} of {root} holds no problems (fractions {fractions}, seed {split_seed})")
-    result = replay(evaluated, router, cost_model, sweep)
+    check_grid_size(sweep or {}, max_configs, evaluated.roots.height)
+    router.fit(data.subset(ids_of["train"]))
+    result = replay(evaluated, router, cost_model, sweep, max_configs)
+    if scorer and result.misses["scorer"].is_not_null().any() and data.scores_of(scorer)["value"].is_null().all():
+        raise TraceError(
+            f"router {router.name} reads {scorer} scores, but {root} holds none, although trace.json lists the "
+            f"scorer (the scores were lost); run `trace score {root} --scorer {scorer}`"
+        )
     result.outcomes = result.outcomes.join(splits, on="problem_id", how="left", maintain_order="left").with_columns(
         split_seed=pl.lit(split_seed, dtype=pl.Int64),
         split_fractions=pl.lit(",".join(str(f) for f in fractions)),
@@ -606,6 +692,8 @@ def replay_trace(
     return result
 
 
-def write_outcomes(outcomes: pl.DataFrame, path: str | os.PathLike) -> None:
-    """Write outcomes to Parquet atomically (a temp file renamed over ``path``)."""
+def write_outcomes(outcomes: pl.DataFrame, path: str | os.PathLike, *, force: bool = False) -> None:
+    """Write outcomes to Parquet atomically (a temp file renamed over ``path``; an existing file is replaced
+    only with ``force``)."""
+    path = check_output_file(path, force=force)
     write_atomic(path, lambda temp: outcomes.write_parquet(temp, compression="zstd"))

@@ -144,8 +144,40 @@ def make_step_id(problem_id: str, world: int, path: str) -> str:
     return f"{problem_id}/{world}/{path}"
 
 
-def part_name(writer_id: str, seq: int) -> str:
-    return f"part-{writer_id}-{seq:05d}.parquet"
+# A part is named by its writer, the writer's sequence number and a digest of the bytes of the
+# append it belongs to (a steps part and its tokens part share one name): two writers can only
+# give one name to identical bytes, so a part is never replaced by different rows. Parts written
+# before digests were added have no digest; they read the same.
+PART_NAME = re.compile(r"part-(?P<writer>[A-Za-z0-9_]+)-(?P<seq>\d+)(?:-(?P<digest>[0-9a-f]+))?\.parquet")
+PART_DIGEST_CHARS = 16
+
+# Every writer records the parts it committed, so that a part lost later is named rather than read
+# as missing rows (traces written before records exist have none and are read as they are).
+PARTS_DIR = "_parts"
+
+# The writer lock (replay.lock): LOCK_FILE is flocked by every writer; each writer also holds a file
+# named by its writer id that says who it is.
+LOCK_FILE = ".lock"
+
+
+def part_name(writer_id: str, seq: int, digest: str) -> str:
+    return f"part-{writer_id}-{seq:05d}-{digest[:PART_DIGEST_CHARS]}.parquet"
+
+
+def parts_record_file(writer_id: str) -> str:
+    """Path, relative to the trace root, of the record of the parts ``writer_id`` committed."""
+    return f"{PARTS_DIR}/{writer_id}.json"
+
+
+def writer_lock_file(writer_id: str) -> str:
+    return f"{LOCK_FILE}-{writer_id}"
+
+
+def is_trace_metadata(relative: str) -> bool:
+    """Whether a path relative to a trace root is the trace's own bookkeeping (manifest, parts records,
+    locks, writers' temp files) rather than a table part or a file someone else put there."""
+    first = relative.split("/", 1)[0]
+    return first in (MANIFEST_FILE, PARTS_DIR) or first.startswith((LOCK_FILE, f".{MANIFEST_FILE}"))
 
 
 # ---------------------------------------------------------------- manifest
@@ -276,9 +308,12 @@ def json_normal(value: Any) -> Any:
 
 def first_difference(stored: Any, new: Any, where: str = "") -> str | None:
     """Dotted name of the first field where two manifest values differ, e.g. `sampling.temperature`,
-    `models.large.revision` (list items of dicts with a role are named by role); None if they are equal."""
+    `models.large.revision` (list items of dicts with a role are named by role); None if they are equal.
+    A ``name`` both sides have is compared before its siblings: another model or engine is named as
+    such, not by the first of its properties that differs."""
     if isinstance(stored, dict) and isinstance(new, dict):
-        for key in sorted(set(stored) | set(new)):
+        named = "name" in stored and "name" in new
+        for key in sorted(set(stored) | set(new), key=lambda key: (not (named and key == "name"), key)):
             name = f"{where}.{key}" if where else key
             if key not in stored or key not in new:
                 return name

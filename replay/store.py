@@ -2,23 +2,30 @@
 
 A trace is a directory::
 
-    trace.json                      manifest (the cache key), with schema_version
-    problems/part-w0-00001.parquet  each table is a folder of part files (a single
-    steps/part-w0-00002.parquet     TABLE.parquet file next to the folder is read too)
-    tokens/part-w0-00002.parquet
+    trace.json                                   manifest (the cache key), with schema_version
+    problems/part-w0-00001-3f09c2a1d5e8b7c4.parquet  each table is a folder of part files (a single
+    steps/part-w0-00002-9b1e....parquet               TABLE.parquet file next to the folder is read too)
+    tokens/part-w0-00002-9b1e....parquet
     hidden/...  scores/...
+    _parts/w0.json                               the parts each writer committed
+    .lock, .lock-w0                              the writer lock (replay.lock) while a writer runs
 
-Every part is written under a hidden temp name, fsynced and renamed, so a reader
-never sees half a file. `append_steps` writes the tokens part first and the steps
-part second under the same name; the steps part is the commit mark: a tokens part
-without its steps part is the leftover of a crash, ignored by readers and deleted
-when its writer reopens the trace.
+Every part is written under a hidden temp name, fsynced and renamed, so a reader never sees half a
+file. `append_steps` writes the tokens part first and the steps part second under the same name; the
+steps part is the commit mark: a tokens part without its steps part is the leftover of a crash,
+ignored by readers and deleted when its writer reopens the trace. Parts are written with page
+checksums; readers verify them (the tokens table, which holds most of the bytes, when read through
+pyarrow and by `trace validate`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import re
+import weakref
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,11 +35,15 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from replay.atomic import write_atomic
+from replay.atomic import commit, write_atomic, write_temp
 from replay.errors import TraceError
+from replay.lock import WriterLock
 from replay.schema import (
     CACHE_KEY_FIELDS,
+    LOCK_FILE,
     MANIFEST_FILE,
+    PART_NAME,
+    PARTS_DIR,
     ROW_GROUP_ROWS,
     ROW_KEYS,
     SCHEMA_VERSION,
@@ -46,14 +57,79 @@ from replay.schema import (
     make_step_id,
     manifest_json,
     part_name,
+    parts_record_file,
     read_manifest,
 )
 
+log = logging.getLogger(__name__)
 _WRITER_ID = re.compile(r"[A-Za-z0-9_]+")
+HEAVY_TABLES = ("tokens",)  # pages verified when read through pyarrow and by validate, not on every open
 
 
-def _temp_name(writer_id: str, seq: int) -> str:
-    return f".{part_name(writer_id, seq)}.tmp"
+def write_parquet(rows: pa.Table, path: str | os.PathLike, table: str) -> None:
+    """Write one part of ``table`` as every part is written: zstd, streaming-sized row groups, page checksums."""
+    pq.write_table(rows, path, compression="zstd", row_group_size=ROW_GROUP_ROWS[table], write_page_checksum=True)
+
+
+def verify_part(path: str | os.PathLike) -> None:
+    """Read every page of a part, checking its checksum (where the part has them): a flipped byte, a
+    truncated page or a file that is not Parquet is a TraceError naming the file."""
+    try:
+        parquet = pq.ParquetFile(path, page_checksum_verification=True)
+        for _ in parquet.iter_batches(batch_size=65_536):
+            pass
+    except (pa.ArrowException, OSError) as error:
+        raise TraceError(f"{path} is damaged: {_first_line(error)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+def read_parts_record(root: Path, writer_id: str) -> dict[str, list[str]]:
+    """The parts ``writer_id`` recorded committing, by table ({} if it has no record)."""
+    path = root / parts_record_file(writer_id)
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        parts = record["parts"]
+        if not all(isinstance(names, list) for names in parts.values()):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise TraceError(f"{path} is not a parts record (JSON with parts: table -> list of file names)") from None
+    return {table: [str(name) for name in names] for table, names in parts.items()}
+
+
+def parts_records(root: Path) -> dict[str, dict[str, list[str]]]:
+    """Every writer's parts record, by writer id."""
+    directory = root / PARTS_DIR
+    if not directory.is_dir():
+        return {}
+    return {path.stem: read_parts_record(root, path.stem) for path in sorted(directory.glob("*.json"))}
+
+
+def write_parts_record(root: Path, writer_id: str, parts: dict[str, list[str]]) -> None:
+    """Replace ``writer_id``'s parts record (atomically; tables in schema order, names as given)."""
+    path = root / parts_record_file(writer_id)
+    path.parent.mkdir(exist_ok=True)
+    record = {"writer": writer_id, "parts": {table: list(parts[table]) for table in TABLES if parts.get(table)}}
+    write_atomic(path, (json.dumps(record, indent=1) + "\n").encode())
+
+
+def rerun_hint(root: Path, writer_id: str) -> str:
+    """The command whose rerun grows a writer's rows again."""
+    if writer_id.startswith("score_"):
+        return f"`trace score {root} --scorer {writer_id.removeprefix('score_')}`"
+    return "the `trace gen` command that wrote it"
+
+
+def lost_part_message(root: Path, table: str, name: str, writer_id: str) -> str:
+    return (
+        f"{root / table / name} is missing: writer {writer_id} recorded it in {root / parts_record_file(writer_id)}, "
+        f"so the trace lost its rows; rerun {rerun_hint(root, writer_id)} to grow them again, or "
+        f"`trace validate {root} --repair` to forget the part"
+    )
 
 
 # ---------------------------------------------------------------- reader
@@ -64,7 +140,7 @@ def _check_part(path: Path, table: str) -> None:
     try:
         schema = pq.read_metadata(path).schema.to_arrow_schema()
     except (pa.ArrowException, OSError) as error:
-        raise TraceError(f"{path} is not a readable Parquet file ({str(error).splitlines()[0]})") from None
+        raise TraceError(f"{path} is not a readable Parquet file ({_first_line(error)})") from None
     expected = SCHEMAS[table]
     if schema.names != expected.names:
         raise TraceError(f"{path} has columns {schema.names}, but {table} needs {expected.names}")
@@ -100,23 +176,38 @@ class Trace:
         are writers' temp files and skipped; anything else in the folder is an error."""
         if table not in self._checked:
             directory = self.table_dir(table)
+            # records before the listing: a writer records a part after committing it, so every part
+            # recorded by now is in the listing unless it was lost
+            recorded = parts_records(self.root)
             paths = []
+            present = set()
             if directory.is_dir():
                 for path in sorted(directory.iterdir()):
                     if path.name.startswith("."):
                         continue
                     if path.suffix != ".parquet" or not path.is_file():
                         raise TraceError(f"{path} does not belong in a trace table folder (only *.parquet parts)")
+                    present.add(path.name)
                     if table == "tokens" and self._uncommitted(path):
                         continue
                     paths.append(path)
+            self._check_recorded(table, recorded, present)
             single = self.root / f"{table}.parquet"
             if single.is_file():
                 paths.insert(0, single)
             for path in paths:
                 _check_part(path, table)
+                if table not in HEAVY_TABLES:
+                    verify_part(path)
             self._checked[table] = [str(path) for path in paths]
         return list(self._checked[table])
+
+    def _check_recorded(self, table: str, recorded: dict[str, dict[str, list[str]]], present: set[str]) -> None:
+        """Every part a writer recorded committing must still be there."""
+        for writer_id, record in recorded.items():
+            for name in record.get(table, []):
+                if name not in present:
+                    raise TraceError(lost_part_message(self.root, table, name, writer_id))
 
     def uncommitted_files(self) -> list[str]:
         """Tokens parts whose steps part is missing: leftovers of an interrupted write, which readers skip
@@ -136,7 +227,7 @@ class Trace:
         if not files:
             frame = empty_frame(table).lazy()
             return frame.with_columns(pl.lit(None, pl.String).alias(with_file)) if with_file else frame
-        return pl.scan_parquet(files, include_file_paths=with_file, hive_partitioning=False)
+        return pl.scan_parquet(files, include_file_paths=with_file, hive_partitioning=False, glob=False)
 
     def read(self, table: str, columns: Iterable[str] | None = None) -> pa.Table:
         """Eager Arrow read of `table` (selected columns) with the exact schema of SCHEMAS."""
@@ -145,7 +236,14 @@ class Trace:
         columns = list(columns) if columns is not None else schema.names
         if not files:
             return pa.schema([schema.field(c) for c in columns]).empty_table()
-        return pa.concat_tables(pq.read_table(path, columns=columns) for path in files)
+        return pa.concat_tables(_read_verified(path, columns) for path in files)
+
+
+def _read_verified(path: str, columns: list[str]) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=columns, page_checksum_verification=True)
+    except (pa.ArrowException, OSError) as error:
+        raise TraceError(f"{path} is damaged: {_first_line(error)}") from None
 
 
 def open_trace(root: str | os.PathLike) -> Trace:
@@ -161,32 +259,62 @@ def open_trace(root: str | os.PathLike) -> Trace:
 
 
 class TraceWriter:
-    """Append-only, crash-safe writer of one trace directory.
+    """Append-only, crash-safe writer of one trace directory; holds the trace's writer lock until closed
+    (use it as a context manager, or call ``close``).
 
     `manifest` creates the trace or, if it exists, must agree with its trace.json on every
     CACHE_KEY_FIELDS entry it sets (a field the stored manifest lacks is added). `manifest=None`
     reopens an existing trace as it is (for scorers adding tables).
 
-    Concurrent writers into one directory (shards) need distinct `writer_id`s; each only cleans
-    up its own leftovers.
+    One writer per trace at a time (see replay.lock); the exception is `shard` writers, which each
+    grow their own problems under their own `writer_id`. `wait` waits for the lock instead of refusing.
+    Each writer only cleans up its own leftovers.
     """
 
-    def __init__(self, root: str | os.PathLike, manifest: dict | None, *, writer_id: str = "w0"):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        manifest: dict | None,
+        *,
+        writer_id: str = "w0",
+        shard: bool = False,
+        wait: bool = False,
+    ):
         if not _WRITER_ID.fullmatch(writer_id):
             raise TraceError(f"writer_id {writer_id!r} must be letters, digits and underscores")
         self.root = Path(root)
         self.writer_id = writer_id
-        if (self.root / MANIFEST_FILE).exists():
-            self._manifest = read_manifest(self.root).to_dict()
-            if manifest is not None:
-                self._adopt(manifest)
-        elif manifest is None:
+        if manifest is None and not (self.root / MANIFEST_FILE).is_file():
             raise TraceError(f"{self.root} is not a trace: it has no {MANIFEST_FILE}")
-        else:
-            self._create(manifest)
-        self._clean_leftovers()
+        if self.root.exists() and not self.root.is_dir():
+            raise TraceError(f"{self.root} exists and is not a directory")
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = WriterLock(self.root, writer_id, shared=shard, wait=wait)
+        self._release = weakref.finalize(self, lock.release)
+        try:
+            if (self.root / MANIFEST_FILE).exists():
+                self._manifest = read_manifest(self.root).to_dict()
+                if manifest is not None:
+                    self._adopt(manifest)
+            else:
+                self._create(manifest)
+            self._clean_leftovers()
+            self._parts = self._reconcile_parts_record()
+        except BaseException:
+            self.close()
+            raise
         self._next_seq = self._last_seq() + 1
         self._keys: dict[str, set] = {}
+
+    def close(self) -> None:
+        """Release the writer lock (idempotent); the writer cannot append afterwards."""
+        self._release()
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     # -- manifest
 
@@ -196,14 +324,11 @@ class TraceWriter:
         return Manifest(self._manifest)
 
     def _create(self, manifest: dict) -> None:
-        if self.root.exists() and not self.root.is_dir():
-            raise TraceError(f"{self.root} exists and is not a directory")
-        if self.root.exists() and any(self.root.iterdir()):
+        if any(not path.name.startswith(LOCK_FILE) for path in self.root.iterdir()):
             raise TraceError(f"{self.root} is not empty and has no {MANIFEST_FILE}; refusing to write a trace into it")
         version = manifest.get("schema_version", SCHEMA_VERSION)
         if version != SCHEMA_VERSION:
             raise TraceError(f"manifest has schema_version {version!r}; this writer writes {SCHEMA_VERSION}")
-        self.root.mkdir(parents=True, exist_ok=True)
         self._manifest = json_normal({**manifest, "schema_version": SCHEMA_VERSION})
         self._write_manifest()
 
@@ -225,9 +350,15 @@ class TraceWriter:
         stored = {key: self._manifest[key]}
         differing = first_difference(stored, {key: value})
         if differing:
+            parts = differing.split(".")
+            model = ""
+            if parts[0] == "models" and len(parts) > 2 and parts[2] != "name":  # which model, not just which field
+                role = parts[1]
+                names = [lookup_field(entry, f"models.{role}.name") for entry in (stored, {key: value})]
+                model = f" (the {role} model: {names[0]!r} in the trace, {names[1]!r} in this run)"
             raise TraceError(
                 f"{self.root} was written with {differing} = {lookup_field(stored, differing)!r}, "
-                f"but this run has {differing} = {lookup_field({key: value}, differing)!r}; "
+                f"but this run has {differing} = {lookup_field({key: value}, differing)!r}{model}; "
                 "use a new output directory or the trace's settings"
             )
 
@@ -251,40 +382,77 @@ class TraceWriter:
     # -- part files
 
     def _own_parts(self) -> Iterable[tuple[str, int, Path]]:
-        pattern = re.compile(rf"part-{re.escape(self.writer_id)}-(\d+)\.parquet")
         for table in TABLES:
             directory = self.root / table
             if directory.is_dir():
                 for path in directory.iterdir():
-                    match = pattern.fullmatch(path.name)
-                    if match:
-                        yield table, int(match.group(1)), path
+                    match = PART_NAME.fullmatch(path.name)
+                    if match and match["writer"] == self.writer_id:
+                        yield table, int(match["seq"]), path
 
     def _clean_leftovers(self) -> None:
-        """Delete this writer's temp files and tokens parts whose steps part never landed."""
-        temp = re.compile(rf"\.part-{re.escape(self.writer_id)}-\d+\.parquet\.tmp")
+        """Delete this writer's temp files and tokens parts whose steps part never landed (the lock says
+        no other process writes as this writer, so they are leftovers of a crash)."""
         for table in TABLES:
             directory = self.root / table
             if directory.is_dir():
                 for path in directory.iterdir():
-                    if temp.fullmatch(path.name):
+                    if path.name.startswith(f".part-{self.writer_id}-") and path.name.endswith(".tmp"):
                         path.unlink()
         (self.root / f".{MANIFEST_FILE}.{self.writer_id}.tmp").unlink(missing_ok=True)
         for table, _, path in list(self._own_parts()):
             if table == "tokens" and not (self.root / "steps" / path.name).exists():
                 path.unlink()
 
+    def _reconcile_parts_record(self) -> dict[str, list[str]]:
+        """This writer's parts record made true again: parts committed but not yet recorded (a crash
+        between the two, or a trace from before records) are added; a recorded part that is gone is
+        named and dropped, since this run grows its rows again."""
+        recorded = read_parts_record(self.root, self.writer_id)
+        present: dict[str, list[str]] = {}
+        for table, _, path in self._own_parts():
+            present.setdefault(table, []).append(path.name)
+        present = {table: sorted(names) for table, names in present.items()}
+        for table, names in recorded.items():
+            for name in sorted(set(names) - set(present.get(table, []))):
+                log.warning(
+                    "%s is missing (writer %s recorded it); this run writes its rows again where it covers them",
+                    self.root / table / name,
+                    self.writer_id,
+                )
+        if present != recorded:
+            write_parts_record(self.root, self.writer_id, present)
+        return present
+
     def _last_seq(self) -> int:
         return max((seq for _, seq, _ in self._own_parts()), default=0)
 
-    def _write_part(self, table: str, rows: pa.Table, seq: int) -> None:
-        directory = self.root / table
-        directory.mkdir(exist_ok=True)
-        write_atomic(
-            directory / part_name(self.writer_id, seq),
-            lambda temp: pq.write_table(rows, temp, compression="zstd", row_group_size=ROW_GROUP_ROWS[table]),
-            temp=directory / _temp_name(self.writer_id, seq),
-        )
+    def _write_parts(self, rows: dict[str, pa.Table]) -> None:
+        """One append: each table's rows as a part, all under one name (this writer, its next sequence
+        number, a digest of the parts' bytes), renamed into place in the order given, then recorded."""
+        if not self._release.alive:
+            raise TraceError(f"the writer of {self.root} is closed")
+        seq = self._take_seq()
+        temps: dict[str, Path] = {}
+        digest = hashlib.sha256()
+        try:
+            for table, arrow in rows.items():
+                directory = self.root / table
+                directory.mkdir(exist_ok=True)
+                temps[table] = directory / f".part-{self.writer_id}-{seq:05d}.{os.getpid()}.tmp"
+                write_temp(temps[table], lambda temp, arrow=arrow, table=table: write_parquet(arrow, temp, table))
+                with open(temps[table], "rb") as handle:
+                    for block in iter(lambda handle=handle: handle.read(1 << 20), b""):
+                        digest.update(block)
+            name = part_name(self.writer_id, seq, digest.hexdigest())
+            for table, temp in temps.items():
+                commit(temp, self.root / table / name)
+        finally:
+            for temp in temps.values():
+                temp.unlink(missing_ok=True)
+        for table in rows:
+            self._parts.setdefault(table, []).append(name)
+        write_parts_record(self.root, self.writer_id, self._parts)
 
     def _stored_keys(self, table: str) -> set:
         if table not in self._keys:
@@ -327,7 +495,7 @@ class TraceWriter:
     def _append(self, table: str, rows: list[dict]) -> None:
         rows = self._new_rows(table, rows)
         if rows:
-            self._write_part(table, self._to_arrow(table, rows), self._take_seq())
+            self._write_parts({table: self._to_arrow(table, rows)})
             self._remember(table, rows)
 
     def _take_seq(self) -> int:
@@ -374,9 +542,7 @@ class TraceWriter:
                         f"step {step['step_id']!r}: tokens.{column} has {n_values} entries, "
                         f"but n_gen_tokens is {step['n_gen_tokens']}"
                     )
-        seq = self._take_seq()
-        self._write_part("tokens", tokens_arrow, seq)
-        self._write_part("steps", steps_arrow, seq)
+        self._write_parts({"tokens": tokens_arrow, "steps": steps_arrow})  # steps last: the commit mark
         self._remember("steps", steps)
 
     def append_problems(self, rows: list[dict]) -> None:

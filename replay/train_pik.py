@@ -15,6 +15,7 @@ from dataclasses import asdict
 from replay.artifacts import load_train_split
 from replay.atomic import write_atomic
 from replay.errors import TraceError
+from replay.outputs import check_output_file
 from replay.pik import AUTO_LAYER, DEFAULT_WHERE, PIK_FORMAT, PIK_VERSION, ProbeReport, fit_probes
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED
 
@@ -29,11 +30,13 @@ def train_pik(
     seed: int = 0,
     split_seed: int = DEFAULT_SPLIT_SEED,
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    force: bool = False,
 ) -> tuple[list[ProbeReport], dict[str, int]]:
-    """Fit one probe per model in ``models`` on the train split of the trace at ``root``; write them to ``out``.
-    Returns the probes' reports and the layer each read."""
+    """Fit one probe per model in ``models`` on the train split of the trace at ``root``; write them to ``out``
+    (replacing an existing file only with ``force``). Returns the probes' reports and the layer each read."""
     import joblib
 
+    check_output_file(out, force=force)
     train = load_train_split(root, split_seed, fractions)
     unknown = [role for role in models if role not in train.roles]
     if unknown or not models:

@@ -64,6 +64,7 @@ from replay.atomic import write_atomic
 from replay.costs import CostModel, make_cost_model
 from replay.engine import Costs, ReplayData, walk_chains
 from replay.errors import TraceError
+from replay.outputs import check_output_file
 from replay.routers.policy import ESCALATE, mlp, normalise, policy_network, raw_features, save_policy
 from replay.schema import LARGE, SMALL
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, check_fractions
@@ -431,16 +432,21 @@ def log_path_for(policy_path: str | Path) -> Path:
 
 
 def train_policy(
-    root, out, hp: Hyperparameters = Hyperparameters(), on_step: Callable[[dict], None] | None = None
+    root,
+    out,
+    hp: Hyperparameters = Hyperparameters(),
+    on_step: Callable[[dict], None] | None = None,
+    *,
+    force: bool = False,
 ) -> TrainResult:
     """Train the escalation policy on the train split of the trace at ``root``; write the policy file ``out``
-    and its training log next to it. ``on_step`` receives each step's log row."""
+    and its training log next to it (replacing existing ones only with ``force``). ``on_step`` receives each
+    step's log row."""
     import torch
 
     hp.check()
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise TraceError(f"--out {out}: folder {out.parent} does not exist")
+    out = check_output_file(out, force=force)
+    check_output_file(log_path_for(out), force=force)
     started = time.perf_counter()
     train = load_train_split(root, hp.split_seed, hp.split_fractions)
     if SMALL not in train.roles or LARGE not in train.roles:

@@ -12,6 +12,7 @@ from pathlib import Path
 import polars as pl
 
 from replay.artifacts import load_train_split
+from replay.outputs import check_output_file
 from replay.routers.steer import Steer
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED
 
@@ -24,9 +25,12 @@ def train_steer(
     seed: int = 0,
     split_seed: int = DEFAULT_SPLIT_SEED,
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    force: bool = False,
 ) -> pl.DataFrame:
-    """Fit the mixtures on the train split of the trace at ``root``, write them to ``out``; returns one row per
-    step index: depth, n, and weight, mean and standard deviation of the low and high components."""
+    """Fit the mixtures on the train split of the trace at ``root``, write them to ``out`` (replacing an
+    existing file only with ``force``); returns one row per step index: depth, n, and weight, mean and
+    standard deviation of the low and high components."""
+    check_output_file(out, force=force)
     train = load_train_split(root, split_seed, fractions)
     router = Steer(min_samples=min_samples, seed=seed).fit(train)
     router.save(

@@ -1,4 +1,8 @@
-"""`trace validate`: check every invariant of a trace, stop at the first violation with one clear sentence."""
+"""`trace validate`: check every invariant of a trace, stop at the first violation with one clear sentence.
+
+First every part is read whole through pyarrow with its page checksums verified, so that a damaged file
+is named before anything else reads it; then come the tables' invariants, value ranges included.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +13,28 @@ import polars as pl
 
 from replay.errors import TraceError
 from replay.schema import FINISH_REASONS, ROW_KEYS, SCHEMAS, TABLES, TOKEN_ARRAY_COLUMNS, model_char
-from replay.store import Trace, open_trace
+from replay.store import HEAVY_TABLES, Trace, open_trace, verify_part
 
 FILE = "_file"  # column holding each row's part file, for messages
+# Log-probabilities are computed in float32; the log-softmax of the likeliest token can round a hair above 0.
+LOGPROB_SLACK = 1e-4
 
 
 def validate(root: str | os.PathLike) -> dict[str, int]:
     """Raise TraceError on the first violated invariant; otherwise return row counts per table."""
     trace = open_trace(root)
     for table in TABLES:
-        trace.files(table)  # footers and column types of every part
+        files = trace.files(table)  # recorded parts present, footers and column types, pages of the light tables
+        if table in HEAVY_TABLES:
+            for file in files:
+                verify_part(file)
+    try:
+        return _validate_tables(trace)
+    except pl.exceptions.PolarsError as error:  # the parts read whole above, so a reader error here is not theirs
+        raise TraceError(f"{trace.root}: reading its tables failed: {str(error).splitlines()[0]}") from None
+
+
+def _validate_tables(trace: Trace) -> dict[str, int]:
     leftovers = trace.uncommitted_files()
     if leftovers:
         raise TraceError(
@@ -33,6 +49,7 @@ def validate(root: str | os.PathLike) -> dict[str, int]:
     steps = trace.scan("steps", with_file=FILE).drop("text").collect()
     _check_unique(problems, "problems")
     _check_steps(steps, roles)
+    _check_step_values(steps)
     _check_tree(steps)
     _first(
         steps.join(problems.select("problem_id"), on="problem_id", how="anti"),
@@ -40,6 +57,7 @@ def validate(root: str | os.PathLike) -> dict[str, int]:
     )
     n_tokens = _check_tokens(trace, steps)
     n_scores = _check_scores(trace, steps)
+    _check_token_values(trace)
     n_hidden = _check_hidden(trace, problems, roles)
     _check_manifest_counts(trace, problems)
     return {
@@ -144,6 +162,91 @@ def _check_steps(steps: pl.DataFrame, roles: dict[str, str]) -> None:
     )
 
 
+def _not_finite(column: str) -> pl.Expr:
+    return pl.col(column).is_nan() | pl.col(column).is_infinite()
+
+
+def _check_step_values(steps: pl.DataFrame) -> None:
+    """Counts, log-probabilities and confidences within the ranges they can take."""
+    counts = [
+        (pl.col("world") < 0, "world", "a world index (>= 0)"),
+        (pl.col("n_prompt_tokens") < 1, "n_prompt_tokens", "at least 1"),
+        (pl.col("n_gen_tokens") < 1, "n_gen_tokens", "at least 1"),
+        (
+            (pl.col("n_new_prefill_tokens") < 0) | (pl.col("n_new_prefill_tokens") > pl.col("n_prompt_tokens")),
+            "n_new_prefill_tokens",
+            "between 0 and n_prompt_tokens",
+        ),
+        (
+            (pl.col("n_cached_tokens") < 0) | (pl.col("n_cached_tokens") > pl.col("n_prompt_tokens")),
+            "n_cached_tokens",
+            "between 0 and n_prompt_tokens",
+        ),
+    ]
+    for column in ("logprob_mean", "logprob_min", "first_token_logprob"):
+        counts.append((_not_finite(column) | (pl.col(column) > LOGPROB_SLACK), column, "a log-probability (<= 0)"))
+    counts += [
+        (
+            pl.col("logprob_min") > pl.col("logprob_mean") + LOGPROB_SLACK,
+            "logprob_min",
+            "at most logprob_mean",
+        ),
+        (
+            _not_finite("conf_top1_prob_min_math")
+            | ~pl.col("conf_top1_prob_min_math").is_between(0, 1 + LOGPROB_SLACK),
+            "conf_top1_prob_min_math",
+            "a probability",
+        ),
+        (_not_finite("conf_max_logit_mean"), "conf_max_logit_mean", "a finite number"),
+        (_not_finite("conf_max_logit_math"), "conf_max_logit_math", "a finite number"),
+        (_not_finite("gen_seconds") | (pl.col("gen_seconds") < 0), "gen_seconds", "seconds (>= 0)"),
+    ]
+    for violated, column, wanted in counts:
+        _first(
+            steps.filter(violated.fill_null(False)),
+            lambda row, column=column, wanted=wanted: (
+                f"step {row['step_id']!r} has {column} = {row[column]!r}, which must be {wanted}"
+            ),
+        )
+
+
+def _check_token_values(trace: Trace) -> None:
+    """Per generated token: log-probabilities <= 0 with the sampled one at most the top-1, top-k lists
+    sorted from likeliest down, every position with k alternatives; token ids >= 0, max logits finite."""
+    k = (trace.manifest.get("sampling") or {}).get("topk")
+    for file in trace.files("tokens"):
+        tokens = pl.read_parquet(file, glob=False).with_columns(pl.lit(file).alias(FILE))
+        per_token = tokens.select("step_id", FILE, "token_ids", "logprobs", "max_logits", "topk_ids", "topk_logprobs")
+        per_token = per_token.explode("token_ids", "logprobs", "max_logits", "topk_ids", "topk_logprobs")
+        per_token = per_token.filter(pl.col("token_ids").is_not_null())  # rows of steps without tokens
+        checks = [
+            (pl.col("token_ids") < 0, "a token id below 0"),
+            (_not_finite("logprobs") | (pl.col("logprobs") > LOGPROB_SLACK), "a logprob that is not <= 0"),
+            (_not_finite("max_logits"), "a max_logit that is not a finite number"),
+            (pl.col("topk_logprobs").list.max() > LOGPROB_SLACK, "a top-k logprob above 0"),
+            (pl.col("topk_logprobs").list.eval(pl.element().is_nan()).list.any(), "a top-k logprob that is NaN"),
+            (
+                pl.col("topk_logprobs").list.diff(null_behavior="drop").list.max() > 0,
+                "top-k logprobs not sorted from the likeliest down",
+            ),
+            (
+                pl.col("logprobs") > pl.col("topk_logprobs").list.first() + LOGPROB_SLACK,
+                "a sampled logprob above the top-1 logprob",
+            ),
+            (
+                pl.col("topk_ids").list.len() != pl.col("topk_logprobs").list.len(),
+                "top-k ids and logprobs of different lengths",
+            ),
+        ]
+        if isinstance(k, int):
+            checks.append((pl.col("topk_ids").list.len() != k, f"not k = {k} top-k entries (trace.json sampling.topk)"))
+        for violated, what in checks:
+            _first(
+                per_token.filter(violated.fill_null(False)),
+                lambda row, what=what: f"tokens row of step {row['step_id']!r} has {what}",
+            )
+
+
 def _check_tree(steps: pl.DataFrame) -> None:
     """Every step continues the root or a node some step of the same (problem, world) created."""
     nodes = steps.select("problem_id", "world", pl.col("path").alias("parent_path"))
@@ -207,6 +310,30 @@ def _check_scores(trace: Trace, steps: pl.DataFrame) -> int:
             "entry (its model and prompt)"
         ),
     )
+    values = trace.scan("scores", with_file=FILE).select(
+        "step_id",
+        "scorer",
+        FILE,
+        "value",
+        "n_tokens_processed",
+        bad_detail=pl.col("detail").list.eval(pl.element().is_nan() | pl.element().is_infinite()).list.any(),
+    )
+    _first(
+        values.filter(_not_finite("value") | pl.col("bad_detail").fill_null(False)).collect(),
+        lambda row: f"{row['scorer']} score of step {row['step_id']!r} is not a finite number ({row['value']!r})",
+    )
+    _first(
+        values.filter(pl.col("n_tokens_processed") < 0).collect(),
+        lambda row: f"{row['scorer']} score of step {row['step_id']!r} has n_tokens_processed below 0",
+    )
+    if steps.height:
+        present = set(scores["scorer"].unique().to_list())
+        lost = [name for name in described if name not in present]
+        if lost:
+            raise TraceError(
+                f"{trace.root}/trace.json lists the scorer(s) {', '.join(lost)}, but the scores table holds none of "
+                f"their scores: they were lost; run `trace score {trace.root} --scorer {lost[0]}` again"
+            )
     return scores.height
 
 

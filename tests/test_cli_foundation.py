@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from replay.schema import MANIFEST_FILE
+from replay.schema import MANIFEST_FILE, TABLES
 
 runner = CliRunner()
 
@@ -40,6 +40,10 @@ def test_validate_ok(comb_trace):
 
 
 def test_info_reports_counts_accuracy_and_size(comb_trace):
+    # what scripts/demo.sh keeps beside the tables is listed apart and counted in no size (issue 13, item 9)
+    (comb_trace / "results").mkdir()
+    (comb_trace / "results" / "rsd.parquet").write_bytes(b"r" * 5120)
+    (comb_trace / "policy.pt").write_bytes(b"p" * 3072)
     result = runner.invoke(app, ["info", str(comb_trace)])
     assert result.exit_code == 0, result.output
     steps = pl.concat(pl.read_parquet(p) for p in sorted((comb_trace / "steps").glob("part-*")))
@@ -52,8 +56,9 @@ def test_info_reports_counts_accuracy_and_size(comb_trace):
     # the comb fixture: all-small is right only for p0 (2 of 6 trees), all-large always
     assert "│ all-small (s…) │ 6 │ 2 │ 0.333 │" in lines
     assert "│ all-large (L…) │ 6 │ 6 │ 1.000 │" in lines
-    total = sum(p.stat().st_size for p in comb_trace.rglob("*") if p.is_file())
-    assert f"│ bytes per generated token │ {total / steps['n_gen_tokens'].sum():.1f} │" in lines
+    tables = sum(p.stat().st_size for table in TABLES for p in (comb_trace / table).glob("part-*"))
+    assert f"│ bytes per generated token (tables) │ {tables / steps['n_gen_tokens'].sum():.1f} │" in lines
+    assert "│ results/ │ 1 │ 5.0 KiB │" in lines and "│ policy.pt │ 1 │ 3.0 KiB │" in lines
 
 
 def test_sql_prints_a_table(comb_trace):
@@ -162,7 +167,8 @@ def test_sql_error_writes_nothing(comb_trace, tmp_path, out_exists):
     if out_exists:
         pq.write_table(pl.DataFrame({"kept": [1]}).to_arrow(), out)
     before = snapshot(tmp_path)
-    result = runner.invoke(app, ["sql", str(comb_trace), "SELECT depth FROM stepz", "--out", str(out)])
+    force = ["--force"] if out_exists else []
+    result = runner.invoke(app, ["sql", str(comb_trace), "SELECT depth FROM stepz", "--out", str(out), *force])
     assert result.exit_code == 1
     assert_one_error(
         result, "SQL error in 'SELECT depth FROM stepz': Catalog Error: Table with name stepz does not exist"

@@ -9,7 +9,7 @@ import pytest
 
 from data.toy import task
 from replay.errors import TraceError
-from tracegen.datasets import load_dataset
+from tracegen.datasets import MAX_LINE_BYTES, load_dataset
 
 BENCHMARKS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "benchmarks"
 GSM8K_TEST = BENCHMARKS / "gsm8k_test.jsonl"
@@ -125,3 +125,25 @@ def test_bad_dataset_specs(tmp_path):
         load_dataset("toy", split="validation")
     with pytest.raises(TraceError, match="--level applies to the toy dataset only"):
         load_dataset("gsm8k", level=2)
+
+
+def test_a_byte_that_is_not_utf8_is_named_with_its_line_and_only_lines_read_matter(tmp_path):
+    # issue 13, item 8
+    lines = [json.dumps(record).encode() for record in first_records(GSM8K_TEST, 3)]
+    bad = tmp_path / "gsm8k_test.jsonl"
+    bad.write_bytes(lines[0] + b"\n" + lines[1][:20] + b"\xff" + lines[1][20:] + b"\n" + lines[2] + b"\n")
+    with pytest.raises(TraceError, match=r"gsm8k_test.jsonl, line 2: not UTF-8 \(byte 0xff at byte 21 of the line\)"):
+        load_dataset(str(bad))
+    assert len(load_dataset(str(bad), limit=1).problems) == 1  # past --limit nothing is decoded
+
+
+def test_a_line_longer_than_the_bound_is_refused_before_it_is_parsed(tmp_path):
+    record = first_records(GSM8K_TEST, 1)[0]
+    long = tmp_path / "gsm8k_test.jsonl"
+    padded = {**record, "question": "x" * (MAX_LINE_BYTES + 10)}
+    long.write_text(json.dumps(record) + "\n" + json.dumps(padded) + "\n")
+    with pytest.raises(TraceError, match=r"gsm8k_test.jsonl, line 2: longer than 1,048,576 bytes"):
+        load_dataset(str(long))
+    at_the_bound = {**record, "question": "x" * (MAX_LINE_BYTES - len(json.dumps(record)) - 10)}
+    long.write_text(json.dumps(at_the_bound) + "\n")
+    assert len(load_dataset(str(long)).problems) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from data.toy import MODEL_ALIASES, task
 from replay.errors import TraceError
 from replay.store import open_trace
 from replay.validate import validate
+from tracegen import gen as gen_module
 from tracegen.datasets import load_dataset
 from tracegen.expand import Comb, Request, frontier
 from tracegen.gen import GenOptions, StoredStep, Tree, in_shard, parse_shard, request_seed, run_gen
@@ -191,7 +193,7 @@ def test_rerun_is_a_no_op_and_a_differing_setting_is_refused(comb_trace, toy_mod
     assert sorted(os.listdir(comb_trace / "steps")) == before
     with pytest.raises(TraceError, match=r"sampling\.temperature"):
         run_gen(options(toy_models, comb_trace, worlds=2, temperature=0.5))
-    with pytest.raises(TraceError, match=r"models\W+large\W+d_model"):
+    with pytest.raises(TraceError, match=r"models\.large\.name = '[^']+', but this run has models\.large\.name"):
         run_gen(options(toy_models, comb_trace, worlds=2, large=toy_models[0]))
     assert sorted(os.listdir(comb_trace / "steps")) == before
 
@@ -211,18 +213,17 @@ def test_same_command_twice_gives_identical_files(toy_models, tmp_path):
             assert first == second
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(toy_models, tmp_path):
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    run_gen(options(toy_models, reference, max_steps=5))
-    command = [
+def gen_command(models, out: Path) -> list[str]:
+    """`trace gen` of `options(models, out, max_steps=5)`, as a command line."""
+    return [
         sys.executable,
         "-m",
         "cli",
         "gen",
         "--model",
-        toy_models[0],
+        models[0],
         "--large",
-        toy_models[1],
+        models[1],
         "--dataset",
         "toy",
         "--limit",
@@ -236,8 +237,14 @@ def test_killed_run_resumes_to_the_uninterrupted_result(toy_models, tmp_path):
         "--seed",
         "3",
         "--out",
-        str(killed),
+        str(out),
     ]
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(toy_models, tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    run_gen(options(toy_models, reference, max_steps=5))
+    command = gen_command(toy_models, killed)
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not list((killed / "steps").glob("part-*.parquet")) and time.time() < deadline and process.poll() is None:
@@ -253,6 +260,76 @@ def test_killed_run_resumes_to_the_uninterrupted_result(toy_models, tmp_path):
     resumed = read_steps(killed)
     columns = ["step_id", "text", "n_prompt_tokens", "n_new_prefill_tokens", "n_gen_tokens", "is_final", "answer"]
     assert resumed.select(columns).equals(full.select(columns))
+
+
+def test_a_second_gen_into_a_trace_being_written_is_refused_naming_the_first(toy_models, tmp_path):
+    # issue 13, item 1: two such gens used to both exit 0, their parts written over each other
+    out = tmp_path / "t"
+    command = gen_command(toy_models, out)
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / ".lock-w0").exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.01)
+    first.send_signal(signal.SIGSTOP)  # holding the lock, for as long as the second needs to start
+    try:
+        second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    first.communicate()
+    assert first.returncode == 0
+    assert second.returncode == 1
+    message = " ".join(second.stderr.split())
+    assert f"{out} is being written by pid {first.pid} on {socket.gethostname()}" in message, message
+    assert "(writer w0: cli.py gen --model" in message and "Traceback" not in message
+    validate(out)
+    steps = read_steps(out)
+    assert steps["step_id"].n_unique() == steps.height > 0
+
+
+def test_a_lost_steps_part_is_named_then_regrown_by_rerunning_gen(toy_models, tmp_path, caplog):
+    out = tmp_path / "t"
+    run_gen(options(toy_models, out, limit=2, max_steps=3))
+    full = read_steps(out)
+    lost = sorted((out / "steps").glob("part-*"))[-1]
+    lost.unlink()
+    with pytest.raises(TraceError, match=f"{lost} is missing: writer w0 recorded it"):
+        validate(out)
+    summary = run_gen(options(toy_models, out, limit=2, max_steps=3))
+    assert f"{lost} is missing (writer w0 recorded it)" in caplog.text
+    assert summary.new_steps > 0
+    validate(out)
+    assert read_steps(out).drop("n_cached_tokens").equals(full.drop("n_cached_tokens"))
+
+
+def test_another_engine_is_refused_before_one_starts(comb_trace, toy_models, monkeypatch):
+    # issue 13, item 9: --backend vllm on an hf trace was found only after minutes of engine start
+    def start_engine(*args, **kwargs):
+        raise AssertionError("an engine was started")
+
+    monkeypatch.setattr(gen_module, "load_backend", start_engine)
+    with pytest.raises(
+        TraceError, match=r"engine\.name = 'hf', but this run has engine\.name = 'vllm'; use --backend hf"
+    ):
+        run_gen(options(toy_models, comb_trace, worlds=2, hidden_layers=(-1, 1), backend="vllm"))
+
+
+def test_problems_whose_prompt_fills_the_context_are_named(toy_models, tmp_path):
+    # issue 13, item 8: a 24k-character question got no tree and only "2 nodes left unexpanded"
+    dataset = tmp_path / "gsm8k_test.jsonl"
+    records = [
+        {"question": "What is 2 + 3?", "answer": "2 + 3 = 5 #### 5"},
+        {"question": "What is 2 + 3? " * 40, "answer": "#### 5"},
+    ]
+    dataset.write_text("".join(json.dumps(record) + "\n" for record in records))
+    out = tmp_path / "t"
+    summary = run_gen(options(toy_models, out, dataset=str(dataset), limit=None, max_steps=2))
+    assert summary.skipped_context_full == 2  # the long problem's root, for each model
+    assert summary.context_full_problems == ["gsm8k-test-00001"]
+    rerun = ["gen", "--model", toy_models[0], "--large", toy_models[1], "--dataset", str(dataset), "--out", str(out)]
+    rerun += ["--max-steps", "2", "--max-step-tokens", str(STEP_TOKENS), "--backend", "hf", "--seed", "3"]
+    result = CliRunner().invoke(app, rerun)
+    assert result.exit_code == 0, result.output
+    assert "in problem(s): gsm8k-test-00001" in " ".join(result.stdout.split())
 
 
 def test_shards_partition_the_problems(toy_models, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from tracebuild import build_trace, comb_steps, default_manifest, default_problem, step_and_tokens
+from tracebuild import build_trace, comb_steps, default_manifest, default_problem, forget_part, step_and_tokens
 
 from replay.errors import TraceError
 from replay.schema import MANIFEST_FILE, SCHEMA_VERSION, SCHEMAS, TABLES, first_difference, model_char
@@ -56,22 +57,36 @@ def test_round_trip_keeps_every_value(tmp_path):
 
 def test_parts_are_named_per_writer_and_atomic(tmp_path):
     root = build_trace(tmp_path / "t", comb_steps("p0", 2), parts=2)
-    assert sorted(p.name for p in (root / "steps").iterdir()) == ["part-w0-00002.parquet", "part-w0-00003.parquet"]
-    assert sorted(p.name for p in (root / "tokens").iterdir()) == ["part-w0-00002.parquet", "part-w0-00003.parquet"]
-    assert pq.read_metadata(root / "steps" / "part-w0-00002.parquet").row_group(0).column(0).compression == "ZSTD"
+    steps = sorted(p.name for p in (root / "steps").iterdir())
+    assert [re.fullmatch(r"part-w0-(\d{5})-[0-9a-f]{16}\.parquet", name)[1] for name in steps] == ["00002", "00003"]
+    assert sorted(p.name for p in (root / "tokens").iterdir()) == steps  # a tokens part shares its steps part's name
+    assert pq.read_metadata(root / "steps" / steps[0]).row_group(0).column(0).compression == "ZSTD"
     # a second writer (a shard) adds its own parts next to the first writer's
-    writer = TraceWriter(root, default_manifest(), writer_id="shard1")
-    rows = [step_and_tokens(s) for s in comb_steps("p1", 2)]
-    writer.append_problems([default_problem("p1")])
-    writer.append_steps([s for s, _ in rows], [t for _, t in rows])
-    assert (root / "steps" / "part-shard1-00002.parquet").exists()
+    with TraceWriter(root, default_manifest(), writer_id="shard1", shard=True) as writer:
+        rows = [step_and_tokens(s) for s in comb_steps("p1", 2)]
+        writer.append_problems([default_problem("p1")])
+        writer.append_steps([s for s, _ in rows], [t for _, t in rows])
+    assert [p.name.split("-")[2] for p in (root / "steps").glob("part-shard1-*")] == ["00002"]
     assert open_trace(root).scan("steps").select(pl.len()).collect().item() == 10
     assert not [p for p in root.rglob(".*")]
+    assert json.loads((root / "_parts" / "shard1.json").read_text())["parts"] == {
+        table: [p.name for p in (root / table).glob("part-shard1-*")] for table in ("problems", "steps", "tokens")
+    }
     validate(root)
 
 
+def test_the_same_rows_give_the_same_names_and_bytes_and_other_rows_another_name(tmp_path):
+    first, second = (build_trace(tmp_path / name, comb_steps("p0", 2)) for name in ("a", "b"))
+    for table in ("problems", "steps", "tokens"):
+        names = sorted(p.name for p in (first / table).iterdir())
+        assert names == sorted(p.name for p in (second / table).iterdir())
+        assert [(first / table / n).read_bytes() for n in names] == [(second / table / n).read_bytes() for n in names]
+    other = build_trace(tmp_path / "c", comb_steps("p0", 2, correct=lambda path: True))
+    assert sorted(p.name for p in (other / "steps").iterdir()) != sorted(p.name for p in (first / "steps").iterdir())
+
+
 def test_empty_tables_scan_with_their_columns(tmp_path):
-    TraceWriter(tmp_path / "t", default_manifest())
+    TraceWriter(tmp_path / "t", default_manifest()).close()
     trace = open_trace(tmp_path / "t")
     for table in TABLES:
         frame = trace.scan(table).collect()
@@ -82,19 +97,19 @@ def test_empty_tables_scan_with_their_columns(tmp_path):
 def test_appends_are_idempotent(tmp_path):
     steps = comb_steps("p0", 2)
     root = build_trace(tmp_path / "t", steps)
-    writer = TraceWriter(root, default_manifest())
-    assert writer.done_step_ids() == {f"p0/0/{s['path']}" for s in steps}
-    rows = [step_and_tokens(s) for s in steps]
-    writer.append_steps([s for s, _ in rows], [t for _, t in rows])
-    writer.append_problems(open_trace(root).scan("problems").collect().to_dicts())
-    score = {"step_id": "p0/0/s", "scorer": "prm", "value": 0.5, "n_tokens_processed": 9}
-    writer.update_manifest(scorers={"prm": {"model": "prm"}, "judge": {"model": "large"}})
-    writer.append_scores([score])
-    writer.append_scores([score, {**score, "scorer": "judge"}])
-    assert writer.done_score_ids("prm") == {"p0/0/s"}
-    vector = {"problem_id": "p0", "model": "large", "layer": 3, "where": "prompt_last", "vector": [1.0]}
-    writer.append_hidden([vector])
-    writer.append_hidden([vector])
+    with TraceWriter(root, default_manifest()) as writer:
+        assert writer.done_step_ids() == {f"p0/0/{s['path']}" for s in steps}
+        rows = [step_and_tokens(s) for s in steps]
+        writer.append_steps([s for s, _ in rows], [t for _, t in rows])
+        writer.append_problems(open_trace(root).scan("problems").collect().to_dicts())
+        score = {"step_id": "p0/0/s", "scorer": "prm", "value": 0.5, "n_tokens_processed": 9}
+        writer.update_manifest(scorers={"prm": {"model": "prm"}, "judge": {"model": "large"}})
+        writer.append_scores([score])
+        writer.append_scores([score, {**score, "scorer": "judge"}])
+        assert writer.done_score_ids("prm") == {"p0/0/s"}
+        vector = {"problem_id": "p0", "model": "large", "layer": 3, "where": "prompt_last", "vector": [1.0]}
+        writer.append_hidden([vector])
+        writer.append_hidden([vector])
     trace = open_trace(root)
     assert trace.scan("steps").select(pl.len()).collect().item() == len(steps)
     assert trace.scan("tokens").select(pl.len()).collect().item() == len(steps)
@@ -108,7 +123,8 @@ def test_problem_id_reused_for_another_question_is_refused(tmp_path):
     root = build_trace(tmp_path / "t", comb_steps("p0", 1))
     problem = open_trace(root).scan("problems").collect().row(0, named=True)
     with pytest.raises(TraceError, match="problem 'p0' is already stored with a different question"):
-        TraceWriter(root, default_manifest()).append_problems([{**problem, "question": "Compute 1+1."}])
+        with TraceWriter(root, default_manifest()) as writer:
+            writer.append_problems([{**problem, "question": "Compute 1+1."}])
 
 
 @pytest.mark.parametrize(
@@ -129,7 +145,8 @@ def test_writer_refuses_bad_rows_and_writes_nothing(tmp_path, change, message):
     change(step, tokens)
     before = all_files(root)
     with pytest.raises(TraceError, match=message):
-        TraceWriter(root, default_manifest()).append_steps([step], [tokens])
+        with TraceWriter(root, default_manifest()) as writer:
+            writer.append_steps([step], [tokens])
     assert all_files(root) == before
 
 
@@ -156,17 +173,17 @@ def test_reopen_with_a_different_cache_key_names_the_field(tmp_path):
     stored = json.loads((root / MANIFEST_FILE).read_text())
     del stored["engine"]
     (root / MANIFEST_FILE).write_text(json.dumps(stored))
-    writer = TraceWriter(root, {**manifest, "engine": {"name": "vllm"}})
-    assert writer.manifest["expansion"] == "comb"
+    with TraceWriter(root, {**manifest, "engine": {"name": "vllm"}}) as writer:
+        assert writer.manifest["expansion"] == "comb"
     assert open_trace(root).manifest["engine"] == {"name": "vllm"}
 
 
 def test_update_manifest_is_atomic_and_guards_cache_keys(tmp_path):
-    writer = TraceWriter(tmp_path / "t", default_manifest())
-    writer.update_manifest(n_problems=3, scorers={"prm": {"n_params": 5}})
-    assert open_trace(tmp_path / "t").manifest["scorers"] == {"prm": {"n_params": 5}}
-    with pytest.raises(TraceError, match="grader.version"):
-        writer.update_manifest(grader={"name": "toy", "version": "2"})
+    with TraceWriter(tmp_path / "t", default_manifest()) as writer:
+        writer.update_manifest(n_problems=3, scorers={"prm": {"n_params": 5}})
+        assert open_trace(tmp_path / "t").manifest["scorers"] == {"prm": {"n_params": 5}}
+        with pytest.raises(TraceError, match="grader.version"):
+            writer.update_manifest(grader={"name": "toy", "version": "2"})
     assert open_trace(tmp_path / "t").manifest["grader"]["version"] == "1"
     assert [p.name for p in (tmp_path / "t").iterdir()] == [MANIFEST_FILE]
 
@@ -197,8 +214,10 @@ def test_crash_leftovers_are_invisible_and_cleaned_on_reopen(tmp_path):
     root = build_trace(tmp_path / "t", steps, parts=3)
     last = sorted((root / "steps").iterdir())[-1]
     kept = set(open_trace(root).scan("steps").collect()["step_id"]) - set(pl.read_parquet(last)["step_id"])
-    # a crash after the tokens rename, before the steps rename; and one inside a part write
+    # a crash after the tokens rename, before the steps rename (so before the writer recorded the part);
+    # and one inside a part write
     last.unlink()
+    forget_part(root, last.name)
     (root / "steps" / ".part-w0-00009.parquet.tmp").write_bytes(b"PAR1 half a file")
     (root / "tokens" / ".part-w0-00009.parquet.tmp").write_bytes(b"PAR1 half a file")
     trace = open_trace(root)
@@ -210,14 +229,14 @@ def test_crash_leftovers_are_invisible_and_cleaned_on_reopen(tmp_path):
     # another writer's temp file is left alone: it may be writing right now
     (root / "steps" / ".part-w1-00001.parquet.tmp").write_bytes(b"busy")
 
-    writer = TraceWriter(root, default_manifest())
-    assert writer.done_step_ids() == kept
-    assert sorted(p.name for p in (root / "tokens").glob("part-*")) == sorted(
-        p.name for p in (root / "steps").glob("part-*")
-    )
-    assert [p.name for p in root.rglob(".*")] == [".part-w1-00001.parquet.tmp"]
-    rows = [step_and_tokens(s) for s in steps]
-    writer.append_steps([s for s, _ in rows], [t for _, t in rows])
+    with TraceWriter(root, default_manifest()) as writer:
+        assert writer.done_step_ids() == kept
+        assert sorted(p.name for p in (root / "tokens").glob("part-*")) == sorted(
+            p.name for p in (root / "steps").glob("part-*")
+        )
+        assert sorted(p.name for p in root.rglob(".*")) == [".lock", ".lock-w0", ".part-w1-00001.parquet.tmp"]
+        rows = [step_and_tokens(s) for s in steps]
+        writer.append_steps([s for s, _ in rows], [t for _, t in rows])
     stored = open_trace(root).scan("steps").collect()["step_id"]
     assert stored.len() == len(rows)
     assert set(stored) == {step["step_id"] for step, _ in rows}
@@ -256,10 +275,10 @@ def test_resume_after_sigkill_gives_every_step_once(tmp_path):
     expected = [step_and_tokens(s) for i in range(n_problems) for s in comb_steps(f"p{i}", 4)]
     assert 0 < written < len(expected)
 
-    writer = TraceWriter(root, default_manifest())
-    for i in range(n_problems):
-        rows = [step_and_tokens(s) for s in comb_steps(f"p{i}", 4)]
-        writer.append_steps([s for s, _ in rows], [t for _, t in rows])
+    with TraceWriter(root, default_manifest()) as writer:  # takes over the lock the killed writer held
+        for i in range(n_problems):
+            rows = [step_and_tokens(s) for s in comb_steps(f"p{i}", 4)]
+            writer.append_steps([s for s, _ in rows], [t for _, t in rows])
 
     trace = open_trace(root)
     stored = trace.scan("steps").collect()

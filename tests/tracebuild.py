@@ -172,32 +172,40 @@ def build_trace(
     rows = [step_and_tokens(fields) for fields in steps]
     if problems is None:
         problems = [default_problem(pid) for pid in dict.fromkeys(step["problem_id"] for step, _ in rows)]
-    writer = TraceWriter(root, manifest if manifest is not None else default_manifest())
-    writer.append_problems(problems)
-    size = -(-len(rows) // parts) if rows else 0
-    for start in range(0, len(rows), max(size, 1)):
-        chunk = rows[start : start + size]
-        writer.append_steps([step for step, _ in chunk], [tokens for _, tokens in chunk])
-    if hidden:
-        writer.append_hidden(hidden)
-    if scores:
-        described = writer.manifest.get("scorers") or {}
-        missing = {
-            row["scorer"]: {"prompt": "hand-built", "generated_tokens": GENERATED_TOKENS.get(row["scorer"], 0)}
-            for row in scores
-            if row["scorer"] not in described
-        }
-        if missing:  # as `trace score` records each scorer it ran
-            writer.update_manifest(scorers={**described, **missing})
-        writer.append_scores(scores)
+    with TraceWriter(root, manifest if manifest is not None else default_manifest()) as writer:
+        writer.append_problems(problems)
+        size = -(-len(rows) // parts) if rows else 0
+        for start in range(0, len(rows), max(size, 1)):
+            chunk = rows[start : start + size]
+            writer.append_steps([step for step, _ in chunk], [tokens for _, tokens in chunk])
+        if hidden:
+            writer.append_hidden(hidden)
+        if scores:
+            described = writer.manifest.get("scorers") or {}
+            missing = {
+                row["scorer"]: {"prompt": "hand-built", "generated_tokens": GENERATED_TOKENS.get(row["scorer"], 0)}
+                for row in scores
+                if row["scorer"] not in described
+            }
+            if missing:  # as `trace score` records each scorer it ran
+                writer.update_manifest(scorers={**described, **missing})
+            writer.append_scores(scores)
     return Path(root)
 
 
 def rewrite_parts(root: str | Path, table: str, transform: Callable[[pl.DataFrame], pl.DataFrame]) -> None:
-    """Apply `transform` to every part file of `table` in place, bypassing the writer's checks:
+    """Apply `transform` to every part file of `table` in place, bypassing the writer's checks and lock:
     the way tests corrupt a trace. Columns keep the types of SCHEMAS; required ones may get nulls."""
     schema = SCHEMAS[table]
     relaxed = pa.schema([field.with_nullable(True) for field in schema])
     for file in open_trace(root).files(table):
         frame = transform(pl.read_parquet(file))
         pq.write_table(frame.to_arrow().select(schema.names).cast(relaxed), file, compression="zstd")
+
+
+def forget_part(root: str | Path, name: str, writer_id: str = "w0") -> None:
+    """Drop part ``name`` from a writer's parts record, as if the writer had crashed before recording it."""
+    record_file = Path(root) / "_parts" / f"{writer_id}.json"
+    record = json.loads(record_file.read_text())
+    record["parts"] = {table: [n for n in names if n != name] for table, names in record["parts"].items()}
+    record_file.write_text(json.dumps(record))

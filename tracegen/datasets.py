@@ -32,6 +32,7 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SPLIT_WORDS = ("train", "test", "validation", "val", "dev")
 TOY_DEFAULT_SIZE = 200  # toy problems generated when no --limit is given
+MAX_LINE_BYTES = 1 << 20  # one problem per JSONL line; a longer line is refused, not parsed
 _GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$")
 
 
@@ -134,9 +135,24 @@ def sniff_format(record: dict, path: Path) -> str:
 
 
 def _read_json_lines(path: Path, limit: int | None) -> list[tuple[int, dict]]:
+    """(line number, object) of the first ``limit`` non-blank lines; lines after those are not read.
+    A line is decoded on its own, so a bad byte is reported with its line, and read at most
+    MAX_LINE_BYTES at a time, so a runaway line is refused before it fills memory."""
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(iter(lambda: handle.readline(MAX_LINE_BYTES + 1), b""), start=1):
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                raise TraceError(
+                    f"{path}, line {line_no}: longer than {MAX_LINE_BYTES:,} bytes; "
+                    "a problem is one JSON object on one line of at most that"
+                )
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise TraceError(
+                    f"{path}, line {line_no}: not UTF-8 (byte 0x{raw[error.start]:02x} at byte {error.start + 1} "
+                    "of the line)"
+                ) from None
             if not line.strip():
                 continue
             try:

@@ -77,7 +77,8 @@ class GenSummary:
     rounds: int = 0
     new_steps: int = 0
     new_gen_tokens: int = 0
-    skipped_context_full: int = 0
+    skipped_context_full: int = 0  # nodes whose prompt leaves no room for a step in the context
+    context_full_problems: list[str] = field(default_factory=list)  # the problems those nodes belong to
     seconds: float = 0.0
     hidden_rows: int = 0
     closure: ClosureResult | None = None  # of a closure or online run
@@ -184,54 +185,61 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
     )
     manifest = _manifest(options, models, tokenizers, dataset, grader, sampling)
     writer_id = f"shard{shard[0]}of{shard[1]}" if shard else "w0"
-    writer = TraceWriter(options.out, manifest, writer_id=writer_id)
-    writer.append_problems([p.row() for p in problems])
-    summary = GenSummary(out=Path(options.out), problems=len(problems))
-    report = progress or (lambda **_: None)
+    with TraceWriter(options.out, manifest, writer_id=writer_id, shard=shard is not None) as writer:
+        writer.append_problems([p.row() for p in problems])
+        summary = GenSummary(out=Path(options.out), problems=len(problems))
+        report = progress or (lambda **_: None)
 
-    if options.hidden_layers:
-        summary.hidden_rows = _write_hidden(writer, options, models, root_ids, report)
+        if options.hidden_layers:
+            summary.hidden_rows = _write_hidden(writer, options, models, root_ids, report)
 
-    with contextlib.ExitStack() as engines:
-        if backends is None:
-            kind = options.backend or default_backend()
-            backends = {}
-            for role, model in models.items():
-                backends[role] = load_backend(kind, model.path, **engine_kwargs_for(kind, role, options.engine_kwargs))
-                engines.callback(backends[role].close)
-        writer.update_manifest(engine=_engine_entry(backends))
-        trees = _load_trees(open_trace(options.out), problems, root_ids, options.worlds)
-        context_len = min(backend.max_total_tokens for backend in backends.values())
+        with contextlib.ExitStack() as engines:
+            if backends is None:
+                kind = options.backend or default_backend()
+                _check_engine_name(writer.manifest.get("engine"), kind, options.out)
+                backends = {}
+                for role, model in models.items():
+                    backends[role] = load_backend(
+                        kind, model.path, **engine_kwargs_for(kind, role, options.engine_kwargs)
+                    )
+                    engines.callback(backends[role].close)
+            writer.update_manifest(engine=_engine_entry(backends))
+            trees = _load_trees(open_trace(options.out), problems, root_ids, options.worlds)
+            context_len = min(backend.max_total_tokens for backend in backends.values())
 
-        def fits(request: Request) -> bool:  # a node whose prompt leaves no room for a step is not grown
-            return len(trees[(request.problem_id, request.world)].prompt_ids(request.parent_path)) < context_len
+            def fits(request: Request) -> bool:  # a node whose prompt leaves no room for a step is not grown
+                return len(trees[(request.problem_id, request.world)].prompt_ids(request.parent_path)) < context_len
 
-        def grow(requests: list[Request]) -> None:
-            generate_requests(
-                requests,
-                trees,
-                backends,
-                sampling,
-                grader,
-                tokenizers,
-                writer,
-                options.seed,
-                summary,
-                timings=options.timings,
-            )
-            summary.rounds += 1
+            def grow(requests: list[Request]) -> None:
+                generate_requests(
+                    requests,
+                    trees,
+                    backends,
+                    sampling,
+                    grader,
+                    tokenizers,
+                    writer,
+                    options.seed,
+                    summary,
+                    timings=options.timings,
+                )
+                summary.rounds += 1
 
-        while True:
-            requests = frontier({key: tree.is_final_map() for key, tree in trees.items()}, strategy, options.max_steps)
-            summary.skipped_context_full = sum(not fits(r) for r in requests)
-            requests = [r for r in requests if fits(r)]
-            report(stage="round", requests=requests, summary=summary)
-            if not requests:
-                break
-            grow(requests)
-        if options.routers:
-            summary.closure = _close(options, trees, backends, fits, grow, summary, report, engines)
-    _record_run(writer, options, strategy)
+            while True:
+                requests = frontier(
+                    {key: tree.is_final_map() for key, tree in trees.items()}, strategy, options.max_steps
+                )
+                full = [r for r in requests if not fits(r)]
+                summary.skipped_context_full = len(full)
+                summary.context_full_problems = sorted({r.problem_id for r in full})
+                requests = [r for r in requests if fits(r)]
+                report(stage="round", requests=requests, summary=summary)
+                if not requests:
+                    break
+                grow(requests)
+            if options.routers:
+                summary.closure = _close(options, trees, backends, fits, grow, summary, report, engines)
+        _record_run(writer, options, strategy)
     summary.seconds = time.perf_counter() - started
     report(stage="done", requests=[], summary=summary)
     return summary
@@ -334,7 +342,7 @@ def _close(options: GenOptions, trees, backends, fits, grow, summary: GenSummary
                     options.out, name, backend=options.backend or default_backend(), engines=backends
                 )
                 engines.callback(scorers[name].close)
-            scored += score_pending(options.out, scorers[name]).new
+            scored += score_pending(options.out, scorers[name], wait=True).new
         return scored
 
     return close_over(
@@ -427,6 +435,20 @@ def _manifest(options, models, tokenizers, dataset: Dataset, grader: Grader, sam
         "tool_version": importlib.metadata.version("trace-routing"),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _check_engine_name(stored: dict | None, kind: str, out: Path) -> None:
+    """Refuse a trace grown by another engine before starting one (which takes minutes): the rest of
+    the engine entry is only known once the engines run, and is compared then."""
+    if not stored:
+        return
+    entries = [stored] if "name" in stored else [entry for entry in stored.values() if isinstance(entry, dict)]
+    names = sorted({str(entry.get("name")) for entry in entries})
+    if names and kind not in names:
+        raise TraceError(
+            f"{out} was written with engine.name = {names[0]!r}, but this run has engine.name = {kind!r}; "
+            f"use --backend {names[0]}, or a new output directory"
+        )
 
 
 def _engine_entry(backends: dict) -> dict:

@@ -82,51 +82,59 @@ def open_scorer(
 
 
 def score_pending(
-    root: str | Path, scorer: Scorer, *, batch: int | None = None, progress: Callable | None = None
+    root: str | Path,
+    scorer: Scorer,
+    *,
+    batch: int | None = None,
+    progress: Callable | None = None,
+    wait: bool = False,
 ) -> ScoreSummary:
-    """Score the steps of the trace at ``root`` that ``scorer`` wants and has not scored yet."""
+    """Score the steps of the trace at ``root`` that ``scorer`` wants and has not scored yet.
+
+    ``wait``: wait for the trace's writer lock instead of refusing (a run that scores between its own
+    rounds, whose other shards may be scoring too)."""
     started = time.perf_counter()
     if batch is not None and batch < 1:
         raise TraceError(f"--batch must be at least 1, got {batch}")
     trace = open_trace(root)
-    writer = TraceWriter(root, None, writer_id=f"score_{scorer.signal}")
-    done = writer.done_score_ids(scorer.signal)
-    steps = (
-        trace.scan("steps")
-        .select("step_id", "problem_id", "world", "path", "model", "text", "is_final", "answer")
-        .collect()
-    )
-    wanted = steps.filter(scorer.wants()).sort("step_id")
-    todo = wanted.filter(~pl.col("step_id").is_in(list(done)))
-    summary = ScoreSummary(scorer=scorer.signal, wanted=wanted.height)
-    report = progress or (lambda **_: None)
-    items = _items(trace, steps, todo) if todo.height else []
-    if todo.height:
-        scorer.start()
-    described = writer.manifest.scorers
-    if (
-        scorer.signal not in described
-    ):  # only once the scorer's model has loaded: a failed start leaves trace.json as it was
-        writer.update_manifest(scorers={**described, scorer.signal: scorer.manifest_entry()})
-    report(stage="start", total=wanted.height, done=wanted.height - todo.height)
-    size = batch or scorer.default_batch
-    for first in range(0, len(items), size):
-        chunk = items[first : first + size]
-        scores = scorer.score(chunk)
-        writer.append_scores(
-            [
-                {
-                    "step_id": item.step_id,
-                    "scorer": scorer.signal,
-                    "value": score.value,
-                    "detail": score.detail,
-                    "n_tokens_processed": score.n_tokens_processed,
-                }
-                for item, score in zip(chunk, scores)
-            ]
+    with TraceWriter(root, None, writer_id=f"score_{scorer.signal}", wait=wait) as writer:
+        done = writer.done_score_ids(scorer.signal)
+        steps = (
+            trace.scan("steps")
+            .select("step_id", "problem_id", "world", "path", "model", "text", "is_final", "answer")
+            .collect()
         )
-        summary.new += len(chunk)
-        report(stage="batch", n=len(chunk))
+        wanted = steps.filter(scorer.wants()).sort("step_id")
+        todo = wanted.filter(~pl.col("step_id").is_in(list(done)))
+        summary = ScoreSummary(scorer=scorer.signal, wanted=wanted.height)
+        report = progress or (lambda **_: None)
+        items = _items(trace, steps, todo) if todo.height else []
+        if todo.height:
+            scorer.start()
+        described = writer.manifest.scorers
+        if (
+            scorer.signal not in described
+        ):  # only once the scorer's model has loaded: a failed start leaves trace.json as it was
+            writer.update_manifest(scorers={**described, scorer.signal: scorer.manifest_entry()})
+        report(stage="start", total=wanted.height, done=wanted.height - todo.height)
+        size = batch or scorer.default_batch
+        for first in range(0, len(items), size):
+            chunk = items[first : first + size]
+            scores = scorer.score(chunk)
+            writer.append_scores(
+                [
+                    {
+                        "step_id": item.step_id,
+                        "scorer": scorer.signal,
+                        "value": score.value,
+                        "detail": score.detail,
+                        "n_tokens_processed": score.n_tokens_processed,
+                    }
+                    for item, score in zip(chunk, scores)
+                ]
+            )
+            summary.new += len(chunk)
+            report(stage="batch", n=len(chunk))
     summary.seconds = time.perf_counter() - started
     return summary
 

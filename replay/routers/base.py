@@ -2,6 +2,8 @@
 ways a router walks a tree.
 
 - ``__init__`` only stores its keyword arguments; a router's configuration is its constructor call.
+- Every numeric parameter has a declared ``Domain`` in ``domains``; ``fit`` checks the parameters
+  against them, and a sweep checks every swept value (``check_values``).
 - ``fit(train)`` checks the configuration, learns what it needs from the train split (attributes
   ending in ``_``) and returns ``self``; replaying an unfitted router is an error.
 - A subclass with a ``name`` registers itself in ``ROUTERS``: adding a router is one new file.
@@ -14,6 +16,9 @@ model draft each step and keeps or discards the draft (the large model then writ
 from __future__ import annotations
 
 import inspect
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -26,11 +31,46 @@ if TYPE_CHECKING:
 ROUTERS: dict[str, type[Router]] = {}
 
 
+@dataclass(frozen=True)
+class Domain:
+    """The values a numeric parameter may take: finite numbers in [low, high], integers only if
+    ``integer``, and None if ``optional`` (the router then uses a value it fitted or loaded)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    integer: bool = False
+    optional: bool = False
+
+    def contains(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            return False
+        if not math.isfinite(value) or (self.integer and not float(value).is_integer()):
+            return False
+        return self.low <= value <= self.high
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        if math.isfinite(self.low) and math.isfinite(self.high):
+            kind += f" in [{self.low:g}, {self.high:g}]"
+        elif math.isfinite(self.low):
+            kind += f" >= {self.low:g}"
+        elif math.isfinite(self.high):
+            kind += f" <= {self.high:g}"
+        return kind + (" (or unset)" if self.optional else "")
+
+
+UNIT = Domain(0.0, 1.0)  # probabilities and thresholds on them
+SEED = Domain(0, math.inf, integer=True)
+
+
 class Router:
     """Base class of all routers."""
 
     name: ClassVar[str] = ""
     sweepable: ClassVar[tuple[str, ...]] = ()  # numeric parameters `--sweep` can vectorise
+    domains: ClassVar[dict[str, Domain]] = {}  # every numeric parameter's allowed values
     scorer: str | None = None  # scorer whose scores the router reads and pays for
 
     def __init_subclass__(cls, **kwargs):
@@ -60,13 +100,30 @@ class Router:
 
     def fit(self, train: ReplayData) -> Router:
         """Check the configuration and learn from the train split; returns self."""
-        self._check_params()
+        self.check_params()
         self._fit(train)
         self.n_train_problems_ = train.problems.height
         return self
 
+    def check_params(self) -> None:
+        """TraceError for the first parameter outside its domain, or another value this router cannot use."""
+        for name in self.domains:
+            self.check_values(name, [getattr(self, name)], "parameter")
+        self._check_params()
+
+    def check_values(self, name: str, values: Iterable, what: str = "parameter") -> None:
+        """TraceError naming the first of ``values`` outside parameter ``name``'s domain (``what``: where
+        the values come from, for the message)."""
+        domain = self.domains.get(name)
+        if domain is None:
+            return
+        for value in values:
+            value = value.item() if isinstance(value, np.generic) else value
+            if not domain.contains(value):
+                raise TraceError(f"router {self.name}: {what} {name} must be {domain.describe()}, got {value!r}")
+
     def _check_params(self) -> None:
-        """Raise TraceError for a parameter value this router cannot use."""
+        """Raise TraceError for a non-numeric parameter value this router cannot use."""
 
     def _fit(self, train: ReplayData) -> None:
         """Learn from the train split (nothing, for routers without learned parts)."""
@@ -87,11 +144,6 @@ class Router:
             raise TraceError(
                 f"router {self.name}: {param} must be one of {', '.join(choices)}, got {getattr(self, param)!r}"
             )
-
-    def _check_range(self, param: str, low: float, high: float) -> None:
-        value = getattr(self, param)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-            raise TraceError(f"router {self.name}: {param} must be a number in [{low}, {high}], got {value!r}")
 
 
 class WriterRouter(Router):

@@ -33,7 +33,7 @@ from replay.artifacts import check_fitted_within
 from replay.engine import Walk, walk_chains
 from replay.errors import TraceError
 from replay.pik import AUTO_LAYER, DEFAULT_WHERE, fit_probes, hidden_matrix, load_probes, probe_layer
-from replay.routers.base import QueryRouter
+from replay.routers.base import SEED, UNIT, QueryRouter
 
 P_TRUE_SOURCES = ("ptrue", "first_token", "final_mean", "final_min")
 SCORED_P_TRUE = ("ptrue", "first_token")  # read from the scores table (trace score --scorer ptrue | first_token)
@@ -42,6 +42,7 @@ SCORED_P_TRUE = ("ptrue", "first_token")  # read from the scores table (trace sc
 class Cascade(QueryRouter):
     name = "cascade"
     sweepable = ("t_true", "t_ik")
+    domains = {"t_true": UNIT, "t_ik": UNIT, "seed": SEED}  # layer: an integer or auto, checked by probe_layer
 
     def __init__(
         self,

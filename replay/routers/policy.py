@@ -29,7 +29,7 @@ import polars as pl
 from replay.artifacts import check_fitted_within, load_artifact
 from replay.atomic import write_atomic
 from replay.errors import TraceError
-from replay.routers.base import DraftRouter
+from replay.routers.base import Domain, DraftRouter
 from replay.schema import SMALL
 
 POLICY_FORMAT = "trace-policy"
@@ -165,6 +165,7 @@ def load_policy(path: str | Path) -> tuple[object, dict]:
 class PolicyRouter(DraftRouter):
     name = "policy"
     sweepable = ("kappa",)
+    domains = {"kappa": Domain(0.0, 1.0, optional=True)}  # unset: the policy file's trained kappa
     one_way = True
 
     def __init__(self, path="", kappa=None):
@@ -174,8 +175,6 @@ class PolicyRouter(DraftRouter):
     def _check_params(self):
         if not self.path:
             raise TraceError("router policy needs --param path=POLICY_FILE")
-        if self.kappa is not None:
-            self._check_range("kappa", 0.0, 1.0)
 
     def _fit(self, train):
         self.network_, saved = load_policy(self.path)

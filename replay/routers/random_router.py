@@ -6,7 +6,7 @@ in every configuration of a sweep over p, and online.
 
 import numpy as np
 
-from replay.routers.base import WriterRouter
+from replay.routers.base import SEED, UNIT, WriterRouter
 from replay.schema import LARGE, SMALL
 from replay.splits import hash_uniform
 
@@ -14,13 +14,11 @@ from replay.splits import hash_uniform
 class RandomRouter(WriterRouter):
     name = "random"
     sweepable = ("p",)
+    domains = {"p": UNIT, "seed": SEED}
 
     def __init__(self, p=0.5, seed=0):
         self.p = p
         self.seed = seed
-
-    def _check_params(self):
-        self._check_range("p", 0.0, 1.0)
 
     def choose(self, data, nodes, params):
         small, large = data.role_index(SMALL, self.name), data.role_index(LARGE, self.name)

@@ -9,12 +9,13 @@ small model again. Every draft pays one PRM call.
 
 import numpy as np
 
-from replay.routers.base import DraftRouter
+from replay.routers.base import UNIT, DraftRouter
 
 
 class Rsd(DraftRouter):
     name = "rsd"
     sweepable = ("tau",)
+    domains = {"tau": UNIT}  # the PRM's score is a sigmoid
 
     def __init__(self, tau=0.7, scorer="prm"):
         self.tau = tau

@@ -12,7 +12,7 @@ token (``n_tokens_processed``).
 import numpy as np
 
 from replay.errors import TraceError
-from replay.routers.base import DraftRouter
+from replay.routers.base import Domain, DraftRouter
 
 DIGITS = np.arange(10, dtype=np.float64)
 
@@ -20,6 +20,7 @@ DIGITS = np.arange(10, dtype=np.float64)
 class SpecReason(DraftRouter):
     name = "specreason"
     sweepable = ("tau",)
+    domains = {"tau": Domain(0.0, 9.0)}  # the judge's digit, or its expected value
 
     def __init__(self, tau=7.0, score="greedy", scorer="judge"):
         self.tau = tau

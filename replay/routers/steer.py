@@ -20,6 +20,7 @@ and is kept.
 """
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ import polars as pl
 from replay.artifacts import check_fitted_within
 from replay.atomic import write_atomic
 from replay.errors import TraceError
-from replay.routers.base import DraftRouter
+from replay.routers.base import SEED, UNIT, Domain, DraftRouter
 from replay.schema import SMALL
 
 SIGNAL = "conf_max_logit_math"
@@ -101,6 +102,7 @@ def load_mixtures(path: str | os.PathLike, kind: str) -> SavedMixtures:
 class Steer(DraftRouter):
     name = "steer"
     sweepable = ("tau",)
+    domains = {"tau": UNIT, "min_samples": Domain(2, math.inf, integer=True), "seed": SEED}
 
     def __init__(self, tau=0.5, mode="switch", min_samples=10, seed=0, gmms=""):
         self.tau = tau
@@ -115,7 +117,6 @@ class Steer(DraftRouter):
 
     def _check_params(self):
         self._check_choice("mode", ("switch", "step"))
-        self._check_range("min_samples", 2, float("inf"))
 
     def _fit(self, train):
         if self.gmms:
