@@ -544,8 +544,8 @@ def train_policy_command(
 
     Decisions (escalate=after): after each non-final small step t the policy reads that step's features and
     continues with the small model or escalates (the large model writes steps t+1, t+2, ... to the end). Critics:
-    V-trace toward the thresholded policy S(a|o) = 1{pi(a|o) >= kappa} / #{a': pi(a'|o) >= kappa}, rho clipped at
-    --rho-bar 2. CPO step: cost in --cost units (scaled by the large model alone's mean cost) under the
+    V-trace toward the thresholded policy S(a|o) = 1{pi(a|o) >= kappa} / #{a': pi(a'|o) >= kappa}, rho = min(2,
+    S/pi). CPO step: cost in --cost units (scaled by the large model alone's mean cost) under the
     constraint P(correct or large alone wrong) >= 1 - alpha computed exactly under S on the train split. kappa:
     kappa - eta (1 - coverage - alpha) after each step, coverage of the deployed rule (escalate iff
     pi(escalate | o) >= kappa) on fresh train episodes. Only the train split is read.
