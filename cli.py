@@ -345,7 +345,12 @@ def replay(
     trace_dir: Path = typer.Argument(..., help="Trace directory."),
     router: str = typer.Option(..., "--router", help=f"One of {', '.join(sorted(ROUTERS))}."),
     param: list[str] = typer.Option(
-        [], "--param", help="Router parameter name=value, repeatable, e.g. --param mode=step."
+        [],
+        "--param",
+        help=(
+            "Router parameter name=value, repeatable, e.g. --param mode=step; policy and steer: escalate=after "
+            "(default) or replace."
+        ),
     ),
     sweep: list[str] = typer.Option(
         [], "--sweep", help="Threshold sweep name=start:stop:step (stop included) or name=v1,v2,...; repeat for a grid."
@@ -389,6 +394,15 @@ def replay(
     ),
 ) -> None:
     """Replay a router on a cached trace (CPU only) and print accuracy, cost, A/C, large-step share and misses.
+
+    One-way routers (policy; steer mode=switch) walk each (problem, world) so: the small model writes step 1;
+    after each small step y, if y is final the walk ends; else if y triggers escalation (policy:
+    pi(escalate | features of y) >= kappa; steer: P(low | c) > tau and c below the high component's mean, c =
+    conf_max_logit_math of y, mixture of the largest fitted step index <= y's) then with escalate=after
+    (default) y is kept and the large model writes every later step, and with escalate=replace y is discarded
+    (paid for) and the large model writes that step and every later one, a final y included; else the small
+    model writes the next step. steer mode=step discards a triggering step, has the large model write that one
+    step, and goes back to the small model. A step the trace lacks is a miss (reported, never invented).
 
     Example: trace replay runs/toy --router steer --param mode=step --sweep tau=0:1:0.01 --out steer.parquet
     """
@@ -588,12 +602,37 @@ def train_policy_command(
             "conf_max_logit_math,depth,is_final,n_gen_tokens)."
         ),
     ),
+    escalate: str = typer.Option(
+        "after",
+        "--escalate",
+        help=(
+            "Decision process: after (the small step that triggers escalation is kept, the large model writes the "
+            "steps after it) or replace (that step is discarded and the large model rewrites it); replay the "
+            "policy with the same --param escalate."
+        ),
+    ),
     cost: str = typer.Option(
-        "tokens",
+        "flops",
         "--cost",
         help=(
-            "tokens: large-model generated tokens; flops: FLOPs of every step paid for; both as a share of the large "
-            "model alone."
+            "Per-step cost the policy minimises, as trace replay --cost adds it up: flops (TFLOPs of generated "
+            "tokens), flops+prefill, api (USD; --price), or tokens (large-model generated tokens)."
+        ),
+    ),
+    price: list[str] = typer.Option(
+        [],
+        "--price",
+        help=(
+            "With --cost api: prices ROLE=input/cached/output in USD per 1M tokens, repeatable; without any, "
+            "GPT-4.1-mini rates for both models (as trace replay)."
+        ),
+    ),
+    eta_decay: float = typer.Option(
+        0.0,
+        "--eta-decay",
+        help=(
+            "kappa step size at policy step k: eta / k^eta_decay (0: constant, the paper's setting; in (0.5, 1]: "
+            "sum eta_k = inf and sum eta_k^2 < inf, the conditions of the paper's guarantee)."
         ),
     ),
     split_seed: int = SPLIT_SEED_OPT,
@@ -601,10 +640,19 @@ def train_policy_command(
 ) -> None:
     """Train the escalation policy of --router policy (CMDP, V-trace critics, CPO steps, calibrated kappa).
 
+    Decisions (escalate=after): after each non-final small step t the policy reads that step's features and
+    continues with the small model or escalates (the large model writes steps t+1, t+2, ... to the end). Critics:
+    V-trace toward the thresholded policy S(a|o) = 1{pi(a|o) >= kappa} / #{a': pi(a'|o) >= kappa}, rho = min(2,
+    S/pi). CPO step: cost in --cost units (scaled by the large model alone's mean cost) under the
+    constraint P(correct or large alone wrong) >= 1 - alpha computed exactly under S on the train split. kappa:
+    kappa - eta (1 - coverage - alpha) after each step, coverage of the deployed rule (escalate iff
+    pi(escalate | o) >= kappa) on fresh train episodes. Only the train split is read.
+
     Example: trace train policy runs/toy --alpha 0.02 --steps 1000 --seed 0 --out policy.pt
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from replay.costs import parse_price
     from replay.splits import parse_fractions
     from replay.train_policy import DEFAULT_FEATURES, Hyperparameters, train_policy
 
@@ -620,7 +668,10 @@ def train_policy_command(
         kappa=kappa,
         entropy_coef=entropy_coef,
         features=chosen,
+        escalate=escalate,
         cost=cost,
+        prices=tuple(parse_price(p) for p in price),
+        eta_decay=eta_decay,
         split_seed=split_seed,
         split_fractions=parse_fractions(split_fractions),
     )
@@ -646,12 +697,19 @@ def train_policy_command(
         console.print(
             "no verifier scores in the trace: a trajectory is covered when correct or the large model alone is wrong"
         )
+    if result.best_coverage < 1 - alpha:
+        console.print(
+            f"[yellow]no policy reaches coverage {1 - alpha:g} on the train split with escalate={result.escalate}: "
+            f"at most {result.best_coverage:.4f} (episodes where no escalation point is right while the large model "
+            "alone is)[/]"
+        )
     console.print(
-        f"[green]wrote[/] {escape(str(result.policy_path))} and {escape(str(result.log_path))}: kappa "
-        f"{result.kappa:.4f}; on the "
-        f"{result.n_train_episodes:,} train episodes coverage {result.train_coverage:.4f} (target "
-        f">= {1 - alpha:g}), accuracy {result.train_accuracy:.4f}, cost {result.train_cost:.4f} of the large "
-        f"model alone; {result.seconds:.1f}s"
+        f"[green]wrote[/] {escape(str(result.policy_path))} and {escape(str(result.log_path))}: "
+        f"kappa {result.kappa:.4f}; on the "
+        f"{result.n_train_episodes:,} train episodes (escalate={result.escalate}) coverage "
+        f"{result.train_coverage:.4f} (target >= {1 - alpha:g}), accuracy {result.train_accuracy:.4f}, cost "
+        f"{result.train_cost:.4g} {result.cost_unit} per query ({result.train_cost_share:.4f} of the large model "
+        f"alone); {result.seconds:.1f}s"
     )
 
 
@@ -725,13 +783,19 @@ def train_steer_command(
     ),
     force: bool = typer.Option(False, "--force", help="Replace the mixture file if it exists."),
     min_samples: int = typer.Option(
-        10, "--min-samples", help="Step indices with fewer train confidences use the mixture of the one before."
+        10,
+        "--min-samples",
+        help="Step indices with fewer train confidences use the mixture of the largest fitted index below.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the mixtures' initialisation."),
     split_seed: int = SPLIT_SEED_OPT,
     split_fractions: str = SPLIT_FRACTIONS_OPT,
 ) -> None:
     """Fit STEER's two-component Gaussian mixtures of the small model's step confidence, per step index.
+
+    The router then uses, at step index d, the mixture of the largest fitted index <= d, and calls a small step
+    with confidence c unconfident iff P(low | c) > tau and c is below the other component's mean (low = the
+    component with the lower mean).
 
     Example: trace train steer runs/toy --out steer.json
     """

@@ -266,21 +266,44 @@ class Walk:
         return self.miss_role >= 0
 
 
+ESCALATE_MODES = ("after", "replace")
+
+
 @dataclass(frozen=True)
 class DraftRule:
     """How a draft-and-verify router decides whether to keep the small model's draft at each node.
 
     ``signal`` holds one number per step row (NaN where the router has none); ``accept`` maps the
-    drafts' signals and the states' parameter values to keep/discard. A discarded draft is paid for
-    and the large model writes that step; with ``one_way`` the large model then writes every later
-    step too, without drafts. With ``scorer``, each draft needs that scorer's score (its absence is
-    a miss) and every checked draft pays for a scorer call.
+    drafts' signals and the states' parameter values to keep (True) or reject (False). With ``scorer``,
+    each judged draft needs that scorer's score (its absence is a miss) and pays for a scorer call.
+
+    What a rejection does:
+
+    - ``one_way=False`` (RSD, SpecReason, STEER ``mode=step``): the draft is discarded (paid for, in
+      ``discarded``) and the large model writes that one step; the small model drafts the next one.
+    - ``one_way=True, escalate="replace"``: the draft is discarded (paid for) and the large model writes
+      that step and every later one, undrafted and unjudged.
+    - ``one_way=True, escalate="after"``: the draft is kept (paid for as a kept small step) and the large
+      model writes every *later* step, undrafted and unjudged. A final draft is kept without being
+      judged: the solution is finished, there is nothing left to escalate (and no score is needed).
     """
 
     signal: np.ndarray
     accept: Callable[[np.ndarray, dict[str, np.ndarray]], np.ndarray]
     one_way: bool
     scorer: str | None = None
+    escalate: str = "replace"
+
+    def __post_init__(self):
+        if self.escalate not in ESCALATE_MODES:
+            raise ValueError(f"escalate must be one of {', '.join(ESCALATE_MODES)}, got {self.escalate!r}")
+        if self.escalate == "after" and not self.one_way:
+            raise ValueError('escalate="after" needs a one-way rule')
+
+    @property
+    def keeps_trigger(self) -> bool:
+        """Whether the draft that triggers escalation is kept (escalate=after)."""
+        return self.one_way and self.escalate == "after"
 
 
 def walk_steps(
@@ -332,6 +355,8 @@ def walk_steps(
         stop_missing(active[~cached], here[~cached], role[~cached])
         active, here, role, step, drafted = active[cached], here[cached], role[cached], step[cached], drafted[cached]
 
+        if draft_rule is not None and draft_rule.keeps_trigger:
+            drafted &= ~step_final[step]  # a final draft is kept unjudged: nothing left to escalate
         if drafted.any():
             drafts = np.flatnonzero(drafted)
             if scorer_cost is not None:
@@ -348,10 +373,12 @@ def walk_steps(
                 dtype=bool,
             )
             rejected = drafts[~accepted]
-            walk.discarded[active[rejected]] += costs.step_total[step[rejected]]
-            walk.n_discarded[active[rejected]] += 1
             if draft_rule.one_way:
                 escalated[active[rejected]] = True
+            if draft_rule.keeps_trigger:
+                rejected = rejected[:0]  # the triggering draft stays; the large model takes over from the next step
+            walk.discarded[active[rejected]] += costs.step_total[step[rejected]]
+            walk.n_discarded[active[rejected]] += 1
             rewrite = children[large, here[rejected]]
             step[rejected] = rewrite
             role[rejected] = large

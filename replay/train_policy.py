@@ -1,50 +1,83 @@
 """`trace train policy`: learn the escalation policy of the `policy` router from a cached comb trace.
 
-Si, Lee, Bastani 2026 (Policy-Guided Stepwise Model Routing), in one file, top to bottom:
-hyperparameters, networks, the decision process on the cache, the pieces of the update (V-trace,
-CPO, kappa), then the training loop.
+Si, Lee, Bastani 2026 (Policy-Guided Stepwise Model Routing, §3-4), in one file, top to bottom:
+hyperparameters, the decision process on the cache, the pieces of the update (thresholded policy, V-trace,
+constraint, CPO, kappa), then the training loop.
 
-Decision process, one episode per train (problem, world): at decision t the small model has drafted
-step t of its all-small chain. The policy sees that draft's observation (the router's features,
-computed by the same `raw_features`) and either continues (keeps the draft; if it is final, the
-episode ends) or escalates (one-way: the draft is discarded and the large model writes that step and
-every later one; the episode ends). The comb trace holds both outcomes of every decision, so rollouts
-never generate anything; a step the rollouts could need and the trace lacks is an error.
+Decision process, one episode per train (problem, world), read off the comb trace (the all-small chain and
+the all-large completion from every node on it, so rollouts never generate anything; a step a rollout could
+need and the trace lacks is an error). The small model writes step 1. With ``escalate="after"`` (default, the
+paper's process) decision t (t = 1, 2, ...) comes after the small model has written step t, if that step is not
+final: the policy sees o_t, the router's features of step t, and either continues (the small model writes step
+t+1) or escalates (one-way: step t is kept and the large model writes every later step; the episode ends). A
+small chain of n steps has n - 1 decisions; a final small step ends the episode with nothing to decide. With
+``escalate="replace"`` (the ablation) decision t reads the same observation of the small step t, final or not,
+and escalating discards that step (still paid for) and has the large model write it and every later one: n
+decisions. The router replays exactly these processes (``--param escalate``).
 
-Per episode: reward = the answer is correct; success = correct, or every kept step passes the
-`verifier` scorer (when the trace has verifier scores); covered = success, or the large model alone
-is wrong on that (problem, world); cost = large-model generated tokens (``cost="tokens"``) or FLOPs of
-every step paid for, discarded drafts included (``cost="flops"``), both as a share of the large model
-alone on that (problem, world). The constrained problem: minimise E[cost] subject to
-P(not covered) <= alpha, the paper's P(R_pi = 1 or R_M = 0) >= 1 - alpha.
+Per episode: reward = success = the answer is correct, or every kept step passes the `verifier` scorer (when
+the trace has verifier scores); covered = success, or the large model alone (its chain from the root) is wrong
+(R_M = 0); cost = the sum over every step paid for (kept, and under ``replace`` discarded) of the replay cost
+model's per-step cost (``cost``: flops, flops+prefill, api with ``prices``, exactly as `trace replay` adds them
+up; or tokens: the large model's generated tokens), divided by one constant, ``cost_scale`` = the mean cost of
+the large model alone over the train episodes, so that minimising the mean scaled cost minimises the mean cost
+per query that `trace replay` reports. Per decision, the cost of the step(s) the action makes the system write:
+continue = the next small step (``replace``: the kept draft), escalate = the large completion (``replace``:
+plus the discarded draft); the first small step under ``after`` is paid before any decision (``base_cost``).
+The constrained problem (eq. 3): minimise E[cost] subject to P(covered) >= 1 - alpha.
 
-Every policy step:
-1. roll out ``batch`` episodes with the current stochastic policy; keep the last ``buffer_batches``
-   batches with their behaviour probabilities mu(a|o);
-2. V-trace targets (rho-bar, c-bar) for the reward critic (its reward: success, i.e. correctness when
-   the trace has no verifier scores) and the cost critic on the buffer; each critic takes
-   ``critic_iters`` Adam steps towards its targets. The critics also see whether the large model
-   alone is right (known per episode in training, never shown to the policy);
-3. CPO step on the buffer: g = gradient of the objective (minus the cost surrogate, plus an entropy
-   bonus that keeps the policy from saturating, where its gradients vanish), b = gradient of the
-   miscoverage surrogate (miscoverage advantage = -[large alone right] x success advantage), and
-   c = J_miss - alpha, where J_miss is the current policy's expected miscoverage over all train
-   episodes, exact because the comb holds every outcome (estimated from rollouts it lags behind the
-   policy or, reweighted, is optimistic, and the policy drifts out of the constraint). Conjugate
-   gradient gives F^-1 g and F^-1 b, CPO's closed-form dual the Lagrange multiplier nu of the
+The thresholded policy (§4.1): S(a|o) = 1{pi(a|o) >= kappa} / sum_a' 1{pi(a'|o) >= kappa}, with two actions:
+S(escalate|o) = 1 when only escalate passes the threshold, 1/2 when both do (possible only for kappa <= 1/2),
+0 when only continue does, and 0 when neither does (possible only for kappa > 1/2; eq. (6) continues there).
+Deployed (eq. 6, the router): escalate iff pi(escalate|o) >= kappa, which is S except on ties, where it
+escalates.
+
+Every policy step k (policy pi_k, threshold kappa_k):
+1. roll out ``batch`` train episodes drawn uniformly with the stochastic pi_k; keep the last ``buffer_batches``
+   batches with the probabilities mu(a|o) their actions had when they were drawn (mu = pi_k for this batch);
+2. V-trace (Espeholt et al. 2018) targets of the success and cost critics toward the thresholded policy
+   S_k = S_{pi_k, kappa_k}: rho_t = min(rho_bar, S_k(a_t|o_t) / mu(a_t|o_t)), c_t = min(c_bar, same ratio).
+   The off-policy buffer composes with this: V-trace only needs the target's and the behaviour's probability of
+   each stored action, so every stored decision uses the mu recorded when it was drawn and the current S_k (for
+   the newest batch mu = pi_k, the paper's ratio S/pi). Each critic takes ``critic_iters`` Adam steps towards
+   its targets. The critics also see whether the large model alone is right (known per episode in training,
+   never shown to the policy);
+3. CPO step (Achiam et al. 2017) on the buffer. Advantages of the action taken under S_k from the next decision
+   on: A_t = r_t + gamma v_{t+1} - V(o_t) with the V-trace targets v (no rho_t factor: S is piecewise constant
+   in the weights and gives zero probability to the action outside the thresholded set, so rho_t A_t would
+   never tell the policy to move an action into the set). Surrogates: sum_t w_t (pi(a_t|o_t) / pi_k(a_t|o_t))
+   A_t over the buffer, with w_t = min(rho_bar, pi_k(a_t|o_t) / mu(a_t|o_t)) the per-decision correction of an
+   older batch (1 for the newest). g = gradient of the objective (minus the cost surrogate, plus an entropy bonus
+   that keeps pi from saturating, where its gradients vanish), b = gradient of the miscoverage surrogate
+   (miscoverage advantage = -[large alone right] x success advantage), and c = J_miss(S_k) - alpha, where
+   J_miss(S_k) = P(not covered) of the thresholded policy over all train episodes, computed exactly: the comb
+   holds every outcome, so the expectation under S_k is a finite sum (it is what the paper's estimator
+   E_pi[prod_t rho_t 1{R_pi = 1}] estimates from rollouts, without its variance or its clipping bias).
+   The trust region is on pi, mean KL(pi_k || pi) <= delta over the buffer's decisions (eq. (4) writes it on
+   S, whose KL between two thresholdings is 0 or infinite). Conjugate gradient gives F^-1 g and F^-1 b (F the
+   Fisher matrix of that KL), CPO's closed-form dual the Lagrange multiplier nu of the
    constraint and lambda of the KL radius; a step beyond the trust region is shortened to it, and a
-   backtracking line search keeps KL <= delta, the objective (if feasible) and the linearised
-   constraint;
-4. kappa, the deployment threshold (escalate iff pi(escalate|o) >= kappa), moves by
-   kappa <- clip(kappa - eta (1 - covered - alpha), 0, 1) with covered the batch mean coverage of the
-   thresholded policy: a miss lowers kappa (more escalation), covered episodes raise it slowly.
+   backtracking line search keeps KL <= delta, the objective (if feasible), the linearised constraint and the
+   exact one: J_miss(S_{pi_new, kappa_k}) <= alpha if the policy was feasible, else no larger than before (S
+   is piecewise constant, so the miscoverage jumps where pi crosses kappa, which the linearisation cannot see;
+   without this guard feasible cost steps and recovery steps alternate);
+4. kappa (eq. 5 and its verifier variant): with the new policy pi_{k+1} and the old threshold kappa_k, a fresh
+   batch of ``batch`` train episodes (drawn uniformly, independently of step 1's) is walked as deployed (eq. 6),
+   and kappa_{k+1} = clip(kappa_k - eta_k (1 - coverage - alpha), 0, 1), coverage = the batch's mean of
+   1{correct or large alone wrong or (verifier scores) every kept step verified}, eta_k = eta / k^eta_decay.
+   The sign: escalation happens iff pi(escalate|o) >= kappa, so a miss must lower kappa (more escalation) and
+   a covered episode raise it (by eta alpha); eq. (5) as printed adds eta (1 - 1{covered} - alpha), which would
+   raise kappa after a miss. This is online conformal calibration (Angelopoulos et al. 2024) of the set
+   {a : pi(a|o) >= kappa} with score 1 - pi: the threshold 1 - kappa grows after a miss.
 
-Training log (``NAME.log.parquet`` next to ``NAME.pt``), one row per policy step: reward, cost and
-rollout_coverage of the batch's rollouts; coverage of the thresholded policy on the same batch (what
-kappa tracks); alpha; kappa after its update; success_critic_loss, cost_critic_loss; entropy of the
-policy on the buffer; kl of the step taken (0 if none); constraint = J_miss - alpha; the CPO
-multipliers nu (constraint) and lam (KL); case (cpo, trpo, recovery, none); line_search (backtracking
-try accepted, -1 if none); verifier (whether verifier scores count towards coverage).
+Only train-split episodes feed anything: the rollouts, the critics, the constraint and kappa.
+
+Training log (``NAME.log.parquet`` next to ``NAME.pt``), one row per policy step: reward, cost (scaled) and
+rollout_coverage of the batch's rollouts under pi_k; coverage of the deployed pi_{k+1}, kappa_k on the kappa
+batch (what kappa tracks); alpha; eta (eta_k); kappa after its update; success_critic_loss, cost_critic_loss;
+entropy of pi_k on the buffer; kl of the step taken (0 if none); miscoverage = J_miss(S_k) and constraint =
+miscoverage - alpha; the CPO multipliers nu (constraint) and lam (KL); case (cpo, trpo, recovery, none);
+line_search (backtracking try accepted, -1 if none); verifier (whether verifier scores count towards coverage).
 """
 
 from __future__ import annotations
@@ -61,8 +94,8 @@ import polars as pl
 
 from replay.artifacts import load_train_split
 from replay.atomic import write_atomic
-from replay.costs import CostModel, make_cost_model
-from replay.engine import Costs, ReplayData, walk_chains
+from replay.costs import COST_MODELS, CostModel, Price, make_cost_model
+from replay.engine import ESCALATE_MODES, Costs, ReplayData, walk_chains
 from replay.errors import TraceError
 from replay.outputs import check_output_file
 from replay.routers.policy import ESCALATE, mlp, normalise, policy_network, raw_features, save_policy
@@ -70,7 +103,7 @@ from replay.schema import LARGE, SMALL
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, check_fractions
 
 DEFAULT_FEATURES = ("conf_max_logit_math", "depth", "is_final", "n_gen_tokens")
-COST_UNITS = ("tokens", "flops")
+COST_UNITS = (*COST_MODELS, "tokens")
 VERIFIER = "verifier"
 EPS = 1e-30  # guards divisions only: a trust-region step has its length whatever the gradient's size, so even
 # the faint gradients of a nearly saturated policy still move it
@@ -81,17 +114,20 @@ class Hyperparameters:
     alpha: float = 0.02  # allowed miscoverage: P(correct or verified or large alone wrong) >= 1 - alpha
     steps: int = 1000  # policy steps
     lr: float = 1e-3  # Adam learning rate of the success and cost critics
-    batch: int = 5  # episodes rolled out per policy step
+    batch: int = 5  # episodes rolled out per policy step (and walked for each kappa update)
     eta: float = 0.1  # step size of the kappa update
+    eta_decay: float = 0.0  # eta_k = eta / k^eta_decay (0: constant, the paper's setting; (1/2, 1]: Robbins-Monro)
     seed: int = 0  # seeds network initialisation, episode sampling and actions
     kappa: float = 0.5  # initial deployment threshold on pi(escalate | o)
     delta: float = 0.01  # trust region: mean KL(old policy || new policy) per step at most
-    entropy_coef: float = 0.05  # weight of the policy's mean entropy added to minus the cost in the objective
+    entropy_coef: float = 0.05  # weight of the policy's mean entropy added to minus the scaled cost in the objective
     features: tuple[str, ...] = DEFAULT_FEATURES  # observation, names from replay.routers.policy.FEATURES
-    cost: str = "tokens"  # tokens: large-model generated tokens; flops: FLOPs of every step paid for
+    escalate: str = "after"  # after: the step that triggers escalation is kept; replace: it is rewritten
+    cost: str = "flops"  # a replay cost model (flops, flops+prefill, api) or tokens (large-model generated tokens)
+    prices: tuple[tuple[str, Price], ...] = ()  # api prices by model role (none: GPT-4.1-mini rates, as replay)
     hidden: int = 64  # hidden units of the policy and critic MLPs (three layers each)
     gamma: float = 1.0  # discount of success and cost
-    rho_bar: float = 2.0  # V-trace clip of the importance weights in the targets and the policy gradient
+    rho_bar: float = 2.0  # clip of the V-trace weights rho and of the policy-gradient correction of old batches
     c_bar: float = 1.0  # V-trace clip of the trace-cutting weights
     buffer_batches: int = 20  # recent batches the critics and the CPO step learn from (V-trace corrects them)
     critic_iters: int = 5  # critic Adam steps per policy step
@@ -110,6 +146,10 @@ class Hyperparameters:
             raise TraceError(f"--kappa must lie in [0, 1], got {self.kappa}")
         if self.cost not in COST_UNITS:
             raise TraceError(f"--cost must be one of {', '.join(COST_UNITS)}, got {self.cost!r}")
+        if self.prices and self.cost != "api":
+            raise TraceError("--price applies to --cost api only")
+        if self.escalate not in ESCALATE_MODES:
+            raise TraceError(f"--escalate must be one of {', '.join(ESCALATE_MODES)}, got {self.escalate!r}")
         if not self.features:
             raise TraceError("--features needs at least one feature")
         positive = (
@@ -128,7 +168,7 @@ class Hyperparameters:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise TraceError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("eta", "entropy_coef", "cg_damping"):
+        for name in ("eta", "eta_decay", "entropy_coef", "cg_damping"):
             if getattr(self, name) < 0:
                 raise TraceError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if not 0 < self.gamma <= 1 or not 0 < self.backtrack_ratio < 1:
@@ -141,18 +181,25 @@ class Hyperparameters:
 
 @dataclass
 class Episodes:
-    """Every train (problem, world) as padded (E, T) arrays; T is the longest all-small chain."""
+    """Every train (problem, world) as padded (E, T) arrays of decisions; T is the most decisions of any episode.
+    Costs are in the cost model's units divided by ``cost_scale``."""
 
     problem_id: list[str]
-    length: np.ndarray  # (E,) decisions = small drafts on the chain up to its final step
-    observation: np.ndarray  # (E, T, F) normalised observation of draft t
-    keep_cost: np.ndarray  # (E, T) cost of keeping draft t
-    escalate_cost: np.ndarray  # (E, T) cost of escalating at t: the discarded draft and the large completion
-    escalate_correct: np.ndarray  # (E, T) the large completion from draft t's node is correct
+    escalate: str  # the decision process: after or replace
+    length: np.ndarray  # (E,) decisions: small chain steps - 1 (after) or small chain steps (replace)
+    observed: np.ndarray  # (E, T) step row whose features decision t observes (small step t+1), -1 padding
+    observation: np.ndarray  # (E, T, F) normalised observation of decision t
+    base_cost: np.ndarray  # (E,) cost paid before the first decision: the first small step (after), 0 (replace)
+    keep_cost: np.ndarray  # (E, T) cost of continuing at t: the next small step (after) or the kept draft (replace)
+    escalate_cost: np.ndarray  # (E, T) cost of escalating at t: the large completion (replace: + the discarded draft)
+    escalate_correct: np.ndarray  # (E, T) the path escalating at t ends correct
     escalate_success: np.ndarray  # (E, T) ... or every step kept on that path is verified
     small_correct: np.ndarray  # (E,) the all-small chain is correct
     small_success: np.ndarray  # (E,) ... or every step on it is verified
     large_right: np.ndarray  # (E,) the large model alone (the root's large chain) is correct
+    large_alone_cost: np.ndarray  # (E,) cost of the large model alone (scaled: their mean is 1)
+    cost_scale: float  # mean cost of the large model alone over the episodes, in the cost model's units
+    cost_unit: str  # the cost model's unit (TFLOPs, USD, tokens)
     feature_mean: np.ndarray  # (F,) of the raw train observations
     feature_std: np.ndarray
     has_verifier: bool
@@ -160,6 +207,12 @@ class Episodes:
     @property
     def valid(self) -> np.ndarray:
         return np.arange(self.keep_cost.shape[1]) < self.length[:, None]
+
+    def best_coverage(self) -> float:
+        """Coverage of the best possible policy: an episode is coverable when the large model alone is wrong, the
+        all-small chain succeeds, or escalating at some decision does."""
+        coverable = ~self.large_right | self.small_success | (self.escalate_success & self.valid).any(axis=1)
+        return float(coverable.mean())
 
 
 class _PerStep(CostModel):
@@ -187,55 +240,76 @@ def _chain_sums(data: ReplayData, starts: np.ndarray, role: str, values: np.ndar
     return walk, walk.total
 
 
+def step_cost_units(data: ReplayData, hp: Hyperparameters) -> tuple[np.ndarray, str]:
+    """(cost of each step row, unit): the replay cost model's decode + prefill cost, which is what `trace replay`
+    adds up for a kept or a discarded step, or the large model's generated tokens (``cost="tokens"``)."""
+    if hp.cost == "tokens":
+        large = data.steps["model"].to_numpy() == LARGE
+        return np.where(large, data.steps["n_gen_tokens"].to_numpy(), 0).astype(np.float64), "large tokens"
+    model = make_cost_model(hp.cost, data.manifest, dict(hp.prices) or None)
+    return Costs(data, model).step_total, model.unit
+
+
 def comb_episodes(data: ReplayData, hp: Hyperparameters) -> Episodes:
     """Read every decision of every train episode out of the cached comb trees (no rollout touches the trace)."""
     tree, steps = data.tree, data.steps
+    small_role = data.roles.index(SMALL)
     roots = data.roots["node"].to_numpy()
     small_walk, _ = _chain_sums(data, roots, SMALL, np.zeros(steps.height))
-    length = small_walk.kept[data.roles.index(SMALL)]
-    n_episodes, horizon = len(roots), int(length.max())
-    draft = np.full((n_episodes, horizon), -1, dtype=np.int64)
+    n_small = small_walk.kept[small_role]
+    n_episodes, chain = len(roots), int(n_small.max())
+    small_row = np.full((n_episodes, chain), -1, dtype=np.int64)  # small step j+1 of each chain
     node = roots.copy()
-    for t in range(horizon):
-        going = t < length
-        draft[going, t] = tree.children[data.roles.index(SMALL), node[going]]
-        node[going] = tree.step_child[draft[going, t]]
-    valid = draft >= 0
+    for j in range(chain):
+        going = j < n_small
+        small_row[going, j] = tree.children[small_role, node[going]]
+        node[going] = tree.step_child[small_row[going, j]]
+    on_chain = small_row >= 0
+    rows = np.arange(n_episodes)
 
-    if hp.cost == "tokens":
-        unit = np.where(steps["model"].to_numpy() == LARGE, steps["n_gen_tokens"].to_numpy(), 0).astype(np.float64)
-    else:
-        unit = Costs(data, make_cost_model("flops", data.manifest)).step_total
+    unit, cost_unit = step_cost_units(data, hp)
     verifier = data.scores_of(VERIFIER)["value"]
-    has_verifier = verifier.is_not_null().any()
+    has_verifier = bool(verifier.is_not_null().any())
     passes = (verifier.fill_null(0.0) >= 0.5).to_numpy()
+    small_unit = np.where(on_chain, unit[np.maximum(small_row, 0)], 0.0)
+    small_pass = np.where(on_chain, passes[np.maximum(small_row, 0)], True)
+    passed_through = np.cumprod(small_pass, axis=1).astype(bool)  # small steps 1..j+1 all verified
 
-    starts = tree.step_parent[draft[valid]]
-    completion, completion_cost = _chain_sums(data, starts, LARGE, unit)
-    _, completion_unverified = _chain_sums(data, starts, LARGE, (~passes).astype(np.float64))
+    after = hp.escalate == "after"
+    length = n_small - 1 if after else n_small.copy()
+    horizon = max(int(length.max()), 1)
+    valid = np.arange(horizon) < length[:, None]
+    observed = np.where(valid, small_row[:, :horizon], -1)
+    # escalation at decision t: the large model completes from node "s" * (t+1) (after) or "s" * t (replace)
+    escalation_node = np.where(valid, (tree.step_child if after else tree.step_parent)[np.maximum(observed, 0)], -1)
+    completion, completion_cost = _chain_sums(data, escalation_node[valid], LARGE, unit)
+    _, completion_unverified = _chain_sums(data, escalation_node[valid], LARGE, (~passes).astype(np.float64))
+    large_alone, large_alone_cost = _chain_sums(data, roots, LARGE, unit)
+    cost_scale = float(large_alone_cost.mean())
+    if not cost_scale > 0:
+        raise TraceError(f"the large model alone costs nothing on the train split ({hp.cost}): nothing to scale by")
 
     def grid(values, fill):
         out = np.full((n_episodes, horizon), fill, dtype=np.asarray(values).dtype)
         out[valid] = values
         return out
 
-    large_alone_cost = grid(completion_cost, 0.0)[:, 0]
-    if (large_alone_cost <= 0).any():
-        problem = data.roots["problem_id"][int(np.argmax(large_alone_cost <= 0))]
-        raise TraceError(
-            f"the large model alone costs nothing on problem {problem!r} ({hp.cost}): cost shares need a positive cost"
-        )
-    some_row = np.where(valid, draft, 0)  # a harmless row index where there is no draft
-    draft_unit = np.where(valid, unit[some_row], 0.0)
+    observed_cost = np.where(valid, small_unit[:, :horizon], 0.0)
+    if after:
+        next_small = np.where(valid, np.pad(small_unit, ((0, 0), (0, 1)))[:, 1 : horizon + 1], 0.0)
+        keep_cost, escalate_cost = next_small, grid(completion_cost, 0.0)
+        prefix_verified = passed_through[:, :horizon]  # small steps 1..t+1 are kept
+        base_cost = small_unit[:, 0]
+    else:
+        keep_cost, escalate_cost = observed_cost, observed_cost + grid(completion_cost, 0.0)
+        prefix_verified = np.concatenate([np.ones((n_episodes, 1), bool), passed_through[:, : horizon - 1]], 1)
+        base_cost = np.zeros(n_episodes)
     escalate_correct = grid(tree.step_correct[completion.final_step], False)
-    drafts_pass = np.where(valid, passes[some_row], True)
-    passed_before = np.cumprod(np.concatenate([np.ones((n_episodes, 1), bool), drafts_pass[:, :-1]], 1), 1)
-    escalate_verified = passed_before.astype(bool) & grid(completion_unverified == 0, False) & has_verifier
-    last_draft = draft[np.arange(n_episodes), length - 1]
-    small_correct = tree.step_correct[last_draft]
-    small_verified = drafts_pass.all(axis=1) & has_verifier
+    escalate_verified = prefix_verified & grid(completion_unverified == 0, False) & valid & has_verifier
+    small_correct = tree.step_correct[small_row[rows, n_small - 1]]
+    small_verified = small_pass.all(axis=1) & has_verifier
 
-    raw = raw_features(steps, data.problems, list(hp.features))[draft[valid]]
+    raw = raw_features(steps, data.problems, list(hp.features))[observed[valid]]
     known = np.isfinite(raw)  # a null feature (no math tokens, no difficulty) is left out and observed as 0
     count = np.maximum(known.sum(axis=0), 1)
     mean = np.where(known, raw, 0.0).sum(axis=0) / count
@@ -245,29 +319,34 @@ def comb_episodes(data: ReplayData, hp: Hyperparameters) -> Episodes:
     observation[valid] = normalise(raw, mean, std)
     return Episodes(
         problem_id=data.roots["problem_id"].to_list(),
+        escalate=hp.escalate,
         length=length,
+        observed=observed,
         observation=observation,
-        keep_cost=draft_unit / large_alone_cost[:, None],
-        escalate_cost=(draft_unit + grid(completion_cost, 0.0)) / large_alone_cost[:, None],
+        base_cost=base_cost / cost_scale,
+        keep_cost=keep_cost / cost_scale,
+        escalate_cost=escalate_cost / cost_scale,
         escalate_correct=escalate_correct,
         escalate_success=escalate_correct | escalate_verified,
         small_correct=small_correct,
         small_success=small_correct | small_verified,
-        large_right=escalate_correct[:, 0],
+        large_right=tree.step_correct[large_alone.final_step],
+        large_alone_cost=large_alone_cost / cost_scale,
+        cost_scale=cost_scale,
+        cost_unit=cost_unit,
         feature_mean=mean,
         feature_std=std,
-        has_verifier=bool(has_verifier),
+        has_verifier=has_verifier,
     )
 
 
 def expected_miss(episodes: Episodes, p_escalate: np.ndarray) -> np.ndarray:
     """Per episode, the probability that a policy escalating at decision t with probability p_escalate[:, t]
-    leaves it uncovered (it escalates at the first decision where its draw says so)."""
-    rows = np.arange(len(episodes.length))
+    leaves it uncovered (it escalates at the first decision where its draw says so). Exact: the comb holds the
+    outcome of every escalation point."""
     p = np.where(episodes.valid, p_escalate, 0.0)
     no_escalation_before = np.cumprod(np.concatenate([np.ones((len(p), 1)), 1 - p[:, :-1]], axis=1), axis=1)
-    last = episodes.length - 1
-    keeps_all = no_escalation_before[rows, last] * (1 - p[rows, last])
+    keeps_all = np.prod(1 - p, axis=1)
     success = (no_escalation_before * p * episodes.escalate_success).sum(axis=1) + keeps_all * episodes.small_success
     return episodes.large_right * (1 - success)
 
@@ -280,7 +359,8 @@ class Rollout:
     mask: np.ndarray  # (B, T) decisions taken
     action: np.ndarray  # (B, T) 1 = escalate (only ever at an episode's last decision)
     reward: np.ndarray  # (B, T) success, at the last decision
-    cost: np.ndarray  # (B, T)
+    cost: np.ndarray  # (B, T) scaled cost of what each decision's action wrote
+    total_cost: np.ndarray  # (B,) base cost + the decisions' costs
     correct: np.ndarray  # (B,)
     covered: np.ndarray  # (B,)
 
@@ -291,26 +371,47 @@ class Rollout:
 
 def rollout(episodes: Episodes, index: np.ndarray, escalate: np.ndarray) -> Rollout:
     """Walk episodes ``index`` where ``escalate`` (B, T) says where the policy would escalate; it escalates at
-    the first such decision, or keeps every draft to the end of the chain."""
+    the first such decision, or continues to the end of the small chain. An episode without decisions (under
+    ``after``, a first small step that is final) is the one-step small chain."""
     valid = episodes.valid[index]
     escalate = escalate & valid
     escalated = escalate.any(axis=1)
-    end = np.where(escalated, escalate.argmax(axis=1), episodes.length[index] - 1)
+    end = np.where(escalated, escalate.argmax(axis=1), episodes.length[index] - 1)  # -1: no decision
     t = np.arange(valid.shape[1])
     mask = t <= end[:, None]
-    at_end = t == end[:, None]
-    action = at_end & escalated[:, None]
-    rows = np.arange(len(index))
-    correct = np.where(escalated, episodes.escalate_correct[index, end], episodes.small_correct[index])
-    success = np.where(escalated, episodes.escalate_success[index, end], episodes.small_success[index])
+    action = (t == end[:, None]) & escalated[:, None]
+    at = np.maximum(end, 0)
+    correct = np.where(escalated, episodes.escalate_correct[index, at], episodes.small_correct[index])
+    success = np.where(escalated, episodes.escalate_success[index, at], episodes.small_success[index])
     cost = np.where(action, episodes.escalate_cost[index], episodes.keep_cost[index]) * mask
     reward = np.zeros(mask.shape)
-    reward[rows, end] = success
+    decided = np.flatnonzero(end >= 0)
+    reward[decided, end[decided]] = success[decided]
     covered = success | ~episodes.large_right[index]
-    return Rollout(index, mask, action.astype(np.int64), reward, cost, correct, covered)
+    total = episodes.base_cost[index] + cost.sum(axis=1)
+    return Rollout(index, mask, action.astype(np.int64), reward, cost, total, correct, covered)
 
 
 # ---------------------------------------------------------------------- the pieces of one update
+
+
+def thresholded(p_escalate: np.ndarray, kappa: float) -> np.ndarray:
+    """S_{pi,kappa}(escalate | o) from pi(escalate | o): 1{pi(a|o) >= kappa} normalised over the two actions;
+    1/2 when both pass (kappa <= 1/2), 0 when neither does (kappa > 1/2; eq. (6) continues there)."""
+    escalate_in = p_escalate >= kappa
+    continue_in = 1.0 - p_escalate >= kappa
+    return np.where(escalate_in & continue_in, 0.5, np.where(escalate_in, 1.0, 0.0))
+
+
+def action_probability(p_escalate: np.ndarray, action: np.ndarray) -> np.ndarray:
+    """Probability of each taken action (1 = escalate) under a policy with escalation probabilities p_escalate."""
+    return np.where(action == 1, p_escalate, 1.0 - p_escalate)
+
+
+def target_ratios(p_escalate: np.ndarray, behaviour: np.ndarray, action: np.ndarray, kappa: float) -> np.ndarray:
+    """S_{pi,kappa}(a_t|o_t) / mu(a_t|o_t) for each taken action: ``p_escalate`` = pi(escalate|o_t) of the current
+    policy, ``behaviour`` = mu(a_t|o_t), the probability the action had when it was drawn (unclipped; V-trace clips)."""
+    return action_probability(thresholded(p_escalate, kappa), action) / behaviour
 
 
 def vtrace(
@@ -322,9 +423,10 @@ def vtrace(
     rho_bar: float = 2.0,
     c_bar: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """V-trace targets v_s and policy-gradient advantages rho_s (r_s + gamma v_{s+1} - V(x_s)) (Espeholt et al.
-    2018, eq. 1 and 4, lambda = 1) of padded episodes (E, T); ``ratios`` = pi(a|x) / mu(a|x). The state after an
-    episode's last step is terminal (value 0)."""
+    """V-trace targets v_s (Espeholt et al. 2018, eq. 1, lambda = 1) of padded episodes (E, T), with ``ratios`` =
+    target(a|x) / behaviour(a|x): rho_s = min(rho_bar, ratio), c_s = min(c_bar, ratio); and the advantages
+    r_s + gamma v_{s+1} - V(x_s) of the actions taken (the target's values from the next state on, without the
+    rho_s factor, see the module doc). The state after an episode's last step is terminal (value 0)."""
     rho = np.minimum(rho_bar, ratios) * mask
     c = np.minimum(c_bar, ratios) * mask
     values = values * mask
@@ -337,12 +439,24 @@ def vtrace(
         correction[:, s] = carry * mask[:, s]
     targets = values + correction
     next_targets = np.concatenate([targets[:, 1:], np.zeros((len(values), 1))], axis=1)
-    return targets, rho * (rewards + gamma * next_targets - values)
+    return targets, (rewards + gamma * next_targets - values) * mask
+
+
+def threshold_miscoverage(episodes: Episodes, p_escalate: np.ndarray, kappa: float) -> float:
+    """J_miss(S_{pi,kappa}): P(not covered) of the thresholded policy over all the episodes, exactly (the
+    constraint of the CPO step is this minus alpha)."""
+    return float(expected_miss(episodes, thresholded(p_escalate, kappa)).mean())
 
 
 def kappa_update(kappa: float, coverage: float, alpha: float, eta: float) -> float:
-    """kappa - eta (1 - coverage - alpha), kept in [0, 1]: escalate iff pi >= kappa, so a miss lowers kappa."""
+    """kappa - eta (1 - coverage - alpha), kept in [0, 1]: escalate iff pi >= kappa, so a miss lowers kappa by
+    eta (1 - alpha) and a covered episode raises it by eta alpha (module doc: the sign against eq. (5))."""
     return float(np.clip(kappa - eta * (1.0 - coverage - alpha), 0.0, 1.0))
+
+
+def kappa_step_size(hp: Hyperparameters, step: int) -> float:
+    """eta_k = eta / k^eta_decay for policy step k = 1, 2, ..."""
+    return hp.eta / step**hp.eta_decay
 
 
 def cpo_multipliers(q: float, r: float, s: float, c: float, delta: float) -> tuple[float, float, str]:
@@ -417,9 +531,13 @@ class TrainResult:
     log_path: Path
     kappa: float
     n_train_episodes: int
-    train_coverage: float  # of the thresholded policy on every train episode
+    train_coverage: float  # of the deployed policy on every train episode
+    best_coverage: float  # of the best possible policy under this escalate mode on the train episodes
     train_accuracy: float
-    train_cost: float  # mean cost share
+    train_cost: float  # mean cost per query in the cost model's units
+    train_cost_share: float  # ... divided by the large model alone's mean cost
+    cost_unit: str
+    escalate: str
     has_verifier: bool
     seconds: float
     log: pl.DataFrame
@@ -452,6 +570,11 @@ def train_policy(
     if SMALL not in train.roles or LARGE not in train.roles:
         raise TraceError(f"trace train policy needs a small and a large model; {root} has {', '.join(train.roles)}")
     episodes = comb_episodes(train, hp)
+    if not episodes.length.any():
+        raise TraceError(
+            f"no decisions to learn from: every all-small chain of the train split ends at its first step, and "
+            f"escalate={hp.escalate} decides only after a non-final one"
+        )
     n_episodes, horizon, n_features = episodes.observation.shape
     critic_inputs = np.concatenate(
         [episodes.observation, np.broadcast_to(episodes.large_right[:, None, None], (n_episodes, horizon, 1))], axis=2
@@ -480,38 +603,38 @@ def train_policy(
                     return torch.softmax(policy(observation[index]), dim=-1)[..., ESCALATE].numpy().astype(np.float64)
 
             for step in range(1, hp.steps + 1):
-                # 1. roll out a batch with the current policy
+                # 1. roll out a batch with the current stochastic policy pi_k
                 index = rng.integers(0, n_episodes, size=hp.batch)
                 p_escalate = escalate_probability(index)
                 batch = rollout(episodes, index, rng.random(p_escalate.shape) < p_escalate)
-                buffer.append((batch, np.where(batch.action == 1, p_escalate, 1 - p_escalate)))
+                buffer.append((batch, action_probability(p_escalate, batch.action)))
 
-                # 2. V-trace targets on the buffer; critics regress on them
+                # 2. V-trace targets toward the thresholded policy S_k on the buffer; critics regress on them
                 recent = Rollout.concat([b for b, _ in buffer])
-                mu = np.concatenate([m for _, m in buffer])
+                mu = np.where(recent.mask, np.concatenate([m for _, m in buffer]), 1.0)
                 mask = recent.mask.astype(np.float64)
                 obs = observation[recent.episode]
                 action = torch.from_numpy(recent.action)
                 with torch.no_grad():
                     old_log_pi = torch.log_softmax(policy(obs), dim=-1)
                     old_pi = old_log_pi.exp()
-                    ratios = old_log_pi.gather(-1, action[..., None])[..., 0].exp().double().numpy() / np.where(
-                        recent.mask, mu, 1.0
-                    )
+                    p_now = old_pi[..., ESCALATE].double().numpy()
                     inputs = torch.from_numpy(critic_inputs[recent.episode])
                     success_values = success_critic(inputs)[..., 0].double().numpy()
                     cost_values = cost_critic(inputs)[..., 0].double().numpy()
+                target_ratio = target_ratios(p_now, mu, recent.action, kappa)
                 success_targets, success_advantage = vtrace(
-                    recent.reward, success_values, ratios, mask, hp.gamma, hp.rho_bar, hp.c_bar
+                    recent.reward, success_values, target_ratio, mask, hp.gamma, hp.rho_bar, hp.c_bar
                 )
                 cost_targets, cost_advantage = vtrace(
-                    recent.cost, cost_values, ratios, mask, hp.gamma, hp.rho_bar, hp.c_bar
+                    recent.cost, cost_values, target_ratio, mask, hp.gamma, hp.rho_bar, hp.c_bar
                 )
                 step_mask = torch.from_numpy(mask).float()
+                n_decisions = max(float(mask.sum()), 1.0)
                 for _ in range(hp.critic_iters):
                     errors = [
                         ((critic(inputs)[..., 0] - torch.from_numpy(targets).float()) ** 2 * step_mask).sum()
-                        / step_mask.sum()
+                        / n_decisions
                         for critic, targets in ((success_critic, success_targets), (cost_critic, cost_targets))
                     ]
                     critic_optimizer.zero_grad()
@@ -520,18 +643,20 @@ def train_policy(
 
                 # 3. CPO step: minimise the cost surrogate subject to the linearised miscoverage constraint
                 n_buffer = len(recent.episode)
+                weight = np.minimum(hp.rho_bar, action_probability(p_now, recent.action) / mu) * mask
                 large_right = episodes.large_right[recent.episode].astype(np.float64)
-                miss_advantage = torch.from_numpy(-large_right[:, None] * success_advantage).float()
-                cost_adv = torch.from_numpy(cost_advantage).float()
-                constraint = float(expected_miss(episodes, escalate_probability(everyone)).mean()) - hp.alpha
+                miss_advantage = torch.from_numpy(-large_right[:, None] * success_advantage * weight).float()
+                cost_adv = torch.from_numpy(cost_advantage * weight).float()
+                miscoverage = threshold_miscoverage(episodes, escalate_probability(everyone), kappa)
+                constraint = miscoverage - hp.alpha
                 old_taken = old_log_pi.gather(-1, action[..., None])[..., 0]
 
                 def surrogates():
                     """(objective = -cost + entropy bonus, miscoverage, KL from the old policy, entropy)"""
                     log_pi = torch.log_softmax(policy(obs), dim=-1)
                     ratio = (log_pi.gather(-1, action[..., None])[..., 0] - old_taken).exp() * step_mask
-                    kl = ((old_pi * (old_log_pi - log_pi)).sum(-1) * step_mask).sum() / step_mask.sum()
-                    entropy = (-(log_pi.exp() * log_pi).sum(-1) * step_mask).sum() / step_mask.sum()
+                    kl = ((old_pi * (old_log_pi - log_pi)).sum(-1) * step_mask).sum() / n_decisions
+                    entropy = (-(log_pi.exp() * log_pi).sum(-1) * step_mask).sum() / n_decisions
                     objective = -(ratio * cost_adv).sum() / n_buffer + hp.entropy_coef * entropy
                     return objective, (ratio * miss_advantage).sum() / n_buffer, kl, entropy
 
@@ -564,33 +689,41 @@ def train_policy(
                     torch.nn.utils.vector_to_parameters(old_params + hp.backtrack_ratio**attempt * direction, params)
                     with torch.no_grad():
                         new_objective, new_miss, trial_kl, _ = (x.item() for x in surrogates())
-                    # a feasible policy must not get worse; an infeasible one may, to get back within alpha
+                    # a feasible policy must not get worse; an infeasible one may, to get back within alpha. The
+                    # thresholded policy's miscoverage jumps where pi crosses kappa, which the linearised constraint
+                    # cannot see: the exact value must stay within alpha (feasible) or not grow (infeasible).
                     if (
                         trial_kl <= hp.delta
                         and (new_objective >= old_objective or constraint > 0)
                         and new_miss - old_miss <= max(-constraint, 0.0)
+                        and threshold_miscoverage(episodes, escalate_probability(everyone), kappa)
+                        <= max(hp.alpha, miscoverage)
                     ):
                         accepted, new_kl = attempt, trial_kl
                         break
                 if accepted < 0:
                     torch.nn.utils.vector_to_parameters(old_params, params)
 
-                # 4. kappa from the coverage of the thresholded policy on this batch
-                deployed = rollout(episodes, index, escalate_probability(index) >= kappa)
-                kappa = kappa_update(kappa, float(deployed.covered.mean()), hp.alpha, hp.eta)
+                # 4. kappa from the coverage of the deployed pi_{k+1}, kappa_k on a fresh batch of train episodes
+                fresh = rng.integers(0, n_episodes, size=hp.batch)
+                deployed = rollout(episodes, fresh, escalate_probability(fresh) >= kappa)
+                eta = kappa_step_size(hp, step)
+                kappa = kappa_update(kappa, float(deployed.covered.mean()), hp.alpha, eta)
 
                 row = {
                     "step": step,
                     "reward": float(batch.correct.mean()),
-                    "cost": float(batch.cost.sum(1).mean()),
+                    "cost": float(batch.total_cost.mean()),
                     "rollout_coverage": float(batch.covered.mean()),
                     "coverage": float(deployed.covered.mean()),
                     "alpha": hp.alpha,
+                    "eta": eta,
                     "kappa": kappa,
                     "success_critic_loss": errors[0].item(),
                     "cost_critic_loss": errors[1].item(),
                     "entropy": entropy.item(),
                     "kl": new_kl,
+                    "miscoverage": miscoverage,
                     "constraint": constraint,
                     "nu": nu,
                     "lam": lam,
@@ -609,8 +742,10 @@ def train_policy(
     train_ids = sorted(train.problems["problem_id"].to_list())
     metrics = {
         "coverage": float(final.covered.mean()),
+        "best_coverage": episodes.best_coverage(),
         "accuracy": float(final.correct.mean()),
-        "cost": float(final.cost.sum(1).mean()),
+        "cost": float(final.total_cost.mean() * episodes.cost_scale),
+        "cost_share": float(final.total_cost.mean()),
         "episodes": int(n_episodes),
     }
     coverage_events = ["correct", "large_alone_wrong"] + (["all_steps_verified"] if episodes.has_verifier else [])
@@ -622,14 +757,17 @@ def train_policy(
         episodes.feature_std,
         kappa,
         hp.hidden,
+        escalate=hp.escalate,
         train_problem_ids=train_ids,
         split_seed=hp.split_seed,
         split_fractions=[float(f) for f in hp.split_fractions],
         alpha=float(hp.alpha),
         coverage_events=coverage_events,
-        cost_unit=hp.cost,
+        cost_model=hp.cost,
+        cost_unit=episodes.cost_unit,
+        cost_scale=episodes.cost_scale,
         trace={"dataset": train.manifest.dataset, "models": list(train.manifest.models.values())},
-        training={key: list(value) if isinstance(value, tuple) else value for key, value in asdict(hp).items()},
+        training=_plain(asdict(hp)),
         train_metrics=metrics,
     )
     log_frame = pl.DataFrame(log, schema_overrides={"case": pl.String, "line_search": pl.Int32})
@@ -643,9 +781,22 @@ def train_policy(
         kappa=kappa,
         n_train_episodes=n_episodes,
         train_coverage=metrics["coverage"],
+        best_coverage=metrics["best_coverage"],
         train_accuracy=metrics["accuracy"],
         train_cost=metrics["cost"],
+        train_cost_share=metrics["cost_share"],
+        cost_unit=episodes.cost_unit,
+        escalate=hp.escalate,
         has_verifier=episodes.has_verifier,
         seconds=time.perf_counter() - started,
         log=log_frame,
     )
+
+
+def _plain(value):
+    """Tuples as lists, recursively: what the policy file's ``training`` entry stores (torch's safe loader)."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from tracebuild import build_trace, comb_steps
 from typer.testing import CliRunner
 
 from cli import app
@@ -202,3 +203,25 @@ def test_the_demo_router_file_is_valid():
     specs = load_router_specs(Path(__file__).resolve().parents[1] / "data/toy/routers.toml")
     assert {spec.name for spec in specs} == {"rsd", "specreason", "steer", "random", "cascade"}
     assert next(spec for spec in specs if spec.name == "cascade").params == {"p_true": "final_min"}
+    steer = [spec.params for spec in specs if spec.name == "steer"]
+    assert steer == [{"mode": "step"}, {"mode": "switch"}, {"mode": "switch", "escalate": "replace"}]
+
+
+def test_a_comb_holds_every_path_of_the_demo_files_one_way_routers(tmp_path):
+    """STEER in switch mode, escalate after (the default) and replace, over the demo file's sweeps: zero misses on
+    a comb trace, so closure never has to grow anything for them."""
+    rng = np.random.default_rng(0)
+    steps = []
+    for i in range(40):
+        tree = comb_steps(f"p{i:02d}", 4, correct=lambda path, i=i: (path.count("L") + i) % 3 > 0)
+        for step in tree:
+            step["conf_max_logit_math"] = float(rng.normal(10.0 if rng.random() < 0.7 else 6.0, 1.0))
+        steps += tree
+    root = build_trace(tmp_path / "comb", steps)
+    specs = load_router_specs(Path(__file__).resolve().parents[1] / "data/toy/routers.toml")
+    one_way = [spec for spec in specs if spec.name == "steer" and spec.params["mode"] == "switch"]
+    assert len(one_way) == 2
+    for spec in one_way:
+        result = replay_trace(root, spec.router(), sweep=spec.sweep_values(), split="all")
+        assert result.outcomes["misses"].sum() == 0, spec
+        assert result.outcomes["path"].n_unique() >= 4  # the sweep really walks different escalation points

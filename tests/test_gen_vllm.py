@@ -103,21 +103,30 @@ def test_final_steps_are_graded(vllm_trace):
 def test_policy_meets_coverage_on_the_toy_trace_across_seeds(vllm_trace, tmp_path):
     """The CMDP policy trained on the toy trace's train split, replayed on its test split: for each of 5 seeds
     (alpha 0.1) and for alpha 0.02, coverage (correct, or the large model alone wrong) within the 95% binomial
-    interval of the target, and no misses (the comb holds every escalation)."""
+    interval of the target, and no misses (the comb holds every escalation).
+
+    The runs train and replay with escalate=replace. On the toy world the large model cannot repair a wrong first
+    small step, and escalate=after (the default) always keeps the first small step, so no escalate=after policy
+    reaches these targets here: the best any can do on the train split is checked to lie below 0.9 (if the toy
+    models change so that it does not, move this test to the default)."""
     from scipy.stats import binomtest
 
+    from replay.artifacts import load_train_split
     from replay.engine import replay_trace
     from replay.routers import make_router
-    from replay.train_policy import Hyperparameters, train_policy
+    from replay.splits import DEFAULT_FRACTIONS
+    from replay.train_policy import Hyperparameters, comb_episodes, train_policy
     from tracegen.scoring import run_score
 
     out, _ = vllm_trace
     run_score(out, "verifier")
+    train = load_train_split(out, 0, DEFAULT_FRACTIONS)
+    assert comb_episodes(train, Hyperparameters(escalate="after")).best_coverage() < 0.9
     large = replay_trace(out, make_router("large-only")).outcomes.select("problem_id", "world", large="correct")
     for alpha, seed in [(0.1, s) for s in range(5)] + [(0.02, 0)]:
         policy = tmp_path / f"policy-{alpha}-{seed}.pt"
-        train_policy(out, policy, Hyperparameters(alpha=alpha, steps=300, seed=seed))
-        outcomes = replay_trace(out, make_router("policy", path=str(policy))).outcomes
+        train_policy(out, policy, Hyperparameters(alpha=alpha, steps=300, seed=seed, escalate="replace"))
+        outcomes = replay_trace(out, make_router("policy", path=str(policy), escalate="replace")).outcomes
         assert outcomes["misses"].sum() == 0
         covered = outcomes.join(large, on=["problem_id", "world"]).select(pl.col("correct") | ~pl.col("large"))
         k, n = int(covered.to_series().sum()), covered.height

@@ -1,4 +1,5 @@
-"""The replay engine: tree index, misses (never an invented step), worlds, splits, sweeps, summaries."""
+"""The replay engine: tree index, misses (never an invented step), worlds, splits, sweeps, summaries, and the
+one-way draft rules (escalate=after keeps the triggering step, escalate=replace discards it)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from test_routers_baselines import manifest, run, sized
 from tracebuild import build_trace, comb_steps, default_problem, step_and_tokens
 
 from replay.costs import make_cost_model
-from replay.engine import ReplayData, miss_list, parse_sweep, replay, replay_trace, write_outcomes
+from replay.engine import DraftRule, ReplayData, miss_list, parse_sweep, replay, replay_trace, write_outcomes
 from replay.errors import TraceError
 from replay.routers import make_router
+from replay.routers.base import DraftRouter
 from replay.splits import assign_splits
 from replay.store import open_trace
 
@@ -183,9 +185,84 @@ def test_router_registry_errors():
     assert make_router("steer", tau="0.3", min_samples="4", mode="step").get_params() == {
         "tau": 0.3,
         "mode": "step",
+        "escalate": "after",
         "min_samples": 4,
         "seed": 0,
         "gmms": "",
     }
     assert make_router("cascade", pik="false").pik is False
     assert repr(make_router("random", p=0.25)) == "RandomRouter(p=0.25, seed=0)"
+
+
+class _Judged(DraftRouter):
+    """A one-way draft router judging each small step by a fixed per-path signal and a prm score (no registry)."""
+
+    scorer = "prm"
+    one_way = True
+
+    def __init__(self, escalate="after", reject=()):
+        self.escalate = escalate
+        self.reject = reject
+
+    def draft_signal(self, data):
+        return np.where(data.steps["path"].is_in(list(self.reject)).to_numpy(), 1.0, 0.0)
+
+    def accept(self, signal, params):
+        return signal < 0.5
+
+
+def judged_trace(tmp_path, scored):
+    base = manifest()
+    root = build_trace(
+        tmp_path / "t",
+        sized(comb_steps("p0", 3, correct=lambda path: path in ("ssL", "sLL"))),
+        # a hand-built scorer writing 5 tokens a call on its own 0.5e12-parameter model: 5 TFLOPs a call
+        manifest={**base, "scorers": {"prm": {"n_params": 0.5e12, "generated_tokens": 5}}},
+        scores=[
+            {"step_id": f"p0/0/{path}", "scorer": "prm", "value": 0.5, "detail": None, "n_tokens_processed": 5}
+            for path in scored
+        ],
+    )
+    return ReplayData.from_trace(open_trace(root))
+
+
+def test_one_way_escalate_after_keeps_the_trigger_and_replace_discards_it(tmp_path):
+    data = judged_trace(tmp_path, ["s", "ss", "sss"])
+    cost = make_cost_model("flops", data.manifest)
+    after = replay(data, _Judged("after", reject=["ss"]).fit(data), cost).outcomes.row(0, named=True)
+    # s judged and kept, ss judged, rejected and kept; the large model writes ssL, unjudged
+    assert (after["path"], after["correct"], after["n_small"], after["n_large"], after["n_discarded"]) == (
+        "ssL",
+        True,
+        2,
+        1,
+        0,
+    )
+    assert (after["cost_small"], after["cost_large"], after["cost_discarded"], after["cost_scorer"]) == (20, 80, 0, 10)
+    replaced = replay(data, _Judged("replace", reject=["ss"]).fit(data), cost).outcomes.row(0, named=True)
+    assert (replaced["path"], replaced["n_small"], replaced["n_large"], replaced["n_discarded"]) == ("sLL", 1, 2, 1)
+    assert (replaced["cost_small"], replaced["cost_large"], replaced["cost_discarded"], replaced["cost_scorer"]) == (
+        10,
+        160,
+        10,
+        10,
+    )
+
+
+def test_under_escalate_after_a_final_small_step_is_kept_unjudged(tmp_path):
+    data = judged_trace(tmp_path, ["s", "ss"])  # the final sss has no score
+    cost = make_cost_model("flops", data.manifest)
+    after = replay(data, _Judged("after", reject=["sss"]).fit(data), cost)
+    row = after.outcomes.row(0, named=True)
+    assert (row["path"], row["misses"], row["n_small"], row["n_discarded"], row["cost_scorer"]) == ("sss", 0, 3, 0, 10)
+    # replace judges the final draft too: it needs the missing score
+    replaced = replay(data, _Judged("replace", reject=["sss"]).fit(data), cost)
+    assert replaced.misses.select("path", "model", "scorer").rows() == [("ss", "small", "prm")]
+
+
+def test_draft_rule_checks_its_escalate_mode():
+    signal = np.zeros(1)
+    with pytest.raises(ValueError, match="escalate must be one of after, replace"):
+        DraftRule(signal, lambda s, p: s < 1, one_way=True, escalate="later")
+    with pytest.raises(ValueError, match="needs a one-way rule"):
+        DraftRule(signal, lambda s, p: s < 1, one_way=False, escalate="after")

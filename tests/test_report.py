@@ -76,8 +76,18 @@ def inputs(tmp_path_factory):
     return {
         "base": base,
         "trace": trace,
+        # the bad step itself is the unconfident one here: only a router that rewrites it can repair it
         "steer": replay_to(
-            trace, base / "steer.parquet", "--router", "steer", "--sweep", "tau=0:1:0.1", "--split", "all"
+            trace,
+            base / "steer.parquet",
+            "--router",
+            "steer",
+            "--param",
+            "escalate=replace",
+            "--sweep",
+            "tau=0:1:0.1",
+            "--split",
+            "all",
         ),
         "random": replay_to(
             trace, base / "random.parquet", "--router", "random", "--sweep", "p=0:1:0.25", "--split", "all"

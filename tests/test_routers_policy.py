@@ -1,5 +1,6 @@
 """The policy router with a hand-made policy file: pi(escalate | o) worked out by hand, one-way escalation
-iff pi >= kappa, kappa from the file or a parameter, and the errors of a bad file."""
+iff pi >= kappa (escalate=after keeps the step that triggers it, escalate=replace rewrites it), kappa from
+the file or a parameter, and the errors of a bad file."""
 
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ from tracebuild import build_trace, comb_steps
 from replay.engine import ReplayData
 from replay.errors import TraceError
 from replay.routers import make_router
-from replay.routers.policy import policy_network, raw_features, save_policy
+from replay.routers.policy import load_policy, policy_network, raw_features, save_policy
 from replay.store import open_trace
 
 STEEPNESS = 10.0
 
 
-def hand_made_policy(path, kappa=0.5):
+def hand_made_policy(path, kappa=0.5, escalate="after"):
     """pi(escalate | o) = sigmoid(-10 * tanh(tanh((conf - 10) / 1))): ~1 for conf 5, 0.5 at 10, ~0 at 15."""
     network = policy_network(1, hidden=4)
     with torch.no_grad():
@@ -33,7 +34,7 @@ def hand_made_policy(path, kappa=0.5):
         network[0].weight[0, 0] = 1.0
         network[2].weight[0, 0] = 1.0
         network[4].weight[1, 0] = -STEEPNESS
-    save_policy(path, network, ["conf_max_logit_math"], [10.0], [1.0], kappa=kappa, hidden=4)
+    save_policy(path, network, ["conf_max_logit_math"], [10.0], [1.0], kappa=kappa, hidden=4, escalate=escalate)
     return str(path)
 
 
@@ -47,7 +48,7 @@ def by_hand(confidence: float) -> float:
 
 @pytest.fixture
 def trace(tmp_path):
-    steps = sized(comb_steps("p0", 3, correct=lambda path: path == "sLL"))
+    steps = sized(comb_steps("p0", 3, correct=lambda path: path in ("sLL", "ssL")))
     for step in steps:
         step["conf_max_logit_math"] = {"s": 15.0, "ss": 5.0, "sss": 15.0}.get(step["path"], 10.0)
     return build_trace(tmp_path / "t", steps, manifest=manifest())
@@ -62,17 +63,40 @@ def test_escalation_probability_is_the_networks(tmp_path, trace):
     assert router.kappa_ == 0.5
 
 
-def test_escalates_once_and_for_all_when_pi_reaches_kappa(tmp_path, trace):
+def test_escalates_after_the_step_where_pi_reaches_kappa(tmp_path, trace):
     policy = hand_made_policy(tmp_path / "pi.pt")
     row = run(trace, make_router("policy", path=policy)).outcomes.row(0, named=True)
-    # s: pi(15) ~ 0 kept. ss: pi(5) = 0.9995 >= 0.5 -> discarded, large writes sL and sLL.
-    assert (row["path"], row["correct"], row["n_small"], row["n_large"], row["n_discarded"]) == ("sLL", True, 1, 2, 1)
-    assert row["cost"] == 2 * SMALL_STEP + 2 * LARGE_STEP
+    # s: pi(15) ~ 0, kept. ss: pi(5) = 0.9995 >= 0.5 -> kept (paid as a small step); the large model writes ssL.
+    assert (row["path"], row["correct"], row["n_small"], row["n_large"], row["n_discarded"]) == ("ssL", True, 2, 1, 0)
+    assert (row["cost_small"], row["cost_large"], row["cost_discarded"]) == (2 * SMALL_STEP, LARGE_STEP, 0)
+    assert row["cost"] == 2 * SMALL_STEP + LARGE_STEP
     # kappa above pi(5): nothing escalates
     row = run(trace, make_router("policy", path=policy, kappa=0.9999)).outcomes.row(0, named=True)
     assert (row["path"], row["cost"]) == ("sss", 3 * SMALL_STEP)
     params = json.loads(row["params"])
-    assert params["kappa"] == 0.9999
+    assert params["kappa"] == 0.9999 and params["escalate"] == "after"
+
+
+def test_escalate_replace_discards_the_step_where_pi_reaches_kappa(tmp_path, trace):
+    policy = hand_made_policy(tmp_path / "pi.pt", escalate="replace")
+    row = run(trace, make_router("policy", path=policy, escalate="replace")).outcomes.row(0, named=True)
+    # s kept. ss: pi(5) >= 0.5 -> discarded (10 paid), the large model writes sL and sLL.
+    assert (row["path"], row["correct"], row["n_small"], row["n_large"], row["n_discarded"]) == ("sLL", True, 1, 2, 1)
+    assert (row["cost_small"], row["cost_large"], row["cost_discarded"]) == (SMALL_STEP, 2 * LARGE_STEP, SMALL_STEP)
+    assert row["cost"] == 2 * SMALL_STEP + 2 * LARGE_STEP
+
+
+def test_a_final_small_step_is_never_escalated_under_after(tmp_path):
+    steps = sized(comb_steps("p0", 3, correct=lambda path: path == "ssL"))
+    for step in steps:
+        step["conf_max_logit_math"] = {"s": 15.0, "ss": 15.0, "sss": 5.0}.get(step["path"], 10.0)
+    root = build_trace(tmp_path / "t", steps, manifest=manifest())
+    after = run(root, make_router("policy", path=hand_made_policy(tmp_path / "a.pt"))).outcomes.row(0, named=True)
+    assert (after["path"], after["correct"], after["n_small"], after["n_discarded"]) == ("sss", False, 3, 0)
+    policy = hand_made_policy(tmp_path / "r.pt", escalate="replace")
+    replaced = run(root, make_router("policy", path=policy, escalate="replace")).outcomes.row(0, named=True)
+    assert (replaced["path"], replaced["correct"], replaced["n_small"], replaced["n_discarded"]) == ("ssL", True, 2, 1)
+    assert replaced["cost"] == 3 * SMALL_STEP + LARGE_STEP
 
 
 def test_escalate_iff_pi_at_least_kappa(tmp_path):
@@ -80,12 +104,32 @@ def test_escalate_iff_pi_at_least_kappa(tmp_path):
     for step in steps:
         step["conf_max_logit_math"] = 10.0  # pi = 0.5 exactly
     root = build_trace(tmp_path / "t", steps, manifest=manifest())
-    policy = hand_made_policy(tmp_path / "pi.pt")
-    assert run(root, make_router("policy", path=policy, kappa=0.5)).outcomes["path"].to_list() == ["LL"]
-    assert run(root, make_router("policy", path=policy, kappa=0.5000001)).outcomes["path"].to_list() == ["ss"]
+    for escalate, escalated in (("after", "sL"), ("replace", "LL")):
+        policy = hand_made_policy(tmp_path / f"{escalate}.pt", escalate=escalate)
+        paths = [
+            run(root, make_router("policy", path=policy, kappa=kappa, escalate=escalate)).outcomes["path"].to_list()
+            for kappa in (0.5, 0.5000001)
+        ]
+        assert paths == [[escalated], ["ss"]]
 
 
-def test_kappa_sweep_equals_single_replays(tmp_path):
+def test_the_escalate_mode_must_be_the_one_the_policy_was_trained_for(tmp_path, trace):
+    data = load(trace)
+    with pytest.raises(TraceError, match="trained for escalate=after .* --param escalate=after"):
+        make_router("policy", path=hand_made_policy(tmp_path / "a.pt"), escalate="replace").fit(data)
+    # a file from before the option existed was trained by the replace process
+    network, saved = load_policy(hand_made_policy(tmp_path / "old.pt"))
+    del saved["escalate"]
+    torch.save(saved, tmp_path / "old.pt")
+    with pytest.raises(TraceError, match="trained for escalate=replace"):
+        make_router("policy", path=str(tmp_path / "old.pt")).fit(data)
+    make_router("policy", path=str(tmp_path / "old.pt"), escalate="replace").fit(data)
+    with pytest.raises(TraceError, match="escalate must be one of after, replace"):
+        make_router("policy", path=str(tmp_path / "old.pt"), escalate="never").fit(data)
+
+
+@pytest.mark.parametrize("escalate", ["after", "replace"])
+def test_kappa_sweep_equals_single_replays(tmp_path, escalate):
     rng = np.random.default_rng(2)
     steps = []
     for i in range(10):
@@ -94,15 +138,15 @@ def test_kappa_sweep_equals_single_replays(tmp_path):
             step["conf_max_logit_math"] = float(rng.uniform(7, 13))
         steps += tree
     root = build_trace(tmp_path / "t", steps, manifest=manifest())
-    policy = hand_made_policy(tmp_path / "pi.pt")
+    policy = hand_made_policy(tmp_path / "pi.pt", escalate=escalate)
     kappas = np.array([0.0, 0.2, 0.5, 0.8, 1.0])
-    swept = run(root, make_router("policy", path=policy), sweep={"kappa": kappas}).outcomes
+    swept = run(root, make_router("policy", path=policy, escalate=escalate), sweep={"kappa": kappas}).outcomes
     paths = set()
     for config, kappa in enumerate(kappas):
-        single = run(root, make_router("policy", path=policy, kappa=float(kappa))).outcomes
+        single = run(root, make_router("policy", path=policy, kappa=float(kappa), escalate=escalate)).outcomes
         assert swept.filter(swept["config"] == config).drop("config").equals(single.drop("config"))
         paths |= set(single["path"].to_list())
-    assert len(paths) > 3
+    assert len(paths) == (3 if escalate == "after" else 4)  # every one-way path of a 3-step comb
 
 
 def test_difficulty_feature_reads_the_level_from_meta():

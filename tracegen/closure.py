@@ -9,6 +9,11 @@ round the router's walks stop where the next step is not generated yet, and exac
 are generated, so the trace ends up holding the steps the router took, with the seeds a cached
 trace uses for the same nodes.
 
+The comb that closure starts from already holds every path of the one-way routers (``policy`` and
+``steer mode=switch``, with ``escalate=after`` and ``escalate=replace`` alike: the all-small chain and the
+all-large completion from every node on it), so listing them adds no steps; draft-and-replace routers
+(RSD, SpecReason, STEER ``mode=step``) need the nodes off the comb that closure grows.
+
 Router file (TOML), one table per router configuration::
 
     [[router]]

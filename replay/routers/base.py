@@ -9,8 +9,9 @@ ways a router walks a tree.
 - A subclass with a ``name`` registers itself in ``ROUTERS``: adding a router is one new file.
 
 Kinds: a ``WriterRouter`` picks the model that writes each step; a ``DraftRouter`` lets the small
-model draft each step and keeps or discards the draft (the large model then writes that step); a
-``QueryRouter`` decides per query and implements ``walk`` itself.
+model write each step and judges it: keep it, or discard it and have the large model write that step
+(``one_way``: and every later one), or (``one_way`` with ``escalate="after"``) keep it and have the large
+model write every later step; a ``QueryRouter`` decides per query and implements ``walk`` itself.
 """
 
 from __future__ import annotations
@@ -162,9 +163,15 @@ class WriterRouter(Router):
 
 
 class DraftRouter(Router):
-    """The small model drafts each step; ``accept`` keeps it or the large model rewrites that step."""
+    """The small model drafts each step; ``accept`` keeps it or the large model rewrites that step.
 
-    one_way: bool = False  # after one discarded draft the large model writes the rest, undrafted
+    With ``one_way`` the first rejected draft hands the rest of the solution to the large model, and
+    ``escalate`` says what happens to that draft: "replace" (discarded, paid for, the large model rewrites
+    it) or "after" (kept; the large model writes from the next step on). See ``replay.engine.DraftRule``.
+    """
+
+    one_way: bool = False  # after one rejected draft the large model writes the rest, undrafted
+    escalate: str = "replace"  # one-way routers: what happens to the draft that triggers escalation
 
     def draft_signal(self, data: ReplayData) -> np.ndarray:
         """The number the router judges each step row's draft by (NaN where it has none)."""
@@ -177,7 +184,13 @@ class DraftRouter(Router):
     def walk(self, data, costs, starts, params):
         from replay.engine import DraftRule, walk_steps
 
-        rule = DraftRule(signal=self.draft_signal(data), accept=self.accept, one_way=self.one_way, scorer=self.scorer)
+        rule = DraftRule(
+            signal=self.draft_signal(data),
+            accept=self.accept,
+            one_way=self.one_way,
+            scorer=self.scorer,
+            escalate=self.escalate if self.one_way else "replace",
+        )
         return walk_steps(data, costs, starts, params, draft_rule=rule, router=self.name)
 
 

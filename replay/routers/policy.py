@@ -1,8 +1,27 @@
-"""Policy-guided stepwise routing (Si, Lee, Bastani 2026): a learned escalation policy.
+"""Policy-guided stepwise routing (Si, Lee, Bastani 2026): a learned one-way escalation policy.
 
-The small model drafts each step; the policy reads the draft's observation and escalates iff
-pi(escalate | o) >= ``kappa``. Escalation is one-way: the draft is discarded (and paid for) and the
-large model writes that step and every later one.
+What a replay does, per (problem, world), with p(y) = pi(escalate | o(y)) the policy network's probability
+for the observation o(y) of a small step y (the file's features of y's steps row, normalised) and kappa the
+threshold (the file's, or ``--param kappa``):
+
+``escalate="after"`` (default; the paper's process: the action picks the model of the *next* step):
+  1. the small model writes step 1 at the root;
+  2. let y be the step the small model just wrote. If y is final, the walk ends with y's answer (a final
+     small step is never judged: the solution is finished, there is nothing left to escalate). Otherwise, if
+     p(y) >= kappa, y is kept and the large model writes every later step from y's node until its final
+     step (no more decisions); else the small model writes the next step and 2 repeats.
+  Nothing is discarded; cost = the kept small steps + the kept large steps.
+
+``escalate="replace"`` (ablation: the step that prompted the escalation is rewritten):
+  1. the small model drafts the next step y at the current node (the root first);
+  2. if p(y) >= kappa (final or not), y is discarded (paid for: cost_discarded, n_discarded = 1) and the large
+     model writes, from y's parent node, that step and every later one until its final step; else y is kept,
+     and the walk ends if y is final or goes back to 1.
+
+Either way escalation is one-way and happens at most once; a step the walk needs and the trace lacks is a
+miss (the comb trace, `trace gen --expand comb`, holds every path of both modes). A policy file records the
+mode it was trained for (files from before the option existed: replace), and replaying it with the other mode
+is an error: its kappa is calibrated for its own process.
 
 Policy file (``torch.save`` of a dict; written by ``trace train policy``, read here)::
 
@@ -11,11 +30,13 @@ Policy file (``torch.save`` of a dict; written by ``trace train policy``, read h
      "feature_mean": [...], "feature_std": [...],        # o = (raw - mean) / std; a null raw value -> 0
      "hidden": 64,                                        # width of the two hidden layers
      "kappa": 0.5,                                        # the trained threshold
+     "escalate": "after",                                 # the decision process it was trained for
      "state_dict": {...},                                 # of policy_network(len(features), hidden)
      "train_problem_ids": [...],                          # optional: must lie in the replay's train split
      ...}                                                 # optional: training metadata (trace train policy)
 
-The network is ``policy_network``: Linear-Tanh-Linear-Tanh-Linear, two logits (continue, escalate).
+The network is ``policy_network``: Linear-Tanh-Linear-Tanh-Linear, two logits (continue, escalate);
+p = softmax(logits)[escalate], computed in float32.
 """
 
 from __future__ import annotations
@@ -28,6 +49,7 @@ import polars as pl
 
 from replay.artifacts import check_fitted_within, load_artifact
 from replay.atomic import write_atomic
+from replay.engine import ESCALATE_MODES
 from replay.errors import TraceError
 from replay.routers.base import Domain, DraftRouter
 from replay.schema import SMALL
@@ -108,6 +130,7 @@ def save_policy(
     feature_std,
     kappa: float,
     hidden: int = 64,
+    escalate: str = "after",
     **metadata,
 ) -> None:
     """Write a policy file atomically; the same arguments give the same bytes (``metadata``: plain values)."""
@@ -124,6 +147,7 @@ def save_policy(
         "feature_std": [float(x) for x in feature_std],
         "hidden": int(hidden),
         "kappa": float(kappa),
+        "escalate": escalate,
         "state_dict": network.state_dict(),
     }
     buffer = io.BytesIO()  # in memory, the archive's inner folder name does not depend on the file name
@@ -168,17 +192,26 @@ class PolicyRouter(DraftRouter):
     domains = {"kappa": Domain(0.0, 1.0, optional=True)}  # unset: the policy file's trained kappa
     one_way = True
 
-    def __init__(self, path="", kappa=None):
+    def __init__(self, path="", kappa=None, escalate="after"):
         self.path = path
         self.kappa = kappa
+        self.escalate = escalate
 
     def _check_params(self):
         if not self.path:
             raise TraceError("router policy needs --param path=POLICY_FILE")
+        self._check_choice("escalate", ESCALATE_MODES)
 
     def _fit(self, train):
         self.network_, saved = load_policy(self.path)
         check_fitted_within(self.path, saved.get("train_problem_ids"), train.problems["problem_id"].to_list())
+        trained_for = saved.get("escalate", "replace")
+        if trained_for != self.escalate:
+            raise TraceError(
+                f"router policy: {self.path} was trained for escalate={trained_for} (its kappa is calibrated for "
+                f"that process); replay it with --param escalate={trained_for}, or train one with "
+                f"trace train policy --escalate {self.escalate}"
+            )
         self.features_ = list(saved["features"])
         self.feature_mean_ = np.asarray(saved["feature_mean"], dtype=np.float64)
         self.feature_std_ = np.asarray(saved["feature_std"], dtype=np.float64)
@@ -203,4 +236,5 @@ class PolicyRouter(DraftRouter):
         return signal
 
     def accept(self, signal, params):
+        """Keep the small step (no escalation) iff p < kappa."""
         return signal < params["kappa"]

@@ -1,15 +1,36 @@
 """STEER (Lee et al., AAAI 2026, arXiv 2511.06190): route on the small model's step confidence.
 
-Signal: ``conf_max_logit_math``, the mean raw max logit over a step's math tokens. Per step index,
-a two-component Gaussian mixture is fitted on the small model's confidences in the train split; a
-draft is unconfident when the posterior of the low-mean component exceeds ``tau``. The small
-model drafts every step; an unconfident draft is discarded (and paid for) and the large model
-writes that step. ``mode="switch"``: the large model then writes every later step as well;
-``mode="step"``: the next step is drafted by the small model again.
+Signal: c = ``conf_max_logit_math`` of a small step, the mean raw max logit over its math tokens.
 
-A step index with fewer than ``min_samples`` train confidences uses the mixture of the deepest
-index below it that has enough. A draft without math tokens (null confidence) carries no signal
-and is kept.
+Mixtures: per step index d (``depth``: 0 for the first step), a two-component Gaussian mixture
+(scikit-learn ``GaussianMixture(n_components=2, random_state=seed)``, full covariance, 1-D) is fitted on
+the c of every small step at index d in the train split (every small step row of the trace there, not only
+the all-small chain's), if there are at least ``min_samples`` of them (index 0 must have them). A step at
+index d uses the mixture of the largest fitted index <= d. The low component is the one with the lower mean.
+
+Unconfident: a small step with confidence c at index d is unconfident iff
+    P(low | c) > tau  AND  c < mean of the other (high) component,
+where P(low | c) = w_low N(c; m_low, v_low) / (w_0 N(c; m_0, v_0) + w_1 N(c; m_1, v_1)) with the mixture's
+weights w, means m and variances v. The second condition means an unusually *high* confidence never
+escalates, however the components overlap. A step without math tokens (c null) carries no signal: never
+unconfident.
+
+Walk, per (problem, world), by ``mode``:
+
+``mode="switch"`` (one-way), ``escalate="after"`` (default; the CMDP seed's description of STEER: switch to
+the large model for the *subsequent* steps):
+  the small model writes step 1; after each small step y: if y is final, the walk ends; else if y is
+  unconfident, y is kept and the large model writes every later step to its final step; else the small model
+  writes the next step. Nothing is discarded.
+``mode="switch"``, ``escalate="replace"`` (ablation): the small model drafts each step y; if y is
+  unconfident (final or not) it is discarded (paid for) and the large model writes, from y's parent node,
+  that step and every later one; else y is kept (the walk ends if y is final).
+``mode="step"`` (draft and replace, one step at a time; ``escalate`` is not used): the small model drafts
+  each step y; if y is unconfident (final or not) it is discarded (paid for) and the large model writes that
+  one step; the small model drafts the step after it. The walk ends at the first final step kept.
+
+The comb trace holds every path of ``mode="switch"`` (both escalate values); ``mode="step"`` needs closure
+(`trace gen --expand closure`). A step the walk needs and the trace lacks is a miss.
 
 ``gmms=PATH`` loads the mixtures that ``trace train steer`` saved instead of fitting them (JSON)::
 
@@ -17,6 +38,8 @@ and is kept.
      "train_problem_ids": [...],                      # must lie in the replay's train split
      "mixtures": [{"depth": 0, "n": 812, "weights": [w0, w1], "means": [m0, m1],
                    "variances": [v0, v1], "low_component": 0}, ...]}
+
+``low_component`` must name the component with the lower mean (it is what the router uses).
 """
 
 import json
@@ -30,6 +53,7 @@ import polars as pl
 
 from replay.artifacts import check_fitted_within
 from replay.atomic import write_atomic
+from replay.engine import ESCALATE_MODES
 from replay.errors import TraceError
 from replay.routers.base import SEED, UNIT, Domain, DraftRouter
 from replay.schema import SMALL
@@ -95,6 +119,8 @@ def load_mixtures(path: str | os.PathLike, kind: str) -> SavedMixtures:
                 f"{path}: mixture {number} needs depth, low_component (0 or 1) and two weights, means "
                 "and positive variances"
             ) from None
+        if means[low] > means[1 - low]:
+            raise TraceError(f"{path}: mixture {number} (depth {depth}): low_component {low} has the higher mean")
         mixtures.append(SavedMixture(depth, n, weights, means, variances, low))
     return SavedMixtures(saved.get("signal", SIGNAL), sorted(mixtures, key=lambda mixture: mixture.depth), train_ids)
 
@@ -104,9 +130,10 @@ class Steer(DraftRouter):
     sweepable = ("tau",)
     domains = {"tau": UNIT, "min_samples": Domain(2, math.inf, integer=True), "seed": SEED}
 
-    def __init__(self, tau=0.5, mode="switch", min_samples=10, seed=0, gmms=""):
+    def __init__(self, tau=0.5, mode="switch", escalate="after", min_samples=10, seed=0, gmms=""):
         self.tau = tau
         self.mode = mode
+        self.escalate = escalate
         self.min_samples = min_samples
         self.seed = seed
         self.gmms = gmms
@@ -117,6 +144,7 @@ class Steer(DraftRouter):
 
     def _check_params(self):
         self._check_choice("mode", ("switch", "step"))
+        self._check_choice("escalate", ESCALATE_MODES)
 
     def _fit(self, train):
         if self.gmms:
@@ -186,10 +214,14 @@ class Steer(DraftRouter):
         if 0 not in self.mixtures_:
             raise TraceError(f"router steer: {self.gmms} has no mixture for step index 0")
 
-    def low_posterior(self, depths: np.ndarray, confidences: np.ndarray) -> np.ndarray:
-        """Posterior of the low-confidence component for each (step index, confidence)."""
+    def _mixture_depths(self, depths: np.ndarray) -> np.ndarray:
+        """The largest fitted step index <= each of ``depths`` (index 0 is always fitted)."""
         fitted = np.array(sorted(self.mixtures_))
-        mixture_depth = fitted[np.searchsorted(fitted, depths, side="right") - 1]
+        return fitted[np.searchsorted(fitted, depths, side="right") - 1]
+
+    def low_posterior(self, depths: np.ndarray, confidences: np.ndarray) -> np.ndarray:
+        """P(low | c) for each (step index, confidence), under the mixture of the largest fitted index <= d."""
+        mixture_depth = self._mixture_depths(depths)
         posterior = np.full(len(depths), np.nan)
         for depth in np.unique(mixture_depth):
             rows = mixture_depth == depth
@@ -197,16 +229,29 @@ class Steer(DraftRouter):
             posterior[rows] = probabilities[:, self.low_component_[depth]]
         return posterior
 
+    def high_mean(self, depths: np.ndarray) -> np.ndarray:
+        """Mean of the high (other) component of the mixture each step index uses."""
+        mixture_depth = self._mixture_depths(depths)
+        means = {d: self.mixtures_[d].means_.ravel()[1 - self.low_component_[d]] for d in np.unique(mixture_depth)}
+        return np.array([means[d] for d in mixture_depth], dtype=np.float64)
+
+    def unconfident(self, depths: np.ndarray, confidences: np.ndarray, tau: float | np.ndarray) -> np.ndarray:
+        """The rule: P(low | c) > tau and c below the high component's mean."""
+        return (self.low_posterior(depths, confidences) > tau) & (confidences < self.high_mean(depths))
+
     def draft_signal(self, data):
+        """P(low | c) where c lies below the high component's mean, 0 where it does not (never above a tau in
+        [0, 1]), NaN for large steps and small steps without a confidence."""
         steps = data.steps
         judged = ((steps["model"] == SMALL) & steps[SIGNAL].is_not_null()).to_numpy()
+        depths = steps["depth"].to_numpy()[judged]
+        confidences = steps[SIGNAL].to_numpy()[judged].astype(np.float64)
         signal = np.full(steps.height, np.nan)
-        signal[judged] = self.low_posterior(
-            steps["depth"].to_numpy()[judged], steps[SIGNAL].to_numpy()[judged].astype(np.float64)
-        )
+        signal[judged] = np.where(confidences < self.high_mean(depths), self.low_posterior(depths, confidences), 0.0)
         return signal
 
     def accept(self, signal, params):
+        """Keep the small step unless it is unconfident (NaN: no signal, kept)."""
         return ~(signal > params["tau"])
 
 
