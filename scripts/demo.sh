@@ -22,6 +22,8 @@ trace validate "$out"
 trace info "$out"
 
 trace train policy "$out" --alpha 0.1 --steps "${TRACE_DEMO_POLICY_STEPS:-1000}" --seed 0 --out "$out/policy.pt" --force
+trace train policy "$out" --alpha 0.1 --steps "${TRACE_DEMO_POLICY_STEPS:-1000}" --seed 0 --escalate replace \
+  --out "$out/policy-replace.pt" --force
 trace train steer "$out" --out "$out/steer.json" --force
 
 mkdir -p "$results"
@@ -38,6 +40,11 @@ trace replay "$out" --split all --router specreason --sweep tau=0:9:1 --out "$re
 trace replay "$out" --split all --router cascade --param p_true=final_min --sweep t_true=0:1:0.2 --sweep t_ik=0:0.5:0.1 \
   --out "$results/cascade.parquet" --force
 trace replay "$out" --split all --router policy --param path="$out/policy.pt" --out "$results/policy.parquet" --force
+# the ablation: the step that triggered escalation is discarded and rewritten by the large model
+trace replay "$out" --split all --router policy --param path="$out/policy-replace.pt" --param escalate=replace \
+  --out "$results/policy-replace.parquet" --force
+trace replay "$out" --split all --router steer --param mode=switch --param escalate=replace --param gmms="$out/steer.json" \
+  --sweep tau=0:1:0.05 --out "$results/steer-switch-replace.parquet" --force
 
 trace report "$out" "$results/"*.parquet --out "$out/report" \
   --policy-log "$out/policy.log.parquet" --steer-gmm "$out/steer.json" --table cmdp --table cascade
