@@ -14,6 +14,7 @@ import pytest
 
 from data.toy import MODEL_ALIASES
 from replay.engine import replay_trace
+from replay.repair import repair
 from replay.store import open_trace
 from replay.validate import validate
 from tracegen.backends import engine_kwargs_for, load_backend
@@ -94,6 +95,7 @@ def test_vllm_scorers_agree_with_transformers(engines, closure_trace, tmp_path):
     validate(closure_trace)
     copy = shutil.copytree(closure_trace, tmp_path / "copy")
     shutil.rmtree(copy / "scores")
+    repair(copy)  # the copy forgets the score parts its writers recorded, so they can be grown again
     for name in ("judge", "ptrue"):
         run_score(copy, name, backend="hf")
         ours, theirs = (
