@@ -107,7 +107,7 @@ def sql(
     trace_dir: Path = typer.Argument(..., help="Trace directory."),
     query: str = typer.Argument(
         ...,
-        help="One DuckDB query (SELECT, WITH, FROM, DESCRIBE, ...) over the views problems, steps, tokens, "
+        help="One DuckDB query (SELECT, WITH, FROM, DESCRIBE, ...) over the views problems, steps, tokens, grades, "
         "scores, hidden and the --file views.",
     ),
     file: list[str] = typer.Option(

@@ -1,4 +1,5 @@
-"""`trace sql`: DuckDB over a trace's Parquet parts, in place (views problems, steps, tokens, scores, hidden).
+"""`trace sql`: DuckDB over a trace's Parquet parts, in place (views problems, steps, tokens, scores, hidden,
+grades).
 
 The connection only reads. DuckDB enforces it, not string matching: it runs exactly one statement,
 which its parser must classify as a query (SELECT, WITH, FROM, VALUES, DESCRIBE, SHOW, SUMMARIZE);
