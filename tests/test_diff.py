@@ -116,6 +116,28 @@ def test_two_grade_sets_of_one_trace(tmp_path):
         run_diff(trace, trace)
 
 
+def test_two_traces_over_the_same_problems(tmp_path):
+    trace_a = build_trace(tmp_path / "a", steps(), problems=[problem(p) for p in FINALS])
+    regrown = [  # B: another run whose large model gets p2 right and whose small model finishes p0 nowhere
+        {**row, "correct": True} if (row["problem_id"], row["path"]) == ("p2", "L") else row
+        for row in steps()
+        if (row["problem_id"], row["path"]) != ("p0", "ss")
+    ]
+    trace_b = build_trace(tmp_path / "b", regrown, problems=[problem(p) for p in FINALS])
+    small, large = run_diff(trace_a, trace_b).comparisons
+    assert small.counts == {BOTH_RIGHT: 1, ONLY_A: 0, ONLY_B: 0, BOTH_WRONG: 2, "excluded": 1}
+    assert small.pairs.filter(pl.col("outcome") == "excluded")["problem_id"].to_list() == ["p0"]
+    assert large.counts == {BOTH_RIGHT: 3, ONLY_A: 0, ONLY_B: 1, BOTH_WRONG: 0, "excluded": 0}
+    assert large.flipped(ONLY_B) == ["p2/0"]
+    fewer = build_trace(
+        tmp_path / "c",
+        [r for r in steps() if r["problem_id"] != "p3"],
+        problems=[problem(p) for p in FINALS if p != "p3"],
+    )
+    with pytest.raises(TraceError, match="has problem 'p3' world 0, which .* lacks"):
+        run_diff(trace_a, fewer)
+
+
 def test_cli_prints_table_test_and_ids_and_writes_the_csv(tmp_path):
     a, b = one_world({BOTH_RIGHT: 2, ONLY_A: 1, ONLY_B: 3, BOTH_WRONG: 1})
     files = [str(results_file(tmp_path / f"{side}.parquet", outcomes)) for side, outcomes in (("a", a), ("b", b))]
