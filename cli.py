@@ -50,6 +50,13 @@ def user_errors(command):
     return wrapper
 
 
+GRADES_OPT = typer.Option(
+    None,
+    "--grades",
+    help="Grade set of the final steps: default (the steps' own grades) or one written by trace regrade.",
+)
+
+
 @app.command()
 @user_errors
 def validate(
@@ -100,7 +107,7 @@ def sql(
     trace_dir: Path = typer.Argument(..., help="Trace directory."),
     query: str = typer.Argument(
         ...,
-        help="One DuckDB query (SELECT, WITH, FROM, DESCRIBE, ...) over the views problems, steps, tokens, "
+        help="One DuckDB query (SELECT, WITH, FROM, DESCRIBE, ...) over the views problems, steps, tokens, grades, "
         "scores, hidden and the --file views.",
     ),
     file: list[str] = typer.Option(
@@ -114,6 +121,7 @@ def sql(
     ),
     force: bool = typer.Option(False, "--force", help="Replace the --out file if it exists."),
     max_rows: int = typer.Option(50, "--max-rows", help="Rows to print (without --out)."),
+    grades: str = GRADES_OPT,
 ) -> None:
     """Run a read-only DuckDB query over the trace's Parquet parts, in place.
 
@@ -129,7 +137,7 @@ def sql(
         if name in files:
             raise TraceError(f"--file {name} is given twice")
         files[name] = path
-    result = run_sql(trace_dir, query, files)
+    result = run_sql(trace_dir, query, files, grades)
     if out is None:
         print_result(result, console, max_rows)
     else:
@@ -392,6 +400,7 @@ def replay(
         "--max-configs",
         help="Most configurations a sweep may have; a larger grid is refused, naming its size and memory.",
     ),
+    grades: str = GRADES_OPT,
 ) -> None:
     """Replay a router on a cached trace (CPU only) and print accuracy, cost, A/C, large-step share and misses.
 
@@ -439,6 +448,7 @@ def replay(
         split_seed=split_seed,
         fractions=parse_fractions(split_fractions),
         max_configs=max_configs,
+        grades=grades,
     )
     title = escape(f"{trace_dir}: split {split}, cost {cost} (mean per query)")
     console.print(_replay_table(result, list(sweeps), title))
@@ -525,6 +535,11 @@ def report(
     alpha: float = typer.Option(
         None, "--alpha", help="Policy coverage target is 1 - alpha; default: the log's alpha column, else 0.02."
     ),
+    grades: str = typer.Option(
+        None,
+        "--grades",
+        help="Grade set the results were replayed with (trace replay --grades); default: the steps' own grades.",
+    ),
 ) -> None:
     """Compare replayed routers on one page: table with bootstrap intervals, accuracy-cost plot, McNemar tests
     against large-only, escalations by step index (index.html, report.md and PNG figures in --out).
@@ -545,12 +560,167 @@ def report(
         steer_gmm=steer_gmm,
         alpha=alpha,
         tables=tuple(table),
+        grades=grades,
     )
     written = make_report(trace_dir, results, out, options)
     console.print(
         f"[green]wrote[/] {escape(str(out / 'index.html'))} and {len(written) - 1} more file(s) in {escape(str(out))}",
         highlight=False,
     )
+
+
+@app.command()
+@user_errors
+def audit(
+    trace_dir: Path = typer.Argument(..., help="Trace directory (written by trace gen)."),
+    sample: int = typer.Option(100, "--sample", help="Steps to regenerate (all of them when the trace has fewer)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sample (stratified over model and depth)."),
+    backend: str = typer.Option(
+        None, "--backend", help="vllm or hf (default: the engine that wrote the trace; hf cross-checks a vllm trace)."
+    ),
+    min_identical: float = typer.Option(
+        None,
+        "--min-identical",
+        help="Exit 1 when the share of identical steps is below this (default: 1.0 with the recorded engine, else 0).",
+    ),
+    out: Path = typer.Option(None, "--out", help="Also write one row per audited step to this .csv file."),
+    force: bool = typer.Option(False, "--force", help="Replace the --out file if it exists."),
+) -> None:
+    """Regenerate a random sample of stored steps and compare them with the cache, token for token.
+
+    Each sampled step (stratified over model and depth) is regenerated with the recorded model, prompt ids,
+    sampling settings and the step's own seed; reported: the share identical token for token, where the
+    others first diverge (token position, depth), max |delta logprob| and |delta max logit| on the tokens
+    that agree, and how many answers or grades changed. The summary is appended to trace.json (audits) and
+    shown by trace info. Example: trace audit runs/toy --sample 200 --seed 0 --backend hf
+    """
+    from analysis.info import audit_table
+    from tracegen.audit import AuditOptions, run_audit
+
+    options = AuditOptions(
+        root=trace_dir, sample=sample, seed=seed, backend=backend, min_identical=min_identical, out=out, force=force
+    )
+    with console.status("auditing") as status:
+
+        def progress(stage: str, **info) -> None:
+            if stage == "load":
+                status.update(f"starting {info['backend']} for {', '.join(info['roles'])}")
+            elif stage == "generate":
+                status.update(f"regenerating {info['n']:,} {info['role']} steps")
+
+        result = run_audit(options, progress=progress)
+    console.print(audit_table(result.summary, title=escape(f"audit of {trace_dir}")))
+    if out is not None:
+        console.print(f"wrote {result.details.height:,} audited steps to {escape(str(out))}", highlight=False)
+    if not result.passed:
+        err_console.print(
+            f"[bold red]audit failed:[/] {100 * result.summary['identical_share']:.1f}% of the steps are identical, "
+            f"below --min-identical {result.summary['min_identical']:g}",
+            highlight=False,
+        )
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def regrade(
+    trace_dir: Path = typer.Argument(..., help="Trace directory."),
+    grader: str = typer.Option(
+        None,
+        "--grader",
+        help="math-verify, math-verify-choice, exact or toy-exact (default: the dataset's: math-verify for math "
+        "sets, toy-exact for the toy world).",
+    ),
+    name: str = typer.Option(None, "--name", help="Name of the new grade set (default: the grader's name)."),
+) -> None:
+    """Grade every final step's answer again, offline, into a new named grade set (the old grades stay).
+
+    Answers are extracted again from each solution's text. Prints how many answers flipped each way
+    against the steps' own grades, with examples; replay, report, sql and diff read the set with
+    --grades NAME. Rerun to grade steps grown since. Example: trace regrade runs/gsm8k --grader exact
+    """
+    from tracegen.regrade import run_regrade
+
+    summary = run_regrade(trace_dir, grader, name)
+    grader_entry = f"{summary.grader['name']} {summary.grader['version']}"
+    console.print(
+        f"[green]grade set {escape(summary.grade_set)}[/] ({escape(grader_entry)}): {summary.final_steps:,} final "
+        f"steps, {summary.new:,} graded now; against the steps' own grades {summary.to_right:,} flipped wrong -> "
+        f"right and {summary.to_wrong:,} right -> wrong; {summary.answers_changed:,} extracted answers differ",
+        highlight=False,
+    )
+    for title, examples in (
+        ("wrong -> right", summary.examples_to_right),
+        ("right -> wrong", summary.examples_to_wrong),
+    ):
+        for example in examples:
+            console.print(
+                escape(
+                    f"  {title}: {example['step_id']} answer {example['answer']!r}, reference {example['reference']!r}"
+                ),
+                highlight=False,
+            )
+
+
+@app.command()
+@user_errors
+def diff(
+    a: Path = typer.Argument(..., help="A: a trace directory or a trace replay --out results file."),
+    b: Path = typer.Argument(..., help="B: of the same kind as A (may be the same trace, with --grades-a/-b)."),
+    grades_a: str = typer.Option(None, "--grades-a", help="Grade set of trace A (default: the steps' own)."),
+    grades_b: str = typer.Option(None, "--grades-b", help="Grade set of trace B (default: the steps' own)."),
+    config_a: int = typer.Option(
+        None, "--config-a", help="Configuration of results file A (needed if it has several)."
+    ),
+    config_b: int = typer.Option(
+        None, "--config-b", help="Configuration of results file B (needed if it has several)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the permutation test (several worlds)."),
+    out: Path = typer.Option(None, "--out", help="Also write every (problem, world) pair to this .csv file."),
+    force: bool = typer.Option(False, "--force", help="Replace the --out file if it exists."),
+    max_ids: int = typer.Option(20, "--max-ids", help="Flipped problem ids to print per direction."),
+) -> None:
+    """Paired per-problem comparison of two traces, two grade sets of one trace, or two replay results.
+
+    Traces are compared on each model's own chain from the root, results on one configuration each.
+    Prints both right / only A / only B / both wrong (per world where there are several), McNemar's
+    test (one world) or a paired permutation test over problems (several), and the flipped ids.
+    Example: trace diff runs/toy runs/toy --grades-a default --grades-b exact
+    """
+    from rich.table import Table
+
+    from analysis.diff import ONLY_A, ONLY_B, OUTCOMES, check_out_path, run_diff, write_pairs
+
+    if out is not None:
+        check_out_path(out, force=force)
+    result = run_diff(a, b, grades_a=grades_a, grades_b=grades_b, config_a=config_a, config_b=config_b, seed=seed)
+    console.print(escape(f"A: {result.a}\nB: {result.b}"), highlight=False)
+    for comparison in result.comparisons:
+        table = Table(title=escape(comparison.label))
+        for column in ("world", *OUTCOMES, "no outcome", "McNemar p"):
+            table.add_column(column, justify="left" if column == "world" else "right")
+        several = comparison.by_world.height > 1
+        for row in comparison.by_world.iter_rows(named=True):
+            p_value = f"{row['p_value']:.4g}" if several else "-"
+            table.add_row(str(row["world"]), *(f"{row[o]:,}" for o in OUTCOMES), f"{row['excluded']:,}", p_value)
+        counts = comparison.counts
+        if several:
+            table.add_row("all", *(f"{counts[o]:,}" for o in OUTCOMES), f"{counts['excluded']:,}", "")
+        console.print(table)
+        test = comparison.test
+        console.print(
+            f"{escape(test.test)}: only A {test.only_first:,}, only B {test.only_second:,} of {test.n_pairs:,} pairs, "
+            f"statistic {test.statistic:.4g}, p = {test.p_value:.4g}",
+            highlight=False,
+        )
+        for outcome in (ONLY_A, ONLY_B):
+            ids = comparison.flipped(outcome)
+            if ids:
+                shown = ", ".join(ids[:max_ids]) + (f", ... ({len(ids) - max_ids} more)" if len(ids) > max_ids else "")
+                console.print(escape(f"  right {outcome}: {shown}"), highlight=False)
+    if out is not None:
+        rows = write_pairs(result, out, force=force)
+        console.print(f"wrote {rows:,} pairs to {escape(str(out))}", highlight=False)
 
 
 train_app = typer.Typer(

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from replay.schema import TABLES, is_trace_metadata, model_char
+from replay.schema import DEFAULT_GRADES, TABLES, is_trace_metadata, model_char
 from replay.store import open_trace
 
 
@@ -34,6 +34,9 @@ class TraceInfo:
     bookkeeping_bytes: int  # trace.json, parts records, lock and writers' leftovers
     other_files: list[dict]  # what else lies in the folder (results, reports, ...): name, files, bytes
     bytes_per_gen_token: float | None  # of the tables only
+    grade_sets: list[dict]  # name, grader, version: the default set (the steps' own grades) first
+    last_audit: dict | None  # the latest `trace audit` summary in trace.json
+    n_audits: int  # audits recorded in trace.json
 
 
 def trace_info(root: str | os.PathLike) -> TraceInfo:
@@ -102,7 +105,22 @@ def trace_info(root: str | os.PathLike) -> TraceInfo:
         bookkeeping_bytes=bookkeeping_bytes,
         other_files=list(other.values()),
         bytes_per_gen_token=table_bytes / gen_tokens if gen_tokens else None,
+        grade_sets=_grade_sets(trace.manifest),
+        last_audit=trace.manifest.audits[-1] if trace.manifest.audits else None,
+        n_audits=len(trace.manifest.audits),
     )
+
+
+def _grade_sets(manifest) -> list[dict]:
+    sets = [{"name": DEFAULT_GRADES, **_grader_fields(manifest.get("grader"))}]
+    for name, entry in manifest.grade_sets.items():
+        sets.append({"name": name, **_grader_fields(entry.get("grader"))})
+    return sets
+
+
+def _grader_fields(grader) -> dict:
+    grader = grader if isinstance(grader, dict) else {}
+    return {"grader": grader.get("name"), "version": grader.get("version")}
 
 
 def _size(n_bytes: int) -> str:
@@ -149,6 +167,17 @@ def print_info(info: TraceInfo, console: Console) -> None:
         tables.add_row(row["table"], str(row["files"]), f"{row['rows']:,}", _size(row["bytes"]))
     console.print(tables)
 
+    if len(info.grade_sets) > 1:
+        grades = Table(title="grade sets (trace regrade; replay, report, sql and diff take --grades NAME)")
+        for column in ("name", "grader", "version"):
+            grades.add_column(column)
+        for row in info.grade_sets:
+            grades.add_row(*(escape(str(row[key] or "-")) for key in ("name", "grader", "version")))
+        console.print(grades)
+
+    if info.last_audit is not None:
+        console.print(audit_table(info.last_audit, title=f"last audit ({info.n_audits} in trace.json)"))
+
     if info.other_files:
         other = Table(title="other files in the folder (not the trace's; not counted above)")
         for column in ("path", "files", "size"):
@@ -156,3 +185,44 @@ def print_info(info: TraceInfo, console: Console) -> None:
         for row in info.other_files:
             other.add_row(escape(row["name"]), str(row["files"]), _size(row["bytes"]))
         console.print(other)
+
+
+def audit_table(audit: dict, title: str) -> Table:
+    """An audit summary (trace.json ``audits`` entry) as a two-column table."""
+
+    def number(value, digits: str = ".3g") -> str:
+        return "-" if value is None else format(value, digits)
+
+    def percent(value) -> str:
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    engine = audit.get("engine") or {}
+    recorded = ", ".join(audit.get("recorded_engine") or [])
+    differs = ", ".join(audit.get("engine_differs") or []) or "nothing"
+    table.add_row("when", escape(str(audit.get("at"))))
+    table.add_row(
+        "engine", escape(f"{engine.get('name')} {engine.get('version')} (trace: {recorded}; differs in {differs})")
+    )
+    table.add_row("sample", f"{audit.get('audited')} steps (asked {audit.get('sample')}, seed {audit.get('seed')})")
+    table.add_row(
+        "identical token for token",
+        f"{audit.get('identical')} = {percent(audit.get('identical_share'))} (over the trace, strata weighted: "
+        f"{percent(audit.get('estimated_identical_share'))})",
+    )
+    firsts = audit.get("first_divergences") or []
+    shown = ", ".join(f"{d['step_id']} @ token {d['position']} (depth {d['depth']})" for d in firsts[:5])
+    more = audit.get("divergent", 0) - min(len(firsts), 5)
+    table.add_row("first divergences", escape(shown + (f", and {more} more" if more > 0 else "")) or "-")
+    table.add_row("max |Δ logprob| (agreeing tokens)", number(audit.get("max_abs_delta_logprob")))
+    table.add_row("max |Δ max logit| (agreeing tokens)", number(audit.get("max_abs_delta_max_logit")))
+    table.add_row(
+        "changed",
+        f"{audit.get('finality_changed')} finality, {audit.get('answers_changed')} answers, "
+        f"{audit.get('correct_changed')} correctness",
+    )
+    verdict = "[green]passed[/]" if audit.get("passed") else "[red]failed[/]"
+    table.add_row("verdict", f"{verdict} (--min-identical {audit.get('min_identical')})")
+    return table

@@ -56,6 +56,7 @@ from analysis.stats import bootstrap_counts
 from analysis.tables import TABLES, cascade_table, cmdp_table, table_markdown
 from replay.atomic import write_atomic
 from replay.errors import TraceError
+from replay.grades import graded_steps
 from replay.outputs import check_outside_trace
 from replay.store import open_trace
 
@@ -96,7 +97,10 @@ def build_report(trace_dir, result_paths: list[Path], options: ReportOptions) ->
     trace = open_trace(trace_dir)
     roles = trace.manifest.roles
     problem_ids = trace.scan("problems").select("problem_id").collect()["problem_id"]
-    steps = trace.scan("steps").select("problem_id", "world", "path", "model", "depth", "is_final", "correct").collect()
+    steps = trace.scan("steps").select(
+        "step_id", "problem_id", "world", "path", "model", "depth", "is_final", "answer", "correct"
+    )
+    steps = graded_steps(trace, steps.collect(), options.grades)
     worlds = sorted(steps["world"].unique().to_list())
     finals = steps.filter(pl.col("is_final")).select(
         "problem_id", "world", "path", trace_correct="correct", in_trace=pl.lit(True)
@@ -126,7 +130,7 @@ def build_report(trace_dir, result_paths: list[Path], options: ReportOptions) ->
         given = [run for run in runs if run.router == name]
         if len(given) > 1:
             raise TraceError(f"{name} appears in {given[0].source} and {given[1].source}; pass it once")
-        baselines[name] = given[0] if given else replay_baseline(name, trace, walks, cost_model)
+        baselines[name] = given[0] if given else replay_baseline(name, trace, walks, cost_model, options.grades)
     routers = [run for run in runs if run.router not in BASELINES]
     everyone = [baselines["small-only"], baselines["large-only"], *routers]
     select_splits(everyone, options)

@@ -57,6 +57,7 @@ class ReportOptions:
     steer_gmm: Path | None = None
     alpha: float | None = None  # policy coverage target 1 - alpha (default: the log's alpha, else 0.02)
     tables: tuple[str, ...] = ()  # the seeds' table layouts to add (analysis.tables)
+    grades: str | None = None  # the trace's grade set the results were replayed with (default: the steps' own)
 
 
 @dataclass
@@ -152,7 +153,7 @@ def check_against_trace(
         raise TraceError(
             f"{path}: problem {row['problem_id']!r} world {row['world']} ends at node {row['path']!r}, "
             f"which trace {trace_dir} does not hold as a final step graded {row['correct']} "
-            "(results from a different trace?)"
+            "(results from a different trace?); results replayed with --grades NAME need the same --grades here"
         )
 
 
@@ -196,14 +197,14 @@ def check_same_walks(runs: list[Run]) -> pl.DataFrame:
     return reference
 
 
-def replay_baseline(name: str, trace, walks: pl.DataFrame, cost_model: str) -> Run:
+def replay_baseline(name: str, trace, walks: pl.DataFrame, cost_model: str, grades: str | None = None) -> Run:
     """small-only or large-only replayed here on exactly ``walks``, priced like the results."""
     if cost_model == "api":
         raise TraceError(
             f"the results use the api cost model, whose prices they do not record: replay {name} "
             "with the same --price options and pass its results file too"
         )
-    data = ReplayData.from_trace(trace)
+    data = ReplayData.from_trace(trace, grades)
     data = ReplayData(
         data.manifest,
         data.steps,

@@ -1,4 +1,5 @@
-"""`trace sql`: DuckDB over a trace's Parquet parts, in place (views problems, steps, tokens, scores, hidden).
+"""`trace sql`: DuckDB over a trace's Parquet parts, in place (views problems, steps, tokens, scores, hidden,
+grades).
 
 The connection only reads. DuckDB enforces it, not string matching: it runs exactly one statement,
 which its parser must classify as a query (SELECT, WITH, FROM, VALUES, DESCRIBE, SHOW, SUMMARIZE);
@@ -22,8 +23,9 @@ from rich.text import Text
 
 from replay.atomic import write_atomic
 from replay.errors import TraceError
+from replay.grades import check_grade_set, graded_steps
 from replay.outputs import check_output_file
-from replay.schema import SCHEMAS, TABLES
+from replay.schema import DEFAULT_GRADES, SCHEMAS, TABLES
 from replay.store import Trace, open_trace
 
 OUTPUT_FORMATS = (".csv", ".parquet")
@@ -81,15 +83,33 @@ def parse_file_option(text: str) -> tuple[str, Path]:
     return name, path
 
 
-def connect(root: str | os.PathLike, files: dict[str, Path] | None = None) -> duckdb.DuckDBPyConnection:
+def _graded_steps_sql(trace: Trace, grades: str) -> str:
+    """The steps view with answer and correct of the final steps taken from grade set ``grades``."""
+    graded_steps(trace, trace.scan("steps").select("step_id", "is_final", "answer", "correct").collect(), grades)
+    files = ", ".join(_quote(f) for f in trace.files("steps"))
+    final = "s.is_final"
+    return (
+        f"CREATE VIEW steps AS SELECT s.* REPLACE (CASE WHEN {final} THEN g.answer END AS answer, "
+        f"CASE WHEN {final} THEN g.correct END AS correct) FROM read_parquet([{files}]) s LEFT JOIN "
+        f"(SELECT step_id, answer, correct FROM grades WHERE grade_set = {_quote(grades)}) g USING (step_id)"
+    )
+
+
+def connect(
+    root: str | os.PathLike, files: dict[str, Path] | None = None, grades: str | None = None
+) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection that can only read: one view per trace table over its part files
-    and one per file in ``files`` (view name -> path), and no other file."""
+    and one per file in ``files`` (view name -> path), and no other file. With ``grades``, the steps view
+    shows that grade set's answers and grades (see replay.grades)."""
     trace = open_trace(root)
     files = files or {}
+    if grades is not None:
+        check_grade_set(trace, grades)
     connection = duckdb.connect(config=READ_ONLY_SETTINGS)
     readable = []
-    for table in TABLES:
-        connection.execute(_view_sql(trace, table))
+    for table in sorted(TABLES, key=lambda table: table == "steps"):  # steps last: it may read the grades view
+        named = table == "steps" and grades not in (None, DEFAULT_GRADES) and trace.files("steps")
+        connection.execute(_graded_steps_sql(trace, grades) if named else _view_sql(trace, table))
         readable += trace.files(table)
     for name, path in files.items():
         absolute = str(Path(path).resolve())
@@ -128,9 +148,12 @@ def _one_query(connection: duckdb.DuckDBPyConnection, query: str) -> str:
     return statement.query
 
 
-def run_sql(root: str | os.PathLike, query: str, files: dict[str, Path] | None = None) -> pa.Table:
-    """Result of the query ``query`` over the trace at ``root`` (and ``files``) as an Arrow table."""
-    connection = connect(root, files)
+def run_sql(
+    root: str | os.PathLike, query: str, files: dict[str, Path] | None = None, grades: str | None = None
+) -> pa.Table:
+    """Result of the query ``query`` over the trace at ``root`` (and ``files``) as an Arrow table; the steps
+    view graded by grade set ``grades`` (default: the steps' own grades)."""
+    connection = connect(root, files, grades)
     try:
         return connection.sql(_one_query(connection, query)).to_arrow_table()
     except duckdb.Error as error:

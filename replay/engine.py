@@ -25,6 +25,7 @@ import polars as pl
 from replay.atomic import write_atomic
 from replay.costs import A_OVER_C_SCALE, CostModel, Price, make_cost_model
 from replay.errors import TraceError
+from replay.grades import graded_steps
 from replay.outputs import check_output_file
 from replay.schema import LARGE, SMALL, Manifest
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, SPLITS, assign_splits
@@ -81,8 +82,9 @@ class ReplayData:
         self._scores_by_scorer: dict[str, pl.DataFrame] = {}
 
     @classmethod
-    def from_trace(cls, trace: Trace) -> ReplayData:
-        steps = trace.scan("steps").drop("text").collect()
+    def from_trace(cls, trace: Trace, grades: str | None = None) -> ReplayData:
+        """The trace's steps graded by grade set ``grades`` (default: the steps' own grades)."""
+        steps = graded_steps(trace, trace.scan("steps").drop("text").collect(), grades)
         problems = trace.scan("problems").select("problem_id", "meta").collect()
         return cls(trace.manifest, steps, problems, scores=trace.scan("scores"), hidden=trace.scan("hidden"))
 
@@ -674,9 +676,11 @@ def replay_trace(
     split_seed: int = DEFAULT_SPLIT_SEED,
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
     max_configs: int = DEFAULT_MAX_CONFIGS,
+    grades: str | None = None,
 ) -> ReplayResult:
-    """Open a trace, fit ``router`` on its train split, replay it on ``split`` (or ``all``). The sweep is
-    checked (parameters, domains, grid size) before anything is fitted."""
+    """Open a trace, fit ``router`` on its train split, replay it on ``split`` (or ``all``), its final steps
+    graded by grade set ``grades`` (default: the steps' own). The sweep is checked (parameters, domains,
+    grid size) before anything is fitted."""
     if split not in (*SPLITS, "all"):
         raise TraceError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}, all")
     router.check_params()
@@ -689,7 +693,7 @@ def replay_trace(
             f"run `trace score {root} --scorer {scorer}` first"
         )
     cost_model = make_cost_model(cost, trace.manifest, prices)
-    data = ReplayData.from_trace(trace)
+    data = ReplayData.from_trace(trace, grades)
     if worlds is not None:
         absent = sorted(set(worlds) - set(data.worlds))
         if absent:

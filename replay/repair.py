@@ -26,7 +26,14 @@ from replay.schema import MANIFEST_FILE, PART_NAME, PARTS_DIR, ROW_KEYS, TABLES
 from replay.store import Trace, open_trace, parts_records, write_parquet, write_parts_record
 
 REPAIR_WRITER = "repair"
-REPAIR_ORDER = ("problems", "tokens", "steps", "hidden", "scores")  # tokens before the steps parts that commit them
+REPAIR_ORDER = (
+    "problems",
+    "tokens",
+    "steps",
+    "hidden",
+    "scores",
+    "grades",
+)  # tokens before the steps parts that commit them
 
 
 @dataclass

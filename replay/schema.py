@@ -20,7 +20,7 @@ from replay.errors import TraceError
 
 SCHEMA_VERSION: int = 1
 MANIFEST_FILE = "trace.json"
-TABLES = ("problems", "steps", "tokens", "hidden", "scores")
+TABLES = ("problems", "steps", "tokens", "hidden", "scores", "grades")
 
 # Manifest fields that change what a step or score would contain. Reopening a trace
 # with a manifest that differs in one of these is refused (see TraceWriter).
@@ -115,7 +115,19 @@ SCHEMAS: dict[str, pa.Schema] = {
             _field("n_tokens_processed", pa.int32()),
         ]
     ),
+    # Named grade sets written by `trace regrade`: each final step's answer graded again, offline. The steps
+    # table's own answer/correct are the default grade set (DEFAULT_GRADES), graded by trace.json's grader.
+    "grades": pa.schema(
+        [
+            _field("step_id", pa.string()),
+            _field("grade_set", pa.string()),
+            _field("answer", pa.string(), nullable=True),
+            _field("correct", pa.bool_()),
+        ]
+    ),
 }
+
+DEFAULT_GRADES = "default"  # the grade set stored in the steps table itself
 
 TOKEN_ARRAY_COLUMNS = ("token_ids", "logprobs", "max_logits", "topk_ids", "topk_logprobs", "is_math")
 # Columns that identify a row: appending a row whose key is already stored is a no-op.
@@ -125,9 +137,17 @@ ROW_KEYS: dict[str, tuple[str, ...]] = {
     "tokens": ("step_id",),
     "hidden": ("problem_id", "model", "layer", "where"),
     "scores": ("step_id", "scorer"),
+    "grades": ("step_id", "grade_set"),
 }
 # Row groups of a few MB so that readers can stream (token rows are ~100x wider than step rows).
-ROW_GROUP_ROWS = {"problems": 65_536, "steps": 65_536, "tokens": 2_048, "hidden": 4_096, "scores": 65_536}
+ROW_GROUP_ROWS = {
+    "problems": 65_536,
+    "steps": 65_536,
+    "tokens": 2_048,
+    "hidden": 4_096,
+    "scores": 65_536,
+    "grades": 65_536,
+}
 
 
 def model_char(role: str) -> str:
@@ -270,6 +290,17 @@ class Manifest(Mapping):
     def hidden_layers(self) -> list[int]:
         """Layers whose prompt hidden states the trace stores."""
         return list((self._data.get("hidden") or {}).get("layers", []))
+
+    @property
+    def grade_sets(self) -> dict[str, dict]:
+        """Each named grade set of `trace regrade` (grader name and version, when made), by name."""
+        sets = self._data.get("grade_sets") or {}
+        return {name: info for name, info in sets.items() if isinstance(info, dict)}
+
+    @property
+    def audits(self) -> list[dict]:
+        """The summaries of every `trace audit` of this trace, oldest first (an append-only history)."""
+        return [entry for entry in self._data.get("audits") or [] if isinstance(entry, dict)]
 
     @property
     def expansions(self) -> list[dict]:

@@ -567,6 +567,14 @@ class TraceWriter:
         """Store scores; a (step_id, scorer) already stored is skipped."""
         self._append("scores", rows)
 
+    def done_grade_ids(self, grade_set: str) -> set[str]:
+        """step_ids that already have a grade in ``grade_set``."""
+        return {step_id for step_id, name in self._stored_keys("grades") if name == grade_set}
+
+    def append_grades(self, rows: list[dict]) -> None:
+        """Store a grade set's grades; a (step_id, grade_set) already stored is skipped."""
+        self._append("grades", rows)
+
 
 def _row_key(table: str, row: dict) -> Any:
     """The identifying value of a row: one column's value, or a tuple for composite keys."""

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import polars as pl
 
 from replay.errors import TraceError
-from replay.schema import FINISH_REASONS, ROW_KEYS, SCHEMAS, TABLES, TOKEN_ARRAY_COLUMNS, model_char
+from replay.schema import DEFAULT_GRADES, FINISH_REASONS, ROW_KEYS, SCHEMAS, TABLES, TOKEN_ARRAY_COLUMNS, model_char
 from replay.store import HEAVY_TABLES, Trace, open_trace, verify_part
 
 FILE = "_file"  # column holding each row's part file, for messages
@@ -59,6 +59,7 @@ def _validate_tables(trace: Trace) -> dict[str, int]:
     n_scores = _check_scores(trace, steps)
     _check_token_values(trace)
     n_hidden = _check_hidden(trace, problems, roles)
+    n_grades = _check_grades(trace, steps)
     _check_manifest_counts(trace, problems)
     return {
         "problems": problems.height,
@@ -67,6 +68,7 @@ def _validate_tables(trace: Trace) -> dict[str, int]:
         "tokens": n_tokens,
         "scores": n_scores,
         "hidden": n_hidden,
+        "grades": n_grades,
     }
 
 
@@ -335,6 +337,28 @@ def _check_scores(trace: Trace, steps: pl.DataFrame) -> int:
                 f"their scores: they were lost; run `trace score {trace.root} --scorer {lost[0]}` again"
             )
     return scores.height
+
+
+def _check_grades(trace: Trace, steps: pl.DataFrame) -> int:
+    """Grades of `trace regrade`: one per (final step, grade set), of a grade set trace.json describes."""
+    grades = trace.scan("grades", with_file=FILE).select("step_id", "grade_set", FILE).collect()
+    _first(
+        grades.join(steps.filter(pl.col("is_final")).select("step_id"), on="step_id", how="anti"),
+        lambda row: f"grade set {row['grade_set']!r} grades step {row['step_id']!r}, which is not a final step",
+    )
+    _first(
+        grades.filter(pl.struct("step_id", "grade_set").is_duplicated()),
+        lambda row: f"step {row['step_id']!r} has more than one grade in grade set {row['grade_set']!r}",
+    )
+    described = [name for name in trace.manifest.grade_sets if name != DEFAULT_GRADES]
+    _first(
+        grades.filter(~pl.col("grade_set").is_in(described)),
+        lambda row: (
+            f"grade of step {row['step_id']!r} in grade set {row['grade_set']!r}, but trace.json has no "
+            f"grade_sets.{row['grade_set']} entry (its grader)"
+        ),
+    )
+    return grades.height
 
 
 def _check_hidden(trace: Trace, problems: pl.DataFrame, roles: dict[str, str]) -> int:

@@ -36,7 +36,8 @@ def assert_one_error(result, message: str) -> None:
 def test_validate_ok(comb_trace):
     result = runner.invoke(app, ["validate", str(comb_trace)])
     assert result.exit_code == 0, result.output
-    assert one_line(result.stdout) == f"ok {comb_trace}: 3 problems, 6 trees, 54 steps, 54 tokens, 0 scores, 0 hidden"
+    counts = "3 problems, 6 trees, 54 steps, 54 tokens, 0 scores, 0 hidden, 0 grades"
+    assert one_line(result.stdout) == f"ok {comb_trace}: {counts}"
 
 
 def test_info_reports_counts_accuracy_and_size(comb_trace):

@@ -154,6 +154,7 @@ def test_every_table_is_queryable(tmp_path):
         hidden=[
             {"problem_id": "p0", "model": "large", "layer": 24, "where": "prompt_last", "vector": [0.5, -2.0, 4.0]}
         ],
+        grades=[{"step_id": "p0/0/ss", "grade_set": "exact", "answer": "7", "correct": False}],
     )
     for table in TABLES:
         assert run_sql(root, f"SELECT count(*) FROM {table}").column(0)[0].as_py() >= 1

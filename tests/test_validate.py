@@ -15,7 +15,15 @@ from replay.validate import validate
 
 def test_sound_comb_trace_passes(comb_trace):
     # 3 problems x 2 worlds; a 3-step comb has 3 small steps and 3 + 2 + 1 large ones
-    assert validate(comb_trace) == {"problems": 3, "trees": 6, "steps": 54, "tokens": 54, "scores": 0, "hidden": 0}
+    assert validate(comb_trace) == {
+        "problems": 3,
+        "trees": 6,
+        "steps": 54,
+        "tokens": 54,
+        "scores": 0,
+        "hidden": 0,
+        "grades": 0,
+    }
 
 
 def test_scores_and_hidden_count(tmp_path):
@@ -25,7 +33,7 @@ def test_scores_and_hidden_count(tmp_path):
         scores=[{"step_id": "p0/0/s", "scorer": "prm", "value": 0.5, "n_tokens_processed": 3}],
         hidden=[{"problem_id": "p0", "model": "small", "layer": -1, "where": "prompt_last", "vector": [1.0, 2.0]}],
     )
-    assert validate(root) == {"problems": 1, "trees": 1, "steps": 5, "tokens": 5, "scores": 1, "hidden": 1}
+    assert validate(root) == {"problems": 1, "trees": 1, "steps": 5, "tokens": 5, "scores": 1, "hidden": 1, "grades": 0}
 
 
 # -- steps written as given (the writer does not check tree structure)

@@ -165,6 +165,7 @@ def build_trace(
     manifest: dict | None = None,
     scores: list[dict] | None = None,
     hidden: list[dict] | None = None,
+    grades: list[dict] | None = None,
     parts: int = 1,
 ) -> Path:
     """Write a trace at `root` from short step dicts (see module doc); returns `root`.
@@ -190,6 +191,10 @@ def build_trace(
             if missing:  # as `trace score` records each scorer it ran
                 writer.update_manifest(scorers={**described, **missing})
             writer.append_scores(scores)
+        if grades:  # as `trace regrade` records each grade set it wrote
+            sets = {row["grade_set"]: {"grader": {"name": "hand-built", "version": "0"}} for row in grades}
+            writer.update_manifest(grade_sets={**writer.manifest.grade_sets, **sets})
+            writer.append_grades(grades)
     return Path(root)
 
 

@@ -118,6 +118,19 @@ class ToyGrader(Grader):
         return self._grade(answer, reference)
 
 
+class ExactGrader(Grader):
+    """Exact match: the answer equals the reference once surrounding whitespace is stripped."""
+
+    name = "exact"
+    version = "1"
+
+    def grade(self, answer: str | None, reference: str) -> bool:
+        return answer is not None and answer.strip() == reference.strip()
+
+
+# Graders by the name trace.json records (``grader.name``); `trace regrade --grader` takes these names.
+GRADERS = {grader.name: grader for grader in (MathVerifyGrader, ChoiceGrader, ExactGrader, ToyGrader)}
+
 _GRADERS = {
     "toy": ToyGrader,
     "mmlu": ChoiceGrader,
@@ -132,6 +145,13 @@ def _parse_math(text: str):
     from math_verify import parse
 
     return parse(text)
+
+
+def grader_named(name: str) -> Grader:
+    """The grader trace.json names ``name`` (math-verify, math-verify-choice, exact, toy-exact)."""
+    if name not in GRADERS:
+        raise TraceError(f"unknown grader {name!r}; choose one of {', '.join(GRADERS)}")
+    return GRADERS[name]()
 
 
 def grader_for(dataset_name: str) -> Grader:

@@ -1,0 +1,110 @@
+"""`trace audit` of a vLLM-grown toy trace: with vLLM itself and cross-checked with transformers (slow:
+`pytest -m vllm`). One pair of vLLM engines serves the whole module."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+from tracebuild import rewrite_parts
+
+from data.toy import MODEL_ALIASES
+from replay.store import open_trace
+from tracegen.audit import AuditOptions, run_audit
+from tracegen.backends import engine_kwargs_for, load_backend
+from tracegen.gen import GenOptions, run_gen
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def engines():
+    started = {
+        role: load_backend("vllm", str(MODEL_ALIASES[f"toy-{role}"]), **engine_kwargs_for("vllm", role, {}))
+        for role in ("small", "large")
+    }
+    yield started
+    for backend in started.values():
+        backend.close()
+
+
+@pytest.fixture(scope="module")
+def vllm_trace(engines, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("audit-vllm") / "toy"
+    options = GenOptions(
+        small="toy-small",
+        large="toy-large",
+        dataset="toy",
+        out=out,
+        limit=4,
+        max_step_tokens=48,
+        max_steps=5,
+        backend="vllm",
+        seed=11,
+    )
+    run_gen(options, backends=engines)
+    return out
+
+
+@pytest.fixture
+def trace_copy(vllm_trace, tmp_path) -> Path:
+    return shutil.copytree(vllm_trace, tmp_path / "toy")
+
+
+def stored_tokens(root: Path) -> dict[str, list[int]]:
+    return dict(open_trace(root).scan("tokens").select("step_id", "token_ids").collect().iter_rows())
+
+
+def test_the_recording_engine_regenerates_every_step(trace_copy, engines):
+    result = run_audit(AuditOptions(trace_copy, sample=1000, seed=0), backends=engines)
+    summary = result.summary
+    n_steps = len(stored_tokens(trace_copy))
+    assert summary["same_engine"] and summary["backend"] == "vllm" and summary["min_identical"] == 1.0
+    assert summary["audited"] == n_steps and summary["identical"] == n_steps and summary["passed"]
+    assert summary["answers_changed"] == summary["correct_changed"] == 0
+    assert summary["max_abs_delta_logprob"] < 1e-4 and summary["max_abs_delta_max_logit"] < 1e-4
+
+
+def test_an_injected_corruption_is_found_by_the_recording_engine(trace_copy, engines):
+    steps = open_trace(trace_copy).scan("steps").collect()
+    tokens = stored_tokens(trace_copy)
+    finals = steps.filter(pl.col("is_final")).sort("step_id")["step_id"]
+    target = next(step_id for step_id in finals if len(tokens[step_id]) > 4)
+    position, original = 2, tokens[target][2]
+
+    def corrupt(frame: pl.DataFrame) -> pl.DataFrame:
+        rows = frame.to_dicts()
+        for row in rows:
+            if row["step_id"] == target:
+                row["token_ids"][position] = (original + 7) % 40
+        return pl.DataFrame(rows, schema=frame.schema)
+
+    rewrite_parts(trace_copy, "tokens", corrupt)
+    result = run_audit(AuditOptions(trace_copy, sample=1000, seed=0), backends=engines)
+    divergent = result.details.filter(~pl.col("identical"))
+    assert divergent["step_id"].to_list() == [target]
+    row = divergent.row(0, named=True)
+    assert (row["first_divergence"], row["new_token"], row["stored_token"]) == (position, original, (original + 7) % 40)
+    assert not result.passed and result.summary["identical"] == result.summary["audited"] - 1
+
+
+def test_transformers_cross_checks_the_vllm_trace(trace_copy):
+    result = run_audit(AuditOptions(trace_copy, sample=1000, seed=0, backend="hf"))
+    summary, details = result.summary, result.details
+    assert not summary["same_engine"] and "name" in summary["engine_differs"]
+    assert summary["min_identical"] == 0.0 and summary["passed"]  # another engine: measured, not required
+    # the report's arithmetic
+    identical = int(details["identical"].sum())
+    assert summary["identical"] == identical and summary["audited"] == details.height
+    assert summary["identical_share"] == identical / details.height
+    assert summary["divergent"] == details.height - identical
+    tokens = stored_tokens(trace_copy)
+    for row in details.filter(~pl.col("identical")).iter_rows(named=True):
+        stored = tokens[row["step_id"]]
+        assert row["n_agreeing"] == row["first_divergence"] <= len(stored)
+        first = row["first_divergence"]
+        assert row["stored_token"] == (stored[first] if first < len(stored) else None)
+    # on the tokens both engines agree on, the two float32 engines score them alike
+    assert summary["max_abs_delta_logprob"] < 1e-3 and summary["max_abs_delta_max_logit"] < 1e-3
