@@ -157,9 +157,16 @@ class WriterRouter(Router):
     def walk(self, data, costs, starts, params):
         from replay.engine import walk_steps
 
-        return walk_steps(
-            data, costs, starts, params, choose=lambda nodes, p: self.choose(data, nodes, p), router=self.name
-        )
+        def choose(nodes, p):
+            roles = checked_hook_output(self, "choose", self.choose(data, nodes, p), len(nodes), "role indices")
+            if roles.size and (roles.dtype.kind not in "iu" or roles.min() < 0 or roles.max() >= len(data.roles)):
+                raise TraceError(
+                    f"{router_origin(type(self))}: choose must return role indices 0..{len(data.roles) - 1} "
+                    f"(into data.roles = {', '.join(data.roles)}), got {roles[:5].tolist()}..."
+                )
+            return roles
+
+        return walk_steps(data, costs, starts, params, choose=choose, router=self.name)
 
 
 class DraftRouter(Router):
@@ -184,14 +191,43 @@ class DraftRouter(Router):
     def walk(self, data, costs, starts, params):
         from replay.engine import DraftRule, walk_steps
 
+        signal = checked_hook_output(self, "draft_signal", self.draft_signal(data), data.steps.height, "numbers")
+
+        def accept(drafts, p):
+            return checked_hook_output(self, "accept", self.accept(drafts, p), len(drafts), "booleans")
+
         rule = DraftRule(
-            signal=self.draft_signal(data),
-            accept=self.accept,
+            signal=signal,
+            accept=accept,
             one_way=self.one_way,
             scorer=self.scorer,
             escalate=self.escalate if self.one_way else "replace",
         )
         return walk_steps(data, costs, starts, params, draft_rule=rule, router=self.name)
+
+
+def router_origin(obj: Any) -> str:
+    """``FILE:Class`` of a router class (or function): where messages about it point."""
+    try:
+        where = inspect.getsourcefile(obj) or inspect.getfile(obj)
+    except TypeError:
+        where = getattr(obj, "__module__", "?")
+    return f"{where}:{obj.__qualname__}"
+
+
+def checked_hook_output(router: Router, hook: str, value: Any, length: int, kind: str) -> np.ndarray:
+    """A hook's output as an array of ``length`` ``kind``; TraceError naming the router's file and class otherwise
+    (a plugin returning the wrong shape fails here, not deep inside the engine)."""
+    array = np.asarray(value)
+    if array.shape != (length,):
+        raise TraceError(
+            f"{router_origin(type(router))}: {hook} returned an array of shape {array.shape}; it must return "
+            f"{length:,} {kind}, one per {'step row' if hook == 'draft_signal' else 'entry of its input'}"
+        )
+    wanted = {"booleans": "b", "numbers": "biuf", "role indices": "iu"}[kind]
+    if array.dtype.kind not in wanted:
+        raise TraceError(f"{router_origin(type(router))}: {hook} must return {kind}, got an array of {array.dtype}")
+    return array
 
 
 class QueryRouter(Router):
