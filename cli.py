@@ -167,8 +167,8 @@ def gen(
         None,
         "--routers",
         help=(
-            "TOML file of [[router]] tables (name, params, sweep) for --expand closure or online; see "
-            "tracegen/closure.py."
+            "TOML file of [[router]] tables (name, params, sweep) for --expand closure or online; a name may be "
+            "any trace replay --router reference (FILE.py:Class relative to the TOML file); see tracegen/closure.py."
         ),
     ),
     budget_tokens: int = typer.Option(
@@ -349,7 +349,7 @@ def _print_registered() -> None:
 
     table = Table(title="Installed routers, scorers and cost models")
     for name in ("Kind", "Name", "Source", "About"):
-        table.add_column(name)
+        table.add_column(name, no_wrap=name in ("Kind", "Name"))
     for row in [*registered_routers(), *registered_scorers(), *registered_costs()]:
         table.add_row(row.kind, escape(row.name), escape(row.source), escape(row.about))
     console.print(table)

@@ -110,8 +110,8 @@ class Step:
         return self._scores()[1][self.row]
 
     def _scores(self) -> tuple[list, list]:
-        if self._view.scorer is None:
-            raise AttributeError(
+        if self._view.scorer is None:  # not AttributeError: that would fall through to __getattr__
+            raise TraceError(
                 "this router declares no scorer, so its drafts have no score: set scorer = 'prm' (or the scorer "
                 "it reads) on the router; a scorer's calls are paid for and a missing score is a miss"
             )
@@ -192,8 +192,8 @@ class StepRouter(DraftRouter):
         node = self._view.node(row)
         try:
             decision = router.decide(node)
-        except TraceError:
-            raise
+        except TraceError as error:
+            raise TraceError(f"{router_origin(type(self))}: on draft {node.draft.step_id!r}: {error}") from None
         except Exception as error:
             raise TraceError(
                 f"{router_origin(type(self))}: decide failed{_line_of(error, type(self))} on draft "

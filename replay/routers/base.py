@@ -81,7 +81,9 @@ class Router:
 
     @classmethod
     def param_names(cls) -> list[str]:
-        return [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)  # a class without __init__
+        return [p.name for p in parameters if p.name != "self" and p.kind not in variadic]
 
     @classmethod
     def param_defaults(cls) -> dict[str, Any]:
