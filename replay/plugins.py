@@ -78,14 +78,11 @@ def anchor_reference(reference: str, base_dir: Path) -> str:
     return f"{base_dir / where}:{attr}"
 
 
-def load_reference(reference: str, base_dir: Path | None = None) -> tuple[Any, str]:
-    """The object ``FILE.py:Attr`` or ``module:Attr`` names, and where it comes from (for messages).
-    A relative file is looked for under ``base_dir`` (default: the working directory)."""
+def load_reference(reference: str) -> tuple[Any, str]:
+    """The object ``FILE.py:Attr`` or ``module:Attr`` names, and where it comes from (for messages)."""
     where, _, attr = reference.rpartition(":")
     if _is_file_reference(where):
         path = Path(where).expanduser()
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
         module, origin = _import_file(path), str(path)
     else:
         module, origin = _import_module(where), f"module {where}"
@@ -178,22 +175,22 @@ class _guard_builtin_names:
 
 
 def _is_builtin(cls: type) -> bool:
-    return Path(inspect.getfile(cls)).resolve().parent == Path(__file__).resolve().parent / "routers"
+    return cls.__module__.startswith("replay.routers.")
 
 
 # ---------------------------------------------------------------------- routers
 
 
-def router_class(reference: str, base_dir: Path | None = None) -> type[Router]:
-    """The router class ``reference`` names (see the module doc); relative files are looked for under
-    ``base_dir`` (default: the working directory)."""
+def router_class(reference: str) -> type[Router]:
+    """The router class ``reference`` names (see the module doc; a relative file is found from the working
+    directory)."""
     if reference in ROUTERS:
         return ROUTERS[reference]
     points = entry_points(ROUTER_GROUP)
     if reference in points:
         return _load_router_entry_point(points[reference])
     if is_reference(reference):
-        obj, origin = load_reference(reference, base_dir)
+        obj, origin = load_reference(reference)
         return as_router_class(obj, origin)
     known = sorted({*ROUTERS, *points})
     raise TraceError(
@@ -238,11 +235,11 @@ _WHAT_A_ROUTER_IS = (
 )
 
 
-def make_router(reference: Any, base_dir: Path | None = None, **params: Any) -> Router:
+def make_router(reference: Any, **params: Any) -> Router:
     """The router ``reference`` names (see router_class), or made from the router class or per-step
     function given, with ``params`` (strings are converted to the defaults' types)."""
     if isinstance(reference, str):
-        cls = router_class(reference, base_dir)
+        cls = router_class(reference)
     else:
         cls = as_router_class(reference, router_origin(reference))
     unknown = sorted(set(params) - set(cls.param_names()))

@@ -75,13 +75,14 @@ class TreeView:
         scores = self.data.scores_of(self.scorer)
         return scores["value"].to_list(), scores["detail"].to_list()
 
-    def node(self, draft_row: int) -> Node:
+    def path_rows(self, row: int) -> list[int]:
+        """The step rows before ``row`` on its path, root first."""
         rows = []
-        row = int(self.previous_step[draft_row])
+        row = int(self.previous_step[row])
         while row >= 0:
             rows.append(row)
             row = int(self.previous_step[row])
-        return Node(tuple(Step(self, r) for r in reversed(rows)), Step(self, draft_row))
+        return rows[::-1]
 
 
 class Step:
@@ -122,18 +123,26 @@ class Step:
 
 
 class Node:
-    """What a per-step router sees: the steps kept so far (root first) and the draft that would come next."""
+    """What a per-step router sees: the steps kept so far (``steps``, root first) and the draft that would come
+    next (``draft``)."""
 
-    __slots__ = ("steps", "draft")
+    __slots__ = ("draft", "_steps")
 
-    def __init__(self, steps: tuple[Step, ...], draft: Step):
-        self.steps = steps
+    def __init__(self, draft: Step):
         self.draft = draft
+        self._steps = None
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        if self._steps is None:  # built on first use: most routers read the draft only
+            view = self.draft._view
+            self._steps = tuple(Step(view, row) for row in view.path_rows(self.draft.row))
+        return self._steps
 
     @property
     def depth(self) -> int:
         """Steps so far (the draft's index in its solution)."""
-        return len(self.steps)
+        return self.draft.depth
 
     @property
     def problem_id(self) -> str:
@@ -175,21 +184,26 @@ class StepRouter(DraftRouter):
     def accept(self, signal, params):
         rows = signal.astype(np.int64)
         names = sorted(params)
-        keys = np.column_stack([rows, *(params[name] for name in names)]) if names else rows[:, None]
-        unique, inverse = np.unique(keys, axis=0, return_inverse=True)
+        config = np.zeros(len(rows), dtype=np.int64)  # a code per distinct combination of parameter values
+        n_configs = 1
+        for name in names:
+            values, inverse = np.unique(params[name], return_inverse=True)
+            config = config * len(values) + inverse.reshape(-1)
+            n_configs *= len(values)
+        _, first, inverse = np.unique(rows * n_configs + config, return_index=True, return_inverse=True)
         configured: dict[tuple, StepRouter] = {}
-        decisions = np.empty(len(unique), dtype=bool)
-        for i, key in enumerate(unique.tolist()):
-            values = tuple(key[1:])
+        decisions = np.empty(len(first), dtype=bool)
+        for i, at in enumerate(first.tolist()):
+            values = tuple(_as_configured(getattr(self, name), params[name][at].item()) for name in names)
             if values not in configured:
                 configured[values] = router = copy.copy(self)
                 for name, value in zip(names, values):
                     setattr(router, name, value)
-            decisions[i] = self._decision(configured[values], int(key[0]))
+            decisions[i] = self._decision(configured[values], int(rows[at]))
         return decisions[inverse.reshape(-1)]
 
     def _decision(self, router: StepRouter, row: int) -> bool:
-        node = self._view.node(row)
+        node = Node(Step(self._view, row))
         try:
             decision = router.decide(node)
         except TraceError as error:
@@ -205,6 +219,13 @@ class StepRouter(DraftRouter):
                 "must return True (keep the draft) or False (reject it)"
             )
         return bool(decision)
+
+
+def _as_configured(configured: Any, value: float) -> Any:
+    """A swept value (the engine sweeps floats) as an int where the router was configured with one."""
+    if isinstance(configured, int) and not isinstance(configured, bool) and float(value).is_integer():
+        return int(value)
+    return value
 
 
 def _line_of(error: BaseException, cls: type) -> str:

@@ -377,3 +377,14 @@ def test_study_files_take_router_references_relative_to_themselves(tmp_path):
     (folder / "routers.toml").write_text('[[router]]\nname = "my_router.py:MinLogprob"\nsweep = ["tau=0:1:0.5"]\n')
     with pytest.raises(TraceError, match="router 1: router min-logprob cannot sweep tau; sweepable: theta"):
         load_router_specs(folder / "routers.toml")
+
+
+def test_replay_prints_its_time_and_suggests_the_vectorised_form_for_a_slow_per_step_sweep(study_trace, monkeypatch):
+    monkeypatch.setattr(api, "SLOW_SECONDS", 0.0)  # every replay counts as slow
+    per_step = invoke("replay", study_trace, "--router", f"{EXAMPLE}:min_logprob_per_step", "--sweep", SWEEP).output
+    flat = " ".join(per_step.split())
+    assert re.search(r"replayed min-logprob-per-step in \d+\.\d\ds", flat)
+    assert "min-logprob-per-step is a per-step router: 9 configuration(s) took" in flat
+    assert "write it as a vectorised DraftRouter" in flat
+    vectorised = invoke("replay", study_trace, "--router", f"{EXAMPLE}:MinLogprob", "--sweep", SWEEP).output
+    assert "per-step router" not in vectorised and "replayed min-logprob in" in vectorised

@@ -117,6 +117,7 @@ def test_a_node_holds_the_kept_steps_of_its_path_and_the_draft(tmp_path):
         assert kept == [node.path[: i + 1] for i in range(len(node.path))]  # root first, the whole path
         assert node.draft.parent_path == node.path and node.draft.model == "small" and node.depth == len(kept)
         seen.append((node.problem_id, node.path))
+        assert isinstance(limit, int)  # an int parameter stays one although the engine sweeps floats
         return sum(step.model == "small" for step in node.steps) < limit  # at most `limit` small steps kept
 
     result = api.replay(root, history, split="all")
@@ -127,6 +128,8 @@ def test_a_node_holds_the_kept_steps_of_its_path_and_the_draft(tmp_path):
     assert (outcome["n_small"], outcome["n_large"], outcome["n_discarded"]) == (1, 2, 2)
     two = api.replay(root, history, params={"limit": "2"}, split="all")
     assert two.outcomes["path"].to_list() == ["ssL", "ssL"]
+    swept = api.replay(root, history, sweep={"limit": [1, 2, 3]}, split="all")
+    assert swept.outcomes["path"].to_list() == ["sLL", "sLL", "ssL", "ssL", "sss", "sss"]
 
 
 def test_per_step_mistakes_are_one_message_naming_the_router(demo_trace):
