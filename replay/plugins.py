@@ -117,30 +117,27 @@ def _import_file(path: Path):
         raise TraceError(f"{path} cannot be imported as a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and pickling look their module up here
-    with _guard_builtin_names(str(path)):
-        try:
-            spec.loader.exec_module(module)
-        except Exception as error:
-            sys.modules.pop(name, None)
-            where = _where_in(error, resolved)
-            raise TraceError(f"{path}: importing it failed{where}: {describe_error(error)}") from None
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:
+        sys.modules.pop(name, None)
+        where = _where_in(error, resolved)
+        raise TraceError(f"{path}: importing it failed{where}: {describe_error(error)}") from None
     _loaded_files[key] = module
     return module
 
 
 def _import_module(name: str):
-    with _guard_builtin_names(f"module {name}"):
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name and (name == error.name or name.startswith(error.name + ".")):
-                raise TraceError(
-                    f"no module named {error.name!r} (a router reference is {REFERENCE_FORMS}; "
-                    "a file needs its .py suffix)"
-                ) from None
-            raise TraceError(f"module {name}: importing it failed: {describe_error(error)}") from None
-        except Exception as error:
-            raise TraceError(f"module {name}: importing it failed: {describe_error(error)}") from None
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        if error.name and (name == error.name or name.startswith(error.name + ".")):
+            raise TraceError(
+                f"no module named {error.name!r} (a router reference is {REFERENCE_FORMS}; a file needs its .py suffix)"
+            ) from None
+        raise TraceError(f"module {name}: importing it failed: {describe_error(error)}") from None
+    except Exception as error:
+        raise TraceError(f"module {name}: importing it failed: {describe_error(error)}") from None
 
 
 def _where_in(error: BaseException, path: Path) -> str:
@@ -149,33 +146,6 @@ def _where_in(error: BaseException, path: Path) -> str:
         return f" (line {error.lineno})"
     lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__) if Path(frame.filename) == path]
     return f" (line {lines[-1]})" if lines else ""
-
-
-class _guard_builtin_names:
-    """A plugin that defines a router under a built-in router's name would replace it in the registry
-    (classes register themselves by name): put the built-in back and refuse the plugin."""
-
-    def __init__(self, origin: str):
-        self.origin = origin
-
-    def __enter__(self):
-        self.before = dict(ROUTERS)
-
-    def __exit__(self, kind, error, trace):
-        taken = [name for name, cls in self.before.items() if ROUTERS.get(name) is not cls and _is_builtin(cls)]
-        for name in taken:
-            clash = ROUTERS[name]
-            ROUTERS[name] = self.before[name]
-            if kind is None:
-                raise TraceError(
-                    f"{self.origin}: class {clash.__name__} takes the name {name!r} of a built-in router; give it "
-                    "another name"
-                )
-        return False
-
-
-def _is_builtin(cls: type) -> bool:
-    return cls.__module__.startswith("replay.routers.")
 
 
 # ---------------------------------------------------------------------- routers
@@ -226,6 +196,10 @@ def as_router_class(obj: Any, origin: str) -> type[Router]:
         obj.name = obj.__name__  # an unnamed plugin router is known by its class name
     if not isinstance(obj.name, str) or not obj.name:
         raise TraceError(f"{origin}: router class {obj.__name__} needs a name (a non-empty string)")
+    if ROUTERS.get(obj.name, obj) is not obj:
+        raise TraceError(
+            f"{origin}: class {obj.__name__} takes the name {obj.name!r} of a built-in router; give it another name"
+        )
     return obj
 
 
@@ -253,10 +227,8 @@ def make_router(reference: Any, **params: Any) -> Router:
 
 
 def _load_router_entry_point(point: metadata.EntryPoint, group: str = ROUTER_GROUP) -> type[Router]:
-    package = package_of(point)
-    with _guard_builtin_names(f"entry point {point.name} ({point.value}, {package})"):
-        obj = load_entry_point(point, group)
-    return as_router_class(obj, f"entry point {point.name} ({point.value}, {package})")
+    obj = load_entry_point(point, group)
+    return as_router_class(obj, f"entry point {point.name} ({point.value}, {package_of(point)})")
 
 
 def registered_routers() -> list[Registered]:
@@ -264,6 +236,5 @@ def registered_routers() -> list[Registered]:
     rows = [
         Registered("router", name, f"built-in {Path(inspect.getfile(cls)).name}", first_line(cls))
         for name, cls in sorted(ROUTERS.items())
-        if _is_builtin(cls)
     ]
     return rows + entry_point_rows("router", ROUTER_GROUP, {row.name for row in rows}, _load_router_entry_point)

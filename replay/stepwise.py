@@ -290,9 +290,8 @@ def step_router(
             "scorer": scorer,
             "one_way": one_way,
             "escalate": escalate,
+            "name": name or function.__name__.replace("_", "-"),
         }
-        cls = type(function.__name__, (StepRouter,), namespace)
-        cls.name = name or function.__name__.replace("_", "-")  # set after creation: not registered under it
-        return cls
+        return type(function.__name__, (StepRouter,), namespace)
 
     return wrap(function) if function is not None else wrap

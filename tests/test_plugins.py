@@ -37,12 +37,10 @@ def study_trace(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def isolated_registry():
-    """Plugin routers register themselves by name and plugin modules stay imported: forget both afterwards."""
-    routers, modules = dict(ROUTERS), set(sys.modules)
+def forget_plugin_modules():
+    """Modules a test's plugins imported stay imported: forget them afterwards."""
+    modules = set(sys.modules)
     yield
-    ROUTERS.clear()
-    ROUTERS.update(routers)
     for name in set(sys.modules) - modules:
         del sys.modules[name]
 

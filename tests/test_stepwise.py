@@ -25,15 +25,6 @@ def demo_trace(tmp_path_factory):
     return build_trace(root, steps, scores=scores, manifest=default_manifest(scorers=PRM))
 
 
-@pytest.fixture(autouse=True)
-def registry():
-    """Routers defined in a test register themselves by name: forget them afterwards."""
-    before = dict(ROUTERS)
-    yield
-    ROUTERS.clear()
-    ROUTERS.update(before)
-
-
 class StepRsd(StepRouter):
     """RSD restated one draft at a time: keep a draft whose PRM score reaches tau."""
 
@@ -165,7 +156,7 @@ def test_sweepable_parameters_and_the_estimator_contract():
     assert StepRsd.sweepable == ("tau",)  # numeric parameters; the scorer name is not swept
     with pytest.raises(TraceError, match="router step-rsd cannot sweep scorer"):
         api.replay("unused", StepRsd, sweep={"scorer": [1.0]})
-    assert "rsd-function" not in ROUTERS  # a function-made router does not take a name in the registry
+    assert "rsd-function" not in ROUTERS and "step-rsd" not in ROUTERS  # only built-in routers are registered
 
 
 def test_slow_per_step_replays_suggest_the_vectorised_form(demo_trace, monkeypatch):

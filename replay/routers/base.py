@@ -6,7 +6,9 @@ ways a router walks a tree.
   against them, and a sweep checks every swept value (``check_values``).
 - ``fit(train)`` checks the configuration, learns what it needs from the train split (attributes
   ending in ``_``) and returns ``self``; replaying an unfitted router is an error.
-- A subclass with a ``name`` registers itself in ``ROUTERS``: adding a router is one new file.
+- A subclass with a ``name`` in this package registers itself in ``ROUTERS``: adding a router is one new
+  file. Routers of your own (files, modules, entry points) are loaded by reference (replay.plugins) and
+  never enter the registry, so they cannot replace a built-in one.
 
 Kinds: a ``WriterRouter`` picks the model that writes each step; a ``DraftRouter`` lets the small
 model write each step and judges it: keep it, or discard it and have the large model write that step
@@ -76,7 +78,7 @@ class Router:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.__dict__.get("name"):
+        if cls.__dict__.get("name") and cls.__module__.startswith("replay.routers."):
             ROUTERS[cls.name] = cls
 
     @classmethod
