@@ -170,6 +170,10 @@ def test_slow_per_step_replays_suggest_the_vectorised_form(demo_trace, monkeypat
 
 def test_outcome_frames_are_polars(demo_trace):
     result = api.replay(demo_trace, StepRsd, sweep=["tau=0.2,0.8"], split="all")
+    instance = api.replay(api.open_trace(demo_trace), StepRsd(tau=0.2), sweep={"tau": [0.2, 0.8]}, split="all")
+    assert instance.outcomes.equals(result.outcomes)  # an opened trace and a router instance: the same replay
+    with pytest.raises(TraceError, match="params apply to a router given by name or class"):
+        api.replay(demo_trace, StepRsd(), params={"tau": "0.5"})
     assert isinstance(result.outcomes, pl.DataFrame) and isinstance(result.summary(), pl.DataFrame)
     assert result.summary()["params"].to_list() == ['{"scorer": "prm", "tau": 0.2}', '{"scorer": "prm", "tau": 0.8}']
     assert np.isfinite(result.summary()["cost"].to_numpy()).all()
