@@ -175,8 +175,8 @@ def gen(
         None,
         "--routers",
         help=(
-            "TOML file of [[router]] tables (name, params, sweep) for --expand closure or online; see "
-            "tracegen/closure.py."
+            "TOML file of [[router]] tables (name, params, sweep) for --expand closure or online; a name may be "
+            "any trace replay --router reference (FILE.py:Class relative to the TOML file); see tracegen/closure.py."
         ),
     ),
     budget_tokens: int = typer.Option(
@@ -347,11 +347,47 @@ def _replay_table(result, swept: list[str], title: str, max_rows: int = 21):
     return table
 
 
+def _print_registered() -> None:
+    """`trace replay --list`: every router, scorer and cost model, where it comes from, and exit."""
+    from rich.table import Table
+
+    from replay.costs import registered_costs
+    from replay.plugins import registered_routers
+    from tracegen.scorers.base import registered_scorers
+
+    table = Table(title="Installed routers, scorers and cost models")
+    for name in ("Kind", "Name", "Source", "About"):
+        table.add_column(name, no_wrap=name in ("Kind", "Name"))
+    for row in [*registered_routers(), *registered_scorers(), *registered_costs()]:
+        table.add_row(row.kind, escape(row.name), escape(row.source), escape(row.about))
+    console.print(table)
+    console.print(
+        "Also: --router FILE.py:Class or module:Class (a router class, or a per-step function decide(node, ...)).",
+        highlight=False,
+    )
+    raise typer.Exit()
+
+
 @app.command()
 @user_errors
 def replay(
     trace_dir: Path = typer.Argument(..., help="Trace directory."),
-    router: str = typer.Option(..., "--router", help=f"One of {', '.join(sorted(ROUTERS))}."),
+    router: str = typer.Option(
+        ...,
+        "--router",
+        help=(
+            f"One of {', '.join(sorted(ROUTERS))}; an installed router (entry point of group trace.routers); or your "
+            "own: FILE.py:Class or module:Class (a router class or per-step function; see README, 'Your own "
+            "router'). 'help' lists them."
+        ),
+    ),
+    list_registered: bool = typer.Option(
+        False,
+        "--list",
+        is_eager=True,
+        callback=lambda value: _print_registered() if value else None,
+        help="List the routers, scorers and cost models installed (built-in and from entry points) and exit.",
+    ),
     param: list[str] = typer.Option(
         [],
         "--param",
@@ -415,12 +451,14 @@ def replay(
 
     Example: trace replay runs/toy --router steer --param mode=step --sweep tau=0:1:0.01 --out steer.parquet
     """
-    from replay.costs import parse_prices
-    from replay.engine import miss_list, parse_param, parse_sweep, replay_trace, write_outcomes
+    import time
+
+    from replay import api
     from replay.outputs import check_output_file
-    from replay.routers import make_router
     from replay.splits import parse_fractions
 
+    if router == "help":
+        _print_registered()
     if out is not None and out.suffix != ".parquet":
         raise TraceError(f"--out must name a .parquet file, got {out}")
     if out is not None:
@@ -434,25 +472,30 @@ def replay(
             world_list = [int(w) for w in worlds.split(",")]
         except ValueError:
             raise typer.BadParameter(f"--worlds must be all or numbers like 0,1, got {worlds!r}") from None
-    chosen = make_router(router, **dict(parse_param(p) for p in param))
-    sweeps = dict(parse_sweep(s, max_configs) for s in sweep)
-    prices = parse_prices(price)
-    result = replay_trace(
+    chosen = api.router(router, **dict(api.parse_param(p) for p in param))
+    started = time.perf_counter()
+    result = api.replay(
         trace_dir,
         chosen,
-        sweep=sweeps,
+        sweep=sweep,
         split=split,
         cost=cost,
-        prices=prices,
+        prices=price,
         worlds=world_list,
         split_seed=split_seed,
         fractions=parse_fractions(split_fractions),
         max_configs=max_configs,
         grades=grades,
     )
+    seconds = time.perf_counter() - started
     title = escape(f"{trace_dir}: split {split}, cost {cost} (mean per query)")
-    console.print(_replay_table(result, list(sweeps), title))
-    misses = miss_list(result)
+    swept = [text.partition("=")[0].strip() for text in sweep]
+    console.print(_replay_table(result, swept, title))
+    console.print(f"replayed {chosen.name} in {seconds:.2f}s", highlight=False)
+    hint = api.slow_sweep_hint(chosen, result, seconds)
+    if hint:
+        console.print(f"[yellow]{escape(hint)}[/]", highlight=False)
+    misses = api.miss_list(result)
     if misses:
         console.print(
             f"[yellow]{result.outcomes['misses'].sum():,} walks missed {len(misses):,} distinct uncached "
@@ -465,7 +508,7 @@ def replay(
                 highlight=False,
             )
     if out is not None:
-        write_outcomes(result.outcomes, out, force=force)
+        api.write_outcomes(result.outcomes, out, force=force)
         console.print(f"wrote {result.outcomes.height:,} outcomes to {escape(str(out))}", highlight=False)
 
 

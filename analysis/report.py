@@ -46,9 +46,9 @@ from analysis.report_inputs import (
     check_same_walks,
     label_runs,
     read_policy_log,
-    read_results,
     read_steer_mixtures,
     replay_baseline,
+    result_input,
     select_splits,
     split_runs,
 )
@@ -80,8 +80,10 @@ class Report:
 # ---------------------------------------------------------------------- the report
 
 
-def build_report(trace_dir, result_paths: list[Path], options: ReportOptions) -> Report:
-    """Read, check and compare; everything in memory (nothing is written here)."""
+def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Report:
+    """Read, check and compare; everything in memory (nothing is written here). ``result_paths``: results
+    files of `trace replay --out`, or replay results in memory (replay.engine.ReplayResult, or its
+    outcomes DataFrame), in any mix."""
     if not result_paths:
         raise TraceError("give at least one results file from trace replay --out")
     if options.pick not in PICK_RULES:
@@ -106,10 +108,12 @@ def build_report(trace_dir, result_paths: list[Path], options: ReportOptions) ->
         "problem_id", "world", "path", trace_correct="correct", in_trace=pl.lit(True)
     )
     runs: list[Run] = []
-    for path in result_paths:
-        frame = read_results(path, roles)
-        check_against_trace(frame, path, trace_dir, problem_ids, worlds, finals)
-        runs += split_runs(frame, str(path))
+    sources = []
+    for index, item in enumerate(result_paths, 1):
+        frame, source = result_input(item, index, roles)
+        check_against_trace(frame, source, trace_dir, problem_ids, worlds, finals)
+        runs += split_runs(frame, source)
+        sources.append(source)
     cost_models = sorted(
         {
             row
@@ -150,7 +154,7 @@ def build_report(trace_dir, result_paths: list[Path], options: ReportOptions) ->
             trace_dir,
             trace.manifest,
             roles,
-            result_paths,
+            sources,
             everyone,
             problems,
             cost_model,
@@ -223,7 +227,24 @@ def write_report(report: Report, out: Path) -> list[Path]:
     return written
 
 
-def make_report(trace_dir, result_paths: list[Path], out: Path, options: ReportOptions) -> list[Path]:
+def make_report(trace_dir, result_paths: list, out: Path, options: ReportOptions) -> list[Path]:
     """Check ``out``, build the report in memory, then write it: bad input leaves ``out`` untouched."""
     check_out_dir(out)
     return write_report(build_report(trace_dir, result_paths, options), out)
+
+
+def report(trace_dir, results: list, *, out=None, **options) -> Report:
+    """Compare replay results on one page: the Python form of `trace report`.
+
+    ``results``: replay results (``replay.api.replay``'s), their outcomes DataFrames or `trace replay --out`
+    files, in any mix; ``options``: the fields of ``ReportOptions`` (pick, accuracy_floor, split, pick_split,
+    bootstrap, seed, tables, ...). With ``out``, the page is also written there (as `trace report --out`).
+    Returns the report: ``markdown`` (the page's text), ``figures`` and ``tables`` (file name -> bytes).
+    """
+    options = ReportOptions(**{k: tuple(v) if k in ("at", "tables") else v for k, v in options.items()})
+    if out is not None:
+        check_out_dir(Path(out))
+    built = build_report(trace_dir, results, options)
+    if out is not None:
+        write_report(built, Path(out))
+    return built

@@ -104,7 +104,26 @@ def read_parquet_input(path: Path, what: str) -> pl.DataFrame:
 
 def read_results(path: Path, roles: list[str]) -> pl.DataFrame:
     """A `trace replay --out` file, checked for the columns the report reads."""
-    frame = read_parquet_input(path, "results file")
+    return check_results(read_parquet_input(path, "results file"), path, roles)
+
+
+def result_input(item, index: int, roles: list[str]) -> tuple[pl.DataFrame, str]:
+    """(checked outcomes, source name) of one report input: a results file, or in memory a replay result
+    (anything with ``outcomes``, such as replay.engine.ReplayResult) or its outcomes DataFrame."""
+    if isinstance(item, (str, Path)):
+        return read_results(Path(item), roles), str(item)
+    frame = getattr(item, "outcomes", item)
+    if not isinstance(frame, pl.DataFrame):
+        raise TraceError(
+            f"report input {index} is a {type(item).__name__}; give a results file, a replay result or its outcomes"
+        )
+    routers = frame["router"].unique(maintain_order=True).to_list() if "router" in frame.columns else []
+    source = f"result {index} ({', '.join(map(str, routers))})" if routers else f"result {index}"
+    return check_results(frame, source, roles), source
+
+
+def check_results(frame: pl.DataFrame, path, roles: list[str]) -> pl.DataFrame:
+    """Replay outcomes (from ``path``, a file or in-memory result), checked for the columns the report reads."""
     missing = [column for column in RESULT_COLUMNS if column not in frame.columns]
     if missing:
         raise TraceError(f"{path} is not a trace replay result: it lacks column(s) {', '.join(missing)}")
@@ -125,7 +144,7 @@ def read_results(path: Path, roles: list[str]) -> pl.DataFrame:
         }[kind]:
             raise TraceError(f"{path} is not a trace replay result: column {column} holds {dtype}, not {kind}s")
     if frame.height == 0:
-        raise TraceError(f"results file {path} holds no outcomes")
+        raise TraceError(f"{'results file ' if isinstance(path, Path) else ''}{path} holds no outcomes")
     return frame.with_columns(pl.col("world").cast(pl.Int32), pl.col("config").cast(pl.Int32))
 
 

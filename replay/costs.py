@@ -13,6 +13,9 @@ Every model turns the steps table into two arrays (decode and prefill cost per s
 scorer calls from their ``n_tokens_processed`` and the tokens a call generates (trace.json
 ``scorers.NAME.generated_tokens``); the replay engine only adds them up. A parameter count, layer
 count, width or price a model needs and cannot find is a TraceError naming it, never a zero.
+
+Installed packages add cost models through entry points of group ``trace.costs``: a ``CostModel``
+subclass (with ``name``, ``unit`` and ``convention``) constructed as ``cls(manifest, prices)``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from replay.entry_points import COST_GROUP, Registered, entry_point_rows, entry_points, first_line, load_entry_point
 from replay.errors import TraceError
 from replay.schema import Manifest
 
@@ -312,4 +316,28 @@ def make_cost_model(name: str, manifest: Mapping, prices: dict[str, Price] | Non
                 f"({', '.join(manifest.scorers) or 'none'}) of this trace"
             )
         return ApiCost(manifest, prices)
-    raise TraceError(f"unknown cost model {name!r}; choose one of {', '.join(COST_MODELS)}")
+    points = entry_points(COST_GROUP)
+    if name in points:
+        return plugin_cost_class(points[name])(manifest, prices)
+    raise TraceError(f"unknown cost model {name!r}; choose one of {', '.join([*COST_MODELS, *sorted(points)])}")
+
+
+def plugin_cost_class(point, group: str = COST_GROUP) -> type[CostModel]:
+    """The CostModel subclass entry point ``point`` names; TraceError naming it and what is wrong otherwise."""
+    cls = load_entry_point(point, group)
+    where = f"entry point {point.name} ({point.value})"
+    if not (isinstance(cls, type) and issubclass(cls, CostModel)):
+        raise TraceError(f"{where} is not a cost model: it must name a subclass of replay.costs.CostModel")
+    missing = [attr for attr in ("name", "unit", "convention") if not isinstance(getattr(cls, attr, None), str)]
+    if missing:
+        raise TraceError(f"{where}: cost model {cls.__name__} needs the string attribute(s) {', '.join(missing)}")
+    if cls.step_costs is CostModel.step_costs:
+        raise TraceError(f"{where}: cost model {cls.__name__} does not define step_costs")
+    return cls
+
+
+def registered_costs() -> list[Registered]:
+    """Built-in cost models, then those installed packages declare (entry points of group trace.costs)."""
+    classes = {"flops": FlopsCost, "flops+prefill": FlopsCost, "kaplan": KaplanCost, "api": ApiCost}
+    rows = [Registered("cost", name, "built-in costs.py", first_line(classes[name])) for name in COST_MODELS]
+    return rows + entry_point_rows("cost", COST_GROUP, set(COST_MODELS), plugin_cost_class)

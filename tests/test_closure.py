@@ -5,6 +5,7 @@ answers and costs."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,24 @@ def test_closure_leaves_no_misses_and_a_rerun_adds_nothing(closure_trace):
         options(closure_trace, expand="closure", routers=tuple(load_router_specs_from_text(closure_trace.parent)))
     )
     assert again.new_steps == 0 and again.closure.remaining_misses == 0
+
+
+def test_closure_grows_what_a_router_of_your_own_misses(tmp_path):
+    """The example router shipped with the docs, named by file in a study file: the comb lacks the steps its
+    rejections lead to (small drafts after a large step); closure generates them until none is missing."""
+    shutil.copy(Path(__file__).resolve().parents[1] / "examples/min_logprob.py", tmp_path / "my_router.py")
+    (tmp_path / "routers.toml").write_text('[[router]]\nname = "my_router.py:MinLogprob"\nsweep = ["theta=-2,-0.5"]\n')
+    (spec,) = load_router_specs(tmp_path / "routers.toml")
+    trace = tmp_path / "trace"
+    run_gen(options(trace, limit=3, max_steps=4))
+    before = replay_trace(trace, spec.router(), sweep=spec.sweep_values(), split="all")
+    assert before.outcomes["misses"].sum() > 0
+    summary = run_gen(options(trace, limit=3, max_steps=4, expand="closure", routers=(spec,)))
+    assert summary.new_steps > 0 and summary.closure.remaining_misses == 0
+    after = replay_trace(trace, spec.router(), sweep=spec.sweep_values(), split="all")
+    assert after.outcomes["misses"].sum() == 0
+    assert open_trace(trace).scan("steps").collect()["path"].str.contains("Ls").any()  # off the comb
+    assert json.loads((trace / "trace.json").read_text())["expansions"][-1]["routers"][0]["router"] == spec.name
 
 
 def load_router_specs_from_text(folder: Path) -> list[RouterSpec]:

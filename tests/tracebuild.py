@@ -214,3 +214,50 @@ def forget_part(root: str | Path, name: str, writer_id: str = "w0") -> None:
     record = json.loads(record_file.read_text())
     record["parts"] = {table: [n for n in names if n != name] for table, names in record["parts"].items()}
     record_file.write_text(json.dumps(record))
+
+
+def random_trees(n_problems: int, depth: int, *, seed: int = 0, unscored: float = 0.0, uncached: float = 0.0):
+    """(steps, prm scores) of ``n_problems`` full small/large trees of ``depth`` with seeded random signals:
+    logprob_min in [-4, 0], conf_max_logit_math from two bumps, a PRM score for every small step (but a
+    share ``unscored`` of them), final steps right more often the more large steps and the easier the
+    problem; a share ``uncached`` of the non-root steps is left out with its subtree (the walks that reach
+    them miss)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    steps, scores = [], []
+    for index in range(n_problems):
+        problem = f"q{index:03d}"
+        ease = rng.random()
+        paths = [""]
+        dropped: set[str] = set()
+        for level in range(1, depth + 1):
+            paths = [p + c for p in paths for c in "sL"]
+            for path in paths:
+                if path[:-1] in dropped or (level > 1 and rng.random() < uncached):
+                    dropped.add(path)
+                    continue
+                final = level == depth
+                confident = rng.random() < 0.6
+                steps.append(
+                    {
+                        "problem_id": problem,
+                        "path": path,
+                        "is_final": final,
+                        "correct": bool(rng.random() < 0.3 * ease + 0.25 * path.count("L")) if final else None,
+                        "n_gen_tokens": 10 if path[-1] == "s" else 20,
+                        "logprob_min": float(np.float32(-4 * rng.random())),
+                        "conf_max_logit_math": float(np.float32(rng.normal(12.0 if confident else 7.0, 1.0))),
+                    }
+                )
+                if path[-1] == "s" and rng.random() >= unscored:
+                    scores.append(
+                        {
+                            "step_id": f"{problem}/0/{path}",
+                            "scorer": "prm",
+                            "value": float(np.float32(rng.random())),
+                            "detail": None,
+                            "n_tokens_processed": 30,
+                        }
+                    )
+    return steps, scores

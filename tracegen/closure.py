@@ -24,6 +24,10 @@ Router file (TOML), one table per router configuration::
     name = "specreason"
     params = {score = "expected"}    # optional, as `trace replay --param`
     sweep = ["tau=0:9:1"]
+
+    [[router]]
+    name = "my_router.py:MinLogprob"  # your own router, as `trace replay --router` takes it;
+    sweep = ["theta=-3:0:0.5"]        # a relative file is found next to this file
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import numpy as np
 import tomllib
 
 from replay.errors import TraceError
+from replay.plugins import anchor_reference
 from tracegen.expand import Request, missing
 
 ROUTER_KEYS = {"name", "params", "sweep"}
@@ -50,7 +55,7 @@ class RouterSpec:
     sweep: tuple[str, ...] = ()
 
     def router(self):
-        from replay.routers import make_router
+        from replay.plugins import make_router
 
         return make_router(self.name, **self.params)
 
@@ -89,7 +94,8 @@ def load_router_specs(path: str | Path) -> list[RouterSpec]:
         params = table.get("params", {})
         if not isinstance(params, dict) or not all(isinstance(s, str) for s in sweep):
             raise TraceError(f"{where}: params must be a table and sweep a string or a list of strings")
-        spec = RouterSpec(str(table["name"]), {str(k): str(v) for k, v in params.items()}, tuple(sweep))
+        name = anchor_reference(str(table["name"]), path.parent)
+        spec = RouterSpec(name, {str(k): str(v) for k, v in params.items()}, tuple(sweep))
         try:
             from replay.engine import sweep_configs
 

@@ -6,7 +6,9 @@ ways a router walks a tree.
   against them, and a sweep checks every swept value (``check_values``).
 - ``fit(train)`` checks the configuration, learns what it needs from the train split (attributes
   ending in ``_``) and returns ``self``; replaying an unfitted router is an error.
-- A subclass with a ``name`` registers itself in ``ROUTERS``: adding a router is one new file.
+- A subclass with a ``name`` in this package registers itself in ``ROUTERS``: adding a router is one new
+  file. Routers of your own (files, modules, entry points) are loaded by reference (replay.plugins) and
+  never enter the registry, so they cannot replace a built-in one.
 
 Kinds: a ``WriterRouter`` picks the model that writes each step; a ``DraftRouter`` lets the small
 model write each step and judges it: keep it, or discard it and have the large model write that step
@@ -76,12 +78,14 @@ class Router:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.__dict__.get("name"):
+        if cls.__dict__.get("name") and cls.__module__.startswith("replay.routers."):
             ROUTERS[cls.name] = cls
 
     @classmethod
     def param_names(cls) -> list[str]:
-        return [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)  # a class without __init__
+        return [p.name for p in parameters if p.name != "self" and p.kind not in variadic]
 
     @classmethod
     def param_defaults(cls) -> dict[str, Any]:
@@ -157,9 +161,16 @@ class WriterRouter(Router):
     def walk(self, data, costs, starts, params):
         from replay.engine import walk_steps
 
-        return walk_steps(
-            data, costs, starts, params, choose=lambda nodes, p: self.choose(data, nodes, p), router=self.name
-        )
+        def choose(nodes, p):
+            roles = checked_hook_output(self, "choose", self.choose(data, nodes, p), len(nodes), "role indices")
+            if roles.size and (roles.dtype.kind not in "iu" or roles.min() < 0 or roles.max() >= len(data.roles)):
+                raise TraceError(
+                    f"{router_origin(type(self))}: choose must return role indices 0..{len(data.roles) - 1} "
+                    f"(into data.roles = {', '.join(data.roles)}), got {roles[:5].tolist()}..."
+                )
+            return roles
+
+        return walk_steps(data, costs, starts, params, choose=choose, router=self.name)
 
 
 class DraftRouter(Router):
@@ -184,14 +195,43 @@ class DraftRouter(Router):
     def walk(self, data, costs, starts, params):
         from replay.engine import DraftRule, walk_steps
 
+        signal = checked_hook_output(self, "draft_signal", self.draft_signal(data), data.steps.height, "numbers")
+
+        def accept(drafts, p):
+            return checked_hook_output(self, "accept", self.accept(drafts, p), len(drafts), "booleans")
+
         rule = DraftRule(
-            signal=self.draft_signal(data),
-            accept=self.accept,
+            signal=signal,
+            accept=accept,
             one_way=self.one_way,
             scorer=self.scorer,
             escalate=self.escalate if self.one_way else "replace",
         )
         return walk_steps(data, costs, starts, params, draft_rule=rule, router=self.name)
+
+
+def router_origin(obj: Any) -> str:
+    """``FILE:Class`` of a router class (or function): where messages about it point."""
+    try:
+        where = inspect.getsourcefile(obj) or inspect.getfile(obj)
+    except TypeError:
+        where = getattr(obj, "__module__", "?")
+    return f"{where}:{obj.__qualname__}"
+
+
+def checked_hook_output(router: Router, hook: str, value: Any, length: int, kind: str) -> np.ndarray:
+    """A hook's output as an array of ``length`` ``kind``; TraceError naming the router's file and class otherwise
+    (a plugin returning the wrong shape fails here, not deep inside the engine)."""
+    array = np.asarray(value)
+    if array.shape != (length,):
+        raise TraceError(
+            f"{router_origin(type(router))}: {hook} returned an array of shape {array.shape}; it must return "
+            f"{length:,} {kind}, one per {'step row' if hook == 'draft_signal' else 'entry of its input'}"
+        )
+    wanted = {"booleans": "b", "numbers": "biuf", "role indices": "iu"}[kind]
+    if array.dtype.kind not in wanted:
+        raise TraceError(f"{router_origin(type(router))}: {hook} must return {kind}, got an array of {array.dtype}")
+    return array
 
 
 class QueryRouter(Router):

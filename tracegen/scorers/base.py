@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import polars as pl
 
+from replay.entry_points import SCORER_GROUP, Registered, entry_point_rows, entry_points, first_line, load_entry_point
 from replay.errors import TraceError
 from replay.schema import LARGE, Manifest
 from tracegen.backends import default_backend, load_backend, scorer_engine_kwargs
@@ -112,11 +113,39 @@ def make_scorer(name: str, manifest: Manifest, *, model: str | None = None, back
     """The scorer ``name`` (a registered name, or a signal that the trace's world serves with a variant)."""
     variants = WORLD_SCORERS.get(manifest.dataset_name, {})
     chosen = variants.get(name, name)
-    if chosen not in SCORERS:
-        raise TraceError(f"unknown scorer {name!r}; choose one of {', '.join(sorted(SCORERS))}")
-    return SCORERS[chosen](
-        manifest, model=model or WORLD_SCORER_MODELS.get(manifest.dataset_name, {}).get(name), backend=backend
-    )
+    if chosen in SCORERS:
+        cls = SCORERS[chosen]
+    elif chosen in entry_points(SCORER_GROUP):
+        cls = plugin_scorer_class(entry_points(SCORER_GROUP)[chosen])
+    else:
+        known = sorted({*SCORERS, *entry_points(SCORER_GROUP)})
+        raise TraceError(f"unknown scorer {name!r}; choose one of {', '.join(known)}")
+    return cls(manifest, model=model or WORLD_SCORER_MODELS.get(manifest.dataset_name, {}).get(name), backend=backend)
+
+
+def plugin_scorer_class(point, group: str = SCORER_GROUP) -> type[Scorer]:
+    """The Scorer subclass entry point ``point`` (group trace.scorers) names; TraceError saying what is wrong."""
+    cls = load_entry_point(point, group)
+    where = f"entry point {point.name} ({point.value})"
+    if not (isinstance(cls, type) and issubclass(cls, Scorer)):
+        raise TraceError(f"{where} is not a scorer: it must name a subclass of tracegen.scorers.base.Scorer")
+    missing = [hook for hook in ("wants", "describe", "score") if getattr(cls, hook) is getattr(Scorer, hook)]
+    missing += [attr for attr in ("name", "signal") if not isinstance(getattr(cls, attr, None), str)]
+    if not isinstance(getattr(cls, "generated_tokens", None), int):
+        missing.append("generated_tokens")
+    if missing:
+        raise TraceError(f"{where}: scorer class {cls.__name__} does not define {', '.join(missing)}")
+    return cls
+
+
+def registered_scorers() -> list[Registered]:
+    """Built-in scorers, then those installed packages declare (entry points of group trace.scorers)."""
+    rows = [
+        Registered("scorer", name, f"built-in {cls.__module__.rsplit('.', 1)[-1]}.py", first_line(cls))
+        for name, cls in sorted(SCORERS.items())
+        if cls.__module__.startswith("tracegen.")
+    ]
+    return rows + entry_point_rows("scorer", SCORER_GROUP, {row.name for row in rows}, plugin_scorer_class)
 
 
 class LanguageModelScorer(Scorer):

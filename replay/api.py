@@ -1,0 +1,155 @@
+"""The Python API of phase two, for notebooks and scripts: what `trace replay` calls.
+
+    from replay import api
+    from analysis.report import report
+
+    rsd = api.replay("runs/toy", "rsd", sweep={"tau": "0:1:0.05"}, split="all")
+    rsd.summary()          # Polars: one row per configuration (accuracy, cost, A/C, large share, misses)
+    rsd.outcomes           # Polars: one row per (configuration, problem, world)
+    mine = api.replay("runs/toy", "my_router.py:MinLogprob", sweep={"theta": "-3:0:0.25"}, split="all")
+    page = report("runs/toy", [rsd, mine], out="report/")   # the `trace report` page; page.markdown
+
+A router is given as a registered name, an entry point, ``FILE.py:Class`` or ``module:Class`` (see
+replay.plugins), as a router class or per-step function (made with ``params``), or as a router instance.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from replay.costs import Price, parse_prices, registered_costs
+from replay.engine import (
+    DEFAULT_MAX_CONFIGS,
+    ReplayResult,
+    miss_list,
+    parse_param,
+    parse_sweep,
+    replay_trace,
+    write_outcomes,
+)
+from replay.errors import TraceError
+from replay.plugins import make_router, registered_routers
+from replay.routers.base import Router
+from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED
+from replay.stepwise import StepRouter
+from replay.store import Trace, open_trace
+
+__all__ = [
+    "ReplayResult",
+    "miss_list",
+    "parse_param",
+    "open_trace",
+    "registered",
+    "replay",
+    "router",
+    "slow_sweep_hint",
+    "write_outcomes",
+]
+
+# a per-step router's replay slower than this suggests the vectorised form
+SLOW_SECONDS = 10.0
+
+
+def registered() -> pl.DataFrame:
+    """The routers and cost models this installation knows (kind, name, source, about): built-in ones, and
+    those installed packages declare through entry points (groups trace.routers, trace.costs)."""
+    rows = [*registered_routers(), *registered_costs()]
+    columns = ("kind", "name", "source", "about")
+    return pl.DataFrame([vars(row) for row in rows], schema=dict.fromkeys(columns, pl.String))
+
+
+def router(reference: Any, **params: Any) -> Router:
+    """A router: ``reference`` is a name, entry point, ``FILE.py:Class``, ``module:Class``, a router class or
+    a per-step function; ``params`` are its constructor's (strings are converted as `--param` does)."""
+    return make_router(reference, **params)
+
+
+def parse_sweeps(sweep: Mapping[str, Any] | Sequence[str] | None, max_configs: int) -> dict[str, np.ndarray]:
+    """``{"tau": "0:1:0.05"}``, ``{"tau": [0.3, 0.5]}`` or ``["tau=0:1:0.05"]`` (as `--sweep`) -> arrays."""
+    if not sweep:
+        return {}
+    if isinstance(sweep, str):
+        sweep = [sweep]
+    texts = list(sweep) if not isinstance(sweep, Mapping) else []
+    values: dict[str, np.ndarray] = {}
+    if isinstance(sweep, Mapping):
+        for name, given in sweep.items():
+            if isinstance(given, str):
+                texts.append(f"{name}={given}")
+            else:
+                values[name] = np.asarray(given, dtype=float).reshape(-1)
+    for text in texts:
+        name, array = parse_sweep(text, max_configs)
+        if name in values:
+            raise TraceError(f"--sweep {name} is given twice")
+        values[name] = array
+    return values
+
+
+def replay(
+    trace: str | os.PathLike | Trace,
+    router: Any,
+    *,
+    params: Mapping[str, Any] | Sequence[str] | None = None,
+    sweep: Mapping[str, Any] | Sequence[str] | None = None,
+    split: str = "test",
+    cost: str = "flops",
+    prices: Mapping[str, Price] | Sequence[str] | None = None,
+    worlds: Sequence[int] | None = None,
+    split_seed: int = DEFAULT_SPLIT_SEED,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    max_configs: int = DEFAULT_MAX_CONFIGS,
+) -> ReplayResult:
+    """Fit ``router`` on the trace's train split and replay it on ``split`` (train, calibration, test or all).
+
+    ``router``: a router instance, or what ``router()`` takes, made with ``params`` (a dict, or `--param`
+    strings ``name=value``). ``sweep``: parameter -> ``"start:stop:step"`` (stop included), ``"v1,v2"`` or a
+    sequence of numbers, or `--sweep` strings; several parameters make a grid. ``cost``: flops,
+    flops+prefill, kaplan, api (with ``prices``: role -> Price, or `--price` strings) or an installed cost
+    model. Returns the outcomes (``.outcomes``, one row per configuration, problem and world), the
+    ``.summary()`` per configuration and the ``.misses`` (steps or scores the trace lacks), the same ones
+    `trace replay` prints and writes.
+    """
+    if max_configs < 1:
+        raise TraceError(f"--max-configs must be at least 1, got {max_configs}")
+    if isinstance(params, Sequence) and not isinstance(params, str):
+        params = dict(parse_param(text) for text in params)
+    if isinstance(router, Router):
+        if params:
+            raise TraceError(f"params apply to a router given by name or class, not to the instance {router!r}")
+        chosen = router
+    else:
+        chosen = make_router(router, **(params or {}))
+    if prices is not None and not isinstance(prices, Mapping):
+        prices = parse_prices(list(prices))
+    root = trace.root if isinstance(trace, Trace) else trace
+    return replay_trace(
+        root,
+        chosen,
+        sweep=parse_sweeps(sweep, max_configs),
+        split=split,
+        cost=cost,
+        prices=dict(prices) if prices else None,
+        worlds=list(worlds) if worlds is not None else None,
+        split_seed=split_seed,
+        fractions=fractions,
+        max_configs=max_configs,
+    )
+
+
+def slow_sweep_hint(router: Router, result: ReplayResult, seconds: float) -> str | None:
+    """A suggestion to write the vectorised form, when a per-step router's replay took long."""
+    if not isinstance(router, StepRouter) or seconds < SLOW_SECONDS:
+        return None
+    n_configs = result.outcomes["config"].n_unique()
+    return (
+        f"{router.name} is a per-step router: {n_configs:,} configuration(s) took {seconds:.1f}s, one Python call "
+        "per draft and configuration. For sweeps write it as a vectorised DraftRouter (draft_signal: one number "
+        "per step row; accept: keep or not for arrays of signals and parameter values); see README, "
+        "'Your own router'."
+    )
