@@ -104,12 +104,14 @@ def replay(
     split_seed: int = DEFAULT_SPLIT_SEED,
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
     max_configs: int = DEFAULT_MAX_CONFIGS,
+    grades: str | None = None,
 ) -> ReplayResult:
     """Fit ``router`` on the trace's train split and replay it on ``split`` (train, calibration, test or all).
 
     ``router``: a router instance, or what ``router()`` takes, made with ``params`` (a dict, or `--param`
     strings ``name=value``). ``sweep``: parameter -> ``"start:stop:step"`` (stop included), ``"v1,v2"`` or a
-    sequence of numbers, or `--sweep` strings; several parameters make a grid. ``cost``: flops,
+    sequence of numbers, or `--sweep` strings; several parameters make a grid. ``grades``: the grade set of the
+    final steps (default: the steps' own; others are written by `trace regrade`). ``cost``: flops,
     flops+prefill, kaplan, api (with ``prices``: role -> Price, or `--price` strings) or an installed cost
     model. Returns the outcomes (``.outcomes``, one row per configuration, problem and world), the
     ``.summary()`` per configuration and the ``.misses`` (steps or scores the trace lacks), the same ones
@@ -139,6 +141,7 @@ def replay(
         split_seed=split_seed,
         fractions=fractions,
         max_configs=max_configs,
+        grades=grades,
     )
 
 
