@@ -781,7 +781,8 @@ def replay_trace(
             f"router {router.name} reads {scorer} scores, but {root} holds none, although trace.json lists the "
             f"scorer (the scores were lost); run `trace score {root} --scorer {scorer}`"
         )
-    result.outcomes = result.outcomes.join(splits, on="problem_id", how="left", maintain_order="left").with_columns(
+    result.outcomes = result.outcomes.with_columns(  # a lookup, not a join: the outcomes are not copied
+        split=pl.col("problem_id").replace_strict(splits["problem_id"], splits["split"], default=None),
         split_seed=pl.lit(split_seed, dtype=pl.Int64),
         split_fractions=pl.lit(",".join(str(f) for f in fractions)),
     )
