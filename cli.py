@@ -364,7 +364,7 @@ def _replay_table(result, swept: list[str], title: str, max_rows: int = 21):
 @app.command()
 @user_errors
 def replay(
-    trace_dir: Path = typer.Argument(..., help="Trace directory."),
+    trace_dir: str = typer.Argument(..., help="Trace directory, or a URI read in place (s3://bucket/path, gs://...)."),
     router: str = typer.Option(..., "--router", help=f"One of {', '.join(sorted(ROUTERS))}."),
     param: list[str] = typer.Option(
         [],

@@ -249,6 +249,11 @@ def _read_verified(path: str, columns: list[str]) -> pa.Table:
 
 
 def open_trace(root: str | os.PathLike) -> Trace:
+    """The trace at ``root``: a directory, or a URI (s3://, gs://, memory://, ...) read in place (replay.remote)."""
+    if isinstance(root, str) and "://" in root:
+        from replay.remote import open_remote
+
+        return open_remote(root)
     root = Path(root)
     if not root.exists():
         raise TraceError(f"trace directory {root} does not exist")
