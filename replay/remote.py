@@ -20,8 +20,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from replay.errors import TraceError
-from replay.schema import MANIFEST_FILE, PARTS_DIR, SCHEMA_VERSION, SCHEMAS, Manifest
-from replay.store import HEAVY_TABLES, Trace, _first_line, empty_frame
+from replay.schema import MANIFEST_FILE, PARTS_DIR, SCHEMA_VERSION, SCHEMAS, TABLES, Manifest
+
+VERIFIED_ON_OPEN = tuple(table for table in TABLES if table != "tokens")  # as replay.store.HEAVY_TABLES says
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 def is_uri(root) -> bool:
@@ -45,13 +50,18 @@ def filesystem_of(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), path
 
 
-class RemoteTrace(Trace):
-    """Read side of a trace at a URI; see the module."""
+class RemoteTrace:
+    """Read side of a trace at a URI, with replay.store.Trace's reading methods; see the module."""
 
     def __init__(self, uri: str, filesystem: pafs.FileSystem, path: str, manifest: Manifest):
-        super().__init__(uri, manifest)
+        self.root = uri
+        self.manifest = manifest
+        self._checked: dict[str, list[str]] = {}
         self.filesystem = filesystem
         self.path = path.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"RemoteTrace({self.root!r})"
 
     def _listing(self, folder: str) -> list[pafs.FileInfo]:
         selector = pafs.FileSelector(posixpath.join(self.path, folder), allow_not_found=True)
@@ -95,7 +105,7 @@ class RemoteTrace(Trace):
             if self._exists(f"{table}.parquet"):
                 paths.insert(0, posixpath.join(self.path, f"{table}.parquet"))
             for path in paths:
-                self._check(path, table, verify=table not in HEAVY_TABLES)
+                self._check(path, table, verify=table in VERIFIED_ON_OPEN)
             self._checked[table] = paths
         return list(self._checked[table])
 
@@ -119,7 +129,7 @@ class RemoteTrace(Trace):
             raise TraceError(f"{self.root}: naming each row's part file needs a local trace")
         files = self.files(table)
         if not files:
-            return empty_frame(table).lazy()
+            return pl.from_arrow(SCHEMAS[table].empty_table()).lazy()
         dataset = ds.dataset(files, schema=SCHEMAS[table], format="parquet", filesystem=self.filesystem)
         return pl.scan_pyarrow_dataset(dataset)
 
