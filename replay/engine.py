@@ -406,7 +406,7 @@ def walk_steps(
         else:
             drafted = np.ones(active.size, dtype=bool)
             role = np.full(active.size, small)
-        step = children[role, here]
+        step = children[small][here] if draft_rule is not None and not draft_rule.one_way else children[role, here]
         cached = step >= 0
         if not cached.all():
             stop_missing(~cached, role)
@@ -416,11 +416,13 @@ def walk_steps(
         if draft_rule is not None and draft_rule.keeps_trigger:
             drafted &= ~step_final[step]  # a final draft is kept unjudged: nothing left to escalate
         if drafted is not None and drafted.any():
-            drafts = np.flatnonzero(drafted)
+            # the drafting states, as a slice (views, no copies) when all of them draft, as they mostly do
+            drafts = slice(None) if drafted.all() else np.flatnonzero(drafted)
             if scorer_cost is not None:
                 call_cost = scorer_cost[step[drafts]]
                 unscored = np.isnan(call_cost)
                 if unscored.any():
+                    drafts = np.arange(active.size)[drafts]
                     lost = np.zeros(active.size, dtype=bool)
                     lost[drafts[unscored]] = True
                     stop_missing(lost, role, scorer=True)
@@ -430,13 +432,13 @@ def walk_steps(
                     drafts = np.flatnonzero(drafted[scored])
                 else:
                     walk.scorer[active[drafts]] += call_cost
-            draft_states = active if drafts.size == active.size else active[drafts]
+            draft_states = active[drafts]
             accepted = np.asarray(
                 draft_rule.accept(draft_rule.signal[step[drafts]], {k: v[draft_states] for k, v in params.items()}),
                 dtype=bool,
             )
             if not accepted.all():
-                rejected = drafts[~accepted]
+                rejected = np.flatnonzero(~accepted) if isinstance(drafts, slice) else drafts[~accepted]
                 if draft_rule.one_way:
                     escalated[rejected] = True
                 if not draft_rule.keeps_trigger:  # else the triggering draft stays; the large model takes over next
