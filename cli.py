@@ -208,6 +208,21 @@ def gen(
             "the same command writes the same bytes."
         ),
     ),
+    ray: str = typer.Option(
+        None,
+        "--ray",
+        metavar="ADDRESS",
+        help=(
+            'Grow the trace with Ray workers (pip install ".\\[ray]"): "local" starts a Ray instance here, '
+            '"auto" joins the cluster this machine belongs to, host:port joins that one. --out must be a path every '
+            "node sees."
+        ),
+    ),
+    workers: int = typer.Option(2, "--workers", help="With --ray: workers, each a shard of the problems."),
+    gpus_per_worker: float = typer.Option(
+        0.0, "--gpus-per-worker", help="With --ray: GPUs each worker owns (its small and large engines share them)."
+    ),
+    cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker", help="With --ray: CPUs each worker owns."),
 ) -> None:
     """Grow step trees of a small and a large model over a dataset and store them as a trace.
 
@@ -244,6 +259,13 @@ def gen(
         routers=tuple(load_router_specs(routers)) if routers is not None else (),
         budget_tokens=budget_tokens,
     )
+    if ray is None and (workers, gpus_per_worker, cpus_per_worker) != (2, 0.0, 1.0):
+        raise TraceError("--workers, --gpus-per-worker and --cpus-per-worker need --ray")
+    if ray is not None:
+        from tracegen.distributed import print_summary, run_on_ray
+
+        print_summary(console, run_on_ray(options, ray, workers, gpus_per_worker, cpus_per_worker, console))
+        return
     with GenProgress(console) as progress:
         summary = run_gen(options, progress)
     console.print(
@@ -371,7 +393,7 @@ def _print_registered() -> None:
 @app.command()
 @user_errors
 def replay(
-    trace_dir: Path = typer.Argument(..., help="Trace directory."),
+    trace_dir: str = typer.Argument(..., help="Trace directory, or a URI read in place (s3://bucket/path, gs://...)."),
     router: str = typer.Option(
         ...,
         "--router",

@@ -1,4 +1,4 @@
-"""Benchmark `trace gen` on the toy world and print three ratios against their goals.
+"""Benchmark `trace gen` on the toy world and print four ratios against their goals.
 
     python bench/gen.py [--problems 100] [--backend vllm|hf] [--sequential-steps 200]
 
@@ -12,6 +12,10 @@
    uses 32 on CPU, where vLLM's own default is 128: --block-size 128 shows the difference).
 3. Bytes on disk per generated token: size of the steps and tokens parts / generated tokens
    (goal <= 48).
+4. The limit (vLLM only): the batched tree run's tokens/s against one flat batch per model that
+   generates the same number of tokens (each request exactly its step's n_gen_tokens, EOS ignored,
+   the same top-k logprobs) from the same prompts (so of the same lengths), prefix cache reset
+   first. Goal: the tree run reaches >= 0.9x (tree bookkeeping, rounds and writing cost < 10%).
 """
 
 from __future__ import annotations
@@ -121,6 +125,16 @@ def main() -> None:
         f"-> {sequential_rate:,.0f} generated tokens/s; {identical}/{len(sample)} steps identical to the batched run"
     )
 
+    flat_rate = None
+    if kind == "vllm":
+        root_ids = {pid: prompt_token_ids(tokenizer, question) for pid, question in problems.items()}
+        flat_tokens, flat_seconds = flat_batches(backends, by_id, root_ids, options)
+        flat_rate = flat_tokens / flat_seconds
+        print(
+            f"flat batches (the limit): {len(by_id):,} requests, {flat_tokens:,} tokens in {flat_seconds:.1f}s "
+            f"-> {flat_rate:,.0f} generated tokens/s"
+        )
+
     cached = steps["n_cached_tokens"].sum() / steps["n_prompt_tokens"].sum()
     on_disk = sum(os.path.getsize(f) for table in ("steps", "tokens") for f in trace.files(table))
     whole = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
@@ -132,7 +146,49 @@ def main() -> None:
         f"bytes on disk per generated token:    {per_token:6.1f}   (goal <= 48; whole trace dir "
         f"{whole / steps['n_gen_tokens'].sum():.1f})"
     )
+    if flat_rate is not None:
+        print(f"tree run / flat-batch limit tokens/s: {batched_rate / flat_rate:6.2f}x   (goal >= 0.9x)")
+    else:
+        print("tree run / flat-batch limit tokens/s:    n/a   (the flat batch runs on vLLM only)")
     print(f"trace: {out}")
+
+
+def flat_batches(backends, by_id: dict, root_ids: dict, options) -> tuple[int, float]:
+    """One vLLM batch per model of every step of the trace, each request generating exactly its step's
+    n_gen_tokens from its step's prompt; (tokens, seconds summed over the models)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    def prompt(row: dict) -> list[int]:
+        prefix = f"{row['problem_id']}/{row['world']}/"
+        ids = list(root_ids[row["problem_id"]])
+        for end in range(1, len(row["parent_path"]) + 1):
+            ids.extend(by_id[prefix + row["parent_path"][:end]]["token_ids"])
+        return ids
+
+    tokens, seconds = 0, 0.0
+    for role, backend in backends.items():
+        rows = [row for row in by_id.values() if row["model"] == role and row["n_gen_tokens"] > 0]
+        params = [
+            SamplingParams(
+                temperature=options.temperature,
+                top_p=options.top_p,
+                max_tokens=row["n_gen_tokens"],
+                min_tokens=row["n_gen_tokens"],
+                ignore_eos=True,
+                seed=index,
+                logprobs=options.topk,
+                flat_logprobs=True,
+            )
+            for index, row in enumerate(rows)
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=prompt(row)) for row in rows]
+        backend.generator.reset_prefix_cache()  # a cold start, as the tree run had
+        started = time.perf_counter()
+        outputs = backend.generator.generate(prompts, params, use_tqdm=False)
+        seconds += time.perf_counter() - started
+        tokens += sum(len(output.outputs[0].token_ids) for output in outputs)
+    return tokens, seconds
 
 
 def ancestor_step(row: dict):

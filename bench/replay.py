@@ -11,7 +11,11 @@ replays the same router on the trace that run wrote, and prints the ratio of the
 (goal >= 10^4): for one configuration (opening the trace, and on the trace loaded once, as a study
 replaying many routers does) and per configuration of a 101-point sweep.
 
-    python bench/replay.py [--problems 1319] [--repeats 3] [--online 20]
+The default run grows a 10x trace (13,190 problems), times the first 1,319 problems and the whole,
+and prints the goals at scale: sweep < 1 s, tree index < 0.5 s, peak memory of a replay from disk
+< 1 KB per cached step, and how time grows from 1x to 10x (goal: no faster than the trace).
+
+    python bench/replay.py [--problems 1319] [--scale 10] [--repeats 3] [--online 20]
 """
 
 from __future__ import annotations
@@ -38,7 +42,10 @@ from replay.splits import hash_uniform  # noqa: E402
 
 MANIFEST = {
     "models": [{"role": "small", "n_params": 1.5e9}, {"role": "large", "n_params": 7e9}],
-    "scorers": {"prm": {"model": "skywork-prm-1.5b", "n_params": 1.5e9}, "judge": {"model": "large"}},
+    "scorers": {
+        "prm": {"model": "skywork-prm-1.5b", "n_params": 1.5e9, "generated_tokens": 0},
+        "judge": {"model": "large", "generated_tokens": 1},
+    },
 }
 SWEEPS = {
     "steer mode=switch": ("steer", {"mode": "switch"}, "tau=0:1:0.01"),
@@ -162,9 +169,112 @@ def grow_trace(n_problems: int) -> tuple[ReplayData, int]:
         steps, scores = pl.concat([steps, new_steps]), pl.concat([scores, new_scores])
 
 
+def write_trace(data: ReplayData, root: str) -> None:
+    """The synthetic trace as a trace directory (one TABLE.parquet per table; no tokens: replay reads none)."""
+    from replay.schema import SCHEMA_VERSION, manifest_json
+    from replay.store import write_parquet
+
+    os.makedirs(root)
+    with open(os.path.join(root, "trace.json"), "w", encoding="utf-8") as handle:
+        handle.write(manifest_json({**MANIFEST, "schema_version": SCHEMA_VERSION}))
+    problems = data.problems.select(
+        "problem_id",
+        dataset=pl.lit("gsm8k"),
+        split=pl.lit("test"),
+        question=pl.lit(""),
+        reference=pl.lit("42"),
+        meta="meta",
+    )
+    tables = {"problems": problems, "steps": data.steps.with_columns(text=pl.lit("")), "scores": data.scores.collect()}
+    for table, frame in tables.items():
+        arrow = frame.select(SCHEMAS[table].names).to_arrow().cast(SCHEMAS[table])
+        write_parquet(arrow, os.path.join(root, f"{table}.parquet"), table)
+
+
+MEMORY_PROBE = """
+import json, sys
+from replay.engine import parse_sweep, replay_trace
+from replay.routers import make_router
+
+
+def status(field):
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith(field + ":"))
+
+
+root, router, params, sweep = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+with open("/proc/self/clear_refs", "w") as handle:
+    handle.write("5")  # resets the peak (VmHWM) to what is resident now: what the imports left
+before = status("VmRSS")
+result = replay_trace(root, make_router(router, **params), sweep=dict([parse_sweep(sweep)]), split="all")
+print(json.dumps({"kib": status("VmHWM") - before, "rows": result.outcomes.height}))
+"""
+
+
+def replay_memory(root: str, router: str, params: dict, sweep: str) -> tuple[float, int]:
+    """Peak resident memory a fresh process adds replaying ``sweep`` on the trace at ``root`` (opening it,
+    loading it, indexing it, walking, outcomes), beyond what its imports left resident (Linux: the peak is
+    reset through /proc/self/clear_refs after the imports); (bytes, outcome rows)."""
+    import json
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo}
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, root, router, json.dumps(params), sweep],
+        env=env,
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    return probe["kib"] * 1024.0, probe["rows"]
+
+
+def time_sweeps(data: ReplayData, repeats: int) -> dict[str, tuple[float, float, dict]]:
+    """Best wall and CPU seconds of each sweep, and its summary numbers."""
+    cost = make_cost_model("flops", MANIFEST)
+    timings = {}
+    for label, (router, params, sweep) in SWEEPS.items():
+        chosen = make_router(router, **params).fit(data)
+        name, values = parse_sweep(sweep)
+        walls, cpus = [], []
+        for _ in range(repeats):
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = replay(data, chosen, cost, {name: values})
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
+        summary = result.summary()
+        timings[label] = (
+            min(walls),
+            min(cpus),
+            {
+                "configs": len(values),
+                "misses": int(summary["misses"].sum()),
+                "accuracy": (summary["accuracy"].min(), summary["accuracy"].max()),
+            },
+        )
+    return timings
+
+
+def time_index(data: ReplayData) -> tuple[float, float]:
+    fresh = ReplayData(MANIFEST, data.steps, data.problems, scores=data.scores)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fresh.tree  # noqa: B018 - builds the tree index, once per trace
+    fresh.roots  # noqa: B018
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problems", type=int, default=1319)
+    parser.add_argument(
+        "--scale",
+        type=int,
+        default=10,
+        help="also time a trace this many times larger (its first --problems: the small one)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--online",
@@ -178,31 +288,57 @@ def main() -> None:
         online_vs_replay(args.online, args.repeats)
 
     started = time.perf_counter()
-    data, rounds = grow_trace(args.problems)
+    large, rounds = grow_trace(args.problems * args.scale)
     print(
-        f"synthetic trace: {args.problems:,} problems, {data.steps.height:,} steps "
-        f"(comb + {rounds} closure rounds), built in {time.perf_counter() - started:.1f}s"
+        f"synthetic trace: {large.roots.height:,} problems, {large.steps.height:,} steps "
+        f"(comb + {rounds} closure rounds), built in {time.perf_counter() - started:.1f}s; "
+        f"the small trace is its first {args.problems:,} problems"
     )
-    cost = make_cost_model("flops", MANIFEST)
-    fresh = ReplayData(MANIFEST, data.steps, data.problems, scores=data.scores)
-    started = time.perf_counter()
-    fresh.tree  # noqa: B018 - builds the tree index, once per trace
-    fresh.roots  # noqa: B018
-    print(f"tree index: {time.perf_counter() - started:.3f}s (once per trace)")
-    for label, (router, params, sweep) in SWEEPS.items():
-        chosen = make_router(router, **params).fit(fresh)
-        name, values = parse_sweep(sweep)
-        timings = []
-        for _ in range(args.repeats):
-            started = time.perf_counter()
-            result = replay(fresh, chosen, cost, {name: values})
-            timings.append(time.perf_counter() - started)
-        summary = result.summary()
-        print(
-            f"{label:28s} {len(values)} thresholds x {fresh.roots.height:,} problems: "
-            f"{min(timings):.3f}s per sweep (best of {args.repeats}); misses {int(summary['misses'].sum())}; "
-            f"accuracy {summary['accuracy'].min():.3f}-{summary['accuracy'].max():.3f}"
-        )
+    small = large.subset(large.problems["problem_id"].head(args.problems).to_list())
+    sizes = {"small": small, "large": large} if args.scale > 1 else {"small": small}
+    index = {size: time_index(data) for size, data in sizes.items()}
+    sweeps = {size: time_sweeps(data, args.repeats) for size, data in sizes.items()}
+    for size, data in sizes.items():
+        wall, cpu = index[size]
+        print(f"\n{data.roots.height:,} problems, {data.steps.height:,} steps")
+        print(f"  tree index: {wall:.3f}s ({cpu:.3f}s CPU), once per trace")
+        for label, (wall, cpu, info) in sweeps[size].items():
+            low, high = info["accuracy"]
+            print(
+                f"  {label:28s} {info['configs']} thresholds: {wall:.3f}s per sweep ({cpu:.3f}s CPU; best of "
+                f"{args.repeats}); misses {info['misses']}; accuracy {low:.3f}-{high:.3f}"
+            )
+    if args.scale == 1:
+        return
+
+    import tempfile
+
+    label = "specreason score=expected"
+    router, params, sweep = SWEEPS[label]
+    with tempfile.TemporaryDirectory(prefix="bench-replay-") as folder:
+        root = os.path.join(folder, "trace")
+        write_trace(large, root)
+        peak, rows = replay_memory(root, router, params, sweep)
+    n_steps = large.steps.height
+    worst_sweep = max(wall for wall, _, _ in sweeps["large"].values())
+    growth = {
+        name: sweeps["large"][name][1] / sweeps["small"][name][1] for name in SWEEPS
+    }  # CPU seconds: the machine's other load does not enter the ratio
+    index_growth = index["large"][1] / index["small"][1]
+    print(f"\ngoals at {large.roots.height:,} problems ({n_steps:,} cached steps):")
+    print(f"  slowest 101-point sweep:   {worst_sweep:8.3f} s     (goal < 1 s)")
+    print(f"  tree index:                {index['large'][0]:8.3f} s     (goal < 0.5 s)")
+    print(
+        f"  peak replay memory:        {peak / n_steps:8.0f} B per cached step ({peak / 1e6:.0f} MB replaying "
+        f"{label} from disk, {rows:,} outcome rows; goal < 1 KB)"
+    )
+    print(
+        f"  growth {args.problems:,} -> {large.roots.height:,} problems "
+        f"({args.scale}x; goal <= {args.scale}x, CPU time):"
+    )
+    print(f"    tree index                 {index_growth:6.1f}x")
+    for name, ratio in growth.items():
+        print(f"    {name:26s} {ratio:6.1f}x")
 
 
 def online_vs_replay(n_problems: int, repeats: int) -> None:

@@ -112,12 +112,18 @@ class CostModel:
         raise NotImplementedError
 
 
-def _per_key(keys: np.ndarray, values: dict, missing: str) -> np.ndarray:
+def _per_key(keys: np.ndarray | pl.Series, values: dict, missing: str) -> np.ndarray:
     """``values[key]`` for each entry of ``keys``; TraceError naming the keys without a value."""
-    lacking = sorted(set(keys.tolist()) - set(values))
+    keys = keys if isinstance(keys, pl.Series) else pl.Series(keys, dtype=pl.String)
+    lacking = sorted(set(keys.unique().to_list()) - set(values))
     if lacking:
         raise TraceError(missing.format(keys=", ".join(lacking)))
-    return np.array([values[key] for key in keys.tolist()], dtype=np.float64) if keys.size else np.array([])
+    return _lookup(keys, values)
+
+
+def _lookup(keys: pl.Series, values: dict) -> np.ndarray:
+    """``values[key]`` for each key (all present), as float64: a vectorised lookup, not a Python loop."""
+    return keys.replace_strict({key: float(value) for key, value in values.items()}, return_dtype=pl.Float64).to_numpy()
 
 
 def _column(steps: pl.DataFrame, name: str) -> np.ndarray:
@@ -168,12 +174,12 @@ class FlopsCost(CostModel):
             else "2·N FLOPs per generated token, models and scorers alike; prefill not counted (the seeds')"
         )
 
-    def _per_token(self, keys: np.ndarray, sizes: dict) -> np.ndarray:
+    def _per_token(self, keys: np.ndarray | pl.Series, sizes: dict) -> np.ndarray:
         n = _per_key(keys, sizes, f"cost model {self.name} needs n_params of {{keys}} in trace.json")
         return 2 * n / FLOPS_UNIT
 
     def step_costs(self, steps):
-        per_token = self._per_token(steps["model"].to_numpy(), self.n_params)
+        per_token = self._per_token(steps["model"], self.n_params)
         decode = per_token * _column(steps, "n_gen_tokens")
         if not self.include_prefill:
             return decode, np.zeros(len(steps))
@@ -224,14 +230,15 @@ class KaplanCost(CostModel):
         positions = generated * context + generated * (generated - 1) / 2
         return (2 * n * generated + 2 * n_layer * d_model * positions) / FLOPS_UNIT
 
-    def _shapes_of(self, keys: np.ndarray, shapes: dict) -> np.ndarray:
-        lacking = sorted(set(keys.tolist()) - set(shapes))
+    def _shapes_of(self, keys: np.ndarray | pl.Series, shapes: dict) -> np.ndarray:
+        keys = keys if isinstance(keys, pl.Series) else pl.Series(keys, dtype=pl.String)
+        lacking = sorted(set(keys.unique().to_list()) - set(shapes))
         if lacking:
             raise TraceError(f"cost model kaplan needs n_params, n_layer and d_model of {', '.join(lacking)}")
-        return np.array([shapes[key] for key in keys.tolist()], dtype=np.float64).reshape(-1, 3)
+        return np.column_stack([_lookup(keys, {key: shape[i] for key, shape in shapes.items()}) for i in range(3)])
 
     def step_costs(self, steps):
-        shape = self._shapes_of(steps["model"].to_numpy(), self.shapes)
+        shape = self._shapes_of(steps["model"], self.shapes)
         decode = self._generation(shape, _column(steps, "n_prompt_tokens"), _column(steps, "n_gen_tokens"))
         return decode, np.zeros(len(steps))
 
@@ -265,14 +272,14 @@ class ApiCost(CostModel):
         self.prices = prices
         self.scorers = manifest.scorers
 
-    def _rates(self, keys: np.ndarray, field: str) -> np.ndarray:
+    def _rates(self, keys: np.ndarray | pl.Series, field: str) -> np.ndarray:
         """US cents per token of ``field`` for each key (a role or scorer name)."""
         rates = {key: getattr(price, field) * CENTS_PER_USD / 1e6 for key, price in self.prices.items()}
         missing = "cost model api has no price for {keys}: pass --price NAME=... for each (" + PRICE_FORMS + ")"
         return _per_key(keys, rates, missing)
 
     def step_costs(self, steps):
-        roles = steps["model"].to_numpy()
+        roles = steps["model"]
         prompt = _column(steps, "n_prompt_tokens")
         cached = prompt - _column(steps, "n_new_prefill_tokens")
         decode = self._rates(roles, "output") * _column(steps, "n_gen_tokens")

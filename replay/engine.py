@@ -31,12 +31,6 @@ from replay.schema import LARGE, SMALL, Manifest
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, SPLITS, assign_splits
 from replay.store import Trace, empty_frame, open_trace
 
-_SEP = "\x1f"  # joins (problem_id, world, path) into one node key; cannot occur in ids or paths
-
-
-def _node_key(problem_id: pl.Expr, world: pl.Expr, path: pl.Expr) -> pl.Expr:
-    return pl.concat_str(problem_id, world.cast(pl.String), path, separator=_SEP)
-
 
 @dataclass(frozen=True)
 class TreeIndex:
@@ -116,35 +110,56 @@ class ReplayData:
             pl.DataFrame({"world": self.worlds}, schema={"world": pl.Int32}), how="cross"
         )
 
-    def _node_ids(self, frame: pl.DataFrame, path: pl.Expr) -> np.ndarray:
-        keys = frame.select(_node_key(pl.col("problem_id"), pl.col("world"), path)).to_series()
-        return self._node_keys.search_sorted(keys).to_numpy().astype(np.int64)
-
     @cached_property
-    def _node_keys(self) -> pl.Series:
-        """Sorted keys of every node (roots, and both ends of every step); a node's id is its position."""
-        keys = pl.concat(
-            [
-                self._root_rows.select(key=_node_key(pl.col("problem_id"), pl.col("world"), pl.lit(""))),
-                self.steps.select(key=_node_key(pl.col("problem_id"), pl.col("world"), pl.col("parent_path"))),
-                self.steps.select(key=_node_key(pl.col("problem_id"), pl.col("world"), pl.col("path"))),
-            ]
-        )
-        return keys["key"].unique().sort()
+    def _node_index(self) -> tuple[pl.DataFrame, np.ndarray]:
+        """(problem_id, world, path) of every node, a node's id being its row, and the node each step row
+        continues. The nodes are the roots (problem-major), then the node each step row creates (row i
+        creates node n_roots + i), then parents no step row creates. Built with one hash join, not by
+        sorting string keys, so it costs time linear in the steps."""
+        key = ["problem_id", "world", "path"]
+        world = pl.col("world").cast(pl.Int32)
+        created = self.steps.select("problem_id", world, "path")
+        nodes = pl.concat([self._root_rows.with_columns(path=pl.lit("", dtype=pl.String)), created])
+        parents = self.steps.select("problem_id", world, path=pl.col("parent_path"))
+        numbered = nodes.with_row_index("node")
+        found = parents.join(numbered, on=key, how="left", maintain_order="left")
+        if found.height != parents.height:  # a node stored twice: `tree` names the steps that repeat it
+            first = numbered.unique(key, keep="first", maintain_order=True)
+            found = parents.join(first, on=key, how="left", maintain_order="left")
+        orphans = found.filter(pl.col("node").is_null()).select(key).unique(maintain_order=True)
+        if orphans.height:
+            numbered = orphans.with_row_index("orphan", offset=nodes.height)
+            found = found.join(numbered, on=key, how="left", maintain_order="left").with_columns(
+                node=pl.coalesce("node", "orphan")
+            )
+            nodes = pl.concat([nodes, orphans])
+        return nodes, found["node"].to_numpy().astype(np.int64)
+
+    @property
+    def _nodes(self) -> pl.DataFrame:
+        return self._node_index[0]
 
     @cached_property
     def roots(self) -> pl.DataFrame:
         """problem_id, world and root node id of every replayed (problem, world), problem-major."""
-        return self._root_rows.with_columns(node=pl.Series(self._node_ids(self._root_rows, pl.lit(""))))
+        return self._root_rows.with_columns(node=pl.int_range(pl.len(), dtype=pl.Int64))
 
     @cached_property
     def node_path(self) -> np.ndarray:
         """The path string of every node id."""
-        return self._node_keys.str.split(_SEP).list.get(2).to_numpy()
+        return self._nodes["path"].to_numpy()
+
+    @property
+    def node_path_series(self) -> pl.Series:
+        """The path of every node id, as a Polars series (gathers without Python objects)."""
+        return self._nodes["path"]
 
     def node_names(self, nodes: np.ndarray) -> list[str]:
         """``problem_id/world/path`` of each node (the step_id its creating step has)."""
-        return self._node_keys.gather(nodes).str.replace_all(_SEP, "/", literal=True).to_list()
+        picked = self._nodes[np.asarray(nodes, dtype=np.int64)]
+        return picked.select(pl.concat_str("problem_id", pl.col("world").cast(pl.String), "path", separator="/"))[
+            :, 0
+        ].to_list()
 
     @cached_property
     def tree(self) -> TreeIndex:
@@ -155,26 +170,39 @@ class ReplayData:
         graded = steps.filter(pl.col("is_final") & pl.col("correct").is_null())
         if graded.height:
             raise TraceError(f"step {graded['step_id'][0]!r} is final but has no graded 'correct' value")
-        parent = self._node_ids(steps, pl.col("parent_path"))
+        nodes, parent = self._node_index
         role = steps["model"].replace_strict({r: i for i, r in enumerate(self.roles)}, return_dtype=pl.Int64)
         role = role.to_numpy()
-        n_nodes = len(self._node_keys)
-        slot = role * n_nodes + parent
-        unique_slots, counts = np.unique(slot, return_counts=True)
-        if (counts > 1).any():
-            twice = slot == unique_slots[np.argmax(counts > 1)]
-            ids = steps["step_id"].filter(pl.Series(twice)).to_list()
+        rows = np.arange(steps.height)
+        children = np.full((len(self.roles), nodes.height), -1, dtype=np.int64)
+        children[role, parent] = rows
+        overwritten = np.flatnonzero(children[role, parent] != rows)  # a later row took the same (node, model)
+        if overwritten.size:
+            first = overwritten[0]
+            ids = steps["step_id"].gather([first, children[role[first], parent[first]]]).to_list()
             raise TraceError(f"steps {ids[0]!r} and {ids[1]!r} continue the same node with the same model")
-        children = np.full((len(self.roles), n_nodes), -1, dtype=np.int64)
-        children[role, parent] = np.arange(steps.height)
         return TreeIndex(
             children=children,
             step_parent=parent,
-            step_child=self._node_ids(steps, pl.col("path")),
+            step_child=self._root_rows.height + rows,
             step_role=role,
             step_final=steps["is_final"].to_numpy(),
             step_correct=steps["correct"].fill_null(False).to_numpy(),
         )
+
+    @cached_property
+    def step_levels(self) -> list[np.ndarray]:
+        """Step rows grouped by path length, shortest first: the parent node of a step is a root or is
+        created by a step of an earlier group."""
+        lengths = self.steps.select(path=pl.col("path").str.len_chars(), parent=pl.col("parent_path").str.len_chars())
+        path_length = lengths["path"].to_numpy()
+        upward = np.flatnonzero(lengths["parent"].to_numpy() >= path_length)
+        if upward.size:
+            raise TraceError(
+                f"step {self.steps['step_id'][int(upward[0])]!r} has a parent_path no shorter than its path"
+            )
+        order = np.argsort(path_length, kind="stable")
+        return np.split(order, np.flatnonzero(np.diff(path_length[order])) + 1)
 
     # ------------------------------------------------------------------ scores
 
@@ -208,6 +236,24 @@ class Costs:
         self.step_total = self.decode + self.prefill
         self._scorer: dict[str, np.ndarray] = {}
 
+    @cached_property
+    def path_sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Along the path from its root to every node: the decode cost and count of the steps by role
+        (n_roles x n_nodes) and their prefill cost, added in the order a walk adds them, so a walk from a
+        root reads its kept steps' costs at the node where it ends, bit for bit."""
+        tree = self.data.tree
+        decode = np.zeros(tree.children.shape)
+        kept = np.zeros(tree.children.shape, dtype=np.int64)
+        prefill = np.zeros(tree.children.shape[1])
+        for rows in self.data.step_levels:
+            parent, child, role = tree.step_parent[rows], tree.step_child[rows], tree.step_role[rows]
+            decode[:, child] = decode[:, parent]
+            kept[:, child] = kept[:, parent]
+            decode[role, child] += self.decode[rows]
+            kept[role, child] += 1
+            prefill[child] = prefill[parent] + self.prefill[rows]
+        return decode, kept, prefill
+
     def scorer(self, name: str) -> np.ndarray:
         """Cost of scoring each step row with scorer ``name``; NaN where the trace has no such score."""
         if name not in self._scorer:
@@ -217,7 +263,7 @@ class Costs:
             if self.model is None:
                 cost[present] = 0.0
             else:
-                roles = self.data.steps["model"].to_numpy()[present]
+                roles = self.data.steps["model"].filter(pl.Series(present)).to_numpy()
                 cost[present] = self.model.scorer_costs(name, tokens.drop_nulls().to_numpy(), roles)
             self._scorer[name] = cost
         return self._scorer[name]
@@ -327,7 +373,8 @@ def walk_steps(
     if (choose is None) == (draft_rule is None):
         raise ValueError("walk_steps needs exactly one of choose and draft_rule")
     n_states = len(starts)
-    walk = Walk.empty(len(data.roles), n_states)
+    n_roles = len(data.roles)
+    walk = Walk.empty(n_roles, n_states)
     tree = data.tree
     children, step_child, step_final, step_role = tree.children, tree.step_child, tree.step_final, tree.step_role
     scorer_cost = None
@@ -335,67 +382,96 @@ def walk_steps(
         small, large = data.role_index(SMALL, router), data.role_index(LARGE, router)
         if draft_rule.scorer:
             scorer_cost = costs.scorer(draft_rule.scorer)
-    node = starts.astype(np.int64).copy()
-    escalated = np.zeros(n_states, dtype=bool)
+    # The kept steps of a walk from a root are the path to the node where it ends: their costs are read
+    # there at the end (Costs.path_sums). From other starts they are added up step by step, by (role, state).
+    from_roots = bool((starts < data.roots.height).all())
+    decode = walk.decode.reshape(-1)
+    kept = walk.kept.reshape(-1)
+    # The active states and, aligned with them, their current nodes and whether they escalated: kept
+    # compact (filtered together) rather than gathered from and scattered back to full-size arrays.
     active = np.arange(n_states)
+    here = starts.astype(np.int64)
+    escalated = np.zeros(n_states, dtype=bool)
 
-    def stop_missing(states: np.ndarray, nodes: np.ndarray, roles: np.ndarray, scorer: bool = False) -> None:
-        walk.end_node[states] = nodes
-        walk.miss_role[states] = roles
-        walk.miss_scorer[states] = scorer
+    def stop_missing(lost: np.ndarray, role: np.ndarray, scorer: bool = False) -> None:
+        walk.end_node[active[lost]] = here[lost]
+        walk.miss_role[active[lost]] = role[lost]
+        walk.miss_scorer[active[lost]] = scorer
 
     while active.size:
-        here = node[active]
         if draft_rule is None:
             role = np.asarray(choose(here, {k: v[active] for k, v in params.items()}), dtype=np.int64)
-            drafted = np.zeros(active.size, dtype=bool)
-        else:
-            drafted = ~escalated[active] if draft_rule.one_way else np.ones(active.size, dtype=bool)
+            drafted = None
+        elif draft_rule.one_way:
+            drafted = ~escalated
             role = np.where(drafted, small, large)
-        step = children[role, here]
+        else:
+            drafted = np.ones(active.size, dtype=bool)
+            role = np.full(active.size, small)
+        step = children[small][here] if draft_rule is not None and not draft_rule.one_way else children[role, here]
         cached = step >= 0
-        stop_missing(active[~cached], here[~cached], role[~cached])
-        active, here, role, step, drafted = active[cached], here[cached], role[cached], step[cached], drafted[cached]
+        if not cached.all():
+            stop_missing(~cached, role)
+            active, here, role, step, escalated = (a[cached] for a in (active, here, role, step, escalated))
+            drafted = drafted if drafted is None else drafted[cached]
 
         if draft_rule is not None and draft_rule.keeps_trigger:
             drafted &= ~step_final[step]  # a final draft is kept unjudged: nothing left to escalate
-        if drafted.any():
-            drafts = np.flatnonzero(drafted)
+        if drafted is not None and drafted.any():
+            # the drafting states, as a slice (views, no copies) when all of them draft, as they mostly do
+            drafts = slice(None) if drafted.all() else np.flatnonzero(drafted)
             if scorer_cost is not None:
                 call_cost = scorer_cost[step[drafts]]
                 unscored = np.isnan(call_cost)
-                stop_missing(active[drafts[unscored]], here[drafts[unscored]], role[drafts[unscored]], scorer=True)
-                walk.scorer[active[drafts[~unscored]]] += call_cost[~unscored]
-                scored = np.ones(active.size, dtype=bool)
-                scored[drafts[unscored]] = False
-                active, here, role, step = active[scored], here[scored], role[scored], step[scored]
-                drafts = np.flatnonzero(drafted[scored])
+                if unscored.any():
+                    drafts = np.arange(active.size)[drafts]
+                    lost = np.zeros(active.size, dtype=bool)
+                    lost[drafts[unscored]] = True
+                    stop_missing(lost, role, scorer=True)
+                    walk.scorer[active[drafts[~unscored]]] += call_cost[~unscored]
+                    scored = ~lost
+                    active, here, role, step, escalated = (a[scored] for a in (active, here, role, step, escalated))
+                    drafts = np.flatnonzero(drafted[scored])
+                else:
+                    walk.scorer[active[drafts]] += call_cost
+            draft_states = active[drafts]
             accepted = np.asarray(
-                draft_rule.accept(draft_rule.signal[step[drafts]], {k: v[active[drafts]] for k, v in params.items()}),
+                draft_rule.accept(draft_rule.signal[step[drafts]], {k: v[draft_states] for k, v in params.items()}),
                 dtype=bool,
             )
-            rejected = drafts[~accepted]
-            if draft_rule.one_way:
-                escalated[active[rejected]] = True
-            if draft_rule.keeps_trigger:
-                rejected = rejected[:0]  # the triggering draft stays; the large model takes over from the next step
-            walk.discarded[active[rejected]] += costs.step_total[step[rejected]]
-            walk.n_discarded[active[rejected]] += 1
-            rewrite = children[large, here[rejected]]
-            step[rejected] = rewrite
-            role[rejected] = large
-            cached = step >= 0
-            stop_missing(active[~cached], here[~cached], role[~cached])
-            active, role, step = active[cached], role[cached], step[cached]
+            if not accepted.all():
+                rejected = np.flatnonzero(~accepted) if isinstance(drafts, slice) else drafts[~accepted]
+                if draft_rule.one_way:
+                    escalated[rejected] = True
+                if not draft_rule.keeps_trigger:  # else the triggering draft stays; the large model takes over next
+                    walk.discarded[active[rejected]] += costs.step_total[step[rejected]]
+                    walk.n_discarded[active[rejected]] += 1
+                    step[rejected] = children[large, here[rejected]]
+                    role[rejected] = large
+                    cached = step >= 0
+                    if not cached.all():
+                        stop_missing(~cached, role)
+                        active, here, role, step, escalated = (a[cached] for a in (active, here, role, step, escalated))
 
-        walk.decode[step_role[step], active] += costs.decode[step]
-        walk.kept[step_role[step], active] += 1
-        walk.prefill[active] += costs.prefill[step]
-        node[active] = step_child[step]
+        if not from_roots:
+            flat = step_role[step] * n_states + active
+            decode[flat] += costs.decode[step]
+            kept[flat] += 1
+            walk.prefill[active] += costs.prefill[step]
+        here = step_child[step]
         final = step_final[step]
-        walk.final_step[active[final]] = step[final]
-        walk.end_node[active[final]] = step_child[step[final]]
-        active = active[~final]
+        if final.any():
+            walk.final_step[active[final]] = step[final]
+            walk.end_node[active[final]] = here[final]
+            going = ~final
+            active, here, escalated = active[going], here[going], escalated[going]
+    if from_roots:
+        path_decode, path_kept, path_prefill = costs.path_sums
+        walk.decode, walk.kept, walk.prefill = (
+            path_decode[:, walk.end_node],
+            path_kept[:, walk.end_node],
+            path_prefill[walk.end_node],
+        )
     return walk
 
 
@@ -571,24 +647,19 @@ def _replay_chunk(
 
     finished = walk.final_step >= 0
     final = pl.Series(walk.final_step).set(pl.Series(~finished), None)
-    problem = roots["problem_id"].to_numpy()
-    world = roots["world"].to_numpy()
+    root_of = pl.Series(np.tile(np.arange(n_roots), len(chunk)))
     params_json = pl.Series([json.dumps(p, sort_keys=True) for p in chunk.params], dtype=pl.String)
-    final_rows = data.steps.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("final"), "answer", "correct")
-    outcomes = (
-        pl.DataFrame(
-            {
-                "router": pl.Series([router.name] * len(starts), dtype=pl.String),
-                "params": params_json.gather(state_config),
-                "config": pl.Series(config_ids, dtype=pl.Int32),
-                "problem_id": pl.Series(np.tile(problem, len(chunk)), dtype=pl.String),
-                "world": pl.Series(np.tile(world, len(chunk)), dtype=pl.Int32),
-                "path": pl.Series(data.node_path[walk.end_node], dtype=pl.String),
-                "final": final,
-            }
-        )
-        .join(final_rows, on="final", how="left", maintain_order="left")
-        .drop("final")
+    outcomes = pl.DataFrame(
+        {
+            "router": pl.Series([router.name], dtype=pl.String).new_from_index(0, len(starts)),
+            "params": params_json.gather(state_config),
+            "config": pl.Series(config_ids, dtype=pl.Int32),
+            "problem_id": roots["problem_id"].gather(root_of),
+            "world": roots["world"].gather(root_of).cast(pl.Int32),
+            "path": data.node_path_series.gather(walk.end_node),
+            "answer": data.steps["answer"].gather(final),
+            "correct": data.steps["correct"].gather(final),
+        }
     )
     outcomes = outcomes.with_columns(
         cost=walk.total,
@@ -606,13 +677,13 @@ def _replay_chunk(
     missed = np.flatnonzero(walk.missed)
     misses = pl.DataFrame(
         {
-            "problem_id": pl.Series(np.tile(problem, len(chunk))[missed], dtype=pl.String),
-            "world": pl.Series(np.tile(world, len(chunk))[missed], dtype=pl.Int32),
-            "path": pl.Series(data.node_path[walk.end_node[missed]], dtype=pl.String),
-            "model": pl.Series(
-                np.array(data.roles, dtype=object)[walk.miss_role[missed]] if missed.size else [], dtype=pl.String
-            ),
-            "scorer": pl.Series([router.scorer if s else None for s in walk.miss_scorer[missed]], dtype=pl.String),
+            "problem_id": outcomes["problem_id"].gather(missed),
+            "world": outcomes["world"].gather(missed),
+            "path": outcomes["path"].gather(missed),
+            "model": pl.Series(data.roles, dtype=pl.String).gather(walk.miss_role[missed]),
+            "scorer": pl.Series([router.scorer], dtype=pl.String)
+            .new_from_index(0, missed.size)
+            .set(pl.Series(~walk.miss_scorer[missed]), None),
             "config": pl.Series(config_ids[missed], dtype=pl.Int32),
         }
     )
@@ -716,7 +787,8 @@ def replay_trace(
             f"router {router.name} reads {scorer} scores, but {root} holds none, although trace.json lists the "
             f"scorer (the scores were lost); run `trace score {root} --scorer {scorer}`"
         )
-    result.outcomes = result.outcomes.join(splits, on="problem_id", how="left", maintain_order="left").with_columns(
+    result.outcomes = result.outcomes.with_columns(  # a lookup, not a join: the outcomes are not copied
+        split=pl.col("problem_id").replace_strict(splits["problem_id"], splits["split"], default=None),
         split_seed=pl.lit(split_seed, dtype=pl.Int64),
         split_fractions=pl.lit(",".join(str(f) for f in fractions)),
     )

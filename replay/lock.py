@@ -11,17 +11,24 @@ naming the file to delete.
 Writers nested in one process (the scorers `trace gen --expand closure` runs between rounds) share
 that process's hold on ``.lock``; the name file of a writer id is still one holder at a time, and
 a nested writer waits for it (two shards' closures take turns scoring).
+
+Writers that run side by side (shards, Ray workers) each read, merge and rewrite trace.json; they take
+turns doing so under ``manifest_lock``, an exclusive flock on ``ROOT/.lock.manifest`` held only for
+that read-merge-write, so no writer overwrites another's update with what it read before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import socket
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +38,7 @@ from replay.schema import LOCK_FILE, writer_lock_file
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.2
+MANIFEST_LOCK_FILE = f"{LOCK_FILE}.manifest"
 
 
 @dataclass
@@ -207,3 +215,28 @@ class WriterLock:
         (self.root / writer_lock_file(self.writer_id)).unlink(missing_ok=True)
         os.close(fd)
         self._release_trace()
+
+
+_manifest_holds: dict[Path, int] = {}
+_manifest_guard = threading.RLock()  # threads of one process take turns; re-entrant for nested updates
+
+
+@contextlib.contextmanager
+def manifest_lock(root: str | os.PathLike) -> Iterator[None]:
+    """Hold the trace's manifest lock (waiting for it) while trace.json is read, merged and rewritten.
+
+    Re-entrant within a thread. The file is deleted by its holder before it lets go (a waiter on the
+    deleted file sees that and opens the new one), so a trace at rest has no lock files."""
+    path = Path(root) / MANIFEST_LOCK_FILE
+    key = path.resolve()
+    with _manifest_guard:
+        fd = None if key in _manifest_holds else _open_locked(path, shared=False, wait=True)
+        if fd is not None:
+            _manifest_holds[key] = fd
+        try:
+            yield
+        finally:
+            if fd is not None:
+                del _manifest_holds[key]
+                path.unlink(missing_ok=True)
+                os.close(fd)

@@ -27,7 +27,7 @@ import os
 import re
 import weakref
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from replay.atomic import commit, write_atomic, write_temp
 from replay.errors import TraceError
-from replay.lock import WriterLock
+from replay.lock import WriterLock, manifest_lock
 from replay.schema import (
     CACHE_KEY_FIELDS,
     LOCK_FILE,
@@ -80,6 +80,8 @@ def verify_part(path: str | os.PathLike) -> None:
             pass
     except (pa.ArrowException, OSError) as error:
         raise TraceError(f"{path} is damaged: {_first_line(error)}") from None
+    finally:
+        pa.default_memory_pool().release_unused()  # the batches read are gone; their pages need not stay resident
 
 
 def _first_line(error: Exception) -> str:
@@ -247,6 +249,11 @@ def _read_verified(path: str, columns: list[str]) -> pa.Table:
 
 
 def open_trace(root: str | os.PathLike) -> Trace:
+    """The trace at ``root``: a directory, or a URI (s3://, gs://, memory://, ...) read in place (replay.remote)."""
+    if isinstance(root, str) and "://" in root:
+        from replay.remote import open_remote
+
+        return open_remote(root)
     root = Path(root)
     if not root.exists():
         raise TraceError(f"trace directory {root} does not exist")
@@ -292,12 +299,13 @@ class TraceWriter:
         lock = WriterLock(self.root, writer_id, shared=shard, wait=wait)
         self._release = weakref.finalize(self, lock.release)
         try:
-            if (self.root / MANIFEST_FILE).exists():
-                self._manifest = read_manifest(self.root).to_dict()
-                if manifest is not None:
-                    self._adopt(manifest)
-            else:
-                self._create(manifest)
+            with manifest_lock(self.root):  # shards starting at once: one creates trace.json, the others adopt it
+                if (self.root / MANIFEST_FILE).exists():
+                    self._manifest = read_manifest(self.root).to_dict()
+                    if manifest is not None:
+                        self._adopt(manifest)
+                else:
+                    self._create(manifest)
             self._clean_leftovers()
             self._parts = self._reconcile_parts_record()
         except BaseException:
@@ -371,13 +379,20 @@ class TraceWriter:
 
     def update_manifest(self, **fields) -> None:
         """Set manifest fields (atomic rewrite). A cache-key field already recorded cannot change."""
-        self._manifest = read_manifest(self.root).to_dict()
-        new = json_normal(fields)
-        for key, value in new.items():
-            if key in CACHE_KEY_FIELDS and key in self._manifest:
-                self._refuse_change(key, value)
-        self._manifest.update(new)
-        self._write_manifest()
+        self.edit_manifest(lambda _: fields)
+
+    def edit_manifest(self, change: Callable[[Manifest], dict]) -> None:
+        """Set the fields ``change`` returns, given the manifest as stored now: the read, the change and the
+        rewrite happen under the manifest lock, so writers running side by side (shards) never lose
+        each other's updates. A cache-key field already recorded cannot change."""
+        with manifest_lock(self.root):
+            self._manifest = read_manifest(self.root).to_dict()
+            new = json_normal(change(Manifest(self._manifest)))
+            for key, value in new.items():
+                if key in CACHE_KEY_FIELDS and key in self._manifest:
+                    self._refuse_change(key, value)
+            self._manifest.update(new)
+            self._write_manifest()
 
     # -- part files
 

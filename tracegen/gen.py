@@ -527,8 +527,9 @@ def _record_run(writer: TraceWriter, options: GenOptions, strategy: Strategy) ->
             routers=[spec.manifest_entry() for spec in options.routers],
             budget_tokens=options.budget_tokens,
         )
-    expansions = writer.manifest.expansions
-    if expansion not in expansions:
-        expansions.append(expansion)
-    worlds = max(options.worlds, writer.manifest.worlds or 0)
-    writer.update_manifest(expansions=expansions, worlds=worlds)
+
+    def record(stored):  # merged into trace.json as it is now: shards running at once each add theirs
+        expansions = stored.expansions + ([expansion] if expansion not in stored.expansions else [])
+        return {"expansions": expansions, "worlds": max(options.worlds, stored.worlds or 0)}
+
+    writer.edit_manifest(record)

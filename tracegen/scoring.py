@@ -115,7 +115,8 @@ def score_pending(
         if (
             scorer.signal not in described
         ):  # only once the scorer's model has loaded: a failed start leaves trace.json as it was
-            writer.update_manifest(scorers={**described, scorer.signal: scorer.manifest_entry()})
+            entry = scorer.manifest_entry()
+            writer.edit_manifest(lambda stored: {"scorers": {**stored.scorers, scorer.signal: entry}})
         report(stage="start", total=wanted.height, done=wanted.height - todo.height)
         size = batch or scorer.default_batch
         for first in range(0, len(items), size):
