@@ -27,6 +27,8 @@ EXAMPLE = REPO / "examples" / "min_logprob.py"
 PRM = {"prm": {"model": "prm-test", "n_params": 1e9, "generated_tokens": 0}}
 SWEEP = "theta=-4:0:0.5"
 
+OWN_PACKAGES = ("cli", "replay", "tracegen", "analysis", "data", "tests", "scripts")
+
 
 @pytest.fixture(scope="module")
 def study_trace(tmp_path_factory):
@@ -38,10 +40,15 @@ def study_trace(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def forget_plugin_modules():
-    """Modules a test's plugins imported stay imported: forget them afterwards."""
+    """Modules a test's plugins imported stay imported: forget them afterwards. Only the plugins' own: a
+    library first imported during the test (matplotlib by a report) must stay, or its classes would be
+    defined twice in the process."""
     modules = set(sys.modules)
     yield
     for name in set(sys.modules) - modules:
+        path = getattr(sys.modules[name], "__file__", None)
+        if path is None or path.startswith((sys.prefix, sys.base_prefix)) or name.split(".")[0] in OWN_PACKAGES:
+            continue
         del sys.modules[name]
 
 
