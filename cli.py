@@ -200,6 +200,28 @@ def gen(
             "the same command writes the same bytes."
         ),
     ),
+    api: list[str] = typer.Option(
+        None,
+        "--api",
+        help=(
+            "Serve a role by an OpenAI-compatible endpoint: ROLE:url=BASE_URL[,model=SERVED_NAME]"
+            "[,mode=completions|chat][,key-env=VAR][,layout=final|instruction][,price=MODEL|IN/CACHED/OUT]"
+            "[,context=N]. completions: exact token-id prefixes (self-hosted vLLM/SGLang; the role's --model/--large "
+            "is the same checkpoint, for its tokenizer); chat: text in the messages (closed chat models; layout=final "
+            "continues the assistant turn where the server supports continue_final_message). The key is read from "
+            "$VAR and never stored. Repeatable."
+        ),
+    ),
+    concurrency: int = typer.Option(8, "--concurrency", help="API requests in flight per --api role."),
+    request_timeout: float = typer.Option(120.0, "--request-timeout", help="Seconds per API request attempt."),
+    max_retries: int = typer.Option(
+        6, "--max-retries", help="Retries of an API request on 429, 5xx, timeouts or broken responses (with backoff)."
+    ),
+    budget_usd: float = typer.Option(
+        None,
+        "--budget-usd",
+        help="Stop sending API requests once this run spent this many US dollars (list prices; responses kept).",
+    ),
 ) -> None:
     """Grow step trees of a small and a large model over a dataset and store them as a trace.
 
@@ -207,6 +229,7 @@ def gen(
     results atomically; rerun the same command to resume after a crash. Example:
     trace gen --model toy-small --large toy-large --dataset toy --limit 200 --out runs/toy
     """
+    from tracegen.backends.openai_api import client_options, parse_api_spec
     from tracegen.closure import load_router_specs
     from tracegen.gen import GenOptions, run_gen
     from tracegen.hidden import parse_layers
@@ -235,6 +258,8 @@ def gen(
         timings=timings,
         routers=tuple(load_router_specs(routers)) if routers is not None else (),
         budget_tokens=budget_tokens,
+        api=tuple(parse_api_spec(text) for text in api or ()),
+        api_client=client_options(concurrency, request_timeout, max_retries, budget_usd),
     )
     with GenProgress(console) as progress:
         summary = run_gen(options, progress)
