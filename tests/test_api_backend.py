@@ -274,12 +274,11 @@ def test_chat_mode_run_has_s_api_and_replays(toy_models, tmp_path):  # noqa: F81
     assert large["conf_max_logit_math"].null_count() == large.height
     tokens = open_trace(out).scan("tokens").join(large.lazy().select("step_id"), on="step_id").collect()
     assert all(set(ids) == {-1} for ids in tokens["token_ids"])
-    # the large chains read the same as the completions run's (the toy server writes the same steps)
-    assert set(large.filter(pl.col("is_final"))["correct"].to_list()) <= {True, False}
-    from replay.engine import replay
-
-    result = replay(out, "large-only")
-    assert result.misses == 0
+    assert large.filter(pl.col("is_final"))["correct"].null_count() == 0
+    priced = ("--cost", "api", "--price", "small=0", "--price", "large=gpt-4.1-mini", "--split", "all")
+    replayed = invoke("replay", out, "--router", "large-only", *priced, "--out", tmp_path / "large.parquet")
+    assert replayed.exit_code == 0, replayed.output
+    assert pl.read_parquet(tmp_path / "large.parquet")["misses"].sum() == 0
 
 
 def _free_port() -> int:
@@ -288,3 +287,71 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def open_to_closed(toy_models, tmp_path_factory):  # noqa: F811
+    """The CMDP seed's open-to-closed setting in miniature: a local small model (hf) and a chat-API large one."""
+    state = ServerState(tokenizer=tokenizer(toy_models))
+    out = tmp_path_factory.mktemp("o2c") / "trace"
+    with ApiServer(state) as server:
+        spec = parse_api_spec(f"large:url={server.url},model=toy-large,mode=chat,price=gpt-4.1-mini")
+        run_gen(api_options(toy_models, out, server.url, api=(spec,), backend="hf", limit=40, max_steps=4))
+    return out
+
+
+def invoke(*args):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def test_open_to_closed_policy_trains_on_s_api_and_reports_cents(open_to_closed, tmp_path):
+    out = open_to_closed
+    assert validate(out)["problems"] == 40
+    steps = step_frame(out)
+    assert steps.filter(pl.col("model") == "small")["conf_max_logit_math"].null_count() == 0  # local: raw logits
+    assert steps.filter(pl.col("model") == "large")["conf_max_logit_math"].null_count() > 0  # API: none
+
+    policy = tmp_path / "policy.pt"
+    features = "conf_top1_prob_min_math,depth,is_final,n_gen_tokens"
+    prices = ("--price", "small=0", "--price", "large=gpt-4.1-mini")
+    options = ("--features", features, "--cost", "api", *prices, "--steps", 40)
+    trained = invoke("train", "policy", out, "--out", policy, *options)
+    assert trained.exit_code == 0, trained.output
+    api_cost = ("--cost", "api", *prices, "--split", "all")
+    results = []
+    for router, params in (("small-only", ()), ("large-only", ()), ("policy", ("--param", f"path={policy}"))):
+        result_file = tmp_path / f"{router}.parquet"
+        replayed = invoke("replay", out, "--router", router, *params, *api_cost, "--out", result_file)
+        assert replayed.exit_code == 0, replayed.output
+        results.append(result_file)
+    large = pl.read_parquet(results[1])
+    assert large["misses"].sum() == 0
+    assert large["cost"].sum() > 0 and set(large["cost_unit"]) == {"US cents"}
+    report = tmp_path / "report"
+    made = invoke(
+        "report", out, *results, "--out", report, "--table", "cmdp", "--split", "all", "--pick-split", "reported"
+    )
+    assert made.exit_code == 0, made.output
+    table = pl.read_csv(report / "table_cmdp.csv")
+    assert table["method"].to_list()[:2] == ["small-only", "large-only"] and "policy" in table["method"].to_list()
+    cents = [column for column in table.columns if "cent" in column]
+    assert cents, table.columns
+    by_method = dict(zip(table["method"], table[cents[0]]))
+    assert by_method["small-only"] == 0 and by_method["large-only"] > 0
+
+
+def test_routers_needing_raw_logits_of_an_api_role_refuse(clean_run, tmp_path):
+    """Both roles of clean_run are API-served: STEER and a policy on raw logits name the role and signal."""
+    out, _, _ = clean_run
+    steer = invoke("replay", out, "--router", "steer", "--split", "all")
+    assert steer.exit_code == 1
+    assert "router steer needs conf_max_logit_math (raw logits) of the small model's steps" in steer.output
+    assert "served by an API (completions mode)" in steer.output
+    trained = invoke("train", "policy", out, "--out", tmp_path / "p.pt", "--steps", 2)
+    assert trained.exit_code == 1
+    assert "router policy needs conf_max_logit_math (raw logits) of the small model's steps" in trained.output
+    assert "--features conf_top1_prob_min_math" in trained.output

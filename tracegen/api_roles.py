@@ -45,7 +45,6 @@ def open_backend(spec: ApiSpec, out: Path, name: str, client: ClientOptions | No
         out,
         model_name=name,
         client=client,
-        vocab_size=len(tokenizer),
         tokenizer=tokenizer,
         report=report,
     )
