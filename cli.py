@@ -302,7 +302,8 @@ def score(
         "--model",
         help=(
             "Scorer model: alias, folder or Hugging Face id. prm: skywork-prm-1.5b (toy: toy-prm); judge/verifier: "
-            "the trace's large model; ptrue: each answer's own model."
+            "the trace's large model; ptrue: each answer's own model. api-verifier: its endpoint, "
+            "url=BASE_URL,model=NAME[,key-env=VAR] (e.g. GPT-4o-mini as the open-to-closed step checker)."
         ),
     ),
     backend: str = typer.Option(

@@ -18,11 +18,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from data.toy.task import apply, parse_question, step_text
+from data.toy.task import apply, parse_question, step_is_valid, step_text
 from tracegen.backends.openai_api import request_key
 
 FAULTS = ("429", "500", "slow", "malformed", "cutoff")
 _QUESTION = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", re.S)
+_VERDICT = re.compile(r"Question: (.*?)\n\nEarlier steps:\n(.*?)\n\nLatest step:\n(.*?)\n\nIs the latest step", re.S)
 
 
 @dataclass
@@ -145,6 +146,24 @@ class _Handler(BaseHTTPRequestHandler):
             ids, finish, text = ids[:max_tokens], "length", tokenizer.decode(ids[:max_tokens])
         return text, ids, finish
 
+    def _verdict(self, body: dict, question: str, earlier: str, step: str) -> dict:
+        answer, top = _verdict_answer(question, earlier, step, body["top_logprobs"])
+        content = [{"token": answer, "logprob": -0.05, "bytes": list(answer.encode()), "top_logprobs": top}]
+        return {
+            "id": "chatcmpl-verdict",
+            "object": "chat.completion",
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": answer},
+                    "finish_reason": "length",
+                    "logprobs": {"content": content},
+                }
+            ],
+            "usage": _usage(len(body["messages"][-1]["content"]), 1),
+        }
+
     def _completion(self, body: dict) -> dict:
         tokenizer = self.state.tokenizer
         prompt = tokenizer.decode(body["prompt"])
@@ -180,6 +199,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _chat(self, body: dict) -> dict:
         messages = body["messages"]
+        verdict = _VERDICT.search(messages[-1]["content"])
+        if verdict:
+            return self._verdict(body, *verdict.groups())
         question = messages[1]["content"].split("\n\n", 1)[0]
         so_far = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
         if "Solution so far:\n\n" in messages[1]["content"]:
@@ -214,6 +236,15 @@ class _Handler(BaseHTTPRequestHandler):
             ],
             "usage": _usage(prompt_tokens, len(content)),
         }
+
+
+def _verdict_answer(question: str, earlier: str, step: str, k: int) -> tuple[str, list[dict]]:
+    """The toy checker: the exact verifier's verdict, "correct" or "incorrect", with top-k log-probabilities."""
+    valid = step_is_valid(question, [] if earlier == "(none)" else earlier.split("\n\n"), step)
+    first, second = ("correct", "incorrect") if valid else ("incorrect", "correct")
+    top = [{"token": first, "logprob": -0.05}, {"token": second, "logprob": -3.0}]
+    top += [{"token": f" other{j}", "logprob": -6.0 - j} for j in range(k - 2)]
+    return first, top
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:

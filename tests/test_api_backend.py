@@ -355,3 +355,42 @@ def test_routers_needing_raw_logits_of_an_api_role_refuse(clean_run, tmp_path):
     assert trained.exit_code == 1
     assert "router policy needs conf_max_logit_math (raw logits) of the small model's steps" in trained.output
     assert "--features conf_top1_prob_min_math" in trained.output
+
+
+def test_api_verifier_checks_steps_and_is_paid_once(open_to_closed, toy_models, tmp_path):  # noqa: F811
+    """The open-to-closed checker (GPT-4o-mini in the seed) as a scorer behind an endpoint: the toy server answers
+    with the exact verifier's verdict, so the stored values equal it; a second run sends nothing."""
+    import shutil
+
+    from data.toy.task import step_is_valid
+
+    out = tmp_path / "scored"
+    shutil.copytree(open_to_closed, out)
+    state = ServerState(tokenizer=tokenizer(toy_models))
+    with ApiServer(state) as server:
+        spec = f"url={server.url},model=toy-large,price=gpt-4o-mini"
+        first = invoke("score", out, "--scorer", "api-verifier", "--model", spec)
+        assert first.exit_code == 0, first.output
+        sent = sum(state.outcomes().values())
+        again = invoke("score", out, "--scorer", "api-verifier", "--model", spec)
+        assert again.exit_code == 0, again.output
+    # steps with the same question and texts (small and large often agree) share one request
+    assert validate(out)["scores"] == step_frame(out).height >= sent
+    assert len(list((out / API_RESPONSES_DIR / "verifier").glob("*.json"))) == sent
+    assert sum(state.outcomes().values()) == sent
+    trace = open_trace(out)
+    texts = trace.scan("steps").select("step_id", "problem_id", "path", "text").collect()
+    questions = dict(trace.scan("problems").select("problem_id", "question").collect().iter_rows())
+    by_node = {(row["problem_id"], row["path"]): row["text"] for row in texts.iter_rows(named=True)}
+    scores = dict(trace.scan("scores").select("step_id", "value").collect().iter_rows())
+    for row in texts.iter_rows(named=True):
+        path = row["path"]
+        steps = [by_node[(row["problem_id"], path[:end])] for end in range(1, len(path) + 1)]
+        assert scores[row["step_id"]] == float(step_is_valid(questions[row["problem_id"]], steps[:-1], steps[-1]))
+    assert trace.manifest.scorers["verifier"]["name"] == "toy-large"
+    priced = ("--cost", "api", "--price", "small=0", "--price", "large=gpt-4.1-mini", "--price", "verifier=gpt-4o-mini")
+    trained = invoke(
+        "train", "policy", out, "--out", tmp_path / "p.pt", "--features", "conf_top1_prob_min_math,depth", *priced,
+        "--steps", 5,
+    )  # fmt: skip
+    assert trained.exit_code == 0, trained.output

