@@ -122,7 +122,7 @@ def test_faults_give_the_same_data_and_nothing_is_paid_twice(clean_run, toy_mode
         retry_after="0.2",
     )
     out = tmp_path / "faulty"
-    client = ClientOptions(concurrency=8, timeout=1.0, backoff=0.01, max_retries=6)
+    client = ClientOptions(concurrency=8, timeout=1.0, backoff=0.01, max_retries=12)  # 5 faults + dropped keep-alives
     with ApiServer(state) as server:
         run_gen(api_options(toy_models, out, server.url, client=client))
     assert step_frame(out).equals(step_frame(clean))
