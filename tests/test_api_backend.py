@@ -330,6 +330,15 @@ def test_open_to_closed_policy_trains_on_s_api_and_reports_cents(open_to_closed,
         results.append(result_file)
     large = pl.read_parquet(results[1])
     assert large["misses"].sum() == 0
+    # --cost api reproduces the bill: every response of the all-large chains at GPT-4.1-mini's list prices
+    chains = steps.filter(pl.col("path").str.contains("^L+$"))
+    usd = (
+        0.40 * (chains["n_prompt_tokens"] - chains["n_cached_tokens"]).sum()
+        + 0.10 * chains["n_cached_tokens"].sum()
+        + 1.60 * chains["n_gen_tokens"].sum()
+    ) / 1e6
+    assert chains["n_cached_tokens"].sum() > 0
+    assert large["cost"].sum() == pytest.approx(100 * usd, rel=1e-9)
     assert large["cost"].sum() > 0 and set(large["cost_unit"]) == {"US cents"}
     report = tmp_path / "report"
     made = invoke(
