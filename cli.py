@@ -223,6 +223,28 @@ def gen(
         0.0, "--gpus-per-worker", help="With --ray: GPUs each worker owns (its small and large engines share them)."
     ),
     cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker", help="With --ray: CPUs each worker owns."),
+    api: list[str] = typer.Option(
+        None,
+        "--api",
+        help=(
+            "Serve a role by an OpenAI-compatible endpoint: ROLE:url=BASE_URL[,model=SERVED_NAME]"
+            "[,mode=completions|chat][,key-env=VAR][,layout=final|instruction][,price=MODEL|IN/CACHED/OUT]"
+            "[,context=N]. completions: exact token-id prefixes (self-hosted vLLM/SGLang; the role's --model/--large "
+            "is the same checkpoint, for its tokenizer); chat: text in the messages (closed chat models; layout=final "
+            "continues the assistant turn where the server supports continue_final_message). The key is read from "
+            "$VAR and never stored. Repeatable."
+        ),
+    ),
+    concurrency: int = typer.Option(8, "--concurrency", help="API requests in flight per --api role."),
+    request_timeout: float = typer.Option(120.0, "--request-timeout", help="Seconds per API request attempt."),
+    max_retries: int = typer.Option(
+        6, "--max-retries", help="Retries of an API request on 429, 5xx, timeouts or broken responses (with backoff)."
+    ),
+    budget_usd: float = typer.Option(
+        None,
+        "--budget-usd",
+        help="Stop sending API requests once this run spent this many US dollars (list prices; responses kept).",
+    ),
 ) -> None:
     """Grow step trees of a small and a large model over a dataset and store them as a trace.
 
@@ -230,6 +252,7 @@ def gen(
     results atomically; rerun the same command to resume after a crash. Example:
     trace gen --model toy-small --large toy-large --dataset toy --limit 200 --out runs/toy
     """
+    from tracegen.backends.openai_api import client_options, parse_api_spec
     from tracegen.closure import load_router_specs
     from tracegen.gen import GenOptions, run_gen
     from tracegen.hidden import parse_layers
@@ -258,6 +281,8 @@ def gen(
         timings=timings,
         routers=tuple(load_router_specs(routers)) if routers is not None else (),
         budget_tokens=budget_tokens,
+        api=tuple(parse_api_spec(text) for text in api or ()),
+        api_client=client_options(concurrency, request_timeout, max_retries, budget_usd),
     )
     if ray is None and (workers, gpus_per_worker, cpus_per_worker) != (2, 0.0, 1.0):
         raise TraceError("--workers, --gpus-per-worker and --cpus-per-worker need --ray")
@@ -307,7 +332,8 @@ def score(
         "--model",
         help=(
             "Scorer model: alias, folder or Hugging Face id. prm: skywork-prm-1.5b (toy: toy-prm); judge/verifier: "
-            "the trace's large model; ptrue: each answer's own model."
+            "the trace's large model; ptrue: each answer's own model. api-verifier: its endpoint, "
+            "url=BASE_URL,model=NAME[,key-env=VAR] (e.g. GPT-4o-mini as the open-to-closed step checker)."
         ),
     ),
     backend: str = typer.Option(

@@ -75,7 +75,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             _field("is_final", pa.bool_()),
             _field("answer", pa.string(), nullable=True),
             _field("correct", pa.bool_(), nullable=True),
-            _field("conf_max_logit_mean", pa.float32()),
+            _field("conf_max_logit_mean", pa.float32(), nullable=True),  # null for API-served steps (no logits)
             _field("conf_max_logit_math", pa.float32(), nullable=True),
             _field("conf_top1_prob_min_math", pa.float32(), nullable=True),
             _field("logprob_mean", pa.float32()),
@@ -89,7 +89,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             _field("step_id", pa.string()),
             _field("token_ids", pa.list_(pa.int32())),
             _field("logprobs", pa.list_(pa.float32())),
-            _field("max_logits", pa.list_(pa.float32())),
+            _field("max_logits", pa.list_(pa.float32()), nullable=True),  # null for API-served steps
             _field("topk_ids", pa.list_(pa.list_(pa.int32()))),
             _field("topk_logprobs", pa.list_(pa.list_(pa.float32()))),
             _field("is_math", pa.list_(pa.bool_())),
@@ -175,6 +175,11 @@ PART_DIGEST_CHARS = 16
 # as missing rows (traces written before records exist have none and are read as they are).
 PARTS_DIR = "_parts"
 
+# Responses of API-served roles, one JSON file each, stored on arrival so that no request is paid for twice
+# (tracegen.backends.openai_api).
+API_RESPONSES_DIR = "_api"
+UNKNOWN_TOKEN_ID = -1  # tokens.token_ids of a token that an API named by its text only (closed chat models)
+
 # The writer lock (replay.lock): LOCK_FILE is flocked by every writer; each writer also holds a file
 # named by its writer id that says who it is.
 LOCK_FILE = ".lock"
@@ -197,7 +202,7 @@ def is_trace_metadata(relative: str) -> bool:
     """Whether a path relative to a trace root is the trace's own bookkeeping (manifest, parts records,
     locks, writers' temp files) rather than a table part or a file someone else put there."""
     first = relative.split("/", 1)[0]
-    return first in (MANIFEST_FILE, PARTS_DIR) or first.startswith((LOCK_FILE, f".{MANIFEST_FILE}"))
+    return first in (MANIFEST_FILE, PARTS_DIR, API_RESPONSES_DIR) or first.startswith((LOCK_FILE, f".{MANIFEST_FILE}"))
 
 
 # ---------------------------------------------------------------- manifest

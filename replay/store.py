@@ -551,6 +551,8 @@ class TraceWriter:
             if step["step_id"] != expected:
                 raise TraceError(f"step {step['step_id']!r} should have step_id {expected!r} (problem_id/world/path)")
             for column in TOKEN_ARRAY_COLUMNS:
+                if by_id[step["step_id"]][column] is None:  # max_logits of an API-served step
+                    continue
                 n_values = len(by_id[step["step_id"]][column])
                 if n_values != step["n_gen_tokens"]:
                     raise TraceError(

@@ -92,13 +92,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from replay.api_signals import require_signals
 from replay.artifacts import load_train_split
 from replay.atomic import write_atomic
 from replay.costs import COST_MODELS, CostModel, Price, make_cost_model
 from replay.engine import ESCALATE_MODES, Costs, ReplayData, walk_chains
 from replay.errors import TraceError
 from replay.outputs import check_output_file
-from replay.routers.policy import ESCALATE, mlp, normalise, policy_network, raw_features, save_policy
+from replay.routers.policy import ESCALATE, POLICY_INSTEAD, mlp, normalise, policy_network, raw_features, save_policy
 from replay.schema import LARGE, SMALL
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, check_fractions
 
@@ -569,6 +570,7 @@ def train_policy(
     train = load_train_split(root, hp.split_seed, hp.split_fractions)
     if SMALL not in train.roles or LARGE not in train.roles:
         raise TraceError(f"trace train policy needs a small and a large model; {root} has {', '.join(train.roles)}")
+    require_signals(train.manifest, SMALL, hp.features, "policy", POLICY_INSTEAD)
     episodes = comb_episodes(train, hp)
     if not episodes.length.any():
         raise TraceError(

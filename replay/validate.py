@@ -12,7 +12,16 @@ from collections.abc import Callable
 import polars as pl
 
 from replay.errors import TraceError
-from replay.schema import DEFAULT_GRADES, FINISH_REASONS, ROW_KEYS, SCHEMAS, TABLES, TOKEN_ARRAY_COLUMNS, model_char
+from replay.schema import (
+    DEFAULT_GRADES,
+    FINISH_REASONS,
+    ROW_KEYS,
+    SCHEMAS,
+    TABLES,
+    TOKEN_ARRAY_COLUMNS,
+    UNKNOWN_TOKEN_ID,
+    model_char,
+)
 from replay.store import HEAVY_TABLES, Trace, open_trace, verify_part
 
 FILE = "_file"  # column holding each row's part file, for messages
@@ -214,17 +223,22 @@ def _check_step_values(steps: pl.DataFrame) -> None:
 
 def _check_token_values(trace: Trace) -> None:
     """Per generated token: log-probabilities <= 0 with the sampled one at most the top-1, top-k lists
-    sorted from likeliest down, every position with k alternatives; token ids >= 0, max logits finite."""
+    sorted from likeliest down, every position with k alternatives; token ids >= 0 (-1: a token an API named
+    by its text only), max logits finite (null for API-served steps)."""
     k = (trace.manifest.get("sampling") or {}).get("topk")
     for file in trace.files("tokens"):
         tokens = pl.read_parquet(file, glob=False).with_columns(pl.lit(file).alias(FILE))
-        per_token = tokens.select("step_id", FILE, "token_ids", "logprobs", "max_logits", "topk_ids", "topk_logprobs")
-        per_token = per_token.explode("token_ids", "logprobs", "max_logits", "topk_ids", "topk_logprobs")
+        bad_logit = pl.element().is_nan() | pl.element().is_infinite()
+        _first(
+            tokens.filter(pl.col("max_logits").list.eval(bad_logit).list.any().fill_null(False)),
+            lambda row: f"tokens row of step {row['step_id']!r} has a max_logit that is not a finite number",
+        )
+        per_token = tokens.select("step_id", FILE, "token_ids", "logprobs", "topk_ids", "topk_logprobs")
+        per_token = per_token.explode("token_ids", "logprobs", "topk_ids", "topk_logprobs")
         per_token = per_token.filter(pl.col("token_ids").is_not_null())  # rows of steps without tokens
         checks = [
-            (pl.col("token_ids") < 0, "a token id below 0"),
+            (pl.col("token_ids") < UNKNOWN_TOKEN_ID, f"a token id below {UNKNOWN_TOKEN_ID}"),
             (_not_finite("logprobs") | (pl.col("logprobs") > LOGPROB_SLACK), "a logprob that is not <= 0"),
-            (_not_finite("max_logits"), "a max_logit that is not a finite number"),
             (pl.col("topk_logprobs").list.max() > LOGPROB_SLACK, "a top-k logprob above 0"),
             (pl.col("topk_logprobs").list.eval(pl.element().is_nan()).list.any(), "a top-k logprob that is NaN"),
             (

@@ -348,7 +348,7 @@ def test_a_damaged_steps_part_is_named_by_every_reader(comb_trace):
             lambda f: f.with_columns(pl.col("topk_ids", "topk_logprobs").list.eval(pl.element().list.head(2))),
             "not k = 3 top-k entries",
         ),
-        ("tokens", lambda f: f.with_columns(pl.col("token_ids").list.eval(-pl.element())), "a token id below 0"),
+        ("tokens", lambda f: f.with_columns(pl.col("token_ids").list.eval(-pl.element())), "a token id below -1"),
         ("steps", lambda f: f.with_columns(logprob_mean=pl.lit(0.5, pl.Float32)), "logprob_mean = 0.5"),
         ("steps", lambda f: f.with_columns(n_cached_tokens=pl.col("n_prompt_tokens") + 1), "n_cached_tokens"),
         ("steps", lambda f: f.with_columns(conf_top1_prob_min_math=pl.lit(1.5, pl.Float32)), "a probability"),

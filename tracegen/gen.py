@@ -24,7 +24,7 @@ import polars as pl
 from replay.errors import TraceError
 from replay.schema import LARGE, SCHEMA_VERSION, SMALL, TWO_MODEL_ROLES, model_char
 from replay.store import Trace, TraceWriter, open_trace
-from tracegen import hidden
+from tracegen import api_roles, hidden
 from tracegen.backends import (
     StepRequest,
     StepSampling,
@@ -68,6 +68,8 @@ class GenOptions:
     routers: tuple = ()  # RouterSpecs whose misses closure (and online) runs grow
     budget_tokens: int | None = None  # closure stops once this many tokens were generated
     engine_kwargs: dict = field(default_factory=dict)
+    api: tuple = ()  # ApiSpecs of roles served by an OpenAI-compatible endpoint (tracegen.api_roles)
+    api_client: object = None  # their ClientOptions (concurrency, timeout, retries, budget)
 
 
 @dataclass
@@ -110,6 +112,9 @@ class Tree:
         for end in range(1, len(path) + 1):
             ids.extend(self.steps[path[:end]].token_ids)
         return ids
+
+    def step_texts(self, path: str) -> tuple[str, ...]:
+        return tuple(self.steps[path[:end]].text for end in range(1, len(path) + 1))
 
     def solution_text(self, path: str) -> str:
         return STEP_DELIMITER.join(self.steps[path[:end]].text for end in range(1, len(path) + 1))
@@ -170,12 +175,17 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
     dataset = load_dataset(options.dataset, split=options.split, limit=options.limit, level=options.level)
     grader = grader_for(dataset.name)
     problems = [p for p in dataset.problems if in_shard(p.problem_id, shard)]
+    names = dict(zip(TWO_MODEL_ROLES, (options.small, options.large)))
+    api = api_roles.api_specs(options.api, TWO_MODEL_ROLES)
     models = {
         role: fetch_model(resolve_model(name, role))
-        for role, name in zip(TWO_MODEL_ROLES, (options.small, options.large))
+        for role, name in names.items()
+        if not api_roles.is_text_only(api.get(role))
     }
     tokenizers = {role: load_tokenizer(model) for role, model in models.items()}
     root_ids = _shared_prompts(models, tokenizers, problems)
+    for role in set(names) - set(models):  # chat-mode API roles read and write text in the trace's tokenizer
+        tokenizers[role] = next(iter(tokenizers.values()))
     sampling = StepSampling(
         temperature=options.temperature,
         top_p=options.top_p,
@@ -198,13 +208,21 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
                 kind = options.backend or default_backend()
                 _check_engine_name(writer.manifest.get("engine"), kind, options.out)
                 backends = {}
-                for role, model in models.items():
-                    backends[role] = load_backend(
-                        kind, model.path, **engine_kwargs_for(kind, role, options.engine_kwargs)
-                    )
+                for role in TWO_MODEL_ROLES:
+                    if role in api:
+                        backends[role] = api_roles.open_backend(
+                            api[role], options.out, names[role], options.api_client, tokenizers[role], report
+                        )
+                    else:
+                        backends[role] = load_backend(
+                            kind, models[role].path, **engine_kwargs_for(kind, role, options.engine_kwargs)
+                        )
                     engines.callback(backends[role].close)
             writer.update_manifest(engine=_engine_entry(backends))
-            trees = _load_trees(open_trace(options.out), problems, root_ids, options.worlds)
+            if api:
+                writer.update_manifest(api_endpoints=api_roles.endpoints_entry(api))
+            continuation = api_roles.continuations(api, tokenizers, sampling.delimiter)
+            trees = _load_trees(open_trace(options.out), problems, root_ids, options.worlds, continuation)
             context_len = min(backend.max_total_tokens for backend in backends.values())
 
             def fits(request: Request) -> bool:  # a node whose prompt leaves no room for a step is not grown
@@ -269,9 +287,13 @@ def generate_requests(
         batch = [r for r in requests if r.model == role]
         if not batch:
             continue
-        prompts = [trees[(r.problem_id, r.world)].prompt_ids(r.parent_path) for r in batch]
+        batch_trees = [trees[(r.problem_id, r.world)] for r in batch]
+        prompts = [tree.prompt_ids(r.parent_path) for r, tree in zip(batch, batch_trees)]
         generated = backends[role].generate_steps(
-            [StepRequest(prompt_ids=tuple(ids), seed=request_seed(seed, r)) for r, ids in zip(batch, prompts)],
+            [
+                StepRequest(tuple(ids), request_seed(seed, r), tree.problem.question, tree.step_texts(r.parent_path))
+                for r, ids, tree in zip(batch, prompts, batch_trees)
+            ],
             sampling,
         )
         for request, prompt, step in zip(batch, prompts, generated):
@@ -285,6 +307,10 @@ def generate_requests(
                 answer = extract_answer(solution) or ""
                 correct = grader.grade(answer or None, tree.problem.reference)
             n_gen = len(step.token_ids)
+            n_prompt, n_new_prefill = len(prompt), len(prompt) - tree.processed_by(role, request.parent_path)
+            if step.usage is not None:  # an API step: what the endpoint billed
+                n_prompt = step.usage["prompt_tokens"]
+                n_new_prefill = n_prompt - step.usage["cached_tokens"]
             step_rows.append(
                 {
                     "step_id": request.step_id,
@@ -295,8 +321,8 @@ def generate_requests(
                     "depth": len(request.parent_path),
                     "model": role,
                     "text": step.text,
-                    "n_prompt_tokens": len(prompt),
-                    "n_new_prefill_tokens": len(prompt) - tree.processed_by(role, request.parent_path),
+                    "n_prompt_tokens": n_prompt,
+                    "n_new_prefill_tokens": n_new_prefill,
                     "n_cached_tokens": step.n_cached_tokens,
                     "n_gen_tokens": n_gen,
                     "finish_reason": step.finish_reason,
@@ -318,9 +344,8 @@ def generate_requests(
                     "is_math": signals.is_math,
                 }
             )
-            new_steps.append(
-                (tree, request, StoredStep(role, step.text, list(step.token_ids), len(prompt), n_gen, final))
-            )
+            ids = step.token_ids if step.continuation_ids is None else step.continuation_ids
+            new_steps.append((tree, request, StoredStep(role, step.text, list(ids), len(prompt), n_gen, final)))
             summary.new_gen_tokens += n_gen
     writer.append_steps(step_rows, token_rows)
     for tree, request, stored in new_steps:
@@ -388,14 +413,15 @@ def _check_options(options: GenOptions) -> None:
 
 def _shared_prompts(models: dict[str, ModelRef], tokenizers: dict, problems: list[Problem]) -> dict[str, list[int]]:
     """Each problem's prompt ids. Steps pass between the models as token ids, so both must share the
-    vocabulary and turn every question into the same prompt."""
-    small, large = models[SMALL].name, models[LARGE].name
-    if _id_texts(tokenizers[SMALL]) != _id_texts(tokenizers[LARGE]):
+    vocabulary and turn every question into the same prompt (a chat-mode API role has no local model)."""
+    first, last = list(models)[0], list(models)[-1]
+    small, large = models[first].name, models[last].name
+    if _id_texts(tokenizers[first]) != _id_texts(tokenizers[last]):
         raise TraceError(f"models {small} and {large} have different vocabularies; a step tree needs one tokenizer")
     prompts = {}
     for problem in problems:
-        ids = prompt_token_ids(tokenizers[SMALL], problem.question)
-        if ids != prompt_token_ids(tokenizers[LARGE], problem.question):
+        ids = prompt_token_ids(tokenizers[first], problem.question)
+        if ids != prompt_token_ids(tokenizers[last], problem.question):
             raise TraceError(
                 f"models {small} and {large} build different prompts for problem {problem.problem_id} "
                 "(their chat templates differ); a step tree needs one prompt per problem"
@@ -412,8 +438,8 @@ def _id_texts(tokenizer) -> list[str]:
 def _manifest(options, models, tokenizers, dataset: Dataset, grader: Grader, sampling) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
-        "models": [model_manifest(models[role], tokenizers[role]) for role in TWO_MODEL_ROLES],
-        "model_paths": {role: models[role].path for role in TWO_MODEL_ROLES},
+        "models": _model_entries(options, models, tokenizers),
+        "model_paths": {role: model.path for role, model in models.items()},
         "dataset": {"name": dataset.name, "split": dataset.split, "file_hash": dataset.file_hash},
         "dataset_source": dataset.source,
         "prompt_template": {
@@ -437,13 +463,25 @@ def _manifest(options, models, tokenizers, dataset: Dataset, grader: Grader, sam
     }
 
 
+def _model_entries(options: GenOptions, models: dict, tokenizers: dict) -> list:
+    """trace.json entries of the models in role order; a chat-mode API role is known by its served name."""
+    api = api_roles.api_specs(options.api, TWO_MODEL_ROLES)
+    names = dict(zip(TWO_MODEL_ROLES, (options.small, options.large)))
+    return [
+        model_manifest(models[role], tokenizers[role])
+        if role in models
+        else api_roles.text_only_model_entry(role, api[role], names[role])
+        for role in TWO_MODEL_ROLES
+    ]
+
+
 def _check_engine_name(stored: dict | None, kind: str, out: Path) -> None:
     """Refuse a trace grown by another engine before starting one (which takes minutes): the rest of
     the engine entry is only known once the engines run, and is compared then."""
     if not stored:
         return
     entries = [stored] if "name" in stored else [entry for entry in stored.values() if isinstance(entry, dict)]
-    names = sorted({str(entry.get("name")) for entry in entries})
+    names = sorted({str(entry.get("name")) for entry in entries} - {"openai"})  # API roles: compared later
     if names and kind not in names:
         raise TraceError(
             f"{out} was written with engine.name = {names[0]!r}, but this run has engine.name = {kind!r}; "
@@ -486,15 +524,29 @@ def _write_hidden(writer: TraceWriter, options: GenOptions, models, root_ids, re
     return written
 
 
-def _load_trees(trace: Trace, problems: list[Problem], root_ids: dict, worlds: int) -> dict[tuple[str, int], Tree]:
-    """Trees of this run's problems and worlds, with the steps already stored (a resumed run)."""
+def _load_trees(
+    trace: Trace, problems: list[Problem], root_ids: dict, worlds: int, continuation: dict | None = None
+) -> dict[tuple[str, int], Tree]:
+    """Trees of this run's problems and worlds, with the steps already stored (a resumed run).
+
+    ``continuation`` maps a chat-mode API role to how its step's (text, finish_reason) becomes prompt ids."""
+    continuation = continuation or {}
     trees = {(p.problem_id, w): Tree(p, w, root_ids[p.problem_id]) for p in problems for w in range(worlds)}
     ids = [p.problem_id for p in problems]
     steps = (
         trace.scan("steps")
         .filter(pl.col("problem_id").is_in(ids) & (pl.col("world") < worlds))
         .select(
-            "step_id", "problem_id", "world", "path", "model", "text", "n_prompt_tokens", "n_gen_tokens", "is_final"
+            "step_id",
+            "problem_id",
+            "world",
+            "path",
+            "model",
+            "text",
+            "n_prompt_tokens",
+            "n_gen_tokens",
+            "is_final",
+            "finish_reason",
         )
         .collect()
     )
@@ -507,10 +559,12 @@ def _load_trees(trace: Trace, problems: list[Problem], root_ids: dict, worlds: i
     for row in rows.iter_rows(named=True):
         if row["token_ids"] is None:
             raise TraceError(f"{trace.root}: step {row['step_id']!r} has no tokens row; run `trace validate`")
+        retokenize = continuation.get(row["model"])
+        ids = retokenize(row["text"], row["finish_reason"]) if retokenize else list(row["token_ids"])
         trees[(row["problem_id"], row["world"])].steps[row["path"]] = StoredStep(
             row["model"],
             row["text"],
-            list(row["token_ids"]),
+            ids,
             row["n_prompt_tokens"],
             row["n_gen_tokens"],
             row["is_final"],

@@ -43,6 +43,22 @@ class GenProgress:
             )
         elif stage == "hidden-batch":
             self._progress.advance(self._tasks[f"hidden-{info['role']}"], info["n"])
+        elif stage == "api-start":
+            key = f"api-{info['role']}"
+            if key not in self._tasks:
+                self._tasks[key] = self._progress.add_task(f"{info['role']} API", total=0, info="")
+            task = self._progress.tasks[self._tasks[key]]
+            self._progress.update(self._tasks[key], total=(task.total or 0) + info["total"])
+        elif stage == "api-response":
+            spend = info["spend"]
+            self._progress.update(
+                self._tasks[f"api-{info['role']}"],
+                advance=1,
+                info=(
+                    f"{spend.prompt_tokens:,} prompt ({spend.cached_tokens:,} cached) + {spend.completion_tokens:,} "
+                    f"completion tokens, ${spend.usd:.4f}, {spend.retries} retries, {spend.stored} from the trace"
+                ),
+            )
         elif stage in ("round", "done"):
             self._show_round(info["requests"], info["summary"])
 

@@ -66,6 +66,7 @@ def open_scorer(
     trace = open_trace(root)
     scorer = make_scorer(scorer_name, trace.manifest, model=model, backend=backend)
     scorer.shared_engines = engines or {}
+    scorer.trace_root = Path(root)  # where an API scorer stores its responses
     scorer.check()
     signal = scorer.signal
     recorded = trace.manifest.scorers.get(signal)

@@ -39,11 +39,15 @@ def step_signals(step: GeneratedStep, tokenizer) -> StepSignals:
     """The steps-table confidence columns of one step (nulls where the step has no math token)."""
     if not step.token_ids:
         raise ValueError("a generated step has at least one token")
-    is_math = math_token_flags(step.token_ids, tokenizer)
-    math_max_logits = [value for value, flag in zip(step.max_logits, is_math) if flag]
+    if step.token_texts is not None:  # an endpoint that names tokens by text only
+        is_math = [is_math_text(text) for text in step.token_texts]
+    else:
+        is_math = math_token_flags(step.token_ids, tokenizer)
+    max_logits = step.max_logits or []  # None: an API step, whose raw-logit columns stay null
+    math_max_logits = [value for value, flag in zip(max_logits, is_math) if flag]
     math_top1_logprobs = [top[0] for top, flag in zip(step.topk_logprobs, is_math) if flag]
     fields = {
-        "conf_max_logit_mean": _mean(step.max_logits),
+        "conf_max_logit_mean": _mean(max_logits) if max_logits else None,
         "conf_max_logit_math": _mean(math_max_logits) if math_max_logits else None,
         "conf_top1_prob_min_math": math.exp(min(math_top1_logprobs)) if math_top1_logprobs else None,
         "logprob_mean": _mean(step.logprobs),

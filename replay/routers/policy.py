@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from replay.api_signals import S_API, require_signals
 from replay.artifacts import check_fitted_within, load_artifact
 from replay.atomic import write_atomic
 from replay.engine import ESCALATE_MODES
@@ -72,6 +73,7 @@ STEP_FEATURES = (
     "n_prompt_tokens",
 )
 FEATURES = (*STEP_FEATURES, "difficulty")
+POLICY_INSTEAD = f"train it on S_API instead: trace train policy --features {S_API},depth,is_final,n_gen_tokens"
 
 
 def mlp(n_inputs: int, hidden: int, n_outputs: int):
@@ -213,6 +215,7 @@ class PolicyRouter(DraftRouter):
                 f"trace train policy --escalate {self.escalate}"
             )
         self.features_ = list(saved["features"])
+        require_signals(train.manifest, SMALL, self.features_, "policy", POLICY_INSTEAD)
         self.feature_mean_ = np.asarray(saved["feature_mean"], dtype=np.float64)
         self.feature_std_ = np.asarray(saved["feature_std"], dtype=np.float64)
         self.kappa_ = float(saved["kappa"])

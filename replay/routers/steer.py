@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from replay.api_signals import S_API, require_signals
 from replay.artifacts import check_fitted_within
 from replay.atomic import write_atomic
 from replay.engine import ESCALATE_MODES
@@ -147,6 +148,13 @@ class Steer(DraftRouter):
         self._check_choice("escalate", ESCALATE_MODES)
 
     def _fit(self, train):
+        require_signals(
+            train.manifest,
+            SMALL,
+            [SIGNAL],
+            "steer",
+            f"route on S_API ({S_API}) with the policy instead: trace train policy --features {S_API},depth,...",
+        )
         if self.gmms:
             self._load(train)
             return

@@ -26,6 +26,8 @@ class StepRequest:
 
     prompt_ids: tuple[int, ...]
     seed: int
+    question: str | None = None  # chat endpoints get text: the question and the steps on the path so far
+    steps: tuple[str, ...] = ()
 
 
 @dataclass
@@ -42,11 +44,14 @@ class GeneratedStep:
     text: str
     finish_reason: str  # "delimiter" | "eos" | "length"
     logprobs: list[float]  # exact log-softmax of the raw logits at each sampled token
-    max_logits: list[float]  # raw (pre-softmax, pre-temperature) max logit over the vocabulary per position
+    max_logits: list[float] | None  # raw (pre-softmax, pre-temperature) max logit per position; None from APIs
     topk_ids: list[list[int]]  # per position, the topk most likely ids, best first
     topk_logprobs: list[list[float]]  # their exact log-probabilities
     n_cached_tokens: int  # prompt tokens served from the engine's prefix cache
     gen_seconds: float  # this request's share of the batch's generation wall time
+    token_texts: list[str] | None = None  # per token, where ids are unknown (closed APIs): its text
+    usage: dict | None = None  # an endpoint's billed prompt_tokens, cached_tokens, completion_tokens
+    continuation_ids: list[int] | None = None  # what a child's prompt adds, where it is not token_ids (chat APIs)
 
 
 class Backend(Protocol):
