@@ -168,7 +168,11 @@ def build_report(trace_dir, result_paths: list[Path], options: ReportOptions) ->
         if name == "cmdp":
             frame = cmdp_table(table, trace.manifest.dataset_name or "?", cost_unit)
         else:
-            frame = cascade_table(routers, baselines, roles)
+            singles = {  # each model between the smallest and the largest, alone
+                role: replay_baseline("only", trace, walks, cost_model, {"model": role}) for role in roles[1:-1]
+            }
+            select_splits(list(singles.values()), options)
+            frame = cascade_table(routers, baselines, roles, singles)
         markdown = table_markdown(name, frame, cost_unit)
         sections.append(markdown)
         md_file, csv_file = TABLE_FILES[name]

@@ -196,8 +196,9 @@ def check_same_walks(runs: list[Run]) -> pl.DataFrame:
     return reference
 
 
-def replay_baseline(name: str, trace, walks: pl.DataFrame, cost_model: str) -> Run:
-    """small-only or large-only replayed here on exactly ``walks``, priced like the results."""
+def replay_baseline(name: str, trace, walks: pl.DataFrame, cost_model: str, params: dict | None = None) -> Run:
+    """small-only or large-only (or ``only`` with ``params`` naming a model) replayed here on exactly ``walks``,
+    priced like the results."""
     if cost_model == "api":
         raise TraceError(
             f"the results use the api cost model, whose prices they do not record: replay {name} "
@@ -212,7 +213,7 @@ def replay_baseline(name: str, trace, walks: pl.DataFrame, cost_model: str) -> R
         hidden=data.hidden,
         worlds=sorted(walks["world"].unique().to_list()),
     ).subset(walks["problem_id"].unique().to_list())
-    router = make_router(name).fit(data)
+    router = make_router(name, **(params or {})).fit(data)
     outcomes = replay(data, router, make_cost_model(cost_model, trace.manifest)).outcomes
     outcomes = outcomes.join(walks, on=["problem_id", "world"], how="semi", maintain_order="left")
     return Run(

@@ -52,7 +52,6 @@ from replay.atomic import write_atomic
 from replay.engine import ESCALATE_MODES
 from replay.errors import TraceError
 from replay.routers.base import Domain, DraftRouter
-from replay.schema import SMALL
 
 POLICY_FORMAT = "trace-policy"
 POLICY_VERSION = 1
@@ -192,10 +191,12 @@ class PolicyRouter(DraftRouter):
     domains = {"kappa": Domain(0.0, 1.0, optional=True)}  # unset: the policy file's trained kappa
     one_way = True
 
-    def __init__(self, path="", kappa=None, escalate="after"):
+    def __init__(self, path="", kappa=None, escalate="after", draft="", target=""):
         self.path = path
         self.kappa = kappa
         self.escalate = escalate
+        self.draft = draft  # default: the smallest model
+        self.target = target  # default: the largest model
 
     def _check_params(self):
         if not self.path:
@@ -231,7 +232,8 @@ class PolicyRouter(DraftRouter):
 
     def draft_signal(self, data):
         signal = np.full(data.steps.height, np.nan)
-        small = (data.steps["model"] == SMALL).to_numpy()
+        draft, _ = self.draft_roles(data.roles)
+        small = (data.steps["model"] == draft).to_numpy()
         signal[small] = self.escalate_probability(data.steps.filter(pl.Series(small)), data.problems)
         return signal
 
