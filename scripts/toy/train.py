@@ -2,6 +2,7 @@
 
     python -m scripts.toy.train --size small --steps 3000 --seed 0 --label-smoothing 0.05 --stop-after 2000
     python -m scripts.toy.train --size large --steps 3000 --seed 0 --stop-after 2000
+    python -m scripts.toy.train --size medium --steps 3000 --seed 0 --label-smoothing 0.05 --stop-after N
 
 Loss is on the solution tokens only. Every prompt starts with the same system message and
 ``Compute ``; that shared prefix is run once per batch and its key/value cache broadcast to
@@ -33,7 +34,7 @@ from tracegen.prompts import prompt_token_ids
 
 SIZES = {
     "small": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1),
-    "medium": dict(hidden_size=96, intermediate_size=320, num_hidden_layers=2, num_attention_heads=2),
+    "medium": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=1),
     "large": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=2),
 }
 LEVEL_WEIGHTS = {1: 1, 2: 2, 3: 4, 4: 2}
