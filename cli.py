@@ -166,7 +166,8 @@ def gen(
         "comb",
         "--expand",
         help=(
-            "comb: all-small chain plus the all-large completion from each of its nodes; full: every choice up to "
+            "comb: all-small chain plus the all-large completion from each of its nodes (K models: each model's "
+            "chain plus every larger model's completion from each of its nodes); full: every choice up to "
             "--depth; closure: comb, then whatever the --routers configurations miss, until nothing is missing; "
             "online: only what the --routers configurations walk (the router drives generation)."
         ),

@@ -244,3 +244,61 @@ def test_cascade_table_lists_every_chain(comb3, tmp_path):
     for chain in ("m0 → m1", "m0 → m1 → m2", "m1 → m2"):
         assert f"| {chain} | not replayed | trace replay --router cascade --param models=" in table
     assert "| m0 → m2 | without P(IK) |" in table
+
+
+@pytest.fixture(scope="module")
+def gen3(tmp_path_factory):
+    """A 3-model comb grown by `trace gen` with the transformers backend: toy-small, a random-weight model of the
+    medium shape (the trace only needs a third model that reads the same tokens), toy-large."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from data.toy.tokenizer import build_tokenizer
+    from scripts.toy.train import model_config
+    from tracegen.gen import GenOptions, run_gen
+
+    folder = tmp_path_factory.mktemp("k-models")
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(model_config("medium", tokenizer)).save_pretrained(folder / "medium")
+    tokenizer.save_pretrained(folder / "medium")
+    out = folder / "trace"
+    options = GenOptions(
+        small="toy-small",
+        middle=(str(folder / "medium"),),
+        large="toy-large",
+        dataset="toy",
+        out=out,
+        limit=2,
+        max_steps=3,
+        max_step_tokens=24,
+        backend="hf",
+    )
+    summary = run_gen(options)
+    return out, options, summary
+
+
+def test_gen_grows_a_complete_three_model_comb(gen3):
+    from replay.validate import validate
+    from tracegen.gen import run_gen
+
+    out, options, summary = gen3
+    assert validate(out)["problems"] == 2 and summary.new_steps > 0
+    trace = open_trace(out)
+    manifest = trace.manifest
+    assert manifest["schema_version"] == 2 and manifest.roles == list(ROLES)
+    assert [manifest.model(role)["n_layer"] for role in ROLES] == [2, 3, 3]
+    assert [manifest.model(role)["d_model"] for role in ROLES] == [64, 64, 128]
+    sizes = [manifest.model(role)["n_params"] for role in ROLES]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3
+    assert set(manifest["model_paths"]) == set(ROLES)
+    steps = trace.scan("steps").collect()
+    trees = {(problem, 0): {} for problem in steps["problem_id"].unique()}
+    for row in steps.iter_rows(named=True):
+        trees[(row["problem_id"], 0)][row["path"]] = row["is_final"]
+        assert row["model"] == role_of_char(row["path"][-1])
+    assert frontier(trees, Comb(ROLES), max_steps=3) == []
+    assert all(Comb(ROLES).contains(path) for tree in trees.values() for path in tree)
+    for tree in trees.values():
+        assert {"0", "1", "2"} <= set(tree)  # every model's chain starts at the root
+    assert run_gen(options).new_steps == 0  # resumes: nothing left to grow
