@@ -129,7 +129,11 @@ def build_report(trace_dir, result_paths: list[Path], options: ReportOptions) ->
         baselines[name] = given[0] if given else replay_baseline(name, trace, walks, cost_model)
     routers = [run for run in runs if run.router not in BASELINES]
     everyone = [baselines["small-only"], baselines["large-only"], *routers]
-    select_splits(everyone, options)
+    singles = {  # for the cascade table: each model between the smallest and the largest, alone
+        role: replay_baseline("only", trace, walks, cost_model, {"model": role})
+        for role in (roles[1:-1] if "cascade" in options.tables else ())
+    }
+    select_splits([*everyone, *singles.values()], options)
     for run in everyone:
         if run.swept and run.router in BASELINES:
             raise TraceError(f"{run.source}: {run.router} has {len(run.params)} configurations; expected one")
@@ -168,10 +172,6 @@ def build_report(trace_dir, result_paths: list[Path], options: ReportOptions) ->
         if name == "cmdp":
             frame = cmdp_table(table, trace.manifest.dataset_name or "?", cost_unit)
         else:
-            singles = {  # each model between the smallest and the largest, alone
-                role: replay_baseline("only", trace, walks, cost_model, {"model": role}) for role in roles[1:-1]
-            }
-            select_splits(list(singles.values()), options)
             frame = cascade_table(routers, baselines, roles, singles)
         markdown = table_markdown(name, frame, cost_unit)
         sections.append(markdown)
