@@ -149,9 +149,17 @@ def sql(
 @user_errors
 def gen(
     model: str = typer.Option(
-        ..., "--model", help="Small model: alias (toy-small, qwen2.5-math-1.5b, ...), local folder or Hugging Face id."
+        None, "--model", help="Small model: alias (toy-small, qwen2.5-math-1.5b, ...), local folder or Hugging Face id."
     ),
-    large: str = typer.Option(..., "--large", help="Large model: alias, local folder or Hugging Face id."),
+    large: str = typer.Option(None, "--large", help="Large model: alias, local folder or Hugging Face id."),
+    models: str = typer.Option(
+        None,
+        "--models",
+        help=(
+            "Instead of --model/--large: 2 to 10 models, smallest first, comma-separated "
+            "(e.g. toy-small,toy-medium,toy-large); with 3 or more their roles are m0, m1, ..."
+        ),
+    ),
     dataset: str = typer.Option(
         ..., "--dataset", help="gsm8k, math500, omnimath, mmlu, toy; a JSONL path (format sniffed); or FORMAT=PATH."
     ),
@@ -166,7 +174,8 @@ def gen(
         "comb",
         "--expand",
         help=(
-            "comb: all-small chain plus the all-large completion from each of its nodes; full: every choice up to "
+            "comb: all-small chain plus the all-large completion from each of its nodes (K models: each model's "
+            "chain plus every larger model's completion from each of its nodes); full: every choice up to "
             "--depth; closure: comb, then whatever the --routers configurations miss, until nothing is missing; "
             "online: only what the --routers configurations walk (the router drives generation)."
         ),
@@ -246,21 +255,24 @@ def gen(
         help="Stop sending API requests once this run spent this many US dollars (list prices; responses kept).",
     ),
 ) -> None:
-    """Grow step trees of a small and a large model over a dataset and store them as a trace.
+    """Grow step trees of a small and a large model (or of K models) over a dataset and store them as a trace.
 
     Every round sends all missing steps of all problems to each model as one batch and appends the
-    results atomically; rerun the same command to resume after a crash. Example:
-    trace gen --model toy-small --large toy-large --dataset toy --limit 200 --out runs/toy
+    results atomically; rerun the same command to resume after a crash. Examples:
+    trace gen --model toy-small --large toy-large --dataset toy --limit 200 --out runs/toy;
+    trace gen --models toy-small,toy-medium,toy-large --dataset toy --out runs/toy3
     """
     from tracegen.backends.openai_api import client_options, parse_api_spec
     from tracegen.closure import load_router_specs
-    from tracegen.gen import GenOptions, run_gen
+    from tracegen.gen import GenOptions, parse_models, run_gen
     from tracegen.hidden import parse_layers
     from tracegen.progress import GenProgress
 
+    small, *middle, large = parse_models(model, large, models)
     options = GenOptions(
-        small=model,
+        small=small,
         large=large,
+        middle=tuple(middle),
         dataset=dataset,
         out=out,
         split=split,

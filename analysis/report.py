@@ -134,10 +134,14 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
         given = [run for run in runs if run.router == name]
         if len(given) > 1:
             raise TraceError(f"{name} appears in {given[0].source} and {given[1].source}; pass it once")
-        baselines[name] = given[0] if given else replay_baseline(name, trace, walks, cost_model, options.grades)
+        baselines[name] = given[0] if given else replay_baseline(name, trace, walks, cost_model, grades=options.grades)
     routers = [run for run in runs if run.router not in BASELINES]
     everyone = [baselines["small-only"], baselines["large-only"], *routers]
-    select_splits(everyone, options)
+    singles = {  # for the cascade table: each model between the smallest and the largest, alone
+        role: replay_baseline("only", trace, walks, cost_model, {"model": role}, options.grades)
+        for role in (roles[1:-1] if "cascade" in options.tables else ())
+    }
+    select_splits([*everyone, *singles.values()], options)
     for run in everyone:
         if run.swept and run.router in BASELINES:
             raise TraceError(f"{run.source}: {run.router} has {len(run.params)} configurations; expected one")
@@ -176,7 +180,7 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
         if name == "cmdp":
             frame = cmdp_table(table, trace.manifest.dataset_name or "?", cost_unit)
         else:
-            frame = cascade_table(routers, baselines, roles)
+            frame = cascade_table(routers, baselines, roles, singles)
         markdown = table_markdown(name, frame, cost_unit)
         sections.append(markdown)
         md_file, csv_file = TABLE_FILES[name]

@@ -216,8 +216,11 @@ def check_same_walks(runs: list[Run]) -> pl.DataFrame:
     return reference
 
 
-def replay_baseline(name: str, trace, walks: pl.DataFrame, cost_model: str, grades: str | None = None) -> Run:
-    """small-only or large-only replayed here on exactly ``walks``, priced like the results."""
+def replay_baseline(
+    name: str, trace, walks: pl.DataFrame, cost_model: str, params: dict | None = None, grades: str | None = None
+) -> Run:
+    """small-only or large-only (or ``only`` with ``params`` naming a model) replayed here on exactly ``walks``,
+    its final steps graded by grade set ``grades``, priced like the results."""
     if cost_model == "api":
         raise TraceError(
             f"the results use the api cost model, whose prices they do not record: replay {name} "
@@ -232,7 +235,7 @@ def replay_baseline(name: str, trace, walks: pl.DataFrame, cost_model: str, grad
         hidden=data.hidden,
         worlds=sorted(walks["world"].unique().to_list()),
     ).subset(walks["problem_id"].unique().to_list())
-    router = make_router(name).fit(data)
+    router = make_router(name, **(params or {})).fit(data)
     outcomes = replay(data, router, make_cost_model(cost_model, trace.manifest)).outcomes
     outcomes = outcomes.join(walks, on=["problem_id", "world"], how="semi", maintain_order="left")
     return Run(

@@ -7,13 +7,15 @@
   or without P(IK)) at its operating point, with accuracy, PD (performance drop in points against the
   largest model alone) and Reduced CC (compute saved against the largest model alone, %); then, for a
   cascade swept over ``t_true``, its P(T)-threshold sensitivity: the same columns at every ``t_true``,
-  the other parameters as chosen.
+  the other parameters as chosen; last, every other chain the trace supports (each ordered subset of two or
+  more of its models) that no run replayed, with the command that replays it.
 
 Each table is written as Markdown and CSV next to the report.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import polars as pl
@@ -53,18 +55,26 @@ def cmdp_table(rows: list[Row], dataset: str, cost_unit: str) -> pl.DataFrame:
     )
 
 
-def cascade_table(runs: list[Run], baselines: dict[str, Run], roles: list[str]) -> pl.DataFrame:
-    """Single models, every cascade run at its operating point, and the t_true sensitivity of swept ones."""
+def cascade_table(
+    runs: list[Run], baselines: dict[str, Run], roles: list[str], singles: dict[str, Run] | None = None
+) -> pl.DataFrame:
+    """Every model alone (``singles``: the runs of the models between the smallest and the largest), every
+    cascade run at its operating point, the t_true sensitivity of swept ones, and every chain of the trace's
+    models that no run replayed."""
     largest = _accuracy_and_cost(baselines["large-only"].at_chosen())
     records = []
-    for name, role in (("small-only", roles[0]), ("large-only", roles[-1])):
-        accuracy, cost = _accuracy_and_cost(baselines[name].at_chosen())
-        records.append(_record(role, "single model", "", accuracy, cost, largest))
+    alone = {roles[0]: baselines["small-only"], **(singles or {}), roles[-1]: baselines["large-only"]}
+    for role in roles:
+        if role in alone:
+            accuracy, cost = _accuracy_and_cost(alone[role].at_chosen())
+            records.append(_record(role, "single model", "", accuracy, cost, largest))
+    replayed = set()
     for run in runs:
         if run.router != "cascade":
             continue
         chosen = run.params[run.chosen]
         chain = CHAIN_ARROW.join(_chain(chosen, roles))
+        replayed.add(chain)
         with_pik = chosen.get("pik", True)
         pik = "with P(IK)" if with_pik else "without P(IK)"
         point = {k: v for k, v in run.point_params().items() if with_pik or k != "t_ik"}
@@ -78,6 +88,12 @@ def cascade_table(runs: list[Run], baselines: dict[str, Run], roles: list[str]) 
             records.append(
                 _record(chain, f"{pik}, P(T) sensitivity", f"t_true={params['t_true']:g}", accuracy, cost, largest)
             )
+    for size in range(2, len(roles) + 1):
+        for subset in itertools.combinations(roles, size):
+            chain = CHAIN_ARROW.join(subset)
+            if chain not in replayed:
+                how = f"trace replay --router cascade --param models={','.join(subset)}"
+                records.append({"chain": chain, "kind": "not replayed", "operating_point": how})
     return pl.DataFrame(
         records,
         schema={

@@ -5,7 +5,9 @@
 
 Targets (issue: toy world): small greedy accuracy in [30%, 75%]; large >= 85% and >= 20 points
 above small; large >= 4x the parameters of small; the small model's mean raw max-logit over a
-step separates valid from invalid steps with AUROC >= 0.65. Sampled accuracy at T=0.7 is reported.
+step separates valid from invalid steps with AUROC >= 0.65. Toy-medium (issue: K models): between
+the two in parameters and in greedy accuracy, at least 5 points from each, step AUROC >= 0.65.
+Sampled accuracy at T=0.7 is reported.
 """
 
 from __future__ import annotations
@@ -55,6 +57,17 @@ def main() -> None:
         "large params >= 4x small": large["n_params"] >= 4 * small["n_params"],
         "small step AUROC >= 0.65": small["greedy"]["step_auroc"] >= 0.65,
     }
+    if "toy-medium" in measured:
+        medium = measured["toy-medium"]
+        accuracy = {name: m["greedy"]["accuracy"] for name, m in measured.items()}
+        checks |= {
+            "medium params strictly between small and large": small["n_params"]
+            < medium["n_params"]
+            < large["n_params"],
+            "medium greedy accuracy >= small + 0.05": accuracy["toy-medium"] >= accuracy["toy-small"] + 0.05,
+            "medium greedy accuracy <= large - 0.05": accuracy["toy-medium"] <= accuracy["toy-large"] - 0.05,
+            "medium step AUROC >= 0.65": medium["greedy"]["step_auroc"] >= 0.65,
+        }
     print(f"{'model':<10} {'params':>9} {'greedy acc':>10} {'T=0.7 acc':>10} {'step valid':>10} {'step AUROC':>10}")
     for name, m in measured.items():
         g, s = m["greedy"], m["sampled_t0.7"]

@@ -27,7 +27,7 @@ from replay.costs import A_OVER_C_SCALE, CostModel, Price, make_cost_model
 from replay.errors import TraceError
 from replay.grades import graded_steps
 from replay.outputs import check_output_file
-from replay.schema import LARGE, SMALL, Manifest
+from replay.schema import Manifest
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, SPLITS, assign_splits
 from replay.store import Trace, empty_frame, open_trace
 
@@ -319,7 +319,8 @@ ESCALATE_MODES = ("after", "replace")
 
 @dataclass(frozen=True)
 class DraftRule:
-    """How a draft-and-verify router decides whether to keep the small model's draft at each node.
+    """How a draft-and-verify router decides whether to keep the small model's draft at each node (on a
+    trace of K models, "small" is the drafting role and "large" the target of ``roles``).
 
     ``signal`` holds one number per step row (NaN where the router has none); ``accept`` maps the
     drafts' signals and the states' parameter values to keep (True) or reject (False). With ``scorer``,
@@ -341,6 +342,7 @@ class DraftRule:
     one_way: bool
     scorer: str | None = None
     escalate: str = "replace"
+    roles: tuple[str, str] | None = None  # (drafting role, target role); default the smallest and largest model
 
     def __post_init__(self):
         if self.escalate not in ESCALATE_MODES:
@@ -379,7 +381,8 @@ def walk_steps(
     children, step_child, step_final, step_role = tree.children, tree.step_child, tree.step_final, tree.step_role
     scorer_cost = None
     if draft_rule is not None:
-        small, large = data.role_index(SMALL, router), data.role_index(LARGE, router)
+        draft_role, target_role = draft_rule.roles or (data.roles[0], data.roles[-1])
+        small, large = data.role_index(draft_role, router), data.role_index(target_role, router)
         if draft_rule.scorer:
             scorer_cost = costs.scorer(draft_rule.scorer)
     # The kept steps of a walk from a root are the path to the node where it ends: their costs are read

@@ -18,7 +18,11 @@ import pyarrow as pa
 
 from replay.errors import TraceError
 
-SCHEMA_VERSION: int = 1
+# Version 2 is a trace of K > 2 models (roles m0..m{K-1}); a small/large trace is still written as
+# version 1, so readers from before K-model traces keep reading every two-model trace and refuse a
+# K-model one by its version instead of failing on its roles.
+SCHEMA_VERSION: int = 2
+READ_SCHEMA_VERSIONS: tuple[int, ...] = (1, 2)
 MANIFEST_FILE = "trace.json"
 TABLES = ("problems", "steps", "tokens", "hidden", "scores", "grades")
 
@@ -40,6 +44,31 @@ FINISH_REASONS = ("delimiter", "eos", "length")
 SMALL, LARGE = "small", "large"
 TWO_MODEL_ROLES = (SMALL, LARGE)  # the roles of a small/large trace, smallest first
 ROLE_CHARS = {SMALL: "s", LARGE: "L"}  # roles m0..m9 of K-model traces use their index digit
+MAX_MODELS = 10  # one path character per role: s/L, or the digits of m0..m9
+
+
+def model_roles(n_models: int) -> tuple[str, ...]:
+    """The roles of a trace of ``n_models`` models, smallest first: small/large for two, else m0..m{K-1}."""
+    if n_models == 2:
+        return TWO_MODEL_ROLES
+    if not 2 <= n_models <= MAX_MODELS:
+        raise TraceError(f"a trace holds 2 to {MAX_MODELS} models, not {n_models}")
+    return tuple(f"m{index}" for index in range(n_models))
+
+
+def schema_version_for(roles) -> int:
+    """The schema version a trace with these model roles is written as (see SCHEMA_VERSION)."""
+    return 1 if tuple(roles) == TWO_MODEL_ROLES else SCHEMA_VERSION
+
+
+def role_of_char(char: str) -> str:
+    """The role whose steps add ``char`` to a path (the inverse of ``model_char``)."""
+    for role, role_char in ROLE_CHARS.items():
+        if char == role_char:
+            return role
+    if len(char) == 1 and char.isdigit():
+        return f"m{char}"
+    raise TraceError(f"{char!r} is not a model's path character (s, L or a digit)")
 
 
 def _field(name: str, type_: pa.DataType, nullable: bool = False) -> pa.Field:
@@ -325,9 +354,10 @@ def read_manifest(root: Path) -> Manifest:
     if not isinstance(manifest, dict):
         raise TraceError(f"{path} must hold a JSON object, not {type(manifest).__name__}")
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READ_SCHEMA_VERSIONS:
+        readable = " and ".join(map(str, READ_SCHEMA_VERSIONS))
         raise TraceError(
-            f"{path} has schema_version {version!r}; this version of trace reads schema_version {SCHEMA_VERSION}"
+            f"{path} has schema_version {version!r}; this version of trace reads schema_version {readable}"
         )
     return Manifest(manifest)
 

@@ -46,7 +46,6 @@ from replay.schema import (
     PARTS_DIR,
     ROW_GROUP_ROWS,
     ROW_KEYS,
-    SCHEMA_VERSION,
     SCHEMAS,
     TABLES,
     TOKEN_ARRAY_COLUMNS,
@@ -59,6 +58,7 @@ from replay.schema import (
     part_name,
     parts_record_file,
     read_manifest,
+    schema_version_for,
 )
 
 log = logging.getLogger(__name__)
@@ -334,10 +334,11 @@ class TraceWriter:
     def _create(self, manifest: dict) -> None:
         if any(not path.name.startswith(LOCK_FILE) for path in self.root.iterdir()):
             raise TraceError(f"{self.root} is not empty and has no {MANIFEST_FILE}; refusing to write a trace into it")
-        version = manifest.get("schema_version", SCHEMA_VERSION)
-        if version != SCHEMA_VERSION:
-            raise TraceError(f"manifest has schema_version {version!r}; this writer writes {SCHEMA_VERSION}")
-        self._manifest = json_normal({**manifest, "schema_version": SCHEMA_VERSION})
+        expected = schema_version_for(Manifest(manifest).roles) if "models" in manifest else 1
+        version = manifest.get("schema_version", expected)
+        if version != expected:
+            raise TraceError(f"manifest has schema_version {version!r}; a trace of its models is written as {expected}")
+        self._manifest = json_normal({**manifest, "schema_version": expected})
         self._write_manifest()
 
     def _adopt(self, manifest: dict) -> None:

@@ -4,6 +4,9 @@ Si, Lee, Bastani 2026 (Policy-Guided Stepwise Model Routing, §3-4), in one file
 hyperparameters, the decision process on the cache, the pieces of the update (thresholded policy, V-trace,
 constraint, CPO, kappa), then the training loop.
 
+On a trace of K models the small model is the smallest and the large model the largest (the policy escalates
+from m0 directly to m{K-1}).
+
 Decision process, one episode per train (problem, world), read off the comb trace (the all-small chain and
 the all-large completion from every node on it, so rollouts never generate anything; a step a rollout could
 need and the trace lacks is an error). The small model writes step 1. With ``escalate="after"`` (default, the
@@ -100,7 +103,6 @@ from replay.engine import ESCALATE_MODES, Costs, ReplayData, walk_chains
 from replay.errors import TraceError
 from replay.outputs import check_output_file
 from replay.routers.policy import ESCALATE, POLICY_INSTEAD, mlp, normalise, policy_network, raw_features, save_policy
-from replay.schema import LARGE, SMALL
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, check_fractions
 
 DEFAULT_FEATURES = ("conf_max_logit_math", "depth", "is_final", "n_gen_tokens")
@@ -245,7 +247,7 @@ def step_cost_units(data: ReplayData, hp: Hyperparameters) -> tuple[np.ndarray, 
     """(cost of each step row, unit): the replay cost model's decode + prefill cost, which is what `trace replay`
     adds up for a kept or a discarded step, or the large model's generated tokens (``cost="tokens"``)."""
     if hp.cost == "tokens":
-        large = data.steps["model"].to_numpy() == LARGE
+        large = data.steps["model"].to_numpy() == data.roles[-1]
         return np.where(large, data.steps["n_gen_tokens"].to_numpy(), 0).astype(np.float64), "large tokens"
     model = make_cost_model(hp.cost, data.manifest, dict(hp.prices) or None)
     return Costs(data, model).step_total, model.unit
@@ -254,9 +256,10 @@ def step_cost_units(data: ReplayData, hp: Hyperparameters) -> tuple[np.ndarray, 
 def comb_episodes(data: ReplayData, hp: Hyperparameters) -> Episodes:
     """Read every decision of every train episode out of the cached comb trees (no rollout touches the trace)."""
     tree, steps = data.tree, data.steps
-    small_role = data.roles.index(SMALL)
+    small_model, large_model = data.roles[0], data.roles[-1]  # on a trace of K models: the smallest and largest
+    small_role = data.roles.index(small_model)
     roots = data.roots["node"].to_numpy()
-    small_walk, _ = _chain_sums(data, roots, SMALL, np.zeros(steps.height))
+    small_walk, _ = _chain_sums(data, roots, small_model, np.zeros(steps.height))
     n_small = small_walk.kept[small_role]
     n_episodes, chain = len(roots), int(n_small.max())
     small_row = np.full((n_episodes, chain), -1, dtype=np.int64)  # small step j+1 of each chain
@@ -283,9 +286,9 @@ def comb_episodes(data: ReplayData, hp: Hyperparameters) -> Episodes:
     observed = np.where(valid, small_row[:, :horizon], -1)
     # escalation at decision t: the large model completes from node "s" * (t+1) (after) or "s" * t (replace)
     escalation_node = np.where(valid, (tree.step_child if after else tree.step_parent)[np.maximum(observed, 0)], -1)
-    completion, completion_cost = _chain_sums(data, escalation_node[valid], LARGE, unit)
-    _, completion_unverified = _chain_sums(data, escalation_node[valid], LARGE, (~passes).astype(np.float64))
-    large_alone, large_alone_cost = _chain_sums(data, roots, LARGE, unit)
+    completion, completion_cost = _chain_sums(data, escalation_node[valid], large_model, unit)
+    _, completion_unverified = _chain_sums(data, escalation_node[valid], large_model, (~passes).astype(np.float64))
+    large_alone, large_alone_cost = _chain_sums(data, roots, large_model, unit)
     cost_scale = float(large_alone_cost.mean())
     if not cost_scale > 0:
         raise TraceError(f"the large model alone costs nothing on the train split ({hp.cost}): nothing to scale by")
@@ -568,9 +571,7 @@ def train_policy(
     check_output_file(log_path_for(out), force=force)
     started = time.perf_counter()
     train = load_train_split(root, hp.split_seed, hp.split_fractions)
-    if SMALL not in train.roles or LARGE not in train.roles:
-        raise TraceError(f"trace train policy needs a small and a large model; {root} has {', '.join(train.roles)}")
-    require_signals(train.manifest, SMALL, hp.features, "policy", POLICY_INSTEAD)
+    require_signals(train.manifest, train.roles[0], hp.features, "policy", POLICY_INSTEAD)
     episodes = comb_episodes(train, hp)
     if not episodes.length.any():
         raise TraceError(

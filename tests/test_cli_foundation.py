@@ -114,7 +114,7 @@ def stray_file(root):
 def future_schema(root):
     manifest = json.loads((root / MANIFEST_FILE).read_text())
     (root / MANIFEST_FILE).write_text(json.dumps({**manifest, "schema_version": 7}))
-    return "has schema_version 7; this version of trace reads schema_version 1"
+    return "has schema_version 7; this version of trace reads schema_version 1 and 2"
 
 
 def manifest_disagrees(root):

@@ -174,7 +174,7 @@ def test_broken_trees_are_named():
 
 
 def test_router_registry_errors():
-    with pytest.raises(TraceError, match="unknown router 'nope'; choose one of cascade, large-only, oracle"):
+    with pytest.raises(TraceError, match="unknown router 'nope'; choose one of cascade, large-only, only, oracle"):
         make_router("nope")
     with pytest.raises(TraceError, match="router rsd has no parameter temperature; its parameters: tau, scorer"):
         make_router("rsd", temperature=1)
@@ -189,6 +189,8 @@ def test_router_registry_errors():
         "min_samples": 4,
         "seed": 0,
         "gmms": "",
+        "draft": "",
+        "target": "",
     }
     assert make_router("cascade", pik="false").pik is False
     assert repr(make_router("random", p=0.25)) == "RandomRouter(p=0.25, seed=0)"

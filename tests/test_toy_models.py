@@ -41,6 +41,10 @@ def test_large_has_at_least_four_times_the_parameters():
     assert n_params("toy-large") >= 4 * n_params("toy-small")
 
 
+def test_medium_lies_between_in_parameters():
+    assert n_params("toy-small") < n_params("toy-medium") < n_params("toy-large")
+
+
 def test_shipped_toy_files_fit_the_size_budget():
     total = sum(f.stat().st_size for f in MODELS_DIR.rglob("*") if f.is_file())
     assert total <= 30 * 2**20
@@ -67,7 +71,7 @@ def test_large_model_solves_more_than_small():
             grade(extract_boxed(text), str(p.answer)) for p, (text, _) in zip(problems, solutions)
         ) / len(problems)
     assert accuracy["toy-large"] >= 0.75, accuracy
-    assert accuracy["toy-large"] > accuracy["toy-small"], accuracy
+    assert accuracy["toy-large"] > accuracy["toy-medium"] > accuracy["toy-small"], accuracy
 
 
 def test_small_models_step_confidence_separates_valid_from_invalid_steps():
@@ -75,6 +79,13 @@ def test_small_models_step_confidence_separates_valid_from_invalid_steps():
     tokenizer, model = load("toy-small")
     result = evaluate(model, tokenizer, n=200, level=DEFAULT_LEVEL)
     assert 0.2 < result["step_validity"] < 0.95, result
+    assert result["step_auroc"] >= 0.65, result
+
+
+def test_medium_models_step_confidence_separates_valid_from_invalid_steps():
+    tokenizer, model = load("toy-medium")
+    result = evaluate(model, tokenizer, n=200, level=DEFAULT_LEVEL)
+    assert 0.8 < result["step_validity"] < 1.0 and 0.75 < result["accuracy"] < 0.95, result
     assert result["step_auroc"] >= 0.65, result
 
 

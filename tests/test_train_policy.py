@@ -565,7 +565,7 @@ def test_bad_input_is_one_line_and_exit_1(comb_trace, signal_trace, tmp_path):
         ([signal_trace, "--features", "mood"], "unknown policy feature(s) mood"),
         ([signal_trace, "--split-fractions", "1,1,1"], "split fractions"),
         ([signal_trace, "--out", tmp_path / "no" / "p.pt"], "does not exist"),
-        ([three, "--split-fractions", "1,0,0"], "needs a small and a large model"),
+        ([three, "--split-fractions", "1,0,0"], "lacks the m2 model's step at node"),  # a K-model trace needs its comb
         ([not_comb, "--split-fractions", "1,0,0"], "needs a comb trace"),
     ]
     for args, message in cases:

@@ -236,8 +236,8 @@ def test_manifest_dataset_name(tmp_path):
 
 def test_unknown_schema_version(comb_trace):
     manifest = json.loads((comb_trace / MANIFEST_FILE).read_text())
-    (comb_trace / MANIFEST_FILE).write_text(json.dumps({**manifest, "schema_version": 2}))
-    with pytest.raises(TraceError, match="has schema_version 2; this version of trace reads schema_version 1"):
+    (comb_trace / MANIFEST_FILE).write_text(json.dumps({**manifest, "schema_version": 3}))
+    with pytest.raises(TraceError, match="has schema_version 3; this version of trace reads schema_version 1 and 2"):
         validate(comb_trace)
 
 

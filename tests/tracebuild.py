@@ -11,11 +11,12 @@ A step is given by its interesting fields only; everything else gets a plausible
 Default floats are exact in float32, so rows read back compare equal to what was written.
 Keys of a step dict that are tokens columns (`token_ids`, `logprobs`, ...) go to its tokens row.
 `comb_steps` builds the comb tree `trace gen --expand comb` grows (the all-small chain plus the
-all-large completion from every node on it).
+all-large completion from every node on it; with `chars="012"`, the comb of three models m0, m1, m2).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -124,13 +125,17 @@ def comb_steps(
     *,
     world: int = 0,
     correct: Callable[[str], bool] = lambda path: "L" in path,
+    chars: str = "sL",
 ) -> list[dict]:
-    """The comb tree of one (problem, world) whose solutions all take `n_steps` steps:
-    "s", "ss", ... "s"*n_steps, and from every node "s"*k (k < n_steps) the large completion
-    "s"*k + "L", ... "s"*k + "L"*(n_steps-k). `correct(path)` grades each final step."""
-    paths = ["s" * depth for depth in range(1, n_steps + 1)]
-    for k in range(n_steps):
-        paths += ["s" * k + "L" * j for j in range(1, n_steps - k + 1)]
+    """The comb tree of one (problem, world) whose solutions all take `n_steps` steps, over the models whose path
+    characters are `chars` (smallest first; "012" for roles m0, m1, m2): each model's own chain from the root,
+    and from every node of model i's chain the completion by every larger model j (for "sL": "s", "ss", ...
+    "s"*n_steps, and from every node "s"*k (k < n_steps) the large completion "s"*k + "L", ...).
+    `correct(path)` grades each final step."""
+    paths = [char * depth for char in chars for depth in range(1, n_steps + 1)]
+    for i, j in itertools.combinations(range(len(chars)), 2):
+        for k in range(1, n_steps):
+            paths += [chars[i] * k + chars[j] * m for m in range(1, n_steps - k + 1)]
     steps = []
     for path in paths:
         is_final = len(path) == n_steps

@@ -269,7 +269,9 @@ def run_audit(options: AuditOptions, backends: dict | None = None, progress: Cal
                     engines[role] = backends[role]
                     continue
                 model = trace_model(manifest, role)
-                engines[role] = load_backend(kind, model.path, **engine_kwargs_for(kind, role, {}))
+                engines[role] = load_backend(
+                    kind, model.path, **engine_kwargs_for(kind, role, {}, tuple(manifest.roles))
+                )
                 loaded.append(engines[role])
             running = {role: engines[role].engine_info() for role in roles}
             differs = sorted({key for role in roles for key in _engine_differences(recorded[role], running[role])})

@@ -14,9 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from replay.errors import TraceError
-from replay.schema import LARGE, ROLE_CHARS, TWO_MODEL_ROLES, make_step_id
+from replay.schema import TWO_MODEL_ROLES, make_step_id, model_char, role_of_char
 
-CHAR_ROLES = {char: role for role, char in ROLE_CHARS.items()}
 EXPANSIONS = ("comb", "full", "closure", "online")
 
 
@@ -31,7 +30,7 @@ class Request:
 
     @property
     def path(self) -> str:
-        return self.parent_path + ROLE_CHARS[self.model]
+        return self.parent_path + model_char(self.model)
 
     @property
     def step_id(self) -> str:
@@ -39,24 +38,36 @@ class Request:
 
 
 class Strategy:
-    """Which models continue a node; subclasses define ``models_at``."""
+    """Which models continue a node; subclasses define ``models_at``. ``roles`` are the trace's model
+    roles, smallest first."""
+
+    roles: tuple[str, ...] = TWO_MODEL_ROLES
 
     def models_at(self, path: str) -> tuple[str, ...]:
         raise NotImplementedError
 
     def contains(self, path: str) -> bool:
         """Is ``path`` a node this strategy grows (every step on it one the strategy asks for)?"""
-        return all(CHAR_ROLES[path[k]] in self.models_at(path[:k]) for k in range(len(path)))
+        return all(role_of_char(path[k]) in self.models_at(path[:k]) for k in range(len(path)))
 
     def manifest_entry(self) -> dict:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
 class Comb(Strategy):
-    """The all-small chain, plus from every node on it the all-large completion."""
+    """Each model's own chain from the root, plus from every node on model i's chain the completion by
+    every larger model (two models: the all-small chain and the all-large completion from each of its nodes)."""
+
+    roles: tuple[str, ...] = TWO_MODEL_ROLES
 
     def models_at(self, path: str) -> tuple[str, ...]:
-        return TWO_MODEL_ROLES if ROLE_CHARS[LARGE] not in path else (LARGE,)
+        if not path:
+            return self.roles
+        chars = set(path)
+        if len(chars) > 1:
+            return (role_of_char(path[-1]),)  # a completion: its model writes to the end
+        return self.roles[self.roles.index(role_of_char(path[0])) :]
 
     def manifest_entry(self) -> dict:
         return {"strategy": "comb"}
@@ -64,14 +75,15 @@ class Comb(Strategy):
 
 @dataclass(frozen=True)
 class Full(Strategy):
-    """Every small/large choice up to ``depth`` steps, then each leaf completed by each model alone."""
+    """Every choice among the models up to ``depth`` steps, then each leaf completed by each model alone."""
 
     depth: int
+    roles: tuple[str, ...] = TWO_MODEL_ROLES
 
     def models_at(self, path: str) -> tuple[str, ...]:
         if len(path) <= self.depth:
-            return TWO_MODEL_ROLES
-        return (CHAR_ROLES[path[-1]],)
+            return self.roles
+        return (role_of_char(path[-1]),)
 
     def manifest_entry(self) -> dict:
         return {"strategy": "full", "depth": self.depth}
@@ -88,16 +100,17 @@ class Online(Strategy):
         return {"strategy": "online"}
 
 
-def make_strategy(name: str, depth: int | None = None) -> Strategy:
-    """The strategy whose frontier a run grows first; ``closure`` starts from ``comb``, ``online`` from nothing."""
+def make_strategy(name: str, depth: int | None = None, roles: tuple[str, ...] = TWO_MODEL_ROLES) -> Strategy:
+    """The strategy whose frontier a run grows first over the models ``roles`` (smallest first); ``closure``
+    starts from ``comb``, ``online`` from nothing."""
     if name in ("comb", "closure", "online"):
         if depth is not None:
             raise TraceError("--depth applies to --expand full only")
-        return Online() if name == "online" else Comb()
+        return Online() if name == "online" else Comb(tuple(roles))
     if name == "full":
         if depth is None or depth < 0:
             raise TraceError("--expand full needs --depth D with D >= 0")
-        return Full(depth)
+        return Full(depth, tuple(roles))
     raise TraceError(f"unknown --expand {name!r}; choose one of {', '.join(EXPANSIONS)}")
 
 
@@ -118,7 +131,7 @@ def frontier(
             if not strategy.contains(node):
                 continue  # added by another strategy (e.g. closure): not this one's to grow
             for model in strategy.models_at(node):
-                if node + ROLE_CHARS[model] not in steps:
+                if node + model_char(model) not in steps:
                     requests.append(Request(problem_id, world, node, model))
     return sorted(requests)
 

@@ -1,4 +1,5 @@
-"""`trace gen`: grow step trees of a small and a large model, round by round, into a trace directory.
+"""`trace gen`: grow step trees of a small and a large model (or K models, smallest first), round by
+round, into a trace directory.
 
 Each round asks the expansion strategy for every step still missing in every (problem, world)
 tree, sends all of them to each model's backend as one batch of token-id prompts (a child's
@@ -22,7 +23,7 @@ from pathlib import Path
 import polars as pl
 
 from replay.errors import TraceError
-from replay.schema import LARGE, SCHEMA_VERSION, SMALL, TWO_MODEL_ROLES, model_char
+from replay.schema import model_char, model_roles, schema_version_for
 from replay.store import Trace, TraceWriter, open_trace
 from tracegen import api_roles, hidden
 from tracegen.backends import (
@@ -49,6 +50,7 @@ class GenOptions:
     large: str
     dataset: str
     out: Path
+    middle: tuple[str, ...] = ()  # models between small and large, smallest first (`--models A,B,C`)
     split: str | None = None
     limit: int | None = None
     level: int | None = None
@@ -70,6 +72,16 @@ class GenOptions:
     engine_kwargs: dict = field(default_factory=dict)
     api: tuple = ()  # ApiSpecs of roles served by an OpenAI-compatible endpoint (tracegen.api_roles)
     api_client: object = None  # their ClientOptions (concurrency, timeout, retries, budget)
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every model, smallest first."""
+        return (self.small, *self.middle, self.large)
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The role of each of ``model_names``: small/large for two models, m0..m{K-1} for K."""
+        return model_roles(len(self.model_names))
 
 
 @dataclass
@@ -136,6 +148,23 @@ class Tree:
         return {path: step.is_final for path, step in self.steps.items()}
 
 
+def parse_models(small: str | None, large: str | None, models: str | None) -> list[str]:
+    """The models of `trace gen`, smallest first: ``--models A,B,C``, or the pair ``--model A --large B``."""
+    if models is not None:
+        if small is not None or large is not None:
+            raise TraceError("give either --models A,B,... or --model and --large, not both")
+        names = [name.strip() for name in models.split(",")]
+        if len(names) < 2 or not all(names):
+            raise TraceError(f"--models needs at least two comma-separated model names, got {models!r}")
+        if len(set(names)) < len(names):
+            raise TraceError(f"--models names a model twice: {models!r}")
+        model_roles(len(names))  # at most MAX_MODELS
+        return names
+    if small is None or large is None:
+        raise TraceError("name the models: --model SMALL --large LARGE, or --models A,B,... (smallest first)")
+    return [small, large]
+
+
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     """``"i/n"`` (0 <= i < n) -> (i, n)."""
     if text is None:
@@ -166,17 +195,17 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
     """Grow the trees of ``options`` into ``options.out``; resumable and idempotent.
 
     ``progress(stage=..., **info)`` is called as work advances (see tracegen.progress.GenProgress). ``backends``
-    ({"small": ..., "large": ...}) reuses engines already loaded for these models.
+    ({"small": ..., "large": ...}, or by role m0..m{K-1}) reuses engines already loaded for these models.
     """
     started = time.perf_counter()
     _check_options(options)
     shard = parse_shard(options.shard)
-    strategy = make_strategy(options.expand, options.depth)
+    strategy = make_strategy(options.expand, options.depth, options.roles)
     dataset = load_dataset(options.dataset, split=options.split, limit=options.limit, level=options.level)
     grader = grader_for(dataset.name)
     problems = [p for p in dataset.problems if in_shard(p.problem_id, shard)]
-    names = dict(zip(TWO_MODEL_ROLES, (options.small, options.large)))
-    api = api_roles.api_specs(options.api, TWO_MODEL_ROLES)
+    names = dict(zip(options.roles, options.model_names))
+    api = api_roles.api_specs(options.api, options.roles)
     models = {
         role: fetch_model(resolve_model(name, role))
         for role, name in names.items()
@@ -208,14 +237,16 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
                 kind = options.backend or default_backend()
                 _check_engine_name(writer.manifest.get("engine"), kind, options.out)
                 backends = {}
-                for role in TWO_MODEL_ROLES:
+                for role in options.roles:
                     if role in api:
                         backends[role] = api_roles.open_backend(
                             api[role], options.out, names[role], options.api_client, tokenizers[role], report
                         )
                     else:
                         backends[role] = load_backend(
-                            kind, models[role].path, **engine_kwargs_for(kind, role, options.engine_kwargs)
+                            kind,
+                            models[role].path,
+                            **engine_kwargs_for(kind, role, options.engine_kwargs, options.roles),
                         )
                     engines.callback(backends[role].close)
             writer.update_manifest(engine=_engine_entry(backends))
@@ -283,7 +314,7 @@ def generate_requests(
     from tracegen.signals import step_signals
 
     step_rows, token_rows, new_steps = [], [], []
-    for role in TWO_MODEL_ROLES:
+    for role in backends:
         batch = [r for r in requests if r.model == role]
         if not batch:
             continue
@@ -412,20 +443,22 @@ def _check_options(options: GenOptions) -> None:
 
 
 def _shared_prompts(models: dict[str, ModelRef], tokenizers: dict, problems: list[Problem]) -> dict[str, list[int]]:
-    """Each problem's prompt ids. Steps pass between the models as token ids, so both must share the
+    """Each problem's prompt ids. Steps pass between the models as token ids, so all must share the
     vocabulary and turn every question into the same prompt (a chat-mode API role has no local model)."""
-    first, last = list(models)[0], list(models)[-1]
-    small, large = models[first].name, models[last].name
-    if _id_texts(tokenizers[first]) != _id_texts(tokenizers[last]):
-        raise TraceError(f"models {small} and {large} have different vocabularies; a step tree needs one tokenizer")
+    first, *others = models
+    for role in others:
+        name, other = models[first].name, models[role].name
+        if _id_texts(tokenizers[first]) != _id_texts(tokenizers[role]):
+            raise TraceError(f"models {name} and {other} have different vocabularies; a step tree needs one tokenizer")
     prompts = {}
     for problem in problems:
         ids = prompt_token_ids(tokenizers[first], problem.question)
-        if ids != prompt_token_ids(tokenizers[last], problem.question):
-            raise TraceError(
-                f"models {small} and {large} build different prompts for problem {problem.problem_id} "
-                "(their chat templates differ); a step tree needs one prompt per problem"
-            )
+        for role in others:
+            if ids != prompt_token_ids(tokenizers[role], problem.question):
+                raise TraceError(
+                    f"models {models[first].name} and {models[role].name} build different prompts for problem "
+                    f"{problem.problem_id} (their chat templates differ); a step tree needs one prompt per problem"
+                )
         prompts[problem.problem_id] = ids
     return prompts
 
@@ -437,7 +470,7 @@ def _id_texts(tokenizer) -> list[str]:
 
 def _manifest(options, models, tokenizers, dataset: Dataset, grader: Grader, sampling) -> dict:
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": schema_version_for(options.roles),
         "models": _model_entries(options, models, tokenizers),
         "model_paths": {role: model.path for role, model in models.items()},
         "dataset": {"name": dataset.name, "split": dataset.split, "file_hash": dataset.file_hash},
@@ -465,13 +498,13 @@ def _manifest(options, models, tokenizers, dataset: Dataset, grader: Grader, sam
 
 def _model_entries(options: GenOptions, models: dict, tokenizers: dict) -> list:
     """trace.json entries of the models in role order; a chat-mode API role is known by its served name."""
-    api = api_roles.api_specs(options.api, TWO_MODEL_ROLES)
-    names = dict(zip(TWO_MODEL_ROLES, (options.small, options.large)))
+    api = api_roles.api_specs(options.api, options.roles)
+    names = dict(zip(options.roles, options.model_names))
     return [
         model_manifest(models[role], tokenizers[role])
         if role in models
         else api_roles.text_only_model_entry(role, api[role], names[role])
-        for role in TWO_MODEL_ROLES
+        for role in options.roles
     ]
 
 
@@ -491,7 +524,8 @@ def _check_engine_name(stored: dict | None, kind: str, out: Path) -> None:
 
 def _engine_entry(backends: dict) -> dict:
     infos = {role: backend.engine_info() for role, backend in backends.items()}
-    return infos[SMALL] if infos[SMALL] == infos[LARGE] else infos
+    first = next(iter(infos.values()))
+    return first if all(info == first for info in infos.values()) else infos
 
 
 def _write_hidden(writer: TraceWriter, options: GenOptions, models, root_ids, report) -> int:

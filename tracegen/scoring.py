@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from replay.errors import TraceError
-from replay.schema import SMALL, first_difference, lookup_field
+from replay.schema import first_difference, lookup_field
 from replay.store import TraceWriter, open_trace
 from tracegen.backends import check_backend
 from tracegen.models import load_tokenizer, trace_model
@@ -158,7 +158,7 @@ def _items(trace, steps: pl.DataFrame, todo: pl.DataFrame) -> list[Item]:
         .collect()
         .iter_rows()
     )
-    tokenizer = load_tokenizer(trace_model(trace.manifest, SMALL))
+    tokenizer = load_tokenizer(trace_model(trace.manifest, trace.manifest.roles[0]))
     prompts: dict[str, list[int]] = {}
     items = []
     for row in todo.iter_rows(named=True):

@@ -183,6 +183,26 @@ class DraftRouter(Router):
 
     one_way: bool = False  # after one rejected draft the large model writes the rest, undrafted
     escalate: str = "replace"  # one-way routers: what happens to the draft that triggers escalation
+    draft: str = ""  # the role that drafts ("" = the trace's smallest model)
+    target: str = ""  # the role that writes rejected steps ("" = the trace's largest model)
+
+    def default_target(self, roles: list[str], draft: str) -> str:
+        """The target when ``target`` is not given: the largest model."""
+        return roles[-1]
+
+    def draft_roles(self, roles: list[str]) -> tuple[str, str]:
+        """(drafting role, target role) on a trace with model ``roles`` (smallest first); TraceError unless both
+        are its models and the target is the larger."""
+        draft = self.draft or roles[0]
+        target = self.target or self.default_target(roles, draft)
+        for param, role in (("draft", draft), ("target", target)):
+            if role not in roles:
+                raise TraceError(
+                    f"router {self.name}: {param}={role!r} is not one of the trace's models ({', '.join(roles)})"
+                )
+        if roles.index(target) <= roles.index(draft):
+            raise TraceError(f"router {self.name}: target {target} must be a larger model than draft {draft}")
+        return draft, target
 
     def draft_signal(self, data: ReplayData) -> np.ndarray:
         """The number the router judges each step row's draft by (NaN where it has none)."""
@@ -206,6 +226,7 @@ class DraftRouter(Router):
             one_way=self.one_way,
             scorer=self.scorer,
             escalate=self.escalate if self.one_way else "replace",
+            roles=self.draft_roles(data.roles),
         )
         return walk_steps(data, costs, starts, params, draft_rule=rule, router=self.name)
 

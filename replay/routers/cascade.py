@@ -76,7 +76,8 @@ class Cascade(QueryRouter):
     def _fit(self, train):
         roles = [role.strip() for role in self.models.split(",")] if self.models else list(train.roles)
         unknown = [role for role in roles if role not in train.roles]
-        if unknown or len(roles) < 2:
+        ordered = not unknown and all(train.roles.index(a) < train.roles.index(b) for a, b in zip(roles, roles[1:]))
+        if unknown or len(roles) < 2 or not ordered:
             raise TraceError(
                 f"router cascade: models must name two or more of the trace's models "
                 f"({', '.join(train.roles)}), smallest first; got {self.models!r}"

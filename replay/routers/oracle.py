@@ -3,7 +3,8 @@
 Over every complete root-to-final path the trace holds for a (problem, world), the oracle takes the
 cheapest correct one under the replay's cost model (ties: the shorter, then lexicographically
 smaller path); when no cached path is correct, the cheapest path. A root with no complete path is a
-miss, reported where the small model's chain breaks off.
+miss, reported where the smallest model's chain breaks off. On a trace of K models the paths are those
+of all K.
 """
 
 import numpy as np
@@ -11,7 +12,6 @@ import polars as pl
 
 from replay.engine import Walk, walk_chains
 from replay.routers.base import QueryRouter
-from replay.schema import SMALL
 
 
 class Oracle(QueryRouter):
@@ -70,7 +70,7 @@ class Oracle(QueryRouter):
         walk.end_node[found] = data.tree.step_child[pick]
         lost = np.flatnonzero(~found)
         if lost.size:
-            broken = walk_chains(data, costs, roots[lost], data.role_index(SMALL, self.name))
+            broken = walk_chains(data, costs, roots[lost], 0)
             walk.end_node[lost] = broken.end_node
             walk.miss_role[lost] = broken.miss_role
         return walk.take(inverse)

@@ -53,7 +53,6 @@ from replay.atomic import write_atomic
 from replay.engine import ESCALATE_MODES
 from replay.errors import TraceError
 from replay.routers.base import Domain, DraftRouter
-from replay.schema import SMALL
 
 POLICY_FORMAT = "trace-policy"
 POLICY_VERSION = 1
@@ -194,10 +193,12 @@ class PolicyRouter(DraftRouter):
     domains = {"kappa": Domain(0.0, 1.0, optional=True)}  # unset: the policy file's trained kappa
     one_way = True
 
-    def __init__(self, path="", kappa=None, escalate="after"):
+    def __init__(self, path="", kappa=None, escalate="after", draft="", target=""):
         self.path = path
         self.kappa = kappa
         self.escalate = escalate
+        self.draft = draft  # default: the smallest model
+        self.target = target  # default: the largest model
 
     def _check_params(self):
         if not self.path:
@@ -215,7 +216,7 @@ class PolicyRouter(DraftRouter):
                 f"trace train policy --escalate {self.escalate}"
             )
         self.features_ = list(saved["features"])
-        require_signals(train.manifest, SMALL, self.features_, "policy", POLICY_INSTEAD)
+        require_signals(train.manifest, self.draft_roles(train.roles)[0], self.features_, "policy", POLICY_INSTEAD)
         self.feature_mean_ = np.asarray(saved["feature_mean"], dtype=np.float64)
         self.feature_std_ = np.asarray(saved["feature_std"], dtype=np.float64)
         self.kappa_ = float(saved["kappa"])
@@ -234,7 +235,8 @@ class PolicyRouter(DraftRouter):
 
     def draft_signal(self, data):
         signal = np.full(data.steps.height, np.nan)
-        small = (data.steps["model"] == SMALL).to_numpy()
+        draft, _ = self.draft_roles(data.roles)
+        small = (data.steps["model"] == draft).to_numpy()
         signal[small] = self.escalate_probability(data.steps.filter(pl.Series(small)), data.problems)
         return signal
 

@@ -6,7 +6,9 @@ its scores row holds value = the greedy digit and detail = its probabilities for
 expected digit under those probabilities (renormalised over the ten digits). A draft with score >=
 ``tau`` is kept; otherwise it is discarded (and paid for) and the large model writes that step; the
 next step is drafted again. Every draft pays one judge call: the prefill of its context plus one
-token (``n_tokens_processed``).
+token (``n_tokens_processed``). On a trace of K models, ``draft`` (default: the smallest) plays the small
+model and ``target`` (default: the largest) the large one; the judge is whichever model the judge scorer ran
+(`trace score` asks the trace's largest model).
 """
 
 import numpy as np
@@ -22,10 +24,12 @@ class SpecReason(DraftRouter):
     sweepable = ("tau",)
     domains = {"tau": Domain(0.0, 9.0)}  # the judge's digit, or its expected value
 
-    def __init__(self, tau=7.0, score="greedy", scorer="judge"):
+    def __init__(self, tau=7.0, score="greedy", scorer="judge", draft="", target=""):
         self.tau = tau
         self.score = score
         self.scorer = scorer
+        self.draft = draft  # default: the smallest model
+        self.target = target  # default: the largest model
 
     def _check_params(self):
         self._check_choice("score", ("greedy", "expected"))

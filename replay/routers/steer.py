@@ -1,5 +1,8 @@
 """STEER (Lee et al., AAAI 2026, arXiv 2511.06190): route on the small model's step confidence.
 
+On a trace of K models, ``draft`` (default: the smallest) plays the small model and ``target`` (default:
+the next larger model than ``draft``) the large one: STEER escalates to the next larger model.
+
 Signal: c = ``conf_max_logit_math`` of a small step, the mean raw max logit over its math tokens.
 
 Mixtures: per step index d (``depth``: 0 for the first step), a two-component Gaussian mixture
@@ -57,7 +60,6 @@ from replay.atomic import write_atomic
 from replay.engine import ESCALATE_MODES
 from replay.errors import TraceError
 from replay.routers.base import SEED, UNIT, Domain, DraftRouter
-from replay.schema import SMALL
 
 SIGNAL = "conf_max_logit_math"
 STEER_FORMAT = "trace-steer"
@@ -131,13 +133,19 @@ class Steer(DraftRouter):
     sweepable = ("tau",)
     domains = {"tau": UNIT, "min_samples": Domain(2, math.inf, integer=True), "seed": SEED}
 
-    def __init__(self, tau=0.5, mode="switch", escalate="after", min_samples=10, seed=0, gmms=""):
+    def __init__(self, tau=0.5, mode="switch", escalate="after", min_samples=10, seed=0, gmms="", draft="", target=""):
         self.tau = tau
         self.mode = mode
         self.escalate = escalate
         self.min_samples = min_samples
         self.seed = seed
         self.gmms = gmms
+        self.draft = draft  # default: the smallest model
+        self.target = target  # default: the next larger model than draft
+
+    def default_target(self, roles, draft):
+        """STEER escalates to the next larger model."""
+        return roles[roles.index(draft) + 1] if draft in roles[:-1] else roles[-1]
 
     @property
     def one_way(self):
@@ -148,9 +156,10 @@ class Steer(DraftRouter):
         self._check_choice("escalate", ESCALATE_MODES)
 
     def _fit(self, train):
+        draft, _ = self.draft_roles(train.roles)
         require_signals(
             train.manifest,
-            SMALL,
+            draft,
             [SIGNAL],
             "steer",
             f"route on S_API ({S_API}) with the policy instead: trace train policy --features {S_API},depth,...",
@@ -158,7 +167,7 @@ class Steer(DraftRouter):
         if self.gmms:
             self._load(train)
             return
-        confidences = train.steps.filter((pl.col("model") == SMALL) & pl.col(SIGNAL).is_not_null())
+        confidences = train.steps.filter((pl.col("model") == draft) & pl.col(SIGNAL).is_not_null())
         per_depth = confidences.group_by("depth").agg(pl.col(SIGNAL)).sort("depth")
         self.mixtures_ = {}
         self.low_component_ = {}
@@ -173,7 +182,7 @@ class Steer(DraftRouter):
             self.n_samples_[depth] = len(values)
         if 0 not in self.mixtures_:
             raise TraceError(
-                f"router steer needs at least min_samples={self.min_samples} small-model "
+                f"router steer needs at least min_samples={self.min_samples} {draft}-model "
                 f"{SIGNAL} values at step index 0 in the train split; it has "
                 f"{confidences.filter(pl.col('depth') == 0).height}"
             )
@@ -251,7 +260,8 @@ class Steer(DraftRouter):
         """P(low | c) where c lies below the high component's mean, 0 where it does not (never above a tau in
         [0, 1]), NaN for large steps and small steps without a confidence."""
         steps = data.steps
-        judged = ((steps["model"] == SMALL) & steps[SIGNAL].is_not_null()).to_numpy()
+        draft, _ = self.draft_roles(data.roles)
+        judged = ((steps["model"] == draft) & steps[SIGNAL].is_not_null()).to_numpy()
         depths = steps["depth"].to_numpy()[judged]
         confidences = steps[SIGNAL].to_numpy()[judged].astype(np.float64)
         signal = np.full(steps.height, np.nan)

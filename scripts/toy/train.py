@@ -2,6 +2,7 @@
 
     python -m scripts.toy.train --size small --steps 3000 --seed 0 --label-smoothing 0.05 --stop-after 2000
     python -m scripts.toy.train --size large --steps 3000 --seed 0 --stop-after 2000
+    python -m scripts.toy.train --size medium --steps 3000 --seed 0 --label-smoothing 0.05 --stop-after N
 
 Loss is on the solution tokens only. Every prompt starts with the same system message and
 ``Compute ``; that shared prefix is run once per batch and its key/value cache broadcast to
@@ -13,6 +14,7 @@ optimizer step (``lr_at``, ``adamw``, ``optimizer_step``) are the toy recipe tha
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.cache_utils import DynamicCache
 
@@ -31,6 +34,7 @@ from tracegen.prompts import prompt_token_ids
 
 SIZES = {
     "small": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1),
+    "medium": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=1),
     "large": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=2),
 }
 LEVEL_WEIGHTS = {1: 1, 2: 2, 3: 4, 4: 2}
@@ -155,6 +159,11 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-n", type=int, default=200)
     parser.add_argument("--out", type=Path, default=None, help="default: data/toy/models/toy-SIZE")
+    parser.add_argument(
+        "--keep-snapshots",
+        action="store_true",
+        help="also keep every evaluated checkpoint under OUT/step-N, to choose a --stop-after afterwards",
+    )
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -185,11 +194,17 @@ def main() -> None:
             log.append({"step": step + 1, "seconds": round(time.time() - started), **result})
             print(json.dumps(log[-1]), flush=True)
             save(model, tokenizer, args, n_params, log, time.time() - started)
+            if args.keep_snapshots:
+                save(model, tokenizer, args, n_params, log, time.time() - started, snapshot=step + 1)
 
 
-def save(model, tokenizer, args, n_params: int, log: list[dict], seconds: float) -> None:
-    """Write the checkpoint as it stands, so a long run can be stopped at any evaluation."""
+def save(model, tokenizer, args, n_params: int, log: list[dict], seconds: float, snapshot: int | None = None) -> None:
+    """Write the checkpoint as it stands, so a long run can be stopped at any evaluation; with ``snapshot``,
+    into OUT/step-N. training.json records the library versions and the SHA-256 of the weights, since where
+    the learning jumps land moves with small numerical differences between environments."""
     out = args.out or MODELS_DIR / f"toy-{args.size}"
+    if snapshot is not None:
+        out = out / f"step-{snapshot}"
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config.do_sample = False
     model.save_pretrained(out, safe_serialization=True)
@@ -198,9 +213,17 @@ def save(model, tokenizer, args, n_params: int, log: list[dict], seconds: float)
         f"python -m scripts.toy.train --size {args.size} --steps {args.steps} --batch {args.batch} "
         f"--lr {args.lr} --seed {args.seed} --threads {args.threads}"
         + (f" --label-smoothing {args.label_smoothing}" if args.label_smoothing else "")
-        + (f" --stop-after {args.stop_after}" if args.stop_after is not None else "")
+        + (f" --stop-after {snapshot or args.stop_after}" if (snapshot or args.stop_after) is not None else "")
     )
-    record = {"size": args.size, "n_params": n_params, "command": command, "wall_seconds": round(seconds), "log": log}
+    record = {
+        "size": args.size,
+        "n_params": n_params,
+        "command": command,
+        "wall_seconds": round(seconds),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "sha256": hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest(),
+        "log": log,
+    }
     (out / "training.json").write_text(json.dumps(record, indent=1))
     print(f"saved {out} at step {log[-1]['step']}", flush=True)
 

@@ -10,7 +10,7 @@ import inspect
 from pathlib import Path
 
 from replay.errors import TraceError
-from replay.schema import LARGE, SMALL
+from replay.schema import LARGE, SMALL, TWO_MODEL_ROLES
 from tracegen.backends.base import Backend, GeneratedStep, StepRequest, StepSampling
 
 BACKENDS = ("vllm", "hf")
@@ -50,11 +50,21 @@ def default_backend() -> str:
     return "vllm"
 
 
-def engine_kwargs_for(kind: str, role: str, given: dict) -> dict:
-    """Engine arguments for one model role: on vLLM, its share of GPU memory unless ``given`` sets it."""
+def memory_share(role: str, roles: tuple[str, ...] = TWO_MODEL_ROLES) -> float:
+    """The share of GPU memory the model ``role`` gets: 30/70 for a small/large pair; with K models, the
+    i-th smallest gets (i + 1) / (1 + 2 + ... + K)."""
+    if role in VLLM_MEMORY_SHARES and tuple(roles) == TWO_MODEL_ROLES:
+        return VLLM_MEMORY_SHARES[role]
+    rank = list(roles).index(role) + 1
+    return rank / (len(roles) * (len(roles) + 1) / 2)
+
+
+def engine_kwargs_for(kind: str, role: str, given: dict, roles: tuple[str, ...] = TWO_MODEL_ROLES) -> dict:
+    """Engine arguments for one model role of ``roles``: on vLLM, its share of GPU memory unless ``given``
+    sets it."""
     if kind != "vllm":
         return dict(given)
-    share = VLLM_MEMORY_BUDGET * VLLM_MEMORY_SHARES[role]
+    share = VLLM_MEMORY_BUDGET * memory_share(role, roles)
     defaults = {
         "gpu_memory_utilization": round(share * (1 - VLLM_SCORER_SHARE), 3),
         "scorer_memory_utilization": round(share * VLLM_SCORER_SHARE, 3),

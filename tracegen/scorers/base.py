@@ -17,7 +17,7 @@ import polars as pl
 
 from replay.entry_points import SCORER_GROUP, Registered, entry_point_rows, entry_points, first_line, load_entry_point
 from replay.errors import TraceError
-from replay.schema import LARGE, Manifest
+from replay.schema import Manifest
 from tracegen.backends import default_backend, load_backend, scorer_engine_kwargs
 from tracegen.models import ModelRef, load_tokenizer, model_entry, named_model, trace_model
 
@@ -173,17 +173,23 @@ class LanguageModelScorer(Scorer):
 
 
 class LargeModelScorer(LanguageModelScorer):
-    """A scorer asked of the trace's large model, unless ``--model`` names one of its own."""
+    """A scorer asked of the trace's largest model, unless ``--model`` names one of its own."""
+
+    @property
+    def largest_role(self) -> str:
+        return self.manifest.roles[-1]
 
     @cached_property
     def checkpoint(self) -> ModelRef:
-        return named_model(self.model, self.signal) if self.model else trace_model(self.manifest, LARGE)
+        return named_model(self.model, self.signal) if self.model else trace_model(self.manifest, self.largest_role)
 
     @property
     def engine_role(self) -> str:
-        """Under which name its engine runs: the large role (gen may lend that engine), or the scorer's own."""
-        return LARGE if self.model is None else self.signal
+        """Under which name its engine runs: the largest role (gen may lend that engine), or the scorer's own."""
+        return self.largest_role if self.model is None else self.signal
 
     def model_fields(self) -> dict:
         """trace.json's record of whose model a call runs (and its size, for an own model)."""
-        return {"model": LARGE} if self.model is None else {**model_entry(self.checkpoint), "model": self.signal}
+        if self.model is None:
+            return {"model": self.largest_role}
+        return {**model_entry(self.checkpoint), "model": self.signal}

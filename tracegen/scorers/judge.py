@@ -14,7 +14,6 @@ import math
 
 import polars as pl
 
-from replay.schema import SMALL
 from tracegen.prompts import JUDGE_PREFILL, JUDGE_REQUEST, judge_prompt_ids
 from tracegen.scorers.base import Item, LargeModelScorer, Score
 
@@ -28,7 +27,7 @@ class Judge(LargeModelScorer):
     generated_tokens = 1  # the verdict digit
 
     def wants(self) -> pl.Expr:
-        return pl.col("model") == SMALL
+        return pl.col("model") != self.manifest.roles[-1]  # the drafts: every model's steps but the largest's
 
     def describe(self) -> dict:
         return {**self.model_fields(), **self.method()}

@@ -17,7 +17,6 @@ from functools import cached_property
 import polars as pl
 
 from replay.errors import TraceError
-from replay.schema import SMALL
 from tracegen.models import ModelRef, model_entry, named_model
 from tracegen.scorers.base import Item, Score, Scorer
 
@@ -41,7 +40,7 @@ class ProcessRewardModel(Scorer):
         value_head_tensors(self.checkpoint.path)
 
     def wants(self) -> pl.Expr:
-        return pl.col("model") == SMALL
+        return pl.col("model") != self.manifest.roles[-1]  # the drafts: every model's steps but the largest's
 
     def describe(self) -> dict:
         return {
