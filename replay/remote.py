@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from replay.errors import TraceError
-from replay.schema import MANIFEST_FILE, PARTS_DIR, SCHEMA_VERSION, SCHEMAS, TABLES, Manifest
+from replay.schema import MANIFEST_FILE, PARTS_DIR, SCHEMAS, TABLES, Manifest, checked_manifest
 
 VERIFIED_ON_OPEN = tuple(table for table in TABLES if table != "tokens")  # as replay.store.HEAVY_TABLES says
 
@@ -160,9 +160,4 @@ def open_remote(uri: str) -> RemoteTrace:
         raise TraceError(f"cannot read {uri}/{MANIFEST_FILE}: {_first_line(error)}") from None
     except ValueError as error:
         raise TraceError(f"{uri}/{MANIFEST_FILE} is not valid JSON ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
-        found = manifest.get("schema_version") if isinstance(manifest, dict) else None
-        raise TraceError(
-            f"{uri}/{MANIFEST_FILE} has schema_version {found!r}; this version of trace reads {SCHEMA_VERSION}"
-        )
-    return RemoteTrace(uri, filesystem, path, Manifest(manifest))
+    return RemoteTrace(uri, filesystem, path, checked_manifest(manifest, f"{uri}/{MANIFEST_FILE}"))

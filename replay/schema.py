@@ -351,13 +351,18 @@ def read_manifest(root: Path) -> Manifest:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise TraceError(f"{path} is not valid JSON ({error})") from None
+    return checked_manifest(manifest, str(path))
+
+
+def checked_manifest(manifest: Any, where: str) -> Manifest:
+    """``manifest`` (read from ``where``) as a Manifest, if it is an object of a schema version this reads."""
     if not isinstance(manifest, dict):
-        raise TraceError(f"{path} must hold a JSON object, not {type(manifest).__name__}")
+        raise TraceError(f"{where} must hold a JSON object, not {type(manifest).__name__}")
     version = manifest.get("schema_version")
     if version not in READ_SCHEMA_VERSIONS:
         readable = " and ".join(map(str, READ_SCHEMA_VERSIONS))
         raise TraceError(
-            f"{path} has schema_version {version!r}; this version of trace reads schema_version {readable}"
+            f"{where} has schema_version {version!r}; this version of trace reads schema_version {readable}"
         )
     return Manifest(manifest)
 

@@ -3,6 +3,7 @@ rerun, leaves the trace an uninterrupted single-process run writes, step for ste
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import time
@@ -16,19 +17,29 @@ from tests.test_shard_race import assert_same_steps
 from tracegen.gen import run_gen
 
 pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")  # installed with ray
+
+N_PROBLEMS = 24  # enough that each round of a worker takes longer than the kill (a few problems take milliseconds)
 
 
 def test_a_killed_driver_rerun_resumes_to_the_uninterrupted_trace(toy_models, tmp_path):  # noqa: F811
     reference, out = tmp_path / "reference", tmp_path / "ray"
-    run_gen(options(toy_models, reference, max_steps=5))
+    run_gen(options(toy_models, reference, max_steps=5, limit=N_PROBLEMS))
     command = [*gen_command(toy_models, out), "--ray", "local", "--workers", "2"]
+    command[command.index("--limit") + 1] = str(N_PROBLEMS)
     driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not list((out / "steps").glob("part-shard*.parquet")) and time.time() < deadline and driver.poll() is None:
         time.sleep(0.01)
-    driver.send_signal(signal.SIGKILL)
+    # the driver and the local Ray instance it started die at once, as on a lost machine: otherwise the
+    # workers may finish their shards before Ray notices that the driver is gone
+    processes = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
+    for sent in (signal.SIGSTOP, signal.SIGKILL):
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(sent)
     driver.wait()
-    time.sleep(2)  # the local Ray instance shares the driver's fate; its workers stop writing
+    time.sleep(2)  # any Ray process outside the driver's tree stops with it
     partial = open_trace(out).scan("steps").collect().height
     full = open_trace(reference).scan("steps").collect().height
     assert 0 < partial < full, "the kill should land after the first part and before the last"

@@ -141,8 +141,9 @@ def summarize(
     identical = int(details["identical"].sum())
     sampled = details.group_by("model", "depth").agg(n=pl.len(), identical=pl.col("identical").sum())
     strata = population.group_by("model", "depth").agg(size=pl.len()).join(sampled, on=["model", "depth"])
-    weights = strata["size"].to_numpy() / strata["size"].sum()
-    estimate = float(np.sum(weights * strata["identical"].to_numpy() / strata["n"].to_numpy()))
+    sizes = strata["size"].to_numpy()
+    # summed before dividing, so that a sample identical in every stratum estimates exactly 1.0
+    estimate = float(np.sum(sizes * (strata["identical"].to_numpy() / strata["n"].to_numpy())) / sizes.sum())
     divergent = details.filter(~pl.col("identical")).sort("step_id")
 
     def largest(column: str) -> float | None:
