@@ -199,16 +199,9 @@ class RayProgress:
     """One rich progress bar over all workers: problems finished, steps and generated tokens/s."""
 
     def __init__(self, console=None):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from tracegen.progress import counted_bar
 
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            console=console,
-        )
+        self._progress = counted_bar(console, eta=False)
         self._task = None
         self._started = time.perf_counter()
 

@@ -13,19 +13,23 @@ from tracegen.expand import Request
 from tracegen.gen import GenSummary
 
 
+def counted_bar(console=None, *, info: bool = True, eta: bool = True) -> Progress:
+    """The bar phase one shows: description, bar, done/total, an info text (``task.fields[info]``), elapsed
+    time and ETA."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+    if info:
+        columns.append(TextColumn("{task.fields[info]}"))
+    columns.append(TimeElapsedColumn())
+    if eta:
+        columns.append(TimeRemainingColumn())
+    return Progress(*columns, console=console)
+
+
 class GenProgress:
     """A rich progress bar for ``run_gen``: problems finished, steps, generated tokens/s, ETA."""
 
     def __init__(self, console=None):
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-        )
+        self._progress = counted_bar(console)
         self._tasks: dict[str, int] = {}
         self._gen_started: float | None = None
 
@@ -82,14 +86,7 @@ class ScoreProgress:
 
     def __init__(self, label: str, console=None):
         self._label = label
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-        )
+        self._progress = counted_bar(console, info=False)
 
     def __enter__(self) -> ScoreProgress:
         return self
