@@ -337,7 +337,7 @@ def score(
             f"{world} traces run " + ", ".join(f"{variant} for {signal}" for signal, variant in variants.items())
             for world, variants in WORLD_SCORERS.items()
         )
-        + ".",
+        + ". judge@ROLE asks the trace's ROLE model instead of its largest (SpecReason with target=ROLE).",
     ),
     model: str = typer.Option(
         None,
@@ -357,9 +357,10 @@ def score(
 ) -> None:
     """Annotate a trace's steps with a scorer, once, for the routers that read it.
 
-    prm (RSD) and judge (SpecReason) score the small model's steps, ptrue (cascade) every final answer,
-    verifier (the policy's coverage) every step. Values go to the scores table with the tokens each call
-    processed (replay charges them); rerun to resume. Example: trace score runs/toy --scorer prm
+    prm (RSD) and judge (SpecReason) score the small model's steps (judge@m1: m1's verdict on every smaller
+    model's steps), ptrue (cascade) every final answer, verifier (the policy's coverage) every step. Values
+    go to the scores table with the tokens each call processed (replay charges them); rerun to resume.
+    Example: trace score runs/toy --scorer prm
     """
     from tracegen.progress import ScoreProgress
     from tracegen.scoring import run_score
@@ -1068,7 +1069,8 @@ def train_steer_command(
 
     The router then uses, at step index d, the mixture of the largest fitted index <= d, and calls a small step
     with confidence c unconfident iff P(low | c) > tau and c is below the other component's mean (low = the
-    component with the lower mean).
+    component with the lower mean). On a trace of K models every model but the largest gets its own mixtures
+    (STEER escalates along m0 -> m1 -> ..., judging each model's steps by its own).
 
     Example: trace train steer runs/toy --out steer.json
     """
@@ -1089,10 +1091,12 @@ def train_steer_command(
         force=force,
     )
     table = Table(title="STEER mixtures of conf_max_logit_math (train split)")
-    for name in ("Step", "n", "Low mean", "Low sd", "Low weight", "High mean", "High sd"):
+    several = rows["model"].n_unique() > 1
+    for name in ("Model",) * several + ("Step", "n", "Low mean", "Low sd", "Low weight", "High mean", "High sd"):
         table.add_column(name, justify="right")
     for row in rows.iter_rows(named=True):
         table.add_row(
+            *(row["model"],) * several,
             str(row["depth"]),
             f"{row['n']:,}",
             f"{row['low_mean']:.4g}",

@@ -145,7 +145,7 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
     for run in everyone:
         if run.swept and run.router in BASELINES:
             raise TraceError(f"{run.source}: {run.router} has {len(run.params)} configurations; expected one")
-    label_runs(everyone)
+    label_runs(everyone, roles)
 
     floor_text = choose_operating_points(everyone, routers, baselines["large-only"], pins, options, roles)
 

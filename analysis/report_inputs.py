@@ -243,8 +243,29 @@ def replay_baseline(
     )
 
 
-def label_runs(runs: list[Run]) -> None:
-    """Router name, plus the fixed parameters that tell apart runs of one router, plus the file if still needed."""
+ROLE_PARAMS = ("draft", "target", "models")  # the parameters that name the models a router uses
+
+
+def model_chain(router: str, params: dict, roles: list[str]) -> str | None:
+    """The models a run's router uses, resolved on a trace with model ``roles`` ("m0 → m1 → m2": defaults
+    filled in), or None when it takes no model parameters or they do not resolve."""
+    cls = ROUTERS.get(router)
+    if cls is None or not any(name in params for name in ROLE_PARAMS):
+        return None
+    if hasattr(cls, "chain"):  # the draft routers
+        configured = cls(**{name: params[name] for name in cls.param_names() if name in params})
+        try:
+            chain = configured.chain(roles)
+        except TraceError:
+            return None
+    else:
+        chain = [role.strip() for role in params["models"].split(",")] if params.get("models") else roles
+    return " → ".join(chain)
+
+
+def label_runs(runs: list[Run], roles: list[str]) -> None:
+    """Router name, plus the fixed parameters that tell apart runs of one router (the model parameters as the
+    resolved chain of models, "m0 → m1"), plus the file if still needed."""
     for run in runs:
         same = [other for other in runs if other.router == run.router]
         fixed = {
@@ -255,7 +276,13 @@ def label_runs(runs: list[Run]) -> None:
             for name in sorted(fixed)
             if len({json.dumps(other.params[min(other.params)].get(name)) for other in same}) > 1
         ]
-        run.label = run.router + (" (" + ", ".join(f"{n}={fixed[n]}" for n in telling) + ")" if telling else "")
+        parts = [f"{n}={fixed[n]}" for n in telling if n not in ROLE_PARAMS]
+        chain = model_chain(run.router, fixed, roles) if set(telling) & set(ROLE_PARAMS) else None
+        if chain is not None:
+            parts.insert(0, chain)
+        else:
+            parts = [f"{n}={fixed[n]}" for n in telling]
+        run.label = run.router + (" (" + ", ".join(parts) + ")" if parts else "")
     for run in runs:
         if sum(other.label == run.label for other in runs) > 1:
             run.label += f" [{Path(run.source).name}]"
@@ -326,14 +353,14 @@ def read_policy_log(path: Path, alpha: float | None) -> tuple[pl.DataFrame, floa
 
 def read_steer_mixtures(path: Path) -> tuple[str, list[plots.Mixture], list[str] | None]:
     """(signal, mixtures by step index, train problem ids if recorded) from a `trace train steer` file
-    (format ``trace-steer``, see replay.routers.steer)."""
+    (format ``trace-steer``, see replay.routers.steer); of a file fitted on several models, the first model's."""
     saved = load_mixtures(path, "STEER mixture")
     if saved.signal not in SCHEMAS["steps"].names:
         raise TraceError(f"{path}: signal {saved.signal!r} is not a column of the steps table")
     if not saved.mixtures:
         raise TraceError(f"{path} holds no mixtures")
-    mixtures = [
+    mixtures = [  # the first model's: the report draws them over the smallest model's confidences
         plots.Mixture(entry.depth, entry.weights, entry.means, entry.variances, entry.low_component)
-        for entry in saved.mixtures
+        for entry in saved.of(saved.models[0])
     ]
     return saved.signal, mixtures, saved.train_problem_ids

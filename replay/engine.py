@@ -322,6 +322,11 @@ class DraftRule:
     """How a draft-and-verify router decides whether to keep the small model's draft at each node (on a
     trace of K models, "small" is the drafting role and "large" the target of ``roles``).
 
+    ``roles`` may name a chain of more than two models, smallest first (STEER's m0 -> m1 -> m2): a step that
+    the model at one hop writes in place of a rejected draft, or after an escalation, is judged in turn
+    (by ``signal`` of its own step row) unless that model is the chain's last, and its rejection hands over
+    to the next model of the chain the same way. With two roles this is the draft-and-target rule above.
+
     ``signal`` holds one number per step row (NaN where the router has none); ``accept`` maps the
     drafts' signals and the states' parameter values to keep (True) or reject (False). With ``scorer``,
     each judged draft needs that scorer's score (its absence is a miss) and pays for a scorer call.
@@ -342,7 +347,7 @@ class DraftRule:
     one_way: bool
     scorer: str | None = None
     escalate: str = "replace"
-    roles: tuple[str, str] | None = None  # (drafting role, target role); default the smallest and largest model
+    roles: tuple[str, ...] | None = None  # (drafting role, ..., target role); default the smallest and largest model
 
     def __post_init__(self):
         if self.escalate not in ESCALATE_MODES:
@@ -381,8 +386,9 @@ def walk_steps(
     children, step_child, step_final, step_role = tree.children, tree.step_child, tree.step_final, tree.step_role
     scorer_cost = None
     if draft_rule is not None:
-        draft_role, target_role = draft_rule.roles or (data.roles[0], data.roles[-1])
-        small, large = data.role_index(draft_role, router), data.role_index(target_role, router)
+        chain_roles = draft_rule.roles or (data.roles[0], data.roles[-1])
+        chain = np.array([data.role_index(role, router) for role in chain_roles], dtype=np.int64)
+        last_hop = len(chain) - 1
         if draft_rule.scorer:
             scorer_cost = costs.scorer(draft_rule.scorer)
     # The kept steps of a walk from a root are the path to the node where it ends: their costs are read
@@ -390,11 +396,12 @@ def walk_steps(
     from_roots = bool((starts < data.roots.height).all())
     decode = walk.decode.reshape(-1)
     kept = walk.kept.reshape(-1)
-    # The active states and, aligned with them, their current nodes and whether they escalated: kept
-    # compact (filtered together) rather than gathered from and scattered back to full-size arrays.
+    # The active states and, aligned with them, their current nodes and chain position (the model of the
+    # draft rule's chain that writes next; one-way: the escalations so far): kept compact (filtered
+    # together) rather than gathered from and scattered back to full-size arrays.
     active = np.arange(n_states)
     here = starts.astype(np.int64)
-    escalated = np.zeros(n_states, dtype=bool)
+    hop = np.zeros(n_states, dtype=np.int64)
 
     def stop_missing(lost: np.ndarray, role: np.ndarray, scorer: bool = False) -> None:
         walk.end_node[active[lost]] = here[lost]
@@ -404,25 +411,24 @@ def walk_steps(
     while active.size:
         if draft_rule is None:
             role = np.asarray(choose(here, {k: v[active] for k, v in params.items()}), dtype=np.int64)
-            drafted = None
-        elif draft_rule.one_way:
-            drafted = ~escalated
-            role = np.where(drafted, small, large)
+            judged = None
         else:
-            drafted = np.ones(active.size, dtype=bool)
-            role = np.full(active.size, small)
-        step = children[small][here] if draft_rule is not None and not draft_rule.one_way else children[role, here]
+            if not draft_rule.one_way:
+                hop[:] = 0  # every step is drafted by the chain's first model
+            role = chain[hop]
+            judged = hop < last_hop  # the chain's last model is never judged
+        step = children[role, here]
         cached = step >= 0
         if not cached.all():
             stop_missing(~cached, role)
-            active, here, role, step, escalated = (a[cached] for a in (active, here, role, step, escalated))
-            drafted = drafted if drafted is None else drafted[cached]
+            active, here, role, step, hop = (a[cached] for a in (active, here, role, step, hop))
+            judged = judged if judged is None else judged[cached]
 
         if draft_rule is not None and draft_rule.keeps_trigger:
-            drafted &= ~step_final[step]  # a final draft is kept unjudged: nothing left to escalate
-        if drafted is not None and drafted.any():
-            # the drafting states, as a slice (views, no copies) when all of them draft, as they mostly do
-            drafts = slice(None) if drafted.all() else np.flatnonzero(drafted)
+            judged &= ~step_final[step]  # a final draft is kept unjudged: nothing left to escalate
+        while judged is not None and judged.any():
+            # the judged states, as a slice (views, no copies) when all of them are, as they mostly are
+            drafts = slice(None) if judged.all() else np.flatnonzero(judged)
             if scorer_cost is not None:
                 call_cost = scorer_cost[step[drafts]]
                 unscored = np.isnan(call_cost)
@@ -433,8 +439,8 @@ def walk_steps(
                     stop_missing(lost, role, scorer=True)
                     walk.scorer[active[drafts[~unscored]]] += call_cost[~unscored]
                     scored = ~lost
-                    active, here, role, step, escalated = (a[scored] for a in (active, here, role, step, escalated))
-                    drafts = np.flatnonzero(drafted[scored])
+                    active, here, role, step, hop, judged = (a[scored] for a in (active, here, role, step, hop, judged))
+                    drafts = np.flatnonzero(judged)
                 else:
                     walk.scorer[active[drafts]] += call_cost
             draft_states = active[drafts]
@@ -442,19 +448,24 @@ def walk_steps(
                 draft_rule.accept(draft_rule.signal[step[drafts]], {k: v[draft_states] for k, v in params.items()}),
                 dtype=bool,
             )
+            judged = None
             if not accepted.all():
                 rejected = np.flatnonzero(~accepted) if isinstance(drafts, slice) else drafts[~accepted]
-                if draft_rule.one_way:
-                    escalated[rejected] = True
-                if not draft_rule.keeps_trigger:  # else the triggering draft stays; the large model takes over next
+                hop[rejected] += 1
+                if not draft_rule.keeps_trigger:  # else the triggering draft stays; the next model takes over next
                     walk.discarded[active[rejected]] += costs.step_total[step[rejected]]
                     walk.n_discarded[active[rejected]] += 1
-                    step[rejected] = children[large, here[rejected]]
-                    role[rejected] = large
+                    role[rejected] = chain[hop[rejected]]
+                    step[rejected] = children[role[rejected], here[rejected]]
+                    rewritten = np.zeros(active.size, dtype=bool)
+                    rewritten[rejected] = True
                     cached = step >= 0
                     if not cached.all():
                         stop_missing(~cached, role)
-                        active, here, role, step, escalated = (a[cached] for a in (active, here, role, step, escalated))
+                        active, here, role, step, hop, rewritten = (
+                            a[cached] for a in (active, here, role, step, hop, rewritten)
+                        )
+                    judged = rewritten & (hop < last_hop)  # a rewritten step is judged too, unless by the last model
 
         if not from_roots:
             flat = step_role[step] * n_states + active
@@ -467,7 +478,7 @@ def walk_steps(
             walk.final_step[active[final]] = step[final]
             walk.end_node[active[final]] = here[final]
             going = ~final
-            active, here, escalated = active[going], here[going], escalated[going]
+            active, here, hop = active[going], here[going], hop[going]
     if from_roots:
         path_decode, path_kept, path_prefill = costs.path_sums
         walk.decode, walk.kept, walk.prefill = (
@@ -684,7 +695,7 @@ def _replay_chunk(
             "world": outcomes["world"].gather(missed),
             "path": outcomes["path"].gather(missed),
             "model": pl.Series(data.roles, dtype=pl.String).gather(walk.miss_role[missed]),
-            "scorer": pl.Series([router.scorer], dtype=pl.String)
+            "scorer": pl.Series([router_scorer(router, data.roles)], dtype=pl.String)
             .new_from_index(0, missed.size)
             .set(pl.Series(~walk.miss_scorer[missed]), None),
             "config": pl.Series(config_ids[missed], dtype=pl.Int32),
@@ -731,6 +742,12 @@ def summarize(outcomes: pl.DataFrame, roles: list[str]) -> pl.DataFrame:
 # ---------------------------------------------------------------------- from a trace directory
 
 
+def router_scorer(router, roles: list[str]) -> str | None:
+    """The scorer ``router`` reads on a trace with model ``roles`` (None: none)."""
+    scorer_for = getattr(router, "scorer_for", None)
+    return scorer_for(roles) if scorer_for is not None else getattr(router, "scorer", None)
+
+
 def split_frame(problem_ids: list[str], seed: int, fractions: tuple[float, float, float]) -> pl.DataFrame:
     return pl.DataFrame(
         {"problem_id": problem_ids, "split": assign_splits(problem_ids, seed, fractions)},
@@ -760,10 +777,12 @@ def replay_trace(
     router.check_params()
     check_sweep(router, sweep or {})
     trace = open_trace(root)
-    scorer = getattr(router, "scorer", None)
+    scorer = router_scorer(router, trace.manifest.roles)
     if scorer and scorer not in trace.manifest.scorers:
+        _, _, asked = scorer.partition("@")
+        whose = f" (the {asked} model's own verdicts)" if asked else ""
         raise TraceError(
-            f"router {router.name} reads {scorer} scores, which {root} does not have; "
+            f"router {router.name} reads {scorer} scores{whose}, which {root} does not have; "
             f"run `trace score {root} --scorer {scorer}` first"
         )
     cost_model = make_cost_model(cost, trace.manifest, prices)

@@ -1,4 +1,5 @@
-"""`trace train steer`: fit STEER's per-step-index Gaussian mixtures on the train split and save them.
+"""`trace train steer`: fit STEER's per-step-index Gaussian mixtures on the train split and save them, for
+every model of the trace but the largest (every model a chain can escalate from).
 
 The fitting is the router's own (`replay.routers.steer.Steer`); this only picks the split, fits and
 writes the JSON that `--router steer --param gmms=FILE` loads instead of refitting.
@@ -28,7 +29,7 @@ def train_steer(
     force: bool = False,
 ) -> pl.DataFrame:
     """Fit the mixtures on the train split of the trace at ``root``, write them to ``out`` (replacing an
-    existing file only with ``force``); returns one row per step index: depth, n, and weight, mean and
+    existing file only with ``force``); returns one row per model and step index: model, depth, n, and weight, mean and
     standard deviation of the low and high components."""
     check_output_file(out, force=force)
     train = load_train_split(root, split_seed, fractions)
@@ -40,13 +41,14 @@ def train_steer(
         split_fractions=[float(f) for f in fractions],
     )
     rows = []
-    for depth, mixture in sorted(router.mixtures_.items()):
-        low = router.low_component_[depth]
-        order = {"low": low, "high": 1 - low}
-        row = {"depth": depth, "n": router.n_samples_[depth]}
-        for name, k in order.items():
-            row[f"{name}_weight"] = float(mixture.weights_[k])
-            row[f"{name}_mean"] = float(mixture.means_[k, 0])
-            row[f"{name}_std"] = float(mixture.covariances_[k, 0, 0] ** 0.5)
-        rows.append(row)
+    for role, fitted in router.by_role_.items():
+        for depth, mixture in sorted(fitted.mixtures.items()):
+            low = fitted.low_component[depth]
+            order = {"low": low, "high": 1 - low}
+            row = {"model": role, "depth": depth, "n": fitted.n_samples[depth]}
+            for name, k in order.items():
+                row[f"{name}_weight"] = float(mixture.weights_[k])
+                row[f"{name}_mean"] = float(mixture.means_[k, 0])
+                row[f"{name}_std"] = float(mixture.covariances_[k, 0, 0] ** 0.5)
+            rows.append(row)
     return pl.DataFrame(rows)

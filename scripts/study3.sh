@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The three-model study on the toy world, on a CPU: toy-small -> toy-medium -> toy-large as roles m0, m1, m2.
 # gen (real vLLM CPU engine, the 3-model comb: each model's chain plus every larger model's completion from
-# each of its nodes) -> verifier scores -> validate -> info -> each model alone, the oracle, the cascade over
-# all four chains (m0→m1, m0→m2, m1→m2, m0→m1→m2), STEER (escalating to the next larger model, and m0→m2),
+# each of its nodes; then closure over data/toy/routers3.toml: the m2 steps chained STEER needs from nodes of
+# m1's completions) -> verifier scores -> validate -> info -> each model alone, the oracle, the cascade over
+# all four chains (m0→m1, m0→m2, m1→m2, m0→m1→m2), STEER (along m0→m1→m2, and m0→m1, m0→m2, m1→m2),
 # the CMDP policy (m0→m2) -> report with the cascade seed's table.
 # Rerunning it into the same TRACE_STUDY3_DIR resumes gen and score and replaces results (--force).
 set -euo pipefail
@@ -15,7 +16,8 @@ out="${TRACE_STUDY3_DIR:-runs/toy3}"
 limit="${TRACE_STUDY3_LIMIT:-200}"
 results="$out/results"
 
-trace gen --models toy-small,toy-medium,toy-large --dataset toy --limit "$limit" --hidden-layers -1 --out "$out"
+trace gen --models toy-small,toy-medium,toy-large --dataset toy --limit "$limit" --hidden-layers -1 \
+  --expand closure --routers data/toy/routers3.toml --out "$out"
 trace score "$out" --scorer verifier
 trace validate "$out"
 trace info "$out"
@@ -33,6 +35,8 @@ for chain in m0,m1 m0,m2 m1,m2 m0,m1,m2; do
     --sweep t_true=0:1:0.2 --sweep t_ik=0:0.5:0.1 --out "$results/cascade-${chain//,/-}.parquet" --force
 done
 trace replay "$out" --split all --router steer --param mode=switch --sweep tau=0:1:0.05 \
+  --out "$results/steer-m0-m1-m2.parquet" --force
+trace replay "$out" --split all --router steer --param mode=switch --param target=m1 --sweep tau=0:1:0.05 \
   --out "$results/steer-m0-m1.parquet" --force
 trace replay "$out" --split all --router steer --param mode=switch --param target=m2 --sweep tau=0:1:0.05 \
   --out "$results/steer-m0-m2.parquet" --force

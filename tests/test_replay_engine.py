@@ -191,6 +191,7 @@ def test_router_registry_errors():
         "gmms": "",
         "draft": "",
         "target": "",
+        "models": "",
     }
     assert make_router("cascade", pik="false").pik is False
     assert repr(make_router("random", p=0.25)) == "RandomRouter(p=0.25, seed=0)"

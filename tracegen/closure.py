@@ -132,10 +132,12 @@ def close_over(
     ``generate`` grows a batch of requests, ``score(scorer names)`` scores every unscored step those
     scorers want and returns how many it scored.
     """
-    from replay.engine import miss_list, replay_trace
+    from replay.engine import miss_list, replay_trace, router_scorer
+    from replay.store import open_trace
 
     result = ClosureResult()
-    scorers = {spec.router().scorer for spec in specs} - {None}
+    roles = open_trace(root).manifest.roles
+    scorers = {router_scorer(spec.router(), roles) for spec in specs} - {None}
     if scorers:
         score(scorers)  # what is there already; also records the scorers in trace.json, which replay's costs read
     while True:

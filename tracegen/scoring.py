@@ -98,7 +98,7 @@ def score_pending(
     if batch is not None and batch < 1:
         raise TraceError(f"--batch must be at least 1, got {batch}")
     trace = open_trace(root)
-    with TraceWriter(root, None, writer_id=f"score_{scorer.signal}", wait=wait) as writer:
+    with TraceWriter(root, None, writer_id=f"score_{scorer.signal.replace('@', '_at_')}", wait=wait) as writer:
         done = writer.done_score_ids(scorer.signal)
         steps = (
             trace.scan("steps")

@@ -92,6 +92,11 @@ class Router:
         parameters = inspect.signature(cls.__init__).parameters
         return {name: parameters[name].default for name in cls.param_names()}
 
+    def scorer_for(self, roles: list[str]) -> str | None:
+        """The scorer whose scores this router reads on a trace with model ``roles`` (its ``scorer`` unless the
+        roles change whose verdict it needs)."""
+        return self.scorer
+
     def get_params(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.param_names()}
 
@@ -204,6 +209,11 @@ class DraftRouter(Router):
             raise TraceError(f"router {self.name}: target {target} must be a larger model than draft {draft}")
         return draft, target
 
+    def chain(self, roles: list[str]) -> tuple[str, ...]:
+        """The models a rejection hands over along, smallest first: (draft, target) unless a router chains more
+        (replay.engine.DraftRule)."""
+        return self.draft_roles(roles)
+
     def draft_signal(self, data: ReplayData) -> np.ndarray:
         """The number the router judges each step row's draft by (NaN where it has none)."""
         raise NotImplementedError
@@ -224,9 +234,9 @@ class DraftRouter(Router):
             signal=signal,
             accept=accept,
             one_way=self.one_way,
-            scorer=self.scorer,
+            scorer=self.scorer_for(data.roles),
             escalate=self.escalate if self.one_way else "replace",
-            roles=self.draft_roles(data.roles),
+            roles=self.chain(data.roles),
         )
         return walk_steps(data, costs, starts, params, draft_rule=rule, router=self.name)
 

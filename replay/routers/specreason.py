@@ -7,8 +7,10 @@ expected digit under those probabilities (renormalised over the ten digits). A d
 ``tau`` is kept; otherwise it is discarded (and paid for) and the large model writes that step; the
 next step is drafted again. Every draft pays one judge call: the prefill of its context plus one
 token (``n_tokens_processed``). On a trace of K models, ``draft`` (default: the smallest) plays the small
-model and ``target`` (default: the largest) the large one; the judge is whichever model the judge scorer ran
-(`trace score` asks the trace's largest model).
+model and ``target`` (default: the largest) the large one, and the judge is the target's own verdict: scorer
+``judge`` when the target is the largest model (`trace score --scorer judge` asks it), else ``judge@TARGET``
+(`trace score --scorer judge@TARGET`); a replay without them is refused, naming that command. Another
+``scorer`` is read as given.
 """
 
 import numpy as np
@@ -17,6 +19,7 @@ from replay.errors import TraceError
 from replay.routers.base import Domain, DraftRouter
 
 DIGITS = np.arange(10, dtype=np.float64)
+JUDGE = "judge"
 
 
 class SpecReason(DraftRouter):
@@ -24,7 +27,7 @@ class SpecReason(DraftRouter):
     sweepable = ("tau",)
     domains = {"tau": Domain(0.0, 9.0)}  # the judge's digit, or its expected value
 
-    def __init__(self, tau=7.0, score="greedy", scorer="judge", draft="", target=""):
+    def __init__(self, tau=7.0, score="greedy", scorer=JUDGE, draft="", target=""):
         self.tau = tau
         self.score = score
         self.scorer = scorer
@@ -34,8 +37,16 @@ class SpecReason(DraftRouter):
     def _check_params(self):
         self._check_choice("score", ("greedy", "expected"))
 
+    def scorer_for(self, roles):
+        """The target's own judge: ``judge`` for the largest model, ``judge@TARGET`` for a smaller one."""
+        if self.scorer != JUDGE:
+            return self.scorer
+        _, target = self.draft_roles(roles)
+        return JUDGE if target == roles[-1] else f"{JUDGE}@{target}"
+
     def draft_signal(self, data):
-        scores = data.scores_of(self.scorer)
+        scorer = self.scorer_for(data.roles)
+        scores = data.scores_of(scorer)
         if self.score == "greedy":
             return scores["value"].cast(float).fill_null(np.nan).to_numpy()
         scored = scores["value"].is_not_null()
@@ -43,7 +54,7 @@ class SpecReason(DraftRouter):
         if bad.any():
             step_id = data.steps["step_id"].filter(bad)[0]
             raise TraceError(
-                f"score='expected' needs the {self.scorer} scorer's ten digit probabilities in "
+                f"score='expected' needs the {scorer} scorer's ten digit probabilities in "
                 f"detail, but step {step_id!r} has {scores['detail'].filter(bad)[0]!r}"
             )
         signal = np.full(len(scores), np.nan)
@@ -52,7 +63,7 @@ class SpecReason(DraftRouter):
         totals = probabilities.sum(axis=1)
         if (totals <= 0).any():
             step_id = data.steps["step_id"].filter(scored)[int(np.argmax(totals <= 0))]
-            raise TraceError(f"step {step_id!r}: the {self.scorer} scorer's digit probabilities sum to 0")
+            raise TraceError(f"step {step_id!r}: the {scorer} scorer's digit probabilities sum to 0")
         signal[mask] = probabilities @ DIGITS / totals
         return signal
 

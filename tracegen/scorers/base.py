@@ -110,7 +110,9 @@ class Scorer:
 
 
 def make_scorer(name: str, manifest: Manifest, *, model: str | None = None, backend: str | None = None) -> Scorer:
-    """The scorer ``name`` (a registered name, or a signal that the trace's world serves with a variant)."""
+    """The scorer ``name`` (a registered name, or a signal that the trace's world serves with a variant);
+    ``NAME@ROLE`` asks a per-role scorer (the judge) of the trace's ``ROLE`` model instead of its largest."""
+    name, _, role = name.partition("@")
     variants = WORLD_SCORERS.get(manifest.dataset_name, {})
     chosen = variants.get(name, name)
     if chosen in SCORERS:
@@ -120,7 +122,12 @@ def make_scorer(name: str, manifest: Manifest, *, model: str | None = None, back
     else:
         known = sorted({*SCORERS, *entry_points(SCORER_GROUP)})
         raise TraceError(f"unknown scorer {name!r}; choose one of {', '.join(known)}")
-    return cls(manifest, model=model or WORLD_SCORER_MODELS.get(manifest.dataset_name, {}).get(name), backend=backend)
+    scorer = cls(manifest, model=model or WORLD_SCORER_MODELS.get(manifest.dataset_name, {}).get(name), backend=backend)
+    if role:
+        if not getattr(cls, "per_role", False):
+            raise TraceError(f"scorer {name} cannot be asked of one model role ({name}@{role}); only judge can")
+        scorer.ask_role(role, own_model=model is not None)
+    return scorer
 
 
 def plugin_scorer_class(point, group: str = SCORER_GROUP) -> type[Scorer]:
@@ -173,11 +180,31 @@ class LanguageModelScorer(Scorer):
 
 
 class LargeModelScorer(LanguageModelScorer):
-    """A scorer asked of the trace's largest model, unless ``--model`` names one of its own."""
+    """A scorer asked of the trace's largest model, unless ``--model`` names one of its own. A ``per_role``
+    scorer can be asked of another of the trace's models (``NAME@ROLE``, see ``ask_role``)."""
+
+    per_role: ClassVar[bool] = False
+    role: str | None = None  # the trace's model asked (None: the largest)
+
+    def ask_role(self, role: str, own_model: bool = False) -> None:
+        """Ask the trace's ``role`` model instead of the largest: its values are stored as ``SIGNAL@ROLE``
+        (as ``SIGNAL`` when ``role`` is the largest model, the default)."""
+        roles = self.manifest.roles
+        if own_model:
+            raise TraceError(f"{self.signal}@{role} asks the trace's {role} model; do not also give --model")
+        if role not in roles[1:]:
+            raise TraceError(
+                f"{self.signal}@{role}: {role!r} is not one of the trace's models that judge a smaller one "
+                f"({', '.join(roles[1:])})"
+            )
+        self.role = role
+        if role != roles[-1]:
+            self.signal = f"{type(self).signal}@{role}"
 
     @property
     def largest_role(self) -> str:
-        return self.manifest.roles[-1]
+        """The trace's model this scorer asks: the largest, or the role ``ask_role`` chose."""
+        return self.role or self.manifest.roles[-1]
 
     @cached_property
     def checkpoint(self) -> ModelRef:
@@ -185,7 +212,7 @@ class LargeModelScorer(LanguageModelScorer):
 
     @property
     def engine_role(self) -> str:
-        """Under which name its engine runs: the largest role (gen may lend that engine), or the scorer's own."""
+        """Under which name its engine runs: the role asked (gen may lend that engine), or the scorer's own."""
         return self.largest_role if self.model is None else self.signal
 
     def model_fields(self) -> dict:

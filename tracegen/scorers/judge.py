@@ -1,5 +1,8 @@
 """``judge``: SpecReason's verdict of the large model on each step the small model wrote.
 
+``judge@ROLE`` asks the trace's ROLE model instead of its largest, on the steps of every smaller model, and
+stores the verdicts as scorer ``judge@ROLE``: SpecReason with ``target=ROLE`` reads them.
+
 Laid out as SpecReason's public code lays it out (``tracegen.prompts.judge_prompt_ids``): the question
 as the user's turn, the steps so far as the assistant's reasoning, a request to rate the last step 0-9,
 and the assistant's reply prefilled with "I think the quality score is: ". value = the greedy next
@@ -24,10 +27,12 @@ TOP_K = 20
 class Judge(LargeModelScorer):
     name = "judge"
     signal = "judge"
+    per_role = True  # judge@ROLE: the verdict of the trace's ROLE model (SpecReason with target=ROLE)
     generated_tokens = 1  # the verdict digit
 
     def wants(self) -> pl.Expr:
-        return pl.col("model") != self.manifest.roles[-1]  # the drafts: every model's steps but the largest's
+        roles = self.manifest.roles
+        return pl.col("model").is_in(roles[: roles.index(self.largest_role)])  # the drafts: every smaller model's
 
     def describe(self) -> dict:
         return {**self.model_fields(), **self.method()}
