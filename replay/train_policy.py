@@ -4,8 +4,10 @@ Si, Lee, Bastani 2026 (Policy-Guided Stepwise Model Routing, §3-4), in one file
 hyperparameters, the decision process on the cache, the pieces of the update (thresholded policy, V-trace,
 constraint, CPO, kappa), then the training loop.
 
-On a trace of K models the small model is the smallest and the large model the largest (the policy escalates
-from m0 directly to m{K-1}).
+The models in play are ``draft`` .. ``target`` in size order (defaults: the trace's smallest and largest). With
+two of them (every two-model trace, or e.g. ``--draft m0 --target m1``) the small model is the draft and the
+large model the target, and everything below holds as written; with more, `replay.train_policy_k` trains the
+K-action policy (continue, or escalate to any larger model in play) on the same pieces.
 
 Decision process, one episode per train (problem, world), read off the comb trace (the all-small chain and
 the all-large completion from every node on it, so rollouts never generate anything; a step a rollout could
@@ -102,7 +104,16 @@ from replay.costs import COST_MODELS, CostModel, Price, make_cost_model
 from replay.engine import ESCALATE_MODES, Costs, ReplayData, walk_chains
 from replay.errors import TraceError
 from replay.outputs import check_output_file
-from replay.routers.policy import ESCALATE, POLICY_INSTEAD, mlp, normalise, policy_network, raw_features, save_policy
+from replay.routers.policy import (
+    ESCALATE,
+    POLICY_INSTEAD,
+    mlp,
+    model_set,
+    normalise,
+    policy_network,
+    raw_features,
+    save_policy,
+)
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, check_fractions
 
 DEFAULT_FEATURES = ("conf_max_logit_math", "depth", "is_final", "n_gen_tokens")
@@ -243,20 +254,22 @@ def _chain_sums(data: ReplayData, starts: np.ndarray, role: str, values: np.ndar
     return walk, walk.total
 
 
-def step_cost_units(data: ReplayData, hp: Hyperparameters) -> tuple[np.ndarray, str]:
+def step_cost_units(data: ReplayData, hp: Hyperparameters, large: str | None = None) -> tuple[np.ndarray, str]:
     """(cost of each step row, unit): the replay cost model's decode + prefill cost, which is what `trace replay`
-    adds up for a kept or a discarded step, or the large model's generated tokens (``cost="tokens"``)."""
+    adds up for a kept or a discarded step, or the ``large`` model's (default the largest's) generated tokens
+    (``cost="tokens"``)."""
     if hp.cost == "tokens":
-        large = data.steps["model"].to_numpy() == data.roles[-1]
+        large = data.steps["model"].to_numpy() == (large or data.roles[-1])
         return np.where(large, data.steps["n_gen_tokens"].to_numpy(), 0).astype(np.float64), "large tokens"
     model = make_cost_model(hp.cost, data.manifest, dict(hp.prices) or None)
     return Costs(data, model).step_total, model.unit
 
 
-def comb_episodes(data: ReplayData, hp: Hyperparameters) -> Episodes:
-    """Read every decision of every train episode out of the cached comb trees (no rollout touches the trace)."""
+def comb_episodes(data: ReplayData, hp: Hyperparameters, roles: tuple[str, str] | None = None) -> Episodes:
+    """Read every decision of every train episode out of the cached comb trees (no rollout touches the trace);
+    ``roles``: (small, large), by default the trace's smallest and largest model."""
     tree, steps = data.tree, data.steps
-    small_model, large_model = data.roles[0], data.roles[-1]  # on a trace of K models: the smallest and largest
+    small_model, large_model = roles or (data.roles[0], data.roles[-1])
     small_role = data.roles.index(small_model)
     roots = data.roots["node"].to_numpy()
     small_walk, _ = _chain_sums(data, roots, small_model, np.zeros(steps.height))
@@ -271,7 +284,7 @@ def comb_episodes(data: ReplayData, hp: Hyperparameters) -> Episodes:
     on_chain = small_row >= 0
     rows = np.arange(n_episodes)
 
-    unit, cost_unit = step_cost_units(data, hp)
+    unit, cost_unit = step_cost_units(data, hp, large_model)
     verifier = data.scores_of(VERIFIER)["value"]
     has_verifier = bool(verifier.is_not_null().any())
     passes = (verifier.fill_null(0.0) >= 0.5).to_numpy()
@@ -560,10 +573,12 @@ def train_policy(
     on_step: Callable[[dict], None] | None = None,
     *,
     force: bool = False,
+    draft: str = "",
+    target: str = "",
 ) -> TrainResult:
     """Train the escalation policy on the train split of the trace at ``root``; write the policy file ``out``
     and its training log next to it (replacing existing ones only with ``force``). ``on_step`` receives each
-    step's log row."""
+    step's log row. The models in play: ``draft`` .. ``target`` (default the smallest .. the largest)."""
     import torch
 
     hp.check()
@@ -571,8 +586,14 @@ def train_policy(
     check_output_file(log_path_for(out), force=force)
     started = time.perf_counter()
     train = load_train_split(root, hp.split_seed, hp.split_fractions)
-    require_signals(train.manifest, train.roles[0], hp.features, "policy", POLICY_INSTEAD)
-    episodes = comb_episodes(train, hp)
+    roles = model_set(train.roles, draft, target, "trace train policy")
+    for role in roles[:-1]:  # the models whose steps the policy reads
+        require_signals(train.manifest, role, hp.features, "policy", POLICY_INSTEAD)
+    if len(roles) > 2:
+        from replay.train_policy_k import train_k_policy
+
+        return train_k_policy(root, out, hp, train, roles, started, on_step)
+    episodes = comb_episodes(train, hp, (roles[0], roles[-1]))
     if not episodes.length.any():
         raise TraceError(
             f"no decisions to learn from: every all-small chain of the train split ends at its first step, and "
@@ -761,6 +782,8 @@ def train_policy(
         kappa,
         hp.hidden,
         escalate=hp.escalate,
+        roles=roles,
+        role_models=[train.manifest.models[role]["name"] for role in roles],
         train_problem_ids=train_ids,
         split_seed=hp.split_seed,
         split_fractions=[float(f) for f in hp.split_fractions],
