@@ -922,6 +922,12 @@ def train_policy_command(
             "larger one."
         ),
     ),
+    models: str = typer.Option(
+        "",
+        "--models",
+        help="Models in play as comma-separated roles, smallest first, any subset (e.g. m0,m2); instead of "
+        "--draft/--target.",
+    ),
     split_seed: int = SPLIT_SEED_OPT,
     split_fractions: str = SPLIT_FRACTIONS_OPT,
 ) -> None:
@@ -984,7 +990,7 @@ def train_policy_command(
                 state=f"kappa {row['kappa']:.3f} coverage {row['coverage']:.2f} case {row['case']}",
             )
 
-        result = train_policy(trace_dir, out, hp, on_step=show, force=force, draft=draft, target=target)
+        result = train_policy(trace_dir, out, hp, on_step=show, force=force, draft=draft, target=target, models=models)
     if not result.has_verifier:
         console.print(
             "no verifier scores in the trace: a trajectory is covered when correct or the large model alone is wrong"

@@ -575,10 +575,12 @@ def train_policy(
     force: bool = False,
     draft: str = "",
     target: str = "",
+    models: str = "",
 ) -> TrainResult:
     """Train the escalation policy on the train split of the trace at ``root``; write the policy file ``out``
     and its training log next to it (replacing existing ones only with ``force``). ``on_step`` receives each
-    step's log row. The models in play: ``draft`` .. ``target`` (default the smallest .. the largest)."""
+    step's log row. The models in play: ``models`` (comma-separated roles, smallest first), else ``draft`` ..
+    ``target`` (default the smallest .. the largest)."""
     import torch
 
     hp.check()
@@ -586,7 +588,7 @@ def train_policy(
     check_output_file(log_path_for(out), force=force)
     started = time.perf_counter()
     train = load_train_split(root, hp.split_seed, hp.split_fractions)
-    roles = model_set(train.roles, draft, target, "trace train policy")
+    roles = model_set(train.roles, draft, target, "trace train policy", models)
     for role in roles[:-1]:  # the models whose steps the policy reads
         require_signals(train.manifest, role, hp.features, "policy", POLICY_INSTEAD)
     if len(roles) > 2:

@@ -120,24 +120,29 @@ def build_states(data: ReplayData, roles: list[str], hp, unit: np.ndarray, cost_
     passes = (verifier.fill_null(0.0) >= 0.5).to_numpy()
     after = hp.escalate == "after"
 
-    def chain(node: int, position: int) -> list[int] | None:
-        """Step rows of model ``roles[position]``'s completion from ``node``; None if the trace lacks a step."""
+    def walk(node: int, position: int) -> tuple[list[int], int]:
+        """(step rows of model ``roles[position]``'s completion from ``node``, -1) or (rows so far, the node
+        where the trace lacks its next step)."""
         rows = []
         while True:
             row = int(children[role_row[position], node])
             if row < 0:
-                return None
+                return rows, node
             rows.append(row)
             if final[row]:
-                return rows
+                return rows, -1
             node = int(step_child[row])
 
+    def chain(node: int, position: int) -> list[int] | None:
+        rows, missing = walk(node, position)
+        return None if missing >= 0 else rows
+
     def needed(node: int, position: int, what: str) -> list[int]:
-        rows = chain(node, position)
-        if rows is None:
+        rows, missing = walk(node, position)
+        if missing >= 0:
             raise TraceError(
-                f"the trace lacks a step of the {roles[position]} model's chain from node "
-                f"{data.node_names(np.array([node]))[0]!r}, which {what} needs: train policy needs a comb trace "
+                f"the trace lacks the {roles[position]} model's step at node "
+                f"{data.node_names(np.array([missing]))[0]!r}, which {what} needs: train policy needs a comb trace "
                 f"(trace gen --expand comb) complete on the train split"
             )
         return rows

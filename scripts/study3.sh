@@ -3,7 +3,7 @@
 # gen (real vLLM CPU engine, the 3-model comb: each model's chain plus every larger model's completion from
 # each of its nodes) -> verifier scores -> validate -> info -> each model alone, the oracle, the cascade over
 # all four chains (m0→m1, m0→m2, m1→m2, m0→m1→m2), STEER (escalating to the next larger model, and m0→m2),
-# the CMDP policy (m0→m2) -> report with the cascade seed's table.
+# the CMDP policy (K actions over m0, m1, m2; and m0→m2 alone) -> report with the cascade seed's table.
 # Rerunning it into the same TRACE_STUDY3_DIR resumes gen and score and replaces results (--force).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +22,8 @@ trace info "$out"
 
 trace train policy "$out" --alpha 0.1 --steps "${TRACE_STUDY3_POLICY_STEPS:-1000}" --seed 0 --escalate replace \
   --out "$out/policy-replace.pt" --force
+trace train policy "$out" --alpha 0.1 --steps "${TRACE_STUDY3_POLICY_STEPS:-1000}" --seed 0 --escalate replace \
+  --models m0,m2 --out "$out/policy-m0-m2-replace.pt" --force
 
 mkdir -p "$results"
 for router in small-only large-only oracle; do
@@ -40,6 +42,8 @@ trace replay "$out" --split all --router steer --param mode=switch --param draft
   --out "$results/steer-m1-m2.parquet" --force
 trace replay "$out" --split all --router policy --param path="$out/policy-replace.pt" --param escalate=replace \
   --out "$results/policy-replace.parquet" --force
+trace replay "$out" --split all --router policy --param path="$out/policy-m0-m2-replace.pt" \
+  --param escalate=replace --out "$results/policy-m0-m2-replace.parquet" --force
 
 trace report "$out" "$results/"*.parquet --out "$out/report" --table cmdp --table cascade
 echo "trace: $out   report: $out/report/index.html"

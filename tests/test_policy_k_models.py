@@ -187,11 +187,35 @@ def test_a_policy_for_another_model_set_is_refused(comb4, tmp_path, params, mess
 
 
 def test_train_policy_errors_name_the_roles(comb4, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    cases = (
+        (["--draft", "m2", "--target", "m1"], "target m1 must be a larger model than draft m2"),
+        (["--target", "m7"], "target='m7' is not one of the trace's models (m0, m1, m2)"),
+        (["--models", "m2,m0"], "models needs two or more of m0, m1, m2, smallest first"),
+        (["--models", "m0,m2", "--target", "m2"], "not both"),
+    )
+    for options, message in cases:
+        result = CliRunner().invoke(app, ["train", "policy", str(comb4), "--out", str(tmp_path / "pi.pt"), *options])
+        assert result.exit_code == 1 and message in " ".join(result.output.split()), result.output
+        assert not (tmp_path / "pi.pt").exists()
+
+
+def test_a_subset_of_models_trains_the_two_action_policy(tmp_path):
     from replay.train_policy import Hyperparameters, train_policy
 
-    for draft, target, message in (("m2", "m1", "larger model than draft"), ("", "m7", "not one of")):
-        with pytest.raises(TraceError, match=message):
-            train_policy(comb4, tmp_path / "pi.pt", Hyperparameters(steps=1), draft=draft, target=target)
+    root = choice_trace(tmp_path / "t", 12)
+    hp = Hyperparameters(steps=3, features=("conf_max_logit_math",), kappa=0.0)
+    train_policy(root, tmp_path / "pi.pt", hp, models="m0,m2")
+    network, saved = load_policy(tmp_path / "pi.pt")
+    assert saved["roles"] == ["m0", "m2"] and network[-1].out_features == 2 and network[0].in_features == 1
+    router = make_router("policy", path=str(tmp_path / "pi.pt"), kappa=0.0)
+    paths = replay_trace(root, router, split="all").outcomes["path"].to_list()
+    assert set(paths) == {"022"}  # kappa 0: escalates at the first decision, to m2 (m1 is not in play)
+    with pytest.raises(TraceError, match="leave out --param target=m1"):
+        replay_trace(root, make_router("policy", path=str(tmp_path / "pi.pt"), target="m1"), split="all")
 
 
 def choice_trace(root, n_problems: int = 60):

@@ -131,9 +131,21 @@ def deployed_action(probability: np.ndarray, allowed: np.ndarray, kappa) -> np.n
     return np.where(passing.any(axis=-1), largest, 0)
 
 
-def model_set(roles: list[str], draft: str, target: str, router: str) -> list[str]:
-    """The models in play, ``draft`` .. ``target`` in size order (defaults: the smallest, the largest); TraceError
-    for an unknown role or a target not larger than the draft."""
+def model_set(roles: list[str], draft: str, target: str, router: str, models: str = "") -> list[str]:
+    """The models in play: ``models`` (comma-separated roles in size order, any subset of two or more, as the
+    cascade's), else ``draft`` .. ``target`` in size order (defaults: the smallest, the largest); TraceError for
+    an unknown role, a target not larger than the draft, or ``models`` with ``draft``/``target``."""
+    if models:
+        if draft or target:
+            raise TraceError(f"{router}: give the models in play as models=... or as draft/target, not both")
+        chosen = [role.strip() for role in models.split(",") if role.strip()]
+        for role in chosen:
+            if role not in roles:
+                raise TraceError(f"{router}: model {role!r} is not one of the trace's models ({', '.join(roles)})")
+        order = [roles.index(role) for role in chosen]
+        if len(chosen) < 2 or order != sorted(set(order)):
+            raise TraceError(f"{router}: models needs two or more of {', '.join(roles)}, smallest first, no repeats")
+        return chosen
     draft, target = draft or roles[0], target or roles[-1]
     for param, role in (("draft", draft), ("target", target)):
         if role not in roles:
@@ -306,7 +318,8 @@ class PolicyRouter(DraftRouter):
                     f"router policy: {self.path} was trained for the models {trained}; leave out "
                     f"--param {param}={given}, or train one with trace train policy --{param} {given}"
                 )
-        if roles != model_set(train.roles, roles[0], roles[-1], "router policy"):
+        order = [train.roles.index(role) for role in roles]
+        if order != sorted(set(order)):
             raise TraceError(f"router policy: {self.path}'s models {trained} are not in size order on this trace")
         return list(roles)
 
