@@ -307,9 +307,7 @@ def test_closure_grows_the_second_escalation_on_the_toy_models(tmp_path):
     from tracegen.gen import run_gen
 
     policy = two_escalations_policy(tmp_path / "pi.pt", ["toy-small", "toy-medium", "toy-large"])
-    (tmp_path / "routers.toml").write_text(
-        f'[[router]]\nname = "policy"\nparams = {{ path = "{policy}", kappa = "0.5" }}\n'
-    )
+    (tmp_path / "routers.toml").write_text(f'[[router]]\nname = "policy"\nparams = {{ path = "{policy}" }}\n')
     (spec,) = load_router_specs(tmp_path / "routers.toml")
     trace = tmp_path / "trace"
     three = dict(limit=3, max_steps=4, middle=("toy-medium",))

@@ -324,7 +324,8 @@ class PolicyRouter(DraftRouter):
         return list(roles)
 
     def decision_params(self):
-        return {"kappa": self.kappa_ if self.kappa is None else self.kappa}
+        # unfitted (a router file checked before any replay) the file's kappa is not read yet: NaN
+        return {"kappa": getattr(self, "kappa_", float("nan")) if self.kappa is None else self.kappa}
 
     def escalate_probability(self, steps: pl.DataFrame, problems: pl.DataFrame) -> np.ndarray:
         """pi(escalate | o) for each step row."""
