@@ -18,7 +18,7 @@ threshold (the file's, or ``--param kappa``):
      model writes, from y's parent node, that step and every later one until its final step; else y is kept,
      and the walk ends if y is final or goes back to 1.
 
-Either way escalation is one-way and happens at most once; a step the walk needs and the trace lacks is a
+Either way escalation is one-way (with two models, at most once); a step the walk needs and the trace lacks is a
 miss (the comb trace, `trace gen --expand comb`, holds every path of both modes).
 
 K models in play (a policy file whose ``roles`` list more than two models, M_0 < M_1 < ... < M_{K-1}; paper
@@ -291,6 +291,7 @@ class PolicyRouter(DraftRouter):
                 f"trace train policy --escalate {self.escalate}"
             )
         self.features_ = list(saved["features"])
+        self.roles_ = None  # draft_roles reads draft=/target= until the file's models are known
         self.roles_ = self._roles_in_play(saved, train)
         for role in self.roles_[:-1]:  # the models whose steps the policy reads
             require_signals(train.manifest, role, self.features_, "policy", POLICY_INSTEAD)
