@@ -9,7 +9,20 @@ from __future__ import annotations
 import numpy as np
 
 from replay.engine import Costs, ReplayData, Walk
-from replay.routers.policy import allowed_actions, deployed_action
+
+
+def allowed_actions(role: np.ndarray, n_roles: int) -> np.ndarray:
+    """(..., K) actions open at the current model ``role``: continue (0) and escalating to a larger model."""
+    action = np.arange(n_roles)
+    return (action == 0) | (action > np.asarray(role)[..., None])
+
+
+def deployed_action(probability: np.ndarray, allowed: np.ndarray, kappa) -> np.ndarray:
+    """Eq. (6) over K actions: the largest allowed escalation whose pi >= kappa, else 0 (continue)."""
+    passing = allowed & (probability >= np.asarray(kappa, dtype=np.float64)[..., None])
+    passing[..., 0] = False
+    largest = probability.shape[-1] - 1 - np.argmax(passing[..., ::-1], axis=-1)
+    return np.where(passing.any(axis=-1), largest, 0)
 
 
 def walk_k_models(

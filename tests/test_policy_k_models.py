@@ -18,9 +18,9 @@ from tracebuild import build_trace, comb_steps
 
 from replay.engine import Costs, ReplayData, miss_list, replay_trace
 from replay.errors import TraceError
-from replay.policy_walk import walk_k_models
+from replay.policy_walk import deployed_action, walk_k_models
 from replay.routers import make_router
-from replay.routers.policy import deployed_action, load_policy, policy_network, save_policy
+from replay.routers.policy import load_policy, policy_network, save_policy
 from replay.store import open_trace
 
 NAMES = [f"toy-{role}" for role in ROLES]

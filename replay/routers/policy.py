@@ -68,6 +68,7 @@ from replay.artifacts import check_fitted_within, load_artifact
 from replay.atomic import write_atomic
 from replay.engine import ESCALATE_MODES
 from replay.errors import TraceError
+from replay.policy_walk import allowed_actions, walk_k_models
 from replay.routers.base import Domain, DraftRouter
 
 POLICY_FORMAT = "trace-policy"
@@ -115,20 +116,6 @@ def with_role(observation: np.ndarray, role: np.ndarray, n_roles: int) -> np.nda
     one_hot = np.zeros((*role.shape, n_roles), dtype=np.float32)
     np.put_along_axis(one_hot, role[..., None], 1.0, axis=-1)
     return np.concatenate([observation, one_hot], axis=-1)
-
-
-def allowed_actions(role: np.ndarray, n_roles: int) -> np.ndarray:
-    """(..., K) actions open at the current model ``role``: continue (0) and escalating to a larger model."""
-    action = np.arange(n_roles)
-    return (action == 0) | (action > np.asarray(role)[..., None])
-
-
-def deployed_action(probability: np.ndarray, allowed: np.ndarray, kappa) -> np.ndarray:
-    """Eq. (6) over K actions: the largest allowed escalation whose pi >= kappa, else 0 (continue)."""
-    passing = allowed & (probability >= np.asarray(kappa, dtype=np.float64)[..., None])
-    passing[..., 0] = False
-    largest = probability.shape[-1] - 1 - np.argmax(passing[..., ::-1], axis=-1)
-    return np.where(passing.any(axis=-1), largest, 0)
 
 
 def model_set(roles: list[str], draft: str, target: str, router: str, models: str = "") -> list[str]:
@@ -370,8 +357,6 @@ class PolicyRouter(DraftRouter):
     def walk(self, data, costs, starts, params):
         if len(self.roles_) == 2:
             return super().walk(data, costs, starts, params)
-        from replay.policy_walk import walk_k_models
-
         return walk_k_models(
             data, costs, starts, params["kappa"], self.action_probabilities(data), self.roles_, self.escalate
         )
