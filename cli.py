@@ -508,7 +508,9 @@ def replay(
     (default) y is kept and the large model writes every later step, and with escalate=replace y is discarded
     (paid for) and the large model writes that step and every later one, a final y included; else the small
     model writes the next step. steer mode=step discards a triggering step, has the large model write that one
-    step, and goes back to the small model. A step the trace lacks is a miss (reported, never invented).
+    step, and goes back to the small model. A policy trained on K models (trace train policy on m0, m1, m2)
+    continues or escalates to any larger model after each step of the current one, one-way (the largest model
+    whose pi >= kappa). A step the trace lacks is a miss (reported, never invented).
 
     Example: trace replay runs/toy --router steer --param mode=step --sweep tau=0:1:0.01 --out steer.parquet
     """
@@ -909,6 +911,24 @@ def train_policy_command(
             "sum eta_k = inf and sum eta_k^2 < inf, the conditions of the paper's guarantee)."
         ),
     ),
+    draft: str = typer.Option(
+        "", "--draft", help="Role the policy starts on (default: the trace's smallest model, m0 or small)."
+    ),
+    target: str = typer.Option(
+        "",
+        "--target",
+        help=(
+            "Largest role the policy may escalate to (default: the trace's largest). The models in play are "
+            "--draft .. --target in size order; with three or more, the action is continue or escalate to any "
+            "larger one."
+        ),
+    ),
+    models: str = typer.Option(
+        "",
+        "--models",
+        help="Models in play as comma-separated roles, smallest first, any subset (e.g. m0,m2); instead of "
+        "--draft/--target.",
+    ),
     split_seed: int = SPLIT_SEED_OPT,
     split_fractions: str = SPLIT_FRACTIONS_OPT,
 ) -> None:
@@ -921,6 +941,11 @@ def train_policy_command(
     constraint P(correct or large alone wrong) >= 1 - alpha computed exactly under S on the train split. kappa:
     kappa - eta (1 - coverage - alpha) after each step, coverage of the deployed rule (escalate iff
     pi(escalate | o) >= kappa) on fresh train episodes. Only the train split is read.
+
+    K models in play (e.g. m0, m1, m2): after each non-final step of the current model the action is continue or
+    escalate to any larger model (one-way; a middle model decides again); the policy also sees which model it
+    is on; deployed: the largest model whose pi >= kappa. Escalations the trace cannot play out (m0 -> m1 -> m2
+    on a comb) are left out of training; replays report them as misses for trace gen --expand closure.
 
     Example: trace train policy runs/toy --alpha 0.02 --steps 1000 --seed 0 --out policy.pt
     """
@@ -966,7 +991,7 @@ def train_policy_command(
                 state=f"kappa {row['kappa']:.3f} coverage {row['coverage']:.2f} case {row['case']}",
             )
 
-        result = train_policy(trace_dir, out, hp, on_step=show, force=force)
+        result = train_policy(trace_dir, out, hp, on_step=show, force=force, draft=draft, target=target, models=models)
     if not result.has_verifier:
         console.print(
             "no verifier scores in the trace: a trajectory is covered when correct or the large model alone is wrong"

@@ -4,7 +4,7 @@
 # each of its nodes; then closure over data/toy/routers3.toml: the m2 steps chained STEER needs from nodes of
 # m1's completions) -> verifier scores -> validate -> info -> each model alone, the oracle, the cascade over
 # all four chains (m0→m1, m0→m2, m1→m2, m0→m1→m2), STEER (along m0→m1→m2, and m0→m1, m0→m2, m1→m2),
-# the CMDP policy (m0→m2) -> report with the cascade seed's table.
+# the CMDP policy (K actions over m0, m1, m2; and m0→m2 alone) -> report with the cascade seed's table.
 # Rerunning it into the same TRACE_STUDY3_DIR resumes gen and score and replaces results (--force).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +24,8 @@ trace info "$out"
 
 trace train policy "$out" --alpha 0.1 --steps "${TRACE_STUDY3_POLICY_STEPS:-1000}" --seed 0 --escalate replace \
   --out "$out/policy-replace.pt" --force
+trace train policy "$out" --alpha 0.1 --steps "${TRACE_STUDY3_POLICY_STEPS:-1000}" --seed 0 --escalate replace \
+  --models m0,m2 --out "$out/policy-m0-m2-replace.pt" --force
 
 mkdir -p "$results"
 for router in small-only large-only oracle; do
@@ -44,6 +46,8 @@ trace replay "$out" --split all --router steer --param mode=switch --param draft
   --out "$results/steer-m1-m2.parquet" --force
 trace replay "$out" --split all --router policy --param path="$out/policy-replace.pt" --param escalate=replace \
   --out "$results/policy-replace.parquet" --force
+trace replay "$out" --split all --router policy --param path="$out/policy-m0-m2-replace.pt" \
+  --param escalate=replace --out "$results/policy-m0-m2-replace.parquet" --force
 
 trace report "$out" "$results/"*.parquet --out "$out/report" --table cmdp --table cascade
 echo "trace: $out   report: $out/report/index.html"

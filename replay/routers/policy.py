@@ -18,8 +18,20 @@ threshold (the file's, or ``--param kappa``):
      model writes, from y's parent node, that step and every later one until its final step; else y is kept,
      and the walk ends if y is final or goes back to 1.
 
-Either way escalation is one-way and happens at most once; a step the walk needs and the trace lacks is a
-miss (the comb trace, `trace gen --expand comb`, holds every path of both modes). A policy file records the
+Either way escalation is one-way (with two models, at most once); a step the walk needs and the trace lacks is a
+miss (the comb trace, `trace gen --expand comb`, holds every path of both modes).
+
+K models in play (a policy file whose ``roles`` list more than two models, M_0 < M_1 < ... < M_{K-1}; paper
+§3.1): the action after a step of the current model M_k is continue (M_k writes the next step) or escalate to any
+M_j, j > k (one-way: M_j writes from then on, and decides again unless it is M_{K-1}). The network has K logits
+(continue, escalate to M_1, ..., escalate to M_{K-1}); at M_k the logits of M_1..M_k are not actions, so
+pi(.|o) is the softmax over the rest; its input is the step's features and a one-hot of k. Deployed (eq. 6
+generalised): the largest M_j whose pi(escalate to M_j | o) >= kappa, else continue; for K = 2 this is eq. (6).
+(The paper runs the thresholded set "with the larger model when it contains both": with more than two actions
+the largest model in the set.) ``replace`` generalises the same way: the rejected draft is discarded and M_j
+drafts that step, judged again unless M_j is the largest. The comb holds every first escalation; a second one
+(M_0 -> M_1 -> M_2) leaves the comb, and the walk reports the missing steps as misses for
+`trace gen --expand closure`. A policy file records the
 mode it was trained for (files from before the option existed: replace), and replaying it with the other mode
 is an error: its kappa is calibrated for its own process.
 
@@ -31,12 +43,16 @@ Policy file (``torch.save`` of a dict; written by ``trace train policy``, read h
      "hidden": 64,                                        # width of the two hidden layers
      "kappa": 0.5,                                        # the trained threshold
      "escalate": "after",                                 # the decision process it was trained for
-     "state_dict": {...},                                 # of policy_network(len(features), hidden)
+     "roles": ["m0", "m1", "m2"],                         # optional: the models in play, smallest first
+     "role_models": ["toy-small", ...],                   # ... and their names (checked against the trace)
+     "state_dict": {...},                                 # of policy_network(n_inputs, hidden, len(roles))
      "train_problem_ids": [...],                          # optional: must lie in the replay's train split
      ...}                                                 # optional: training metadata (trace train policy)
 
-The network is ``policy_network``: Linear-Tanh-Linear-Tanh-Linear, two logits (continue, escalate);
-p = softmax(logits)[escalate], computed in float32.
+The network is ``policy_network``: Linear-Tanh-Linear-Tanh-Linear, one logit per action (continue, escalate to
+each larger model in play); two models: p = softmax(logits)[escalate], computed in float32. Files without
+``roles`` (written before K models) are two-model policies from ``draft=`` (default the smallest model) to
+``target=`` (default the largest), as before.
 """
 
 from __future__ import annotations
@@ -52,6 +68,7 @@ from replay.artifacts import check_fitted_within, load_artifact
 from replay.atomic import write_atomic
 from replay.engine import ESCALATE_MODES
 from replay.errors import TraceError
+from replay.policy_walk import allowed_actions, walk_k_models
 from replay.routers.base import Domain, DraftRouter
 
 POLICY_FORMAT = "trace-policy"
@@ -88,9 +105,41 @@ def mlp(n_inputs: int, hidden: int, n_outputs: int):
     )
 
 
-def policy_network(n_features: int, hidden: int = 64):
-    """The policy MLP: ``hidden`` units, logits for (continue, escalate)."""
-    return mlp(n_features, hidden, 2)
+def policy_network(n_features: int, hidden: int = 64, n_actions: int = 2):
+    """The policy MLP: ``hidden`` units, logits for (continue, escalate to each larger model in play); with K
+    models in play (K > 2) the input is the features and a one-hot of the current model."""
+    return mlp(n_features + (n_actions if n_actions > 2 else 0), hidden, n_actions)
+
+
+def with_role(observation: np.ndarray, role: np.ndarray, n_roles: int) -> np.ndarray:
+    """Observations with the one-hot of the current model (position in the models in play) appended; K > 2."""
+    one_hot = np.zeros((*role.shape, n_roles), dtype=np.float32)
+    np.put_along_axis(one_hot, role[..., None], 1.0, axis=-1)
+    return np.concatenate([observation, one_hot], axis=-1)
+
+
+def model_set(roles: list[str], draft: str, target: str, router: str, models: str = "") -> list[str]:
+    """The models in play: ``models`` (comma-separated roles in size order, any subset of two or more, as the
+    cascade's), else ``draft`` .. ``target`` in size order (defaults: the smallest, the largest); TraceError for
+    an unknown role, a target not larger than the draft, or ``models`` with ``draft``/``target``."""
+    if models:
+        if draft or target:
+            raise TraceError(f"{router}: give the models in play as models=... or as draft/target, not both")
+        chosen = [role.strip() for role in models.split(",") if role.strip()]
+        for role in chosen:
+            if role not in roles:
+                raise TraceError(f"{router}: model {role!r} is not one of the trace's models ({', '.join(roles)})")
+        order = [roles.index(role) for role in chosen]
+        if len(chosen) < 2 or order != sorted(set(order)):
+            raise TraceError(f"{router}: models needs two or more of {', '.join(roles)}, smallest first, no repeats")
+        return chosen
+    draft, target = draft or roles[0], target or roles[-1]
+    for param, role in (("draft", draft), ("target", target)):
+        if role not in roles:
+            raise TraceError(f"{router}: {param}={role!r} is not one of the trace's models ({', '.join(roles)})")
+    if roles.index(target) <= roles.index(draft):
+        raise TraceError(f"{router}: target {target} must be a larger model than draft {draft}")
+    return roles[roles.index(draft) : roles.index(target) + 1]
 
 
 def difficulty(meta: pl.Series) -> pl.Series:
@@ -132,6 +181,8 @@ def save_policy(
     kappa: float,
     hidden: int = 64,
     escalate: str = "after",
+    roles: list[str] | None = None,
+    role_models: list[str] | None = None,
     **metadata,
 ) -> None:
     """Write a policy file atomically; the same arguments give the same bytes (``metadata``: plain values)."""
@@ -149,6 +200,7 @@ def save_policy(
         "hidden": int(hidden),
         "kappa": float(kappa),
         "escalate": escalate,
+        **({"roles": list(roles), "role_models": list(role_models or [])} if roles else {}),
         "state_dict": network.state_dict(),
     }
     buffer = io.BytesIO()  # in memory, the archive's inner folder name does not depend on the file name
@@ -176,13 +228,19 @@ def load_policy(path: str | Path) -> tuple[object, dict]:
         or not all(s > 0 for s in saved["feature_std"])
     ):
         raise TraceError(f"policy file {path}: feature_mean and feature_std need {n} entries, std > 0")
-    network = policy_network(n, saved["hidden"])
+    roles = saved.get("roles")
+    if roles is not None and (
+        not isinstance(roles, list) or len(roles) < 2 or len(saved.get("role_models") or []) != len(roles)
+    ):
+        raise TraceError(f"policy file {path}: 'roles' must list two or more models, with as many 'role_models'")
+    n_actions = len(roles) if roles else 2
+    network = policy_network(n, saved["hidden"], n_actions)
     try:
         network.load_state_dict(saved["state_dict"])
     except RuntimeError as error:
         raise TraceError(
             f"policy file {path}: state_dict does not fit a {n}-feature network with "
-            f"{saved['hidden']} hidden units ({str(error).splitlines()[0]})"
+            f"{saved['hidden']} hidden units and {n_actions} actions ({str(error).splitlines()[0]})"
         ) from None
     return network.eval(), saved
 
@@ -200,6 +258,10 @@ class PolicyRouter(DraftRouter):
         self.draft = draft  # default: the smallest model
         self.target = target  # default: the largest model
 
+    def draft_roles(self, roles):
+        fitted = getattr(self, "roles_", None)
+        return (fitted[0], fitted[-1]) if fitted else super().draft_roles(roles)
+
     def _check_params(self):
         if not self.path:
             raise TraceError("router policy needs --param path=POLICY_FILE")
@@ -216,13 +278,42 @@ class PolicyRouter(DraftRouter):
                 f"trace train policy --escalate {self.escalate}"
             )
         self.features_ = list(saved["features"])
-        require_signals(train.manifest, self.draft_roles(train.roles)[0], self.features_, "policy", POLICY_INSTEAD)
+        self.roles_ = None  # draft_roles reads draft=/target= until the file's models are known
+        self.roles_ = self._roles_in_play(saved, train)
+        for role in self.roles_[:-1]:  # the models whose steps the policy reads
+            require_signals(train.manifest, role, self.features_, "policy", POLICY_INSTEAD)
         self.feature_mean_ = np.asarray(saved["feature_mean"], dtype=np.float64)
         self.feature_std_ = np.asarray(saved["feature_std"], dtype=np.float64)
         self.kappa_ = float(saved["kappa"])
 
+    def _roles_in_play(self, saved: dict, train) -> list[str]:
+        """The file's models (checked against the trace and draft=/target=), or draft and target for a file
+        written before K models."""
+        roles = saved.get("roles")
+        if roles is None:
+            return list(self.draft_roles(train.roles))
+        names = {role: info.get("name") for role, info in train.manifest.models.items()}
+        trained = ", ".join(f"{role}={name}" for role, name in zip(roles, saved["role_models"], strict=True))
+        if any(names.get(role) != name for role, name in zip(roles, saved["role_models"], strict=True)):
+            have = ", ".join(f"{role}={name}" for role, name in names.items())
+            raise TraceError(
+                f"router policy: {self.path} was trained for the models {trained}; this trace has {have}: "
+                f"train one on this trace (trace train policy)"
+            )
+        for param, given, own in (("draft", self.draft, roles[0]), ("target", self.target, roles[-1])):
+            if given and given != own:
+                raise TraceError(
+                    f"router policy: {self.path} was trained for the models {trained}; leave out "
+                    f"--param {param}={given}, or train one with trace train policy --{param} {given}"
+                )
+        order = [train.roles.index(role) for role in roles]
+        if order != sorted(set(order)):
+            raise TraceError(f"router policy: {self.path}'s models {trained} are not in size order on this trace")
+        return list(roles)
+
     def decision_params(self):
-        return {"kappa": self.kappa_ if self.kappa is None else self.kappa}
+        # unfitted (a router file checked before any replay) the file's kappa is not read yet: NaN
+        return {"kappa": getattr(self, "kappa_", float("nan")) if self.kappa is None else self.kappa}
 
     def escalate_probability(self, steps: pl.DataFrame, problems: pl.DataFrame) -> np.ndarray:
         """pi(escalate | o) for each step row."""
@@ -232,6 +323,25 @@ class PolicyRouter(DraftRouter):
         with torch.no_grad():
             logits = self.network_(torch.from_numpy(observation))
             return torch.softmax(logits, dim=1)[:, ESCALATE].double().numpy()
+
+    def action_probabilities(self, data) -> np.ndarray:
+        """(step rows, K) pi(a | o) of each step row written by a model in play below the largest, where a is
+        continue or escalate to a larger model (0 for actions not open at that model); NaN rows elsewhere."""
+        import torch
+
+        n_roles = len(self.roles_)
+        position = np.full(len(data.roles), -1)
+        position[[data.roles.index(role) for role in self.roles_[:-1]]] = np.arange(n_roles - 1)
+        row_position = position[data.tree.step_role]
+        rows = np.flatnonzero(row_position >= 0)
+        raw = raw_features(data.steps[rows], data.problems, self.features_)
+        observation = with_role(normalise(raw, self.feature_mean_, self.feature_std_), row_position[rows], n_roles)
+        allowed = allowed_actions(row_position[rows], n_roles)
+        probability = np.full((data.steps.height, n_roles), np.nan)
+        with torch.no_grad():
+            logits = self.network_(torch.from_numpy(observation)).masked_fill(torch.from_numpy(~allowed), -np.inf)
+            probability[rows] = torch.softmax(logits, dim=1).double().numpy()
+        return probability
 
     def draft_signal(self, data):
         signal = np.full(data.steps.height, np.nan)
@@ -243,3 +353,10 @@ class PolicyRouter(DraftRouter):
     def accept(self, signal, params):
         """Keep the small step (no escalation) iff p < kappa."""
         return signal < params["kappa"]
+
+    def walk(self, data, costs, starts, params):
+        if len(self.roles_) == 2:
+            return super().walk(data, costs, starts, params)
+        return walk_k_models(
+            data, costs, starts, params["kappa"], self.action_probabilities(data), self.roles_, self.escalate
+        )
