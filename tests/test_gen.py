@@ -213,6 +213,50 @@ def test_same_command_twice_gives_identical_files(toy_models, tmp_path):
             assert first == second
 
 
+class Overlapping:
+    """A backend marked ``concurrent`` that records how many calls of its group are in flight at once."""
+
+    concurrent = True
+
+    def __init__(self, backend, group: dict):
+        self.backend, self.group = backend, group
+
+    def generate_steps(self, requests, sampling):
+        with self.group["lock"]:
+            self.group["active"] += 1
+            self.group["most"] = max(self.group["most"], self.group["active"])
+        time.sleep(0.2)  # long enough for the other model's call to start
+        try:
+            return self.backend.generate_steps(requests, sampling)
+        finally:
+            with self.group["lock"]:
+                self.group["active"] -= 1
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+
+def test_concurrent_backends_overlap_and_write_the_same_files(toy_models, tmp_path):
+    import threading
+
+    from tracegen.backends import load_backend
+    from tracegen.models import resolve_model
+
+    sequential, overlapped = tmp_path / "sequential", tmp_path / "overlapped"
+    run_gen(options(toy_models, sequential, limit=2, max_steps=3))
+    group = {"lock": threading.Lock(), "active": 0, "most": 0}
+    backends = {
+        role: Overlapping(load_backend("hf", resolve_model(name, role).path), group)
+        for role, name in zip(("small", "large"), toy_models)
+    }
+    run_gen(options(toy_models, overlapped, limit=2, max_steps=3), backends=backends)
+    assert group["most"] == 2  # both models' batches were in flight at once
+    for table in ("steps", "tokens"):
+        names = sorted(os.listdir(sequential / table))
+        assert names == sorted(os.listdir(overlapped / table))
+        assert all((sequential / table / n).read_bytes() == (overlapped / table / n).read_bytes() for n in names)
+
+
 def gen_command(models, out: Path) -> list[str]:
     """`trace gen` of `options(models, out, max_steps=5)`, as a command line."""
     return [

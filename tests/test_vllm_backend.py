@@ -126,6 +126,18 @@ def test_same_seeds_reproduce_and_rescoring_without_the_cache_agrees(vllm_backen
         np.testing.assert_allclose(first.topk_logprobs, second.topk_logprobs, atol=1e-5)
 
 
+def test_equal_requests_of_a_batch_are_scored_once(vllm_backend, prompts):
+    """Sibling nodes with equal prefixes and steps send equal sequences to the scorer: one prefill serves all."""
+    requests = [StepRequest(p, 2000 + i) for i, p in enumerate(prompts[:3])] * 2
+    steps = vllm_backend.generate_steps(requests, SAMPLED)
+    assert vllm_backend.last_batch["requests"] == 6 and vllm_backend.last_batch["scored"] == 3
+    alone = vllm_backend.generate_steps(requests[:3], SAMPLED)
+    for first, second, single in zip(steps[:3], steps[3:], alone):
+        assert first.token_ids == second.token_ids == single.token_ids
+        assert first.logprobs == second.logprobs and first.topk_logprobs == second.topk_logprobs
+        np.testing.assert_allclose(first.logprobs, single.logprobs, atol=1e-5)
+
+
 def test_engine_info_and_bad_requests(vllm_backend, prompts):
     info = vllm_backend.engine_info()
     assert (info["name"], info["logprobs_mode"], info["dtype"], info["prefix_caching"]) == (

@@ -16,6 +16,7 @@ import hashlib
 import importlib.metadata
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -313,21 +314,23 @@ def generate_requests(
     """
     from tracegen.signals import step_signals
 
-    step_rows, token_rows, new_steps = [], [], []
+    batches = {}  # role -> (its requests, their prompt ids, the engine's StepRequests)
     for role in backends:
         batch = [r for r in requests if r.model == role]
         if not batch:
             continue
         batch_trees = [trees[(r.problem_id, r.world)] for r in batch]
         prompts = [tree.prompt_ids(r.parent_path) for r, tree in zip(batch, batch_trees)]
-        generated = backends[role].generate_steps(
-            [
-                StepRequest(tuple(ids), request_seed(seed, r), tree.problem.question, tree.step_texts(r.parent_path))
-                for r, ids, tree in zip(batch, prompts, batch_trees)
-            ],
-            sampling,
-        )
-        for request, prompt, step in zip(batch, prompts, generated):
+        step_requests = [
+            StepRequest(tuple(ids), request_seed(seed, r), tree.problem.question, tree.step_texts(r.parent_path))
+            for r, ids, tree in zip(batch, prompts, batch_trees)
+        ]
+        batches[role] = (batch, prompts, step_requests)
+    generated_by_role = _generate_batches(backends, {role: batch[2] for role, batch in batches.items()}, sampling)
+
+    step_rows, token_rows, new_steps = [], [], []
+    for role, (batch, prompts, _) in batches.items():
+        for request, prompt, step in zip(batch, prompts, generated_by_role[role]):
             tree = trees[(request.problem_id, request.world)]
             signals = step_signals(step, tokenizers[role])
             final = is_final_step(step.text, step.finish_reason)
@@ -382,6 +385,23 @@ def generate_requests(
     for tree, request, stored in new_steps:
         tree.steps[request.path] = stored
     summary.new_steps += len(new_steps)
+
+
+def _generate_batches(backends: dict, batches: dict[str, list[StepRequest]], sampling) -> dict[str, list]:
+    """Each role's batch through its backend. Backends whose engines run in processes of their own
+    (``concurrent``) get their batches at once, each from a thread: one model's generation then overlaps
+    another's generation and scoring instead of waiting for it. Each engine sees the same batch either way,
+    so the steps are the same."""
+    overlapped = [role for role in batches if getattr(backends[role], "concurrent", False)]
+    results = {}
+    if len(overlapped) > 1:
+        with ThreadPoolExecutor(max_workers=len(overlapped), thread_name_prefix="trace-gen") as pool:
+            futures = {role: pool.submit(backends[role].generate_steps, batches[role], sampling) for role in overlapped}
+            results = {role: future.result() for role, future in futures.items()}
+    for role, batch in batches.items():
+        if role not in results:
+            results[role] = backends[role].generate_steps(batch, sampling)
+    return results
 
 
 def _close(options: GenOptions, trees, backends, fits, grow, summary: GenSummary, report, engines):

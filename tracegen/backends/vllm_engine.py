@@ -45,6 +45,7 @@ _OWN_ARGUMENTS = {
 
 class VLLMBackend:
     name = "vllm"
+    concurrent = True  # both engines run in processes of their own: a thread may drive them beside other backends
 
     def __init__(
         self,
@@ -118,7 +119,7 @@ class VLLMBackend:
             "seed": seed,
             **{key: value for key, value in sorted(llm_kwargs.items())},
         }
-        self.last_batch: dict = {}  # wall seconds of the last call's passes, and how many requests were re-scored
+        self.last_batch: dict = {}  # wall seconds of the last call's passes; requests, distinct ones scored, re-scored
 
     def engine_info(self) -> dict:
         return {
@@ -137,7 +138,7 @@ class VLLMBackend:
                 engine.llm_engine.engine_core.shutdown()
 
     def continuation_logprobs(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
-        scores, _ = self._score([list(p) for p in prompts], [list(c) for c in continuations], topk=1)
+        scores, _, _ = self._score([list(p) for p in prompts], [list(c) for c in continuations], topk=1)
         return [[values[0] for _, values in positions] for positions in scores]
 
     def next_token_logprobs(self, prompts: list[list[int]], topk: int) -> list[dict[int, float]]:
@@ -180,11 +181,12 @@ class VLLMBackend:
         completions = [output.outputs[0] for output in outputs]
         token_ids = [list(completion.token_ids) for completion in completions]
         started = time.perf_counter()
-        scores, rescored = self._score([list(r.prompt_ids) for r in requests], token_ids, sampling.topk)
+        scores, rescored, scored = self._score([list(r.prompt_ids) for r in requests], token_ids, sampling.topk)
         self.last_batch = {
             "generate_seconds": generate_seconds,
             "score_seconds": time.perf_counter() - started,
             "requests": len(requests),
+            "scored": scored,
             "rescored": rescored,
         }
 
@@ -204,16 +206,24 @@ class VLLMBackend:
             for output, completion, ids, position_scores, share in zip(outputs, completions, token_ids, scores, shares)
         ]
 
-    def _score(self, prompts: list[list[int]], steps: list[list[int]], topk: int) -> tuple[list, int]:
+    def _score(self, prompts: list[list[int]], steps: list[list[int]], topk: int) -> tuple[list, int, int]:
         """Per request and step token: ([token, top-k ids], [its log-prob, top-k log-probs]), exact.
 
-        Also returns how many requests had to be scored a second time, without the prefix cache.
+        Also returns how many requests had to be scored a second time, without the prefix cache, and how
+        many distinct prompt + step sequences were scored (a request equal to an earlier one of the batch
+        gets its scores: sent again, its cache hit would reach into the step and force a rescoring).
         """
         scores: list = [None] * len(prompts)
-        missed = self._score_pass(prompts, steps, topk, range(len(prompts)), scores, read_cache=True)
+        first_of: dict[tuple[int, ...], int] = {}  # (prompt length, prompt + step) -> its first request
+        for index, (prompt, step) in enumerate(zip(prompts, steps)):
+            first_of.setdefault((len(prompt), *prompt, *step), index)
+        unique = sorted(first_of.values())
+        missed = self._score_pass(prompts, steps, topk, unique, scores, read_cache=True)
         if missed:
             self._score_pass(prompts, steps, topk, missed, scores, read_cache=False)
-        return scores, len(missed)
+        for index, (prompt, step) in enumerate(zip(prompts, steps)):
+            scores[index] = scores[first_of[(len(prompt), *prompt, *step)]]
+        return scores, len(missed), len(unique)
 
     def _score_pass(self, prompts, steps, topk: int, indices, scores: list, *, read_cache: bool) -> list[int]:
         """Fill ``scores[i]`` for each i in ``indices``; return those whose cache hit hid their first step row."""
