@@ -263,6 +263,15 @@ def model_chain(router: str, params: dict, roles: list[str]) -> str | None:
     return " → ".join(chain)
 
 
+def shown(value):
+    """A parameter value as a label shows it: floats to 4 significant digits, a file by its name."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, str) and "/" in value:
+        return Path(value).name
+    return value
+
+
 def label_runs(runs: list[Run], roles: list[str]) -> None:
     """Router name, plus the fixed parameters that tell apart runs of one router (the model parameters as the
     resolved chain of models, "m0 → m1"), plus the file if still needed."""
@@ -276,12 +285,14 @@ def label_runs(runs: list[Run], roles: list[str]) -> None:
             for name in sorted(fixed)
             if len({json.dumps(other.params[min(other.params)].get(name)) for other in same}) > 1
         ]
-        parts = [f"{n}={fixed[n]}" for n in telling if n not in ROLE_PARAMS]
+        parts = [f"{n}={shown(fixed[n])}" for n in telling if n not in ROLE_PARAMS]
         chain = model_chain(run.router, fixed, roles) if set(telling) & set(ROLE_PARAMS) else None
         if chain is not None:
             parts.insert(0, chain)
         else:
-            parts = [f"{n}={fixed[n]}" for n in telling]
+            parts = [f"{n}={shown(fixed[n])}" for n in telling]
+        if fixed.get("model") and "model" not in telling:  # `only`: which model, even when it is the only run
+            parts.insert(0, str(fixed["model"]))
         run.label = run.router + (" (" + ", ".join(parts) + ")" if parts else "")
     for run in runs:
         if sum(other.label == run.label for other in runs) > 1:
