@@ -198,3 +198,18 @@ def test_specreason_reads_its_targets_own_judge(tmp_path):
     message += r"run `trace score .* --scorer judge@m1` first"
     with pytest.raises(TraceError, match=message):
         run(unscored, make_router("specreason", target="m1"))
+
+
+def test_report_labels_round_floats_name_files_and_say_which_model(tmp_path):
+    steps = []
+    for k in range(10):
+        steps += sized(comb_steps(f"p{k}", 3, chars="012", correct=lambda path: path in RIGHT))
+    root = build_trace(tmp_path / "t", steps, manifest=three_models())
+    results = [
+        replay_trace(root, make_router("random", p=p), split="all", fractions=EVERY_PROBLEM) for p in (0.1 + 0.2, 0.5)
+    ]
+    results.append(replay_trace(root, make_router("only", model="m1"), split="all", fractions=EVERY_PROBLEM))
+    markdown = report(root, results, split="all", pick_split="reported", bootstrap=5).markdown
+    assert "| random (p=0.3) |" in markdown and "| random (p=0.5) |" in markdown
+    assert "0.30000000000000004" not in markdown
+    assert "| only (m1) |" in markdown
