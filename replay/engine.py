@@ -641,7 +641,8 @@ def replay(
     configs = sweep_configs(router, sweep, max_configs, data.roots.height)
     costs = Costs(data, cost_model)
     n_roots, n_configs = data.roots.height, len(configs)
-    walked = Walked(len(data.roles), n_configs, n_roots)
+    n_nodes = data.tree.children.shape[1]
+    walked = Walked(len(data.roles), n_configs, n_roots, np.int32 if n_nodes < 2**31 else np.int64)
     root_nodes = data.roots["node"].to_numpy()
     # A block of roots with every configuration at a time (their states root-major): the walk touches only
     # those roots' trees, which stay in the CPU's caches, so a state costs the same however large the trace.
@@ -651,7 +652,8 @@ def replay(
         starts = np.repeat(root_nodes[roots], n_configs)
         params = {name: np.tile(values, len(starts) // n_configs) for name, values in configs.values.items()}
         walked.put(roots, router.walk(data, costs, starts, params))
-    outcomes = _outcomes(data, router, costs, configs, walked)
+    del costs  # its per-step and per-node arrays go before the outcomes' columns are built: a lower peak
+    outcomes = _outcomes(data, router, cost_model, configs, walked)
     return ReplayResult(
         outcomes=outcomes, roles=data.roles, cost_unit=cost_model.unit, misses=_misses(data, router, outcomes, walked)
     )
@@ -661,7 +663,7 @@ class Walked:
     """What every state of a replay did, configuration-major (state = config x n_roots + root), filled in
     blocks of roots by ``put``: the outcomes' numeric columns, and where each walk ended."""
 
-    def __init__(self, n_roles: int, n_configs: int, n_roots: int):
+    def __init__(self, n_roles: int, n_configs: int, n_roots: int, index_dtype: type = np.int64):
         self.n_configs, self.n_roots = n_configs, n_roots
         n_states = n_configs * n_roots
         self.cost = np.zeros(n_states)
@@ -671,9 +673,9 @@ class Walked:
         self.scorer = np.zeros(n_states)
         self.kept = np.zeros((n_roles, n_states), dtype=np.int32)
         self.n_discarded = np.zeros(n_states, dtype=np.int32)
-        self.final_step = np.zeros(n_states, dtype=np.int64)
-        self.end_node = np.zeros(n_states, dtype=np.int64)
-        self.miss_role = np.zeros(n_states, dtype=np.int64)
+        self.final_step = np.zeros(n_states, dtype=index_dtype)
+        self.end_node = np.zeros(n_states, dtype=index_dtype)
+        self.miss_role = np.zeros(n_states, dtype=np.int8)  # at most 10 roles
         self.miss_scorer = np.zeros(n_states, dtype=bool)
 
     def put(self, roots: slice, walk: Walk) -> None:
@@ -684,15 +686,15 @@ class Walked:
             grid[..., roots] = value.reshape(*value.shape[:-1], -1, self.n_configs).swapaxes(-1, -2)
 
 
-def _outcomes(data: ReplayData, router, costs: Costs, configs: Configs, walked: Walked) -> pl.DataFrame:
+def _outcomes(data: ReplayData, router, cost_model: CostModel, configs: Configs, walked: Walked) -> pl.DataFrame:
     n_roots, n_configs = data.roots.height, len(configs)
-    state_config = np.repeat(np.arange(n_configs), n_roots)
+    state_config = np.repeat(np.arange(n_configs, dtype=np.int32), n_roots)
     params_json = pl.Series([json.dumps(p, sort_keys=True) for p in configs.params], dtype=pl.String)
-    final = pl.Series(walked.final_step).set(pl.Series(walked.final_step < 0), None)
+    final = pl.Series(np.ma.masked_array(walked.final_step, walked.final_step < 0))
     return pl.DataFrame(
         {
             "params": params_json.gather(state_config),
-            "config": pl.Series(state_config, dtype=pl.Int32),
+            "config": state_config,
             "problem_id": pl.concat([data.roots["problem_id"]] * n_configs, rechunk=True),
             "world": pl.concat([data.roots["world"].cast(pl.Int32)] * n_configs, rechunk=True),
             "path": data.node_path_series.gather(walked.end_node),
@@ -710,9 +712,9 @@ def _outcomes(data: ReplayData, router, costs: Costs, configs: Configs, walked: 
     ).select(
         pl.lit(router.name, dtype=pl.String).alias("router"),
         pl.all(),
-        cost_model=pl.lit(costs.model.name, dtype=pl.String),
-        cost_unit=pl.lit(costs.model.unit, dtype=pl.String),
-        cost_convention=pl.lit(costs.model.convention, dtype=pl.String),
+        cost_model=pl.lit(cost_model.name, dtype=pl.String),
+        cost_unit=pl.lit(cost_model.unit, dtype=pl.String),
+        cost_convention=pl.lit(cost_model.convention, dtype=pl.String),
     )
 
 
