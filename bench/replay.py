@@ -13,7 +13,8 @@ replaying many routers does) and per configuration of a 101-point sweep.
 
 The default run grows a 10x trace (13,190 problems), times the first 1,319 problems and the whole,
 and prints the goals at scale: sweep < 1 s, tree index < 0.5 s, peak memory of a replay from disk
-< 1 KB per cached step, and how time grows from 1x to 10x (goal: no faster than the trace).
+< 1 KB per cached step, and how time grows from 1x to 10x (goal: no faster than the trace; CPU seconds, the
+two sizes taking turns within each repeat so that other load on the machine weighs on both alike).
 
     python bench/replay.py [--problems 1319] [--scale 10] [--repeats 3] [--online 20]
 """

@@ -196,20 +196,6 @@ class ReplayData:
             step_correct=steps["correct"].fill_null(False).to_numpy(),
         )
 
-    @cached_property
-    def step_levels(self) -> list[np.ndarray]:
-        """Step rows grouped by path length, shortest first: the parent node of a step is a root or is
-        created by a step of an earlier group."""
-        lengths = self.steps.select(path=pl.col("path").str.len_chars(), parent=pl.col("parent_path").str.len_chars())
-        path_length = lengths["path"].to_numpy()
-        upward = np.flatnonzero(lengths["parent"].to_numpy() >= path_length)
-        if upward.size:
-            raise TraceError(
-                f"step {self.steps['step_id'][int(upward[0])]!r} has a parent_path no shorter than its path"
-            )
-        order = np.argsort(path_length, kind="stable")
-        return np.split(order, np.flatnonzero(np.diff(path_length[order])) + 1)
-
     # ------------------------------------------------------------------ scores
 
     def scores_of(self, scorer: str) -> pl.DataFrame:
@@ -250,24 +236,6 @@ class Costs:
         if key not in self._once:
             self._once[key] = compute()
         return self._once[key]
-
-    @cached_property
-    def path_sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Along the path from its root to every node: the decode cost and count of the steps by role
-        (n_roles x n_nodes) and their prefill cost, added in the order a walk adds them, so a walk from a
-        root reads its kept steps' costs at the node where it ends, bit for bit."""
-        tree = self.data.tree
-        decode = np.zeros(tree.children.shape)
-        kept = np.zeros(tree.children.shape, dtype=np.int64)
-        prefill = np.zeros(tree.children.shape[1])
-        for rows in self.data.step_levels:
-            parent, child, role = tree.step_parent[rows], tree.step_child[rows], tree.step_role[rows]
-            decode[:, child] = decode[:, parent]
-            kept[:, child] = kept[:, parent]
-            decode[role, child] += self.decode[rows]
-            kept[role, child] += 1
-            prefill[child] = prefill[parent] + self.prefill[rows]
-        return decode, kept, prefill
 
     def scorer(self, name: str) -> np.ndarray:
         """Cost of scoring each step row with scorer ``name``; NaN where the trace has no such score."""
@@ -400,9 +368,8 @@ def walk_steps(
         small, large = data.role_index(draft_role, router), data.role_index(target_role, router)
         if draft_rule.scorer:
             scorer_cost = costs.scorer(draft_rule.scorer)
-    # The kept steps of a walk from a root are the path to the node where it ends: their costs are read
-    # there at the end (Costs.path_sums). From other starts they are added up step by step, by (role, state).
-    from_roots = bool((starts < data.roots.height).all())
+    # The kept steps' costs are added up as the walk takes them, by (role, state): the work stays within the
+    # trees being walked (summing them over the whole tree beforehand costs more at scale, for fewer states).
     decode = walk.decode.reshape(-1)
     kept = walk.kept.reshape(-1)
     # The active states and, aligned with them, their current nodes and whether they escalated: kept
@@ -471,11 +438,10 @@ def walk_steps(
                         stop_missing(~cached, role)
                         active, here, role, step, escalated = (a[cached] for a in (active, here, role, step, escalated))
 
-        if not from_roots:
-            flat = step_role[step] * n_states + active
-            decode[flat] += costs.decode[step]
-            kept[flat] += 1
-            walk.prefill[active] += costs.prefill[step]
+        flat = step_role[step] * n_states + active
+        decode[flat] += costs.decode[step]
+        kept[flat] += 1
+        walk.prefill[active] += costs.prefill[step]
         here = step_child[step]
         final = step_final[step]
         if final.any():
@@ -483,13 +449,6 @@ def walk_steps(
             walk.end_node[active[final]] = here[final]
             going = ~final
             active, here, escalated = active[going], here[going], escalated[going]
-    if from_roots:
-        path_decode, path_kept, path_prefill = costs.path_sums
-        walk.decode, walk.kept, walk.prefill = (
-            path_decode[:, walk.end_node],
-            path_kept[:, walk.end_node],
-            path_prefill[walk.end_node],
-        )
     return walk
 
 
@@ -644,13 +603,13 @@ def replay(
     n_nodes = data.tree.children.shape[1]
     walked = Walked(len(data.roles), n_configs, n_roots, np.int32 if n_nodes < 2**31 else np.int64)
     root_nodes = data.roots["node"].to_numpy()
-    # A block of roots with every configuration at a time (their states root-major): the walk touches only
-    # those roots' trees, which stay in the CPU's caches, so a state costs the same however large the trace.
+    # A block of roots with every configuration at a time: the walk touches only those roots' trees, which
+    # stay in the CPU's caches, so a state costs the same however large the trace.
     block = max(1, CHUNK_STATES // max(n_configs, 1))
     for first in range(0, n_roots, block):
         roots = slice(first, min(first + block, n_roots))
-        starts = np.repeat(root_nodes[roots], n_configs)
-        params = {name: np.tile(values, len(starts) // n_configs) for name, values in configs.values.items()}
+        starts = np.tile(root_nodes[roots], n_configs)
+        params = {name: np.repeat(values, len(starts) // n_configs) for name, values in configs.values.items()}
         walked.put(roots, router.walk(data, costs, starts, params))
     del costs  # its per-step and per-node arrays go before the outcomes' columns are built: a lower peak
     outcomes = _outcomes(data, router, cost_model, configs, walked)
@@ -679,11 +638,11 @@ class Walked:
         self.miss_scorer = np.zeros(n_states, dtype=bool)
 
     def put(self, roots: slice, walk: Walk) -> None:
-        """The walk of roots ``roots`` with every configuration, its states root-major."""
+        """The walk of roots ``roots`` with every configuration, its states configuration-major."""
         for name, value in (("cost", walk.total), *vars(walk).items()):
             target = getattr(self, name)
             grid = target.reshape(*target.shape[:-1], self.n_configs, self.n_roots)
-            grid[..., roots] = value.reshape(*value.shape[:-1], -1, self.n_configs).swapaxes(-1, -2)
+            grid[..., roots] = value.reshape(*value.shape[:-1], self.n_configs, -1)
 
 
 def _outcomes(data: ReplayData, router, cost_model: CostModel, configs: Configs, walked: Walked) -> pl.DataFrame:
