@@ -230,9 +230,9 @@ class Costs:
         self._once: dict = {}
 
     def once(self, key, compute: Callable[[], np.ndarray]) -> np.ndarray:
-        """``compute()``, computed on the first call with ``key`` only: a replay walks its states in chunks, each
+        """``compute()``, computed on the first call with ``key`` only: a replay walks its states in blocks, each
         with this same Costs, so what a router derives from the whole trace (its draft signal) is derived once
-        per replay rather than once per chunk."""
+        per replay rather than once per block."""
         if key not in self._once:
             self._once[key] = compute()
         return self._once[key]
@@ -368,8 +368,8 @@ def walk_steps(
         small, large = data.role_index(draft_role, router), data.role_index(target_role, router)
         if draft_rule.scorer:
             scorer_cost = costs.scorer(draft_rule.scorer)
-    # The kept steps' costs are added up as the walk takes them, by (role, state): the work stays within the
-    # trees being walked (summing them over the whole tree beforehand costs more at scale, for fewer states).
+    # The kept steps' costs are added up as the walk takes them, by (role, state), so the work stays within the
+    # trees being walked (a pass over every node of the trace beforehand falls out of the CPU's caches at scale).
     decode = walk.decode.reshape(-1)
     kept = walk.kept.reshape(-1)
     # The active states and, aligned with them, their current nodes and whether they escalated: kept
