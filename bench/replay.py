@@ -13,7 +13,8 @@ replaying many routers does) and per configuration of a 101-point sweep.
 
 The default run grows a 10x trace (13,190 problems), times the first 1,319 problems and the whole,
 and prints the goals at scale: sweep < 1 s, tree index < 0.5 s, peak memory of a replay from disk
-< 1 KB per cached step, and how time grows from 1x to 10x (goal: no faster than the trace).
+< 1 KB per cached step, and how time grows from 1x to 10x (goal: no faster than the trace; CPU seconds, the
+two sizes taking turns within each repeat so that other load on the machine weighs on both alike).
 
     python bench/replay.py [--problems 1319] [--scale 10] [--repeats 3] [--online 20]
 """
@@ -232,38 +233,47 @@ def replay_memory(root: str, router: str, params: dict, sweep: str) -> tuple[flo
     return probe["kib"] * 1024.0, probe["rows"]
 
 
-def time_sweeps(data: ReplayData, repeats: int) -> dict[str, tuple[float, float, dict]]:
-    """Best wall and CPU seconds of each sweep, and its summary numbers."""
+def time_sweeps(sizes: dict[str, ReplayData], repeats: int) -> dict[str, dict[str, tuple[float, float, dict]]]:
+    """Best wall and CPU seconds of each sweep on each trace size, and its summary numbers. The sizes take
+    turns within each repeat, so load from other processes weighs on both sides of a growth ratio alike."""
     cost = make_cost_model("flops", MANIFEST)
-    timings = {}
+    timings = {size: {} for size in sizes}
     for label, (router, params, sweep) in SWEEPS.items():
-        chosen = make_router(router, **params).fit(data)
+        chosen = {size: make_router(router, **params).fit(data) for size, data in sizes.items()}
         name, values = parse_sweep(sweep)
-        walls, cpus = [], []
+        walls, cpus, results = {size: [] for size in sizes}, {size: [] for size in sizes}, {}
         for _ in range(repeats):
-            wall, cpu = time.perf_counter(), time.process_time()
-            result = replay(data, chosen, cost, {name: values})
-            walls.append(time.perf_counter() - wall)
-            cpus.append(time.process_time() - cpu)
-        summary = result.summary()
-        timings[label] = (
-            min(walls),
-            min(cpus),
-            {
-                "configs": len(values),
-                "misses": int(summary["misses"].sum()),
-                "accuracy": (summary["accuracy"].min(), summary["accuracy"].max()),
-            },
-        )
+            for size, data in sizes.items():
+                wall, cpu = time.perf_counter(), time.process_time()
+                results[size] = replay(data, chosen[size], cost, {name: values})
+                walls[size].append(time.perf_counter() - wall)
+                cpus[size].append(time.process_time() - cpu)
+        for size in sizes:
+            summary = results[size].summary()
+            timings[size][label] = (
+                min(walls[size]),
+                min(cpus[size]),
+                {
+                    "configs": len(values),
+                    "misses": int(summary["misses"].sum()),
+                    "accuracy": (summary["accuracy"].min(), summary["accuracy"].max()),
+                },
+            )
     return timings
 
 
-def time_index(data: ReplayData) -> tuple[float, float]:
-    fresh = ReplayData(MANIFEST, data.steps, data.problems, scores=data.scores)
-    wall, cpu = time.perf_counter(), time.process_time()
-    fresh.tree  # noqa: B018 - builds the tree index, once per trace
-    fresh.roots  # noqa: B018
-    return time.perf_counter() - wall, time.process_time() - cpu
+def time_index(sizes: dict[str, ReplayData], repeats: int) -> dict[str, tuple[float, float]]:
+    """Best wall and CPU seconds of building the tree index of each trace size (sizes taking turns)."""
+    walls, cpus = {size: [] for size in sizes}, {size: [] for size in sizes}
+    for _ in range(repeats):
+        for size, data in sizes.items():
+            fresh = ReplayData(MANIFEST, data.steps, data.problems, scores=data.scores)
+            wall, cpu = time.perf_counter(), time.process_time()
+            fresh.tree  # noqa: B018 - builds the tree index, once per trace
+            fresh.roots  # noqa: B018
+            walls[size].append(time.perf_counter() - wall)
+            cpus[size].append(time.process_time() - cpu)
+    return {size: (min(walls[size]), min(cpus[size])) for size in sizes}
 
 
 def main() -> None:
@@ -296,8 +306,8 @@ def main() -> None:
     )
     small = large.subset(large.problems["problem_id"].head(args.problems).to_list())
     sizes = {"small": small, "large": large} if args.scale > 1 else {"small": small}
-    index = {size: time_index(data) for size, data in sizes.items()}
-    sweeps = {size: time_sweeps(data, args.repeats) for size, data in sizes.items()}
+    index = time_index(sizes, args.repeats)
+    sweeps = time_sweeps(sizes, args.repeats)
     for size, data in sizes.items():
         wall, cpu = index[size]
         print(f"\n{data.roots.height:,} problems, {data.steps.height:,} steps")
@@ -339,6 +349,8 @@ def main() -> None:
     print(f"    tree index                 {index_growth:6.1f}x")
     for name, ratio in growth.items():
         print(f"    {name:26s} {ratio:6.1f}x")
+    together = sum(sweeps["large"][name][1] for name in SWEEPS) / sum(sweeps["small"][name][1] for name in SWEEPS)
+    print(f"    {'all five sweeps together':26s} {together:6.1f}x")
 
 
 def online_vs_replay(n_problems: int, repeats: int) -> None:

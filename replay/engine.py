@@ -149,10 +149,16 @@ class ReplayData:
         """The path string of every node id."""
         return self._nodes["path"].to_numpy()
 
-    @property
+    @cached_property
     def node_path_series(self) -> pl.Series:
-        """The path of every node id, as a Polars series (gathers without Python objects)."""
-        return self._nodes["path"]
+        """The path of every node id, as one contiguous Polars series: gathers without Python objects, several
+        times faster than from the chunks of the steps the nodes share their columns with."""
+        return self._nodes["path"].rechunk()
+
+    @cached_property
+    def final_values(self) -> pl.DataFrame:
+        """answer and correct of every step row, contiguous: what the outcomes gather at each walk's final step."""
+        return self.steps.select("answer", "correct").rechunk()
 
     def node_names(self, nodes: np.ndarray) -> list[str]:
         """``problem_id/world/path`` of each node (the step_id its creating step has)."""
@@ -190,20 +196,6 @@ class ReplayData:
             step_correct=steps["correct"].fill_null(False).to_numpy(),
         )
 
-    @cached_property
-    def step_levels(self) -> list[np.ndarray]:
-        """Step rows grouped by path length, shortest first: the parent node of a step is a root or is
-        created by a step of an earlier group."""
-        lengths = self.steps.select(path=pl.col("path").str.len_chars(), parent=pl.col("parent_path").str.len_chars())
-        path_length = lengths["path"].to_numpy()
-        upward = np.flatnonzero(lengths["parent"].to_numpy() >= path_length)
-        if upward.size:
-            raise TraceError(
-                f"step {self.steps['step_id'][int(upward[0])]!r} has a parent_path no shorter than its path"
-            )
-        order = np.argsort(path_length, kind="stable")
-        return np.split(order, np.flatnonzero(np.diff(path_length[order])) + 1)
-
     # ------------------------------------------------------------------ scores
 
     def scores_of(self, scorer: str) -> pl.DataFrame:
@@ -235,24 +227,15 @@ class Costs:
             self.decode, self.prefill = model.step_costs(data.steps)
         self.step_total = self.decode + self.prefill
         self._scorer: dict[str, np.ndarray] = {}
+        self._once: dict = {}
 
-    @cached_property
-    def path_sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Along the path from its root to every node: the decode cost and count of the steps by role
-        (n_roles x n_nodes) and their prefill cost, added in the order a walk adds them, so a walk from a
-        root reads its kept steps' costs at the node where it ends, bit for bit."""
-        tree = self.data.tree
-        decode = np.zeros(tree.children.shape)
-        kept = np.zeros(tree.children.shape, dtype=np.int64)
-        prefill = np.zeros(tree.children.shape[1])
-        for rows in self.data.step_levels:
-            parent, child, role = tree.step_parent[rows], tree.step_child[rows], tree.step_role[rows]
-            decode[:, child] = decode[:, parent]
-            kept[:, child] = kept[:, parent]
-            decode[role, child] += self.decode[rows]
-            kept[role, child] += 1
-            prefill[child] = prefill[parent] + self.prefill[rows]
-        return decode, kept, prefill
+    def once(self, key, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """``compute()``, computed on the first call with ``key`` only: a replay walks its states in blocks, each
+        with this same Costs, so what a router derives from the whole trace (its draft signal) is derived once
+        per replay rather than once per block."""
+        if key not in self._once:
+            self._once[key] = compute()
+        return self._once[key]
 
     def scorer(self, name: str) -> np.ndarray:
         """Cost of scoring each step row with scorer ``name``; NaN where the trace has no such score."""
@@ -391,9 +374,8 @@ def walk_steps(
         last_hop = len(chain) - 1
         if draft_rule.scorer:
             scorer_cost = costs.scorer(draft_rule.scorer)
-    # The kept steps of a walk from a root are the path to the node where it ends: their costs are read
-    # there at the end (Costs.path_sums). From other starts they are added up step by step, by (role, state).
-    from_roots = bool((starts < data.roots.height).all())
+    # The kept steps' costs are added up as the walk takes them, by (role, state), so the work stays within the
+    # trees being walked (a pass over every node of the trace beforehand falls out of the CPU's caches at scale).
     decode = walk.decode.reshape(-1)
     kept = walk.kept.reshape(-1)
     # The active states and, aligned with them, their current nodes and chain position (the model of the
@@ -467,11 +449,10 @@ def walk_steps(
                         )
                     judged = rewritten & (hop < last_hop)  # a rewritten step is judged too, unless by the last model
 
-        if not from_roots:
-            flat = step_role[step] * n_states + active
-            decode[flat] += costs.decode[step]
-            kept[flat] += 1
-            walk.prefill[active] += costs.prefill[step]
+        flat = step_role[step] * n_states + active
+        decode[flat] += costs.decode[step]
+        kept[flat] += 1
+        walk.prefill[active] += costs.prefill[step]
         here = step_child[step]
         final = step_final[step]
         if final.any():
@@ -479,13 +460,6 @@ def walk_steps(
             walk.end_node[active[final]] = here[final]
             going = ~final
             active, here, hop = active[going], here[going], hop[going]
-    if from_roots:
-        path_decode, path_kept, path_prefill = costs.path_sums
-        walk.decode, walk.kept, walk.prefill = (
-            path_decode[:, walk.end_node],
-            path_kept[:, walk.end_node],
-            path_prefill[walk.end_node],
-        )
     return walk
 
 
@@ -500,8 +474,10 @@ def walk_chains(data: ReplayData, costs: Costs, starts: np.ndarray, role: int) -
 # At most this many configurations unless the user raises it (`--max-configs`): a sweep such as
 # tau=0:1:1e-9 would otherwise allocate until the kernel kills the process.
 DEFAULT_MAX_CONFIGS = 20_000
-# Walk states (problem x world x configuration) walked at once: a larger grid is walked in chunks.
-CHUNK_STATES = 1_000_000
+# Walk states (problem x world x configuration) walked at once: a larger grid is walked in blocks of roots, each
+# with every configuration. Small enough that a block's working arrays stay in the CPU's caches and its working
+# memory is a small part of a replay's peak (a million states per chunk cost ~300 MB and 1.5x the time per state).
+CHUNK_STATES = 131_072
 # Peak memory per walk state, for the estimate a refusal names: measured replaying RSD sweeps of 0.2M-2M
 # states on the toy demo trace, 450-670 bytes (the outcomes keep ~135; the rest is working copies).
 BYTES_PER_STATE = 600
@@ -634,74 +610,98 @@ def replay(
     router.check_fitted()
     configs = sweep_configs(router, sweep, max_configs, data.roots.height)
     costs = Costs(data, cost_model)
-    per_chunk = max(1, CHUNK_STATES // max(data.roots.height, 1))
-    chunks = [
-        _replay_chunk(data, router, costs, configs, first, per_chunk) for first in range(0, len(configs), per_chunk)
-    ]
+    n_roots, n_configs = data.roots.height, len(configs)
+    n_nodes = data.tree.children.shape[1]
+    walked = Walked(len(data.roles), n_configs, n_roots, np.int32 if n_nodes < 2**31 else np.int64)
+    root_nodes = data.roots["node"].to_numpy()
+    # A block of roots with every configuration at a time: the walk touches only those roots' trees, which
+    # stay in the CPU's caches, so a state costs the same however large the trace.
+    block = max(1, CHUNK_STATES // max(n_configs, 1))
+    for first in range(0, n_roots, block):
+        roots = slice(first, min(first + block, n_roots))
+        starts = np.tile(root_nodes[roots], n_configs)
+        params = {name: np.repeat(values, len(starts) // n_configs) for name, values in configs.values.items()}
+        walked.put(roots, router.walk(data, costs, starts, params))
+    del costs  # its per-step and per-node arrays go before the outcomes' columns are built: a lower peak
+    outcomes = _outcomes(data, router, cost_model, configs, walked)
     return ReplayResult(
-        outcomes=pl.concat([outcomes for outcomes, _ in chunks]),
-        roles=data.roles,
-        cost_unit=cost_model.unit,
-        misses=pl.concat([misses for _, misses in chunks]),
+        outcomes=outcomes, roles=data.roles, cost_unit=cost_model.unit, misses=_misses(data, router, outcomes, walked)
     )
 
 
-def _replay_chunk(
-    data: ReplayData, router, costs: Costs, configs: Configs, first: int, size: int
-) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Outcomes and misses of configurations first .. first + size - 1."""
-    chunk = configs.take(slice(first, first + size))
-    roots = data.roots
-    n_roots = roots.height
-    state_config = np.repeat(np.arange(len(chunk)), n_roots)
-    starts = np.tile(roots["node"].to_numpy(), len(chunk))
-    params = {name: values[state_config] for name, values in chunk.values.items()}
-    walk = router.walk(data, costs, starts, params)
-    config_ids = state_config + first
+class Walked:
+    """What every state of a replay did, configuration-major (state = config x n_roots + root), filled in
+    blocks of roots by ``put``: the outcomes' numeric columns, and where each walk ended."""
 
-    finished = walk.final_step >= 0
-    final = pl.Series(walk.final_step).set(pl.Series(~finished), None)
-    root_of = pl.Series(np.tile(np.arange(n_roots), len(chunk)))
-    params_json = pl.Series([json.dumps(p, sort_keys=True) for p in chunk.params], dtype=pl.String)
-    outcomes = pl.DataFrame(
+    def __init__(self, n_roles: int, n_configs: int, n_roots: int, index_dtype: type = np.int64):
+        self.n_configs, self.n_roots = n_configs, n_roots
+        n_states = n_configs * n_roots
+        self.cost = np.zeros(n_states)
+        self.decode = np.zeros((n_roles, n_states))
+        self.prefill = np.zeros(n_states)
+        self.discarded = np.zeros(n_states)
+        self.scorer = np.zeros(n_states)
+        self.kept = np.zeros((n_roles, n_states), dtype=np.int32)
+        self.n_discarded = np.zeros(n_states, dtype=np.int32)
+        self.final_step = np.zeros(n_states, dtype=index_dtype)
+        self.end_node = np.zeros(n_states, dtype=index_dtype)
+        self.miss_role = np.zeros(n_states, dtype=np.int8)  # at most 10 roles
+        self.miss_scorer = np.zeros(n_states, dtype=bool)
+
+    def put(self, roots: slice, walk: Walk) -> None:
+        """The walk of roots ``roots`` with every configuration, its states configuration-major."""
+        for name, value in (("cost", walk.total), *vars(walk).items()):
+            target = getattr(self, name)
+            grid = target.reshape(*target.shape[:-1], self.n_configs, self.n_roots)
+            grid[..., roots] = value.reshape(*value.shape[:-1], self.n_configs, -1)
+
+
+def _outcomes(data: ReplayData, router, cost_model: CostModel, configs: Configs, walked: Walked) -> pl.DataFrame:
+    n_roots, n_configs = data.roots.height, len(configs)
+    state_config = np.repeat(np.arange(n_configs, dtype=np.int32), n_roots)
+    params_json = pl.Series([json.dumps(p, sort_keys=True) for p in configs.params], dtype=pl.String)
+    final = pl.Series(np.ma.masked_array(walked.final_step, walked.final_step < 0))
+    return pl.DataFrame(
         {
-            "router": pl.Series([router.name], dtype=pl.String).new_from_index(0, len(starts)),
             "params": params_json.gather(state_config),
-            "config": pl.Series(config_ids, dtype=pl.Int32),
-            "problem_id": roots["problem_id"].gather(root_of),
-            "world": roots["world"].gather(root_of).cast(pl.Int32),
-            "path": data.node_path_series.gather(walk.end_node),
-            "answer": data.steps["answer"].gather(final),
-            "correct": data.steps["correct"].gather(final),
-        }
+            "config": state_config,
+            "problem_id": pl.concat([data.roots["problem_id"]] * n_configs, rechunk=True),
+            "world": pl.concat([data.roots["world"].cast(pl.Int32)] * n_configs, rechunk=True),
+            "path": data.node_path_series.gather(walked.end_node),
+            **data.final_values.select(pl.all().gather(final)).to_dict(),
+            "cost": walked.cost,
+            **{f"cost_{role}": walked.decode[i] for i, role in enumerate(data.roles)},
+            "cost_prefill": walked.prefill,
+            "cost_discarded": walked.discarded,
+            "cost_scorer": walked.scorer,
+            **{f"n_{role}": walked.kept[i] for i, role in enumerate(data.roles)},
+            "n_discarded": walked.n_discarded,
+            "misses": (walked.miss_role >= 0).astype(np.int32),
+        },
+        schema_overrides={"problem_id": pl.String, "world": pl.Int32, "path": pl.String},
+    ).select(
+        pl.lit(router.name, dtype=pl.String).alias("router"),
+        pl.all(),
+        cost_model=pl.lit(cost_model.name, dtype=pl.String),
+        cost_unit=pl.lit(cost_model.unit, dtype=pl.String),
+        cost_convention=pl.lit(cost_model.convention, dtype=pl.String),
     )
-    outcomes = outcomes.with_columns(
-        cost=walk.total,
-        **{f"cost_{role}": walk.decode[i] for i, role in enumerate(data.roles)},
-        cost_prefill=walk.prefill,
-        cost_discarded=walk.discarded,
-        cost_scorer=walk.scorer,
-        **{f"n_{role}": pl.Series(walk.kept[i], dtype=pl.Int32) for i, role in enumerate(data.roles)},
-        n_discarded=pl.Series(walk.n_discarded, dtype=pl.Int32),
-        misses=pl.Series(walk.missed.astype(np.int32)),
-        cost_model=pl.lit(costs.model.name),
-        cost_unit=pl.lit(costs.model.unit),
-        cost_convention=pl.lit(costs.model.convention),
-    )
-    missed = np.flatnonzero(walk.missed)
-    misses = pl.DataFrame(
+
+
+def _misses(data: ReplayData, router, outcomes: pl.DataFrame, walked: Walked) -> pl.DataFrame:
+    missed = np.flatnonzero(walked.miss_role >= 0)
+    return pl.DataFrame(
         {
             "problem_id": outcomes["problem_id"].gather(missed),
             "world": outcomes["world"].gather(missed),
             "path": outcomes["path"].gather(missed),
-            "model": pl.Series(data.roles, dtype=pl.String).gather(walk.miss_role[missed]),
+            "model": pl.Series(data.roles, dtype=pl.String).gather(walked.miss_role[missed]),
             "scorer": pl.Series([router_scorer(router, data.roles)], dtype=pl.String)
             .new_from_index(0, missed.size)
-            .set(pl.Series(~walk.miss_scorer[missed]), None),
-            "config": pl.Series(config_ids[missed], dtype=pl.Int32),
+            .set(pl.Series(~walked.miss_scorer[missed]), None),
+            "config": outcomes["config"].gather(missed),
         }
     )
-    return outcomes, misses
 
 
 def miss_list(result: ReplayResult) -> list[dict]:
@@ -809,6 +809,7 @@ def replay_trace(
             f"router {router.name} reads {scorer} scores, but {root} holds none, although trace.json lists the "
             f"scorer (the scores were lost); run `trace score {root} --scorer {scorer}`"
         )
+    del data, evaluated  # the trace's frames and index are freed before the split columns are added: a lower peak
     result.outcomes = result.outcomes.with_columns(  # a lookup, not a join: the outcomes are not copied
         split=pl.col("problem_id").replace_strict(splits["problem_id"], splits["split"], default=None),
         split_seed=pl.lit(split_seed, dtype=pl.Int64),

@@ -42,7 +42,6 @@ def walk_k_models(
     n_states, n_roles = len(starts), len(roles)
     role_index = np.array([data.roles.index(role) for role in roles])
     walk = Walk.empty(len(data.roles), n_states)
-    from_roots = bool((starts < data.roots.height).all())
     active = np.arange(n_states)
     here = np.asarray(starts, dtype=np.int64)
     current = np.zeros(n_states, dtype=np.int64)  # position in ``roles`` of the model writing the next step
@@ -81,21 +80,13 @@ def walk_k_models(
             writes = np.ones(active.size, dtype=bool)
             current = np.where(escalated, action, current)  # after: the new model writes from the next step
         written, states = step[writes], active[writes]
-        if not from_roots:
-            np.add.at(walk.decode, (step_role[written], states), costs.decode[written])
-            np.add.at(walk.kept, (step_role[written], states), 1)
-            walk.prefill[states] += costs.prefill[written]
+        walk.decode[step_role[written], states] += costs.decode[written]  # each state at most once per step
+        walk.kept[step_role[written], states] += 1
+        walk.prefill[states] += costs.prefill[written]
         here = np.where(writes, step_child[np.where(writes, step, 0)], here)
         final = writes & np.where(writes, step_final[step], False)
         if final.any():
             walk.final_step[active[final]] = step[final]
             walk.end_node[active[final]] = here[final]
             keep(~final)
-    if from_roots:
-        path_decode, path_kept, path_prefill = costs.path_sums
-        walk.decode, walk.kept, walk.prefill = (
-            path_decode[:, walk.end_node],
-            path_kept[:, walk.end_node],
-            path_prefill[walk.end_node],
-        )
     return walk

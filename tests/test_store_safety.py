@@ -471,10 +471,12 @@ def test_a_grid_walked_in_chunks_gives_the_same_outcomes(comb_trace, monkeypatch
     router = make_router("random").fit(data)
     cost = engine.make_cost_model("flops", data.manifest)
     whole = replay(data, router, cost, sweep)
-    monkeypatch.setattr(engine, "CHUNK_STATES", 7)  # 6 walks per configuration: one configuration per chunk
-    chunked = replay(data, router, cost, sweep)
-    assert chunked.outcomes.equals(whole.outcomes) and chunked.misses.equals(whole.misses)
-    assert whole.outcomes["config"].n_unique() == 21
+    assert whole.outcomes["config"].n_unique() == 21 and whole.misses.height > 0  # mixed paths leave the comb
+    # 6 walks x 21 configurations: one walk per chunk, then chunks of 4 and 2 walks
+    for chunk_states in (7, 84):
+        monkeypatch.setattr(engine, "CHUNK_STATES", chunk_states)
+        chunked = replay(data, router, cost, sweep)
+        assert chunked.outcomes.equals(whole.outcomes) and chunked.misses.equals(whole.misses)
 
 
 # ---------------------------------------------------------------- 9. messages

@@ -225,7 +225,10 @@ class DraftRouter(Router):
     def walk(self, data, costs, starts, params):
         from replay.engine import DraftRule, walk_steps
 
-        signal = checked_hook_output(self, "draft_signal", self.draft_signal(data), data.steps.height, "numbers")
+        signal = costs.once(
+            (self, "draft_signal"),
+            lambda: checked_hook_output(self, "draft_signal", self.draft_signal(data), data.steps.height, "numbers"),
+        )
 
         def accept(drafts, p):
             return checked_hook_output(self, "accept", self.accept(drafts, p), len(drafts), "booleans")
