@@ -542,6 +542,193 @@ def conjugate_gradient(matvec: Callable, b, iters: int):
     return x
 
 
+def fit_critics(hp: Hyperparameters, optimizer, critics, inputs, targets, step_mask, n_decisions: float) -> list:
+    """Regress the success and cost critics on their V-trace targets (masked mean squared error); the last
+    iteration's losses."""
+    import torch
+
+    for _ in range(hp.critic_iters):
+        errors = [
+            ((critic(inputs)[..., 0] - torch.from_numpy(target).float()) ** 2 * step_mask).sum() / n_decisions
+            for critic, target in zip(critics, targets)
+        ]
+        optimizer.zero_grad()
+        (errors[0] + errors[1]).backward()
+        optimizer.step()
+    return errors
+
+
+def cpo_step(
+    hp: Hyperparameters, params: list, surrogates: Callable, constraint: float, within_alpha: Callable[[], bool]
+) -> dict:
+    """One CPO update of ``params`` (Achiam et al. 2017): minimise the cost surrogate subject to the linearised
+    miscoverage constraint within KL radius delta, then a backtracking line search. ``surrogates()`` gives
+    (objective, miscoverage surrogate, KL from the old policy, entropy); ``within_alpha()`` checks the exact
+    miscoverage of the thresholded policy after a trial step. Returns the update's fields of the training log."""
+    import torch
+
+    objective, miss_surrogate, kl, entropy = surrogates()
+    g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(objective, params, retain_graph=True)])
+    b = torch.cat([x.reshape(-1) for x in torch.autograd.grad(miss_surrogate, params, retain_graph=True)])
+    kl_grad = torch.cat([x.reshape(-1) for x in torch.autograd.grad(kl, params, create_graph=True)])
+
+    def fisher_vector(vector):
+        product = torch.autograd.grad(kl_grad @ vector, params, retain_graph=True)
+        return torch.cat([x.reshape(-1) for x in product]) + hp.cg_damping * vector
+
+    v = conjugate_gradient(fisher_vector, g, hp.cg_iters)
+    w = conjugate_gradient(fisher_vector, b, hp.cg_iters)
+    q, r, s = float(g @ v), float(g @ w), float(b @ w)
+    lam, nu, case = cpo_multipliers(q, r, s, constraint, hp.delta)
+    if case == "recovery":
+        direction = -nu * w
+    elif case == "none":
+        direction = None
+    else:
+        direction = (v - nu * w) / lam
+        quadratic = (q - 2 * nu * r + nu * nu * s) / lam**2  # direction' F direction
+        if quadratic > 2 * hp.delta:  # lam near 0 (g parallel to b): keep within the trust region
+            direction = direction * np.sqrt(2 * hp.delta / quadratic)
+    old_params = torch.nn.utils.parameters_to_vector(params).detach()
+    old_objective, old_miss = objective.item(), miss_surrogate.item()
+    accepted, new_kl = -1, 0.0
+    for attempt in range(hp.backtrack_iters if direction is not None else 0):
+        torch.nn.utils.vector_to_parameters(old_params + hp.backtrack_ratio**attempt * direction, params)
+        with torch.no_grad():
+            new_objective, new_miss, trial_kl, _ = (x.item() for x in surrogates())
+        # a feasible policy must not get worse; an infeasible one may, to get back within alpha. The
+        # thresholded policy's miscoverage jumps where pi crosses kappa, which the linearised constraint
+        # cannot see: the exact value must stay within alpha (feasible) or not grow (infeasible).
+        if (
+            trial_kl <= hp.delta
+            and (new_objective >= old_objective or constraint > 0)
+            and new_miss - old_miss <= max(-constraint, 0.0)
+            and within_alpha()
+        ):
+            accepted, new_kl = attempt, trial_kl
+            break
+    if accepted < 0:
+        torch.nn.utils.vector_to_parameters(old_params, params)
+    return {
+        "entropy": entropy.item(),
+        "kl": new_kl,
+        "constraint": constraint,
+        "nu": nu,
+        "lam": lam,
+        "case": case,
+        "line_search": accepted,
+    }
+
+
+def log_row(
+    step: int,
+    batch,
+    calibration,
+    hp: Hyperparameters,
+    eta: float,
+    kappa: float,
+    errors,
+    update: dict,
+    miscoverage: float,
+    has_verifier: bool,
+) -> dict:
+    """One step's row of the training log: the rollout batch, the coverage of the deployed policy on the
+    calibration batch, kappa, the critics' losses and the CPO update."""
+    return {
+        "step": step,
+        "reward": float(batch.correct.mean()),
+        "cost": float(batch.total_cost.mean()),
+        "rollout_coverage": float(batch.covered.mean()),
+        "coverage": float(calibration.covered.mean()),
+        "alpha": hp.alpha,
+        "eta": eta,
+        "kappa": kappa,
+        "success_critic_loss": errors[0].item(),
+        "cost_critic_loss": errors[1].item(),
+        "entropy": update["entropy"],
+        "kl": update["kl"],
+        "miscoverage": miscoverage,
+        "constraint": update["constraint"],
+        "nu": update["nu"],
+        "lam": update["lam"],
+        "case": update["case"],
+        "line_search": update["line_search"],
+        "verifier": has_verifier,
+    }
+
+
+def finish_training(
+    out,
+    policy,
+    hp,
+    train: ReplayData,
+    roles: list[str],
+    source,
+    kappa: float,
+    final,
+    log: list,
+    started: float,
+    n_episodes: int,
+) -> TrainResult:
+    """Write the policy file and its training log; ``source`` (the two-model ``Episodes`` or the K-model
+    ``StateGraph``) gives the feature scaling, cost unit and scale, and ``final`` the deployed policy's
+    walk over every train episode."""
+    metrics = {
+        "coverage": float(final.covered.mean()),
+        "best_coverage": source.best_coverage(),
+        "accuracy": float(final.correct.mean()),
+        "cost": float(final.total_cost.mean() * source.cost_scale),
+        "cost_share": float(final.total_cost.mean()),
+        "episodes": int(n_episodes),
+    }
+    coverage_events = ["correct", "large_alone_wrong"] + (["all_steps_verified"] if source.has_verifier else [])
+    models = train.manifest.models
+    save_policy(
+        out,
+        policy,
+        list(hp.features),
+        source.feature_mean,
+        source.feature_std,
+        kappa,
+        hp.hidden,
+        escalate=hp.escalate,
+        roles=roles,
+        role_models=[models[role]["name"] for role in roles],
+        train_problem_ids=sorted(train.problems["problem_id"].to_list()),
+        split_seed=hp.split_seed,
+        split_fractions=[float(f) for f in hp.split_fractions],
+        alpha=float(hp.alpha),
+        coverage_events=coverage_events,
+        cost_model=hp.cost,
+        cost_unit=source.cost_unit,
+        cost_scale=source.cost_scale,
+        trace={"dataset": train.manifest.dataset, "models": list(models.values())},
+        training=_plain(asdict(hp)),
+        train_metrics=metrics,
+    )
+    log_frame = pl.DataFrame(log, schema_overrides={"case": pl.String, "line_search": pl.Int32})
+    buffer_bytes = io.BytesIO()
+    log_frame.write_parquet(buffer_bytes, compression="zstd")
+    log_path = log_path_for(out)
+    write_atomic(log_path, buffer_bytes.getvalue())
+    return TrainResult(
+        policy_path=Path(out),
+        log_path=log_path,
+        kappa=kappa,
+        n_train_episodes=n_episodes,
+        train_coverage=metrics["coverage"],
+        best_coverage=metrics["best_coverage"],
+        train_accuracy=metrics["accuracy"],
+        train_cost=metrics["cost"],
+        train_cost_share=metrics["cost_share"],
+        cost_unit=source.cost_unit,
+        escalate=hp.escalate,
+        has_verifier=source.has_verifier,
+        seconds=time.perf_counter() - started,
+        log=log_frame,
+    )
+
+
 # ---------------------------------------------------------------------- training
 
 
@@ -658,15 +845,15 @@ def train_policy(
                 )
                 step_mask = torch.from_numpy(mask).float()
                 n_decisions = max(float(mask.sum()), 1.0)
-                for _ in range(hp.critic_iters):
-                    errors = [
-                        ((critic(inputs)[..., 0] - torch.from_numpy(targets).float()) ** 2 * step_mask).sum()
-                        / n_decisions
-                        for critic, targets in ((success_critic, success_targets), (cost_critic, cost_targets))
-                    ]
-                    critic_optimizer.zero_grad()
-                    (errors[0] + errors[1]).backward()
-                    critic_optimizer.step()
+                errors = fit_critics(
+                    hp,
+                    critic_optimizer,
+                    (success_critic, cost_critic),
+                    inputs,
+                    (success_targets, cost_targets),
+                    step_mask,
+                    n_decisions,
+                )
 
                 # 3. CPO step: minimise the cost surrogate subject to the linearised miscoverage constraint
                 n_buffer = len(recent.episode)
@@ -687,49 +874,16 @@ def train_policy(
                     objective = -(ratio * cost_adv).sum() / n_buffer + hp.entropy_coef * entropy
                     return objective, (ratio * miss_advantage).sum() / n_buffer, kl, entropy
 
-                objective, miss_surrogate, kl, entropy = surrogates()
-                g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(objective, params, retain_graph=True)])
-                b = torch.cat([x.reshape(-1) for x in torch.autograd.grad(miss_surrogate, params, retain_graph=True)])
-                kl_grad = torch.cat([x.reshape(-1) for x in torch.autograd.grad(kl, params, create_graph=True)])
-
-                def fisher_vector(vector):
-                    product = torch.autograd.grad(kl_grad @ vector, params, retain_graph=True)
-                    return torch.cat([x.reshape(-1) for x in product]) + hp.cg_damping * vector
-
-                v = conjugate_gradient(fisher_vector, g, hp.cg_iters)
-                w = conjugate_gradient(fisher_vector, b, hp.cg_iters)
-                q, r, s = float(g @ v), float(g @ w), float(b @ w)
-                lam, nu, case = cpo_multipliers(q, r, s, constraint, hp.delta)
-                if case == "recovery":
-                    direction = -nu * w
-                elif case == "none":
-                    direction = None
-                else:
-                    direction = (v - nu * w) / lam
-                    quadratic = (q - 2 * nu * r + nu * nu * s) / lam**2  # direction' F direction
-                    if quadratic > 2 * hp.delta:  # lam near 0 (g parallel to b): keep within the trust region
-                        direction = direction * np.sqrt(2 * hp.delta / quadratic)
-                old_params = torch.nn.utils.parameters_to_vector(params).detach()
-                old_objective, old_miss = objective.item(), miss_surrogate.item()
-                accepted, new_kl = -1, 0.0
-                for attempt in range(hp.backtrack_iters if direction is not None else 0):
-                    torch.nn.utils.vector_to_parameters(old_params + hp.backtrack_ratio**attempt * direction, params)
-                    with torch.no_grad():
-                        new_objective, new_miss, trial_kl, _ = (x.item() for x in surrogates())
-                    # a feasible policy must not get worse; an infeasible one may, to get back within alpha. The
-                    # thresholded policy's miscoverage jumps where pi crosses kappa, which the linearised constraint
-                    # cannot see: the exact value must stay within alpha (feasible) or not grow (infeasible).
-                    if (
-                        trial_kl <= hp.delta
-                        and (new_objective >= old_objective or constraint > 0)
-                        and new_miss - old_miss <= max(-constraint, 0.0)
-                        and threshold_miscoverage(episodes, escalate_probability(everyone), kappa)
+                update = cpo_step(
+                    hp,
+                    params,
+                    surrogates,
+                    constraint,
+                    lambda: (
+                        threshold_miscoverage(episodes, escalate_probability(everyone), kappa)
                         <= max(hp.alpha, miscoverage)
-                    ):
-                        accepted, new_kl = attempt, trial_kl
-                        break
-                if accepted < 0:
-                    torch.nn.utils.vector_to_parameters(old_params, params)
+                    ),
+                )
 
                 # 4. kappa from the coverage of the deployed pi_{k+1}, kappa_k on a fresh batch of train episodes
                 fresh = rng.integers(0, n_episodes, size=hp.batch)
@@ -737,27 +891,7 @@ def train_policy(
                 eta = kappa_step_size(hp, step)
                 kappa = kappa_update(kappa, float(deployed.covered.mean()), hp.alpha, eta)
 
-                row = {
-                    "step": step,
-                    "reward": float(batch.correct.mean()),
-                    "cost": float(batch.total_cost.mean()),
-                    "rollout_coverage": float(batch.covered.mean()),
-                    "coverage": float(deployed.covered.mean()),
-                    "alpha": hp.alpha,
-                    "eta": eta,
-                    "kappa": kappa,
-                    "success_critic_loss": errors[0].item(),
-                    "cost_critic_loss": errors[1].item(),
-                    "entropy": entropy.item(),
-                    "kl": new_kl,
-                    "miscoverage": miscoverage,
-                    "constraint": constraint,
-                    "nu": nu,
-                    "lam": lam,
-                    "case": case,
-                    "line_search": accepted,
-                    "verifier": episodes.has_verifier,
-                }
+                row = log_row(step, batch, deployed, hp, eta, kappa, errors, update, miscoverage, episodes.has_verifier)
                 log.append(row)
                 if on_step is not None:
                     on_step(row)
@@ -766,60 +900,7 @@ def train_policy(
     finally:
         torch.set_num_threads(threads)
 
-    train_ids = sorted(train.problems["problem_id"].to_list())
-    metrics = {
-        "coverage": float(final.covered.mean()),
-        "best_coverage": episodes.best_coverage(),
-        "accuracy": float(final.correct.mean()),
-        "cost": float(final.total_cost.mean() * episodes.cost_scale),
-        "cost_share": float(final.total_cost.mean()),
-        "episodes": int(n_episodes),
-    }
-    coverage_events = ["correct", "large_alone_wrong"] + (["all_steps_verified"] if episodes.has_verifier else [])
-    save_policy(
-        out,
-        policy,
-        list(hp.features),
-        episodes.feature_mean,
-        episodes.feature_std,
-        kappa,
-        hp.hidden,
-        escalate=hp.escalate,
-        roles=roles,
-        role_models=[train.manifest.models[role]["name"] for role in roles],
-        train_problem_ids=train_ids,
-        split_seed=hp.split_seed,
-        split_fractions=[float(f) for f in hp.split_fractions],
-        alpha=float(hp.alpha),
-        coverage_events=coverage_events,
-        cost_model=hp.cost,
-        cost_unit=episodes.cost_unit,
-        cost_scale=episodes.cost_scale,
-        trace={"dataset": train.manifest.dataset, "models": list(train.manifest.models.values())},
-        training=_plain(asdict(hp)),
-        train_metrics=metrics,
-    )
-    log_frame = pl.DataFrame(log, schema_overrides={"case": pl.String, "line_search": pl.Int32})
-    buffer_bytes = io.BytesIO()
-    log_frame.write_parquet(buffer_bytes, compression="zstd")
-    log_path = log_path_for(out)
-    write_atomic(log_path, buffer_bytes.getvalue())
-    return TrainResult(
-        policy_path=out,
-        log_path=log_path,
-        kappa=kappa,
-        n_train_episodes=n_episodes,
-        train_coverage=metrics["coverage"],
-        best_coverage=metrics["best_coverage"],
-        train_accuracy=metrics["accuracy"],
-        train_cost=metrics["cost"],
-        train_cost_share=metrics["cost_share"],
-        cost_unit=episodes.cost_unit,
-        escalate=hp.escalate,
-        has_verifier=episodes.has_verifier,
-        seconds=time.perf_counter() - started,
-        log=log_frame,
-    )
+    return finish_training(out, policy, hp, train, roles, episodes, kappa, final, log, started, n_episodes)
 
 
 def _plain(value):
@@ -1242,15 +1323,15 @@ def train_k_policy(root, out, hp, train: ReplayData, roles: list[str], started: 
                 )
                 step_mask = torch.from_numpy(mask).float()
                 n_decisions = max(float(mask.sum()), 1.0)
-                for _ in range(hp.critic_iters):
-                    errors = [
-                        ((critic(inputs)[..., 0] - torch.from_numpy(targets).float()) ** 2 * step_mask).sum()
-                        / n_decisions
-                        for critic, targets in ((success_critic, success_targets), (cost_critic, cost_targets))
-                    ]
-                    critic_optimizer.zero_grad()
-                    (errors[0] + errors[1]).backward()
-                    critic_optimizer.step()
+                errors = fit_critics(
+                    hp,
+                    critic_optimizer,
+                    (success_critic, cost_critic),
+                    inputs,
+                    (success_targets, cost_targets),
+                    step_mask,
+                    n_decisions,
+                )
 
                 n_buffer = len(recent.episode)
                 p_taken = np.take_along_axis(p_now, recent.action[..., None], -1)[..., 0]
@@ -1271,72 +1352,20 @@ def train_k_policy(root, out, hp, train: ReplayData, roles: list[str], started: 
                     objective = -(ratio * cost_adv).sum() / n_buffer + hp.entropy_coef * entropy
                     return objective, (ratio * miss_advantage).sum() / n_buffer, kl, entropy
 
-                objective, miss_surrogate, kl, entropy = surrogates()
-                g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(objective, params, retain_graph=True)])
-                b = torch.cat([x.reshape(-1) for x in torch.autograd.grad(miss_surrogate, params, retain_graph=True)])
-                kl_grad = torch.cat([x.reshape(-1) for x in torch.autograd.grad(kl, params, create_graph=True)])
-
-                def fisher_vector(vector):
-                    product = torch.autograd.grad(kl_grad @ vector, params, retain_graph=True)
-                    return torch.cat([x.reshape(-1) for x in product]) + hp.cg_damping * vector
-
-                v = conjugate_gradient(fisher_vector, g, hp.cg_iters)
-                w = conjugate_gradient(fisher_vector, b, hp.cg_iters)
-                q, r, s = float(g @ v), float(g @ w), float(b @ w)
-                lam, nu, case = cpo_multipliers(q, r, s, constraint, hp.delta)
-                if case == "recovery":
-                    direction = -nu * w
-                elif case == "none":
-                    direction = None
-                else:
-                    direction = (v - nu * w) / lam
-                    quadratic = (q - 2 * nu * r + nu * nu * s) / lam**2
-                    if quadratic > 2 * hp.delta:
-                        direction = direction * np.sqrt(2 * hp.delta / quadratic)
-                old_params = torch.nn.utils.parameters_to_vector(params).detach()
-                old_objective, old_miss = objective.item(), miss_surrogate.item()
-                accepted, new_kl = -1, 0.0
-                for attempt in range(hp.backtrack_iters if direction is not None else 0):
-                    torch.nn.utils.vector_to_parameters(old_params + hp.backtrack_ratio**attempt * direction, params)
-                    with torch.no_grad():
-                        new_objective, new_miss, trial_kl, _ = (x.item() for x in surrogates())
-                    if (
-                        trial_kl <= hp.delta
-                        and (new_objective >= old_objective or constraint > 0)
-                        and new_miss - old_miss <= max(-constraint, 0.0)
-                        and states_miscoverage(graph, probability(), kappa) <= max(hp.alpha, miscoverage)
-                    ):
-                        accepted, new_kl = attempt, trial_kl
-                        break
-                if accepted < 0:
-                    torch.nn.utils.vector_to_parameters(old_params, params)
+                update = cpo_step(
+                    hp,
+                    params,
+                    surrogates,
+                    constraint,
+                    lambda: states_miscoverage(graph, probability(), kappa) <= max(hp.alpha, miscoverage),
+                )
 
                 fresh = rng.integers(0, n_episodes, size=hp.batch)
                 calibration = walk_states(graph, fresh, deployed(kappa))
                 eta = kappa_step_size(hp, step)
                 kappa = kappa_update(kappa, float(calibration.covered.mean()), hp.alpha, eta)
 
-                row = {
-                    "step": step,
-                    "reward": float(batch.correct.mean()),
-                    "cost": float(batch.total_cost.mean()),
-                    "rollout_coverage": float(batch.covered.mean()),
-                    "coverage": float(calibration.covered.mean()),
-                    "alpha": hp.alpha,
-                    "eta": eta,
-                    "kappa": kappa,
-                    "success_critic_loss": errors[0].item(),
-                    "cost_critic_loss": errors[1].item(),
-                    "entropy": entropy.item(),
-                    "kl": new_kl,
-                    "miscoverage": miscoverage,
-                    "constraint": constraint,
-                    "nu": nu,
-                    "lam": lam,
-                    "case": case,
-                    "line_search": accepted,
-                    "verifier": graph.has_verifier,
-                }
+                row = log_row(step, batch, calibration, hp, eta, kappa, errors, update, miscoverage, graph.has_verifier)
                 log.append(row)
                 if on_step is not None:
                     on_step(row)
@@ -1345,57 +1374,4 @@ def train_k_policy(root, out, hp, train: ReplayData, roles: list[str], started: 
     finally:
         torch.set_num_threads(threads)
 
-    metrics = {
-        "coverage": float(final.covered.mean()),
-        "best_coverage": graph.best_coverage(),
-        "accuracy": float(final.correct.mean()),
-        "cost": float(final.total_cost.mean() * graph.cost_scale),
-        "cost_share": float(final.total_cost.mean()),
-        "episodes": int(n_episodes),
-    }
-    coverage_events = ["correct", "large_alone_wrong"] + (["all_steps_verified"] if graph.has_verifier else [])
-    models = train.manifest.models
-    save_policy(
-        out,
-        policy,
-        list(hp.features),
-        graph.feature_mean,
-        graph.feature_std,
-        kappa,
-        hp.hidden,
-        escalate=hp.escalate,
-        roles=roles,
-        role_models=[models[role]["name"] for role in roles],
-        train_problem_ids=sorted(train.problems["problem_id"].to_list()),
-        split_seed=hp.split_seed,
-        split_fractions=[float(f) for f in hp.split_fractions],
-        alpha=float(hp.alpha),
-        coverage_events=coverage_events,
-        cost_model=hp.cost,
-        cost_unit=graph.cost_unit,
-        cost_scale=graph.cost_scale,
-        trace={"dataset": train.manifest.dataset, "models": list(models.values())},
-        training=_plain(asdict(hp)),
-        train_metrics=metrics,
-    )
-    log_frame = pl.DataFrame(log, schema_overrides={"case": pl.String, "line_search": pl.Int32})
-    buffer_bytes = io.BytesIO()
-    log_frame.write_parquet(buffer_bytes, compression="zstd")
-    log_path = log_path_for(out)
-    write_atomic(log_path, buffer_bytes.getvalue())
-    return TrainResult(
-        policy_path=Path(out),
-        log_path=log_path,
-        kappa=kappa,
-        n_train_episodes=n_episodes,
-        train_coverage=metrics["coverage"],
-        best_coverage=metrics["best_coverage"],
-        train_accuracy=metrics["accuracy"],
-        train_cost=metrics["cost"],
-        train_cost_share=metrics["cost_share"],
-        cost_unit=graph.cost_unit,
-        escalate=hp.escalate,
-        has_verifier=graph.has_verifier,
-        seconds=time.perf_counter() - started,
-        log=log_frame,
-    )
+    return finish_training(out, policy, hp, train, roles, graph, kappa, final, log, started, n_episodes)
