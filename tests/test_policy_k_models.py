@@ -13,14 +13,14 @@ import pytest
 import torch
 from test_k_models import ROLES, sized, three_models
 from test_routers_baselines import run
-from test_routers_policy import hand_made_policy
+from test_routers_policy import hand_made_policy, zeroed_network
 from tracebuild import build_trace, comb_steps
 
 from replay.engine import Costs, ReplayData, miss_list, replay_trace
 from replay.errors import TraceError
 from replay.policy_walk import deployed_action, walk_k_models
 from replay.routers import make_router
-from replay.routers.policy import load_policy, policy_network, save_policy
+from replay.routers.policy import load_policy, save_policy
 from replay.store import open_trace
 
 NAMES = [f"toy-{role}" for role in ROLES]
@@ -30,12 +30,8 @@ NAMES = [f"toy-{role}" for role in ROLES]
 def hand_k_policy(path, kappa=0.5, escalate="after", names=NAMES, scale=10.0):
     """Input (c, one-hot of m0, m1, m2) with c = (conf - 10) / 10; hidden unit j = tanh(tanh(input j)); logits
     continue 0, escalate to m1 -10 u, escalate to m2 -20 (u + 0.3), u = tanh(tanh(c))."""
-    network = policy_network(1, hidden=4, n_actions=3)
+    network = zeroed_network(n_actions=3)
     with torch.no_grad():
-        for layer in network:
-            if isinstance(layer, torch.nn.Linear):
-                layer.weight.zero_()
-                layer.bias.zero_()
         network[0].weight[0, 0] = 1.0
         network[2].weight[0, 0] = 1.0
         network[4].weight[1, 0] = -10.0
@@ -273,12 +269,8 @@ def test_a_k_model_policy_trains_the_same_bytes_twice(tmp_path):
 def two_escalations_policy(path, names):
     """Escalates at every decision it can: from m0 to m1 (pi 0.997), from m1 to m2 (pi 0.998): its logits read
     the one-hot of the current model only."""
-    network = policy_network(1, hidden=4, n_actions=3)
+    network = zeroed_network(n_actions=3)
     with torch.no_grad():
-        for layer in network:
-            if isinstance(layer, torch.nn.Linear):
-                layer.weight.zero_()
-                layer.bias.zero_()
         for j in range(4):
             network[0].weight[j, j] = 1.0
             network[2].weight[j, j] = 1.0

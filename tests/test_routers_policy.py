@@ -23,14 +23,21 @@ from replay.store import open_trace
 STEEPNESS = 10.0
 
 
-def hand_made_policy(path, kappa=0.5, escalate="after"):
-    """pi(escalate | o) = sigmoid(-10 * tanh(tanh((conf - 10) / 1))): ~1 for conf 5, 0.5 at 10, ~0 at 15."""
-    network = policy_network(1, hidden=4)
+def zeroed_network(n_actions: int = 2):
+    """A one-feature policy network, 4 hidden units, every weight and bias zero: the tests set the few they need."""
+    network = policy_network(1, hidden=4, n_actions=n_actions)
     with torch.no_grad():
         for layer in network:
             if isinstance(layer, torch.nn.Linear):
                 layer.weight.zero_()
                 layer.bias.zero_()
+    return network
+
+
+def hand_made_policy(path, kappa=0.5, escalate="after"):
+    """pi(escalate | o) = sigmoid(-10 * tanh(tanh((conf - 10) / 1))): ~1 for conf 5, 0.5 at 10, ~0 at 15."""
+    network = zeroed_network()
+    with torch.no_grad():
         network[0].weight[0, 0] = 1.0
         network[2].weight[0, 0] = 1.0
         network[4].weight[1, 0] = -STEEPNESS
