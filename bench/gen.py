@@ -29,6 +29,7 @@ every warm trace's step and token files must be byte-identical to the cold one's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import random
@@ -46,6 +47,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 def main() -> None:
     from replay.store import open_trace
     from tracegen.backends import StepRequest, StepSampling, default_backend, engine_kwargs_for, load_backend
+    from tracegen.continuous import can_stream
     from tracegen.expand import Request
     from tracegen.gen import GenOptions, Tree, request_seed
     from tracegen.models import resolve_model
@@ -133,7 +135,8 @@ def main() -> None:
         f"-> {sequential_rate:,.0f} generated tokens/s; {identical}/{len(sample)} steps identical to the batched run"
     )
 
-    limits, batched_rate, all_same = {}, 0.0, True
+    limits, rates, all_same = {}, {}, True
+    streams = can_stream(backends)
     root_ids = {pid: prompt_token_ids(tokenizer, question) for pid, question in problems.items()}
     for repeat in range(1, args.repeats + 1):  # interleaved, best of each: the machine's load drifts
         if kind == "vllm":
@@ -145,18 +148,21 @@ def main() -> None:
                     f"{'generation + exact scoring' if scored else 'generation only'}: {len(by_id):,} requests, "
                     f"{flat_tokens:,} tokens in {flat_seconds:.1f}s -> {flat_tokens / flat_seconds:,.0f} tokens/s"
                 )
-        rerun = replace(options, out=Path(tempfile.mkdtemp(prefix="bench-gen-warm-")) / "trace")
-        for backend in backends.values():
-            reset_prefix_caches(backend)
-        warm, warm_seconds = timed_gen(rerun, backends)
-        batched_rate = max(batched_rate, warm.new_gen_tokens / warm_seconds)
-        same = part_digests(out) == part_digests(rerun.out)
-        all_same &= same
-        print(
-            f"[{repeat}] batched, warm engines: {warm.new_steps:,} steps, {warm.new_gen_tokens:,} tokens in "
-            f"{warm_seconds:.1f}s -> {warm.new_gen_tokens / warm_seconds:,.0f} generated tokens/s; step and token "
-            f"files {'identical' if same else 'DIFFERENT'} to the cold run's"
-        )
+        for schedule in ("continuous", "rounds") if streams else ("rounds",):
+            rerun = replace(options, out=Path(tempfile.mkdtemp(prefix=f"bench-gen-{schedule}-")) / "trace")
+            for backend in backends.values():
+                reset_prefix_caches(backend)
+            warm, warm_seconds = timed_gen(rerun, backends, rounds=schedule == "rounds")
+            rates[schedule] = max(rates.get(schedule, 0.0), warm.new_gen_tokens / warm_seconds)
+            same = part_contents(out) == part_contents(rerun.out)
+            all_same &= same
+            print(
+                f"[{repeat}] tree run, {schedule}, warm engines: {warm.new_steps:,} steps, {warm.new_gen_tokens:,} "
+                f"tokens in {warm_seconds:.1f}s -> {warm.new_gen_tokens / warm_seconds:,.0f} generated tokens/s; "
+                f"step and token files {'identical' if same else 'DIFFERENT'} to the cold run's"
+            )
+    schedule = "continuous" if streams else "rounds"
+    batched_rate = rates[schedule]
 
     cached = steps["n_cached_tokens"].sum() / steps["n_prompt_tokens"].sum()
     on_disk = sum(os.path.getsize(f) for table in ("steps", "tokens") for f in trace.files(table))
@@ -164,7 +170,8 @@ def main() -> None:
     per_token = on_disk / steps["n_gen_tokens"].sum()
     print()
     print(
-        f"best of {args.repeats}: warm tree run {batched_rate:,.0f} tokens/s"
+        f"best of {args.repeats}: warm tree run {batched_rate:,.0f} tokens/s ({schedule}"
+        + (f"; round by round {rates['rounds']:,.0f}, so {batched_rate / rates['rounds']:.2f}x)" if streams else ")")
         + (
             f", flat limits {limits[False]:,.0f} (generation only) and {limits[True]:,.0f} (+ scoring)"
             if limits
@@ -188,8 +195,11 @@ def main() -> None:
     print(f"trace: {out}")
 
 
-def timed_gen(options, backends):
-    """Run ``trace gen`` on loaded engines; (summary, seconds from the first round to the end)."""
+def timed_gen(options, backends, *, rounds: bool = False):
+    """Run ``trace gen`` on loaded engines, continuously or with ``rounds`` round by round; (summary, seconds from
+    the first round to the end)."""
+    from unittest import mock
+
     from tracegen.gen import run_gen
 
     marks = {}
@@ -198,7 +208,9 @@ def timed_gen(options, backends):
         marks.setdefault(stage, time.perf_counter())  # the first round report is the start of generation
         marks["last"] = time.perf_counter()
 
-    summary = run_gen(options, progress, backends=backends)
+    schedule = mock.patch("tracegen.continuous.can_stream", return_value=False) if rounds else contextlib.nullcontext()
+    with schedule:
+        summary = run_gen(options, progress, backends=backends)
     return summary, marks["last"] - marks["round"]
 
 
@@ -258,10 +270,18 @@ def reset_prefix_caches(backend) -> None:
             engine.reset_prefix_cache()
 
 
-def part_digests(root: Path) -> dict[str, str]:
-    """sha256 of every steps and tokens part file, by its path in the trace."""
+def part_contents(root: Path) -> dict[str, object]:
+    """Every steps and tokens part file by its table and sequence number: the tokens parts' bytes, the steps parts'
+    rows without ``n_cached_tokens`` (vLLM's prefix-cache hits, which depend on the engines' schedule; the part
+    names end in a digest of the parts' bytes, so they differ with it)."""
+    import polars as pl
+
     return {
-        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        f"{table}/{path.name.rsplit('-', 1)[0]}": (
+            pl.read_parquet(path).drop("n_cached_tokens").hash_rows().to_list()
+            if table == "steps"
+            else hashlib.sha256(path.read_bytes()).hexdigest()
+        )
         for table in ("steps", "tokens")
         for path in sorted((Path(root) / table).glob("part-*"))
     }

@@ -108,3 +108,35 @@ def test_transformers_cross_checks_the_vllm_trace(trace_copy):
         assert row["stored_token"] == (stored[first] if first < len(stored) else None)
     # on the tokens both engines agree on, the two float32 engines score them alike
     assert summary["max_abs_delta_logprob"] < 1e-3 and summary["max_abs_delta_max_logit"] < 1e-3
+
+
+def test_continuous_growth_writes_the_files_of_round_by_round_growth(engines, tmp_path, monkeypatch):
+    """Children join their engines as soon as their parents are written (``StepStream``), yet every round's part
+    files hold the same steps, bit for bit, as growing round by round; only ``n_cached_tokens``, vLLM's measured
+    prefix-cache hits, depends on the engines' schedule."""
+    import tracegen.continuous
+    from tracegen.backends.vllm_engine import VLLMBackend
+
+    def options(out: Path) -> GenOptions:
+        return GenOptions(
+            small="toy-small", large="toy-large", dataset="toy", out=out, limit=6, max_step_tokens=48, max_steps=5,
+            backend="vllm", seed=3,
+        )  # fmt: skip
+
+    open_stream, streams = VLLMBackend.open_stream, []
+    monkeypatch.setattr(VLLMBackend, "open_stream", lambda *args: streams.append(args) or open_stream(*args))
+    continuous = run_gen(options(tmp_path / "continuous"), backends=engines)
+    assert len(streams) == 2  # one per model
+    monkeypatch.setattr(tracegen.continuous, "can_stream", lambda backends: False)
+    rounds = run_gen(options(tmp_path / "rounds"), backends=engines)
+    assert len(streams) == 2 and rounds.rounds == continuous.rounds > 2
+    assert rounds.new_steps == continuous.new_steps > 0
+    for table in ("steps", "tokens"):
+        parts = [sorted((tmp_path / run / table).glob("part-*")) for run in ("rounds", "continuous")]
+        assert len(parts[0]) == len(parts[1]) == rounds.rounds  # one part a round, named by its digest
+        for first, second in zip(*parts):
+            assert first.name.rsplit("-", 1)[0] == second.name.rsplit("-", 1)[0]  # writer and sequence number
+            first, second = pl.read_parquet(first), pl.read_parquet(second)
+            if table == "steps":
+                first, second = first.drop("n_cached_tokens"), second.drop("n_cached_tokens")
+            assert first.equals(second)

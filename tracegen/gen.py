@@ -1,12 +1,14 @@
 """`trace gen`: grow step trees of a small and a large model (or K models, smallest first), round by
 round, into a trace directory.
 
-Each round asks the expansion strategy for every step still missing in every (problem, world)
-tree, sends all of them to each model's backend as one batch of token-id prompts (a child's
-prompt is its parent's prompt ids plus the parent step's token ids, never re-tokenised text),
-and appends the new steps through the TraceWriter before the next round starts. A killed run
-loses at most the round in flight; rerunning the same command resumes from what is stored.
-The manifest is the cache key: a rerun with any output-changing setting that differs is refused.
+Round n holds the steps the expansion strategy asks for at every node written in round n - 1 (round 0: every
+step still missing in every (problem, world) tree). A child's prompt is its parent's prompt ids plus the parent
+step's token ids, never re-tokenised text. On vLLM each child joins its engine's running batch as soon as its
+parent is generated (``tracegen.continuous``); other backends get each round as one batch per model. Either way
+each round's steps are appended through the TraceWriter as one part, in the same order, once the round and every
+earlier one is done: a killed run loses at most the rounds not yet written; rerunning the same command resumes
+from what is stored. The manifest is the cache key: a rerun with any output-changing setting that differs is
+refused.
 """
 
 from __future__ import annotations
@@ -198,6 +200,8 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
     ``progress(stage=..., **info)`` is called as work advances (see tracegen.progress.GenProgress). ``backends``
     ({"small": ..., "large": ...}, or by role m0..m{K-1}) reuses engines already loaded for these models.
     """
+    from tracegen.continuous import can_stream, grow_continuously  # it builds on this module
+
     started = time.perf_counter()
     _check_options(options)
     shard = parse_shard(options.shard)
@@ -275,7 +279,23 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
                 )
                 summary.rounds += 1
 
-            while True:
+            if can_stream(backends):
+                grow_continuously(
+                    trees,
+                    strategy,
+                    options.max_steps,
+                    fits,
+                    backends,
+                    sampling,
+                    grader,
+                    tokenizers,
+                    writer,
+                    options.seed,
+                    summary,
+                    report,
+                    timings=options.timings,
+                )
+            while True:  # round by round: what the backends cannot stream, and what is left (context-full nodes)
                 requests = frontier(
                     {key: tree.is_final_map() for key, tree in trees.items()}, strategy, options.max_steps
                 )
@@ -312,8 +332,6 @@ def generate_requests(
 
     ``closure`` calls this with the (node, model) misses of a router replay (see ``expand.missing``).
     """
-    from tracegen.signals import step_signals
-
     batches = {}  # role -> (its requests, their prompt ids, the engine's StepRequests)
     for role in backends:
         batch = [r for r in requests if r.model == role]
@@ -332,59 +350,68 @@ def generate_requests(
     for role, (batch, prompts, _) in batches.items():
         for request, prompt, step in zip(batch, prompts, generated_by_role[role]):
             tree = trees[(request.problem_id, request.world)]
-            signals = step_signals(step, tokenizers[role])
-            final = is_final_step(step.text, step.finish_reason)
-            answer = correct = None
-            if final:
-                earlier = tree.solution_text(request.parent_path)
-                solution = earlier + STEP_DELIMITER + step.text if earlier else step.text
-                answer = extract_answer(solution) or ""
-                correct = grader.grade(answer or None, tree.problem.reference)
-            n_gen = len(step.token_ids)
-            n_prompt, n_new_prefill = len(prompt), len(prompt) - tree.processed_by(role, request.parent_path)
-            if step.usage is not None:  # an API step: what the endpoint billed
-                n_prompt = step.usage["prompt_tokens"]
-                n_new_prefill = n_prompt - step.usage["cached_tokens"]
-            step_rows.append(
-                {
-                    "step_id": request.step_id,
-                    "problem_id": request.problem_id,
-                    "world": request.world,
-                    "parent_path": request.parent_path,
-                    "path": request.path,
-                    "depth": len(request.parent_path),
-                    "model": role,
-                    "text": step.text,
-                    "n_prompt_tokens": n_prompt,
-                    "n_new_prefill_tokens": n_new_prefill,
-                    "n_cached_tokens": step.n_cached_tokens,
-                    "n_gen_tokens": n_gen,
-                    "finish_reason": step.finish_reason,
-                    "is_final": final,
-                    "answer": answer,
-                    "correct": correct,
-                    **signals.step_fields,
-                    "gen_seconds": step.gen_seconds if timings else None,
-                }
-            )
-            token_rows.append(
-                {
-                    "step_id": request.step_id,
-                    "token_ids": step.token_ids,
-                    "logprobs": step.logprobs,
-                    "max_logits": step.max_logits,
-                    "topk_ids": step.topk_ids,
-                    "topk_logprobs": step.topk_logprobs,
-                    "is_math": signals.is_math,
-                }
-            )
-            ids = step.token_ids if step.continuation_ids is None else step.continuation_ids
-            new_steps.append((tree, request, StoredStep(role, step.text, list(ids), len(prompt), n_gen, final)))
-            summary.new_gen_tokens += n_gen
+            step_row, token_row, stored = step_record(request, tree, prompt, step, grader, tokenizers[role], timings)
+            step_rows.append(step_row)
+            token_rows.append(token_row)
+            new_steps.append((tree, request, stored))
+            summary.new_gen_tokens += stored.n_gen_tokens
     writer.append_steps(step_rows, token_rows)
     for tree, request, stored in new_steps:
         tree.steps[request.path] = stored
     summary.new_steps += len(new_steps)
+
+
+def step_record(
+    request: Request, tree: Tree, prompt: list[int], step, grader: Grader, tokenizer, timings: bool
+) -> tuple[dict, dict, StoredStep]:
+    """A generated step as its steps row, its tokens row and what its tree keeps of it."""
+    from tracegen.signals import step_signals
+
+    role = request.model
+    signals = step_signals(step, tokenizer)
+    final = is_final_step(step.text, step.finish_reason)
+    answer = correct = None
+    if final:
+        earlier = tree.solution_text(request.parent_path)
+        solution = earlier + STEP_DELIMITER + step.text if earlier else step.text
+        answer = extract_answer(solution) or ""
+        correct = grader.grade(answer or None, tree.problem.reference)
+    n_gen = len(step.token_ids)
+    n_prompt, n_new_prefill = len(prompt), len(prompt) - tree.processed_by(role, request.parent_path)
+    if step.usage is not None:  # an API step: what the endpoint billed
+        n_prompt = step.usage["prompt_tokens"]
+        n_new_prefill = n_prompt - step.usage["cached_tokens"]
+    step_row = {
+        "step_id": request.step_id,
+        "problem_id": request.problem_id,
+        "world": request.world,
+        "parent_path": request.parent_path,
+        "path": request.path,
+        "depth": len(request.parent_path),
+        "model": role,
+        "text": step.text,
+        "n_prompt_tokens": n_prompt,
+        "n_new_prefill_tokens": n_new_prefill,
+        "n_cached_tokens": step.n_cached_tokens,
+        "n_gen_tokens": n_gen,
+        "finish_reason": step.finish_reason,
+        "is_final": final,
+        "answer": answer,
+        "correct": correct,
+        **signals.step_fields,
+        "gen_seconds": step.gen_seconds if timings else None,
+    }
+    token_row = {
+        "step_id": request.step_id,
+        "token_ids": step.token_ids,
+        "logprobs": step.logprobs,
+        "max_logits": step.max_logits,
+        "topk_ids": step.topk_ids,
+        "topk_logprobs": step.topk_logprobs,
+        "is_math": signals.is_math,
+    }
+    ids = step.token_ids if step.continuation_ids is None else step.continuation_ids
+    return step_row, token_row, StoredStep(role, step.text, list(ids), len(prompt), n_gen, final)
 
 
 def _generate_batches(backends: dict, batches: dict[str, list[StepRequest]], sampling) -> dict[str, list]:

@@ -16,14 +16,20 @@ start the scoring engine alone (``generator=False``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
+import queue
+import threading
 import time
+from dataclasses import dataclass
 
 import vllm
 from vllm import LLM, SamplingParams, envs
 from vllm.engine.arg_utils import EngineArgs
 from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
+from vllm.sampling_params import RequestOutputKind
 
 from replay.errors import TraceError
 from tracegen.backends.base import GeneratedStep, StepRequest, StepSampling, batch_shares, check_batch
@@ -149,6 +155,39 @@ class VLLMBackend:
         return [{token: entry.logprob for token, entry in output.outputs[0].logprobs[0].items()} for output in outputs]
 
     def generate_steps(self, requests: list[StepRequest], sampling: StepSampling) -> list[GeneratedStep]:
+        self._check(requests, sampling)
+        if not requests:
+            return []
+        started = time.perf_counter()
+        outputs = self.generator.generate(
+            [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests],
+            [_step_params(request, sampling) for request in requests],
+            use_tqdm=False,
+        )
+        generate_seconds = time.perf_counter() - started
+
+        drafts = [_draft(output) for output in outputs]
+        started = time.perf_counter()
+        scores, rescored, scored = self._score(
+            [list(r.prompt_ids) for r in requests], [draft.token_ids for draft in drafts], sampling.topk
+        )
+        self.last_batch = {
+            "generate_seconds": generate_seconds,
+            "score_seconds": time.perf_counter() - started,
+            "requests": len(requests),
+            "scored": scored,
+            "rescored": rescored,
+        }
+        shares = batch_shares(generate_seconds, [len(draft.token_ids) for draft in drafts])
+        return [draft.scored(position_scores, share) for draft, position_scores, share in zip(drafts, scores, shares)]
+
+    def open_stream(self, sampling: StepSampling, role: str, events: queue.Queue) -> StepStream:
+        """Generate and score steps request by request instead of batch by batch (see ``StepStream``)."""
+        if self.generator is None:
+            raise RuntimeError("this backend was started with generator=False (scoring only)")
+        return StepStream(self, sampling, role, events)
+
+    def _check(self, requests: list[StepRequest], sampling: StepSampling) -> None:
         if self.generator is None:
             raise RuntimeError("this backend was started with generator=False (scoring only)")
         check_batch(
@@ -158,53 +197,6 @@ class VLLMBackend:
             vocab_size=self.vocab_size,
             max_topk=self.max_logprobs,
         )
-        if not requests:
-            return []
-        params = [
-            SamplingParams(
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                max_tokens=sampling.max_step_tokens,
-                stop=[sampling.delimiter],
-                seed=request.seed,
-                logprobs=sampling.topk,
-                flat_logprobs=True,
-            )
-            for request in requests
-        ]
-        started = time.perf_counter()
-        outputs = self.generator.generate(
-            [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests], params, use_tqdm=False
-        )
-        generate_seconds = time.perf_counter() - started
-
-        completions = [output.outputs[0] for output in outputs]
-        token_ids = [list(completion.token_ids) for completion in completions]
-        started = time.perf_counter()
-        scores, rescored, scored = self._score([list(r.prompt_ids) for r in requests], token_ids, sampling.topk)
-        self.last_batch = {
-            "generate_seconds": generate_seconds,
-            "score_seconds": time.perf_counter() - started,
-            "requests": len(requests),
-            "scored": scored,
-            "rescored": rescored,
-        }
-
-        shares = batch_shares(generate_seconds, [len(ids) for ids in token_ids])
-        return [
-            GeneratedStep(
-                token_ids=ids,
-                text=completion.text,
-                finish_reason=_finish_reason(completion),
-                logprobs=[entry[1][0] for entry in position_scores],
-                max_logits=[logits[0] for _, logits in _positions(completion.logprobs, 0, len(ids))],
-                topk_ids=[entry[0][1:] for entry in position_scores],
-                topk_logprobs=[entry[1][1:] for entry in position_scores],
-                n_cached_tokens=int(output.num_cached_tokens or 0),
-                gen_seconds=share,
-            )
-            for output, completion, ids, position_scores, share in zip(outputs, completions, token_ids, scores, shares)
-        ]
 
     def _score(self, prompts: list[list[int]], steps: list[list[int]], topk: int) -> tuple[list, int, int]:
         """Per request and step token: ([token, top-k ids], [its log-prob, top-k log-probs]), exact.
@@ -227,27 +219,195 @@ class VLLMBackend:
 
     def _score_pass(self, prompts, steps, topk: int, indices, scores: list, *, read_cache: bool) -> list[int]:
         """Fill ``scores[i]`` for each i in ``indices``; return those whose cache hit hid their first step row."""
-        params = SamplingParams(
-            temperature=0,
-            max_tokens=1,
-            prompt_logprobs=topk,
-            detokenize=False,
-            flat_logprobs=True,
-            skip_reading_prefix_cache=not read_cache,
-        )
         outputs = self.scorer.generate(
-            [TokensPrompt(prompt_token_ids=prompts[i] + steps[i]) for i in indices], params, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=prompts[i] + steps[i]) for i in indices],
+            _score_params(topk, read_cache=read_cache),
+            use_tqdm=False,
         )
         missed = []
         for i, output in zip(indices, outputs):
-            # prompt_logprobs[p] scores token p from row p - 1; rows inside a cache hit are never written
-            if (output.num_cached_tokens or 0) > len(prompts[i]) - 1:
+            scores[i] = _read_scores(output, prompts[i], steps[i])
+            if scores[i] is None:
                 missed.append(i)
-                continue
-            scores[i] = list(_positions(output.prompt_logprobs, len(prompts[i]), len(steps[i]), with_token=True))
-            if [ids[0] for ids, _ in scores[i]] != steps[i]:
-                raise RuntimeError("the vLLM scoring pass returned scores for other tokens than the step's")
         return missed
+
+
+@dataclass
+class Draft:
+    """A generated step before its exact scoring pass: what growing the tree needs of it."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    max_logits: list[float]
+    n_cached_tokens: int
+
+    def scored(self, position_scores: list, gen_seconds: float) -> GeneratedStep:
+        """The step with its exact log-probabilities (``VLLMBackend._score`` for its prompt and tokens)."""
+        return GeneratedStep(
+            token_ids=self.token_ids,
+            text=self.text,
+            finish_reason=self.finish_reason,
+            logprobs=[entry[1][0] for entry in position_scores],
+            max_logits=self.max_logits,
+            topk_ids=[entry[0][1:] for entry in position_scores],
+            topk_logprobs=[entry[1][1:] for entry in position_scores],
+            n_cached_tokens=self.n_cached_tokens,
+            gen_seconds=gen_seconds,
+        )
+
+
+class StepStream:
+    """One model's steps generated and scored request by request, each engine stepped by a thread of its own.
+
+    A request joins the generating engine's running batch at its next engine step, so a child can start as soon
+    as its parent is written instead of waiting for the parent's whole round. Results arrive on ``events`` as
+    ``("generated", role, key, (Draft, seconds))`` and, once ``score`` was asked for a key and is done,
+    ``("scored", role, key, position_scores)``; a failure of either engine arrives as ``("failed", role, None,
+    exception)``. The steps are the same as ``generate_steps`` writes: every request keeps its own seed, and the
+    engine's outputs do not depend on which other requests share its batch (``trace audit`` checks exactly that).
+    """
+
+    def __init__(self, backend: VLLMBackend, sampling: StepSampling, role: str, events: queue.Queue):
+        self._backend, self._sampling, self._role, self._events = backend, sampling, role, events
+        self._scoring: dict = {}  # key -> (prompt, step), while its scoring pass runs
+        self._generator = EngineLoop(backend.generator, f"trace-{role}-gen", self._generated, self._failed)
+        self._scorer = EngineLoop(backend.scorer, f"trace-{role}-score", self._scored, self._failed)
+
+    def generate(self, items: list[tuple[object, StepRequest]]) -> None:
+        """Start one step for each (key, request); a list given at once joins the same engine step."""
+        self._backend._check([request for _, request in items], self._sampling)
+        self._generator.add(
+            [(key, list(request.prompt_ids), _step_params(request, self._sampling)) for key, request in items]
+        )
+
+    def score(self, items: list[tuple[object, list[int], list[int]]]) -> None:
+        """Score generated steps exactly, each (key, prompt, step) prefilled in raw_logprobs mode; a list given at
+        once joins the same engine step."""
+        params = _score_params(self._sampling.topk, read_cache=True)
+        for key, prompt, step in items:
+            self._scoring[key] = (prompt, step)
+        self._scorer.add([(key, prompt + step, params) for key, prompt, step in items])
+
+    def close(self) -> None:
+        self._generator.close()
+        self._scorer.close()
+
+    def _generated(self, key, output, seconds: float) -> None:
+        draft = _draft(output)
+        self._events.put(("generated", self._role, key, (draft, seconds)))
+
+    def _scored(self, key, output, seconds: float) -> None:
+        prompt, step = self._scoring[key]
+        scores = _read_scores(output, prompt, step)
+        if scores is None:  # the cache hit hid the first step row: score it again without the cache
+            self._scorer.add([(key, prompt + step, _score_params(self._sampling.topk, read_cache=False))])
+            return
+        del self._scoring[key]
+        self._events.put(("scored", self._role, key, scores))
+
+    def _failed(self, error: BaseException) -> None:
+        self._events.put(("failed", self._role, None, error))
+
+
+class EngineLoop:
+    """A vLLM engine driven request by request from a thread of its own (as ``LLM.generate`` drives it, but open
+    to new requests while it runs). Each finished request goes to ``deliver(key, output, seconds)``, seconds
+    being its share of the engine steps it was in flight for (each step's time split evenly)."""
+
+    def __init__(self, llm: LLM, name: str, deliver, fail):
+        self._engine = llm.llm_engine
+        self._deliver, self._fail = deliver, fail
+        self._inbox: queue.Queue = queue.Queue()
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def add(self, items: list[tuple[object, list[int], SamplingParams]]) -> None:
+        self._inbox.put(items)
+
+    def close(self) -> None:
+        self._inbox.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        keys: dict[str, object] = {}
+        started_at: dict[str, float] = {}  # request -> the engine seconds per request in flight when it was added
+        per_request = 0.0  # engine seconds so far, each step's split over the requests in flight during it
+        try:
+            while True:
+                batches = [self._inbox.get()] if not keys else []
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        batches.append(self._inbox.get_nowait())
+                for items in batches:
+                    if items is None:
+                        for request_id in keys:
+                            self._engine.abort_request([request_id])
+                        return
+                    for key, prompt, params in items:
+                        request_id = f"trace-{next(self._ids)}"
+                        keys[request_id], started_at[request_id] = key, per_request
+                        self._engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), params)
+                if not keys:
+                    continue
+                in_flight, started = len(keys), time.perf_counter()
+                outputs = self._engine.step()  # FINAL_ONLY requests: only those that finished
+                per_request += (time.perf_counter() - started) / in_flight
+                for output in outputs:
+                    seconds = per_request - started_at.pop(output.request_id)
+                    self._deliver(keys.pop(output.request_id), output, seconds)
+        except BaseException as error:  # handed to the thread waiting on the results
+            self._fail(error)
+
+
+def _step_params(request: StepRequest, sampling: StepSampling) -> SamplingParams:
+    return SamplingParams(
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_step_tokens,
+        stop=[sampling.delimiter],
+        seed=request.seed,
+        logprobs=sampling.topk,
+        flat_logprobs=True,
+        output_kind=RequestOutputKind.FINAL_ONLY,  # as LLM.generate asks: no output object per token
+    )
+
+
+def _score_params(topk: int, *, read_cache: bool) -> SamplingParams:
+    return SamplingParams(
+        temperature=0,
+        max_tokens=1,
+        prompt_logprobs=topk,
+        detokenize=False,
+        flat_logprobs=True,
+        skip_reading_prefix_cache=not read_cache,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
+
+
+def _draft(output) -> Draft:
+    completion = output.outputs[0]
+    token_ids = list(completion.token_ids)
+    return Draft(
+        token_ids=token_ids,
+        text=completion.text,
+        finish_reason=_finish_reason(completion),
+        max_logits=[logits[0] for _, logits in _positions(completion.logprobs, 0, len(token_ids))],
+        n_cached_tokens=int(output.num_cached_tokens or 0),
+    )
+
+
+def _read_scores(output, prompt: list[int], step: list[int]) -> list | None:
+    """Per step token ([token, top-k ids], [its log-prob, top-k log-probs]) from a scoring pass's output, or
+    None where the pass's prefix-cache hit reached past the prompt (prompt_logprobs[p] scores token p from row
+    p - 1, and rows inside a cache hit are never written)."""
+    if (output.num_cached_tokens or 0) > len(prompt) - 1:
+        return None
+    scores = list(_positions(output.prompt_logprobs, len(prompt), len(step), with_token=True))
+    if [ids[0] for ids, _ in scores] != step:
+        raise RuntimeError("the vLLM scoring pass returned scores for other tokens than the step's")
+    return scores
 
 
 def _positions(flat, first: int, count: int, *, with_token: bool = False):
