@@ -1,7 +1,7 @@
 """Benchmark: a per-step router against the vectorised router it restates, on a GSM8K-sized synthetic trace.
 
-RSD written per step (``decide(node)``: keep a draft whose PRM score reaches tau) and the built-in
-vectorised RSD replay the same 101-point tau sweep on the trace bench/replay.py grows (1,319 problems,
+RSD written per step (examples/step_rsd.py, ``decide(node)``: keep a draft whose PRM score reaches tau) and the
+built-in vectorised RSD replay the same 101-point tau sweep on the trace bench/replay.py grows (1,319 problems,
 comb + closure); prints both times, their ratio, and whether the outcomes are identical (they must be).
 
     python bench/stepwise.py [--problems 1319] [--repeats 3]
@@ -23,19 +23,11 @@ import time  # noqa: E402
 
 from replay.costs import make_cost_model  # noqa: E402
 from replay.engine import parse_sweep, replay  # noqa: E402
+from replay.plugins import router_class  # noqa: E402
 from replay.routers import make_router  # noqa: E402
-from replay.stepwise import StepRouter  # noqa: E402
 
-
-class StepRsd(StepRouter):
-    name = "step-rsd"
-
-    def __init__(self, tau=0.7, scorer="prm"):
-        self.tau = tau
-        self.scorer = scorer
-
-    def decide(self, node):
-        return node.draft.score >= self.tau
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "step_rsd.py")
+StepRsd = router_class(f"{EXAMPLE}:StepRsd")  # loaded as `trace replay --router FILE.py:Class` loads it
 
 
 def bench_replay_module():
