@@ -558,6 +558,88 @@ def fit_critics(hp: Hyperparameters, optimizer, critics, inputs, targets, step_m
     return errors
 
 
+@dataclass
+class CriticUpdate:
+    """What step 2 leaves for the CPO step: the critics' last losses, the buffer's step mask and decision count,
+    and the weighted miscoverage and cost advantages of the actions taken."""
+
+    errors: list
+    step_mask: object  # (B, T) float tensor
+    n_decisions: float
+    miss_advantage: object  # (B, T) float tensor
+    cost_advantage: object  # (B, T) float tensor
+
+
+def critic_update(
+    hp: Hyperparameters,
+    optimizer,
+    critics,
+    inputs,
+    recent,
+    target_ratio: np.ndarray,
+    taken_probability: np.ndarray,
+    mu: np.ndarray,
+    large_right: np.ndarray,
+) -> CriticUpdate:
+    """Step 2 on the buffer ``recent`` (padded decisions, a ``Rollout`` or ``Walked``): V-trace targets of the
+    success and cost ``critics`` (evaluated at ``inputs``) with ``target_ratio`` = S_k(a_t|o_t) / mu(a_t|o_t),
+    the critics regressed on them; then the advantages step 3 uses, weighted by min(rho_bar, pi_k(a_t|o_t) /
+    mu(a_t|o_t)) (``taken_probability`` = pi_k(a_t|o_t)), the miscoverage one by -[large alone right] (``large_right``
+    of every episode)."""
+    import torch
+
+    success_critic, cost_critic = critics
+    mask = recent.mask.astype(np.float64)
+    with torch.no_grad():
+        success_values = success_critic(inputs)[..., 0].double().numpy()
+        cost_values = cost_critic(inputs)[..., 0].double().numpy()
+    success_targets, success_advantage = vtrace(
+        recent.reward, success_values, target_ratio, mask, hp.gamma, hp.rho_bar, hp.c_bar
+    )
+    cost_targets, cost_advantage = vtrace(recent.cost, cost_values, target_ratio, mask, hp.gamma, hp.rho_bar, hp.c_bar)
+    step_mask = torch.from_numpy(mask).float()
+    n_decisions = max(float(mask.sum()), 1.0)
+    errors = fit_critics(hp, optimizer, critics, inputs, (success_targets, cost_targets), step_mask, n_decisions)
+    weight = np.minimum(hp.rho_bar, taken_probability / mu) * mask
+    episode_large_right = large_right[recent.episode].astype(np.float64)
+    return CriticUpdate(
+        errors,
+        step_mask,
+        n_decisions,
+        torch.from_numpy(-episode_large_right[:, None] * success_advantage * weight).float(),
+        torch.from_numpy(cost_advantage * weight).float(),
+    )
+
+
+def cpo_surrogates(
+    hp: Hyperparameters,
+    log_policy: Callable,
+    taken: np.ndarray,
+    old_log_pi,
+    old_pi,
+    critics: CriticUpdate,
+    n_buffer: int,
+) -> Callable:
+    """The ``surrogates`` of ``cpo_step`` on the buffer: ``log_policy()`` gives log pi of every decision under
+    the current weights, ``old_log_pi`` and ``old_pi`` those of pi_k, ``taken`` the actions taken."""
+    import torch
+
+    action = torch.from_numpy(taken)
+    old_taken = old_log_pi.gather(-1, action[..., None])[..., 0]
+    step_mask, n_decisions = critics.step_mask, critics.n_decisions
+
+    def surrogates():
+        """(objective = -cost + entropy bonus, miscoverage, KL from the old policy, entropy)"""
+        log_pi = log_policy()
+        ratio = (log_pi.gather(-1, action[..., None])[..., 0] - old_taken).exp() * step_mask
+        kl = ((old_pi * (old_log_pi - log_pi)).sum(-1) * step_mask).sum() / n_decisions
+        entropy = (-(log_pi.exp() * log_pi).sum(-1) * step_mask).sum() / n_decisions
+        objective = -(ratio * critics.cost_advantage).sum() / n_buffer + hp.entropy_coef * entropy
+        return objective, (ratio * critics.miss_advantage).sum() / n_buffer, kl, entropy
+
+    return surrogates
+
+
 def cpo_step(
     hp: Hyperparameters, params: list, surrogates: Callable, constraint: float, within_alpha: Callable[[], bool]
 ) -> dict:
@@ -826,58 +908,38 @@ def train_policy(
                 # 2. V-trace targets toward the thresholded policy S_k on the buffer; critics regress on them
                 recent = Rollout.concat([b for b, _ in buffer])
                 mu = np.where(recent.mask, np.concatenate([m for _, m in buffer]), 1.0)
-                mask = recent.mask.astype(np.float64)
                 obs = observation[recent.episode]
-                action = torch.from_numpy(recent.action)
                 with torch.no_grad():
                     old_log_pi = torch.log_softmax(policy(obs), dim=-1)
                     old_pi = old_log_pi.exp()
                     p_now = old_pi[..., ESCALATE].double().numpy()
-                    inputs = torch.from_numpy(critic_inputs[recent.episode])
-                    success_values = success_critic(inputs)[..., 0].double().numpy()
-                    cost_values = cost_critic(inputs)[..., 0].double().numpy()
-                target_ratio = target_ratios(p_now, mu, recent.action, kappa)
-                success_targets, success_advantage = vtrace(
-                    recent.reward, success_values, target_ratio, mask, hp.gamma, hp.rho_bar, hp.c_bar
-                )
-                cost_targets, cost_advantage = vtrace(
-                    recent.cost, cost_values, target_ratio, mask, hp.gamma, hp.rho_bar, hp.c_bar
-                )
-                step_mask = torch.from_numpy(mask).float()
-                n_decisions = max(float(mask.sum()), 1.0)
-                errors = fit_critics(
+                critics = critic_update(
                     hp,
                     critic_optimizer,
                     (success_critic, cost_critic),
-                    inputs,
-                    (success_targets, cost_targets),
-                    step_mask,
-                    n_decisions,
+                    torch.from_numpy(critic_inputs[recent.episode]),
+                    recent,
+                    target_ratios(p_now, mu, recent.action, kappa),
+                    action_probability(p_now, recent.action),
+                    mu,
+                    episodes.large_right,
                 )
 
                 # 3. CPO step: minimise the cost surrogate subject to the linearised miscoverage constraint
-                n_buffer = len(recent.episode)
-                weight = np.minimum(hp.rho_bar, action_probability(p_now, recent.action) / mu) * mask
-                large_right = episodes.large_right[recent.episode].astype(np.float64)
-                miss_advantage = torch.from_numpy(-large_right[:, None] * success_advantage * weight).float()
-                cost_adv = torch.from_numpy(cost_advantage * weight).float()
                 miscoverage = threshold_miscoverage(episodes, escalate_probability(everyone), kappa)
                 constraint = miscoverage - hp.alpha
-                old_taken = old_log_pi.gather(-1, action[..., None])[..., 0]
-
-                def surrogates():
-                    """(objective = -cost + entropy bonus, miscoverage, KL from the old policy, entropy)"""
-                    log_pi = torch.log_softmax(policy(obs), dim=-1)
-                    ratio = (log_pi.gather(-1, action[..., None])[..., 0] - old_taken).exp() * step_mask
-                    kl = ((old_pi * (old_log_pi - log_pi)).sum(-1) * step_mask).sum() / n_decisions
-                    entropy = (-(log_pi.exp() * log_pi).sum(-1) * step_mask).sum() / n_decisions
-                    objective = -(ratio * cost_adv).sum() / n_buffer + hp.entropy_coef * entropy
-                    return objective, (ratio * miss_advantage).sum() / n_buffer, kl, entropy
-
                 update = cpo_step(
                     hp,
                     params,
-                    surrogates,
+                    cpo_surrogates(
+                        hp,
+                        lambda: torch.log_softmax(policy(obs), dim=-1),
+                        recent.action,
+                        old_log_pi,
+                        old_pi,
+                        critics,
+                        len(recent.episode),
+                    ),
                     constraint,
                     lambda: (
                         threshold_miscoverage(episodes, escalate_probability(everyone), kappa)
@@ -891,7 +953,9 @@ def train_policy(
                 eta = kappa_step_size(hp, step)
                 kappa = kappa_update(kappa, float(deployed.covered.mean()), hp.alpha, eta)
 
-                row = log_row(step, batch, deployed, hp, eta, kappa, errors, update, miscoverage, episodes.has_verifier)
+                row = log_row(
+                    step, batch, deployed, hp, eta, kappa, critics.errors, update, miscoverage, episodes.has_verifier
+                )
                 log.append(row)
                 if on_step is not None:
                     on_step(row)
@@ -1302,60 +1366,39 @@ def train_k_policy(root, out, hp, train: ReplayData, roles: list[str], started: 
 
                 recent = Walked.concat([b for b, _ in buffer])
                 mu = np.concatenate([m for _, m in buffer])
-                mask = recent.mask.astype(np.float64)
                 states = np.where(recent.mask, recent.state, 0)
-                action = torch.from_numpy(recent.action)
                 with torch.no_grad():
                     old_log_pi = log_policy(torch.from_numpy(states))
                     old_pi = old_log_pi.exp()
                     p_now = old_pi.double().numpy()
-                    inputs = critic_table[torch.from_numpy(states)]
-                    success_values = success_critic(inputs)[..., 0].double().numpy()
-                    cost_values = cost_critic(inputs)[..., 0].double().numpy()
                 target = thresholded_states(p_now, graph.allowed[states], kappa)
-                taken_target = np.take_along_axis(target, recent.action[..., None], -1)[..., 0]
-                target_ratio = taken_target / mu
-                success_targets, success_advantage = vtrace(
-                    recent.reward, success_values, target_ratio, mask, hp.gamma, hp.rho_bar, hp.c_bar
-                )
-                cost_targets, cost_advantage = vtrace(
-                    recent.cost, cost_values, target_ratio, mask, hp.gamma, hp.rho_bar, hp.c_bar
-                )
-                step_mask = torch.from_numpy(mask).float()
-                n_decisions = max(float(mask.sum()), 1.0)
-                errors = fit_critics(
+                critics = critic_update(
                     hp,
                     critic_optimizer,
                     (success_critic, cost_critic),
-                    inputs,
-                    (success_targets, cost_targets),
-                    step_mask,
-                    n_decisions,
+                    critic_table[torch.from_numpy(states)],
+                    recent,
+                    np.take_along_axis(target, recent.action[..., None], -1)[..., 0] / mu,
+                    np.take_along_axis(p_now, recent.action[..., None], -1)[..., 0],
+                    mu,
+                    graph.large_right,
                 )
 
-                n_buffer = len(recent.episode)
-                p_taken = np.take_along_axis(p_now, recent.action[..., None], -1)[..., 0]
-                weight = np.minimum(hp.rho_bar, p_taken / mu) * mask
-                large_right = graph.large_right[recent.episode].astype(np.float64)
-                miss_advantage = torch.from_numpy(-large_right[:, None] * success_advantage * weight).float()
-                cost_adv = torch.from_numpy(cost_advantage * weight).float()
                 miscoverage = states_miscoverage(graph, probability(), kappa)
                 constraint = miscoverage - hp.alpha
-                old_taken = old_log_pi.gather(-1, action[..., None])[..., 0]
                 state_tensor = torch.from_numpy(states)
-
-                def surrogates():
-                    log_pi = log_policy(state_tensor)
-                    ratio = (log_pi.gather(-1, action[..., None])[..., 0] - old_taken).exp() * step_mask
-                    kl = ((old_pi * (old_log_pi - log_pi)).sum(-1) * step_mask).sum() / n_decisions
-                    entropy = (-(log_pi.exp() * log_pi).sum(-1) * step_mask).sum() / n_decisions
-                    objective = -(ratio * cost_adv).sum() / n_buffer + hp.entropy_coef * entropy
-                    return objective, (ratio * miss_advantage).sum() / n_buffer, kl, entropy
-
                 update = cpo_step(
                     hp,
                     params,
-                    surrogates,
+                    cpo_surrogates(
+                        hp,
+                        lambda: log_policy(state_tensor),
+                        recent.action,
+                        old_log_pi,
+                        old_pi,
+                        critics,
+                        len(recent.episode),
+                    ),
                     constraint,
                     lambda: states_miscoverage(graph, probability(), kappa) <= max(hp.alpha, miscoverage),
                 )
@@ -1365,7 +1408,9 @@ def train_k_policy(root, out, hp, train: ReplayData, roles: list[str], started: 
                 eta = kappa_step_size(hp, step)
                 kappa = kappa_update(kappa, float(calibration.covered.mean()), hp.alpha, eta)
 
-                row = log_row(step, batch, calibration, hp, eta, kappa, errors, update, miscoverage, graph.has_verifier)
+                row = log_row(
+                    step, batch, calibration, hp, eta, kappa, critics.errors, update, miscoverage, graph.has_verifier
+                )
                 log.append(row)
                 if on_step is not None:
                     on_step(row)

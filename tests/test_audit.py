@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from test_gen import toy_models  # noqa: F401  (fixture: trained toy models, or random-weight stand-ins)
-from tracebuild import rewrite_parts
+from tracebuild import rewrite_parts, toy_gen_options
 from typer.testing import CliRunner
 
 from cli import app
@@ -17,24 +17,13 @@ from replay.errors import TraceError
 from replay.store import open_trace
 from replay.validate import validate
 from tracegen.audit import AuditOptions, compare_tokens, run_audit, sample_steps
-from tracegen.gen import GenOptions, run_gen
+from tracegen.gen import run_gen
 
 
 @pytest.fixture(scope="module")
 def hf_trace(toy_models, tmp_path_factory) -> Path:  # noqa: F811
     out = tmp_path_factory.mktemp("audit") / "toy"
-    options = GenOptions(
-        small=toy_models[0],
-        large=toy_models[1],
-        dataset="toy",
-        out=out,
-        limit=3,
-        max_step_tokens=48,
-        max_steps=5,
-        backend="hf",
-        seed=5,
-    )
-    run_gen(options)
+    run_gen(toy_gen_options(out, small=toy_models[0], large=toy_models[1], limit=3, seed=5))
     return out
 
 

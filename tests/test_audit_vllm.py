@@ -8,13 +8,13 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from tracebuild import rewrite_parts
+from tracebuild import rewrite_parts, toy_gen_options
 
 from data.toy import MODEL_ALIASES
 from replay.store import open_trace
 from tracegen.audit import AuditOptions, run_audit
 from tracegen.backends import engine_kwargs_for, load_backend
-from tracegen.gen import GenOptions, run_gen
+from tracegen.gen import run_gen
 
 pytestmark = pytest.mark.vllm
 
@@ -33,18 +33,7 @@ def engines():
 @pytest.fixture(scope="module")
 def vllm_trace(engines, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("audit-vllm") / "toy"
-    options = GenOptions(
-        small="toy-small",
-        large="toy-large",
-        dataset="toy",
-        out=out,
-        limit=4,
-        max_step_tokens=48,
-        max_steps=5,
-        backend="vllm",
-        seed=11,
-    )
-    run_gen(options, backends=engines)
+    run_gen(toy_gen_options(out, limit=4, seed=11, backend="vllm"), backends=engines)
     return out
 
 

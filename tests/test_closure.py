@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
-from tracebuild import build_trace, comb_steps
+from tracebuild import build_trace, comb_steps, toy_gen_options
 from typer.testing import CliRunner
 
 from cli import app
@@ -20,7 +21,7 @@ from replay.errors import TraceError
 from replay.store import open_trace
 from replay.validate import validate
 from tracegen.closure import RouterSpec, load_router_specs
-from tracegen.gen import GenOptions, run_gen
+from tracegen.gen import run_gen
 
 N_PROBLEMS = 5
 ROUTERS = """
@@ -51,19 +52,7 @@ OUTCOME = [
 ]
 
 
-def options(out: Path, **overrides) -> GenOptions:
-    settings = dict(
-        small="toy-small",
-        large="toy-large",
-        dataset="toy",
-        out=out,
-        limit=N_PROBLEMS,
-        max_step_tokens=48,
-        max_steps=5,
-        backend="hf",
-        seed=11,
-    )
-    return GenOptions(**{**settings, **overrides})
+options = partial(toy_gen_options, limit=N_PROBLEMS, seed=11)
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,13 @@ One pair of engines (a generator and an exact scorer per model) serves every run
 from __future__ import annotations
 
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
+from tracebuild import toy_gen_options
 
 from data.toy import MODEL_ALIASES
 from replay.engine import replay_trace
@@ -19,7 +21,7 @@ from replay.store import open_trace
 from replay.validate import validate
 from tracegen.backends import engine_kwargs_for, load_backend
 from tracegen.closure import RouterSpec
-from tracegen.gen import GenOptions, run_gen
+from tracegen.gen import run_gen
 from tracegen.scoring import open_scorer, run_score, score_pending
 
 pytestmark = pytest.mark.vllm
@@ -53,19 +55,7 @@ def engines():
         backend.close()
 
 
-def options(out: Path, **overrides) -> GenOptions:
-    settings = dict(
-        small="toy-small",
-        large="toy-large",
-        dataset="toy",
-        out=out,
-        limit=4,
-        max_step_tokens=48,
-        max_steps=5,
-        backend="vllm",
-        seed=13,
-    )
-    return GenOptions(**{**settings, **overrides})
+options = partial(toy_gen_options, limit=4, seed=13, backend="vllm")
 
 
 @pytest.fixture(scope="module")

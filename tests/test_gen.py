@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from tracebuild import toy_gen_options
 from typer.testing import CliRunner
 
 from cli import app
@@ -55,18 +56,9 @@ def toy_models(tmp_path_factory) -> tuple[str, str]:
 
 def options(models, out, **overrides) -> GenOptions:
     settings = dict(
-        small=models[0],
-        large=models[1],
-        dataset="toy",
-        out=out,
-        limit=N_PROBLEMS,
-        max_step_tokens=STEP_TOKENS,
-        max_steps=MAX_STEPS,
-        backend="hf",
-        seed=3,
+        small=models[0], large=models[1], limit=N_PROBLEMS, max_step_tokens=STEP_TOKENS, max_steps=MAX_STEPS, seed=3
     )
-    settings.update(overrides)
-    return GenOptions(**settings)
+    return toy_gen_options(out, **{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")

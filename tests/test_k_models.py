@@ -14,7 +14,7 @@ import itertools
 import pytest
 from test_routers_baselines import run
 from test_routers_policy import hand_made_policy
-from tracebuild import build_trace, comb_steps, default_manifest
+from tracebuild import build_trace, comb_steps, default_manifest, toy_gen_options
 
 from replay.errors import TraceError
 from replay.routers import make_router
@@ -255,7 +255,7 @@ def gen3(tmp_path_factory):
 
     from data.toy.tokenizer import build_tokenizer
     from scripts.toy.train import model_config
-    from tracegen.gen import GenOptions, run_gen
+    from tracegen.gen import run_gen
 
     folder = tmp_path_factory.mktemp("k-models")
     tokenizer = build_tokenizer()
@@ -263,17 +263,7 @@ def gen3(tmp_path_factory):
     Qwen2ForCausalLM(model_config("medium", tokenizer)).save_pretrained(folder / "medium")
     tokenizer.save_pretrained(folder / "medium")
     out = folder / "trace"
-    options = GenOptions(
-        small="toy-small",
-        middle=(str(folder / "medium"),),
-        large="toy-large",
-        dataset="toy",
-        out=out,
-        limit=2,
-        max_steps=3,
-        max_step_tokens=24,
-        backend="hf",
-    )
+    options = toy_gen_options(out, middle=(str(folder / "medium"),), limit=2, seed=0, max_steps=3, max_step_tokens=24)
     summary = run_gen(options)
     return out, options, summary
 

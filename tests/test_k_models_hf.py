@@ -6,11 +6,12 @@ tracebuild trees, the judge roles `trace score` refuses."""
 from __future__ import annotations
 
 import shutil
+from functools import partial
 
 import polars as pl
 import pytest
 from test_k_models import three_models
-from tracebuild import build_trace, comb_steps
+from tracebuild import build_trace, comb_steps, toy_gen_options
 from typer.testing import CliRunner
 
 from cli import app
@@ -20,7 +21,7 @@ from replay.routers import make_router
 from replay.store import open_trace
 from replay.validate import validate
 from tracegen.closure import RouterSpec
-from tracegen.gen import GenOptions, run_gen
+from tracegen.gen import run_gen
 from tracegen.scorers import make_scorer
 from tracegen.scoring import run_score
 
@@ -30,20 +31,7 @@ SPECS = (
 )
 
 
-def options(out, **overrides) -> GenOptions:
-    settings = dict(
-        small="toy-small",
-        middle=("toy-medium",),
-        large="toy-large",
-        dataset="toy",
-        out=out,
-        limit=8,
-        max_step_tokens=48,
-        max_steps=5,
-        backend="hf",
-        seed=11,
-    )
-    return GenOptions(**{**settings, **overrides})
+options = partial(toy_gen_options, middle=("toy-medium",), limit=8, seed=11)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from tracebuild import toy_gen_options
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -21,7 +22,7 @@ from data.toy.task import step_is_valid
 from replay.errors import TraceError
 from replay.store import open_trace
 from replay.validate import validate
-from tracegen.gen import GenOptions, run_gen
+from tracegen.gen import run_gen
 from tracegen.prompts import prompt_token_ids
 from tracegen.scorers.toy_ptrue import _boxed_token_positions
 from tracegen.scoring import run_score
@@ -32,19 +33,7 @@ N_PROBLEMS = 5
 @pytest.fixture(scope="module")
 def toy_trace(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("score") / "toy"
-    run_gen(
-        GenOptions(
-            small="toy-small",
-            large="toy-large",
-            dataset="toy",
-            out=out,
-            limit=N_PROBLEMS,
-            max_step_tokens=48,
-            max_steps=5,
-            backend="hf",
-            seed=5,
-        )
-    )
+    run_gen(toy_gen_options(out, limit=N_PROBLEMS, seed=5))
     return out
 
 

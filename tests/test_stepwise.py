@@ -4,6 +4,8 @@ random signals, 2% of the PRM scores and 1% of the steps left out so that walks 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
@@ -11,11 +13,14 @@ from tracebuild import build_trace, default_manifest, random_trees
 
 from replay import api
 from replay.errors import TraceError
+from replay.plugins import router_class
 from replay.routers import ROUTERS
 from replay.routers.base import DraftRouter
-from replay.stepwise import StepRouter, step_router
+from replay.stepwise import step_router
 
 PRM = {"prm": {"model": "prm-test", "n_params": 1e9, "generated_tokens": 0}}
+# the per-step RSD of the examples, loaded as `trace replay --router FILE.py:Class` loads a router of your own
+StepRsd = router_class(f"{Path(__file__).resolve().parents[1] / 'examples' / 'step_rsd.py'}:StepRsd")
 
 
 @pytest.fixture(scope="module")
@@ -23,19 +28,6 @@ def demo_trace(tmp_path_factory):
     steps, scores = random_trees(200, 3, seed=1, unscored=0.02, uncached=0.01)
     root = tmp_path_factory.mktemp("demo") / "trace"
     return build_trace(root, steps, scores=scores, manifest=default_manifest(scorers=PRM))
-
-
-class StepRsd(StepRouter):
-    """RSD restated one draft at a time: keep a draft whose PRM score reaches tau."""
-
-    name = "step-rsd"
-
-    def __init__(self, tau=0.7, scorer="prm"):
-        self.tau = tau
-        self.scorer = scorer
-
-    def decide(self, node):
-        return node.draft.score >= self.tau
 
 
 @step_router(scorer="prm")

@@ -12,6 +12,7 @@ Default floats are exact in float32, so rows read back compare equal to what was
 Keys of a step dict that are tokens columns (`token_ids`, `logprobs`, ...) go to its tokens row.
 `comb_steps` builds the comb tree `trace gen --expand comb` grows (the all-small chain plus the
 all-large completion from every node on it; with `chars="012"`, the comb of three models m0, m1, m2).
+`toy_gen_options` gives the options of a small real `trace gen` run on the toy world.
 """
 
 from __future__ import annotations
@@ -66,6 +67,25 @@ def default_manifest(**overrides) -> dict:
     }
     manifest.update(overrides)
     return manifest
+
+
+def toy_gen_options(out: str | Path, *, limit: int | None, seed: int, **overrides):
+    """GenOptions of a small `trace gen` run on the toy world: toy-small and toy-large, ``limit`` problems, steps
+    of at most 48 tokens, chains of at most 5 steps, the transformers backend; ``overrides`` replace any field."""
+    from tracegen.gen import GenOptions  # phase one: only the tests that grow traces pay for importing it
+
+    settings = dict(
+        small="toy-small",
+        large="toy-large",
+        dataset="toy",
+        out=out,
+        limit=limit,
+        max_step_tokens=48,
+        max_steps=5,
+        backend="hf",
+        seed=seed,
+    )
+    return GenOptions(**{**settings, **overrides})
 
 
 def role_of(path: str) -> str:
