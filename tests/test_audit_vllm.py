@@ -106,11 +106,8 @@ def test_continuous_growth_writes_the_files_of_round_by_round_growth(engines, tm
     import tracegen.continuous
     from tracegen.backends.vllm_engine import VLLMBackend
 
-    def options(out: Path) -> GenOptions:
-        return GenOptions(
-            small="toy-small", large="toy-large", dataset="toy", out=out, limit=6, max_step_tokens=48, max_steps=5,
-            backend="vllm", seed=3,
-        )  # fmt: skip
+    def options(out: Path):
+        return toy_gen_options(out, limit=6, seed=3, backend="vllm")
 
     open_stream, streams = VLLMBackend.open_stream, []
     monkeypatch.setattr(VLLMBackend, "open_stream", lambda *args: streams.append(args) or open_stream(*args))
