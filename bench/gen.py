@@ -2,8 +2,8 @@
 
     python bench/gen.py [--problems 100] [--backend vllm|hf] [--sequential-steps 200]
 
-1. Batched tree generation vs one request per node: a comb trace is grown with one batch per
-   model per round; then a sample of its nodes is generated again one request at a time by the
+1. Batched tree generation vs one request per node: a comb trace is grown (continuously on vLLM, else
+   with one batch per model per round); then a sample of its nodes is generated again one request at a time by the
    same engines with the same seeds. Ratio of generated tokens per second (goal >= 5x). The
    sequential pass runs second, so the engine's prefix cache is warm for it: the ratio is
    conservative. The share of steps that came out identical is printed too (batch invariance).
@@ -22,8 +22,10 @@
 
 Engines run their first batches slower (one-time warm-up: about half of a cold 100-problem run on a CPU), so
 the tree is grown cold (printed) and then, after the one-request-per-node pass, again on warm engines
---repeats times, each time after the flat limits, into new directories; ratios use the best of each, and
-every warm trace's step and token files must be byte-identical to the cold one's (printed).
+--repeats times, each time after the flat limits and both ways: continuously (vLLM: each child joins its engine
+as soon as its parent is generated, tracegen/continuous.py) and round by round, into new directories. Ratios use
+the best of each, and every warm trace's part files must hold the same rows as the cold one's (printed), except
+n_cached_tokens, vLLM's prefix-cache hits, which depend on the engines' schedule.
 """
 
 from __future__ import annotations
