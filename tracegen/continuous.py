@@ -148,7 +148,7 @@ def grow_continuously(
                 for request in waiting.pop(key):
                     record(request, payload)
             for role, items in to_score.items():
-                if len(items) >= _SCORE_BATCH or not generating[0]:
+                if len(items) >= _SCORE_BATCH or (items and not generating[0]):
                     streams[role].score(items)
                     to_score[role] = []
             while next_round in rounds and rounds[next_round].open == 0:

@@ -54,6 +54,33 @@ class GeneratedStep:
     continuation_ids: list[int] | None = None  # what a child's prompt adds, where it is not token_ids (chat APIs)
 
 
+@dataclass
+class Draft:
+    """A generated step before its exact scoring pass (a streaming backend's first result): what growing the tree
+    needs of it."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    max_logits: list[float]
+    n_cached_tokens: int
+
+    def scored(self, position_scores: list, gen_seconds: float) -> GeneratedStep:
+        """The step with its exact log-probabilities: per token, ([the token, top-k ids], [its log-prob, top-k
+        log-probs])."""
+        return GeneratedStep(
+            token_ids=self.token_ids,
+            text=self.text,
+            finish_reason=self.finish_reason,
+            logprobs=[entry[1][0] for entry in position_scores],
+            max_logits=self.max_logits,
+            topk_ids=[entry[0][1:] for entry in position_scores],
+            topk_logprobs=[entry[1][1:] for entry in position_scores],
+            n_cached_tokens=self.n_cached_tokens,
+            gen_seconds=gen_seconds,
+        )
+
+
 class Backend(Protocol):
     name: str
     max_total_tokens: int  # a prompt plus its step never exceeds this many tokens

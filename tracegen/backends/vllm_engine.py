@@ -22,7 +22,6 @@ import itertools
 import queue
 import threading
 import time
-from dataclasses import dataclass
 
 import vllm
 from vllm import LLM, SamplingParams, envs
@@ -32,7 +31,7 @@ from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
 
 from replay.errors import TraceError
-from tracegen.backends.base import GeneratedStep, StepRequest, StepSampling, batch_shares, check_batch
+from tracegen.backends.base import Draft, GeneratedStep, StepRequest, StepSampling, batch_shares, check_batch
 
 _CPU_KV_CACHE_BYTES = 1 << 30
 _CPU_BATCHED_TOKENS = 4096  # vLLM's CPU default token budget per engine step
@@ -230,31 +229,6 @@ class VLLMBackend:
             if scores[i] is None:
                 missed.append(i)
         return missed
-
-
-@dataclass
-class Draft:
-    """A generated step before its exact scoring pass: what growing the tree needs of it."""
-
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    max_logits: list[float]
-    n_cached_tokens: int
-
-    def scored(self, position_scores: list, gen_seconds: float) -> GeneratedStep:
-        """The step with its exact log-probabilities (``VLLMBackend._score`` for its prompt and tokens)."""
-        return GeneratedStep(
-            token_ids=self.token_ids,
-            text=self.text,
-            finish_reason=self.finish_reason,
-            logprobs=[entry[1][0] for entry in position_scores],
-            max_logits=self.max_logits,
-            topk_ids=[entry[0][1:] for entry in position_scores],
-            topk_logprobs=[entry[1][1:] for entry in position_scores],
-            n_cached_tokens=self.n_cached_tokens,
-            gen_seconds=gen_seconds,
-        )
 
 
 class StepStream:
