@@ -257,8 +257,9 @@ def gen(
 ) -> None:
     """Grow step trees of a small and a large model (or of K models) over a dataset and store them as a trace.
 
-    Every round sends all missing steps of all problems to each model as one batch and appends the
-    results atomically; rerun the same command to resume after a crash. Examples:
+    On vLLM each step starts as soon as its parent is generated (the hf and API backends send each round of
+    missing steps to each model as one batch); every round is appended atomically once it is done, and
+    rerunning the same command resumes after a crash. Examples:
     trace gen --model toy-small --large toy-large --dataset toy --limit 200 --out runs/toy;
     trace gen --models toy-small,toy-medium,toy-large --dataset toy --out runs/toy3
     """
