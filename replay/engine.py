@@ -809,9 +809,16 @@ def replay_trace(
             f"router {router.name} reads {scorer} scores, but {root} holds none, although trace.json lists the "
             f"scorer (the scores were lost); run `trace score {root} --scorer {scorer}`"
         )
+    n_roots = evaluated.roots.height
     del data, evaluated  # the trace's frames and index are freed before the split columns are added: a lower peak
-    result.outcomes = result.outcomes.with_columns(  # a lookup, not a join: the outcomes are not copied
-        split=pl.col("problem_id").replace_strict(splits["problem_id"], splits["split"], default=None),
+    # The outcomes are configuration-major (each configuration's rows are the roots in order), so each root's
+    # split, looked up once, is repeated per configuration: no lookup per outcome row, no intermediate column.
+    root_split = (
+        result.outcomes["problem_id"].head(n_roots).replace_strict(splits["problem_id"], splits["split"], default=None)
+    )
+    n_configs = result.outcomes.height // n_roots
+    result.outcomes = result.outcomes.with_columns(  # the outcomes are not copied
+        split=pl.concat([root_split] * n_configs, rechunk=True),
         split_seed=pl.lit(split_seed, dtype=pl.Int64),
         split_fractions=pl.lit(",".join(str(f) for f in fractions)),
     )
