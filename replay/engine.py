@@ -607,6 +607,14 @@ def replay(
     n_discarded, misses (0 or 1: a walk stops at its first miss), cost_model, cost_unit and cost_convention
     (how the cost model counts, in words).
     """
+    configs, walked = _walk_configs(data, router, cost_model, sweep, max_configs)
+    return _result(OutcomeSource.of(data), router, cost_model, configs, walked)
+
+
+def _walk_configs(
+    data: ReplayData, router, cost_model: CostModel, sweep: dict[str, np.ndarray] | None, max_configs: int
+) -> tuple[Configs, Walked]:
+    """Walk every root of ``data`` with every configuration of the sweep (see ``replay``)."""
     router.check_fitted()
     configs = sweep_configs(router, sweep, max_configs, data.roots.height)
     costs = Costs(data, cost_model)
@@ -622,10 +630,32 @@ def replay(
         starts = np.tile(root_nodes[roots], n_configs)
         params = {name: np.repeat(values, len(starts) // n_configs) for name, values in configs.values.items()}
         walked.put(roots, router.walk(data, costs, starts, params))
-    del costs  # its per-step and per-node arrays go before the outcomes' columns are built: a lower peak
-    outcomes = _outcomes(data, router, cost_model, configs, walked)
+    return configs, walked  # the costs' per-step arrays go before the outcomes' columns are built: a lower peak
+
+
+@dataclass(frozen=True)
+class OutcomeSource:
+    """What the outcomes read from a replay's data once its walks are done: the roots, each node's path, each
+    step row's answer and correct, the roles. Taken out of the data, so that a caller done with the data can
+    free its steps, scores and index before the outcomes' columns are built (a lower peak)."""
+
+    roots: pl.DataFrame
+    node_path: pl.Series
+    final_values: pl.DataFrame
+    roles: list[str]
+
+    @classmethod
+    def of(cls, data: ReplayData) -> OutcomeSource:
+        return cls(data.roots.select("problem_id", "world"), data.node_path_series, data.final_values, data.roles)
+
+
+def _result(source: OutcomeSource, router, cost_model: CostModel, configs: Configs, walked: Walked) -> ReplayResult:
+    outcomes = _outcomes(source, router, cost_model, configs, walked)
     return ReplayResult(
-        outcomes=outcomes, roles=data.roles, cost_unit=cost_model.unit, misses=_misses(data, router, outcomes, walked)
+        outcomes=outcomes,
+        roles=source.roles,
+        cost_unit=cost_model.unit,
+        misses=_misses(source.roles, router, outcomes, walked),
     )
 
 
@@ -656,8 +686,8 @@ class Walked:
             grid[..., roots] = value.reshape(*value.shape[:-1], self.n_configs, -1)
 
 
-def _outcomes(data: ReplayData, router, cost_model: CostModel, configs: Configs, walked: Walked) -> pl.DataFrame:
-    n_roots, n_configs = data.roots.height, len(configs)
+def _outcomes(source: OutcomeSource, router, cost_model: CostModel, configs: Configs, walked: Walked) -> pl.DataFrame:
+    n_roots, n_configs = source.roots.height, len(configs)
     state_config = np.repeat(np.arange(n_configs, dtype=np.int32), n_roots)
     params_json = pl.Series([json.dumps(p, sort_keys=True) for p in configs.params], dtype=pl.String)
     final = pl.Series(np.ma.masked_array(walked.final_step, walked.final_step < 0))
@@ -665,16 +695,16 @@ def _outcomes(data: ReplayData, router, cost_model: CostModel, configs: Configs,
         {
             "params": params_json.gather(state_config),
             "config": state_config,
-            "problem_id": pl.concat([data.roots["problem_id"]] * n_configs, rechunk=True),
-            "world": pl.concat([data.roots["world"].cast(pl.Int32)] * n_configs, rechunk=True),
-            "path": data.node_path_series.gather(walked.end_node),
-            **data.final_values.select(pl.all().gather(final)).to_dict(),
+            "problem_id": pl.concat([source.roots["problem_id"]] * n_configs, rechunk=True),
+            "world": pl.concat([source.roots["world"].cast(pl.Int32)] * n_configs, rechunk=True),
+            "path": source.node_path.gather(walked.end_node),
+            **source.final_values.select(pl.all().gather(final)).to_dict(),
             "cost": walked.cost,
-            **{f"cost_{role}": walked.decode[i] for i, role in enumerate(data.roles)},
+            **{f"cost_{role}": walked.decode[i] for i, role in enumerate(source.roles)},
             "cost_prefill": walked.prefill,
             "cost_discarded": walked.discarded,
             "cost_scorer": walked.scorer,
-            **{f"n_{role}": walked.kept[i] for i, role in enumerate(data.roles)},
+            **{f"n_{role}": walked.kept[i] for i, role in enumerate(source.roles)},
             "n_discarded": walked.n_discarded,
             "misses": (walked.miss_role >= 0).astype(np.int32),
         },
@@ -688,15 +718,15 @@ def _outcomes(data: ReplayData, router, cost_model: CostModel, configs: Configs,
     )
 
 
-def _misses(data: ReplayData, router, outcomes: pl.DataFrame, walked: Walked) -> pl.DataFrame:
+def _misses(roles: list[str], router, outcomes: pl.DataFrame, walked: Walked) -> pl.DataFrame:
     missed = np.flatnonzero(walked.miss_role >= 0)
     return pl.DataFrame(
         {
             "problem_id": outcomes["problem_id"].gather(missed),
             "world": outcomes["world"].gather(missed),
             "path": outcomes["path"].gather(missed),
-            "model": pl.Series(data.roles, dtype=pl.String).gather(walked.miss_role[missed]),
-            "scorer": pl.Series([router_scorer(router, data.roles)], dtype=pl.String)
+            "model": pl.Series(roles, dtype=pl.String).gather(walked.miss_role[missed]),
+            "scorer": pl.Series([router_scorer(router, roles)], dtype=pl.String)
             .new_from_index(0, missed.size)
             .set(pl.Series(~walked.miss_scorer[missed]), None),
             "config": outcomes["config"].gather(missed),
@@ -803,15 +833,26 @@ def replay_trace(
         raise TraceError(f"split {split!r} of {root} holds no problems (fractions {fractions}, seed {split_seed})")
     check_grid_size(sweep or {}, max_configs, evaluated.roots.height)
     router.fit(data.subset(ids_of["train"]))
-    result = replay(evaluated, router, cost_model, sweep, max_configs)
-    if scorer and result.misses["scorer"].is_not_null().any() and data.scores_of(scorer)["value"].is_null().all():
+    configs, walked = _walk_configs(evaluated, router, cost_model, sweep, max_configs)
+    missed_score = walked.miss_scorer[walked.miss_role >= 0].any()
+    if scorer and missed_score and data.scores_of(scorer)["value"].is_null().all():
         raise TraceError(
             f"router {router.name} reads {scorer} scores, but {root} holds none, although trace.json lists the "
             f"scorer (the scores were lost); run `trace score {root} --scorer {scorer}`"
         )
-    del data, evaluated  # the trace's frames and index are freed before the split columns are added: a lower peak
-    result.outcomes = result.outcomes.with_columns(  # a lookup, not a join: the outcomes are not copied
-        split=pl.col("problem_id").replace_strict(splits["problem_id"], splits["split"], default=None),
+    source = OutcomeSource.of(evaluated)
+    n_roots = evaluated.roots.height
+    del data, evaluated  # the trace's steps, scores and index are freed before the outcomes are built: a lower peak
+    result = _result(source, router, cost_model, configs, walked)
+    del source, walked
+    # The outcomes are configuration-major (each configuration's rows are the roots in order), so each root's
+    # split, looked up once, is repeated per configuration: no lookup per outcome row, no intermediate column.
+    root_split = (
+        result.outcomes["problem_id"].head(n_roots).replace_strict(splits["problem_id"], splits["split"], default=None)
+    )
+    n_configs = result.outcomes.height // n_roots
+    result.outcomes = result.outcomes.with_columns(  # the outcomes are not copied
+        split=pl.concat([root_split] * n_configs, rechunk=True),
         split_seed=pl.lit(split_seed, dtype=pl.Int64),
         split_fractions=pl.lit(",".join(str(f) for f in fractions)),
     )

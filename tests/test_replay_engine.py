@@ -269,3 +269,15 @@ def test_draft_rule_checks_its_escalate_mode():
         DraftRule(signal, lambda s, p: s < 1, one_way=True, escalate="later")
     with pytest.raises(ValueError, match="needs a one-way rule"):
         DraftRule(signal, lambda s, p: s < 1, one_way=False, escalate="after")
+
+
+def test_a_scorer_listed_without_any_scores_is_refused_but_a_partly_scored_trace_misses(tmp_path):
+    base = manifest()
+    steps = sized(comb_steps("p0", 3))
+    listed = {**base, "scorers": {"prm": {"n_params": 0.5e12, "generated_tokens": 5}}}
+    lost = build_trace(tmp_path / "lost", steps, manifest=listed)
+    with pytest.raises(TraceError, match="holds none, although trace.json lists the scorer"):
+        replay_trace(lost, make_router("rsd"), split="all")
+    judged_trace(tmp_path, scored=["s"])  # at tmp_path / "t": the first draft scored, the next ones not
+    result = replay_trace(tmp_path / "t", make_router("rsd", tau=0.0), split="all")
+    assert result.misses.select("path", "model", "scorer").rows() == [("s", "small", "prm")]
