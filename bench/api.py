@@ -29,7 +29,7 @@ def main() -> None:
     from tracegen.backends.openai_api import ApiSpec, ClientOptions, OpenAIBackend
     from tracegen.datasets import load_dataset
     from tracegen.expand import Request
-    from tracegen.gen import request_seed
+    from tracegen.growth import request_seed
     from tracegen.models import load_tokenizer, resolve_model
     from tracegen.prompts import STEP_DELIMITER, prompt_token_ids
     from tracegen.serve import local_server

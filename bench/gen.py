@@ -51,7 +51,8 @@ def main() -> None:
     from tracegen.backends import StepRequest, StepSampling, default_backend, engine_kwargs_for, load_backend
     from tracegen.continuous import can_stream
     from tracegen.expand import Request
-    from tracegen.gen import GenOptions, Tree, request_seed
+    from tracegen.gen import GenOptions
+    from tracegen.growth import Tree, request_seed
     from tracegen.models import resolve_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -290,7 +291,7 @@ def part_contents(root: Path) -> dict[str, object]:
 
 
 def ancestor_step(row: dict):
-    from tracegen.gen import StoredStep
+    from tracegen.growth import StoredStep
 
     return StoredStep(
         row["model"], row["text"], list(row["token_ids"]), row["n_prompt_tokens"], row["n_gen_tokens"], row["is_final"]

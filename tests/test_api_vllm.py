@@ -19,7 +19,8 @@ from replay.validate import validate
 from tracegen.backends import StepRequest, StepSampling
 from tracegen.backends.openai_api import ClientOptions, parse_api_spec
 from tracegen.expand import Request
-from tracegen.gen import GenOptions, Tree, _load_trees, request_seed, run_gen
+from tracegen.gen import GenOptions, _load_trees, run_gen
+from tracegen.growth import Tree, request_seed
 from tracegen.models import load_tokenizer, resolve_model
 from tracegen.prompts import STEP_DELIMITER, prompt_token_ids
 from tracegen.serve import local_server

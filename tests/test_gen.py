@@ -26,8 +26,9 @@ from replay.validate import validate
 from tracegen import gen as gen_module
 from tracegen.datasets import load_dataset
 from tracegen.expand import Comb, Request, frontier
-from tracegen.gen import GenOptions, StoredStep, Tree, in_shard, parse_shard, request_seed, run_gen
+from tracegen.gen import GenOptions, in_shard, parse_shard, run_gen
 from tracegen.grading import extract_answer, is_final_step
+from tracegen.growth import StoredStep, Tree, request_seed
 
 ROOT = Path(__file__).resolve().parent.parent
 N_PROBLEMS = 3

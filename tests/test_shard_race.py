@@ -38,6 +38,7 @@ SHARD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
+    sys.path.insert(0, "tests")  # as pytest's rootdir-relative imports: test_gen imports tracebuild
     from tests.test_gen import options
     from tracegen.gen import run_gen
 

@@ -4,7 +4,7 @@ The sample is stratified over (model, depth): the sample size is spread as evenl
 deep and rare steps are audited too, and each stratum's steps are drawn at random with the audit's seed.
 Every sampled step is regenerated as `trace gen` wrote it: the same model (its checkpoint checked against
 trace.json), the prompt rebuilt from the problem and the stored token ids of the step's ancestors, the
-recorded sampling settings and the step's own seed (``tracegen.gen.request_seed``), through the recorded
+recorded sampling settings and the step's own seed (``tracegen.growth.request_seed``), through the recorded
 engine or another one (``--backend hf`` cross-checks a vLLM trace). Compared with what is stored:
 
 - identical: the same token ids, token for token;
@@ -34,8 +34,8 @@ from replay.schema import Manifest, first_difference, lookup_field
 from replay.store import TraceWriter, open_trace
 from tracegen.backends import StepRequest, StepSampling, check_backend, engine_kwargs_for, load_backend
 from tracegen.expand import Request
-from tracegen.gen import request_seed
 from tracegen.grading import GRADERS, Grader, extract_answer, grader_for, grader_named, is_final_step
+from tracegen.growth import request_seed
 from tracegen.models import load_tokenizer, model_manifest, trace_model
 from tracegen.prompts import prompt_token_ids
 from tracegen.regrade import delimiter_of, solution_texts

@@ -25,7 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from replay.errors import TraceError
-from tracegen.gen import GenOptions, GenSummary
+from tracegen.gen import GenOptions
+from tracegen.growth import GenSummary
 
 MAX_RESTARTS = 3  # restarts of a dead worker process (and retries of its run) before the run fails
 POLL_SECONDS = 0.5  # how often the driver asks the workers how far they are

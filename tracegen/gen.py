@@ -26,9 +26,9 @@ from pathlib import Path
 import polars as pl
 
 from replay.errors import TraceError
-from replay.schema import model_char, model_roles, schema_version_for
+from replay.schema import model_roles, schema_version_for
 from replay.store import Trace, TraceWriter, open_trace
-from tracegen import api_roles, hidden
+from tracegen import api_roles, continuous, hidden
 from tracegen.backends import (
     StepRequest,
     StepSampling,
@@ -37,10 +37,11 @@ from tracegen.backends import (
     engine_kwargs_for,
     load_backend,
 )
-from tracegen.closure import ClosureResult, close_over
+from tracegen.closure import close_over
 from tracegen.datasets import Dataset, Problem, load_dataset
 from tracegen.expand import Request, Strategy, frontier, make_strategy
-from tracegen.grading import Grader, extract_answer, grader_for, is_final_step
+from tracegen.grading import Grader, grader_for
+from tracegen.growth import GenSummary, StoredStep, Tree, request_seed, step_record
 from tracegen.models import ModelRef, fetch_model, load_tokenizer, model_manifest, resolve_model
 from tracegen.prompts import STEP_DELIMITER, SYSTEM_PROMPT, prompt_token_ids
 
@@ -87,70 +88,6 @@ class GenOptions:
         return model_roles(len(self.model_names))
 
 
-@dataclass
-class GenSummary:
-    out: Path
-    problems: int
-    rounds: int = 0
-    new_steps: int = 0
-    new_gen_tokens: int = 0
-    skipped_context_full: int = 0  # nodes whose prompt leaves no room for a step in the context
-    context_full_problems: list[str] = field(default_factory=list)  # the problems those nodes belong to
-    seconds: float = 0.0
-    hidden_rows: int = 0
-    closure: ClosureResult | None = None  # of a closure or online run
-
-
-@dataclass
-class StoredStep:
-    """What growing a tree needs of a step: its tokens (to extend prompts), text and cost counters."""
-
-    model: str
-    text: str
-    token_ids: list[int]
-    n_prompt_tokens: int
-    n_gen_tokens: int
-    is_final: bool
-
-
-@dataclass
-class Tree:
-    """The nodes of one (problem, world) tree, keyed by path."""
-
-    problem: Problem
-    world: int
-    root_ids: list[int]
-    steps: dict[str, StoredStep] = field(default_factory=dict)
-
-    def prompt_ids(self, path: str) -> list[int]:
-        ids = list(self.root_ids)
-        for end in range(1, len(path) + 1):
-            ids.extend(self.steps[path[:end]].token_ids)
-        return ids
-
-    def step_texts(self, path: str) -> tuple[str, ...]:
-        return tuple(self.steps[path[:end]].text for end in range(1, len(path) + 1))
-
-    def solution_text(self, path: str) -> str:
-        return STEP_DELIMITER.join(self.steps[path[:end]].text for end in range(1, len(path) + 1))
-
-    def processed_by(self, model: str, path: str) -> int:
-        """Prefix tokens of node ``path`` whose keys/values ``model`` computed when it last wrote a step on it.
-
-        That is its last step's prompt plus all but the final token it generated (the final sampled
-        token is never fed back). Zero if the model has not written a step on this path.
-        """
-        char = model_char(model)
-        for end in range(len(path), 0, -1):
-            if path[end - 1] == char:
-                step = self.steps[path[:end]]
-                return step.n_prompt_tokens + step.n_gen_tokens - 1
-        return 0
-
-    def is_final_map(self) -> dict[str, bool]:
-        return {path: step.is_final for path, step in self.steps.items()}
-
-
 def parse_models(small: str | None, large: str | None, models: str | None) -> list[str]:
     """The models of `trace gen`, smallest first: ``--models A,B,C``, or the pair ``--model A --large B``."""
     if models is not None:
@@ -188,20 +125,12 @@ def in_shard(problem_id: str, shard: tuple[int, int] | None) -> bool:
     return int.from_bytes(digest[:8], "little") % shard[1] == shard[0]
 
 
-def request_seed(seed: int, request: Request) -> int:
-    """The sampling seed of one step: a function of (--seed, problem, world, node, model) only."""
-    key = f"{seed}\0{request.problem_id}\0{request.world}\0{request.parent_path}\0{request.model}"
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & (2**63 - 1)
-
-
 def run_gen(options: GenOptions, progress: Callable | None = None, backends: dict | None = None) -> GenSummary:
     """Grow the trees of ``options`` into ``options.out``; resumable and idempotent.
 
     ``progress(stage=..., **info)`` is called as work advances (see tracegen.progress.GenProgress). ``backends``
     ({"small": ..., "large": ...}, or by role m0..m{K-1}) reuses engines already loaded for these models.
     """
-    from tracegen.continuous import can_stream, grow_continuously  # it builds on this module
-
     started = time.perf_counter()
     _check_options(options)
     shard = parse_shard(options.shard)
@@ -279,8 +208,8 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
                 )
                 summary.rounds += 1
 
-            if can_stream(backends):
-                grow_continuously(
+            if continuous.can_stream(backends):
+                continuous.grow_continuously(
                     trees,
                     strategy,
                     options.max_steps,
@@ -359,59 +288,6 @@ def generate_requests(
     for tree, request, stored in new_steps:
         tree.steps[request.path] = stored
     summary.new_steps += len(new_steps)
-
-
-def step_record(
-    request: Request, tree: Tree, prompt: list[int], step, grader: Grader, tokenizer, timings: bool
-) -> tuple[dict, dict, StoredStep]:
-    """A generated step as its steps row, its tokens row and what its tree keeps of it."""
-    from tracegen.signals import step_signals
-
-    role = request.model
-    signals = step_signals(step, tokenizer)
-    final = is_final_step(step.text, step.finish_reason)
-    answer = correct = None
-    if final:
-        earlier = tree.solution_text(request.parent_path)
-        solution = earlier + STEP_DELIMITER + step.text if earlier else step.text
-        answer = extract_answer(solution) or ""
-        correct = grader.grade(answer or None, tree.problem.reference)
-    n_gen = len(step.token_ids)
-    n_prompt, n_new_prefill = len(prompt), len(prompt) - tree.processed_by(role, request.parent_path)
-    if step.usage is not None:  # an API step: what the endpoint billed
-        n_prompt = step.usage["prompt_tokens"]
-        n_new_prefill = n_prompt - step.usage["cached_tokens"]
-    step_row = {
-        "step_id": request.step_id,
-        "problem_id": request.problem_id,
-        "world": request.world,
-        "parent_path": request.parent_path,
-        "path": request.path,
-        "depth": len(request.parent_path),
-        "model": role,
-        "text": step.text,
-        "n_prompt_tokens": n_prompt,
-        "n_new_prefill_tokens": n_new_prefill,
-        "n_cached_tokens": step.n_cached_tokens,
-        "n_gen_tokens": n_gen,
-        "finish_reason": step.finish_reason,
-        "is_final": final,
-        "answer": answer,
-        "correct": correct,
-        **signals.step_fields,
-        "gen_seconds": step.gen_seconds if timings else None,
-    }
-    token_row = {
-        "step_id": request.step_id,
-        "token_ids": step.token_ids,
-        "logprobs": step.logprobs,
-        "max_logits": step.max_logits,
-        "topk_ids": step.topk_ids,
-        "topk_logprobs": step.topk_logprobs,
-        "is_math": signals.is_math,
-    }
-    ids = step.token_ids if step.continuation_ids is None else step.continuation_ids
-    return step_row, token_row, StoredStep(role, step.text, list(ids), len(prompt), n_gen, final)
 
 
 def _generate_batches(backends: dict, batches: dict[str, list[StepRequest]], sampling) -> dict[str, list]:

@@ -10,7 +10,7 @@ import time
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tracegen.expand import Request
-from tracegen.gen import GenSummary
+from tracegen.growth import GenSummary
 
 
 def counted_bar(console=None, *, info: bool = True, eta: bool = True) -> Progress:
