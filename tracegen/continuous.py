@@ -65,6 +65,7 @@ def grow_continuously(
     role_order = {role: index for index, role in enumerate(backends)}
     rounds: dict[int, _Round] = defaultdict(_Round)
     round_of: dict[Request, int] = {}
+    prompts: dict[Request, list[int]] = {}  # request -> its prompt ids, until it is generated
     drafts: dict[Request, tuple] = {}  # request -> (prompt, draft, gen seconds) until it is scored
     waiting: dict[tuple, list[Request]] = {}  # (round, role, prompt + step) -> requests sharing one scoring pass
     scored: dict[tuple, list] = {}  # (round, role, prompt + step) -> its scores, until its round is written
@@ -79,8 +80,9 @@ def grow_continuously(
             round_of[request] = number
             rounds[number].open += 1
             tree = trees[(request.problem_id, request.world)]
+            prompts[request] = tree.prompt_ids(request.parent_path)
             step_request = StepRequest(
-                tuple(tree.prompt_ids(request.parent_path)),
+                tuple(prompts[request]),
                 request_seed(seed, request),
                 tree.problem.question,
                 tree.step_texts(request.parent_path),
@@ -92,7 +94,7 @@ def grow_continuously(
     def generated(request: Request, draft, seconds: float) -> None:
         generating[0] -= 1
         tree = trees[(request.problem_id, request.world)]
-        prompt = tree.prompt_ids(request.parent_path)
+        prompt = prompts.pop(request)
         final = is_final_step(draft.text, draft.finish_reason)
         tree.steps[request.path] = StoredStep(
             request.model, draft.text, list(draft.token_ids), len(prompt), len(draft.token_ids), final

@@ -182,8 +182,7 @@ class VLLMBackend:
 
     def open_stream(self, sampling: StepSampling, role: str, events: queue.Queue) -> StepStream:
         """Generate and score steps request by request instead of batch by batch (see ``StepStream``)."""
-        if self.generator is None:
-            raise RuntimeError("this backend was started with generator=False (scoring only)")
+        self._check([], sampling)
         return StepStream(self, sampling, role, events)
 
     def _check(self, requests: list[StepRequest], sampling: StepSampling) -> None:
