@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from replay.engine import DEFAULT_MAX_CONFIGS
-from replay.errors import TraceError
 from replay.routers import ROUTERS
 from tracegen.scorers import SCORERS, WORLD_SCORERS
+from tracestore.errors import TraceError
 
 app = typer.Typer(
     help="Cache step trees of a small and a large LLM once (gen), then replay any router on a CPU.",
@@ -73,8 +73,8 @@ def validate(
 ) -> None:
     """Check every invariant of a trace (page checksums and value ranges included); exit 1 naming the first
     violation."""
-    from replay.repair import repair as repair_trace
-    from replay.validate import validate as validate_trace
+    from tracestore.repair import repair as repair_trace
+    from tracestore.validate import validate as validate_trace
 
     if repair:
         report = repair_trace(trace_dir)
@@ -518,8 +518,8 @@ def replay(
     import time
 
     from replay import api
-    from replay.outputs import check_output_file
     from replay.splits import parse_fractions
+    from tracestore.outputs import check_output_file
 
     if router == "help":
         _print_registered()

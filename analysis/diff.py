@@ -21,12 +21,12 @@ import polars as pl
 
 from analysis.report_inputs import read_parquet_input
 from analysis.stats import PairedTest, mcnemar, paired_problem_test
-from replay.atomic import write_atomic
-from replay.errors import TraceError
-from replay.grades import graded_steps
-from replay.outputs import check_output_file
-from replay.schema import DEFAULT_GRADES, MANIFEST_FILE, model_char
-from replay.store import Trace, open_trace
+from tracestore.atomic import write_atomic
+from tracestore.errors import TraceError
+from tracestore.grades import graded_steps
+from tracestore.outputs import check_output_file
+from tracestore.schema import DEFAULT_GRADES, MANIFEST_FILE, model_char
+from tracestore.store import Trace, open_trace
 
 BOTH_RIGHT, ONLY_A, ONLY_B, BOTH_WRONG, EXCLUDED = "both right", "only A", "only B", "both wrong", "excluded"
 OUTCOMES = (BOTH_RIGHT, ONLY_A, ONLY_B, BOTH_WRONG)

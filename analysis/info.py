@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from replay.schema import DEFAULT_GRADES, TABLES, is_trace_metadata, model_char
-from replay.store import open_trace
+from tracestore.schema import DEFAULT_GRADES, TABLES, is_trace_metadata, model_char
+from tracestore.store import open_trace
 
 
 @dataclass

@@ -20,7 +20,7 @@ from analysis.report_inputs import ReportOptions, Run
 from analysis.stats import percentile_interval, ratio, resampled_ratio
 from replay.costs import A_OVER_C_SCALE
 from replay.engine import summarize
-from replay.errors import TraceError
+from tracestore.errors import TraceError
 
 PICK_RULES = ("ac", "cheapest", "accuracy")
 LEVEL = 0.95

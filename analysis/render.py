@@ -16,7 +16,7 @@ from analysis.operating_points import Estimate, Row, percent
 from analysis.report_inputs import ALL_ROWS, REPORTED_ROWS, ReportOptions, Run
 from analysis.stats import PERMUTATIONS, mcnemar, paired_problem_test
 from replay.engine import summarize
-from replay.schema import Manifest, model_char
+from tracestore.schema import Manifest, model_char
 
 GENERATOR = "trace report"
 FIGURES = {

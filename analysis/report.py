@@ -54,11 +54,11 @@ from analysis.report_inputs import (
 )
 from analysis.stats import bootstrap_counts
 from analysis.tables import TABLES, cascade_table, cmdp_table, table_markdown
-from replay.atomic import write_atomic
-from replay.errors import TraceError
-from replay.grades import graded_steps
-from replay.outputs import check_outside_trace
-from replay.store import open_trace
+from tracestore.atomic import write_atomic
+from tracestore.errors import TraceError
+from tracestore.grades import graded_steps
+from tracestore.outputs import check_outside_trace
+from tracestore.store import open_trace
 
 PAGE, MARKDOWN = "index.html", "report.md"
 TABLE_FILES = {name: (f"table_{name}.md", f"table_{name}.csv") for name in TABLES}

@@ -14,11 +14,11 @@ import polars as pl
 from analysis import plots
 from replay.costs import make_cost_model
 from replay.engine import ReplayData, replay
-from replay.errors import TraceError
 from replay.routers import ROUTERS, make_router
 from replay.routers.steer import load_mixtures
-from replay.schema import SCHEMAS
 from replay.splits import SPLITS
+from tracestore.errors import TraceError
+from tracestore.schema import SCHEMAS
 
 # column -> what its type must be: "string", "integer", "float" or "boolean"
 RESULT_COLUMNS = {

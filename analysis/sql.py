@@ -21,12 +21,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from replay.atomic import write_atomic
-from replay.errors import TraceError
-from replay.grades import check_grade_set, graded_steps
-from replay.outputs import check_output_file
-from replay.schema import DEFAULT_GRADES, SCHEMAS, TABLES
-from replay.store import Trace, open_trace
+from tracestore.atomic import write_atomic
+from tracestore.errors import TraceError
+from tracestore.grades import check_grade_set, graded_steps
+from tracestore.outputs import check_output_file
+from tracestore.schema import DEFAULT_GRADES, SCHEMAS, TABLES
+from tracestore.store import Trace, open_trace
 
 OUTPUT_FORMATS = (".csv", ".parquet")
 FILE_READERS = {".parquet": "read_parquet", ".csv": "read_csv", ".tsv": "read_csv", ".json": "read_json"}
@@ -100,7 +100,7 @@ def connect(
 ) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection that can only read: one view per trace table over its part files
     and one per file in ``files`` (view name -> path), and no other file. With ``grades``, the steps view
-    shows that grade set's answers and grades (see replay.grades)."""
+    shows that grade set's answers and grades (see tracestore.grades)."""
     trace = open_trace(root)
     files = files or {}
     if grades is not None:

@@ -32,12 +32,12 @@ from replay.engine import (
     replay_trace,
     write_outcomes,
 )
-from replay.errors import TraceError
 from replay.plugins import make_router, registered_routers
 from replay.routers.base import Router
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED
 from replay.stepwise import StepRouter
-from replay.store import Trace, open_trace
+from tracestore.errors import TraceError
+from tracestore.store import Trace, open_trace
 
 __all__ = [
     "ReplayResult",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from replay.errors import TraceError
+from tracestore.errors import TraceError
 
 RAW_LOGIT_SIGNALS = ("conf_max_logit_math", "conf_max_logit_mean")
 S_API = "conf_top1_prob_min_math"

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from replay.engine import ReplayData
-from replay.errors import TraceError
 from replay.splits import SPLITS, assign_splits, check_fractions
-from replay.store import open_trace
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
 
 
 def load_train_split(root: str | os.PathLike, split_seed: int, fractions: tuple[float, float, float]) -> ReplayData:

@@ -28,8 +28,8 @@ import numpy as np
 import polars as pl
 
 from replay.entry_points import COST_GROUP, Registered, entry_point_rows, entry_points, first_line, load_entry_point
-from replay.errors import TraceError
-from replay.schema import Manifest
+from tracestore.errors import TraceError
+from tracestore.schema import Manifest
 
 FLOPS_UNIT = 1e12  # FLOPs costs are reported in TFLOPs per query
 CENTS_PER_USD = 100

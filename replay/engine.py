@@ -22,14 +22,14 @@ from functools import cached_property
 import numpy as np
 import polars as pl
 
-from replay.atomic import write_atomic
 from replay.costs import A_OVER_C_SCALE, CostModel, Price, make_cost_model
-from replay.errors import TraceError
-from replay.grades import graded_steps
-from replay.outputs import check_output_file
-from replay.schema import Manifest
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, SPLITS, assign_splits
-from replay.store import Trace, empty_frame, open_trace
+from tracestore.atomic import write_atomic
+from tracestore.errors import TraceError
+from tracestore.grades import graded_steps
+from tracestore.outputs import check_output_file
+from tracestore.schema import Manifest
+from tracestore.store import Trace, empty_frame, open_trace
 
 
 @dataclass(frozen=True)

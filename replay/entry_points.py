@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from replay.errors import TraceError
+from tracestore.errors import TraceError
 
 ROUTER_GROUP, SCORER_GROUP, COST_GROUP = "trace.routers", "trace.scorers", "trace.costs"
 

@@ -21,8 +21,8 @@ import polars as pl
 
 from replay.artifacts import load_artifact
 from replay.engine import Costs, ReplayData, walk_chains
-from replay.errors import TraceError
 from replay.splits import hash_uniform
+from tracestore.errors import TraceError
 
 PIK_FORMAT = "trace-pik"
 PIK_VERSION = 2  # 2: one layer per model ("layers"), chosen by probe_layer

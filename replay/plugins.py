@@ -37,10 +37,10 @@ from replay.entry_points import (
     load_entry_point,
     package_of,
 )
-from replay.errors import TraceError
 from replay.routers import ROUTERS
 from replay.routers.base import DraftRouter, QueryRouter, Router, WriterRouter, coerce_param, router_origin
 from replay.stepwise import StepRouter, step_router
+from tracestore.errors import TraceError
 
 REFERENCE_FORMS = "a registered name, an entry point of group trace.routers, FILE.py:Class or module:Class"
 

@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 
 from replay.entry_points import describe_error
-from replay.errors import TraceError
 from replay.routers.base import DraftRouter, router_origin
+from tracestore.errors import TraceError
 
 HIDDEN_COLUMNS = ("correct",)  # a router cannot know whether an answer is right
 

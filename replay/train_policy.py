@@ -100,11 +100,8 @@ import polars as pl
 
 from replay.api_signals import require_signals
 from replay.artifacts import load_train_split
-from replay.atomic import write_atomic
 from replay.costs import COST_MODELS, CostModel, Price, make_cost_model
 from replay.engine import ESCALATE_MODES, Costs, ReplayData, walk_chains
-from replay.errors import TraceError
-from replay.outputs import check_output_file
 from replay.policy_walk import allowed_actions, deployed_action
 from replay.routers.policy import (
     ESCALATE,
@@ -118,6 +115,9 @@ from replay.routers.policy import (
     with_role,
 )
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, check_fractions
+from tracestore.atomic import write_atomic
+from tracestore.errors import TraceError
+from tracestore.outputs import check_output_file
 
 DEFAULT_FEATURES = ("conf_max_logit_math", "depth", "is_final", "n_gen_tokens")
 COST_UNITS = (*COST_MODELS, "tokens")

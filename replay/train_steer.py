@@ -13,9 +13,9 @@ from pathlib import Path
 import polars as pl
 
 from replay.artifacts import load_train_split
-from replay.outputs import check_output_file
 from replay.routers.steer import Steer
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED
+from tracestore.outputs import check_output_file
 
 
 def train_steer(

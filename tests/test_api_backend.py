@@ -15,13 +15,13 @@ import pytest
 from api_server import ApiServer, ServerState
 from test_gen import toy_models  # noqa: F401  (fixture: trained toy models, or random-weight stand-ins)
 
-from replay.errors import TraceError
-from replay.schema import API_RESPONSES_DIR
-from replay.store import open_trace
-from replay.validate import validate
 from tracegen.backends.openai_api import ClientOptions, parse_api_spec
 from tracegen.gen import GenOptions, run_gen
 from tracegen.models import load_tokenizer, resolve_model
+from tracestore.errors import TraceError
+from tracestore.schema import API_RESPONSES_DIR
+from tracestore.store import open_trace
+from tracestore.validate import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 N_PROBLEMS = 6

@@ -13,11 +13,11 @@ from tracebuild import rewrite_parts, toy_gen_options
 from typer.testing import CliRunner
 
 from cli import app
-from replay.errors import TraceError
-from replay.store import open_trace
-from replay.validate import validate
 from tracegen.audit import AuditOptions, compare_tokens, run_audit, sample_steps
 from tracegen.gen import run_gen
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
+from tracestore.validate import validate
 
 
 @pytest.fixture(scope="module")

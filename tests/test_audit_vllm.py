@@ -11,10 +11,10 @@ import pytest
 from tracebuild import rewrite_parts, toy_gen_options
 
 from data.toy import MODEL_ALIASES
-from replay.store import open_trace
 from tracegen.audit import AuditOptions, run_audit
 from tracegen.backends import engine_kwargs_for, load_backend
 from tracegen.gen import run_gen
+from tracestore.store import open_trace
 
 pytestmark = pytest.mark.vllm
 

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from replay.schema import MANIFEST_FILE, TABLES
+from tracestore.schema import MANIFEST_FILE, TABLES
 
 runner = CliRunner()
 

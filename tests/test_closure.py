@@ -17,11 +17,11 @@ from typer.testing import CliRunner
 
 from cli import app
 from replay.engine import replay_trace
-from replay.errors import TraceError
-from replay.store import open_trace
-from replay.validate import validate
 from tracegen.closure import RouterSpec, load_router_specs
 from tracegen.gen import run_gen
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
+from tracestore.validate import validate
 
 N_PROBLEMS = 5
 ROUTERS = """

@@ -16,13 +16,13 @@ from tracebuild import toy_gen_options
 
 from data.toy import MODEL_ALIASES
 from replay.engine import replay_trace
-from replay.repair import repair
-from replay.store import open_trace
-from replay.validate import validate
 from tracegen.backends import engine_kwargs_for, load_backend
 from tracegen.closure import RouterSpec
 from tracegen.gen import run_gen
 from tracegen.scoring import open_scorer, run_score, score_pending
+from tracestore.repair import repair
+from tracestore.store import open_trace
+from tracestore.validate import validate
 
 pytestmark = pytest.mark.vllm
 

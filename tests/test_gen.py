@@ -20,15 +20,15 @@ from typer.testing import CliRunner
 
 from cli import app
 from data.toy import MODEL_ALIASES, task
-from replay.errors import TraceError
-from replay.store import open_trace
-from replay.validate import validate
 from tracegen import gen as gen_module
 from tracegen.datasets import load_dataset
 from tracegen.expand import Comb, Request, frontier
 from tracegen.gen import GenOptions, in_shard, parse_shard, run_gen
 from tracegen.grading import extract_answer, is_final_step
 from tracegen.growth import StoredStep, Tree, request_seed
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
+from tracestore.validate import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 N_PROBLEMS = 3

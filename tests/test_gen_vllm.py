@@ -14,9 +14,9 @@ import polars as pl
 import pytest
 from test_gen import toy_models  # noqa: F401  (fixture: trained toy models, or random-weight stand-ins)
 
-from replay.store import open_trace
-from replay.validate import validate
 from tracegen.expand import Comb, frontier
+from tracestore.store import open_trace
+from tracestore.validate import validate
 
 pytestmark = pytest.mark.vllm
 

@@ -16,12 +16,12 @@ from test_routers_baselines import run
 from test_routers_policy import hand_made_policy
 from tracebuild import build_trace, comb_steps, default_manifest, toy_gen_options
 
-from replay.errors import TraceError
 from replay.routers import make_router
-from replay.schema import model_roles, read_manifest, role_of_char
-from replay.store import open_trace
 from tracegen.expand import Comb, Full, frontier, make_strategy
 from tracegen.gen import parse_models
+from tracestore.errors import TraceError
+from tracestore.schema import model_roles, read_manifest, role_of_char
+from tracestore.store import open_trace
 
 ROLES = ("m0", "m1", "m2")
 N_PARAMS = {"m0": 0.5e12, "m1": 1e12, "m2": 2e12}
@@ -269,8 +269,8 @@ def gen3(tmp_path_factory):
 
 
 def test_gen_grows_a_complete_three_model_comb(gen3):
-    from replay.validate import validate
     from tracegen.gen import run_gen
+    from tracestore.validate import validate
 
     out, options, summary = gen3
     assert validate(out)["problems"] == 2 and summary.new_steps > 0

@@ -16,14 +16,14 @@ from typer.testing import CliRunner
 
 from cli import app
 from replay.engine import miss_list, replay_trace
-from replay.errors import TraceError
 from replay.routers import make_router
-from replay.store import open_trace
-from replay.validate import validate
 from tracegen.closure import RouterSpec
 from tracegen.gen import run_gen
 from tracegen.scorers import make_scorer
 from tracegen.scoring import run_score
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
+from tracestore.validate import validate
 
 SPECS = (
     RouterSpec("specreason", {"target": "m1", "tau": "6"}),

@@ -16,9 +16,9 @@ import pytest
 
 from replay.engine import replay_trace
 from replay.routers import make_router
-from replay.store import open_trace
-from replay.validate import validate
 from tracegen.expand import Comb, frontier
+from tracestore.store import open_trace
+from tracestore.validate import validate
 
 pytestmark = pytest.mark.vllm
 

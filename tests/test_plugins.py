@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 
 from cli import app
 from replay import api
-from replay.errors import TraceError
 from replay.routers import ROUTERS
 from replay.routers.rsd import Rsd
 from tracegen.closure import load_router_specs
+from tracestore.errors import TraceError
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "min_logprob.py"

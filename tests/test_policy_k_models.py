@@ -17,11 +17,11 @@ from test_routers_policy import hand_made_policy, zeroed_network
 from tracebuild import build_trace, comb_steps
 
 from replay.engine import Costs, ReplayData, miss_list, replay_trace
-from replay.errors import TraceError
 from replay.policy_walk import deployed_action, walk_k_models
 from replay.routers import make_router
 from replay.routers.policy import load_policy, save_policy
-from replay.store import open_trace
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
 
 NAMES = [f"toy-{role}" for role in ROLES]
 # m0 writes 10 TFLOPs a step, m1 30, m2 80 (test_k_models' sizes)

@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from replay.store import open_trace
-from replay.validate import validate
 from tests.test_gen import ROOT, gen_command, options, toy_models  # noqa: F401 - toy_models is a fixture
 from tests.test_shard_race import assert_same_steps
 from tracegen.gen import run_gen
+from tracestore.store import open_trace
+from tracestore.validate import validate
 
 pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")  # installed with ray

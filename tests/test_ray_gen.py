@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from replay.validate import validate
 from tests.test_gen import options, toy_models  # noqa: F401 - toy_models is a fixture
 from tests.test_shard_race import assert_same_steps
 from tracegen.distributed import run_distributed
 from tracegen.gen import run_gen
+from tracestore.validate import validate
 
 ray = pytest.importorskip("ray")
 SETTINGS = dict(limit=4, max_steps=4)
@@ -80,14 +80,14 @@ def test_a_killed_worker_is_restarted_and_resumes_from_its_parts(local_ray, toy_
 
 
 def open_steps(root):
-    from replay.store import open_trace
+    from tracestore.store import open_trace
 
     return open_trace(root).scan("steps").select("step_id").collect()["step_id"].to_list()
 
 
 def summary_problem_ids(root, shard: int) -> list[str]:
-    from replay.store import open_trace
     from tracegen.gen import in_shard
+    from tracestore.store import open_trace
 
     ids = open_trace(root).scan("problems").select("problem_id").collect()["problem_id"].to_list()
     return [f"{pid}/" for pid in ids if in_shard(pid, (shard, 2))]

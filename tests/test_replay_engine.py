@@ -11,11 +11,11 @@ from tracebuild import build_trace, comb_steps, default_problem, step_and_tokens
 
 from replay.costs import make_cost_model
 from replay.engine import DraftRule, ReplayData, miss_list, parse_sweep, replay, replay_trace, write_outcomes
-from replay.errors import TraceError
 from replay.routers import make_router
 from replay.routers.base import DraftRouter
 from replay.splits import assign_splits
-from replay.store import open_trace
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
 
 
 def frames(step_fields: list[dict]) -> ReplayData:

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from analysis.stats import bootstrap_counts
 from cli import app
-from replay.store import open_trace
+from tracestore.store import open_trace
 
 runner = CliRunner()
 N_PROBLEMS, N_WORLDS, N_STEPS = 30, 2, 3

@@ -18,9 +18,9 @@ from tracebuild import build_trace, comb_steps, default_manifest
 
 from replay.costs import make_cost_model
 from replay.engine import ReplayData, replay
-from replay.errors import TraceError
 from replay.routers import make_router
-from replay.store import open_trace
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
 
 SMALL_CHAIN, LARGE_CHAIN, PTRUE_CALL = 20.0, 160.0, 1.0
 N_TRAIN = 60  # the probe is fitted 80/10/10: enough for a non-empty validation and test part

@@ -15,10 +15,10 @@ from test_routers_baselines import LARGE_STEP, SMALL_STEP, manifest, run, sized
 from tracebuild import build_trace, comb_steps
 
 from replay.engine import ReplayData
-from replay.errors import TraceError
 from replay.routers import make_router
 from replay.routers.policy import load_policy, policy_network, raw_features, save_policy
-from replay.store import open_trace
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
 
 STEEPNESS = 10.0
 

@@ -16,9 +16,9 @@ from tracebuild import build_trace, comb_steps
 
 from replay.costs import make_cost_model
 from replay.engine import ReplayData, replay
-from replay.errors import TraceError
 from replay.routers import make_router
-from replay.store import open_trace
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
 
 CONFIDENT, UNSURE = 15.0, 5.0
 

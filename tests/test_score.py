@@ -19,13 +19,13 @@ from typer.testing import CliRunner
 from cli import app
 from data.toy import MODEL_ALIASES
 from data.toy.task import step_is_valid
-from replay.errors import TraceError
-from replay.store import open_trace
-from replay.validate import validate
 from tracegen.gen import run_gen
 from tracegen.prompts import prompt_token_ids
 from tracegen.scorers.toy_ptrue import _boxed_token_positions
 from tracegen.scoring import run_score
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
+from tracestore.validate import validate
 
 N_PROBLEMS = 5
 

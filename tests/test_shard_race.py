@@ -11,10 +11,10 @@ from pathlib import Path
 import polars as pl
 from polars.testing import assert_frame_equal
 
-from replay.store import open_trace
-from replay.validate import validate
 from tests.test_gen import ROOT, options, toy_models  # noqa: F401 - toy_models is a fixture
 from tracegen.gen import run_gen
+from tracestore.store import open_trace
+from tracestore.validate import validate
 
 REPETITIONS = 10
 EXACT = ["step_id", "parent_path", "model", "text", "n_prompt_tokens", "n_new_prefill_tokens", "n_cached_tokens"]

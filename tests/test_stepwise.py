@@ -12,11 +12,11 @@ import pytest
 from tracebuild import build_trace, default_manifest, random_trees
 
 from replay import api
-from replay.errors import TraceError
 from replay.plugins import router_class
 from replay.routers import ROUTERS
 from replay.routers.base import DraftRouter
 from replay.stepwise import step_router
+from tracestore.errors import TraceError
 
 PRM = {"prm": {"model": "prm-test", "n_params": 1e9, "generated_tokens": 0}}
 # the per-step RSD of the examples, loaded as `trace replay --router FILE.py:Class` loads a router of your own

@@ -25,10 +25,10 @@ from typer.testing import CliRunner
 from cli import app
 from replay import engine
 from replay.engine import ReplayData, parse_sweep, replay
-from replay.errors import TraceError
 from replay.routers import ROUTERS, make_router
-from replay.store import TraceWriter, open_trace
-from replay.validate import validate
+from tracestore.errors import TraceError
+from tracestore.store import TraceWriter, open_trace
+from tracestore.validate import validate
 
 TESTS_DIR = Path(__file__).resolve().parent
 runner = CliRunner()
@@ -72,7 +72,7 @@ HOLDER = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, {tests!r})
-    from replay.store import TraceWriter
+    from tracestore.store import TraceWriter
     from tracebuild import default_manifest
 
     with TraceWriter({root!r}, default_manifest(), writer_id={writer!r}, shard={shard!r}):

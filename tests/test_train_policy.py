@@ -27,11 +27,9 @@ from cli import app
 from replay.artifacts import load_train_split
 from replay.costs import Price
 from replay.engine import ReplayData, replay_trace
-from replay.errors import TraceError
 from replay.routers import make_router
 from replay.routers.policy import load_policy
 from replay.splits import DEFAULT_FRACTIONS, assign_splits
-from replay.store import open_trace
 from replay.train_policy import (
     Hyperparameters,
     comb_episodes,
@@ -46,6 +44,8 @@ from replay.train_policy import (
     train_policy,
     vtrace,
 )
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
 
 runner = CliRunner()
 ALPHA = 0.1

@@ -14,9 +14,9 @@ from test_hf_backend import save_random_toy_model
 
 from data.toy import MODEL_ALIASES
 from data.toy.task import generate
-from replay.errors import TraceError
 from tracegen.backends import StepRequest, StepSampling, load_backend
 from tracegen.prompts import prompt_token_ids
+from tracestore.errors import TraceError
 
 pytestmark = pytest.mark.vllm
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from replay.errors import TraceError
 from tracegen.backends.openai_api import ApiSpec, ClientOptions, continuation_ids, open_api_backend
+from tracestore.errors import TraceError
 
 
 def api_specs(specs: Sequence[ApiSpec], roles: Sequence[str]) -> dict[str, ApiSpec]:

@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 import tomllib
 
-from replay.errors import TraceError
 from replay.plugins import anchor_reference
 from tracegen.expand import Request, missing
+from tracestore.errors import TraceError
 
 ROUTER_KEYS = {"name", "params", "sweep"}
 
@@ -133,7 +133,7 @@ def close_over(
     scorers want and returns how many it scored.
     """
     from replay.engine import miss_list, replay_trace, router_scorer
-    from replay.store import open_trace
+    from tracestore.store import open_trace
 
     result = ClosureResult()
     roles = open_trace(root).manifest.roles

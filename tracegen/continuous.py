@@ -17,11 +17,11 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from replay.store import TraceWriter
 from tracegen.backends import StepRequest, StepSampling
 from tracegen.expand import Request, Strategy, frontier
 from tracegen.grading import Grader, is_final_step
 from tracegen.growth import GenSummary, StoredStep, Tree, request_seed, step_record
+from tracestore.store import TraceWriter
 
 _REPORT_SECONDS = 0.5  # how often progress is reported between written rounds
 # Scoring is off the critical path: steps wait for it in batches of this many per model (or until no step is

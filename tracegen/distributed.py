@@ -6,7 +6,7 @@ runs are interchangeable and resume each other -- with its rounds, closure round
 its Parquet parts into the one trace directory under its own writer id (``shard{i}of{N}``).
 
 trace.json: every change a writer makes to it (creating it, the engine, expansions, scorers) is a
-read-merge-write under the trace's manifest lock (replay.lock.manifest_lock), so the workers -- like
+read-merge-write under the trace's manifest lock (tracestore.lock.manifest_lock), so the workers -- like
 hand-started shards -- take turns and never lose each other's updates; a command whose settings differ
 from the trace's is refused by the first worker that opens it, and the driver reports that refusal.
 
@@ -24,9 +24,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from replay.errors import TraceError
 from tracegen.gen import GenOptions
 from tracegen.growth import GenSummary
+from tracestore.errors import TraceError
 
 MAX_RESTARTS = 3  # restarts of a dead worker process (and retries of its run) before the run fails
 POLL_SECONDS = 0.5  # how often the driver asks the workers how far they are

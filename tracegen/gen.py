@@ -25,9 +25,6 @@ from pathlib import Path
 
 import polars as pl
 
-from replay.errors import TraceError
-from replay.schema import model_roles, schema_version_for
-from replay.store import Trace, TraceWriter, open_trace
 from tracegen import api_roles, continuous, hidden
 from tracegen.backends import (
     StepRequest,
@@ -44,6 +41,9 @@ from tracegen.grading import Grader, grader_for
 from tracegen.growth import GenSummary, StoredStep, Tree, request_seed, step_record
 from tracegen.models import ModelRef, fetch_model, load_tokenizer, model_manifest, resolve_model
 from tracegen.prompts import STEP_DELIMITER, SYSTEM_PROMPT, prompt_token_ids
+from tracestore.errors import TraceError
+from tracestore.schema import model_roles, schema_version_for
+from tracestore.store import Trace, TraceWriter, open_trace
 
 
 @dataclass(frozen=True)

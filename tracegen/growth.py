@@ -8,12 +8,12 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from replay.schema import model_char
 from tracegen.closure import ClosureResult
 from tracegen.datasets import Problem
 from tracegen.expand import Request
 from tracegen.grading import Grader, extract_answer, is_final_step
 from tracegen.prompts import STEP_DELIMITER
+from tracestore.schema import model_char
 
 
 @dataclass

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from data.toy import MODEL_ALIASES as TOY_MODEL_ALIASES
 from data.toy import TRAINING_SCRIPTS as TOY_TRAINING_SCRIPTS
-from replay.errors import TraceError
-from replay.schema import Manifest
+from tracestore.errors import TraceError
+from tracestore.schema import Manifest
 
 MODEL_ALIASES: dict[str, str] = {
     "qwen2.5-math-1.5b": "Qwen/Qwen2.5-Math-1.5B-Instruct",

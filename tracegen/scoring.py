@@ -16,13 +16,13 @@ from pathlib import Path
 
 import polars as pl
 
-from replay.errors import TraceError
-from replay.schema import first_difference, lookup_field
-from replay.store import TraceWriter, open_trace
 from tracegen.backends import check_backend
 from tracegen.models import load_tokenizer, trace_model
 from tracegen.prompts import prompt_token_ids
 from tracegen.scorers import Item, Scorer, make_scorer
+from tracestore.errors import TraceError
+from tracestore.schema import first_difference, lookup_field
+from tracestore.store import TraceWriter, open_trace
 
 
 @dataclass

@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from replay.errors import TraceError
+from tracestore.errors import TraceError
 
 SERVER_FLAGS = (
     "--seed", "0", "--dtype", "float32", "--enforce-eager", "--enable-prefix-caching", "--max-logprobs", "20",

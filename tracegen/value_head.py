@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from replay.errors import TraceError
+from tracestore.errors import TraceError
 
 RSD_SEPARATOR = "\n\n"  # what RSD's code puts after the question and after each step before the PRM reads them
 SEPARATOR_FIELD = "step_separator"  # training.json field of a PRM trained with another separator

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from replay.errors import TraceError
+from tracestore.errors import TraceError
 
 if TYPE_CHECKING:
     from replay.engine import Costs, ReplayData, Walk

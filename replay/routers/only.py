@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from replay.errors import TraceError
 from replay.routers.base import WriterRouter
+from tracestore.errors import TraceError
 
 
 class Only(WriterRouter):

@@ -65,11 +65,11 @@ import polars as pl
 
 from replay.api_signals import S_API, require_signals
 from replay.artifacts import check_fitted_within, load_artifact
-from replay.atomic import write_atomic
 from replay.engine import ESCALATE_MODES
-from replay.errors import TraceError
 from replay.policy_walk import allowed_actions, walk_k_models
 from replay.routers.base import Domain, DraftRouter
+from tracestore.atomic import write_atomic
+from tracestore.errors import TraceError
 
 POLICY_FORMAT = "trace-policy"
 POLICY_VERSION = 1

@@ -15,8 +15,8 @@ model and ``target`` (default: the largest) the large one, and the judge is the 
 
 import numpy as np
 
-from replay.errors import TraceError
 from replay.routers.base import Domain, DraftRouter
+from tracestore.errors import TraceError
 
 DIGITS = np.arange(10, dtype=np.float64)
 JUDGE = "judge"

@@ -72,10 +72,10 @@ import polars as pl
 
 from replay.api_signals import S_API, require_signals
 from replay.artifacts import check_fitted_within
-from replay.atomic import write_atomic
 from replay.engine import ESCALATE_MODES
-from replay.errors import TraceError
 from replay.routers.base import SEED, UNIT, Domain, DraftRouter
+from tracestore.atomic import write_atomic
+from tracestore.errors import TraceError
 
 SIGNAL = "conf_max_logit_math"
 STEER_FORMAT = "trace-steer"

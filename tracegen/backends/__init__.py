@@ -9,9 +9,9 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from replay.errors import TraceError
-from replay.schema import LARGE, SMALL, TWO_MODEL_ROLES
 from tracegen.backends.base import Backend, GeneratedStep, StepRequest, StepSampling
+from tracestore.errors import TraceError
+from tracestore.schema import LARGE, SMALL, TWO_MODEL_ROLES
 
 BACKENDS = ("vllm", "hf")
 

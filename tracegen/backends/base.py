@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from replay.errors import TraceError
+from tracestore.errors import TraceError
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from replay.atomic import write_atomic
 from replay.costs import KNOWN_PRICES, Price
-from replay.errors import TraceError
-from replay.schema import API_RESPONSES_DIR, UNKNOWN_TOKEN_ID
 from tracegen.backends.base import GeneratedStep, StepRequest, StepSampling, check_batch
+from tracestore.atomic import write_atomic
+from tracestore.errors import TraceError
+from tracestore.schema import API_RESPONSES_DIR, UNKNOWN_TOKEN_ID
 
 MODES = ("completions", "chat")
 CHAT_LAYOUTS = ("final", "instruction")

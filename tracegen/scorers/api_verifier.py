@@ -16,9 +16,9 @@ from pathlib import Path
 
 import polars as pl
 
-from replay.errors import TraceError
 from tracegen.prompts import VERIFIER_PROMPT, earlier_steps_text
 from tracegen.scorers.base import Item, Score, Scorer
+from tracestore.errors import TraceError
 
 TOP_K = 20
 

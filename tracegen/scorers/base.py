@@ -16,10 +16,10 @@ from typing import ClassVar
 import polars as pl
 
 from replay.entry_points import SCORER_GROUP, Registered, entry_point_rows, entry_points, first_line, load_entry_point
-from replay.errors import TraceError
-from replay.schema import Manifest
 from tracegen.backends import default_backend, load_backend, scorer_engine_kwargs
 from tracegen.models import ModelRef, load_tokenizer, model_entry, named_model, trace_model
+from tracestore.errors import TraceError
+from tracestore.schema import Manifest
 
 SCORERS: dict[str, type[Scorer]] = {}
 # What a trace of a world asks for by signal name: the toy models cannot follow the judge's or P(True)'s

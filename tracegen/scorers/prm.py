@@ -16,9 +16,9 @@ from functools import cached_property
 
 import polars as pl
 
-from replay.errors import TraceError
 from tracegen.models import ModelRef, model_entry, named_model
 from tracegen.scorers.base import Item, Score, Scorer
+from tracestore.errors import TraceError
 
 PRM_INPUT = "BOS + question + separator, then each step + separator; value = sigmoid(value head) at its last token"
 

@@ -19,10 +19,10 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from replay.errors import TraceError
-from replay.schema import MANIFEST_FILE, PARTS_DIR, SCHEMAS, TABLES, Manifest, checked_manifest
+from tracestore.errors import TraceError
+from tracestore.schema import MANIFEST_FILE, PARTS_DIR, SCHEMAS, TABLES, Manifest, checked_manifest
 
-VERIFIED_ON_OPEN = tuple(table for table in TABLES if table != "tokens")  # as replay.store.HEAVY_TABLES says
+VERIFIED_ON_OPEN = tuple(table for table in TABLES if table != "tokens")  # as tracestore.store.HEAVY_TABLES says
 
 
 def _first_line(error: Exception) -> str:
@@ -51,7 +51,7 @@ def filesystem_of(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 class RemoteTrace:
-    """Read side of a trace at a URI, with replay.store.Trace's reading methods; see the module."""
+    """Read side of a trace at a URI, with tracestore.store.Trace's reading methods; see the module."""
 
     def __init__(self, uri: str, filesystem: pafs.FileSystem, path: str, manifest: Manifest):
         self.root = uri

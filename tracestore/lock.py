@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from replay.errors import TraceError
-from replay.schema import LOCK_FILE, writer_lock_file
+from tracestore.errors import TraceError
+from tracestore.schema import LOCK_FILE, writer_lock_file
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.2

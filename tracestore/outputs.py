@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from replay.errors import TraceError
-from replay.schema import MANIFEST_FILE, TABLES, is_trace_metadata
+from tracestore.errors import TraceError
+from tracestore.schema import MANIFEST_FILE, TABLES, is_trace_metadata
 
 
 def check_outside_trace(path: str | os.PathLike, option: str = "--out") -> None:

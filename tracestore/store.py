@@ -1,4 +1,4 @@
-"""The trace on disk: a lazy reader and an atomic, resumable writer (the format itself: `replay.schema`).
+"""The trace on disk: a lazy reader and an atomic, resumable writer (the format itself: `tracestore.schema`).
 
 A trace is a directory::
 
@@ -8,7 +8,7 @@ A trace is a directory::
     tokens/part-w0-00002-9b1e....parquet
     hidden/...  scores/...
     _parts/w0.json                               the parts each writer committed
-    .lock, .lock-w0                              the writer lock (replay.lock) while a writer runs
+    .lock, .lock-w0                              the writer lock (tracestore.lock) while a writer runs
 
 Every part is written under a hidden temp name, fsynced and renamed, so a reader never sees half a
 file. `append_steps` writes the tokens part first and the steps part second under the same name; the
@@ -35,10 +35,10 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from replay.atomic import commit, write_atomic, write_temp
-from replay.errors import TraceError
-from replay.lock import WriterLock, manifest_lock
-from replay.schema import (
+from tracestore.atomic import commit, write_atomic, write_temp
+from tracestore.errors import TraceError
+from tracestore.lock import WriterLock, manifest_lock
+from tracestore.schema import (
     CACHE_KEY_FIELDS,
     LOCK_FILE,
     MANIFEST_FILE,
@@ -249,9 +249,9 @@ def _read_verified(path: str, columns: list[str]) -> pa.Table:
 
 
 def open_trace(root: str | os.PathLike) -> Trace:
-    """The trace at ``root``: a directory, or a URI (s3://, gs://, memory://, ...) read in place (replay.remote)."""
+    """The trace at ``root``: a directory, or a URI (s3://, gs://, memory://, ...) read in place (tracestore.remote)."""
     if isinstance(root, str) and "://" in root:
-        from replay.remote import open_remote
+        from tracestore.remote import open_remote
 
         return open_remote(root)
     root = Path(root)
@@ -273,7 +273,7 @@ class TraceWriter:
     CACHE_KEY_FIELDS entry it sets (a field the stored manifest lacks is added). `manifest=None`
     reopens an existing trace as it is (for scorers adding tables).
 
-    One writer per trace at a time (see replay.lock); the exception is `shard` writers, which each
+    One writer per trace at a time (see tracestore.lock); the exception is `shard` writers, which each
     grow their own problems under their own `writer_id`. `wait` waits for the lock instead of refusing.
     Each writer only cleans up its own leftovers.
     """

@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from replay.errors import TraceError
+from tracestore.errors import TraceError
 
 
 def write_atomic(path: str | os.PathLike, content: bytes | Callable[[Path], None], *, temp: Path | None = None) -> None:

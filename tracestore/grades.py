@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import polars as pl
 
-from replay.errors import TraceError
-from replay.schema import DEFAULT_GRADES
-from replay.store import Trace
+from tracestore.errors import TraceError
+from tracestore.schema import DEFAULT_GRADES
+from tracestore.store import Trace
 
 
 def grade_set_names(trace: Trace) -> list[str]:

@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import polars as pl
 
-from replay.errors import TraceError
-from replay.schema import (
+from tracestore.errors import TraceError
+from tracestore.schema import (
     DEFAULT_GRADES,
     FINISH_REASONS,
     ROW_KEYS,
@@ -22,7 +22,7 @@ from replay.schema import (
     UNKNOWN_TOKEN_ID,
     model_char,
 )
-from replay.store import HEAVY_TABLES, Trace, open_trace, verify_part
+from tracestore.store import HEAVY_TABLES, Trace, open_trace, verify_part
 
 FILE = "_file"  # column holding each row's part file, for messages
 # Log-probabilities are computed in float32; the log-softmax of the likeliest token can round a hair above 0.

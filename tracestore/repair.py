@@ -20,10 +20,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from replay.atomic import write_atomic
-from replay.lock import WriterLock
-from replay.schema import MANIFEST_FILE, PART_NAME, PARTS_DIR, ROW_KEYS, TABLES
-from replay.store import Trace, open_trace, parts_records, write_parquet, write_parts_record
+from tracestore.atomic import write_atomic
+from tracestore.lock import WriterLock
+from tracestore.schema import MANIFEST_FILE, PART_NAME, PARTS_DIR, ROW_KEYS, TABLES
+from tracestore.store import Trace, open_trace, parts_records, write_parquet, write_parts_record
 
 REPAIR_WRITER = "repair"
 REPAIR_ORDER = (

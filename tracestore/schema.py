@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from replay.errors import TraceError
+from tracestore.errors import TraceError
 
 # Version 2 is a trace of K > 2 models (roles m0..m{K-1}); a small/large trace is still written as
 # version 1, so readers from before K-model traces keep reading every two-model trace and refuse a
@@ -209,7 +209,7 @@ PARTS_DIR = "_parts"
 API_RESPONSES_DIR = "_api"
 UNKNOWN_TOKEN_ID = -1  # tokens.token_ids of a token that an API named by its text only (closed chat models)
 
-# The writer lock (replay.lock): LOCK_FILE is flocked by every writer; each writer also holds a file
+# The writer lock (tracestore.lock): LOCK_FILE is flocked by every writer; each writer also holds a file
 # named by its writer id that says who it is.
 LOCK_FILE = ".lock"
 
