@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from replay.engine import DEFAULT_MAX_CONFIGS
+from replay.params import DEFAULT_MAX_CONFIGS
 from replay.routers import ROUTERS
 from tracegen.scorers import SCORERS, WORLD_SCORERS
 from tracestore.errors import TraceError
@@ -527,8 +527,6 @@ def replay(
         raise TraceError(f"--out must name a .parquet file, got {out}")
     if out is not None:
         check_output_file(out, force=force)
-    if max_configs < 1:
-        raise TraceError(f"--max-configs must be at least 1, got {max_configs}")
     if worlds == "all":
         world_list = None
     else:

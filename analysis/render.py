@@ -15,7 +15,7 @@ from analysis import plots
 from analysis.operating_points import Estimate, Row, percent
 from analysis.report_inputs import ALL_ROWS, REPORTED_ROWS, ReportOptions, Run
 from analysis.stats import PERMUTATIONS, mcnemar, paired_problem_test
-from replay.engine import summarize
+from replay.results import summarize
 from tracestore.schema import Manifest, model_char
 
 GENERATOR = "trace report"

@@ -13,9 +13,10 @@ import polars as pl
 
 from analysis import plots
 from replay.costs import make_cost_model
-from replay.engine import ReplayData, replay
+from replay.data import ReplayData
 from replay.routers import ROUTERS, make_router
 from replay.routers.steer import load_mixtures
+from replay.run import replay
 from replay.splits import SPLITS
 from tracestore.errors import TraceError
 from tracestore.schema import SCHEMAS
@@ -109,7 +110,7 @@ def read_results(path: Path, roles: list[str]) -> pl.DataFrame:
 
 def result_input(item, index: int, roles: list[str]) -> tuple[pl.DataFrame, str]:
     """(checked outcomes, source name) of one report input: a results file, or in memory a replay result
-    (anything with ``outcomes``, such as replay.engine.ReplayResult) or its outcomes DataFrame."""
+    (anything with ``outcomes``, such as replay.results.ReplayResult) or its outcomes DataFrame."""
     if isinstance(item, (str, Path)):
         return read_results(Path(item), roles), str(item)
     frame = getattr(item, "outcomes", item)

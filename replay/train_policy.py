@@ -101,7 +101,7 @@ import polars as pl
 from replay.api_signals import require_signals
 from replay.artifacts import load_train_split
 from replay.costs import COST_MODELS, CostModel, Price, make_cost_model
-from replay.engine import ESCALATE_MODES, Costs, ReplayData, walk_chains
+from replay.data import ReplayData
 from replay.policy_walk import allowed_actions, deployed_action
 from replay.routers.policy import (
     ESCALATE,
@@ -115,6 +115,7 @@ from replay.routers.policy import (
     with_role,
 )
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, check_fractions
+from replay.walk import ESCALATE_MODES, Costs, walk_chains
 from tracestore.atomic import write_atomic
 from tracestore.errors import TraceError
 from tracestore.outputs import check_output_file

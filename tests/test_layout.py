@@ -109,3 +109,37 @@ def test_phase_two_never_imports_an_engine():
         if module.split(".")[0] in ("tracestore", "replay", "analysis"):
             engines = sorted(n for n in imported_names(path) if n.split(".")[0] in ENGINES)
             assert not engines, f"{module} imports {engines}"
+
+
+ROUTER_SIDE = ("replay.routers", "replay.pik", "replay.policy_walk", "replay.stepwise")
+WALK_KERNEL = ("replay.data", "replay.walk")
+ORCHESTRATION = ("replay.run", "replay.results", "replay.params", "replay.api", "replay.plugins")
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph[todo.pop()] - seen:
+            seen.add(target)
+            todo.append(target)
+    return seen
+
+
+def within(module: str, names: tuple[str, ...]) -> bool:
+    return any(module == name or module.startswith(name + ".") for name in names)
+
+
+def test_routers_walk_on_the_kernel_and_never_import_the_orchestration():
+    """Routers import the replay data and the walk kernel, never the modules that run a replay (no call-back
+    cycle: a replay calls a router's walk, which walks on the kernel); the kernel imports no router."""
+    graph = import_graph()
+    routers = [module for module in graph if within(module, ROUTER_SIDE)]
+    assert {"replay.routers.base", "replay.routers.steer", "replay.stepwise"} <= set(routers)
+    assert "replay.walk" in reachable(graph, "replay.routers.base")
+    for module in routers:
+        wrong = sorted(target for target in reachable(graph, module) if within(target, ORCHESTRATION))
+        assert not wrong, f"{module} imports {wrong}"
+    for module in WALK_KERNEL:
+        wrong = sorted(t for t in reachable(graph, module) if within(t, ORCHESTRATION + ROUTER_SIDE))
+        assert not wrong, f"{module} imports {wrong}"

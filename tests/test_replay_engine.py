@@ -10,10 +10,14 @@ from test_routers_baselines import manifest, run, sized
 from tracebuild import build_trace, comb_steps, default_problem, step_and_tokens
 
 from replay.costs import make_cost_model
-from replay.engine import DraftRule, ReplayData, miss_list, parse_sweep, replay, replay_trace, write_outcomes
+from replay.data import ReplayData
+from replay.params import parse_sweep
+from replay.results import miss_list
 from replay.routers import make_router
 from replay.routers.base import DraftRouter
+from replay.run import replay, replay_trace, write_outcomes
 from replay.splits import assign_splits
+from replay.walk import DraftRule
 from tracestore.errors import TraceError
 from tracestore.store import open_trace
 

@@ -10,8 +10,8 @@ of all K.
 import numpy as np
 import polars as pl
 
-from replay.engine import Walk, walk_chains
 from replay.routers.base import QueryRouter
+from replay.walk import Walk, walk_chains
 
 
 class Oracle(QueryRouter):
