@@ -98,10 +98,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from replay.api_signals import require_signals
 from replay.artifacts import load_train_split
 from replay.costs import COST_MODELS, CostModel, Price, make_cost_model
 from replay.data import ReplayData
+from replay.endpoint_signals import require_signals
 from replay.policy_walk import allowed_actions, deployed_action
 from replay.routers.policy import (
     ESCALATE,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import polars as pl
 
-from tracegen import api_roles, continuous, hidden
+from tracegen import continuous, endpoint_roles, hidden
 from tracegen.backends import (
     StepRequest,
     StepSampling,
@@ -74,7 +74,7 @@ class GenOptions:
     routers: tuple = ()  # RouterSpecs whose misses closure (and online) runs grow
     budget_tokens: int | None = None  # closure stops once this many tokens were generated
     engine_kwargs: dict = field(default_factory=dict)
-    api: tuple = ()  # ApiSpecs of roles served by an OpenAI-compatible endpoint (tracegen.api_roles)
+    api: tuple = ()  # ApiSpecs of roles served by an OpenAI-compatible endpoint (tracegen.endpoint_roles)
     api_client: object = None  # their ClientOptions (concurrency, timeout, retries, budget)
 
     @property
@@ -139,11 +139,11 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
     grader = grader_for(dataset.name)
     problems = [p for p in dataset.problems if in_shard(p.problem_id, shard)]
     names = dict(zip(options.roles, options.model_names))
-    api = api_roles.api_specs(options.api, options.roles)
+    api = endpoint_roles.api_specs(options.api, options.roles)
     models = {
         role: fetch_model(resolve_model(name, role))
         for role, name in names.items()
-        if not api_roles.is_text_only(api.get(role))
+        if not endpoint_roles.is_text_only(api.get(role))
     }
     tokenizers = {role: load_tokenizer(model) for role, model in models.items()}
     root_ids = _shared_prompts(models, tokenizers, problems)
@@ -173,7 +173,7 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
                 backends = {}
                 for role in options.roles:
                     if role in api:
-                        backends[role] = api_roles.open_backend(
+                        backends[role] = endpoint_roles.open_backend(
                             api[role], options.out, names[role], options.api_client, tokenizers[role], report
                         )
                     else:
@@ -185,8 +185,8 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
                     engines.callback(backends[role].close)
             writer.update_manifest(engine=_engine_entry(backends))
             if api:
-                writer.update_manifest(api_endpoints=api_roles.endpoints_entry(api))
-            continuation = api_roles.continuations(api, tokenizers, sampling.delimiter)
+                writer.update_manifest(api_endpoints=endpoint_roles.endpoints_entry(api))
+            continuation = endpoint_roles.continuations(api, tokenizers, sampling.delimiter)
             trees = _load_trees(open_trace(options.out), problems, root_ids, options.worlds, continuation)
             context_len = min(backend.max_total_tokens for backend in backends.values())
 
@@ -421,12 +421,12 @@ def _manifest(options, models, tokenizers, dataset: Dataset, grader: Grader, sam
 
 def _model_entries(options: GenOptions, models: dict, tokenizers: dict) -> list:
     """trace.json entries of the models in role order; a chat-mode API role is known by its served name."""
-    api = api_roles.api_specs(options.api, options.roles)
+    api = endpoint_roles.api_specs(options.api, options.roles)
     names = dict(zip(options.roles, options.model_names))
     return [
         model_manifest(models[role], tokenizers[role])
         if role in models
-        else api_roles.text_only_model_entry(role, api[role], names[role])
+        else endpoint_roles.text_only_model_entry(role, api[role], names[role])
         for role in options.roles
     ]
 

@@ -63,8 +63,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from replay.api_signals import S_API, require_signals
 from replay.artifacts import check_fitted_within, load_artifact
+from replay.endpoint_signals import S_API, require_signals
 from replay.policy_walk import allowed_actions, walk_k_models
 from replay.routers.base import Domain, DraftRouter
 from replay.walk import ESCALATE_MODES

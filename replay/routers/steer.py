@@ -70,8 +70,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from replay.api_signals import S_API, require_signals
 from replay.artifacts import check_fitted_within
+from replay.endpoint_signals import S_API, require_signals
 from replay.routers.base import SEED, UNIT, Domain, DraftRouter
 from replay.walk import ESCALATE_MODES
 from tracestore.atomic import write_atomic

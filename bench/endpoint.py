@@ -1,7 +1,7 @@
 """Benchmark the openai backend against a local OpenAI-compatible server: generated tokens per second with one
 request in flight vs ``--concurrency`` (default 16), on the same requests, and print the ratio.
 
-    python bench/api.py [--url http://127.0.0.1:8000/v1 --model toy-large] [--requests 64] [--concurrency 16]
+    python bench/endpoint.py [--url http://127.0.0.1:8000/v1 --model toy-large] [--requests 64] [--concurrency 16]
 
 Without --url it starts `vllm serve` of toy-large on 127.0.0.1 (tracegen/serve.py). The requests are the first
 step of toy problems in completions mode (token-id prompts, per-request seeds); each pass stores its responses
@@ -26,7 +26,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 def main() -> None:
     from tracegen.backends import StepRequest, StepSampling
-    from tracegen.backends.openai_api import ApiSpec, ClientOptions, OpenAIBackend
+    from tracegen.backends.openai_endpoint import ApiSpec, ClientOptions, OpenAIBackend
     from tracegen.datasets import load_dataset
     from tracegen.expand import Request
     from tracegen.growth import request_seed
