@@ -263,7 +263,7 @@ def gen(
     trace gen --model toy-small --large toy-large --dataset toy --limit 200 --out runs/toy;
     trace gen --models toy-small,toy-medium,toy-large --dataset toy --out runs/toy3
     """
-    from tracegen.backends.openai_endpoint import client_options, parse_api_spec
+    from tracegen.backends.endpoint_spec import client_options, parse_api_spec
     from tracegen.closure import load_router_specs
     from tracegen.gen import GenOptions, parse_models, run_gen
     from tracegen.hidden import parse_layers

@@ -26,7 +26,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 def main() -> None:
     from tracegen.backends import StepRequest, StepSampling
-    from tracegen.backends.openai_endpoint import ApiSpec, ClientOptions, OpenAIBackend
+    from tracegen.backends.endpoint_spec import ApiSpec, ClientOptions
+    from tracegen.backends.openai_endpoint import OpenAIBackend
     from tracegen.datasets import load_dataset
     from tracegen.expand import Request
     from tracegen.growth import request_seed

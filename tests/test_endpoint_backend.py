@@ -15,7 +15,7 @@ import pytest
 from endpoint_server import ApiServer, ServerState
 from test_gen import toy_models  # noqa: F401  (fixture: trained toy models, or random-weight stand-ins)
 
-from tracegen.backends.openai_endpoint import ClientOptions, parse_api_spec
+from tracegen.backends.endpoint_spec import ClientOptions, parse_api_spec
 from tracegen.gen import GenOptions, run_gen
 from tracegen.models import load_tokenizer, resolve_model
 from tracestore.errors import TraceError

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from tracegen.backends import StepRequest, StepSampling
-from tracegen.backends.openai_endpoint import ClientOptions, parse_api_spec
+from tracegen.backends.endpoint_spec import ClientOptions, parse_api_spec
 from tracegen.expand import Request
 from tracegen.gen import GenOptions, _load_trees, run_gen
 from tracegen.growth import Tree, request_seed

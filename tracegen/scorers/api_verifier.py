@@ -33,7 +33,7 @@ class ApiVerifier(Scorer):
 
     @property
     def spec(self):
-        from tracegen.backends.openai_endpoint import parse_api_spec
+        from tracegen.backends.endpoint_spec import parse_api_spec
 
         if not self.model:
             raise TraceError(
