@@ -275,10 +275,3 @@ def write_pairs(result: DiffResult, out: str | os.PathLike, *, force: bool = Fal
     frame = pairs_csv(result)
     write_atomic(out, lambda temp: frame.write_csv(temp))
     return frame.height
-
-
-def mean_difference(comparison: Comparison) -> float:
-    """Accuracy of A minus accuracy of B over the pairs (a share, not percent)."""
-    counts = comparison.counts
-    n = sum(counts[outcome] for outcome in OUTCOMES)
-    return (counts[ONLY_A] - counts[ONLY_B]) / n
