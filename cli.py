@@ -381,6 +381,8 @@ def _replay_table(result, swept: list[str], title: str, max_rows: int = 21):
 
     from rich.table import Table
 
+    from replay.params import params_text
+
     summary = result.summary()
     rows = summary.to_dicts()
     if len(rows) > max_rows:
@@ -399,7 +401,7 @@ def _replay_table(result, swept: list[str], title: str, max_rows: int = 21):
         shown = {k: params[k] for k in swept} if swept else {k: v for k, v in params.items() if v not in ("", None)}
         table.add_row(
             row["router"],
-            escape(" ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())),
+            escape(params_text(shown, separator=" ")),
             "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%",
             "-" if row["cost"] is None else f"{row['cost']:.4g}",
             "-" if row["a_over_c"] is None else f"{row['a_over_c']:.4g}",

@@ -1,5 +1,5 @@
-"""Router parameters and sweeps: `--param` and `--sweep` parsed and checked against the router, and the grid
-of configurations a replay walks.
+"""Router parameters and sweeps: `--param` and `--sweep` parsed and checked against the router, the grid of
+configurations a replay walks, and parameters written as text (results, report labels and tables, terminal).
 
 Each check lives here once: ``check_sweep`` (the router's parameters, and which of them a sweep varies over
 which values; before anything is fitted) and ``check_grid_size`` (how many configurations, and the memory
@@ -9,6 +9,7 @@ their walks take).
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -142,3 +143,14 @@ def sweep_configs(router, sweep: Mapping[str, np.ndarray] | None) -> Configs:
     params = [{**base, **{name: float(value) for name, value in zip(names, combo)}} for combo in combos]
     values = {name: np.array([combo[i] for combo in combos], dtype=float) for i, name in enumerate(names)}
     return Configs(params, values)
+
+
+def params_text(params: Mapping[str, Any], separator: str = ", ") -> str:
+    """Parameters as ``name=value`` text, as `--param` takes them: floats as %g, booleans as true/false."""
+    return separator.join(f"{name}={_value_text(value)}" for name, value in params.items())
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return json.dumps(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
