@@ -143,3 +143,19 @@ def test_routers_walk_on_the_kernel_and_never_import_the_orchestration():
     for module in WALK_KERNEL:
         wrong = sorted(t for t in reachable(graph, module) if within(t, ORCHESTRATION + ROUTER_SIDE))
         assert not wrong, f"{module} imports {wrong}"
+
+
+MAX_LINES = 600
+LONGER = {  # module -> why it may be longer
+    "cli": "one Typer app for every command, being split into a module per command group",
+    "replay.train_policy": "one algorithm in one readable file, top to bottom (STYLE.md: CleanRL)",
+}
+
+
+def test_modules_stay_short_unless_said_why():
+    long = {}
+    for module, path in module_files().items():
+        lines = len(path.read_text().splitlines())
+        if lines > MAX_LINES and module not in LONGER:
+            long[module] = lines
+    assert not long, f"modules over {MAX_LINES} lines without a reason in LONGER: {long}"
