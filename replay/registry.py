@@ -175,7 +175,7 @@ class Registry:
             module, _, attr = entry.target.partition(":")
             try:
                 obj = getattr(importlib.import_module(module), attr)
-            except ImportError as error:
+            except Exception as error:  # an engine that is missing or fails to start importing
                 hint = f"; {entry.install}" if entry.install else ""
                 raise TraceError(f"the {name} {self.noun} cannot be imported ({describe_error(error)}){hint}") from None
             self._loaded[name] = self.check(obj, f"{self.noun} {name} ({entry.target})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -415,6 +416,18 @@ def test_list_shows_one_of_each_kind_installed_and_where_it_comes_from(installed
     assert set(frame["kind"]) == {"router", "cost"} and "min-logprob-installed" in frame["name"].to_list()
 
 
+def test_listing_every_kind_imports_no_engine_or_heavy_library():
+    """Built-in backends are registered lazily (module:Class) and their docstrings read from the source."""
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom cli import app\n"
+        "assert CliRunner().invoke(app, ['replay', '--list']).exit_code == 0\n"
+        "print(sorted(m for m in ('vllm', 'transformers', 'torch', 'sklearn', 'matplotlib') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_a_broken_entry_point_names_itself_and_its_package(study_trace, installed):
     line = one_line_error("replay", study_trace, "--router", "broken")
     assert "entry point broken = trace_test_gone:X in group trace.routers (package trace-test-plugins 0.1)" in line
@@ -440,6 +453,17 @@ def test_a_name_registered_twice_is_one_line_naming_both(study_trace, installed,
     assert "(package trace-test-plugins 0.1)" in line and "(package trace-other-plugins 0.1)" in line
     rows = registry_rows()
     assert rows["router", "rsd"].about.startswith("cannot be used: router 'rsd' is registered twice")
+
+
+def test_a_built_in_name_registered_twice_is_refused_naming_both_files():
+    from replay.registry import Registry
+
+    tables = Registry("table", "trace.test-tables", lambda obj, origin: obj, lambda value: False)
+    tables.register_lazy("cmdp", "analysis.tables:CmdpTable")
+    tables.register_lazy("cmdp", "analysis.tables:CmdpTable")  # the same entry again (its module imported twice)
+    with pytest.raises(TraceError, match="table 'cmdp' is registered twice: built-in tables.py and built-in report.py"):
+        tables.register_lazy("cmdp", "analysis.report:CmdpTable")
+    assert tables.names() == ["cmdp"]
 
 
 @pytest.mark.parametrize(
