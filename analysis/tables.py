@@ -30,6 +30,7 @@ from replay.registry import Registry, check_subclass
 if TYPE_CHECKING:
     from analysis.operating_points import Row
     from analysis.report_inputs import Run
+
 CMDP_ORDER = ("small-only", "large-only", "rsd", "specreason", "steer", "policy")
 CHAIN_ARROW = " → "
 
