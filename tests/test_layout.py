@@ -113,7 +113,7 @@ def test_phase_two_never_imports_an_engine():
 
 ROUTER_SIDE = ("replay.routers", "replay.pik", "replay.policy_walk", "replay.stepwise")
 WALK_KERNEL = ("replay.data", "replay.walk")
-ORCHESTRATION = ("replay.run", "replay.results", "replay.params", "replay.api", "replay.plugins")
+ORCHESTRATION = ("replay.run", "replay.results", "replay.params", "replay.api")
 
 
 def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
