@@ -9,8 +9,11 @@ from rich.markup import escape
 
 from commands.console import console, err_console
 from commands.options import FORCE, GENERATED_TRACE_DIR, TRACE_DIR, backend_option, out_option, seed_option
+from data.toy import task as toy_task
+from tracegen.backends.openai_api import ClientOptions
+from tracegen.datasets import TOY_DEFAULT_SIZE
+from tracegen.options import AuditOptions, GenOptions, RayOptions
 from tracegen.scorers import SCORERS, WORLD_SCORERS
-from tracestore.errors import TraceError
 
 
 def gen(
@@ -31,11 +34,11 @@ def gen(
     ),
     out: Path = out_option("Trace directory (created, or resumed if it holds a trace with the same settings).", ...),
     split: str = typer.Option(None, "--split", help="Dataset split (default: test, or the one in the file name)."),
-    limit: int = typer.Option(None, "--limit", help="First N problems (default: all; 200 for toy)."),
-    level: int = typer.Option(None, "--level", help="Toy difficulty level 1-4 (default: 3)."),
-    worlds: int = typer.Option(1, "--worlds", help="Seeded sampling draws per problem."),
+    limit: int = typer.Option(None, "--limit", help=f"First N problems (default: all; {TOY_DEFAULT_SIZE} for toy)."),
+    level: int = typer.Option(None, "--level", help=f"Toy difficulty level 1-4 (default: {toy_task.DEFAULT_LEVEL})."),
+    worlds: int = typer.Option(GenOptions.worlds, "--worlds", help="Seeded sampling draws per problem."),
     expand: str = typer.Option(
-        "comb",
+        GenOptions.expand,
         "--expand",
         help=(
             "comb: all-small chain plus the all-large completion from each of its nodes (K models: each model's "
@@ -56,13 +59,15 @@ def gen(
         None, "--budget-tokens", help="Closure stops once this run generated this many tokens (default: no limit)."
     ),
     depth: int = typer.Option(None, "--depth", help="Depth of the exhaustive part of --expand full."),
-    temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
+    temperature: float = typer.Option(GenOptions.temperature, "--temperature", help="Sampling temperature."),
+    top_p: float = typer.Option(GenOptions.top_p, "--top-p", help="Nucleus sampling mass."),
     max_step_tokens: int = typer.Option(
-        256, "--max-step-tokens", help="Tokens at most per step (then finish_reason = length)."
+        GenOptions.max_step_tokens, "--max-step-tokens", help="Tokens at most per step (then finish_reason = length)."
     ),
-    max_steps: int = typer.Option(32, "--max-steps", help="Steps at most per solution."),
-    topk: int = typer.Option(5, "--topk", help="Top-k token ids and logprobs stored per generated token."),
+    max_steps: int = typer.Option(GenOptions.max_steps, "--max-steps", help="Steps at most per solution."),
+    topk: int = typer.Option(
+        GenOptions.topk, "--topk", help="Top-k token ids and logprobs stored per generated token."
+    ),
     hidden_layers: str = typer.Option(
         "", "--hidden-layers", help="Prompt hidden states to store, e.g. -1,12 (-1 = last, normed) (default: none)."
     ),
@@ -70,9 +75,11 @@ def gen(
     shard: str = typer.Option(
         None, "--shard", help="i/n: only problems whose id hashes to shard i of n (0-based), as writer shard{i}of{n}."
     ),
-    seed: int = seed_option("Base seed; each step's seed derives from it and (problem, world, node, model)."),
+    seed: int = seed_option(
+        "Base seed; each step's seed derives from it and (problem, world, node, model).", GenOptions.seed
+    ),
     timings: bool = typer.Option(
-        False,
+        GenOptions.timings,
         "--timings",
         help=(
             "Store each step's share of measured engine wall time (gen_seconds) for latency models; off by default so "
@@ -89,11 +96,17 @@ def gen(
             "node sees."
         ),
     ),
-    workers: int = typer.Option(2, "--workers", help="With --ray: workers, each a shard of the problems."),
-    gpus_per_worker: float = typer.Option(
-        0.0, "--gpus-per-worker", help="With --ray: GPUs each worker owns (its small and large engines share them)."
+    workers: int = typer.Option(
+        RayOptions.workers, "--workers", help="With --ray: workers, each a shard of the problems."
     ),
-    cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker", help="With --ray: CPUs each worker owns."),
+    gpus_per_worker: float = typer.Option(
+        RayOptions.gpus_per_worker,
+        "--gpus-per-worker",
+        help="With --ray: GPUs each worker owns (its small and large engines share them).",
+    ),
+    cpus_per_worker: float = typer.Option(
+        RayOptions.cpus_per_worker, "--cpus-per-worker", help="With --ray: CPUs each worker owns."
+    ),
     api: list[str] = typer.Option(
         None,
         "--api",
@@ -106,13 +119,19 @@ def gen(
             "$VAR and never stored. Repeatable."
         ),
     ),
-    concurrency: int = typer.Option(8, "--concurrency", help="API requests in flight per --api role."),
-    request_timeout: float = typer.Option(120.0, "--request-timeout", help="Seconds per API request attempt."),
+    concurrency: int = typer.Option(
+        ClientOptions.concurrency, "--concurrency", help="API requests in flight per --api role."
+    ),
+    request_timeout: float = typer.Option(
+        ClientOptions.timeout, "--request-timeout", help="Seconds per API request attempt."
+    ),
     max_retries: int = typer.Option(
-        6, "--max-retries", help="Retries of an API request on 429, 5xx, timeouts or broken responses (with backoff)."
+        ClientOptions.max_retries,
+        "--max-retries",
+        help="Retries of an API request on 429, 5xx, timeouts or broken responses (with backoff).",
     ),
     budget_usd: float = typer.Option(
-        None,
+        ClientOptions.budget_usd,
         "--budget-usd",
         help="Stop sending API requests once this run spent this many US dollars (list prices; responses kept).",
     ),
@@ -127,7 +146,7 @@ def gen(
     """
     from tracegen.backends.openai_api import client_options, parse_api_spec
     from tracegen.closure import load_router_specs
-    from tracegen.gen import GenOptions, parse_models, run_gen
+    from tracegen.gen import parse_models, run_gen
     from tracegen.hidden import parse_layers
     from tracegen.progress import GenProgress
 
@@ -159,12 +178,12 @@ def gen(
         api=tuple(parse_api_spec(text) for text in api or ()),
         api_client=client_options(concurrency, request_timeout, max_retries, budget_usd),
     )
-    if ray is None and (workers, gpus_per_worker, cpus_per_worker) != (2, 0.0, 1.0):
-        raise TraceError("--workers, --gpus-per-worker and --cpus-per-worker need --ray")
+    ray_options = RayOptions(ray, workers, gpus_per_worker, cpus_per_worker)
+    ray_options.check()
     if ray is not None:
         from tracegen.distributed import print_summary, run_on_ray
 
-        print_summary(console, run_on_ray(options, ray, workers, gpus_per_worker, cpus_per_worker, console))
+        print_summary(console, run_on_ray(options, ray_options, console))
         return
     with GenProgress(console) as progress:
         summary = run_gen(options, progress)
@@ -235,8 +254,10 @@ def score(
 
 def audit(
     trace_dir: Path = GENERATED_TRACE_DIR,
-    sample: int = typer.Option(100, "--sample", help="Steps to regenerate (all of them when the trace has fewer)."),
-    seed: int = seed_option("Seed of the sample (stratified over model and depth)."),
+    sample: int = typer.Option(
+        AuditOptions.sample, "--sample", help="Steps to regenerate (all of them when the trace has fewer)."
+    ),
+    seed: int = seed_option("Seed of the sample (stratified over model and depth).", AuditOptions.seed),
     backend: str = backend_option(
         "vllm or hf (default: the engine that wrote the trace; hf cross-checks a vllm trace)."
     ),
@@ -257,7 +278,7 @@ def audit(
     shown by trace info. Example: trace audit runs/toy --sample 200 --seed 0 --backend hf
     """
     from analysis.info import audit_table
-    from tracegen.audit import AuditOptions, run_audit
+    from tracegen.audit import run_audit
 
     options = AuditOptions(
         root=trace_dir, sample=sample, seed=seed, backend=backend, min_identical=min_identical, out=out, force=force

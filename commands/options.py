@@ -1,14 +1,24 @@
 """Options and arguments that several commands take, each declared once here.
 
 Where commands share an option's meaning word for word it is a constant; where each says what the option means
-for it (what --out writes, what --force replaces) it is a function of that help text."""
+for it (what --out writes, what --force replaces) it is a function of that help text. Defaults are never written
+here: each comes from the options dataclass or the library function the command calls (``parameter_default``)."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
 import typer
+
+from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED
+
+
+def parameter_default(function, name: str) -> Any:
+    """The default of ``function``'s parameter ``name``: where a command calls a library function with keyword
+    options, that function's signature is where each default is written."""
+    return inspect.signature(function).parameters[name].default
 
 
 def trace_dir_argument(help: str = "Trace directory.") -> Any:
@@ -40,28 +50,28 @@ def grades_option(
 GRADES = grades_option()
 
 
-def split_option(help: str) -> Any:
-    return typer.Option("test", "--split", help=help)
+def seed_option(help: str, default: int) -> Any:
+    return typer.Option(default, "--seed", help=help)
+
+
+def split_option(help: str, default: str) -> Any:
+    return typer.Option(default, "--split", help=help)
 
 
 def split_seed_option(help: str) -> Any:
-    return typer.Option(0, "--split-seed", help=help)
+    return typer.Option(DEFAULT_SPLIT_SEED, "--split-seed", help=help)
 
 
 def split_fractions_option(help: str) -> Any:
-    return typer.Option("0.5,0.1,0.4", "--split-fractions", help=help)
+    return typer.Option(",".join(f"{fraction:g}" for fraction in DEFAULT_FRACTIONS), "--split-fractions", help=help)
 
 
-def cost_option(help: str) -> Any:
-    return typer.Option("flops", "--cost", help=help)
+def cost_option(help: str, default: str) -> Any:
+    return typer.Option(default, "--cost", help=help)
 
 
 def price_option(help: str) -> Any:
     return typer.Option([], "--price", help=help)
-
-
-def seed_option(help: str) -> Any:
-    return typer.Option(0, "--seed", help=help)
 
 
 def backend_option(help: str) -> Any:

@@ -13,12 +13,13 @@ from commands.options import (
     GRADES,
     cost_option,
     out_option,
+    parameter_default,
     price_option,
     split_fractions_option,
     split_option,
     split_seed_option,
 )
-from replay.engine import DEFAULT_MAX_CONFIGS
+from replay import api
 from replay.routers import ROUTERS
 from tracestore.errors import TraceError
 
@@ -108,12 +109,14 @@ def replay(
         [], "--sweep", help="Threshold sweep name=start:stop:step (stop included) or name=v1,v2,...; repeat for a grid."
     ),
     split: str = split_option(
-        "Problems replayed: train, calibration, test or all (learned routers always fit on train)."
+        "Problems replayed: train, calibration, test or all (learned routers always fit on train).",
+        parameter_default(api.replay, "split"),
     ),
     cost: str = cost_option(
         "flops: 2N FLOPs per generated token, models and scorers alike, prefill not counted (the seeds' "
         "convention), in TFLOPs; flops+prefill: also 2N per prefilled token; kaplan: 2N + 2 n_layer n_ctx d_model "
-        "per generated token (the cascade seed's eq. 2); api: US cents at --price prices."
+        "per generated token (the cascade seed's eq. 2); api: US cents at --price prices.",
+        parameter_default(api.replay, "cost"),
     ),
     price: list[str] = price_option(
         "api prices per model role or scorer of the trace, once each, repeatable: ROLE=MODEL (gpt-4.1-mini, "
@@ -126,7 +129,7 @@ def replay(
     out: Path = out_option("Parquet file for per-problem outcomes (one row per problem x world x configuration)."),
     force: bool = FORCE,
     max_configs: int = typer.Option(
-        DEFAULT_MAX_CONFIGS,
+        parameter_default(api.replay, "max_configs"),
         "--max-configs",
         help="Most configurations a sweep may have; a larger grid is refused, naming its size and memory.",
     ),
@@ -149,7 +152,6 @@ def replay(
     """
     import time
 
-    from replay import api
     from replay.splits import parse_fractions
     from tracestore.outputs import check_output_file
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
+from analysis.options import DEFAULT_ALPHA, ReportOptions
 from commands.console import console
 from commands.options import FORCE, grades_option, out_option, seed_option, split_option
 
@@ -19,7 +20,7 @@ def report(
         "Report folder: created, or updated if it holds an earlier report; any other non-empty folder is refused.", ...
     ),
     pick: str = typer.Option(
-        "ac",
+        ReportOptions.pick,
         "--pick",
         help=(
             "Operating point of a swept router: ac (highest accuracy per cost at or above the floor), cheapest (at or "
@@ -27,7 +28,7 @@ def report(
         ),
     ),
     accuracy_floor: str = typer.Option(
-        "large-0.02",
+        ReportOptions.accuracy_floor,
         "--accuracy-floor",
         help=(
             "Least accuracy an operating point needs: large (large-only's), large-D (D below it, 0-1 scale) or a "
@@ -37,9 +38,11 @@ def report(
     at: list[str] = typer.Option(
         [], "--at", help="Pin a router's configuration instead, e.g. --at steer:tau=0.3 (repeatable)."
     ),
-    split: str = split_option("Report the problems of this split (train, calibration, test), or all for every row."),
+    split: str = split_option(
+        "Report the problems of this split (train, calibration, test), or all for every row.", ReportOptions.split
+    ),
     pick_split: str = typer.Option(
-        "calibration",
+        ReportOptions.pick_split,
         "--pick-split",
         help=(
             "Choose operating points on this split's problems (never the reported ones, as the seeds do), or "
@@ -47,9 +50,9 @@ def report(
         ),
     ),
     bootstrap: int = typer.Option(
-        1000, "--bootstrap", help="Bootstrap resamples of the problems for the 95% intervals."
+        ReportOptions.bootstrap, "--bootstrap", help="Bootstrap resamples of the problems for the 95% intervals."
     ),
-    seed: int = seed_option("Bootstrap seed."),
+    seed: int = seed_option("Bootstrap seed.", ReportOptions.seed),
     policy_log: Path = typer.Option(
         None,
         "--policy-log",
@@ -70,7 +73,9 @@ def report(
         ),
     ),
     alpha: float = typer.Option(
-        None, "--alpha", help="Policy coverage target is 1 - alpha; default: the log's alpha column, else 0.02."
+        None,
+        "--alpha",
+        help=f"Policy coverage target is 1 - alpha; default: the log's alpha column, else {DEFAULT_ALPHA:g}.",
     ),
     grades: str = grades_option(
         "Grade set the results were replayed with (trace replay --grades); default: the steps' own grades."
@@ -81,7 +86,7 @@ def report(
 
     Example: trace report runs/toy steer.parquet policy.parquet --out runs/toy-report
     """
-    from analysis.report import ReportOptions, make_report
+    from analysis.report import make_report
 
     options = ReportOptions(
         pick=pick,
@@ -115,7 +120,7 @@ def diff(
     config_b: int = typer.Option(
         None, "--config-b", help="Configuration of results file B (needed if it has several)."
     ),
-    seed: int = seed_option("Seed of the permutation test (several worlds)."),
+    seed: int = seed_option("Seed of the permutation test (several worlds).", 0),
     out: Path = out_option("Also write every (problem, world) pair to this .csv file."),
     force: bool = FORCE,
     max_ids: int = typer.Option(20, "--max-ids", help="Flipped problem ids to print per direction."),

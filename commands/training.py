@@ -13,11 +13,15 @@ from commands.options import (
     cost_option,
     force_option,
     out_option,
+    parameter_default,
     price_option,
     seed_option,
     split_fractions_option,
     split_seed_option,
 )
+from replay.train_pik import train_pik
+from replay.train_policy import Hyperparameters, train_policy
+from replay.train_steer import train_steer
 
 SPLIT_SEED = split_seed_option("Seed of the hash that assigns problems to splits (as in trace replay).")
 SPLIT_FRACTIONS = split_fractions_option(
@@ -32,30 +36,40 @@ def train_policy_command(
     ),
     force: bool = force_option("Replace the policy file and its log if they exist."),
     alpha: float = typer.Option(
-        0.02, "--alpha", help="Allowed miscoverage: P(correct or large model alone wrong) >= 1 - alpha."
+        Hyperparameters.alpha,
+        "--alpha",
+        help="Allowed miscoverage: P(correct or large model alone wrong) >= 1 - alpha.",
     ),
-    steps: int = typer.Option(1000, "--steps", help="Policy updates."),
-    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate of the critics (success and cost)."),
-    batch: int = typer.Option(5, "--batch", help="Episodes (problem, world) rolled out per update."),
-    eta: float = typer.Option(0.1, "--eta", help="Step size of the kappa update."),
-    seed: int = seed_option("Seed of initialisation, episode sampling and actions; same seed, same file bytes."),
+    steps: int = typer.Option(Hyperparameters.steps, "--steps", help="Policy updates."),
+    lr: float = typer.Option(Hyperparameters.lr, "--lr", help="Adam learning rate of the critics (success and cost)."),
+    batch: int = typer.Option(
+        Hyperparameters.batch, "--batch", help="Episodes (problem, world) rolled out per update."
+    ),
+    eta: float = typer.Option(Hyperparameters.eta, "--eta", help="Step size of the kappa update."),
+    seed: int = seed_option(
+        "Seed of initialisation, episode sampling and actions; same seed, same file bytes.", Hyperparameters.seed
+    ),
     delta: float = typer.Option(
-        0.01, "--delta", help="Trust region: mean KL between successive policies at most this (nats)."
+        Hyperparameters.delta, "--delta", help="Trust region: mean KL between successive policies at most this (nats)."
     ),
-    kappa: float = typer.Option(0.5, "--kappa", help="Initial threshold: escalate iff pi(escalate | o) >= kappa."),
+    kappa: float = typer.Option(
+        Hyperparameters.kappa, "--kappa", help="Initial threshold: escalate iff pi(escalate | o) >= kappa."
+    ),
     entropy_coef: float = typer.Option(
-        0.05, "--entropy-coef", help="Weight of the policy's entropy in the objective (keeps it from saturating)."
+        Hyperparameters.entropy_coef,
+        "--entropy-coef",
+        help="Weight of the policy's entropy in the objective (keeps it from saturating).",
     ),
     features: str = typer.Option(
         None,
         "--features",
         help=(
             "Observation: comma-separated steps columns and/or difficulty (default: "
-            "conf_max_logit_math,depth,is_final,n_gen_tokens)."
+            f"{','.join(Hyperparameters.features)})."
         ),
     ),
     escalate: str = typer.Option(
-        "after",
+        Hyperparameters.escalate,
         "--escalate",
         help=(
             "Decision process: after (the small step that triggers escalation is kept, the large model writes the "
@@ -65,14 +79,15 @@ def train_policy_command(
     ),
     cost: str = cost_option(
         "Per-step cost the policy minimises, as trace replay --cost adds it up: flops (TFLOPs of generated "
-        "tokens), flops+prefill, api (USD; --price), or tokens (large-model generated tokens)."
+        "tokens), flops+prefill, api (USD; --price), or tokens (large-model generated tokens).",
+        Hyperparameters.cost,
     ),
     price: list[str] = price_option(
         "With --cost api: prices ROLE=input/cached/output in USD per 1M tokens, repeatable; without any, "
         "GPT-4.1-mini rates for both models (as trace replay)."
     ),
     eta_decay: float = typer.Option(
-        0.0,
+        Hyperparameters.eta_decay,
         "--eta-decay",
         help=(
             "kappa step size at policy step k: eta / k^eta_decay (0: constant, the paper's setting; in (0.5, 1]: "
@@ -80,10 +95,12 @@ def train_policy_command(
         ),
     ),
     draft: str = typer.Option(
-        "", "--draft", help="Role the policy starts on (default: the trace's smallest model, m0 or small)."
+        parameter_default(train_policy, "draft"),
+        "--draft",
+        help="Role the policy starts on (default: the trace's smallest model, m0 or small).",
     ),
     target: str = typer.Option(
-        "",
+        parameter_default(train_policy, "target"),
         "--target",
         help=(
             "Largest role the policy may escalate to (default: the trace's largest). The models in play are "
@@ -92,7 +109,7 @@ def train_policy_command(
         ),
     ),
     models: str = typer.Option(
-        "",
+        parameter_default(train_policy, "models"),
         "--models",
         help="Models in play as comma-separated roles, smallest first, any subset (e.g. m0,m2); instead of "
         "--draft/--target.",
@@ -121,9 +138,10 @@ def train_policy_command(
 
     from replay.costs import parse_price
     from replay.splits import parse_fractions
-    from replay.train_policy import DEFAULT_FEATURES, Hyperparameters, train_policy
 
-    chosen = tuple(name.strip() for name in features.split(",") if name.strip()) if features else DEFAULT_FEATURES
+    chosen = (
+        tuple(name.strip() for name in features.split(",") if name.strip()) if features else Hyperparameters.features
+    )
     hp = Hyperparameters(
         alpha=alpha,
         steps=steps,
@@ -186,15 +204,19 @@ def train_pik_command(
         "small", "--model", help="Model role(s) to probe, comma-separated (all but the largest of a cascade)."
     ),
     layer: str = typer.Option(
-        "auto",
+        parameter_default(train_pik, "layer"),
         "--layer",
         help="Layer of the stored prompt hidden state: auto (the paper's 24 when the model has more layers, else "
         "the last), or a number (-1 = last).",
     ),
-    where: str = typer.Option("prompt_last", "--where", help="Position of the stored hidden state."),
+    where: str = typer.Option(
+        parameter_default(train_pik, "where"), "--where", help="Position of the stored hidden state."
+    ),
     out: Path = out_option("Probe file for --router cascade --param probe=FILE.", Path("pik.joblib")),
     force: bool = force_option("Replace the probe file if it exists."),
-    seed: int = seed_option("Seed of the probes and of the 80/10/10 fit/validation/test division."),
+    seed: int = seed_option(
+        "Seed of the probes and of the 80/10/10 fit/validation/test division.", parameter_default(train_pik, "seed")
+    ),
     split_seed: int = SPLIT_SEED,
     split_fractions: str = SPLIT_FRACTIONS,
 ) -> None:
@@ -205,7 +227,6 @@ def train_pik_command(
     from rich.table import Table
 
     from replay.splits import parse_fractions
-    from replay.train_pik import train_pik
 
     models = [role.strip() for role in model.split(",") if role.strip()]
     reports, layers = train_pik(
@@ -244,11 +265,11 @@ def train_steer_command(
     ),
     force: bool = force_option("Replace the mixture file if it exists."),
     min_samples: int = typer.Option(
-        10,
+        parameter_default(train_steer, "min_samples"),
         "--min-samples",
         help="Step indices with fewer train confidences use the mixture of the largest fitted index below.",
     ),
-    seed: int = seed_option("Seed of the mixtures' initialisation."),
+    seed: int = seed_option("Seed of the mixtures' initialisation.", parameter_default(train_steer, "seed")),
     split_seed: int = SPLIT_SEED,
     split_fractions: str = SPLIT_FRACTIONS,
 ) -> None:
@@ -264,7 +285,6 @@ def train_steer_command(
     from rich.table import Table
 
     from replay.splits import parse_fractions
-    from replay.train_steer import train_steer
 
     if min_samples < 2:
         raise typer.BadParameter(f"--min-samples must be at least 2, got {min_samples}")

@@ -20,7 +20,7 @@ import importlib.metadata
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,7 +29,6 @@ import polars as pl
 from tracegen import api_roles, continuous, hidden
 from tracegen.backends import (
     StepRequest,
-    StepSampling,
     check_backend,
     default_backend,
     engine_kwargs_for,
@@ -41,52 +40,11 @@ from tracegen.expand import Request, Strategy, make_strategy
 from tracegen.grading import Grader, grader_for
 from tracegen.growth import GenSummary, GrowthRun, StoredStep, Tree
 from tracegen.models import ModelRef, fetch_model, load_tokenizer, model_manifest, resolve_model
-from tracegen.prompts import STEP_DELIMITER, SYSTEM_PROMPT, prompt_token_ids
+from tracegen.options import GenOptions
+from tracegen.prompts import SYSTEM_PROMPT, prompt_token_ids
 from tracestore.errors import TraceError
 from tracestore.schema import model_roles, schema_version_for
 from tracestore.store import Trace, TraceWriter, open_trace
-
-
-@dataclass(frozen=True)
-class GenOptions:
-    """Everything `trace gen` takes; see cli.gen for each option's meaning."""
-
-    small: str
-    large: str
-    dataset: str
-    out: Path
-    middle: tuple[str, ...] = ()  # models between small and large, smallest first (`--models A,B,C`)
-    split: str | None = None
-    limit: int | None = None
-    level: int | None = None
-    worlds: int = 1
-    expand: str = "comb"
-    depth: int | None = None
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_step_tokens: int = 256
-    max_steps: int = 32
-    topk: int = 5
-    hidden_layers: tuple[int, ...] = ()
-    backend: str | None = None
-    shard: str | None = None
-    seed: int = 0
-    timings: bool = False  # store measured wall seconds per step (makes the step files differ run to run)
-    routers: tuple = ()  # RouterSpecs whose misses closure (and online) runs grow
-    budget_tokens: int | None = None  # closure stops once this many tokens were generated
-    engine_kwargs: dict = field(default_factory=dict)
-    api: tuple = ()  # ApiSpecs of roles served by an OpenAI-compatible endpoint (tracegen.api_roles)
-    api_client: object = None  # their ClientOptions (concurrency, timeout, retries, budget)
-
-    @property
-    def model_names(self) -> tuple[str, ...]:
-        """Every model, smallest first."""
-        return (self.small, *self.middle, self.large)
-
-    @property
-    def roles(self) -> tuple[str, ...]:
-        """The role of each of ``model_names``: small/large for two models, m0..m{K-1} for K."""
-        return model_roles(len(self.model_names))
 
 
 def parse_models(small: str | None, large: str | None, models: str | None) -> list[str]:
@@ -140,13 +98,7 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
     grader = grader_for(dataset.name)
     problems = [p for p in dataset.problems if in_shard(p.problem_id, shard)]
     models = _load_models(options, problems)
-    sampling = StepSampling(
-        temperature=options.temperature,
-        top_p=options.top_p,
-        max_step_tokens=options.max_step_tokens,
-        topk=options.topk,
-        delimiter=STEP_DELIMITER,
-    )
+    sampling = options.step_sampling()
     manifest = _manifest(options, models, dataset, grader, sampling)
     writer_id = f"shard{shard[0]}of{shard[1]}" if shard else "w0"
     report = progress or (lambda **_: None)
