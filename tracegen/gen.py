@@ -27,13 +27,7 @@ from pathlib import Path
 import polars as pl
 
 from tracegen import api_roles, continuous, hidden
-from tracegen.backends import (
-    StepRequest,
-    check_backend,
-    default_backend,
-    engine_kwargs_for,
-    load_backend,
-)
+from tracegen.backends import StepRequest, check_backend, default_backend, engine_kwargs_for, load_backend
 from tracegen.closure import ClosureResult, close_over
 from tracegen.datasets import Dataset, Problem, load_dataset
 from tracegen.expand import Request, Strategy, make_strategy
