@@ -13,7 +13,7 @@ from data.toy import task as toy_task
 from tracegen.backends.openai_api import ClientOptions
 from tracegen.datasets import TOY_DEFAULT_SIZE
 from tracegen.options import AuditOptions, GenOptions, RayOptions
-from tracegen.scorers import SCORERS, WORLD_SCORERS
+from tracegen.scorers import SCORERS, world_variants
 
 
 def gen(
@@ -71,7 +71,9 @@ def gen(
     hidden_layers: str = typer.Option(
         "", "--hidden-layers", help="Prompt hidden states to store, e.g. -1,12 (-1 = last, normed) (default: none)."
     ),
-    backend: str = backend_option("vllm or hf (default: vllm where importable, else hf)."),
+    backend: str = backend_option(
+        "vllm, hf, an installed backend or FILE.py:Class (default: vllm where importable, else hf)."
+    ),
     shard: str = typer.Option(
         None, "--shard", help="i/n: only problems whose id hashes to shard i of n (0-based), as writer shard{i}of{n}."
     ),
@@ -212,10 +214,11 @@ def score(
     scorer: str = typer.Option(
         ...,
         "--scorer",
-        help=f"One of {', '.join(sorted(SCORERS))}. By world: "
+        help=f"One of {', '.join(sorted(SCORERS.names(installed=False)))}, an installed scorer (entry point of group "
+        "trace.scorers) or FILE.py:Class. By world: "
         + "; ".join(
             f"{world} traces run " + ", ".join(f"{variant} for {signal}" for signal, variant in variants.items())
-            for world, variants in WORLD_SCORERS.items()
+            for world, variants in world_variants().items()
         )
         + ". judge@ROLE asks the trace's ROLE model instead of its largest (SpecReason with target=ROLE).",
     ),

@@ -59,21 +59,25 @@ def _replay_table(result, swept: list[str], title: str, max_rows: int = 21):
 
 
 def _print_registered() -> None:
-    """`trace replay --list`: every router, scorer and cost model, where it comes from, and exit."""
+    """`trace replay --list`: every router, scorer, cost model, backend and report table, where it comes from,
+    and exit."""
     from rich.table import Table
 
-    from replay.costs import registered_costs
-    from replay.plugins import registered_routers
-    from tracegen.scorers.base import registered_scorers
+    from analysis.tables import TABLES
+    from replay.costs import COSTS
+    from tracegen.backends import BACKENDS
+    from tracegen.scorers import SCORERS
 
-    table = Table(title="Installed routers, scorers and cost models")
+    table = Table(title="Installed routers, scorers, cost models, backends and report tables")
     for name in ("Kind", "Name", "Source", "About"):
         table.add_column(name, no_wrap=name in ("Kind", "Name"))
-    for row in [*registered_routers(), *registered_scorers(), *registered_costs()]:
-        table.add_row(row.kind, escape(row.name), escape(row.source), escape(row.about))
+    for registry in (ROUTERS, SCORERS, COSTS, BACKENDS, TABLES):
+        for row in registry.rows():
+            table.add_row(row.kind, escape(row.name), escape(row.source), escape(row.about))
     console.print(table)
     console.print(
-        "Also: --router FILE.py:Class or module:Class (a router class, or a per-step function decide(node, ...)).",
+        "Also, instead of a name: FILE.py:Class or module:Class (--router, --scorer, --cost, --backend, --table; "
+        "a router may be a per-step function decide(node, ...)).",
         highlight=False,
     )
     raise typer.Exit()
@@ -85,9 +89,9 @@ def replay(
         ...,
         "--router",
         help=(
-            f"One of {', '.join(sorted(ROUTERS))}; an installed router (entry point of group trace.routers); or your "
-            "own: FILE.py:Class or module:Class (a router class or per-step function; see README, 'Your own "
-            "router'). 'help' lists them."
+            f"One of {', '.join(sorted(ROUTERS.names(installed=False)))}; an installed router (entry point of group "
+            "trace.routers); or your own: FILE.py:Class or module:Class (a router class or per-step function; see "
+            "README, 'Your own router'). 'help' lists them."
         ),
     ),
     list_registered: bool = typer.Option(
@@ -95,7 +99,10 @@ def replay(
         "--list",
         is_eager=True,
         callback=lambda value: _print_registered() if value else None,
-        help="List the routers, scorers and cost models installed (built-in and from entry points) and exit.",
+        help=(
+            "List the routers, scorers, cost models, backends and report tables installed (built-in and from entry "
+            "points) and exit."
+        ),
     ),
     param: list[str] = typer.Option(
         [],
@@ -115,7 +122,8 @@ def replay(
     cost: str = cost_option(
         "flops: 2N FLOPs per generated token, models and scorers alike, prefill not counted (the seeds' "
         "convention), in TFLOPs; flops+prefill: also 2N per prefilled token; kaplan: 2N + 2 n_layer n_ctx d_model "
-        "per generated token (the cascade seed's eq. 2); api: US cents at --price prices.",
+        "per generated token (the cascade seed's eq. 2); api: US cents at --price prices; or an installed cost "
+        "model (trace replay --list) or FILE.py:Class.",
         parameter_default(api.replay, "cost"),
     ),
     price: list[str] = price_option(

@@ -69,7 +69,8 @@ def report(
         help=(
             "Add a seed's table layout, repeatable: cmdp (methods x Acc, Cost, A/C, as the CMDP seed's Tables 1-2) "
             "or cascade (model chains with accuracy, PD and compute saving, with and without P(IK), and the P(T) "
-            "threshold sensitivity, as the cascade seed's Table 1); also written as table_NAME.md and .csv."
+            "threshold sensitivity, as the cascade seed's Table 1), an installed table (trace replay --list) or "
+            "FILE.py:Class; also written as table_NAME.md and .csv."
         ),
     ),
     alpha: float = typer.Option(

@@ -79,7 +79,8 @@ def train_policy_command(
     ),
     cost: str = cost_option(
         "Per-step cost the policy minimises, as trace replay --cost adds it up: flops (TFLOPs of generated "
-        "tokens), flops+prefill, api (USD; --price), or tokens (large-model generated tokens).",
+        "tokens), flops+prefill, kaplan, api (USD; --price), an installed cost model or FILE.py:Class, or tokens "
+        "(large-model generated tokens).",
         Hyperparameters.cost,
     ),
     price: list[str] = price_option(
