@@ -18,6 +18,7 @@ from commands.options import (
     split_fractions_option,
     split_option,
     split_seed_option,
+    trace_dir_argument,
 )
 from replay import api
 from replay.routers import ROUTERS
@@ -84,7 +85,7 @@ def _print_registered() -> None:
 
 
 def replay(
-    trace_dir: str = typer.Argument(..., help="Trace directory, or a URI read in place (s3://bucket/path, gs://...)."),
+    trace_dir: str = trace_dir_argument("Trace directory, or a URI read in place (s3://bucket/path, gs://...)."),
     router: str = typer.Option(
         ...,
         "--router",

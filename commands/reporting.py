@@ -10,11 +10,11 @@ from rich.markup import escape
 
 from analysis.options import DEFAULT_ALPHA, ReportOptions
 from commands.console import console
-from commands.options import FORCE, grades_option, out_option, seed_option, split_option
+from commands.options import FORCE, grades_option, out_option, seed_option, split_option, trace_dir_argument
 
 
 def report(
-    trace_dir: Path = typer.Argument(..., help="Trace directory the results were replayed on."),
+    trace_dir: Path = trace_dir_argument("Trace directory the results were replayed on."),
     results: list[Path] = typer.Argument(..., help="Outcome files written by trace replay --out (one or more)."),
     out: Path = out_option(
         "Report folder: created, or updated if it holds an earlier report; any other non-empty folder is refused.", ...
