@@ -24,7 +24,7 @@ class ReportOptions:
     pick_split: str = "calibration"  # choose operating points on rows of this split, or REPORTED_ROWS
     bootstrap: int = 1000  # bootstrap resamples
     seed: int = 0  # bootstrap seed
-    policy_log: Path | None = None
+    policy_log: tuple[Path, ...] = ()  # training logs beyond those found beside the policy files of the results
     steer_gmm: Path | None = None
     alpha: float | None = None  # policy coverage target 1 - alpha (default: the log's alpha, else DEFAULT_ALPHA)
     tables: tuple[str, ...] = ()  # the seeds' table layouts to add (analysis.tables)

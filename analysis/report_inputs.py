@@ -244,6 +244,14 @@ def model_chain(router: str, params: dict, roles: list[str]) -> str | None:
     return " → ".join(chain)
 
 
+def ignored_params(router: str, params: dict) -> tuple[str, ...]:
+    """The parameters a built-in router does not read at ``params`` (steer's escalate in mode=step)."""
+    cls = ROUTERS.builtins().get(router)
+    if cls is None:
+        return ()
+    return cls(**{name: params[name] for name in cls.param_names() if name in params}).ignored_params()
+
+
 def shown(value):
     """A parameter value as a label shows it: floats to 4 significant digits, a file by its name."""
     if isinstance(value, float):
@@ -261,10 +269,12 @@ def label_runs(runs: list[Run], roles: list[str]) -> None:
         fixed = {
             name: value for name, value in run.params[min(run.params)].items() if name not in varying_params(run.params)
         }
+        ignored = ignored_params(run.router, fixed)
         telling = [
             name
             for name in sorted(fixed)
-            if len({json.dumps(other.params[min(other.params)].get(name)) for other in same}) > 1
+            if name not in ignored
+            and len({json.dumps(other.params[min(other.params)].get(name)) for other in same}) > 1
         ]
         chain = model_chain(run.router, fixed, roles) if set(telling) & set(ROLE_PARAMS) else None
         named = [n for n in telling if n not in ROLE_PARAMS] if chain is not None else telling

@@ -53,10 +53,13 @@ def report(
         ReportOptions.bootstrap, "--bootstrap", help="Bootstrap resamples of the problems for the 95% intervals."
     ),
     seed: int = seed_option("Bootstrap seed.", ReportOptions.seed),
-    policy_log: Path = typer.Option(
-        None,
+    policy_log: list[Path] = typer.Option(
+        [],
         "--policy-log",
-        help="Policy training log (*.log.parquet: step, coverage, kappa): adds coverage and kappa over training.",
+        help=(
+            "Policy training log (*.log.parquet: step, coverage, kappa), repeatable: adds coverage and kappa over "
+            "training. The log beside each replayed policy file (NAME.log.parquet next to NAME.pt) is found without it."
+        ),
     ),
     steer_gmm: Path = typer.Option(
         None,
@@ -97,7 +100,7 @@ def report(
         pick_split=pick_split,
         bootstrap=bootstrap,
         seed=seed,
-        policy_log=policy_log,
+        policy_log=tuple(policy_log),
         steer_gmm=steer_gmm,
         alpha=alpha,
         tables=tuple(table),

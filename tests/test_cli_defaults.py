@@ -117,7 +117,7 @@ def test_report_defaults_are_report_options():
         cli_defaults("report"),
         dataclass_defaults(ReportOptions),
         renamed={"table": "tables"},
-        cli_form={"at": tuple, "table": tuple},
+        cli_form={"at": tuple, "table": tuple, "policy_log": tuple},
     )
     assert compared == {
         "pick", "accuracy_floor", "at", "split", "pick_split", "bootstrap", "seed", "policy_log", "steer_gmm", "alpha",

@@ -96,6 +96,10 @@ class Router:
         """Values of the sweepable parameters this router decides with (a sweep replaces them)."""
         return {name: getattr(self, name) for name in self.sweepable}
 
+    def ignored_params(self) -> tuple[str, ...]:
+        """Parameters this configuration does not read (a label leaves them out): none unless a router says so."""
+        return ()
+
     def __repr__(self) -> str:
         args = ", ".join(f"{name}={value!r}" for name, value in self.get_params().items())
         return f"{type(self).__name__}({args})"
