@@ -10,6 +10,7 @@ from typing import Any
 from replay.params import params_text
 
 CLOSURE_FILE = "closure.toml"
+MISS_MARK = "*"  # beside a router or configuration some of whose walks missed, in every table
 
 
 def _toml_string(text: str) -> str:
@@ -33,7 +34,8 @@ def routers_toml(name: str, params: Mapping[str, Any], sweep: Sequence[str], not
 def closure_advice(trace_dir) -> str:
     """The sentence that goes before the routers file (``routers_toml`` tables) that grows what was missed."""
     return (
-        f"To grow the missing steps, write the routers file below to {CLOSURE_FILE} and rerun the trace gen command "
-        f"that grew {trace_dir} with --expand closure --routers {CLOSURE_FILE}: it generates and scores what these "
-        "configurations need, and afterwards they replay without misses."
+        f"To grow the missing steps, write the routers file below to {CLOSURE_FILE} and run `trace gen --expand "
+        f"closure --routers {CLOSURE_FILE}` with the options that grew {trace_dir} (its --model, --large, --dataset "
+        f"and --out {trace_dir}): it generates and scores what these configurations need, and then they replay "
+        "without misses."
     )

@@ -14,12 +14,12 @@ import polars as pl
 from markdown_it import MarkdownIt
 
 from analysis import plots
-from analysis.misses import closure_advice, routers_toml
+from analysis.misses import MISS_MARK, closure_advice, routers_toml
 from analysis.operating_points import Row, percent
 from analysis.options import ALL_ROWS, REPORTED_ROWS, ReportOptions
 from analysis.report_inputs import Run, varying_params
 from analysis.stats import PERMUTATIONS, PairedTest
-from analysis.summary import MISS_MARK, Standing
+from analysis.summary import Standing
 from analysis.units import CostScale, number, percent_points, with_interval
 from replay.params import params_text
 from replay.results import summarize

@@ -21,6 +21,7 @@ import numpy as np
 import polars as pl
 
 from analysis.frontier import dominated_by, on_frontier
+from analysis.misses import MISS_MARK
 from analysis.operating_points import Row, percent
 from analysis.report_inputs import Run
 from analysis.stats import PairedTest, mcnemar, paired_problem_test
@@ -28,7 +29,6 @@ from analysis.units import CostScale, number, share
 from replay.params import params_text
 
 REFERENCE_ROUTERS = ("oracle",)  # routers that read the grades: bounds, never winners
-MISS_MARK = "*"
 
 
 @dataclass(frozen=True)

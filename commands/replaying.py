@@ -21,44 +21,9 @@ from commands.options import (
     trace_dir_argument,
 )
 from replay import api
+from replay.params import params_text
 from replay.routers import ROUTERS
 from tracestore.errors import TraceError
-
-
-def _replay_table(result, swept: list[str], title: str, max_rows: int = 21):
-    """Rich table of a replay summary, one row per configuration (evenly thinned for long sweeps)."""
-    import json
-
-    from rich.table import Table
-
-    from replay.params import params_text
-
-    summary = result.summary()
-    rows = summary.to_dicts()
-    if len(rows) > max_rows:
-        step = -(-(len(rows) - 1) // (max_rows - 1))
-        rows = rows[::step] + ([rows[-1]] if (len(rows) - 1) % step else [])
-    table = Table(
-        title=title,
-        caption=f"{len(rows)} of {summary.height} configurations shown" if len(rows) < summary.height else None,
-    )
-    table.add_column("Router")
-    table.add_column("Params")
-    for name in ("Acc", f"Cost ({result.cost_unit})", "A/C", "Large steps", "Misses"):
-        table.add_column(name, justify="right")
-    for row in rows:
-        params = json.loads(row["params"])
-        shown = {k: params[k] for k in swept} if swept else {k: v for k, v in params.items() if v not in ("", None)}
-        table.add_row(
-            row["router"],
-            escape(params_text(shown, separator=" ")),
-            "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%",
-            "-" if row["cost"] is None else f"{row['cost']:.4g}",
-            "-" if row["a_over_c"] is None else f"{row['a_over_c']:.4g}",
-            "-" if row["large_share"] is None else f"{100 * row['large_share']:.1f}%",
-            f"[yellow]{row['misses']:,}[/]" if row["misses"] else "0",
-        )
-    return table
 
 
 def _print_registered() -> None:
@@ -145,6 +110,14 @@ def replay(
         help="Most configurations a sweep may have; a larger grid is refused, naming its size and memory.",
     ),
     grades: str = GRADES,
+    show_all: bool = typer.Option(
+        False,
+        "--all",
+        help=(
+            "Print every configuration: by default a sweep of two or more parameters prints its frontier (the "
+            "cheapest configuration at each accuracy) and a long one-parameter sweep an even sample of it."
+        ),
+    ),
 ) -> None:
     """Replay a router on a cached trace (CPU only) and print accuracy, cost, A/C, large-step share and misses.
 
@@ -195,9 +168,17 @@ def replay(
         grades=grades,
     )
     seconds = time.perf_counter() - started
-    title = escape(f"{trace_dir}: split {split}, cost {cost} (mean per query)")
+    from analysis.misses import closure_advice, routers_toml
+    from analysis.replay_table import replay_table
+
     swept = [text.partition("=")[0].strip() for text in sweep]
-    console.print(_replay_table(result, swept, title))
+    given = dict(api.parse_param(text) for text in param)
+    title = escape(
+        f"{chosen.name}"
+        + (f" ({params_text(given)})" if given else "")
+        + f" on {trace_dir}: split {split}, cost model {cost}, means per query"
+    )
+    console.print(replay_table(result.summary(), result.cost_unit, swept, title, show_all, console.width))
     console.print(f"replayed {chosen.name} in {seconds:.2f}s", highlight=False)
     hint = api.slow_sweep_hint(chosen, result, seconds)
     if hint:
@@ -214,6 +195,8 @@ def replay(
                 escape(f"  {miss['problem_id']} world {miss['world']} node {miss['path']!r}: {what} {miss['model']}"),
                 highlight=False,
             )
+        console.print(escape(closure_advice(trace_dir)), highlight=False)
+        console.print(escape(routers_toml(router, given, sweep)), highlight=False, soft_wrap=True)
     if out is not None:
         api.write_outcomes(result.outcomes, out, force=force)
         console.print(f"wrote {result.outcomes.height:,} outcomes to {escape(str(out))}", highlight=False)
