@@ -189,11 +189,18 @@ def gen(
         return
     with GenProgress(console) as progress:
         summary = run_gen(options, progress)
-    console.print(
-        f"[green]done[/] {escape(str(summary.out))}: {summary.problems:,} problems, {summary.new_steps:,} new steps, "
-        f"{summary.new_gen_tokens:,} generated tokens in {summary.rounds} rounds, {summary.seconds:.1f}s",
-        highlight=False,
-    )
+    if summary.up_to_date:
+        console.print(
+            f"[green]nothing to do[/] {escape(str(summary.out))}: it holds every step and score this command asks "
+            f"for ({summary.problems:,} problems); no engine was started, {summary.seconds:.1f}s",
+            highlight=False,
+        )
+    else:
+        console.print(
+            f"[green]done[/] {escape(str(summary.out))}: {summary.problems:,} problems, {summary.new_steps:,} new "
+            f"steps, {summary.new_gen_tokens:,} generated tokens in {summary.rounds} rounds, {summary.seconds:.1f}s",
+            highlight=False,
+        )
     if summary.skipped_context_full:
         console.print(
             f"[yellow]{summary.skipped_context_full:,} node(s) left unexpanded because their prompt fills the "

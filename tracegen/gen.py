@@ -30,12 +30,14 @@ from tracegen import continuous, endpoint_roles, hidden
 from tracegen.backends import StepRequest, check_backend, default_backend, engine_kwargs_for, load_backend
 from tracegen.closure import ClosureResult, close_over
 from tracegen.datasets import Dataset, Problem, load_dataset
-from tracegen.expand import Request, Strategy, make_strategy
+from tracegen.engine_logs import route_engine_logs
+from tracegen.expand import Request, Strategy, frontier, make_strategy
 from tracegen.grading import Grader, grader_for
 from tracegen.growth import GenSummary, GrowthRun, StoredStep, Tree
 from tracegen.models import ModelRef, fetch_model, load_tokenizer, model_manifest, resolve_model
 from tracegen.options import GenOptions
 from tracegen.prompts import SYSTEM_PROMPT, prompt_token_ids
+from tracegen.up_to_date import nothing_to_do
 from tracestore.errors import TraceError
 from tracestore.schema import model_roles, schema_version_for
 from tracestore.store import Trace, TraceWriter, open_trace
@@ -101,15 +103,22 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
         writer.append_problems([p.row() for p in problems])
         if options.hidden_layers:
             summary.hidden_rows = _write_hidden(writer, options, models, report)
+        continuation = endpoint_roles.continuations(models.api, models.tokenizers, sampling.delimiter)
+        trees = _load_trees(open_trace(options.out), problems, models.root_ids, options.worlds, continuation)
+        if backends is None and _up_to_date(options, trees, strategy, writer, summary):
+            summary.up_to_date = True
+            _record_run(writer, options, strategy)
+            summary.seconds = time.perf_counter() - started
+            report(stage="done", requests=[], summary=summary)
+            return summary
         with contextlib.ExitStack() as engines:
             if backends is None:
                 backends = _open_backends(options, models, writer, report, engines)
             writer.update_manifest(engine=_engine_entry(backends))
             if models.api:
                 writer.update_manifest(api_endpoints=endpoint_roles.endpoints_entry(models.api))
-            continuation = endpoint_roles.continuations(models.api, models.tokenizers, sampling.delimiter)
             run = GrowthRun(
-                trees=_load_trees(open_trace(options.out), problems, models.root_ids, options.worlds, continuation),
+                trees=trees,
                 strategy=strategy,
                 max_steps=options.max_steps,
                 backends=backends,
@@ -160,8 +169,24 @@ def _load_models(options: GenOptions, problems: list[Problem]) -> _RunModels:
     return _RunModels(names, api, checkpoints, tokenizers, root_ids)
 
 
+def _up_to_date(options: GenOptions, trees: dict, strategy: Strategy, writer: TraceWriter, summary: GenSummary) -> bool:
+    """Whether the run has nothing to generate or score (tracegen.up_to_date), checked before any engine starts
+    (and before vLLM is imported: the default backend is not looked up). An explicit --backend other than the
+    trace's engine is refused here too."""
+    if options.backend is not None:
+        _check_engine_name(writer.manifest.get("engine"), options.backend, options.out)
+    finals = {key: tree.is_final_map() for key, tree in trees.items()}
+    requests = frontier(finals, strategy, options.max_steps)
+    if not nothing_to_do(Path(options.out), trees, requests, options):
+        return False
+    summary.skipped_context_full = len(requests)  # what is left asked for does not fit the context
+    summary.context_full_problems = sorted({request.problem_id for request in requests})
+    return True
+
+
 def _open_backends(options: GenOptions, models: _RunModels, writer: TraceWriter, report, engines) -> dict:
     """An engine (or an API client) per role, each closed with ``engines``."""
+    route_engine_logs(options.out, options.backend)
     kind = options.backend or default_backend()
     _check_engine_name(writer.manifest.get("engine"), kind, options.out)
     backends = {}

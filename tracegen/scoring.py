@@ -17,6 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from tracegen.backends import check_backend
+from tracegen.engine_logs import route_engine_logs
 from tracegen.models import load_tokenizer, trace_model
 from tracegen.prompts import prompt_token_ids
 from tracegen.scorers import Item, Scorer, make_scorer
@@ -42,7 +43,9 @@ def run_score(
     batch: int | None = None,
     progress: Callable | None = None,
 ) -> ScoreSummary:
-    """Score every step of the trace at ``root`` that ``scorer_name`` scores and has not scored yet."""
+    """Score every step of the trace at ``root`` that ``scorer_name`` scores and has not scored yet (an engine's
+    log lines to the trace's logs/ folder)."""
+    route_engine_logs(root, backend)
     scorer = open_scorer(root, scorer_name, model=model, backend=backend)
     try:
         return score_pending(root, scorer, batch=batch, progress=progress)
