@@ -13,6 +13,7 @@ from analysis import plots
 from analysis.render import Figures, md_table
 from analysis.report_inputs import Run, read_policy_log
 from analysis.units import number
+from replay.train_policy import log_path_for
 
 MIN_STEER_SAMPLES = 30  # a step index's mixture fitted on fewer confidences is flagged
 COLLAPSED_SD_SHARE = 0.05  # a component narrower than this share of its confidences' spread has collapsed
@@ -30,12 +31,6 @@ class PolicyLog:
     alpha_source: str
 
 
-def training_log_path(policy_path: str) -> Path:
-    """Where `trace train policy` wrote the log of the policy at ``policy_path``: NAME.log.parquet beside NAME.pt."""
-    path = Path(policy_path)
-    return path.with_name(f"{path.stem}.log.parquet")
-
-
 def find_policy_logs(
     given: tuple[Path, ...], routers: list[Run], alpha: float | None
 ) -> tuple[list[PolicyLog], list[str]]:
@@ -45,7 +40,7 @@ def find_policy_logs(
     for run in routers:
         policy_path = run.params[min(run.params)].get("path") if run.router == "policy" else None
         if policy_path:
-            trained.setdefault(training_log_path(policy_path).resolve(), run.label)
+            trained.setdefault(log_path_for(policy_path).resolve(), run.label)
     paths = list(dict.fromkeys([Path(path).resolve() for path in given] + [p for p in trained if p.is_file()]))
     logs = [PolicyLog(path, trained.get(path, path.name), *read_policy_log(path, alpha)) for path in paths]
     unmatched = [f"{label} (looked for {path})" for path, label in trained.items() if path not in paths]

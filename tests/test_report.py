@@ -775,3 +775,93 @@ def test_the_seeds_tables_come_from_the_report_numbers(inputs, tmp_path):
     sensitivity = table.filter(pl.col("kind").str.ends_with("P(T) sensitivity"))
     assert sensitivity.height == 2  # the other two t_true values of the sweep
     assert "## The cascade seed's layout" in markdown
+
+
+def test_every_figure_names_its_series_once_each_with_a_distinct_look(inputs, tmp_path):
+    from analysis.report import report
+
+    built = report(
+        inputs["trace"], [inputs["steer"], inputs["random"], inputs["oracle"]], out=tmp_path / "r", bootstrap=20,
+        split="all", pick_split="reported",
+    )  # fmt: skip
+    assert page_images(tmp_path / "r") == list(built.figure_series) == ["pareto.png", "escalation.png"]
+    for name in built.figure_series:
+        check_png(tmp_path / "r" / name)
+    expected = {
+        "pareto.png": ["oracle", "steer", "large-only", "random", "small-only"],  # the table's order
+        "escalation.png": ["oracle", "steer", "random"],
+    }
+    table = table_after(built.markdown, "Routers at their operating points")
+    assert list(table)[1:] == expected["pareto.png"]
+    for name, series in built.figure_series.items():
+        assert [label for label, _, _ in series] == expected[name], name
+        looks = [(colour, marker) for _, colour, marker in series]
+        assert len(set(looks)) == len(looks), (name, series)
+    # print(report) is a line, not the figures' bytes
+    text = repr(built)
+    assert len(text) < 300 and "pareto.png" in text and "PNG" not in text
+
+
+def test_series_styles_never_repeat_a_colour_and_marker_within_a_figure():
+    from analysis.plots import series_styles
+
+    kinds = ["small", "large"] + ["router"] * 40
+    styles = series_styles(kinds)
+    assert len({(style.color, style.marker) for style in styles}) == len(kinds)
+
+
+def test_a_steer_fit_on_few_samples_or_a_collapsed_component_is_flagged(inputs, tmp_path):
+    mixtures = json.loads(json.dumps(STEER_MIXTURES))
+    low = mixtures["mixtures"][1]["low_component"]
+    mixtures["mixtures"][1]["variances"][low] = 1e-6  # a spike of sd 0.001 at step index 1
+    path = tmp_path / "steer.json"
+    path.write_text(json.dumps(mixtures))
+    out = tmp_path / "r"
+    result = invoke(
+        "report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 20, "--steer-gmm", path, *EVERY_ROW
+    )
+    assert result.exit_code == 0, result.output
+    markdown = (out / "report.md").read_text()
+    notes = {depth: cells[-1] for depth, cells in table_after(markdown, "STEER confidence mixtures").items()}
+    assert notes["0"] == "" and notes["2"] == ""  # 30 samples each, no spike
+    assert notes["1"].startswith("⚠") and "low-confidence component collapsed (sd 0.00100)" in notes["1"]
+    assert "**Warning:** the mixtures of step indices 1 are doubtful" in markdown
+    # fewer than 30 confidences: the train problems listed are the first 5 only (each step index: 5 small steps)
+    mixtures = json.loads(json.dumps(STEER_MIXTURES))
+    mixtures["train_problem_ids"] = TRAIN_IDS[:5]
+    path.write_text(json.dumps(mixtures))
+    result = invoke(
+        "report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 20, "--steer-gmm", path, *EVERY_ROW
+    )
+    assert result.exit_code == 0, result.output
+    table = table_after((out / "report.md").read_text(), "STEER confidence mixtures")
+    for depth, cells in table.items():
+        if depth != "Step index":
+            assert int(cells[0]) < 30 and f"{cells[0]} samples (fewer than 30)" in cells[-1]
+
+
+def test_every_policy_gets_its_training_curve(inputs, tmp_path):
+    from types import SimpleNamespace
+
+    from analysis.report import report
+    from analysis.training_sections import find_policy_logs
+
+    # the log beside each replayed policy file is found and labelled by its router; a missing one is named
+    write_policy_log(tmp_path / "after.log.parquet")
+    runs = [
+        SimpleNamespace(router="policy", params={0: {"path": str(tmp_path / name)}}, label=label)
+        for name, label in [("after.pt", "policy (escalate=after)"), ("replace.pt", "policy (escalate=replace)")]
+    ]
+    logs, unmatched = find_policy_logs((), [*runs, SimpleNamespace(router="steer", params={0: {}}, label="s")], None)
+    assert [(log.label, log.path.name) for log in logs] == [("policy (escalate=after)", "after.log.parquet")]
+    assert unmatched == [f"policy (escalate=replace) (looked for {(tmp_path / 'replace.log.parquet').resolve()})"]
+
+    # two logs: two curves, each its own look, and a row each
+    logs = [write_policy_log(tmp_path / f"{name}.log.parquet") for name in ("first", "second")]
+    built = report(
+        inputs["trace"], [inputs["steer"]], policy_log=logs, bootstrap=20, split="all", pick_split="reported"
+    )
+    series = built.figure_series["policy_training.png"]
+    assert [label for label, _, _ in series] == ["first.log.parquet", "second.log.parquet"]
+    assert len({(colour, marker) for _, colour, marker in series}) == 2
+    assert list(table_after(built.markdown, "Policy training"))[1:] == ["first.log.parquet", "second.log.parquet"]
