@@ -30,7 +30,7 @@ for command in (
     generation.regrade,
     reporting.diff,
 ):
-    app.command()(user_errors(command))
+    app.command(context_settings=inspection.CONTEXT_SETTINGS.get(command.__name__))(user_errors(command))
 app.add_typer(train_app, name="train")
 for name, command in (
     ("policy", training.train_policy_command),
