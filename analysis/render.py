@@ -132,6 +132,11 @@ def header_section(
     return "\n".join(lines)
 
 
+def marked(run: Run) -> str:
+    """A router's label, marked where some of its walks at the operating point missed."""
+    return run.label + (f" {MISS_MARK}" if run.at_chosen()["misses"].sum() else "")
+
+
 def row_label(standing: Standing) -> str:
     """A router's label with its marks: † no configuration reached the floor, * some walks missed."""
     run = standing.row.run
@@ -317,7 +322,7 @@ def significance_section(runs: list[Run], large: Run, tests: dict[int, PairedTes
         test = tests[id(run)]
         rows.append(
             [
-                run.label,
+                marked(run),
                 test.n_pairs,
                 test.only_first,
                 test.only_second,
@@ -412,7 +417,7 @@ def escalation_section(routers: list[Run], roles: list[str], figures: Figures) -
         first = first_escalation(run.at_chosen(), large_char)
         share = first["escalated"] / first["walks"] if first["walks"] else None
         cells = [
-            run.label,
+            marked(run),
             first["walks"],
             f"{first['escalated']} ({percent(share)})",
             "-" if first["median"] is None else f"{first['median']:g}",

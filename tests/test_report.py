@@ -865,3 +865,17 @@ def test_every_policy_gets_its_training_curve(inputs, tmp_path):
     assert [label for label, _, _ in series] == ["first.log.parquet", "second.log.parquet"]
     assert len({(colour, marker) for _, colour, marker in series}) == 2
     assert list(table_after(built.markdown, "Policy training"))[1:] == ["first.log.parquet", "second.log.parquet"]
+
+
+def test_a_label_leaves_out_a_parameter_its_configuration_ignores(inputs, tmp_path):
+    from analysis.report import report
+    from replay import api
+
+    # escalate matters to steer in mode=switch only: in mode=step the label does not name it
+    step = api.replay(inputs["trace"], "steer", params={"mode": "step", "tau": "0.5"}, split="all")
+    switch = api.replay(
+        inputs["trace"], "steer", params={"mode": "switch", "escalate": "replace", "tau": "0.5"}, split="all"
+    )
+    built = report(inputs["trace"], [step, switch], bootstrap=20, split="all", pick_split="reported")
+    labels = set(table_after(built.markdown, "Routers at their operating points")) - {"Router"}
+    assert {"steer (mode=step)", "steer (escalate=replace, mode=switch)"} <= {label.rstrip(" *") for label in labels}
