@@ -80,6 +80,7 @@ def test_closure_leaves_no_misses_and_a_rerun_adds_nothing(closure_trace):
         options(closure_trace, expand="closure", routers=tuple(load_router_specs_from_text(closure_trace.parent)))
     )
     assert again.new_steps == 0 and again.closure.remaining_misses == 0
+    assert again.up_to_date  # decided before any engine started
 
 
 def test_closure_grows_what_a_router_of_your_own_misses(tmp_path):

@@ -107,6 +107,7 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
         trees = _load_trees(open_trace(options.out), problems, models.root_ids, options.worlds, continuation)
         if backends is None and _up_to_date(options, trees, strategy, writer, summary):
             summary.up_to_date = True
+            summary.closure = ClosureResult() if options.routers else None  # no router misses anything
             _record_run(writer, options, strategy)
             summary.seconds = time.perf_counter() - started
             report(stage="done", requests=[], summary=summary)
