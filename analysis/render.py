@@ -327,8 +327,8 @@ def significance_section(runs: list[Run], large: Run, tests: dict[int, PairedTes
                 test.only_first,
                 test.only_second,
                 test.test,
-                f"{test.statistic:.4g}",
-                f"{test.p_value:.4g}",
+                number(test.statistic),
+                number(test.p_value),
                 "yes" if test.p_value < 0.05 else "no",
             ]
         )

@@ -171,9 +171,15 @@ def steer_section(
         f"Red: the low-confidence component, whose posterior STEER compares with tau.{omitted}",
     ]
     if warnings:
+        indices = ", ".join(map(str, sorted(warnings)))
+        doubtful = (
+            f"the mixtures of step indices {indices} are doubtful"
+            if len(warnings) > 1
+            else f"the mixture of step index {indices} is doubtful"
+        )
         lines += [
             "",
-            f"**Warning:** the mixtures of step indices {', '.join(map(str, sorted(warnings)))} are doubtful "
+            f"**Warning:** {doubtful} "
             f"(fitted on fewer than {MIN_STEER_SAMPLES} confidences, or with a component narrower than "
             f"{COLLAPSED_SD_SHARE:.0%} of the confidences' spread): STEER's decisions there rest on a few steps. "
             "`trace train steer --min-samples` sets how many a step index needs for its own mixture (one with "

@@ -317,7 +317,7 @@ def test_significance_against_large_only_takes_the_problem_as_the_unit_with_two_
     assert (int(pairs), int(only_small), int(only_large)) == (N_PROBLEMS * N_WORLDS, b, c)
     assert test == f"paired permutation over {N_PROBLEMS} problems"
     by_problem = small.group_by("problem_id").agg((pl.col("correct").mean() - pl.col("large").mean()).alias("d"))
-    assert float(statistic) == pytest.approx(by_problem["d"].mean(), rel=1e-3)
+    assert float(statistic) == pytest.approx(by_problem["d"].mean(), rel=5e-3)  # three significant digits
     assert 0 < float(p_value) <= 1 and significant == ("yes" if float(p_value) < 0.05 else "no")
     assert "large-only" not in table and set(table) == {"Router", "small-only", "steer", "random", "oracle"}
 
@@ -340,8 +340,8 @@ def test_mcnemar_against_large_only_is_paired_on_problem_and_world_with_one_worl
     else:
         chi_square = (abs(b - c) - 1) ** 2 / (b + c)
         expected = math.erfc(math.sqrt(chi_square / 2))
-        assert test.startswith("chi-square") and float(statistic) == pytest.approx(chi_square, rel=1e-3)
-    assert float(p_value) == pytest.approx(expected, rel=1e-3)
+        assert test.startswith("chi-square") and float(statistic) == pytest.approx(chi_square, rel=5e-3)
+    assert float(p_value) == pytest.approx(expected, rel=5e-3)  # three significant digits
     assert significant == ("yes" if expected < 0.05 else "no")
 
 
@@ -825,7 +825,7 @@ def test_a_steer_fit_on_few_samples_or_a_collapsed_component_is_flagged(inputs, 
     notes = {depth: cells[-1] for depth, cells in table_after(markdown, "STEER confidence mixtures").items()}
     assert notes["0"] == "" and notes["2"] == ""  # 30 samples each, no spike
     assert notes["1"].startswith("⚠") and "low-confidence component collapsed (sd 0.00100)" in notes["1"]
-    assert "**Warning:** the mixtures of step indices 1 are doubtful" in markdown
+    assert "**Warning:** the mixture of step index 1 is doubtful" in markdown
     # fewer than 30 confidences: the train problems listed are the first 5 only (each step index: 5 small steps)
     mixtures = json.loads(json.dumps(STEER_MIXTURES))
     mixtures["train_problem_ids"] = TRAIN_IDS[:5]
