@@ -27,23 +27,20 @@ from cli import app
 from replay.artifacts import load_train_split
 from replay.costs import Price
 from replay.engine import ReplayData, replay_trace
-from replay.routers import make_router
-from replay.routers.policy import load_policy
-from replay.splits import DEFAULT_FRACTIONS, assign_splits
-from replay.train_policy import (
-    Hyperparameters,
-    comb_episodes,
+from replay.policy_training.episodes import comb_episodes, expected_miss, rollout
+from replay.policy_training.update import (
     cpo_multipliers,
-    expected_miss,
     kappa_step_size,
     kappa_update,
-    rollout,
     target_ratios,
     threshold_miscoverage,
     thresholded,
-    train_policy,
     vtrace,
 )
+from replay.routers import make_router
+from replay.routers.policy import load_policy
+from replay.splits import DEFAULT_FRACTIONS, assign_splits
+from replay.train_policy import Hyperparameters, train_policy
 from tracestore.errors import TraceError
 from tracestore.store import open_trace
 
