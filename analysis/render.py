@@ -13,9 +13,10 @@ from markdown_it import MarkdownIt
 
 from analysis import plots
 from analysis.operating_points import Estimate, Row, percent
-from analysis.report_inputs import ALL_ROWS, REPORTED_ROWS, ReportOptions, Run
+from analysis.report_inputs import ALL_ROWS, POLICY_MARK, REPORTED_ROWS, ReportOptions, Run
 from analysis.stats import PERMUTATIONS, mcnemar, paired_problem_test
 from replay.engine import summarize
+from replay.routers.policy import TRAINING_FLAGS
 from tracestore.schema import Manifest, model_char
 
 GENERATOR = "trace report"
@@ -169,6 +170,13 @@ def table_section(table: list[Row], cost_unit: str, options: ReportOptions, floo
         "",
     ]
     notes += [f"- {row.run.label}: {row.run.how} ({Path(row.run.source).name})" for row in table]
+    notes += [
+        f"\n{POLICY_MARK} {row.run.label}: the policy file says its training ended off target: "
+        + "; ".join(TRAINING_FLAGS.get(flag, flag) for flag in row.run.training_flags)
+        + "."
+        for row in table
+        if row.run.training_flags
+    ]
     return "\n".join(notes)
 
 

@@ -84,6 +84,14 @@ batch (what kappa tracks); alpha; eta (eta_k); kappa after its update; success_c
 entropy of pi_k on the buffer; kl of the step taken (0 if none); miscoverage = J_miss(S_k) and constraint =
 miscoverage - alpha; the CPO multipliers nu (constraint) and lam (KL); case (cpo, trpo, recovery, none);
 line_search (backtracking try accepted, -1 if none); verifier (whether verifier scores count towards coverage).
+
+The policy file records how training ended when it ended off target (``flags``: the coverage target out of reach
+or not reached on the train split, kappa at 0 or 1), which the command prints and `trace report` marks.
+
+Numerics: the networks (policy and critics) and every step above run in ``replay.mlp``'s float64 arithmetic,
+whose bits do not depend on the CPU, the thread count or the BLAS (no torch, no BLAS-rounded product, no libm
+call); every random draw comes from one generator seeded with ``seed``. So the same trace, hyperparameters and
+seed give the same policy file and log, byte for byte, on any x86 CPU; the command prints the file's SHA-256.
 """
 
 from __future__ import annotations
@@ -99,13 +107,14 @@ from replay.api_signals import require_signals
 from replay.artifacts import load_train_split
 from replay.costs import COST_MODELS, Price
 from replay.engine import ESCALATE_MODES
+from replay.mlp import MLP, Adam
 from replay.policy_training.episodes import Rollout, comb_episodes, rollout
 from replay.policy_training.k_models import train_k_policy
 from replay.policy_training.results import TrainResult, finish_training, log_path_for
 from replay.policy_training.update import (
+    PolicyTerms,
     action_probability,
     cpo_step,
-    cpo_surrogates,
     critic_update,
     kappa_step_size,
     kappa_update,
@@ -113,7 +122,7 @@ from replay.policy_training.update import (
     target_ratios,
     threshold_miscoverage,
 )
-from replay.routers.policy import ESCALATE, POLICY_INSTEAD, mlp, model_set, policy_network
+from replay.routers.policy import ESCALATE, POLICY_INSTEAD, model_set, policy_probabilities
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, check_fractions
 from tracestore.errors import TraceError
 from tracestore.outputs import check_output_file
@@ -204,8 +213,6 @@ def train_policy(
     and its training log next to it (replacing existing ones only with ``force``). ``on_step`` receives each
     step's log row. The models in play: ``models`` (comma-separated roles, smallest first), else ``draft`` ..
     ``target`` (default the smallest .. the largest)."""
-    import torch
-
     hp.check()
     out = check_output_file(out, force=force)
     check_output_file(log_path_for(out), force=force)
@@ -225,94 +232,70 @@ def train_policy(
     n_episodes, horizon, n_features = episodes.observation.shape
     critic_inputs = np.concatenate(
         [episodes.observation, np.broadcast_to(episodes.large_right[:, None, None], (n_episodes, horizon, 1))], axis=2
-    ).astype(np.float32)
+    )
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks: one thread is fastest and bit-for-bit repeatable
-    try:
-        with torch.random.fork_rng(devices=[]):
-            # Seeding, in one place.
-            torch.manual_seed(hp.seed)
-            rng = np.random.default_rng(hp.seed)
-            policy = policy_network(n_features, hp.hidden)
-            success_critic = mlp(n_features + 1, hp.hidden, 1)  # input: the observation and large_right
-            cost_critic = mlp(n_features + 1, hp.hidden, 1)
-            critic_optimizer = torch.optim.Adam([*success_critic.parameters(), *cost_critic.parameters()], lr=hp.lr)
-            params = list(policy.parameters())
-            observation = torch.from_numpy(episodes.observation)
-            buffer: deque[tuple[Rollout, np.ndarray]] = deque(maxlen=hp.buffer_batches)  # (rollout, mu(a|o))
-            kappa = hp.kappa
-            log = []
-            everyone = np.arange(n_episodes)
+    # Seeding, in one place.
+    rng = np.random.default_rng(hp.seed)
+    policy = MLP.init(n_features, hp.hidden, 2, rng)
+    critics = tuple(MLP.init(n_features + 1, hp.hidden, 1, rng) for _ in range(2))  # success, cost: the
+    # observation and large_right in
+    optimizers = tuple(Adam(critic.vector().size, hp.lr) for critic in critics)
+    buffer: deque[tuple[Rollout, np.ndarray]] = deque(maxlen=hp.buffer_batches)  # (rollout, mu(a|o))
+    kappa = hp.kappa
+    log = []
+    everyone = np.arange(n_episodes)
 
-            def escalate_probability(index):
-                with torch.no_grad():
-                    return torch.softmax(policy(observation[index]), dim=-1)[..., ESCALATE].numpy().astype(np.float64)
+    def escalate_probability(index):
+        return policy_probabilities(policy, episodes.observation[index])[..., ESCALATE]
 
-            for step in range(1, hp.steps + 1):
-                # 1. roll out a batch with the current stochastic policy pi_k
-                index = rng.integers(0, n_episodes, size=hp.batch)
-                p_escalate = escalate_probability(index)
-                batch = rollout(episodes, index, rng.random(p_escalate.shape) < p_escalate)
-                buffer.append((batch, action_probability(p_escalate, batch.action)))
+    for step in range(1, hp.steps + 1):
+        # 1. roll out a batch with the current stochastic policy pi_k
+        index = rng.integers(0, n_episodes, size=hp.batch)
+        p_escalate = escalate_probability(index)
+        batch = rollout(episodes, index, rng.random(p_escalate.shape) < p_escalate)
+        buffer.append((batch, action_probability(p_escalate, batch.action)))
 
-                # 2. V-trace targets toward the thresholded policy S_k on the buffer; critics regress on them
-                recent = Rollout.concat([b for b, _ in buffer])
-                mu = np.where(recent.mask, np.concatenate([m for _, m in buffer]), 1.0)
-                obs = observation[recent.episode]
-                with torch.no_grad():
-                    old_log_pi = torch.log_softmax(policy(obs), dim=-1)
-                    old_pi = old_log_pi.exp()
-                    p_now = old_pi[..., ESCALATE].double().numpy()
-                critics = critic_update(
-                    hp,
-                    critic_optimizer,
-                    (success_critic, cost_critic),
-                    torch.from_numpy(critic_inputs[recent.episode]),
-                    recent,
-                    target_ratios(p_now, mu, recent.action, kappa),
-                    action_probability(p_now, recent.action),
-                    mu,
-                    episodes.large_right,
-                )
+        # 2. V-trace targets toward the thresholded policy S_k on the buffer; critics regress on them
+        recent = Rollout.concat([b for b, _ in buffer])
+        mu = np.where(recent.mask, np.concatenate([m for _, m in buffer]), 1.0)
+        p_now = escalate_probability(recent.episode)
+        critic_step = critic_update(
+            hp,
+            critics,
+            optimizers,
+            critic_inputs[recent.episode],
+            recent,
+            target_ratios(p_now, mu, recent.action, kappa),
+            action_probability(p_now, recent.action),
+            mu,
+            episodes.large_right,
+        )
 
-                # 3. CPO step: minimise the cost surrogate subject to the linearised miscoverage constraint
-                miscoverage = threshold_miscoverage(episodes, escalate_probability(everyone), kappa)
-                constraint = miscoverage - hp.alpha
-                update = cpo_step(
-                    hp,
-                    params,
-                    cpo_surrogates(
-                        hp,
-                        lambda: torch.log_softmax(policy(obs), dim=-1),
-                        recent.action,
-                        old_log_pi,
-                        old_pi,
-                        critics,
-                        len(recent.episode),
-                    ),
-                    constraint,
-                    lambda: (
-                        threshold_miscoverage(episodes, escalate_probability(everyone), kappa)
-                        <= max(hp.alpha, miscoverage)
-                    ),
-                )
+        # 3. CPO step: minimise the cost surrogate subject to the linearised miscoverage constraint
+        miscoverage = threshold_miscoverage(episodes, escalate_probability(everyone), kappa)
+        constraint = miscoverage - hp.alpha
+        update = cpo_step(
+            hp,
+            policy,
+            PolicyTerms.of(hp, policy, episodes.observation[recent.episode], None, recent, critic_step),
+            constraint,
+            lambda: (
+                threshold_miscoverage(episodes, escalate_probability(everyone), kappa) <= max(hp.alpha, miscoverage)
+            ),
+        )
 
-                # 4. kappa from the coverage of the deployed pi_{k+1}, kappa_k on a fresh batch of train episodes
-                fresh = rng.integers(0, n_episodes, size=hp.batch)
-                deployed = rollout(episodes, fresh, escalate_probability(fresh) >= kappa)
-                eta = kappa_step_size(hp, step)
-                kappa = kappa_update(kappa, float(deployed.covered.mean()), hp.alpha, eta)
+        # 4. kappa from the coverage of the deployed pi_{k+1}, kappa_k on a fresh batch of train episodes
+        fresh = rng.integers(0, n_episodes, size=hp.batch)
+        deployed = rollout(episodes, fresh, escalate_probability(fresh) >= kappa)
+        eta = kappa_step_size(hp, step)
+        kappa = kappa_update(kappa, float(deployed.covered.mean()), hp.alpha, eta)
 
-                row = log_row(
-                    step, batch, deployed, hp, eta, kappa, critics.errors, update, miscoverage, episodes.has_verifier
-                )
-                log.append(row)
-                if on_step is not None:
-                    on_step(row)
+        row = log_row(
+            step, batch, deployed, hp, eta, kappa, critic_step.errors, update, miscoverage, episodes.has_verifier
+        )
+        log.append(row)
+        if on_step is not None:
+            on_step(row)
 
-            final = rollout(episodes, everyone, escalate_probability(everyone) >= kappa)
-    finally:
-        torch.set_num_threads(threads)
-
+    final = rollout(episodes, everyone, escalate_probability(everyone) >= kappa)
     return finish_training(out, policy, hp, train, roles, episodes, kappa, final, log, started, n_episodes)

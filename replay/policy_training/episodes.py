@@ -155,7 +155,7 @@ def comb_episodes(data: ReplayData, hp, roles: tuple[str, str] | None = None) ->
     mean = np.where(known, raw, 0.0).sum(axis=0) / count
     std = np.sqrt(np.where(known, (raw - mean) ** 2, 0.0).sum(axis=0) / count)
     std = np.where(std > 0, std, 1.0)
-    observation = np.zeros((n_episodes, horizon, raw.shape[1]), dtype=np.float32)
+    observation = np.zeros((n_episodes, horizon, raw.shape[1]))
     observation[valid] = normalise(raw, mean, std)
     return Episodes(
         problem_id=data.roots["problem_id"].to_list(),

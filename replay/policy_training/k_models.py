@@ -35,21 +35,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from replay.engine import ReplayData
+from replay.mlp import MLP, Adam
 from replay.policy_training.episodes import VERIFIER, step_cost_units
 from replay.policy_training.results import finish_training
 from replay.policy_training.update import (
+    PolicyTerms,
     cpo_step,
-    cpo_surrogates,
     critic_update,
     kappa_step_size,
     kappa_update,
     log_row,
 )
 from replay.policy_walk import allowed_actions, deployed_action
-from replay.routers.policy import mlp, normalise, policy_network, raw_features, with_role
+from replay.routers.policy import normalise, policy_probabilities, raw_features, with_role
 from tracestore.errors import TraceError
-
-MASKED = -1e9  # logit of an action the cache cannot play out: probability exactly 0, no NaN in KL or entropy
 
 
 @dataclass
@@ -356,112 +355,75 @@ def states_miscoverage(graph: StateGraph, probability: np.ndarray, kappa: float)
 
 def train_k_policy(root, out, hp, train: ReplayData, roles: list[str], started: float, on_step=None):
     """``replay.train_policy.train_policy`` for K > 2 models in play (its checks already done)."""
-    import torch
-
     unit, cost_unit = step_cost_units(train, hp, large=roles[-1])
     graph = build_states(train, roles, hp, unit, cost_unit)
     n_episodes, n_roles = len(graph.start), len(roles)
     n_inputs = graph.observation.shape[1]
-    critic_inputs = np.concatenate([graph.observation, graph.large_right[graph.episode][:, None]], axis=1).astype(
-        np.float32
-    )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hp.seed)
-            rng = np.random.default_rng(hp.seed)
-            n_features = n_inputs - n_roles
-            policy = policy_network(n_features, hp.hidden, n_roles)
-            success_critic = mlp(n_inputs + 1, hp.hidden, 1)
-            cost_critic = mlp(n_inputs + 1, hp.hidden, 1)
-            critic_optimizer = torch.optim.Adam([*success_critic.parameters(), *cost_critic.parameters()], lr=hp.lr)
-            params = list(policy.parameters())
-            observation = torch.from_numpy(graph.observation)
-            blocked = torch.from_numpy(~graph.allowed)
-            critic_table = torch.from_numpy(critic_inputs)
-            buffer: deque[tuple[Walked, np.ndarray]] = deque(maxlen=hp.buffer_batches)
-            kappa = hp.kappa
-            log = []
-            everyone = np.arange(n_episodes)
+    critic_inputs = np.concatenate([graph.observation, graph.large_right[graph.episode][:, None]], axis=1)
+    rng = np.random.default_rng(hp.seed)
+    policy = MLP.init(n_inputs, hp.hidden, n_roles, rng)
+    critics = tuple(MLP.init(n_inputs + 1, hp.hidden, 1, rng) for _ in range(2))  # success, cost
+    optimizers = tuple(Adam(critic.vector().size, hp.lr) for critic in critics)
+    buffer: deque[tuple[Walked, np.ndarray]] = deque(maxlen=hp.buffer_batches)
+    kappa = hp.kappa
+    log = []
+    everyone = np.arange(n_episodes)
 
-            def log_policy(states):
-                states = torch.as_tensor(states)
-                return torch.log_softmax(policy(observation[states]).masked_fill(blocked[states], MASKED), dim=-1)
+    def probability(states=None):
+        states = np.arange(len(graph.depth)) if states is None else states
+        return policy_probabilities(policy, graph.observation[states], graph.allowed[states])
 
-            def probability(states=None):
-                states = np.arange(len(graph.depth)) if states is None else states
-                with torch.no_grad():
-                    return log_policy(states).exp().double().numpy()
+    def sampled(states, t):
+        return sample_actions(probability(states), graph.allowed[states], rng.random(len(states)))
 
-            def sampled(states, t):
-                return sample_actions(probability(states), graph.allowed[states], rng.random(len(states)))
+    def deployed(current_kappa):
+        return lambda states, t: deployed_action(probability(states), graph.allowed[states], current_kappa)
 
-            def deployed(current_kappa):
-                return lambda states, t: deployed_action(probability(states), graph.allowed[states], current_kappa)
+    for step in range(1, hp.steps + 1):
+        index = rng.integers(0, n_episodes, size=hp.batch)
+        batch = walk_states(graph, index, sampled)
+        taken = np.where(batch.mask, batch.state, 0)
+        mu = np.take_along_axis(probability(taken), batch.action[..., None], -1)[..., 0]
+        buffer.append((batch, np.where(batch.mask, mu, 1.0)))
 
-            for step in range(1, hp.steps + 1):
-                index = rng.integers(0, n_episodes, size=hp.batch)
-                batch = walk_states(graph, index, sampled)
-                taken = np.where(batch.mask, batch.state, 0)
-                mu = np.take_along_axis(
-                    probability(taken.reshape(-1)).reshape(*taken.shape, n_roles), batch.action[..., None], -1
-                )[..., 0]
-                buffer.append((batch, np.where(batch.mask, mu, 1.0)))
+        recent = Walked.concat([b for b, _ in buffer])
+        mu = np.concatenate([m for _, m in buffer])
+        states = np.where(recent.mask, recent.state, 0)
+        p_now = probability(states)
+        target = thresholded_states(p_now, graph.allowed[states], kappa)
+        critic_step = critic_update(
+            hp,
+            critics,
+            optimizers,
+            critic_inputs[states],
+            recent,
+            np.take_along_axis(target, recent.action[..., None], -1)[..., 0] / mu,
+            np.take_along_axis(p_now, recent.action[..., None], -1)[..., 0],
+            mu,
+            graph.large_right,
+        )
 
-                recent = Walked.concat([b for b, _ in buffer])
-                mu = np.concatenate([m for _, m in buffer])
-                states = np.where(recent.mask, recent.state, 0)
-                with torch.no_grad():
-                    old_log_pi = log_policy(torch.from_numpy(states))
-                    old_pi = old_log_pi.exp()
-                    p_now = old_pi.double().numpy()
-                target = thresholded_states(p_now, graph.allowed[states], kappa)
-                critics = critic_update(
-                    hp,
-                    critic_optimizer,
-                    (success_critic, cost_critic),
-                    critic_table[torch.from_numpy(states)],
-                    recent,
-                    np.take_along_axis(target, recent.action[..., None], -1)[..., 0] / mu,
-                    np.take_along_axis(p_now, recent.action[..., None], -1)[..., 0],
-                    mu,
-                    graph.large_right,
-                )
+        miscoverage = states_miscoverage(graph, probability(), kappa)
+        constraint = miscoverage - hp.alpha
+        update = cpo_step(
+            hp,
+            policy,
+            PolicyTerms.of(hp, policy, graph.observation[states], graph.allowed[states], recent, critic_step),
+            constraint,
+            lambda: states_miscoverage(graph, probability(), kappa) <= max(hp.alpha, miscoverage),
+        )
 
-                miscoverage = states_miscoverage(graph, probability(), kappa)
-                constraint = miscoverage - hp.alpha
-                state_tensor = torch.from_numpy(states)
-                update = cpo_step(
-                    hp,
-                    params,
-                    cpo_surrogates(
-                        hp,
-                        lambda: log_policy(state_tensor),
-                        recent.action,
-                        old_log_pi,
-                        old_pi,
-                        critics,
-                        len(recent.episode),
-                    ),
-                    constraint,
-                    lambda: states_miscoverage(graph, probability(), kappa) <= max(hp.alpha, miscoverage),
-                )
+        fresh = rng.integers(0, n_episodes, size=hp.batch)
+        calibration = walk_states(graph, fresh, deployed(kappa))
+        eta = kappa_step_size(hp, step)
+        kappa = kappa_update(kappa, float(calibration.covered.mean()), hp.alpha, eta)
 
-                fresh = rng.integers(0, n_episodes, size=hp.batch)
-                calibration = walk_states(graph, fresh, deployed(kappa))
-                eta = kappa_step_size(hp, step)
-                kappa = kappa_update(kappa, float(calibration.covered.mean()), hp.alpha, eta)
+        row = log_row(
+            step, batch, calibration, hp, eta, kappa, critic_step.errors, update, miscoverage, graph.has_verifier
+        )
+        log.append(row)
+        if on_step is not None:
+            on_step(row)
 
-                row = log_row(
-                    step, batch, calibration, hp, eta, kappa, critics.errors, update, miscoverage, graph.has_verifier
-                )
-                log.append(row)
-                if on_step is not None:
-                    on_step(row)
-
-            final = walk_states(graph, everyone, deployed(kappa))
-    finally:
-        torch.set_num_threads(threads)
-
+    final = walk_states(graph, everyone, deployed(kappa))
     return finish_training(out, policy, hp, train, roles, graph, kappa, final, log, started, n_episodes)

@@ -30,6 +30,45 @@ class TrainResult:
     has_verifier: bool
     seconds: float
     log: pl.DataFrame
+    alpha: float
+    flags: list[str]  # how training ended, when not as asked (replay.routers.policy.TRAINING_FLAGS)
+    sha256: str  # of the policy file's bytes
+
+    def warnings(self) -> list[str]:
+        """One sentence per flag, with its numbers."""
+        target = 1 - self.alpha
+        said = {
+            "target_unreachable": (
+                f"no policy reaches coverage {target:g} on the train split with escalate={self.escalate}: at most "
+                f"{self.best_coverage:.4f} (episodes where no escalation point is right while the large model alone "
+                "is)"
+            ),
+            "coverage_below_target": (
+                f"the trained policy's coverage on the train split, {self.train_coverage:.4f}, is below the target "
+                f"{target:g}, which a policy can reach (at most {self.best_coverage:.4f}): train longer (--steps) or "
+                "with other --seed, --eta or --delta"
+            ),
+            "kappa_at_0": "kappa ended at 0, the edge of its range: the policy escalates at every decision",
+            "kappa_at_1": (
+                "kappa ended at 1, the edge of its range: the policy escalates only where pi(escalate | o) is 1"
+            ),
+        }
+        if "target_unreachable" in self.flags:  # the coverage cannot but fall short
+            said.pop("coverage_below_target")
+        return [said[flag] for flag in self.flags if flag in said]
+
+
+def training_flags(kappa: float, coverage: float, best_coverage: float, alpha: float) -> list[str]:
+    """The ``TRAINING_FLAGS`` that hold: the coverage target out of reach or not reached on the train split, kappa
+    at an edge of [0, 1]."""
+    flags = []
+    if best_coverage < 1 - alpha:
+        flags.append("target_unreachable")
+    if coverage < 1 - alpha:
+        flags.append("coverage_below_target")
+    if kappa <= 0 or kappa >= 1:
+        flags.append("kappa_at_0" if kappa <= 0 else "kappa_at_1")
+    return flags
 
 
 def log_path_for(policy_path: str | Path) -> Path:
@@ -64,7 +103,8 @@ def finish_training(
     }
     coverage_events = ["correct", "large_alone_wrong"] + (["all_steps_verified"] if source.has_verifier else [])
     models = train.manifest.models
-    save_policy(
+    flags = training_flags(kappa, metrics["coverage"], metrics["best_coverage"], hp.alpha)
+    sha256 = save_policy(
         out,
         policy,
         list(hp.features),
@@ -86,6 +126,7 @@ def finish_training(
         trace={"dataset": train.manifest.dataset, "models": list(models.values())},
         training=_plain(asdict(hp)),
         train_metrics=metrics,
+        flags=flags,
     )
     log_frame = pl.DataFrame(log, schema_overrides={"case": pl.String, "line_search": pl.Int32})
     buffer_bytes = io.BytesIO()
@@ -107,6 +148,9 @@ def finish_training(
         has_verifier=source.has_verifier,
         seconds=time.perf_counter() - started,
         log=log_frame,
+        alpha=hp.alpha,
+        flags=flags,
+        sha256=sha256,
     )
 
 

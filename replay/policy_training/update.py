@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from replay.mlp import MLP, Adam, dot, exp, log, log_softmax
 from replay.policy_training.episodes import Episodes, expected_miss
+from replay.routers.policy import MASKED
 
 EPS = 1e-30  # guards divisions only: a trust-region step has its length whatever the gradient's size, so even
 # the faint gradients of a nearly saturated policy still move it
@@ -77,8 +79,11 @@ def kappa_update(kappa: float, coverage: float, alpha: float, eta: float) -> flo
 
 
 def kappa_step_size(hp, step: int) -> float:
-    """eta_k = eta / k^eta_decay for policy step k = 1, 2, ..."""
-    return hp.eta / step**hp.eta_decay
+    """eta_k = eta / k^eta_decay for policy step k = 1, 2, ... (the power through ``replay.mlp``: libm's pow may
+    differ in the last bit between CPUs)."""
+    if hp.eta_decay == 0:
+        return hp.eta
+    return hp.eta / float(exp(hp.eta_decay * log(float(step))))
 
 
 def cpo_multipliers(q: float, r: float, s: float, c: float, delta: float) -> tuple[float, float, str]:
@@ -123,60 +128,55 @@ def cpo_multipliers(q: float, r: float, s: float, c: float, delta: float) -> tup
     return lam, max(0.0, lam * c + r) / s, "cpo"
 
 
-def conjugate_gradient(matvec: Callable, b, iters: int):
+def conjugate_gradient(matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray, iters: int) -> np.ndarray:
     """Approximately solve A x = b for a symmetric positive-definite A given as ``matvec``."""
-    import torch
-
-    x = torch.zeros_like(b)
-    residual, direction = b.clone(), b.clone()
-    norm = residual @ residual
+    x = np.zeros_like(b)
+    residual, direction = b.copy(), b.copy()
+    norm = dot(residual, residual)
     tolerance = 1e-10 * norm
     for _ in range(iters):
         if norm <= tolerance or norm == 0:
             break
         product = matvec(direction)
-        step = norm / (direction @ product)
-        x += step * direction
-        residual -= step * product
-        new_norm = residual @ residual
+        step = norm / dot(direction, product)
+        x = x + step * direction
+        residual = residual - step * product
+        new_norm = dot(residual, residual)
         direction = residual + (new_norm / norm) * direction
         norm = new_norm
     return x
 
 
-def fit_critics(hp, optimizer, critics, inputs, targets, step_mask, n_decisions: float) -> list:
-    """Regress the success and cost critics on their V-trace targets (masked mean squared error); the last
-    iteration's losses."""
-    import torch
-
+def fit_critics(hp, critics: tuple[MLP, MLP], optimizers: tuple[Adam, Adam], inputs, targets) -> list[float]:
+    """Regress the success and cost critics on their V-trace targets (mean squared error over the decisions
+    ``inputs``); the last iteration's losses (before its Adam step)."""
     for _ in range(hp.critic_iters):
-        errors = [
-            ((critic(inputs)[..., 0] - torch.from_numpy(target).float()) ** 2 * step_mask).sum() / n_decisions
-            for critic, target in zip(critics, targets)
-        ]
-        optimizer.zero_grad()
-        (errors[0] + errors[1]).backward()
-        optimizer.step()
+        errors = []
+        for critic, optimizer, target in zip(critics, optimizers, targets):
+            values, layers = critic.forward(inputs)
+            residual = values[:, 0] - target
+            n_decisions = max(len(target), 1)
+            errors.append(float(np.sum(residual * residual)) / n_decisions)
+            gradient = critic.backward(layers, (2.0 / n_decisions) * residual[:, None])
+            critic.set_vector(optimizer.step(critic.vector(), gradient))
     return errors
 
 
 @dataclass
 class CriticUpdate:
-    """What step 2 leaves for the CPO step: the critics' last losses, the buffer's step mask and decision count,
-    and the weighted miscoverage and cost advantages of the actions taken."""
+    """What step 2 leaves for the CPO step: the critics' last losses and the weighted miscoverage and cost
+    advantages of the actions taken, padded (B, T) like the buffer."""
 
-    errors: list
-    step_mask: object  # (B, T) float tensor
-    n_decisions: float
-    miss_advantage: object  # (B, T) float tensor
-    cost_advantage: object  # (B, T) float tensor
+    errors: list[float]
+    miss_advantage: np.ndarray
+    cost_advantage: np.ndarray
 
 
 def critic_update(
     hp,
-    optimizer,
-    critics,
-    inputs,
+    critics: tuple[MLP, MLP],
+    optimizers: tuple[Adam, Adam],
+    inputs: np.ndarray,
     recent,
     target_ratio: np.ndarray,
     taken_probability: np.ndarray,
@@ -184,83 +184,127 @@ def critic_update(
     large_right: np.ndarray,
 ) -> CriticUpdate:
     """Step 2 on the buffer ``recent`` (padded decisions, a ``Rollout`` or ``Walked``): V-trace targets of the
-    success and cost ``critics`` (evaluated at ``inputs``) with ``target_ratio`` = S_k(a_t|o_t) / mu(a_t|o_t),
-    the critics regressed on them; then the advantages step 3 uses, weighted by min(rho_bar, pi_k(a_t|o_t) /
-    mu(a_t|o_t)) (``taken_probability`` = pi_k(a_t|o_t)), the miscoverage one by -[large alone right] (``large_right``
-    of every episode)."""
-    import torch
-
-    success_critic, cost_critic = critics
-    mask = recent.mask.astype(np.float64)
-    with torch.no_grad():
-        success_values = success_critic(inputs)[..., 0].double().numpy()
-        cost_values = cost_critic(inputs)[..., 0].double().numpy()
+    success and cost ``critics`` (evaluated at ``inputs``, (B, T, D)) with ``target_ratio`` = S_k(a_t|o_t) /
+    mu(a_t|o_t), the critics regressed on them; then the advantages step 3 uses, weighted by min(rho_bar,
+    pi_k(a_t|o_t) / mu(a_t|o_t)) (``taken_probability`` = pi_k(a_t|o_t)), the miscoverage one by -[large alone
+    right] (``large_right`` of every episode)."""
+    taken = recent.mask
+    mask = taken.astype(np.float64)
+    decisions = inputs[taken]
+    values = []
+    for critic in critics:
+        value = np.zeros(mask.shape)
+        value[taken] = critic(decisions)[:, 0]
+        values.append(value)
     success_targets, success_advantage = vtrace(
-        recent.reward, success_values, target_ratio, mask, hp.gamma, hp.rho_bar, hp.c_bar
+        recent.reward, values[0], target_ratio, mask, hp.gamma, hp.rho_bar, hp.c_bar
     )
-    cost_targets, cost_advantage = vtrace(recent.cost, cost_values, target_ratio, mask, hp.gamma, hp.rho_bar, hp.c_bar)
-    step_mask = torch.from_numpy(mask).float()
-    n_decisions = max(float(mask.sum()), 1.0)
-    errors = fit_critics(hp, optimizer, critics, inputs, (success_targets, cost_targets), step_mask, n_decisions)
+    cost_targets, cost_advantage = vtrace(recent.cost, values[1], target_ratio, mask, hp.gamma, hp.rho_bar, hp.c_bar)
+    errors = fit_critics(hp, critics, optimizers, decisions, (success_targets[taken], cost_targets[taken]))
     weight = np.minimum(hp.rho_bar, taken_probability / mu) * mask
     episode_large_right = large_right[recent.episode].astype(np.float64)
-    return CriticUpdate(
-        errors,
-        step_mask,
-        n_decisions,
-        torch.from_numpy(-episode_large_right[:, None] * success_advantage * weight).float(),
-        torch.from_numpy(cost_advantage * weight).float(),
-    )
+    return CriticUpdate(errors, -episode_large_right[:, None] * success_advantage * weight, cost_advantage * weight)
 
 
-def cpo_surrogates(
-    hp,
-    log_policy: Callable,
-    taken: np.ndarray,
-    old_log_pi,
-    old_pi,
-    critics: CriticUpdate,
-    n_buffer: int,
-) -> Callable:
-    """The ``surrogates`` of ``cpo_step`` on the buffer: ``log_policy()`` gives log pi of every decision under
-    the current weights, ``old_log_pi`` and ``old_pi`` those of pi_k, ``taken`` the actions taken."""
-    import torch
+@dataclass
+class PolicyTerms:
+    """The CPO step's view of the buffer's decisions (``replay.train_policy``'s module doc, step 3): with log pi
+    of every taken decision's actions under the current weights, the objective (-cost surrogate + entropy bonus),
+    the miscoverage surrogate, the mean KL from pi_k and the mean entropy; and their gradients at pi_k.
 
-    action = torch.from_numpy(taken)
-    old_taken = old_log_pi.gather(-1, action[..., None])[..., 0]
-    step_mask, n_decisions = critics.step_mask, critics.n_decisions
+    Surrogates divide by the buffer's episodes (``n_buffer``), KL and entropy by its decisions."""
 
-    def surrogates():
-        """(objective = -cost + entropy bonus, miscoverage, KL from the old policy, entropy)"""
-        log_pi = log_policy()
-        ratio = (log_pi.gather(-1, action[..., None])[..., 0] - old_taken).exp() * step_mask
-        kl = ((old_pi * (old_log_pi - log_pi)).sum(-1) * step_mask).sum() / n_decisions
-        entropy = (-(log_pi.exp() * log_pi).sum(-1) * step_mask).sum() / n_decisions
-        objective = -(ratio * critics.cost_advantage).sum() / n_buffer + hp.entropy_coef * entropy
-        return objective, (ratio * critics.miss_advantage).sum() / n_buffer, kl, entropy
+    observation: np.ndarray  # (n, D) the decisions' observations
+    allowed: np.ndarray | None  # (n, A) the actions open (None: all)
+    action: np.ndarray  # (n,) taken
+    old_log_pi: np.ndarray  # (n, A) under pi_k
+    cost_advantage: np.ndarray  # (n,)
+    miss_advantage: np.ndarray  # (n,)
+    n_buffer: int
+    entropy_coef: float
 
-    return surrogates
+    @classmethod
+    def of(cls, hp, network: MLP, observation, allowed, recent, critics: CriticUpdate) -> PolicyTerms:
+        """From the padded buffer ``recent`` and its observations (and allowed actions) (B, T, ...)."""
+        taken = recent.mask
+        rows = observation[taken]
+        open_actions = None if allowed is None else allowed[taken]
+        return cls(
+            rows,
+            open_actions,
+            recent.action[taken],
+            log_softmax(cls.masked(network(rows), open_actions)),
+            critics.cost_advantage[taken],
+            critics.miss_advantage[taken],
+            len(recent.episode),
+            hp.entropy_coef,
+        )
+
+    @staticmethod
+    def masked(logits: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+        return logits if allowed is None else np.where(allowed, logits, MASKED)
+
+    def values(self, log_pi: np.ndarray) -> tuple[float, float, float, float]:
+        """(objective, miscoverage surrogate, KL from pi_k, entropy)"""
+        n_decisions = max(len(self.action), 1)
+        pi = exp(log_pi)
+        rows = np.arange(len(self.action))
+        ratio = exp(log_pi[rows, self.action] - self.old_log_pi[rows, self.action])
+        kl = float(np.sum(exp(self.old_log_pi) * (self.old_log_pi - log_pi))) / n_decisions
+        entropy = float(-np.sum(pi * log_pi)) / n_decisions
+        objective = -dot(ratio, self.cost_advantage) / self.n_buffer + self.entropy_coef * entropy
+        return objective, dot(ratio, self.miss_advantage) / self.n_buffer, kl, entropy
+
+    def evaluate(self, network: MLP) -> tuple[float, float, float, float]:
+        return self.values(log_softmax(self.masked(network(self.observation), self.allowed)))
+
+    def gradients(self, network: MLP, damping: float):
+        """At the current weights (pi_k): (values, gradient of the objective, gradient of the miscoverage
+        surrogate, v -> (F + damping) v with F the Fisher matrix of the mean KL)."""
+        logits, layers = network.forward(self.observation)
+        log_pi = log_softmax(self.masked(logits, self.allowed))
+        pi = exp(log_pi)
+        n_decisions = max(len(self.action), 1)
+        rows = np.arange(len(self.action))
+        ratio = exp(log_pi[rows, self.action] - self.old_log_pi[rows, self.action])
+        taken = np.zeros(pi.shape)
+        taken[rows, self.action] = 1.0
+        score = ratio[:, None] * (taken - pi)  # d ratio / d logits
+        entropy_terms = -(pi * log_pi).sum(axis=1, keepdims=True)
+        entropy_gradient = -pi * (log_pi + entropy_terms)  # d entropy_t / d logits
+        objective = (-self.cost_advantage[:, None] * score) / self.n_buffer + (
+            self.entropy_coef / n_decisions
+        ) * entropy_gradient
+        miss = (self.miss_advantage[:, None] * score) / self.n_buffer
+
+        def fisher_vector(vector: np.ndarray) -> np.ndarray:
+            d_logits = network.jvp(layers, vector)
+            if self.allowed is not None:
+                d_logits = np.where(self.allowed, d_logits, 0.0)
+            curvature = pi * d_logits - pi * (pi * d_logits).sum(axis=1, keepdims=True)
+            return network.backward(layers, curvature / n_decisions) + damping * vector
+
+        return (
+            self.values(log_pi),
+            network.backward(layers, self.masked_gradient(objective)),
+            network.backward(layers, self.masked_gradient(miss)),
+            fisher_vector,
+        )
+
+    def masked_gradient(self, gradient: np.ndarray) -> np.ndarray:
+        """No gradient reaches the logit of an action that is not open (its logit was replaced by MASKED)."""
+        return gradient if self.allowed is None else np.where(self.allowed, gradient, 0.0)
 
 
-def cpo_step(hp, params: list, surrogates: Callable, constraint: float, within_alpha: Callable[[], bool]) -> dict:
-    """One CPO update of ``params`` (Achiam et al. 2017): minimise the cost surrogate subject to the linearised
-    miscoverage constraint within KL radius delta, then a backtracking line search. ``surrogates()`` gives
-    (objective, miscoverage surrogate, KL from the old policy, entropy); ``within_alpha()`` checks the exact
-    miscoverage of the thresholded policy after a trial step. Returns the update's fields of the training log."""
-    import torch
-
-    objective, miss_surrogate, kl, entropy = surrogates()
-    g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(objective, params, retain_graph=True)])
-    b = torch.cat([x.reshape(-1) for x in torch.autograd.grad(miss_surrogate, params, retain_graph=True)])
-    kl_grad = torch.cat([x.reshape(-1) for x in torch.autograd.grad(kl, params, create_graph=True)])
-
-    def fisher_vector(vector):
-        product = torch.autograd.grad(kl_grad @ vector, params, retain_graph=True)
-        return torch.cat([x.reshape(-1) for x in product]) + hp.cg_damping * vector
-
+def cpo_step(hp, network: MLP, terms: PolicyTerms, constraint: float, within_alpha: Callable[[], bool]) -> dict:
+    """One CPO update of ``network``'s weights (Achiam et al. 2017): minimise the cost surrogate subject to the
+    linearised miscoverage constraint within KL radius delta, then a backtracking line search. ``terms`` gives
+    the surrogates, ``within_alpha()`` checks the exact miscoverage of the thresholded policy after a trial step.
+    Returns the update's fields of the training log."""
+    (old_objective, old_miss, _, entropy), g, b, fisher_vector = terms.gradients(network, hp.cg_damping)
     v = conjugate_gradient(fisher_vector, g, hp.cg_iters)
     w = conjugate_gradient(fisher_vector, b, hp.cg_iters)
-    q, r, s = float(g @ v), float(g @ w), float(b @ w)
+    q, r, s = dot(g, v), dot(g, w), dot(b, w)
     lam, nu, case = cpo_multipliers(q, r, s, constraint, hp.delta)
     if case == "recovery":
         direction = -nu * w
@@ -268,16 +312,14 @@ def cpo_step(hp, params: list, surrogates: Callable, constraint: float, within_a
         direction = None
     else:
         direction = (v - nu * w) / lam
-        quadratic = (q - 2 * nu * r + nu * nu * s) / lam**2  # direction' F direction
+        quadratic = (q - 2 * nu * r + nu * nu * s) / (lam * lam)  # direction' F direction
         if quadratic > 2 * hp.delta:  # lam near 0 (g parallel to b): keep within the trust region
             direction = direction * np.sqrt(2 * hp.delta / quadratic)
-    old_params = torch.nn.utils.parameters_to_vector(params).detach()
-    old_objective, old_miss = objective.item(), miss_surrogate.item()
-    accepted, new_kl = -1, 0.0
+    old_params = network.vector()
+    accepted, new_kl, shrink = -1, 0.0, 1.0
     for attempt in range(hp.backtrack_iters if direction is not None else 0):
-        torch.nn.utils.vector_to_parameters(old_params + hp.backtrack_ratio**attempt * direction, params)
-        with torch.no_grad():
-            new_objective, new_miss, trial_kl, _ = (x.item() for x in surrogates())
+        network.set_vector(old_params + shrink * direction)
+        new_objective, new_miss, trial_kl, _ = terms.evaluate(network)
         # a feasible policy must not get worse; an infeasible one may, to get back within alpha. The
         # thresholded policy's miscoverage jumps where pi crosses kappa, which the linearised constraint
         # cannot see: the exact value must stay within alpha (feasible) or not grow (infeasible).
@@ -289,10 +331,11 @@ def cpo_step(hp, params: list, surrogates: Callable, constraint: float, within_a
         ):
             accepted, new_kl = attempt, trial_kl
             break
+        shrink *= hp.backtrack_ratio
     if accepted < 0:
-        torch.nn.utils.vector_to_parameters(old_params, params)
+        network.set_vector(old_params)
     return {
-        "entropy": entropy.item(),
+        "entropy": entropy,
         "kl": new_kl,
         "constraint": constraint,
         "nu": nu,
@@ -325,8 +368,8 @@ def log_row(
         "alpha": hp.alpha,
         "eta": eta,
         "kappa": kappa,
-        "success_critic_loss": errors[0].item(),
-        "cost_critic_loss": errors[1].item(),
+        "success_critic_loss": errors[0],
+        "cost_critic_loss": errors[1],
         "entropy": update["entropy"],
         "kl": update["kl"],
         "miscoverage": miscoverage,
