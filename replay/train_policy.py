@@ -105,10 +105,10 @@ import numpy as np
 
 from replay.api_signals import require_signals
 from replay.artifacts import load_train_split
-from replay.costs import COST_MODELS, Price
+from replay.costs import COSTS, Price
 from replay.engine import ESCALATE_MODES
 from replay.mlp import MLP, Adam
-from replay.policy_training.episodes import Rollout, comb_episodes, rollout
+from replay.policy_training.episodes import LARGE_TOKENS, Rollout, comb_episodes, rollout
 from replay.policy_training.k_models import train_k_policy
 from replay.policy_training.results import TrainResult, finish_training, log_path_for
 from replay.policy_training.update import (
@@ -128,7 +128,6 @@ from tracestore.errors import TraceError
 from tracestore.outputs import check_output_file
 
 DEFAULT_FEATURES = ("conf_max_logit_math", "depth", "is_final", "n_gen_tokens")
-COST_UNITS = (*COST_MODELS, "tokens")
 
 
 @dataclass(frozen=True)
@@ -166,8 +165,9 @@ class Hyperparameters:
             raise TraceError(f"--alpha must lie strictly between 0 and 1, got {self.alpha}")
         if not 0 <= self.kappa <= 1:
             raise TraceError(f"--kappa must lie in [0, 1], got {self.kappa}")
-        if self.cost not in COST_UNITS:
-            raise TraceError(f"--cost must be one of {', '.join(COST_UNITS)}, got {self.cost!r}")
+        if self.cost != LARGE_TOKENS and not COSTS.knows(self.cost):
+            choices = ", ".join([*COSTS.names(), LARGE_TOKENS])
+            raise TraceError(f"--cost must be one of {choices} (or FILE.py:Class or module:Class), got {self.cost!r}")
         if self.prices and self.cost != "api":
             raise TraceError("--price applies to --cost api only")
         if self.escalate not in ESCALATE_MODES:

@@ -14,6 +14,7 @@ from replay.routers.policy import normalise, raw_features
 from tracestore.errors import TraceError
 
 VERIFIER = "verifier"
+LARGE_TOKENS = "tokens"  # --cost tokens: the large model's generated tokens, not a cost model
 
 
 @dataclass
@@ -81,7 +82,7 @@ def step_cost_units(data: ReplayData, hp, large: str | None = None) -> tuple[np.
     """(cost of each step row, unit): the replay cost model's decode + prefill cost, which is what `trace replay`
     adds up for a kept or a discarded step, or the ``large`` model's (default the largest's) generated tokens
     (``cost="tokens"``)."""
-    if hp.cost == "tokens":
+    if hp.cost == LARGE_TOKENS:
         large = data.steps["model"].to_numpy() == (large or data.roles[-1])
         return np.where(large, data.steps["n_gen_tokens"].to_numpy(), 0).astype(np.float64), "large tokens"
     model = make_cost_model(hp.cost, data.manifest, dict(hp.prices) or None)

@@ -73,6 +73,7 @@ from replay.artifacts import check_fitted_within, load_artifact
 from replay.engine import ESCALATE_MODES
 from replay.mlp import MLP, exp
 from replay.policy_walk import allowed_actions, walk_k_models
+from replay.routers import ROUTERS
 from replay.routers.base import Domain, DraftRouter
 from tracestore.atomic import write_atomic
 from tracestore.errors import TraceError
@@ -267,6 +268,7 @@ def load_policy(path: str | Path) -> tuple[MLP, dict]:
     return MLP.from_state_dict(state), saved
 
 
+@ROUTERS.register
 class PolicyRouter(DraftRouter):
     name = "policy"
     sweepable = ("kappa",)
