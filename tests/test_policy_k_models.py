@@ -234,7 +234,7 @@ def test_the_trained_policy_escalates_where_m0_fails_to_the_model_that_suffices(
     """For at least 4 of 5 seeds (16 hidden units): every problem is covered, no escalation leaves the comb, the
     sure ones stay with m0, the unsure ones escalate after m0's first step, the lost ones to m2 (only m2 is right
     there); and at m0's first step pi prefers m1 over m2 more where m1 suffices (unsure) than where only m2 is
-    right (lost). (Whether pi(m1) passes kappa on the unsure problems within 150 steps depends on the seed: the
+    right (lost). (Whether pi(m1) passes kappa on the unsure problems within 100 steps depends on the seed: the
     two confidences lie close.)"""
     from replay.routers.policy import normalise, policy_probabilities, with_role
     from replay.train_policy import Hyperparameters, train_policy
@@ -245,7 +245,7 @@ def test_the_trained_policy_escalates_where_m0_fails_to_the_model_that_suffices(
     for seed in range(5):
         out = tmp_path / f"pi-{seed}.pt"
         hp = Hyperparameters(
-            steps=150,
+            steps=100,
             seed=seed,
             hidden=16,  # narrow: five trainings in seconds
             alpha=0.05,
