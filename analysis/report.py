@@ -94,7 +94,7 @@ class Report:
 
 def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Report:
     """Read, check and compare; everything in memory (nothing is written here). ``result_paths``: results
-    files of `trace replay --out`, or replay results in memory (replay.engine.ReplayResult, or its
+    files of `trace replay --out`, or replay results in memory (replay.results.ReplayResult, or its
     outcomes DataFrame), in any mix."""
     if not result_paths:
         raise TraceError("give at least one results file from trace replay --out")

@@ -103,10 +103,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from replay.api_signals import require_signals
 from replay.artifacts import load_train_split
 from replay.costs import COSTS, Price
-from replay.engine import ESCALATE_MODES
+from replay.endpoint_signals import require_signals
 from replay.mlp import MLP, Adam
 from replay.policy_training.episodes import LARGE_TOKENS, Rollout, comb_episodes, rollout
 from replay.policy_training.k_models import train_k_policy
@@ -124,6 +123,7 @@ from replay.policy_training.update import (
 )
 from replay.routers.policy import ESCALATE, POLICY_INSTEAD, model_set, policy_probabilities
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, check_fractions
+from replay.walk import ESCALATE_MODES
 from tracestore.errors import TraceError
 from tracestore.outputs import check_output_file
 

@@ -15,7 +15,7 @@ import pytest
 from tracebuild import toy_gen_options
 
 from data.toy import MODEL_ALIASES
-from replay.engine import replay_trace
+from replay.run import replay_trace
 from tracegen.backends import engine_kwargs_for, load_backend
 from tracegen.closure import RouterSpec
 from tracegen.gen import run_gen

@@ -14,8 +14,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from replay.engine import replay_trace
 from replay.routers import make_router
+from replay.run import replay_trace
 from tracegen.expand import Comb, frontier
 from tracestore.store import open_trace
 from tracestore.validate import validate

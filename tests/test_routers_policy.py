@@ -14,7 +14,7 @@ import torch
 from test_routers_baselines import LARGE_STEP, SMALL_STEP, manifest, run, sized
 from tracebuild import build_trace, comb_steps
 
-from replay.engine import ReplayData
+from replay.data import ReplayData
 from replay.mlp import MLP
 from replay.routers import make_router
 from replay.routers.policy import load_policy, policy_inputs, raw_features, save_policy

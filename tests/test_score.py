@@ -155,8 +155,8 @@ def test_refusals_leave_the_trace_unchanged(trace):
 
 
 def test_rsd_replays_on_prm_scores(trace):
-    from replay.engine import replay_trace
     from replay.routers import make_router
+    from replay.run import replay_trace
 
     run_score(trace, "prm")
     prm = joined(trace, "prm")

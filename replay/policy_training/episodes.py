@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from replay.costs import CostModel, make_cost_model
-from replay.engine import Costs, ReplayData, walk_chains
+from replay.data import ReplayData
 from replay.routers.policy import normalise, raw_features
+from replay.walk import Costs, walk_chains
 from tracestore.errors import TraceError
 
 VERIFIER = "verifier"

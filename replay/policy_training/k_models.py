@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from replay.engine import ReplayData
+from replay.data import ReplayData
 from replay.mlp import MLP, Adam
 from replay.policy_training.episodes import VERIFIER, step_cost_units
 from replay.policy_training.results import finish_training

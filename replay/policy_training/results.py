@@ -9,7 +9,7 @@ from pathlib import Path
 
 import polars as pl
 
-from replay.engine import ReplayData
+from replay.data import ReplayData
 from replay.routers.policy import save_policy
 from tracestore.atomic import write_atomic
 
