@@ -1,5 +1,6 @@
-"""Generation backends for `trace gen`: vLLM (default where installed) and transformers, and the engine
-settings each model role gets.
+"""Generation backends for `trace gen`: vLLM (default where installed), transformers, and a fake one (seeded
+stand-in steps of the toy world, no model: for tests of everything around the engines), and the engine settings
+each model role gets.
 
 Engines are imported only when a backend is loaded, so phase two never pulls them in.
 """
@@ -13,7 +14,7 @@ from tracegen.backends.base import Backend, GeneratedStep, StepRequest, StepSamp
 from tracestore.errors import TraceError
 from tracestore.schema import LARGE, SMALL, TWO_MODEL_ROLES
 
-BACKENDS = ("vllm", "hf")
+BACKENDS = ("vllm", "hf", "fake")
 
 __all__ = [
     "BACKENDS",
@@ -78,10 +79,19 @@ def scorer_engine_kwargs(kind: str) -> dict:
 
 
 def load_backend(kind: str, model_path: str, **engine_kwargs) -> Backend:
-    """Start the engine ``kind`` ("vllm" or "hf") on a local checkpoint folder or a Hugging Face id."""
+    """Start the engine ``kind`` ("vllm", "hf" or "fake") on a local checkpoint folder or a Hugging Face id."""
     check_backend(kind)
     if str(model_path).startswith((".", "/", "~")) and not Path(model_path).expanduser().is_dir():
         raise TraceError(f"model folder {model_path} does not exist")
+    if kind == "fake":
+        from tracegen.backends.fake import FakeBackend, StreamingFakeBackend
+
+        streaming = engine_kwargs.pop("streaming", False)
+        cls = StreamingFakeBackend if streaming else FakeBackend
+        unknown = sorted(set(engine_kwargs) - set(inspect.signature(cls).parameters))
+        if unknown:
+            raise TraceError(f"unknown fake engine argument(s): {', '.join(unknown)}")
+        return cls(str(model_path), **engine_kwargs)
     if kind == "hf":
         try:
             from tracegen.backends.hf import HFBackend
