@@ -300,6 +300,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(toy_models, tmp_path):
     assert 0 < partial.height < full.height, "the kill should land after the first round and before the last"
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    # it grew only what the killed run had not stored
+    assert f"{full.height - partial.height:,} new steps" in " ".join(result.stdout.split()), result.stdout
     validate(killed)
     resumed = read_steps(killed)
     columns = ["step_id", "text", "n_prompt_tokens", "n_new_prefill_tokens", "n_gen_tokens", "is_final", "answer"]
@@ -335,12 +337,13 @@ def test_a_lost_steps_part_is_named_then_regrown_by_rerunning_gen(toy_models, tm
     run_gen(options(toy_models, out, limit=2, max_steps=3, backend="fake"))
     full = read_steps(out)
     lost = sorted((out / "steps").glob("part-*"))[-1]
+    lost_steps = pl.read_parquet(lost).height
     lost.unlink()
     with pytest.raises(TraceError, match=f"{lost} is missing: writer w0 recorded it"):
         validate(out)
     summary = run_gen(options(toy_models, out, limit=2, max_steps=3, backend="fake"))
     assert f"{lost} is missing (writer w0 recorded it)" in caplog.text
-    assert summary.new_steps > 0
+    assert summary.new_steps == lost_steps > 0  # only what was lost
     validate(out)
     assert read_steps(out).drop("n_cached_tokens").equals(full.drop("n_cached_tokens"))
 
