@@ -13,9 +13,11 @@ from markdown_it import MarkdownIt
 
 from analysis import plots
 from analysis.operating_points import Estimate, Row, percent
-from analysis.report_inputs import ALL_ROWS, REPORTED_ROWS, ReportOptions, Run
+from analysis.options import ALL_ROWS, REPORTED_ROWS, ReportOptions
+from analysis.report_inputs import Run
 from analysis.stats import PERMUTATIONS, mcnemar, paired_problem_test
-from replay.engine import summarize
+from replay.params import params_text
+from replay.results import summarize
 from tracestore.schema import Manifest, model_char
 
 GENERATOR = "trace report"
@@ -59,10 +61,6 @@ def md_table(headers: list[str], rows: list[list], right: set[int] = frozenset()
     ]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def _params_text(params: dict) -> str:
-    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "-"
 
 
 def render_html(markdown: str) -> str:
@@ -125,7 +123,7 @@ def table_section(table: list[Row], cost_unit: str, options: ReportOptions, floo
         rows.append(
             [
                 row.run.label + flag,
-                _params_text(row.run.point_params()),
+                params_text(row.run.point_params()) or "-",
                 _with_interval(row.accuracy, _pct_bare),
                 _with_interval(row.cost, _num),
                 _with_interval(row.a_over_c, _num),

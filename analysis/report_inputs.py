@@ -12,10 +12,13 @@ from pathlib import Path
 import polars as pl
 
 from analysis import plots
+from analysis.options import ALL_ROWS, DEFAULT_ALPHA, REPORTED_ROWS, ReportOptions
 from replay.costs import make_cost_model
-from replay.engine import ReplayData, replay
+from replay.data import ReplayData
+from replay.params import params_text
 from replay.routers import ROUTERS, make_router
 from replay.routers.steer import load_mixtures
+from replay.run import replay
 from replay.splits import SPLITS
 from tracestore.errors import TraceError
 from tracestore.schema import SCHEMAS
@@ -35,29 +38,6 @@ RESULT_COLUMNS = {
     "cost_unit": "string",
     "cost_convention": "string",
 }
-DEFAULT_FLOOR = "large-0.02"
-ALL_ROWS = "all"  # --split: every row of the results
-REPORTED_ROWS = "reported"  # --pick-split: choose on the rows reported (flatters threshold routers; labelled)
-DEFAULT_ALPHA = 0.02  # the policy seed's alpha, when the training log does not record its own
-
-
-@dataclass(frozen=True)
-class ReportOptions:
-    """How operating points are chosen (the rule: analysis.operating_points) and which optional sections
-    are drawn."""
-
-    pick: str = "ac"  # ac | cheapest | accuracy
-    accuracy_floor: str = DEFAULT_FLOOR  # large, large-D, or an accuracy in [0, 1]
-    at: tuple[str, ...] = ()  # pinned configurations: ROUTER:name=value[,name=value]
-    split: str = "test"  # report rows of this split, or ALL_ROWS
-    pick_split: str = "calibration"  # choose operating points on rows of this split, or REPORTED_ROWS
-    bootstrap: int = 1000  # bootstrap resamples
-    seed: int = 0  # bootstrap seed
-    policy_log: Path | None = None
-    steer_gmm: Path | None = None
-    alpha: float | None = None  # policy coverage target 1 - alpha (default: the log's alpha, else 0.02)
-    tables: tuple[str, ...] = ()  # the seeds' table layouts to add (analysis.tables)
-    grades: str | None = None  # the trace's grade set the results were replayed with (default: the steps' own)
 
 
 @dataclass
@@ -85,7 +65,8 @@ class Run:
     def point_params(self) -> dict:
         """The chosen configuration's decision parameters (sweepable ones, or the ones this file swept)."""
         params = self.params[self.chosen]
-        names = ROUTERS[self.router].sweepable if self.router in ROUTERS else ()
+        cls = ROUTERS.builtins().get(self.router)
+        names = cls.sweepable if cls is not None else ()
         names = [name for name in names if name in params] or varying_params(self.params)
         return {name: params[name] for name in names}
 
@@ -109,7 +90,7 @@ def read_results(path: Path, roles: list[str]) -> pl.DataFrame:
 
 def result_input(item, index: int, roles: list[str]) -> tuple[pl.DataFrame, str]:
     """(checked outcomes, source name) of one report input: a results file, or in memory a replay result
-    (anything with ``outcomes``, such as replay.engine.ReplayResult) or its outcomes DataFrame."""
+    (anything with ``outcomes``, such as replay.results.ReplayResult) or its outcomes DataFrame."""
     if isinstance(item, (str, Path)):
         return read_results(Path(item), roles), str(item)
     frame = getattr(item, "outcomes", item)
@@ -249,7 +230,7 @@ ROLE_PARAMS = ("draft", "target", "models")  # the parameters that name the mode
 def model_chain(router: str, params: dict, roles: list[str]) -> str | None:
     """The models a run's router uses, resolved on a trace with model ``roles`` ("m0 → m1 → m2": defaults
     filled in), or None when it takes no model parameters or they do not resolve."""
-    cls = ROUTERS.get(router)
+    cls = ROUTERS.builtins().get(router)
     if cls is None or not any(name in params for name in ROLE_PARAMS):
         return None
     if hasattr(cls, "chain"):  # the draft routers
@@ -285,12 +266,11 @@ def label_runs(runs: list[Run], roles: list[str]) -> None:
             for name in sorted(fixed)
             if len({json.dumps(other.params[min(other.params)].get(name)) for other in same}) > 1
         ]
-        parts = [f"{n}={shown(fixed[n])}" for n in telling if n not in ROLE_PARAMS]
         chain = model_chain(run.router, fixed, roles) if set(telling) & set(ROLE_PARAMS) else None
-        if chain is not None:
-            parts.insert(0, chain)
-        else:
-            parts = [f"{n}={shown(fixed[n])}" for n in telling]
+        named = [n for n in telling if n not in ROLE_PARAMS] if chain is not None else telling
+        parts = [chain] if chain is not None else []
+        if named:
+            parts.append(params_text({n: shown(fixed[n]) for n in named}))
         if fixed.get("model") and "model" not in telling:  # `only`: which model, even when it is the only run
             parts.insert(0, str(fixed["model"]))
         run.label = run.router + (" (" + ", ".join(parts) + ")" if parts else "")

@@ -10,22 +10,125 @@
   the other parameters as chosen; last, every other chain the trace supports (each ordered subset of two or
   more of its models) that no run replayed, with the command that replays it.
 
-Each table is written as Markdown and CSV next to the report.
+Each table is written as Markdown and CSV next to the report. A table layout is a ``ReportTable`` subclass
+registered in ``TABLES`` (replay.registry): the built-ins here with ``@TABLES.register``, others through entry
+points of group ``trace.tables`` or as ``--table FILE.py:Class``.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import polars as pl
 
-from analysis.operating_points import Row
-from analysis.report_inputs import Run
+from replay.params import params_text
+from replay.registry import Registry, check_subclass
 
-TABLES = ("cmdp", "cascade")
+if TYPE_CHECKING:
+    from analysis.operating_points import Row
+    from analysis.report_inputs import Run
+
 CMDP_ORDER = ("small-only", "large-only", "rsd", "specreason", "steer", "policy")
 CHAIN_ARROW = " → "
+
+
+@dataclass(frozen=True)
+class TableInputs:
+    """What a table is built from: the report's runs at their operating points."""
+
+    rows: list[Row]  # the report's main table: small-only, large-only, then each router, at its operating point
+    routers: list[Run]  # every router's run (all its configurations; ``chosen`` is the operating point)
+    baselines: dict[str, Run]  # small-only and large-only
+    roles: list[str]  # the trace's models, smallest first
+    dataset: str
+    cost_unit: str
+    alone: Callable[[str], Run]  # one of the trace's models alone, replayed on the report's walks
+
+
+class ReportTable:
+    """A table layout of `trace report --table NAME`: ``frame`` builds it (written as table_NAME.csv), ``markdown``
+    prints it in the report and table_NAME.md (by default every column as it is, under ``title``)."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+
+    def frame(self, inputs: TableInputs) -> pl.DataFrame:
+        raise NotImplementedError
+
+    def markdown(self, frame: pl.DataFrame, inputs: TableInputs) -> str:
+        body = [["-" if value is None else str(value) for value in row] for row in frame.iter_rows()]
+        return _markdown(self.title, frame.columns, body)
+
+
+def _table_class(obj, origin: str) -> type[ReportTable]:
+    return check_subclass(obj, origin, "table", ReportTable, ("frame",), {"name": str, "title": str})
+
+
+def _looks_like_table(value) -> bool:
+    return isinstance(value, type) and issubclass(value, ReportTable) and value is not ReportTable
+
+
+TABLES = Registry("table", "trace.tables", _table_class, _looks_like_table)
+
+
+@TABLES.register
+class CmdpTable(ReportTable):
+    """The CMDP seed's Tables 1 and 2: each method at its operating point, with Acc, Cost and A/C."""
+
+    name = "cmdp"
+    title = "The CMDP seed's layout (Tables 1 and 2): each method at its operating point"
+
+    def frame(self, inputs: TableInputs) -> pl.DataFrame:
+        return cmdp_table(inputs.rows, inputs.dataset, inputs.cost_unit)
+
+    def markdown(self, frame: pl.DataFrame, inputs: TableInputs) -> str:
+        dataset = frame["dataset"][0] if frame.height else "?"
+        headers = ["Method", "Operating point", f"{dataset}: Acc (%)", f"Cost ({inputs.cost_unit})", "A/C"]
+        cost_column = [column for column in frame.columns if column.startswith("cost_")][0]
+        body = [
+            [
+                r["method"],
+                r["operating_point"],
+                _fmt(r["accuracy_pct"], ".1f"),
+                _fmt(r[cost_column], ".4g"),
+                _fmt(r["a_over_c"], ".4g"),
+            ]
+            for r in frame.iter_rows(named=True)
+        ]
+        return _markdown(self.title, headers, body)
+
+
+@TABLES.register
+class CascadeTable(ReportTable):
+    """The cascade seed's Table 1: model chains with accuracy, PD and compute saving, with and without P(IK),
+    and the P(T) threshold sensitivity."""
+
+    name = "cascade"
+    title = "The cascade seed's layout (Table 1): PD and Reduced CC against the largest model alone"
+
+    def frame(self, inputs: TableInputs) -> pl.DataFrame:
+        singles = {role: inputs.alone(role) for role in inputs.roles[1:-1]}
+        return cascade_table(inputs.routers, inputs.baselines, inputs.roles, singles)
+
+    def markdown(self, frame: pl.DataFrame, inputs: TableInputs) -> str:
+        cost_unit = inputs.cost_unit
+        headers = ["LLM(s)", "", "Operating point", "Acc. (%)", "PD (points)", "Reduced CC (%)", f"Cost ({cost_unit})"]
+        body = [
+            [
+                r["chain"],
+                r["kind"],
+                r["operating_point"],
+                _fmt(r["accuracy_pct"], ".2f"),
+                _fmt(r["pd_points"], "+.2f"),
+                _fmt(r["reduced_cc_pct"], ".2f"),
+                _fmt(r["cost"], ".4g"),
+            ]
+            for r in frame.iter_rows(named=True)
+        ]
+        return _markdown(self.title, headers, body)
 
 
 def cmdp_table(rows: list[Row], dataset: str, cost_unit: str) -> pl.DataFrame:
@@ -39,7 +142,7 @@ def cmdp_table(rows: list[Row], dataset: str, cost_unit: str) -> pl.DataFrame:
         [
             {
                 "method": row.run.label,
-                "operating_point": _params_text(row.run.point_params()),
+                "operating_point": params_text(row.run.point_params()),
                 "dataset": dataset,
                 "accuracy_pct": _scaled(row.accuracy.value, 100),
                 f"cost_{_unit_name(cost_unit)}": row.cost.value,
@@ -79,14 +182,21 @@ def cascade_table(
         pik = "with P(IK)" if with_pik else "without P(IK)"
         point = {k: v for k, v in run.point_params().items() if with_pik or k != "t_ik"}
         accuracy, cost = _accuracy_and_cost(run.at_chosen())
-        records.append(_record(chain, pik, _params_text(point), accuracy, cost, largest))
+        records.append(_record(chain, pik, params_text(point), accuracy, cost, largest))
         others = {key: value for key, value in chosen.items() if key != "t_true"}
         for config, params in sorted(run.params.items(), key=lambda item: item[1].get("t_true", 0)):
             if config == run.chosen or {k: v for k, v in params.items() if k != "t_true"} != others:
                 continue
             accuracy, cost = _accuracy_and_cost(run.rows.filter(pl.col("config") == config))
             records.append(
-                _record(chain, f"{pik}, P(T) sensitivity", f"t_true={params['t_true']:g}", accuracy, cost, largest)
+                _record(
+                    chain,
+                    f"{pik}, P(T) sensitivity",
+                    params_text({"t_true": params["t_true"]}),
+                    accuracy,
+                    cost,
+                    largest,
+                )
             )
     for size in range(2, len(roles) + 1):
         for subset in itertools.combinations(roles, size):
@@ -108,38 +218,7 @@ def cascade_table(
     )
 
 
-def table_markdown(name: str, table: pl.DataFrame, cost_unit: str) -> str:
-    """The table as the seed prints it, in Markdown."""
-    if name == "cmdp":
-        dataset = table["dataset"][0] if table.height else "?"
-        headers = ["Method", "Operating point", f"{dataset}: Acc (%)", f"Cost ({cost_unit})", "A/C"]
-        cost_column = [column for column in table.columns if column.startswith("cost_")][0]
-        body = [
-            [
-                r["method"],
-                r["operating_point"],
-                _fmt(r["accuracy_pct"], ".1f"),
-                _fmt(r[cost_column], ".4g"),
-                _fmt(r["a_over_c"], ".4g"),
-            ]
-            for r in table.iter_rows(named=True)
-        ]
-        title = "The CMDP seed's layout (Tables 1 and 2): each method at its operating point"
-    else:
-        headers = ["LLM(s)", "", "Operating point", "Acc. (%)", "PD (points)", "Reduced CC (%)", f"Cost ({cost_unit})"]
-        body = [
-            [
-                r["chain"],
-                r["kind"],
-                r["operating_point"],
-                _fmt(r["accuracy_pct"], ".2f"),
-                _fmt(r["pd_points"], "+.2f"),
-                _fmt(r["reduced_cc_pct"], ".2f"),
-                _fmt(r["cost"], ".4g"),
-            ]
-            for r in table.iter_rows(named=True)
-        ]
-        title = "The cascade seed's layout (Table 1): PD and Reduced CC against the largest model alone"
+def _markdown(title: str, headers: list[str], body: list[list[str]]) -> str:
     lines = [f"## {title}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines)
@@ -168,13 +247,6 @@ def _record(chain, kind, point, accuracy, cost, largest) -> dict:
 def _chain(params: dict, roles: list[str]) -> list[str]:
     models = params.get("models") or ""
     return [role.strip() for role in models.split(",")] if models else list(roles)
-
-
-def _params_text(params: dict) -> str:
-    return ", ".join(
-        f"{k}={v:g}" if isinstance(v, float) else f"{k}={json.dumps(v) if isinstance(v, bool) else v}"
-        for k, v in params.items()
-    )
 
 
 def _scaled(value: float | None, factor: float) -> float | None:

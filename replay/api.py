@@ -10,7 +10,7 @@
     page = report("runs/toy", [rsd, mine], out="report/")   # the `trace report` page; page.markdown
 
 A router is given as a registered name, an entry point, ``FILE.py:Class`` or ``module:Class`` (see
-replay.plugins), as a router class or per-step function (made with ``params``), or as a router instance.
+replay.routers), as a router class or per-step function (made with ``params``), or as a router instance.
 """
 
 from __future__ import annotations
@@ -19,21 +19,14 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import polars as pl
 
-from replay.costs import Price, parse_prices, registered_costs
-from replay.engine import (
-    DEFAULT_MAX_CONFIGS,
-    ReplayResult,
-    miss_list,
-    parse_param,
-    parse_sweep,
-    replay_trace,
-    write_outcomes,
-)
-from replay.plugins import make_router, registered_routers
+from replay.costs import COSTS, Price, parse_prices
+from replay.params import DEFAULT_MAX_CONFIGS, parse_param, parse_sweeps
+from replay.results import ReplayResult, miss_list
+from replay.routers import ROUTERS, make_router
 from replay.routers.base import Router
+from replay.run import replay_trace, write_outcomes
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED
 from replay.stepwise import StepRouter
 from tracestore.errors import TraceError
@@ -57,8 +50,9 @@ SLOW_SECONDS = 10.0
 
 def registered() -> pl.DataFrame:
     """The routers and cost models this installation knows (kind, name, source, about): built-in ones, and
-    those installed packages declare through entry points (groups trace.routers, trace.costs)."""
-    rows = [*registered_routers(), *registered_costs()]
+    those installed packages declare through entry points (groups trace.routers, trace.costs). `trace replay
+    --list` also shows phase one's scorers and backends and the report's tables."""
+    rows = [*ROUTERS.rows(), *COSTS.rows()]
     columns = ("kind", "name", "source", "about")
     return pl.DataFrame([vars(row) for row in rows], schema=dict.fromkeys(columns, pl.String))
 
@@ -67,28 +61,6 @@ def router(reference: Any, **params: Any) -> Router:
     """A router: ``reference`` is a name, entry point, ``FILE.py:Class``, ``module:Class``, a router class or
     a per-step function; ``params`` are its constructor's (strings are converted as `--param` does)."""
     return make_router(reference, **params)
-
-
-def parse_sweeps(sweep: Mapping[str, Any] | Sequence[str] | None, max_configs: int) -> dict[str, np.ndarray]:
-    """``{"tau": "0:1:0.05"}``, ``{"tau": [0.3, 0.5]}`` or ``["tau=0:1:0.05"]`` (as `--sweep`) -> arrays."""
-    if not sweep:
-        return {}
-    if isinstance(sweep, str):
-        sweep = [sweep]
-    texts = list(sweep) if not isinstance(sweep, Mapping) else []
-    values: dict[str, np.ndarray] = {}
-    if isinstance(sweep, Mapping):
-        for name, given in sweep.items():
-            if isinstance(given, str):
-                texts.append(f"{name}={given}")
-            else:
-                values[name] = np.asarray(given, dtype=float).reshape(-1)
-    for text in texts:
-        name, array = parse_sweep(text, max_configs)
-        if name in values:
-            raise TraceError(f"--sweep {name} is given twice")
-        values[name] = array
-    return values
 
 
 def replay(
@@ -117,8 +89,6 @@ def replay(
     ``.summary()`` per configuration and the ``.misses`` (steps or scores the trace lacks), the same ones
     `trace replay` prints and writes.
     """
-    if max_configs < 1:
-        raise TraceError(f"--max-configs must be at least 1, got {max_configs}")
     if isinstance(params, Sequence) and not isinstance(params, str):
         params = dict(parse_param(text) for text in params)
     if isinstance(router, Router):

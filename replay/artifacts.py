@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from replay.engine import ReplayData
+from replay.data import ReplayData
 from replay.splits import SPLITS, assign_splits, check_fractions
 from tracestore.errors import TraceError
 from tracestore.store import open_trace

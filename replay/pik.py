@@ -20,8 +20,9 @@ import numpy as np
 import polars as pl
 
 from replay.artifacts import load_artifact
-from replay.engine import Costs, ReplayData, walk_chains
+from replay.data import ReplayData
 from replay.splits import hash_uniform
+from replay.walk import Costs, walk_chains
 from tracestore.errors import TraceError
 
 PIK_FORMAT = "trace-pik"

@@ -16,7 +16,7 @@ from tracebuild import build_trace, comb_steps, toy_gen_options
 from typer.testing import CliRunner
 
 from cli import app
-from replay.engine import replay_trace
+from replay.run import replay_trace
 from tracegen.closure import RouterSpec, load_router_specs
 from tracegen.gen import run_gen
 from tracestore.errors import TraceError
@@ -183,6 +183,16 @@ def test_budget_stops_closure_and_says_so(tmp_path):
         ("[[router]]\nname = 'nope'", "router 1: unknown router 'nope'"),
         ("[[router]]\nname = 'rsd'\n[[router]]\nname = 'rsd'\nparams = {tau_x = 1}", "router 2: .*tau_x"),
         ("[[router]]\nname = 'rsd'\nsweep = 'mode=0:1:0.5'", "cannot sweep mode"),
+        (
+            "[[router]]\nname = 'rsd'\nparams = {tau = 5}",
+            "router 1: .*tau must be a finite number in \\[0, 1\\], got 5.0",
+        ),
+        ("[[router]]\nname = 'rsd'\nsweep = ['tau=0:1:0.5', 'tau=0.7']", "router 1: --sweep tau is given twice"),
+        ("[[router]]\nname = 'random'\nsweep = ['p=0:1:0.001', 'seed=0:20:1']", "cannot sweep seed"),
+        (
+            "[[router]]\nname = 'cascade'\nsweep = ['t_true=0:1:0.001', 't_ik=0:1:0.01']",
+            "1001 x 101 = 101,101 configurations; at most 20,000",
+        ),
     ],
 )
 def test_router_file_errors(tmp_path, text, message):

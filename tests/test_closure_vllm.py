@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 from tracebuild import toy_gen_options
 
-from replay.engine import replay_trace
+from replay.run import replay_trace
 from tracegen.closure import RouterSpec
 from tracegen.gen import run_gen
 from tracegen.scoring import open_scorer, run_score, score_pending

@@ -46,9 +46,9 @@ class Logged:
         return getattr(self.backend, name)
 
 
-def fake_backends(**engine_kwargs) -> dict:
+def fake_backends(kind: str = "fake", **engine_kwargs) -> dict:
     return {
-        role: load_backend("fake", resolve_model(f"toy-{role}", role).path, **engine_kwargs)
+        role: load_backend(kind, resolve_model(f"toy-{role}", role).path, **engine_kwargs)
         for role in ("small", "large")
     }
 
@@ -61,13 +61,13 @@ def part_bytes(root: Path) -> list[tuple[str, bytes]]:
     ]
 
 
-OPTIONS = dict(limit=6, seed=5, max_steps=4, backend="fake")
+OPTIONS = dict(limit=6, seed=5, max_steps=4)
 
 
 @pytest.fixture(scope="module")
 def round_by_round(tmp_path_factory):
     out = tmp_path_factory.mktemp("rounds") / "t"
-    return out, run_gen(toy_gen_options(out, **OPTIONS), backends=fake_backends())
+    return out, run_gen(toy_gen_options(out, **OPTIONS, backend="fake"), backends=fake_backends())
 
 
 @pytest.mark.parametrize("order_seed", [0, 1])
@@ -75,9 +75,9 @@ def test_continuous_growth_writes_the_parts_of_round_by_round_growth(round_by_ro
     rounds_out, rounds = round_by_round
     log: list = []
     streaming = {
-        role: Logged(backend, log) for role, backend in fake_backends(streaming=True, order_seed=order_seed).items()
+        role: Logged(backend, log) for role, backend in fake_backends("fake-stream", order_seed=order_seed).items()
     }
-    options = toy_gen_options(tmp_path / "continuous", **OPTIONS)
+    options = toy_gen_options(tmp_path / "continuous", **OPTIONS, backend="fake-stream")
     continuous = run_gen(options, backends=streaming)
     assert (continuous.rounds, continuous.new_steps, continuous.new_gen_tokens) == (
         rounds.rounds,
@@ -95,11 +95,11 @@ def test_continuous_growth_writes_the_parts_of_round_by_round_growth(round_by_ro
 
 
 def test_continuous_growth_resumes_what_a_shorter_run_left(round_by_round, tmp_path):
-    """A run cut after its first rounds (max_steps 2), resumed by continuous growth to the full depth, holds, part by
-    part, what growing round by round to the full depth writes."""
-    rounds_out, _ = round_by_round
+    """`trace gen --backend fake-stream` grows continuously: a run cut after its first rounds (max_steps 2), resumed
+    to the full depth, holds, part by part, what growing round by round to the full depth writes."""
+    rounds_out, rounds = round_by_round
     out = tmp_path / "resumed"
-    run_gen(toy_gen_options(out, **{**OPTIONS, "max_steps": 2}), backends=fake_backends())
-    resumed = run_gen(toy_gen_options(out, **OPTIONS), backends=fake_backends(streaming=True, order_seed=3))
-    assert resumed.new_steps > 0
+    cut = run_gen(toy_gen_options(out, **{**OPTIONS, "max_steps": 2}, backend="fake-stream"))
+    resumed = run_gen(toy_gen_options(out, **OPTIONS, backend="fake-stream"))
+    assert resumed.new_steps == rounds.new_steps - cut.new_steps > 0
     assert part_bytes(out) == part_bytes(rounds_out)

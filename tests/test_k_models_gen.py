@@ -16,8 +16,9 @@ from tracebuild import build_trace, comb_steps, toy_gen_options
 from typer.testing import CliRunner
 
 from cli import app
-from replay.engine import miss_list, replay_trace
+from replay.results import miss_list
 from replay.routers import make_router
+from replay.run import replay_trace
 from tracegen.closure import RouterSpec
 from tracegen.gen import run_gen
 from tracegen.scorers import make_scorer

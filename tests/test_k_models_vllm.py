@@ -13,8 +13,8 @@ import polars as pl
 import pytest
 from tracebuild import toy_gen_options
 
-from replay.engine import replay_trace
 from replay.routers import make_router
+from replay.run import replay_trace
 from tracegen.expand import Comb, frontier
 from tracegen.gen import run_gen
 from tracestore.store import open_trace

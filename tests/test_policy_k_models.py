@@ -16,10 +16,13 @@ from test_routers_baselines import run
 from test_routers_policy import hand_made_policy, zeroed_network
 from tracebuild import build_trace, comb_steps
 
-from replay.engine import Costs, ReplayData, miss_list, replay_trace
+from replay.data import ReplayData
 from replay.policy_walk import deployed_action, walk_k_models
+from replay.results import miss_list
 from replay.routers import make_router
 from replay.routers.policy import load_policy, save_policy
+from replay.run import replay_trace
+from replay.walk import Costs
 from tracestore.errors import TraceError
 from tracestore.store import open_trace
 

@@ -14,7 +14,7 @@ import torch
 from test_routers_baselines import LARGE_STEP, SMALL_STEP, manifest, run, sized
 from tracebuild import build_trace, comb_steps
 
-from replay.engine import ReplayData
+from replay.data import ReplayData
 from replay.routers import make_router
 from replay.routers.policy import load_policy, policy_network, raw_features, save_policy
 from tracestore.errors import TraceError

@@ -156,8 +156,8 @@ def test_refusals_leave_the_trace_unchanged(trace):
 
 
 def test_rsd_replays_on_prm_scores(trace):
-    from replay.engine import replay_trace
     from replay.routers import make_router
+    from replay.run import replay_trace
 
     run_score(trace, "prm")
     prm = joined(trace, "prm")
@@ -191,7 +191,7 @@ def test_the_real_scorers_run_on_the_toy_models(trace, name):
     from tracegen.scorers import SCORERS
     from tracegen.scoring import score_pending
 
-    scorer = SCORERS[name](open_trace(trace).manifest, backend="fake")
+    scorer = SCORERS.get(name)(open_trace(trace).manifest, backend="fake")
     try:
         summary = score_pending(trace, scorer)
     finally:

@@ -26,9 +26,10 @@ from typer.testing import CliRunner
 from cli import app
 from replay.artifacts import load_train_split
 from replay.costs import Price
-from replay.engine import ReplayData, replay_trace
+from replay.data import ReplayData
 from replay.routers import make_router
 from replay.routers.policy import load_policy
+from replay.run import replay_trace
 from replay.splits import DEFAULT_FRACTIONS, assign_splits
 from replay.train_policy import (
     Hyperparameters,

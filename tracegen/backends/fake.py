@@ -1,5 +1,5 @@
-"""The fake backend (``--backend fake``): an instant, seeded stand-in for a model of the toy world, for testing
-what drives the engines (resume, shards, reruns, continuous growth, closure, scorers) without running one.
+"""The fake backends (``--backend fake``, ``fake-stream``): an instant, seeded stand-in for a model of the toy world,
+for testing what drives the engines (resume, shards, reruns, continuous growth, closure, scorers) without one.
 
 Like lm-eval's ``DummyLM`` it runs no model: it reads the checkpoint folder's config and tokenizer only. It
 writes the toy task's steps (``data.toy.task``): at each step the reference step for the running value, or, with
@@ -16,9 +16,10 @@ signals a wrong step, as routers expect. Log-probabilities, max logits and top-k
 a scoring pass (``continuation_logprobs``, the stream's ``score``) gives what generation recorded.
 
 A step is a function of (request seed, prompt ids), never of its batch: temperature 0 writes the reference step;
-above 0 the seed draws which steps slip. top_p is not modelled. ``streaming=True`` adds ``open_stream``
-(continuous growth, as on vLLM), whose engine loop finishes requests in their running batch after as many
-ticks as they have tokens, the requests finishing at the same tick in a seeded shuffled order.
+above 0 the seed draws which steps slip. top_p is not modelled. ``fake`` grows round by round (as the hf
+backend); ``fake-stream`` writes the same steps and adds ``open_stream`` (continuous growth, as on vLLM), whose
+engine loop finishes requests in their running batch after as many ticks as they have tokens, the requests
+finishing at the same tick in a seeded shuffled order.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ TICK_SECONDS = 0.0005  # one engine step of the stream's loop: long enough for t
 
 
 class FakeBackend:
+    """Seeded toy-world steps with exact scores of seeded logits, no model (for tests); round by round."""
+
     name = "fake"
 
     def __init__(self, model_path: str, *, step_validity: float | None = None, max_model_len: int | None = None):
@@ -179,7 +182,9 @@ class FakeBackend:
 
 
 class StreamingFakeBackend(FakeBackend):
-    """The fake backend with vLLM's ``open_stream``, so that ``trace gen`` grows on it continuously."""
+    """The fake backend with vLLM's streaming interface: trace gen grows on it continuously, out of order."""
+
+    name = "fake-stream"
 
     def __init__(
         self,

@@ -17,12 +17,13 @@ from pathlib import Path
 import polars as pl
 
 from tracegen.prompts import VERIFIER_PROMPT, earlier_steps_text
-from tracegen.scorers.base import Item, Score, Scorer
+from tracegen.scorers.base import SCORERS, Item, Score, Scorer
 from tracestore.errors import TraceError
 
 TOP_K = 20
 
 
+@SCORERS.register
 class ApiVerifier(Scorer):
     name = "api-verifier"
     signal = "verifier"
@@ -33,7 +34,7 @@ class ApiVerifier(Scorer):
 
     @property
     def spec(self):
-        from tracegen.backends.openai_api import parse_api_spec
+        from tracegen.backends.endpoint_spec import parse_api_spec
 
         if not self.model:
             raise TraceError(
@@ -52,7 +53,7 @@ class ApiVerifier(Scorer):
         return {"model": self.signal, "name": self.spec.model, "served_by": "openai", "prompt": VERIFIER_PROMPT}
 
     def _load(self) -> None:
-        from tracegen.backends.openai_api import open_api_backend
+        from tracegen.backends.openai_endpoint import open_api_backend
 
         if self.trace_root is None:
             raise TraceError("scorer api-verifier must be opened on a trace (tracegen.scoring.open_scorer)")

@@ -15,14 +15,14 @@ from test_gen import toy_models  # noqa: F401  (fixture: trained toy models, or 
 from typer.testing import CliRunner
 
 from cli import app
+from scripts.vllm_server import local_server
 from tracegen.backends import StepRequest, StepSampling
-from tracegen.backends.openai_api import ClientOptions, parse_api_spec
+from tracegen.backends.endpoint_spec import ClientOptions, parse_api_spec
 from tracegen.expand import Request
 from tracegen.gen import GenOptions, _load_trees, run_gen
 from tracegen.growth import Tree, request_seed
 from tracegen.models import load_tokenizer, resolve_model
 from tracegen.prompts import STEP_DELIMITER, prompt_token_ids
-from tracegen.serve import local_server
 from tracestore.store import open_trace
 from tracestore.validate import validate
 

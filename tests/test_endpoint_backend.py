@@ -1,5 +1,5 @@
-"""The openai backend against a local OpenAI-compatible server (tests/api_server.py): faults, resume, budget,
-errors. Everything runs on 127.0.0.1; no model engine starts (the toy server serves the API roles, the fake
+"""The openai backend against a local OpenAI-compatible server (tests/endpoint_server.py): faults, resume, budget,
+errors. Everything runs on 127.0.0.1; no model engine starts (the toy server serves the endpoint roles, the fake
 backend any other: seeded toy steps, no model)."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from api_server import ApiServer, ServerState
+from endpoint_server import ApiServer, ServerState
 from test_gen import toy_models  # noqa: F401  (fixture: trained toy models, or random-weight stand-ins)
 
-from tracegen.backends.openai_api import ClientOptions, parse_api_spec
+from tracegen.backends.endpoint_spec import ClientOptions, parse_api_spec
 from tracegen.gen import GenOptions, run_gen
 from tracegen.models import load_tokenizer, resolve_model
 from tracestore.errors import TraceError
