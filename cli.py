@@ -14,6 +14,7 @@ from replay.engine import DEFAULT_MAX_CONFIGS
 from replay.routers import ROUTERS
 from tracegen.scorers import SCORERS, WORLD_SCORERS
 from tracestore.errors import TraceError
+from tracestore.remote import DEFAULT_TIMEOUT
 
 app = typer.Typer(
     help="Cache step trees of a small and a large LLM once (gen), then replay any router on a CPU.",
@@ -50,6 +51,7 @@ def user_errors(command):
     return wrapper
 
 
+LOCAL_TRACE_HELP = "Trace directory: a path, or a file:// URL."
 GRADES_OPT = typer.Option(
     None,
     "--grades",
@@ -60,13 +62,14 @@ GRADES_OPT = typer.Option(
 @app.command()
 @user_errors
 def validate(
-    trace_dir: Path = typer.Argument(..., help="Trace directory."),
+    trace_dir: str = typer.Argument(..., help=LOCAL_TRACE_HELP),
     repair: bool = typer.Option(
         False,
         "--repair",
         help=(
             "First repair what concurrent or crashed writers left: drop exact duplicate rows, remove temp files and "
-            "uncommitted tokens parts, forget recorded parts that are gone; print each thing done. Takes the "
+            "uncommitted tokens parts, forget recorded parts that are gone, move files of the table folders that "
+            "no writer recorded and no reader can read to _quarantine/; print each thing done. Takes the "
             "trace's writer lock."
         ),
     ),
@@ -93,7 +96,7 @@ def validate(
 
 @app.command()
 @user_errors
-def info(trace_dir: Path = typer.Argument(..., help="Trace directory.")) -> None:
+def info(trace_dir: str = typer.Argument(..., help=LOCAL_TRACE_HELP)) -> None:
     """Problems, worlds, steps and generated tokens per model, single-model accuracy, size of the tables on disk
     (other files in the trace's folder are listed apart)."""
     from analysis.info import print_info, trace_info
@@ -104,7 +107,7 @@ def info(trace_dir: Path = typer.Argument(..., help="Trace directory.")) -> None
 @app.command()
 @user_errors
 def sql(
-    trace_dir: Path = typer.Argument(..., help="Trace directory."),
+    trace_dir: str = typer.Argument(..., help=LOCAL_TRACE_HELP),
     query: str = typer.Argument(
         ...,
         help="One DuckDB query (SELECT, WITH, FROM, DESCRIBE, ...) over the views problems, steps, tokens, grades, "
@@ -122,6 +125,11 @@ def sql(
     force: bool = typer.Option(False, "--force", help="Replace the --out file if it exists."),
     max_rows: int = typer.Option(50, "--max-rows", help="Rows to print (without --out)."),
     grades: str = GRADES_OPT,
+    memory_limit: str = typer.Option(
+        None,
+        "--memory-limit",
+        help="Memory the query may use, e.g. 4GB (default: DuckDB's, 80% of this machine's); nothing spills to disk.",
+    ),
 ) -> None:
     """Run a read-only DuckDB query over the trace's Parquet parts, in place.
 
@@ -137,7 +145,7 @@ def sql(
         if name in files:
             raise TraceError(f"--file {name} is given twice")
         files[name] = path
-    result = run_sql(trace_dir, query, files, grades)
+    result = run_sql(trace_dir, query, files, grades, memory_limit)
     if out is None:
         print_result(result, console, max_rows)
     else:
@@ -499,6 +507,11 @@ def replay(
         help="Most configurations a sweep may have; a larger grid is refused, naming its size and memory.",
     ),
     grades: str = GRADES_OPT,
+    timeout: float = typer.Option(
+        DEFAULT_TIMEOUT,
+        "--timeout",
+        help="Seconds a trace at a URL (s3://, gs://, ...) has to open; an unreachable store is named after that.",
+    ),
 ) -> None:
     """Replay a router on a cached trace (CPU only) and print accuracy, cost, A/C, large-step share and misses.
 
@@ -550,6 +563,7 @@ def replay(
         fractions=parse_fractions(split_fractions),
         max_configs=max_configs,
         grades=grades,
+        timeout=timeout,
     )
     seconds = time.perf_counter() - started
     title = escape(f"{trace_dir}: split {split}, cost {cost} (mean per query)")

@@ -37,7 +37,9 @@ from replay.routers.base import Router
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED
 from replay.stepwise import StepRouter
 from tracestore.errors import TraceError
+from tracestore.remote import is_uri
 from tracestore.store import Trace, open_trace
+from tracestore.watch import check_unchanged, table_listing
 
 __all__ = [
     "ReplayResult",
@@ -105,6 +107,7 @@ def replay(
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
     max_configs: int = DEFAULT_MAX_CONFIGS,
     grades: str | None = None,
+    timeout: float | None = None,
 ) -> ReplayResult:
     """Fit ``router`` on the trace's train split and replay it on ``split`` (train, calibration, test or all).
 
@@ -113,9 +116,11 @@ def replay(
     sequence of numbers, or `--sweep` strings; several parameters make a grid. ``grades``: the grade set of the
     final steps (default: the steps' own; others are written by `trace regrade`). ``cost``: flops,
     flops+prefill, kaplan, api (with ``prices``: role -> Price, or `--price` strings) or an installed cost
-    model. Returns the outcomes (``.outcomes``, one row per configuration, problem and world), the
-    ``.summary()`` per configuration and the ``.misses`` (steps or scores the trace lacks), the same ones
-    `trace replay` prints and writes.
+    model. ``timeout``: seconds a trace at a URL has to open (default 30). Returns the outcomes
+    (``.outcomes``, one row per configuration, problem and world), the ``.summary()`` per configuration and the
+    ``.misses`` (steps or scores the trace lacks), the same ones `trace replay` prints and writes. A local
+    trace's table folders are listed before and after: if the router's code wrote there, a TraceError names
+    the files instead.
     """
     if max_configs < 1:
         raise TraceError(f"--max-configs must be at least 1, got {max_configs}")
@@ -130,7 +135,8 @@ def replay(
     if prices is not None and not isinstance(prices, Mapping):
         prices = parse_prices(list(prices))
     root = trace.root if isinstance(trace, Trace) else trace
-    return replay_trace(
+    listed = None if is_uri(root) else table_listing(root)
+    result = replay_trace(
         root,
         chosen,
         sweep=parse_sweeps(sweep, max_configs),
@@ -142,7 +148,11 @@ def replay(
         fractions=fractions,
         max_configs=max_configs,
         grades=grades,
+        timeout=timeout,
     )
+    if listed is not None:
+        check_unchanged(root, listed, f"router {chosen.name}")
+    return result
 
 
 def slow_sweep_hint(router: Router, result: ReplayResult, seconds: float) -> str | None:

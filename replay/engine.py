@@ -798,15 +798,16 @@ def replay_trace(
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
     max_configs: int = DEFAULT_MAX_CONFIGS,
     grades: str | None = None,
+    timeout: float | None = None,
 ) -> ReplayResult:
     """Open a trace, fit ``router`` on its train split, replay it on ``split`` (or ``all``), its final steps
     graded by grade set ``grades`` (default: the steps' own). The sweep is checked (parameters, domains,
-    grid size) before anything is fitted."""
+    grid size) before anything is fitted. ``timeout``: seconds a trace at a URL has to open."""
     if split not in (*SPLITS, "all"):
         raise TraceError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}, all")
     router.check_params()
     check_sweep(router, sweep or {})
-    trace = open_trace(root)
+    trace = open_trace(root, timeout=timeout)
     scorer = router_scorer(router, trace.manifest.roles)
     if scorer and scorer not in trace.manifest.scorers:
         _, _, asked = scorer.partition("@")

@@ -213,6 +213,10 @@ UNKNOWN_TOKEN_ID = -1  # tokens.token_ids of a token that an API named by its te
 # named by its writer id that says who it is.
 LOCK_FILE = ".lock"
 
+# Where `trace validate --repair` moves files of the table folders that no reader can read and no writer
+# recorded (a plugin's stray write, a nested trace), by table: moved aside, never deleted.
+QUARANTINE_DIR = "_quarantine"
+
 
 def part_name(writer_id: str, seq: int, digest: str) -> str:
     return f"part-{writer_id}-{seq:05d}-{digest[:PART_DIGEST_CHARS]}.parquet"
@@ -225,6 +229,28 @@ def parts_record_file(writer_id: str) -> str:
 
 def writer_lock_file(writer_id: str) -> str:
     return f"{LOCK_FILE}-{writer_id}"
+
+
+def rerun_hint(root: str | Path, writer_id: str) -> str:
+    """The command whose rerun grows a writer's rows again."""
+    if writer_id.startswith("score_"):
+        return f"`trace score {root} --scorer {writer_id.removeprefix('score_')}`"
+    return "the `trace gen` command that wrote it"
+
+
+def lost_part_message(root: str | Path, table: str, name: str, writer_id: str) -> str:
+    """What every reader says of a part that ``writer_id`` recorded and that is gone (``root``: a path or URL)."""
+    return (
+        f"{root}/{table}/{name} is missing: writer {writer_id} recorded it in {root}/{parts_record_file(writer_id)}, "
+        f"so the trace lost its rows; rerun {rerun_hint(root, writer_id)} to grow them again, or "
+        f"`trace validate {root} --repair` to forget the part"
+    )
+
+
+def is_own_entry(name: str) -> bool:
+    """Whether an entry of a trace root (a name, no slash) is the trace's own: a table folder or file, or
+    bookkeeping."""
+    return name in TABLES or name in {f"{table}.parquet" for table in TABLES} or is_trace_metadata(name)
 
 
 def is_trace_metadata(relative: str) -> bool:

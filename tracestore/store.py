@@ -36,8 +36,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tracestore.atomic import commit, write_atomic, write_temp
+from tracestore.boundary import check_no_link_leaves
 from tracestore.errors import TraceError
 from tracestore.lock import WriterLock, manifest_lock
+from tracestore.outputs import check_outside_trace
 from tracestore.schema import (
     CACHE_KEY_FIELDS,
     LOCK_FILE,
@@ -53,6 +55,7 @@ from tracestore.schema import (
     first_difference,
     json_normal,
     lookup_field,
+    lost_part_message,
     make_step_id,
     manifest_json,
     part_name,
@@ -111,6 +114,12 @@ def parts_records(root: Path) -> dict[str, dict[str, list[str]]]:
     return {path.stem: read_parts_record(root, path.stem) for path in sorted(directory.glob("*.json"))}
 
 
+def recorded_parts(root: Path) -> set[tuple[str, str]]:
+    """(table, file name) of every part some writer recorded committing."""
+    records = parts_records(root).values()
+    return {(table, name) for record in records for table, names in record.items() for name in names}
+
+
 def write_parts_record(root: Path, writer_id: str, parts: dict[str, list[str]]) -> None:
     """Replace ``writer_id``'s parts record (atomically; tables in schema order, names as given)."""
     path = root / parts_record_file(writer_id)
@@ -119,25 +128,10 @@ def write_parts_record(root: Path, writer_id: str, parts: dict[str, list[str]]) 
     write_atomic(path, (json.dumps(record, indent=1) + "\n").encode())
 
 
-def rerun_hint(root: Path, writer_id: str) -> str:
-    """The command whose rerun grows a writer's rows again."""
-    if writer_id.startswith("score_"):
-        return f"`trace score {root} --scorer {writer_id.removeprefix('score_')}`"
-    return "the `trace gen` command that wrote it"
-
-
-def lost_part_message(root: Path, table: str, name: str, writer_id: str) -> str:
-    return (
-        f"{root / table / name} is missing: writer {writer_id} recorded it in {root / parts_record_file(writer_id)}, "
-        f"so the trace lost its rows; rerun {rerun_hint(root, writer_id)} to grow them again, or "
-        f"`trace validate {root} --repair` to forget the part"
-    )
-
-
 # ---------------------------------------------------------------- reader
 
 
-def _check_part(path: Path, table: str) -> None:
+def check_part(path: Path, table: str) -> None:
     """Read the Parquet footer of one part: a truncated or foreign file is named, not a traceback."""
     try:
         schema = pq.read_metadata(path).schema.to_arrow_schema()
@@ -198,7 +192,7 @@ class Trace:
             if single.is_file():
                 paths.insert(0, single)
             for path in paths:
-                _check_part(path, table)
+                check_part(path, table)
                 if table not in HEAVY_TABLES:
                     verify_part(path)
             self._checked[table] = [str(path) for path in paths]
@@ -248,12 +242,13 @@ def _read_verified(path: str, columns: list[str]) -> pa.Table:
         raise TraceError(f"{path} is damaged: {_first_line(error)}") from None
 
 
-def open_trace(root: str | os.PathLike) -> Trace:
-    """The trace at ``root``: a directory, or a URI (s3://, gs://, memory://, ...) read in place (tracestore.remote)."""
+def open_trace(root: str | os.PathLike, *, timeout: float | None = None) -> Trace:
+    """The trace at ``root``: a directory, or a URI (s3://, gs://, memory://, ...) read in place (tracestore.remote),
+    which has ``timeout`` seconds (default: tracestore.remote.DEFAULT_TIMEOUT) to open and hand over its manifest."""
     if isinstance(root, str) and "://" in root:
-        from tracestore.remote import open_remote
+        from tracestore.remote import DEFAULT_TIMEOUT, open_remote
 
-        return open_remote(root)
+        return open_remote(root, DEFAULT_TIMEOUT if timeout is None else timeout)
     root = Path(root)
     if not root.exists():
         raise TraceError(f"trace directory {root} does not exist")
@@ -275,7 +270,8 @@ class TraceWriter:
 
     One writer per trace at a time (see tracestore.lock); the exception is `shard` writers, which each
     grow their own problems under their own `writer_id`. `wait` waits for the lock instead of refusing.
-    Each writer only cleans up its own leftovers.
+    Each writer only cleans up its own leftovers. A trace inside another trace's table folders, or one
+    with a symbolic link among its own files that leads out of it (tracestore.boundary), is refused.
     """
 
     def __init__(
@@ -291,6 +287,8 @@ class TraceWriter:
             raise TraceError(f"writer_id {writer_id!r} must be letters, digits and underscores")
         self.root = Path(root)
         self.writer_id = writer_id
+        check_outside_trace(self.root, "the trace")
+        check_no_link_leaves(self.root)
         if manifest is None and not (self.root / MANIFEST_FILE).is_file():
             raise TraceError(f"{self.root} is not a trace: it has no {MANIFEST_FILE}")
         if self.root.exists() and not self.root.is_dir():
