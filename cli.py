@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from replay.engine import DEFAULT_MAX_CONFIGS
+from replay.engine import DEFAULT_MAX_CONFIGS, STREAM_STATES
 from replay.routers import ROUTERS
 from tracegen.scorers import SCORERS, WORLD_SCORERS
 from tracestore.errors import TraceError
@@ -390,10 +390,11 @@ def _replay_table(result, swept: list[str], title: str, max_rows: int = 21):
     from rich.table import Table
 
     summary = result.summary()
-    rows = summary.to_dicts()
-    if len(rows) > max_rows:
-        step = -(-(len(rows) - 1) // (max_rows - 1))
-        rows = rows[::step] + ([rows[-1]] if (len(rows) - 1) % step else [])
+    shown = range(summary.height)
+    if summary.height > max_rows:  # thinned before rows become dicts: a sweep may have millions
+        step = -(-(summary.height - 1) // (max_rows - 1))
+        shown = [*shown[::step], *([shown[-1]] if (summary.height - 1) % step else [])]
+    rows = summary[list(shown)].to_dicts()
     table = Table(
         title=title,
         caption=f"{len(rows)} of {summary.height} configurations shown" if len(rows) < summary.height else None,
@@ -504,9 +505,18 @@ def replay(
     max_configs: int = typer.Option(
         DEFAULT_MAX_CONFIGS,
         "--max-configs",
-        help="Most configurations a sweep may have; a larger grid is refused, naming its size and memory.",
+        help=(
+            "Most configurations a sweep may have; a larger grid is refused, naming its size and memory. The "
+            f"outcomes of more than {STREAM_STATES:,} walk states (configurations x problems x worlds) are streamed "
+            "to a file instead of held in memory."
+        ),
     ),
     grades: str = GRADES_OPT,
+    memory_check: bool = typer.Option(
+        True,
+        "--memory-check/--no-memory-check",
+        help="Refuse a sweep whose memory estimate exceeds the memory available (--no-memory-check: run it anyway).",
+    ),
     timeout: float = typer.Option(
         DEFAULT_TIMEOUT,
         "--timeout",
@@ -564,6 +574,7 @@ def replay(
         max_configs=max_configs,
         grades=grades,
         timeout=timeout,
+        memory_check=memory_check,
     )
     seconds = time.perf_counter() - started
     title = escape(f"{trace_dir}: split {split}, cost {cost} (mean per query)")
@@ -576,7 +587,7 @@ def replay(
     misses = api.miss_list(result)
     if misses:
         console.print(
-            f"[yellow]{result.outcomes['misses'].sum():,} walks missed {len(misses):,} distinct uncached "
+            f"[yellow]{result.summary()['misses'].sum():,} walks missed {len(misses):,} distinct uncached "
             "(node, model) steps or scores; their accuracy and cost are left out. First:[/]"
         )
         for miss in misses[:5]:
@@ -586,8 +597,8 @@ def replay(
                 highlight=False,
             )
     if out is not None:
-        api.write_outcomes(result.outcomes, out, force=force)
-        console.print(f"wrote {result.outcomes.height:,} outcomes to {escape(str(out))}", highlight=False)
+        result.write_outcomes(out, force=force)
+        console.print(f"wrote {result.n_outcomes:,} outcomes to {escape(str(out))}", highlight=False)
 
 
 @app.command()

@@ -71,7 +71,9 @@ def router(reference: Any, **params: Any) -> Router:
     return make_router(reference, **params)
 
 
-def parse_sweeps(sweep: Mapping[str, Any] | Sequence[str] | None, max_configs: int) -> dict[str, np.ndarray]:
+def parse_sweeps(
+    sweep: Mapping[str, Any] | Sequence[str] | None, max_configs: int, memory_check: bool = True
+) -> dict[str, np.ndarray]:
     """``{"tau": "0:1:0.05"}``, ``{"tau": [0.3, 0.5]}`` or ``["tau=0:1:0.05"]`` (as `--sweep`) -> arrays."""
     if not sweep:
         return {}
@@ -86,7 +88,7 @@ def parse_sweeps(sweep: Mapping[str, Any] | Sequence[str] | None, max_configs: i
             else:
                 values[name] = np.asarray(given, dtype=float).reshape(-1)
     for text in texts:
-        name, array = parse_sweep(text, max_configs)
+        name, array = parse_sweep(text, max_configs, memory_check)
         if name in values:
             raise TraceError(f"--sweep {name} is given twice")
         values[name] = array
@@ -108,6 +110,7 @@ def replay(
     max_configs: int = DEFAULT_MAX_CONFIGS,
     grades: str | None = None,
     timeout: float | None = None,
+    memory_check: bool = True,
 ) -> ReplayResult:
     """Fit ``router`` on the trace's train split and replay it on ``split`` (train, calibration, test or all).
 
@@ -116,7 +119,9 @@ def replay(
     sequence of numbers, or `--sweep` strings; several parameters make a grid. ``grades``: the grade set of the
     final steps (default: the steps' own; others are written by `trace regrade`). ``cost``: flops,
     flops+prefill, kaplan, api (with ``prices``: role -> Price, or `--price` strings) or an installed cost
-    model. ``timeout``: seconds a trace at a URL has to open (default 30). Returns the outcomes
+    model. ``timeout``: seconds a trace at a URL has to open (default 30). ``memory_check``: refuse a sweep
+    whose memory estimate exceeds the memory available (a sweep of more than engine.STREAM_STATES walk
+    states streams its outcomes to a file instead of holding them). Returns the outcomes
     (``.outcomes``, one row per configuration, problem and world), the ``.summary()`` per configuration and the
     ``.misses`` (steps or scores the trace lacks), the same ones `trace replay` prints and writes. A local
     trace's table folders are listed before and after: if the router's code wrote there, a TraceError names
@@ -139,7 +144,7 @@ def replay(
     result = replay_trace(
         root,
         chosen,
-        sweep=parse_sweeps(sweep, max_configs),
+        sweep=parse_sweeps(sweep, max_configs, memory_check),
         split=split,
         cost=cost,
         prices=dict(prices) if prices else None,
@@ -149,6 +154,7 @@ def replay(
         max_configs=max_configs,
         grades=grades,
         timeout=timeout,
+        memory_check=memory_check,
     )
     if listed is not None:
         check_unchanged(root, listed, f"router {chosen.name}")
@@ -159,7 +165,7 @@ def slow_sweep_hint(router: Router, result: ReplayResult, seconds: float) -> str
     """A suggestion to write the vectorised form, when a per-step router's replay took long."""
     if not isinstance(router, StepRouter) or seconds < SLOW_SECONDS:
         return None
-    n_configs = result.outcomes["config"].n_unique()
+    n_configs = result.summary().height
     return (
         f"{router.name} is a per-step router: {n_configs:,} configuration(s) took {seconds:.1f}s, one Python call "
         "per draft and configuration. For sweeps write it as a vectorised DraftRouter (draft_signal: one number "

@@ -12,15 +12,21 @@ which `miss_list` returns for `trace gen --expand closure` (and online replay) t
 
 from __future__ import annotations
 
-import itertools
 import json
+import math
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from replay.costs import A_OVER_C_SCALE, CostModel, Price, make_cost_model
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, SPLITS, assign_splits
@@ -481,6 +487,56 @@ CHUNK_STATES = 131_072
 # Peak memory per walk state, for the estimate a refusal names: measured replaying RSD sweeps of 0.2M-2M
 # states on the toy demo trace, 450-670 bytes (the outcomes keep ~135; the rest is working copies).
 BYTES_PER_STATE = 600
+# Memory per configuration besides its walk states (its parameters, their JSON, its summary row): measured
+# replaying random sweeps of 20k-200k configurations on a 6-walk trace, ~930 bytes.
+BYTES_PER_CONFIG = 1_000
+# A replay of more walk states than this does not hold its outcomes in memory: configurations are walked in
+# blocks of at most STREAM_BLOCK_STATES states, each block's outcomes appended to a Parquet file. What stays
+# is each configuration's summary row and misses: measured on 1M-2M configurations of random on a 6-walk
+# trace, ~225 bytes a configuration.
+STREAM_STATES = 4_000_000
+STREAM_BLOCK_STATES = 524_288
+BYTES_PER_STREAMED_CONFIG = 300
+
+
+def sweep_memory(n_configs: int, n_walks: int = 1) -> int:
+    """Bytes a replay of ``n_configs`` configurations of ``n_walks`` walks each needs at its peak, estimated
+    (its outcomes streamed to disk beyond STREAM_STATES walk states)."""
+    states = n_configs * n_walks
+    if states > STREAM_STATES:
+        return n_configs * BYTES_PER_STREAMED_CONFIG + STREAM_BLOCK_STATES * BYTES_PER_STATE
+    return n_configs * BYTES_PER_CONFIG + states * BYTES_PER_STATE
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can give a process now without swapping (Linux's MemAvailable, else the
+    free pages), or None where it does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _gigabytes(n_bytes: int) -> str:
+    gigabytes = n_bytes / 1e9
+    return f"{gigabytes:,.0f} GB" if gigabytes >= 100 else f"{gigabytes:.3g} GB"
+
+
+def check_memory(what: str, needed: int) -> None:
+    """Refuse a run estimated to need more memory than is available, naming both (``what`` says what it is)."""
+    available = available_memory()
+    if available is not None and needed > available:
+        raise TraceError(
+            f"{what} needs about {_gigabytes(needed)} of memory, but {_gigabytes(available)} is available; use "
+            "coarser steps, or pass --no-memory-check to run it anyway"
+        )
 
 
 def parse_param(text: str) -> tuple[str, str]:
@@ -491,9 +547,10 @@ def parse_param(text: str) -> tuple[str, str]:
     return name.strip(), value.strip()
 
 
-def parse_sweep(text: str, max_configs: int = DEFAULT_MAX_CONFIGS) -> tuple[str, np.ndarray]:
+def parse_sweep(text: str, max_configs: int = DEFAULT_MAX_CONFIGS, memory_check: bool = True) -> tuple[str, np.ndarray]:
     """``tau=0:1:0.01`` (start:stop:step, stop included) or ``tau=0.3,0.5,0.7`` -> (name, values).
-    A range of more than ``max_configs`` values is refused before it is built."""
+    A range of more than ``max_configs`` values, or (``memory_check``) one whose configurations alone would
+    need more memory than is available, is refused before it is built."""
     name, sep, value = text.partition("=")
     name, value = name.strip(), value.strip()
     usage = f"--sweep must look like name=start:stop:step (step > 0, stop >= start) or name=v1,v2,..., got {text!r}"
@@ -508,9 +565,11 @@ def parse_sweep(text: str, max_configs: int = DEFAULT_MAX_CONFIGS) -> tuple[str,
             count = int(np.floor(steps + 1e-9 * max(1.0, steps))) + 1  # stop included despite rounding
             if count > max_configs:
                 raise TraceError(
-                    f"--sweep {text} has {count:,} values; at most {max_configs:,} configurations run "
-                    "(use a coarser step, or raise --max-configs)"
+                    f"--sweep {text} has {count:,} values (at least {_gigabytes(sweep_memory(count))} of memory); "
+                    f"at most {max_configs:,} configurations run (use a coarser step, or raise --max-configs)"
                 )
+            if memory_check:
+                check_memory(f"--sweep {text} ({count:,} values)", sweep_memory(count))
             values = np.round(start + step * np.arange(count), 12)
         else:
             values = np.array([float(part) for part in value.split(",")])
@@ -521,16 +580,22 @@ def parse_sweep(text: str, max_configs: int = DEFAULT_MAX_CONFIGS) -> tuple[str,
 
 @dataclass(frozen=True)
 class Configs:
-    """The configurations of one replay: their full parameter dicts and the swept values as arrays."""
+    """The configurations of one replay: the router's parameters, and each sweepable one's value in every
+    configuration as an array (a configuration's full dict is built when asked for, a block at a time)."""
 
-    params: list[dict]
+    base: dict
     values: dict[str, np.ndarray]
 
     def __len__(self) -> int:
-        return len(self.params)
+        return len(next(iter(self.values.values()))) if self.values else 1
+
+    @property
+    def params(self) -> list[dict]:
+        columns = {name: values.tolist() for name, values in self.values.items()}
+        return [{**self.base, **{name: column[i] for name, column in columns.items()}} for i in range(len(self))]
 
     def take(self, index: slice) -> Configs:
-        return Configs(self.params[index], {name: values[index] for name, values in self.values.items()})
+        return Configs(self.base, {name: values[index] for name, values in self.values.items()})
 
 
 def check_sweep(router, sweep: dict[str, np.ndarray]) -> None:
@@ -544,20 +609,33 @@ def check_sweep(router, sweep: dict[str, np.ndarray]) -> None:
         router.check_values(name, values, "--sweep")
 
 
-def check_grid_size(sweep: dict[str, np.ndarray], max_configs: int, n_walks: int | None = None) -> None:
-    """Refuse a grid of more than ``max_configs`` configurations, naming its size (in walk states and
-    memory too, given the ``n_walks`` walked per configuration)."""
+def _grid_size(sweep: dict[str, np.ndarray], n_walks: int | None) -> tuple[int, str]:
+    """The number of configurations of a grid, and its size in words (in walk states too, given the
+    ``n_walks`` walked per configuration)."""
     sizes = [len(values) for values in sweep.values()]
-    n_configs = int(np.prod(sizes, dtype=float))
-    if n_configs <= max_configs:
-        return
+    n_configs = math.prod(sizes)
     size = f"{' x '.join(map(str, sizes))} = {n_configs:,} configurations"
     if n_walks is not None:
-        states = n_configs * n_walks
-        size += f" x {n_walks:,} walks = {states:,} walk states (about {states * BYTES_PER_STATE / 1e9:.3g} GB)"
-    raise TraceError(
-        f"--sweep gives {size}; at most {max_configs:,} configurations run (use coarser steps, or raise --max-configs)"
-    )
+        size += f" x {n_walks:,} walks = {n_configs * n_walks:,} walk states"
+    return n_configs, size
+
+
+def check_grid_size(sweep: dict[str, np.ndarray], max_configs: int, n_walks: int | None = None) -> None:
+    """Refuse a grid of more than ``max_configs`` configurations, naming its size and memory."""
+    n_configs, size = _grid_size(sweep, n_walks)
+    if n_configs > max_configs:
+        memory = _gigabytes(sweep_memory(n_configs, n_walks or 1))
+        raise TraceError(
+            f"--sweep gives {size} ({'about' if n_walks else 'at least'} {memory}); at most {max_configs:,} "
+            "configurations run (use coarser steps, or raise --max-configs)"
+        )
+
+
+def check_sweep_memory(sweep: dict[str, np.ndarray], n_walks: int) -> None:
+    """Refuse a sweep estimated to need more memory than is available (before anything is built)."""
+    if sweep:
+        n_configs, size = _grid_size(sweep, n_walks)
+        check_memory(f"--sweep's {size}", sweep_memory(n_configs, n_walks))
 
 
 def sweep_configs(
@@ -570,24 +648,59 @@ def sweep_configs(
     check_sweep(router, sweep)
     check_grid_size(sweep, max_configs, n_walks)
     names = list(router.sweepable)
-    grids = [sweep.get(name, np.array([base[name]], dtype=float)) for name in names]
-    combos = list(itertools.product(*grids)) if names else [()]
-    params = [{**base, **{name: float(value) for name, value in zip(names, combo)}} for combo in combos]
-    values = {name: np.array([combo[i] for combo in combos], dtype=float) for i, name in enumerate(names)}
-    return Configs(params, values)
+    grids = [np.asarray(sweep.get(name, [base[name]]), dtype=float) for name in names]
+    axes = np.meshgrid(*grids, indexing="ij") if names else []  # the last parameter varies fastest
+    return Configs(base, {name: axis.reshape(-1) for name, axis in zip(names, axes)})
 
 
-@dataclass
 class ReplayResult:
-    """Per-(problem, world, configuration) outcomes, the misses, and the roles of the trace."""
+    """Per-(problem, world, configuration) outcomes, the misses, and the roles of the trace.
 
-    outcomes: pl.DataFrame
-    roles: list[str]
-    cost_unit: str
-    misses: pl.DataFrame = field(repr=False)
+    The outcomes of a replay of more than STREAM_STATES walk states are not held in memory: they are in the
+    Parquet file ``outcomes_file`` (in the temp folder, deleted with the result), their summary computed as
+    they were written; ``outcomes`` reads them when asked for."""
+
+    def __init__(
+        self,
+        outcomes: pl.DataFrame | None,
+        roles: list[str],
+        cost_unit: str,
+        misses: pl.DataFrame,
+        *,
+        outcomes_file: Path | None = None,
+        summary: pl.DataFrame | None = None,
+    ):
+        self._outcomes = outcomes
+        self.roles = roles
+        self.cost_unit = cost_unit
+        self.misses = misses
+        self.outcomes_file = outcomes_file
+        self._summary = summary
+        if outcomes_file is not None:
+            weakref.finalize(self, outcomes_file.unlink, missing_ok=True)
+
+    @property
+    def outcomes(self) -> pl.DataFrame:
+        return self._outcomes if self._outcomes is not None else pl.read_parquet(self.outcomes_file)
+
+    @outcomes.setter
+    def outcomes(self, outcomes: pl.DataFrame) -> None:
+        self._outcomes = outcomes
+
+    @property
+    def n_outcomes(self) -> int:
+        return self._outcomes.height if self._outcomes is not None else pq.read_metadata(self.outcomes_file).num_rows
 
     def summary(self) -> pl.DataFrame:
-        return summarize(self.outcomes, self.roles)
+        return self._summary if self._summary is not None else summarize(self._outcomes, self.roles)
+
+    def write_outcomes(self, path: str | os.PathLike, *, force: bool = False) -> None:
+        """Write the outcomes to Parquet as ``write_outcomes`` does (streamed ones copied from their file)."""
+        if self.outcomes_file is None:
+            write_outcomes(self._outcomes, path, force=force)
+        else:
+            path = check_output_file(path, force=force)
+            write_atomic(path, lambda temp: shutil.copyfile(self.outcomes_file, temp))
 
 
 def replay(
@@ -617,7 +730,12 @@ def _walk_configs(
     """Walk every root of ``data`` with every configuration of the sweep (see ``replay``)."""
     router.check_fitted()
     configs = sweep_configs(router, sweep, max_configs, data.roots.height)
-    costs = Costs(data, cost_model)
+    # the costs' per-step arrays go before the outcomes' columns are built: a lower peak
+    return configs, _walk(data, router, Costs(data, cost_model), configs)
+
+
+def _walk(data: ReplayData, router, costs: Costs, configs: Configs) -> Walked:
+    """Walk every root of ``data`` with every one of ``configs``."""
     n_roots, n_configs = data.roots.height, len(configs)
     n_nodes = data.tree.children.shape[1]
     walked = Walked(len(data.roles), n_configs, n_roots, np.int32 if n_nodes < 2**31 else np.int64)
@@ -630,7 +748,7 @@ def _walk_configs(
         starts = np.tile(root_nodes[roots], n_configs)
         params = {name: np.repeat(values, len(starts) // n_configs) for name, values in configs.values.items()}
         walked.put(roots, router.walk(data, costs, starts, params))
-    return configs, walked  # the costs' per-step arrays go before the outcomes' columns are built: a lower peak
+    return walked
 
 
 @dataclass(frozen=True)
@@ -799,10 +917,12 @@ def replay_trace(
     max_configs: int = DEFAULT_MAX_CONFIGS,
     grades: str | None = None,
     timeout: float | None = None,
+    memory_check: bool = True,
 ) -> ReplayResult:
     """Open a trace, fit ``router`` on its train split, replay it on ``split`` (or ``all``), its final steps
     graded by grade set ``grades`` (default: the steps' own). The sweep is checked (parameters, domains,
-    grid size) before anything is fitted. ``timeout``: seconds a trace at a URL has to open."""
+    grid size, and with ``memory_check`` its memory estimate against the memory available) before anything
+    is fitted. ``timeout``: seconds a trace at a URL has to open."""
     if split not in (*SPLITS, "all"):
         raise TraceError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}, all")
     router.check_params()
@@ -832,32 +952,87 @@ def replay_trace(
     evaluated = data if split == "all" else data.subset(ids_of[split])
     if evaluated.problems.height == 0:
         raise TraceError(f"split {split!r} of {root} holds no problems (fractions {fractions}, seed {split_seed})")
-    check_grid_size(sweep or {}, max_configs, evaluated.roots.height)
-    router.fit(data.subset(ids_of["train"]))
-    configs, walked = _walk_configs(evaluated, router, cost_model, sweep, max_configs)
-    missed_score = walked.miss_scorer[walked.miss_role >= 0].any()
-    if scorer and missed_score and data.scores_of(scorer)["value"].is_null().all():
-        raise TraceError(
-            f"router {router.name} reads {scorer} scores, but {root} holds none, although trace.json lists the "
-            f"scorer (the scores were lost); run `trace score {root} --scorer {scorer}`"
-        )
-    source = OutcomeSource.of(evaluated)
     n_roots = evaluated.roots.height
+    check_grid_size(sweep or {}, max_configs, n_roots)
+    if memory_check:
+        check_sweep_memory(sweep or {}, n_roots)
+    router.fit(data.subset(ids_of["train"]))
+    scores_lost = bool(scorer) and data.scores_of(scorer)["value"].is_null().all()
+    root_split = evaluated.roots["problem_id"].replace_strict(splits["problem_id"], splits["split"], default=None)
+
+    def check_scores(walked: Walked) -> None:
+        if scores_lost and walked.miss_scorer[walked.miss_role >= 0].any():
+            raise TraceError(
+                f"router {router.name} reads {scorer} scores, but {root} holds none, although trace.json lists the "
+                f"scorer (the scores were lost); run `trace score {root} --scorer {scorer}`"
+            )
+
+    def with_split(outcomes: pl.DataFrame) -> pl.DataFrame:
+        # The outcomes are configuration-major (each configuration's rows are the roots in order), so each root's
+        # split, looked up once, is repeated per configuration: no lookup per outcome row, no intermediate column.
+        return outcomes.with_columns(  # the outcomes are not copied
+            split=pl.concat([root_split] * (outcomes.height // n_roots), rechunk=True),
+            split_seed=pl.lit(split_seed, dtype=pl.Int64),
+            split_fractions=pl.lit(",".join(str(f) for f in fractions)),
+        )
+
+    if math.prod(len(values) for values in (sweep or {}).values()) * n_roots > STREAM_STATES:
+        router.check_fitted()
+        configs = sweep_configs(router, sweep, max_configs, n_roots)
+        return _replay_streamed(evaluated, router, cost_model, configs, with_split, check_scores)
+    configs, walked = _walk_configs(evaluated, router, cost_model, sweep, max_configs)
+    check_scores(walked)
+    source = OutcomeSource.of(evaluated)
     del data, evaluated  # the trace's steps, scores and index are freed before the outcomes are built: a lower peak
     result = _result(source, router, cost_model, configs, walked)
     del source, walked
-    # The outcomes are configuration-major (each configuration's rows are the roots in order), so each root's
-    # split, looked up once, is repeated per configuration: no lookup per outcome row, no intermediate column.
-    root_split = (
-        result.outcomes["problem_id"].head(n_roots).replace_strict(splits["problem_id"], splits["split"], default=None)
-    )
-    n_configs = result.outcomes.height // n_roots
-    result.outcomes = result.outcomes.with_columns(  # the outcomes are not copied
-        split=pl.concat([root_split] * n_configs, rechunk=True),
-        split_seed=pl.lit(split_seed, dtype=pl.Int64),
-        split_fractions=pl.lit(",".join(str(f) for f in fractions)),
-    )
+    result.outcomes = with_split(result.outcomes)
     return result
+
+
+def _replay_streamed(
+    data: ReplayData,
+    router,
+    cost_model: CostModel,
+    configs: Configs,
+    finish: Callable[[pl.DataFrame], pl.DataFrame],
+    check: Callable[[Walked], None],
+) -> ReplayResult:
+    """A replay too large to hold (see STREAM_STATES): the configurations walked in blocks of at most
+    STREAM_BLOCK_STATES walk states, each block's outcomes (completed by ``finish``) appended to a Parquet file
+    in the temp folder, its summary and misses kept."""
+    source = OutcomeSource.of(data)
+    costs = Costs(data, cost_model)
+    per_block = max(1, STREAM_BLOCK_STATES // data.roots.height)
+    handle, name = tempfile.mkstemp(prefix="trace-outcomes-", suffix=".parquet")
+    os.close(handle)
+    path = Path(name)
+    summaries, misses = [], []
+
+    def blocks() -> Iterator[pa.Table]:
+        for first in range(0, len(configs), per_block):
+            block = configs.take(slice(first, first + per_block))
+            walked = _walk(data, router, costs, block)
+            check(walked)
+            part = _result(source, router, cost_model, block, walked)
+            outcomes = finish(part.outcomes.with_columns(pl.col("config") + first))
+            summaries.append(summarize(outcomes, source.roles))
+            misses.append(part.misses.with_columns(pl.col("config") + first))
+            yield outcomes.to_arrow()
+
+    try:
+        parts = blocks()
+        head = next(parts)
+        with pq.ParquetWriter(path, head.schema, compression="zstd") as writer:
+            writer.write_table(head)
+            for outcomes in parts:
+                writer.write_table(outcomes)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return ReplayResult(
+        None, source.roles, cost_model.unit, pl.concat(misses), outcomes_file=path, summary=pl.concat(summaries)
+    )
 
 
 def write_outcomes(outcomes: pl.DataFrame, path: str | os.PathLike, *, force: bool = False) -> None:
