@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from replay.engine import DEFAULT_MAX_CONFIGS, STREAM_STATES
 from replay.routers import ROUTERS
-from tracegen.scorers import SCORERS, WORLD_SCORERS
+from tracegen.scorers import SCORERS, world_variants
 from tracestore.errors import TraceError
 from tracestore.remote import DEFAULT_TIMEOUT
 
@@ -210,7 +210,11 @@ def gen(
     hidden_layers: str = typer.Option(
         "", "--hidden-layers", help="Prompt hidden states to store, e.g. -1,12 (-1 = last, normed) (default: none)."
     ),
-    backend: str = typer.Option(None, "--backend", help="vllm or hf (default: vllm where importable, else hf)."),
+    backend: str = typer.Option(
+        None,
+        "--backend",
+        help="vllm, hf, an installed backend or FILE.py:Class (default: vllm where importable, else hf).",
+    ),
     shard: str = typer.Option(
         None, "--shard", help="i/n: only problems whose id hashes to shard i of n (0-based), as writer shard{i}of{n}."
     ),
@@ -341,10 +345,11 @@ def score(
     scorer: str = typer.Option(
         ...,
         "--scorer",
-        help=f"One of {', '.join(sorted(SCORERS))}. By world: "
+        help=f"One of {', '.join(sorted(SCORERS.names(installed=False)))}, an installed scorer (entry point of group "
+        "trace.scorers) or FILE.py:Class. By world: "
         + "; ".join(
             f"{world} traces run " + ", ".join(f"{variant} for {signal}" for signal, variant in variants.items())
-            for world, variants in WORLD_SCORERS.items()
+            for world, variants in world_variants().items()
         )
         + ". judge@ROLE asks the trace's ROLE model instead of its largest (SpecReason with target=ROLE).",
     ),
@@ -419,21 +424,24 @@ def _replay_table(result, swept: list[str], title: str, max_rows: int = 21):
 
 
 def _print_registered() -> None:
-    """`trace replay --list`: every router, scorer and cost model, where it comes from, and exit."""
+    """`trace replay --list`: every router, scorer, cost model, backend and report table, where it comes from,
+    and exit."""
     from rich.table import Table
 
-    from replay.costs import registered_costs
-    from replay.plugins import registered_routers
-    from tracegen.scorers.base import registered_scorers
+    from analysis.tables import TABLES
+    from replay.costs import COSTS
+    from tracegen.backends import BACKENDS
 
-    table = Table(title="Installed routers, scorers and cost models")
+    table = Table(title="Installed routers, scorers, cost models, backends and report tables")
     for name in ("Kind", "Name", "Source", "About"):
         table.add_column(name, no_wrap=name in ("Kind", "Name"))
-    for row in [*registered_routers(), *registered_scorers(), *registered_costs()]:
-        table.add_row(row.kind, escape(row.name), escape(row.source), escape(row.about))
+    for registry in (ROUTERS, SCORERS, COSTS, BACKENDS, TABLES):
+        for row in registry.rows():
+            table.add_row(row.kind, escape(row.name), escape(row.source), escape(row.about))
     console.print(table)
     console.print(
-        "Also: --router FILE.py:Class or module:Class (a router class, or a per-step function decide(node, ...)).",
+        "Also, instead of a name: FILE.py:Class or module:Class (--router, --scorer, --cost, --backend, --table; "
+        "a router may be a per-step function decide(node, ...)).",
         highlight=False,
     )
     raise typer.Exit()
@@ -447,9 +455,9 @@ def replay(
         ...,
         "--router",
         help=(
-            f"One of {', '.join(sorted(ROUTERS))}; an installed router (entry point of group trace.routers); or your "
-            "own: FILE.py:Class or module:Class (a router class or per-step function; see README, 'Your own "
-            "router'). 'help' lists them."
+            f"One of {', '.join(sorted(ROUTERS.names(installed=False)))}; an installed router (entry point of group "
+            "trace.routers); or your own: FILE.py:Class or module:Class (a router class or per-step function; see "
+            "README, 'Your own router'). 'help' lists them."
         ),
     ),
     list_registered: bool = typer.Option(
@@ -457,7 +465,10 @@ def replay(
         "--list",
         is_eager=True,
         callback=lambda value: _print_registered() if value else None,
-        help="List the routers, scorers and cost models installed (built-in and from entry points) and exit.",
+        help=(
+            "List the routers, scorers, cost models, backends and report tables installed (built-in and from entry "
+            "points) and exit."
+        ),
     ),
     param: list[str] = typer.Option(
         [],
@@ -481,7 +492,8 @@ def replay(
         help=(
             "flops: 2N FLOPs per generated token, models and scorers alike, prefill not counted (the seeds' "
             "convention), in TFLOPs; flops+prefill: also 2N per prefilled token; kaplan: 2N + 2 n_layer n_ctx d_model "
-            "per generated token (the cascade seed's eq. 2); api: US cents at --price prices."
+            "per generated token (the cascade seed's eq. 2); api: US cents at --price prices; or an installed cost "
+            "model (trace replay --list) or FILE.py:Class."
         ),
     ),
     price: list[str] = typer.Option(
@@ -661,7 +673,8 @@ def report(
         help=(
             "Add a seed's table layout, repeatable: cmdp (methods x Acc, Cost, A/C, as the CMDP seed's Tables 1-2) "
             "or cascade (model chains with accuracy, PD and compute saving, with and without P(IK), and the P(T) "
-            "threshold sensitivity, as the cascade seed's Table 1); also written as table_NAME.md and .csv."
+            "threshold sensitivity, as the cascade seed's Table 1), an installed table (trace replay --list) or "
+            "FILE.py:Class; also written as table_NAME.md and .csv."
         ),
     ),
     alpha: float = typer.Option(
@@ -918,7 +931,8 @@ def train_policy_command(
         "--cost",
         help=(
             "Per-step cost the policy minimises, as trace replay --cost adds it up: flops (TFLOPs of generated "
-            "tokens), flops+prefill, api (USD; --price), or tokens (large-model generated tokens)."
+            "tokens), flops+prefill, kaplan, api (USD; --price), an installed cost model or FILE.py:Class, or tokens "
+            "(large-model generated tokens)."
         ),
     ),
     price: list[str] = typer.Option(

@@ -85,7 +85,8 @@ class Run:
     def point_params(self) -> dict:
         """The chosen configuration's decision parameters (sweepable ones, or the ones this file swept)."""
         params = self.params[self.chosen]
-        names = ROUTERS[self.router].sweepable if self.router in ROUTERS else ()
+        cls = ROUTERS.builtins().get(self.router)
+        names = cls.sweepable if cls is not None else ()
         names = [name for name in names if name in params] or varying_params(self.params)
         return {name: params[name] for name in names}
 
@@ -249,7 +250,7 @@ ROLE_PARAMS = ("draft", "target", "models")  # the parameters that name the mode
 def model_chain(router: str, params: dict, roles: list[str]) -> str | None:
     """The models a run's router uses, resolved on a trace with model ``roles`` ("m0 → m1 → m2": defaults
     filled in), or None when it takes no model parameters or they do not resolve."""
-    cls = ROUTERS.get(router)
+    cls = ROUTERS.builtins().get(router)
     if cls is None or not any(name in params for name in ROLE_PARAMS):
         return None
     if hasattr(cls, "chain"):  # the draft routers

@@ -10,22 +10,125 @@
   the other parameters as chosen; last, every other chain the trace supports (each ordered subset of two or
   more of its models) that no run replayed, with the command that replays it.
 
-Each table is written as Markdown and CSV next to the report.
+Each table is written as Markdown and CSV next to the report. A table layout is a ``ReportTable`` subclass
+registered in ``TABLES`` (replay.registry): the built-ins here with ``@TABLES.register``, others through entry
+points of group ``trace.tables`` or as ``--table FILE.py:Class``.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import polars as pl
 
-from analysis.operating_points import Row
-from analysis.report_inputs import Run
+from replay.registry import Registry, check_subclass
 
-TABLES = ("cmdp", "cascade")
+if TYPE_CHECKING:
+    from analysis.operating_points import Row
+    from analysis.report_inputs import Run
+
 CMDP_ORDER = ("small-only", "large-only", "rsd", "specreason", "steer", "policy")
 CHAIN_ARROW = " → "
+
+
+@dataclass(frozen=True)
+class TableInputs:
+    """What a table is built from: the report's runs at their operating points."""
+
+    rows: list[Row]  # the report's main table: small-only, large-only, then each router, at its operating point
+    routers: list[Run]  # every router's run (all its configurations; ``chosen`` is the operating point)
+    baselines: dict[str, Run]  # small-only and large-only
+    roles: list[str]  # the trace's models, smallest first
+    dataset: str
+    cost_unit: str
+    alone: Callable[[str], Run]  # one of the trace's models alone, replayed on the report's walks
+
+
+class ReportTable:
+    """A table layout of `trace report --table NAME`: ``frame`` builds it (written as table_NAME.csv), ``markdown``
+    prints it in the report and table_NAME.md (by default every column as it is, under ``title``)."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+
+    def frame(self, inputs: TableInputs) -> pl.DataFrame:
+        raise NotImplementedError
+
+    def markdown(self, frame: pl.DataFrame, inputs: TableInputs) -> str:
+        body = [["-" if value is None else str(value) for value in row] for row in frame.iter_rows()]
+        return _markdown(self.title, frame.columns, body)
+
+
+def _table_class(obj, origin: str) -> type[ReportTable]:
+    return check_subclass(obj, origin, "table", ReportTable, ("frame",), {"name": str, "title": str})
+
+
+def _looks_like_table(value) -> bool:
+    return isinstance(value, type) and issubclass(value, ReportTable) and value is not ReportTable
+
+
+TABLES = Registry("table", "trace.tables", _table_class, _looks_like_table)
+
+
+@TABLES.register
+class CmdpTable(ReportTable):
+    """The CMDP seed's Tables 1 and 2: each method at its operating point, with Acc, Cost and A/C."""
+
+    name = "cmdp"
+    title = "The CMDP seed's layout (Tables 1 and 2): each method at its operating point"
+
+    def frame(self, inputs: TableInputs) -> pl.DataFrame:
+        return cmdp_table(inputs.rows, inputs.dataset, inputs.cost_unit)
+
+    def markdown(self, frame: pl.DataFrame, inputs: TableInputs) -> str:
+        dataset = frame["dataset"][0] if frame.height else "?"
+        headers = ["Method", "Operating point", f"{dataset}: Acc (%)", f"Cost ({inputs.cost_unit})", "A/C"]
+        cost_column = [column for column in frame.columns if column.startswith("cost_")][0]
+        body = [
+            [
+                r["method"],
+                r["operating_point"],
+                _fmt(r["accuracy_pct"], ".1f"),
+                _fmt(r[cost_column], ".4g"),
+                _fmt(r["a_over_c"], ".4g"),
+            ]
+            for r in frame.iter_rows(named=True)
+        ]
+        return _markdown(self.title, headers, body)
+
+
+@TABLES.register
+class CascadeTable(ReportTable):
+    """The cascade seed's Table 1: model chains with accuracy, PD and compute saving, with and without P(IK),
+    and the P(T) threshold sensitivity."""
+
+    name = "cascade"
+    title = "The cascade seed's layout (Table 1): PD and Reduced CC against the largest model alone"
+
+    def frame(self, inputs: TableInputs) -> pl.DataFrame:
+        singles = {role: inputs.alone(role) for role in inputs.roles[1:-1]}
+        return cascade_table(inputs.routers, inputs.baselines, inputs.roles, singles)
+
+    def markdown(self, frame: pl.DataFrame, inputs: TableInputs) -> str:
+        cost_unit = inputs.cost_unit
+        headers = ["LLM(s)", "", "Operating point", "Acc. (%)", "PD (points)", "Reduced CC (%)", f"Cost ({cost_unit})"]
+        body = [
+            [
+                r["chain"],
+                r["kind"],
+                r["operating_point"],
+                _fmt(r["accuracy_pct"], ".2f"),
+                _fmt(r["pd_points"], "+.2f"),
+                _fmt(r["reduced_cc_pct"], ".2f"),
+                _fmt(r["cost"], ".4g"),
+            ]
+            for r in frame.iter_rows(named=True)
+        ]
+        return _markdown(self.title, headers, body)
 
 
 def cmdp_table(rows: list[Row], dataset: str, cost_unit: str) -> pl.DataFrame:
@@ -108,38 +211,7 @@ def cascade_table(
     )
 
 
-def table_markdown(name: str, table: pl.DataFrame, cost_unit: str) -> str:
-    """The table as the seed prints it, in Markdown."""
-    if name == "cmdp":
-        dataset = table["dataset"][0] if table.height else "?"
-        headers = ["Method", "Operating point", f"{dataset}: Acc (%)", f"Cost ({cost_unit})", "A/C"]
-        cost_column = [column for column in table.columns if column.startswith("cost_")][0]
-        body = [
-            [
-                r["method"],
-                r["operating_point"],
-                _fmt(r["accuracy_pct"], ".1f"),
-                _fmt(r[cost_column], ".4g"),
-                _fmt(r["a_over_c"], ".4g"),
-            ]
-            for r in table.iter_rows(named=True)
-        ]
-        title = "The CMDP seed's layout (Tables 1 and 2): each method at its operating point"
-    else:
-        headers = ["LLM(s)", "", "Operating point", "Acc. (%)", "PD (points)", "Reduced CC (%)", f"Cost ({cost_unit})"]
-        body = [
-            [
-                r["chain"],
-                r["kind"],
-                r["operating_point"],
-                _fmt(r["accuracy_pct"], ".2f"),
-                _fmt(r["pd_points"], "+.2f"),
-                _fmt(r["reduced_cc_pct"], ".2f"),
-                _fmt(r["cost"], ".4g"),
-            ]
-            for r in table.iter_rows(named=True)
-        ]
-        title = "The cascade seed's layout (Table 1): PD and Reduced CC against the largest model alone"
+def _markdown(title: str, headers: list[str], body: list[list[str]]) -> str:
     lines = [f"## {title}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines)

@@ -10,7 +10,7 @@
     page = report("runs/toy", [rsd, mine], out="report/")   # the `trace report` page; page.markdown
 
 A router is given as a registered name, an entry point, ``FILE.py:Class`` or ``module:Class`` (see
-replay.plugins), as a router class or per-step function (made with ``params``), or as a router instance.
+replay.routers), as a router class or per-step function (made with ``params``), or as a router instance.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from replay.costs import Price, parse_prices, registered_costs
+from replay.costs import COSTS, Price, parse_prices
 from replay.engine import (
     DEFAULT_MAX_CONFIGS,
     ReplayResult,
@@ -32,7 +32,7 @@ from replay.engine import (
     replay_trace,
     write_outcomes,
 )
-from replay.plugins import make_router, registered_routers
+from replay.routers import ROUTERS, make_router
 from replay.routers.base import Router
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED
 from replay.stepwise import StepRouter
@@ -59,8 +59,9 @@ SLOW_SECONDS = 10.0
 
 def registered() -> pl.DataFrame:
     """The routers and cost models this installation knows (kind, name, source, about): built-in ones, and
-    those installed packages declare through entry points (groups trace.routers, trace.costs)."""
-    rows = [*registered_routers(), *registered_costs()]
+    those installed packages declare through entry points (groups trace.routers, trace.costs). `trace replay
+    --list` also shows phase one's scorers and backends and the report's tables."""
+    rows = [*ROUTERS.rows(), *COSTS.rows()]
     columns = ("kind", "name", "source", "about")
     return pl.DataFrame([vars(row) for row in rows], schema=dict.fromkeys(columns, pl.String))
 

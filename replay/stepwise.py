@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from replay.entry_points import describe_error
+from replay.registry import describe_error
 from replay.routers.base import DraftRouter, router_origin
 from tracestore.errors import TraceError
 

@@ -100,7 +100,7 @@ import polars as pl
 
 from replay.api_signals import require_signals
 from replay.artifacts import load_train_split
-from replay.costs import COST_MODELS, CostModel, Price, make_cost_model
+from replay.costs import COSTS, CostModel, Price, make_cost_model
 from replay.engine import ESCALATE_MODES, Costs, ReplayData, walk_chains
 from replay.policy_walk import allowed_actions, deployed_action
 from replay.routers.policy import (
@@ -120,7 +120,7 @@ from tracestore.errors import TraceError
 from tracestore.outputs import check_output_file
 
 DEFAULT_FEATURES = ("conf_max_logit_math", "depth", "is_final", "n_gen_tokens")
-COST_UNITS = (*COST_MODELS, "tokens")
+LARGE_TOKENS = "tokens"  # --cost tokens: the large model's generated tokens, not a cost model
 VERIFIER = "verifier"
 EPS = 1e-30  # guards divisions only: a trust-region step has its length whatever the gradient's size, so even
 # the faint gradients of a nearly saturated policy still move it
@@ -161,8 +161,9 @@ class Hyperparameters:
             raise TraceError(f"--alpha must lie strictly between 0 and 1, got {self.alpha}")
         if not 0 <= self.kappa <= 1:
             raise TraceError(f"--kappa must lie in [0, 1], got {self.kappa}")
-        if self.cost not in COST_UNITS:
-            raise TraceError(f"--cost must be one of {', '.join(COST_UNITS)}, got {self.cost!r}")
+        if self.cost != LARGE_TOKENS and not COSTS.knows(self.cost):
+            choices = ", ".join([*COSTS.names(), LARGE_TOKENS])
+            raise TraceError(f"--cost must be one of {choices} (or FILE.py:Class or module:Class), got {self.cost!r}")
         if self.prices and self.cost != "api":
             raise TraceError("--price applies to --cost api only")
         if self.escalate not in ESCALATE_MODES:
@@ -261,7 +262,7 @@ def step_cost_units(data: ReplayData, hp: Hyperparameters, large: str | None = N
     """(cost of each step row, unit): the replay cost model's decode + prefill cost, which is what `trace replay`
     adds up for a kept or a discarded step, or the ``large`` model's (default the largest's) generated tokens
     (``cost="tokens"``)."""
-    if hp.cost == "tokens":
+    if hp.cost == LARGE_TOKENS:
         large = data.steps["model"].to_numpy() == (large or data.roles[-1])
         return np.where(large, data.steps["n_gen_tokens"].to_numpy(), 0).astype(np.float64), "large tokens"
     model = make_cost_model(hp.cost, data.manifest, dict(hp.prices) or None)

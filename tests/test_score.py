@@ -189,7 +189,7 @@ def test_the_real_scorers_run_on_the_toy_models(trace, name):
     from tracegen.scorers import SCORERS
     from tracegen.scoring import score_pending
 
-    scorer = SCORERS[name](open_trace(trace).manifest, backend="hf")
+    scorer = SCORERS.get(name)(open_trace(trace).manifest, backend="hf")
     try:
         summary = score_pending(trace, scorer)
     finally:

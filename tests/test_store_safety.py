@@ -435,7 +435,7 @@ def test_parameters_outside_their_domain_are_refused(comb_trace, args, message):
 
 
 def test_every_numeric_router_parameter_has_a_domain():
-    for name, cls in ROUTERS.items():
+    for name, cls in ROUTERS.builtins().items():
         for param, default in cls.param_defaults().items():
             numeric = default is None or (isinstance(default, (int, float)) and not isinstance(default, bool))
             if numeric or param in cls.sweepable:

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import tomllib
 
-from replay.plugins import anchor_reference
+from replay.registry import anchor_reference
 from tracegen.expand import Request, missing
 from tracestore.errors import TraceError
 
@@ -55,7 +55,7 @@ class RouterSpec:
     sweep: tuple[str, ...] = ()
 
     def router(self):
-        from replay.plugins import make_router
+        from replay.routers import make_router
 
         return make_router(self.name, **self.params)
 

@@ -1,14 +1,14 @@
-"""What every router shares: the scikit-learn-style estimator contract, the registry, and the three
-ways a router walks a tree.
+"""What every router shares: the scikit-learn-style estimator contract and the three ways a router walks a
+tree.
 
 - ``__init__`` only stores its keyword arguments; a router's configuration is its constructor call.
 - Every numeric parameter has a declared ``Domain`` in ``domains``; ``fit`` checks the parameters
   against them, and a sweep checks every swept value (``check_values``).
 - ``fit(train)`` checks the configuration, learns what it needs from the train split (attributes
   ending in ``_``) and returns ``self``; replaying an unfitted router is an error.
-- A subclass with a ``name`` in this package registers itself in ``ROUTERS``: adding a router is one new
-  file. Routers of your own (files, modules, entry points) are loaded by reference (replay.plugins) and
-  never enter the registry, so they cannot replace a built-in one.
+- Adding a router is one new file of this package with ``@ROUTERS.register`` above its class (replay.routers);
+  routers of your own (files, modules, entry points) are found by reference through the same registry and
+  cannot take a built-in one's name.
 
 Kinds: a ``WriterRouter`` picks the model that writes each step; a ``DraftRouter`` lets the small
 model write each step and judges it: keep it, or discard it and have the large model write that step
@@ -30,8 +30,6 @@ from tracestore.errors import TraceError
 
 if TYPE_CHECKING:
     from replay.engine import Costs, ReplayData, Walk
-
-ROUTERS: dict[str, type[Router]] = {}
 
 
 @dataclass(frozen=True)
@@ -75,11 +73,6 @@ class Router:
     sweepable: ClassVar[tuple[str, ...]] = ()  # numeric parameters `--sweep` can vectorise
     domains: ClassVar[dict[str, Domain]] = {}  # every numeric parameter's allowed values
     scorer: str | None = None  # scorer whose scores the router reads and pays for
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if cls.__dict__.get("name") and cls.__module__.startswith("replay.routers."):
-            ROUTERS[cls.name] = cls
 
     @classmethod
     def param_names(cls) -> list[str]:
@@ -295,15 +288,3 @@ def coerce_param(router: type[Router], name: str, value: Any) -> Any:
         kind = {bool: "true or false", int: "an integer", float: "a number"}[type(default)]
         raise TraceError(f"router {router.name}: parameter {name} must be {kind}, got {value!r}") from None
     return value
-
-
-def make_router(name: str, **params: Any) -> Router:
-    """The router registered as ``name`` with ``params`` (strings are converted to the defaults' types)."""
-    if name not in ROUTERS:
-        raise TraceError(f"unknown router {name!r}; choose one of {', '.join(sorted(ROUTERS))}")
-    cls = ROUTERS[name]
-    unknown = sorted(set(params) - set(cls.param_names()))
-    if unknown:
-        valid = ", ".join(cls.param_names()) or "none"
-        raise TraceError(f"router {name} has no parameter {', '.join(unknown)}; its parameters: {valid}")
-    return cls(**{key: coerce_param(cls, key, value) for key, value in params.items()})

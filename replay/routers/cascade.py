@@ -32,6 +32,7 @@ import polars as pl
 from replay.artifacts import check_fitted_within
 from replay.engine import Walk, walk_chains
 from replay.pik import AUTO_LAYER, DEFAULT_WHERE, fit_probes, hidden_matrix, load_probes, probe_layer
+from replay.routers import ROUTERS
 from replay.routers.base import SEED, UNIT, QueryRouter
 from tracestore.errors import TraceError
 
@@ -39,6 +40,7 @@ P_TRUE_SOURCES = ("ptrue", "first_token", "final_mean", "final_min")
 SCORED_P_TRUE = ("ptrue", "first_token")  # read from the scores table (trace score --scorer ptrue | first_token)
 
 
+@ROUTERS.register
 class Cascade(QueryRouter):
     name = "cascade"
     sweepable = ("t_true", "t_ik")

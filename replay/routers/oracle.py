@@ -11,9 +11,11 @@ import numpy as np
 import polars as pl
 
 from replay.engine import Walk, walk_chains
+from replay.routers import ROUTERS
 from replay.routers.base import QueryRouter
 
 
+@ROUTERS.register
 class Oracle(QueryRouter):
     name = "oracle"
 

@@ -67,6 +67,7 @@ from replay.api_signals import S_API, require_signals
 from replay.artifacts import check_fitted_within, load_artifact
 from replay.engine import ESCALATE_MODES
 from replay.policy_walk import allowed_actions, walk_k_models
+from replay.routers import ROUTERS
 from replay.routers.base import Domain, DraftRouter
 from tracestore.atomic import write_atomic
 from tracestore.errors import TraceError
@@ -245,6 +246,7 @@ def load_policy(path: str | Path) -> tuple[object, dict]:
     return network.eval(), saved
 
 
+@ROUTERS.register
 class PolicyRouter(DraftRouter):
     name = "policy"
     sweepable = ("kappa",)

@@ -15,6 +15,7 @@ model and ``target`` (default: the largest) the large one, and the judge is the 
 
 import numpy as np
 
+from replay.routers import ROUTERS
 from replay.routers.base import Domain, DraftRouter
 from tracestore.errors import TraceError
 
@@ -22,6 +23,7 @@ DIGITS = np.arange(10, dtype=np.float64)
 JUDGE = "judge"
 
 
+@ROUTERS.register
 class SpecReason(DraftRouter):
     name = "specreason"
     sweepable = ("tau",)

@@ -73,6 +73,7 @@ import polars as pl
 from replay.api_signals import S_API, require_signals
 from replay.artifacts import check_fitted_within
 from replay.engine import ESCALATE_MODES
+from replay.routers import ROUTERS
 from replay.routers.base import SEED, UNIT, Domain, DraftRouter
 from tracestore.atomic import write_atomic
 from tracestore.errors import TraceError
@@ -188,6 +189,7 @@ class StepMixtures:
         return np.array([means[d] for d in mixture_depth], dtype=np.float64)
 
 
+@ROUTERS.register
 class Steer(DraftRouter):
     name = "steer"
     sweepable = ("tau",)

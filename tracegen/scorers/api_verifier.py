@@ -17,12 +17,13 @@ from pathlib import Path
 import polars as pl
 
 from tracegen.prompts import VERIFIER_PROMPT, earlier_steps_text
-from tracegen.scorers.base import Item, Score, Scorer
+from tracegen.scorers.base import SCORERS, Item, Score, Scorer
 from tracestore.errors import TraceError
 
 TOP_K = 20
 
 
+@SCORERS.register
 class ApiVerifier(Scorer):
     name = "api-verifier"
     signal = "verifier"

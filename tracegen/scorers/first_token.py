@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 
 from tracegen.prompts import FIRST_TOKEN, FIRST_TOKEN_PROMPT, user_prompt_ids
-from tracegen.scorers.base import Item, Score
+from tracegen.scorers.base import SCORERS, Item, Score
 from tracegen.scorers.ptrue import TOP_K, PTrue
 
 
+@SCORERS.register
 class FirstTokenConfidence(PTrue):
     name = "first_token"
     signal = "first_token"

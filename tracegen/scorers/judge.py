@@ -18,12 +18,13 @@ import math
 import polars as pl
 
 from tracegen.prompts import JUDGE_PREFILL, JUDGE_REQUEST, judge_prompt_ids
-from tracegen.scorers.base import Item, LargeModelScorer, Score
+from tracegen.scorers.base import SCORERS, Item, LargeModelScorer, Score
 
 DIGITS = tuple(str(d) for d in range(10))
 TOP_K = 20
 
 
+@SCORERS.register
 class Judge(LargeModelScorer):
     name = "judge"
     signal = "judge"

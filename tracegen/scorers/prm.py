@@ -5,7 +5,7 @@ then each step of the path followed by the separator; value = sigmoid of the val
 step's last separator token. The separator is RSD's "\\n\\n" unless the checkpoint's training.json
 records the one it was trained with (the toy PRM: "\\n"); trace.json records it. Default model:
 Skywork-o1-Open-PRM-Qwen-2.5-1.5B (``skywork-prm-1.5b``); toy traces use ``toy-prm`` shipped in
-data/toy (``WORLD_SCORER_MODELS``). It runs on transformers with either ``--backend`` (vLLM has no
+data/toy (``world_models``). It runs on transformers with either ``--backend`` (vLLM has no
 value-head architecture for it). A call reads the step and its separator (the PRM keeps its cache over
 the accepted prefix, as RSD runs it) and generates nothing.
 """
@@ -17,18 +17,20 @@ from functools import cached_property
 import polars as pl
 
 from tracegen.models import ModelRef, model_entry, named_model
-from tracegen.scorers.base import Item, Score, Scorer
+from tracegen.scorers.base import SCORERS, Item, Score, Scorer
 from tracestore.errors import TraceError
 
 PRM_INPUT = "BOS + question + separator, then each step + separator; value = sigmoid(value head) at its last token"
 
 
+@SCORERS.register
 class ProcessRewardModel(Scorer):
     name = "prm"
     signal = "prm"
     generated_tokens = 0  # a value head reads the step; nothing is generated
     default_batch = 64
     default_model = "skywork-prm-1.5b"
+    world_models = {"toy": "toy-prm"}
 
     @cached_property
     def checkpoint(self) -> ModelRef:

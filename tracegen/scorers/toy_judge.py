@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import math
 
-from tracegen.scorers.base import Item, Score
+from tracegen.scorers.base import SCORERS, Item, Score
 from tracegen.scorers.judge import Judge
 
 TOY_JUDGE = "9 * exp(mean logprob of the step's tokens under the large model, teacher forced)"
 
 
+@SCORERS.register
 class ToyJudge(Judge):
     name = "toy-judge"
+    world = "toy"
     generated_tokens = 0  # it reads the step's tokens (teacher forced) and writes none
 
     def method(self) -> dict:

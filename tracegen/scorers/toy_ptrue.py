@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import math
 
-from tracegen.scorers.base import Item, Score
+from tracegen.scorers.base import SCORERS, Item, Score
 from tracegen.scorers.ptrue import PTrue
 
 TOY_P_TRUE = "product of the model's probabilities of the tokens inside the final \\boxed{...}, teacher forced"
 BOX_OPEN = "\\boxed{"
 
 
+@SCORERS.register
 class ToyPTrue(PTrue):
     name = "toy-ptrue"
+    world = "toy"
     generated_tokens = 0  # it reads the answer's tokens (teacher forced) and writes none
 
     def method(self) -> dict:

@@ -13,11 +13,12 @@ import math
 import polars as pl
 
 from tracegen.prompts import VERIFIER_PROMPT, earlier_steps_text, user_prompt_ids
-from tracegen.scorers.base import Item, LargeModelScorer, Score
+from tracegen.scorers.base import SCORERS, Item, LargeModelScorer, Score
 
 TOP_K = 20
 
 
+@SCORERS.register
 class StepVerifier(LargeModelScorer):
     name = "verifier"
     signal = "verifier"
