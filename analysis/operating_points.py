@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from analysis.report_inputs import ReportOptions, Run
+from analysis.options import ReportOptions
+from analysis.report_inputs import Run
 from analysis.stats import percentile_interval, ratio, resampled_ratio
 from replay.costs import A_OVER_C_SCALE
 from replay.engine import summarize

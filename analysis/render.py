@@ -13,7 +13,8 @@ from markdown_it import MarkdownIt
 
 from analysis import plots
 from analysis.operating_points import Estimate, Row, percent
-from analysis.report_inputs import ALL_ROWS, REPORTED_ROWS, ReportOptions, Run
+from analysis.options import ALL_ROWS, REPORTED_ROWS, ReportOptions
+from analysis.report_inputs import Run
 from analysis.stats import PERMUTATIONS, mcnemar, paired_problem_test
 from replay.engine import summarize
 from tracestore.schema import Manifest, model_char

@@ -27,6 +27,7 @@ from pathlib import Path
 import polars as pl
 
 from analysis.operating_points import PICK_RULES, choose_operating_points, parse_pin, table_row
+from analysis.options import ReportOptions
 from analysis.render import (
     FIGURES,
     GENERATOR,
@@ -40,7 +41,6 @@ from analysis.render import (
     table_section,
 )
 from analysis.report_inputs import (
-    ReportOptions,
     Run,
     check_against_trace,
     check_same_walks,

@@ -37,7 +37,7 @@ from replay.routers.base import Router
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED
 from replay.stepwise import StepRouter
 from tracestore.errors import TraceError
-from tracestore.remote import is_uri
+from tracestore.remote import RemoteTrace, is_uri
 from tracestore.store import Trace, open_trace
 from tracestore.watch import check_unchanged, table_listing
 
@@ -97,7 +97,7 @@ def parse_sweeps(
 
 
 def replay(
-    trace: str | os.PathLike | Trace,
+    trace: str | os.PathLike | Trace | RemoteTrace,
     router: Any,
     *,
     params: Mapping[str, Any] | Sequence[str] | None = None,
@@ -110,7 +110,6 @@ def replay(
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
     max_configs: int = DEFAULT_MAX_CONFIGS,
     grades: str | None = None,
-    timeout: float | None = None,
     memory_check: bool = True,
 ) -> ReplayResult:
     """Fit ``router`` on the trace's train split and replay it on ``split`` (train, calibration, test or all).
@@ -120,7 +119,8 @@ def replay(
     sequence of numbers, or `--sweep` strings; several parameters make a grid. ``grades``: the grade set of the
     final steps (default: the steps' own; others are written by `trace regrade`). ``cost``: flops,
     flops+prefill, kaplan, api (with ``prices``: role -> Price, or `--price` strings) or an installed cost
-    model. ``timeout``: seconds a trace at a URL has to open (default 30). ``memory_check``: refuse a sweep
+    model. ``trace``: a path or URL, or a trace opened with ``open_trace`` (at a URL, with a ``timeout`` of
+    its own). ``memory_check``: refuse a sweep
     whose memory estimate exceeds the memory available (a sweep of more than engine.STREAM_STATES walk
     states streams its outcomes to a file instead of holding them). Returns the outcomes
     (``.outcomes``, one row per configuration, problem and world), the ``.summary()`` per configuration and the
@@ -140,10 +140,10 @@ def replay(
         chosen = make_router(router, **(params or {}))
     if prices is not None and not isinstance(prices, Mapping):
         prices = parse_prices(list(prices))
-    root = trace.root if isinstance(trace, Trace) else trace
+    root = trace.root if isinstance(trace, (Trace, RemoteTrace)) else trace
     listed = None if is_uri(root) else table_listing(root)
     result = replay_trace(
-        root,
+        trace,
         chosen,
         sweep=parse_sweeps(sweep, max_configs, memory_check),
         split=split,
@@ -154,7 +154,6 @@ def replay(
         fractions=fractions,
         max_configs=max_configs,
         grades=grades,
-        timeout=timeout,
         memory_check=memory_check,
     )
     if listed is not None:

@@ -34,6 +34,7 @@ from tracestore.atomic import write_atomic
 from tracestore.errors import TraceError
 from tracestore.grades import graded_steps
 from tracestore.outputs import check_output_file
+from tracestore.remote import RemoteTrace
 from tracestore.schema import Manifest
 from tracestore.store import Trace, empty_frame, open_trace
 
@@ -904,7 +905,7 @@ def split_frame(problem_ids: list[str], seed: int, fractions: tuple[float, float
 
 
 def replay_trace(
-    root: str | os.PathLike,
+    trace: str | os.PathLike | Trace | RemoteTrace,
     router,
     *,
     sweep: dict[str, np.ndarray] | None = None,
@@ -916,18 +917,18 @@ def replay_trace(
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
     max_configs: int = DEFAULT_MAX_CONFIGS,
     grades: str | None = None,
-    timeout: float | None = None,
     memory_check: bool = True,
 ) -> ReplayResult:
-    """Open a trace, fit ``router`` on its train split, replay it on ``split`` (or ``all``), its final steps
-    graded by grade set ``grades`` (default: the steps' own). The sweep is checked (parameters, domains,
-    grid size, and with ``memory_check`` its memory estimate against the memory available) before anything
-    is fitted. ``timeout``: seconds a trace at a URL has to open."""
+    """Open a trace (or take one opened: at a URL, ``open_trace(uri, timeout=...)``), fit ``router`` on its train
+    split, replay it on ``split`` (or ``all``), its final steps graded by grade set ``grades`` (default: the
+    steps' own). The sweep is checked (parameters, domains, grid size, and with ``memory_check`` its memory
+    estimate against the memory available) before anything is fitted."""
     if split not in (*SPLITS, "all"):
         raise TraceError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}, all")
     router.check_params()
     check_sweep(router, sweep or {})
-    trace = open_trace(root, timeout=timeout)
+    trace = trace if isinstance(trace, (Trace, RemoteTrace)) else open_trace(trace)
+    root = trace.root
     scorer = router_scorer(router, trace.manifest.roles)
     if scorer and scorer not in trace.manifest.scorers:
         _, _, asked = scorer.partition("@")

@@ -449,3 +449,13 @@ def test_cli_errors_are_one_line(tmp_path):
         ],
     )
     assert result.exit_code == 1 and "neither a dataset name" in result.output
+
+
+@pytest.mark.parametrize("worker_option", [["--workers", "3"], ["--gpus-per-worker", "1"], ["--cpus-per-worker", "2"]])
+def test_ray_worker_options_need_ray(tmp_path, worker_option):
+    out = tmp_path / "x"
+    args = ["gen", "--model", "toy-small", "--large", "toy-large", "--dataset", "toy", "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, *worker_option])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert " ".join(result.output.split()) == "error: --workers, --gpus-per-worker and --cpus-per-worker need --ray"
+    assert not out.exists()

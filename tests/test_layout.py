@@ -1,6 +1,6 @@
-"""The package graph DESIGN.md's layout promises: no import cycle between modules, phase two never
-imports phase one or an engine, the toy world's data imports no code of ours. Read with `ast`, so
-imports inside functions count too."""
+"""The package graph DESIGN.md's layout promises: no import cycle between modules, the command line (cli.py and
+its command groups in commands/) on top where nothing imports it, phase two never imports phase one or an engine,
+the toy world's data imports no code of ours. Read with `ast`, so imports inside functions count too."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("tracestore", "tracegen", "replay", "analysis", "data")
+PACKAGES = ("commands", "tracestore", "tracegen", "replay", "analysis", "data")
 ENGINES = ("vllm", "transformers")
 
 
@@ -80,16 +80,23 @@ def test_cycle_finder_finds_a_planted_cycle():
 
 def test_the_modules_import_each_other_without_a_cycle():
     graph = import_graph()
-    assert {"cli", "tracestore.schema", "tracestore.store", "tracegen.gen", "analysis.report", "data.toy.task"} <= set(
-        graph
-    )
+    assert {
+        "cli",
+        "commands.generation",
+        "tracestore.schema",
+        "tracestore.store",
+        "tracegen.gen",
+        "analysis.report",
+        "data.toy.task",
+    } <= set(graph)
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
 def test_packages_import_only_downwards():
-    """cli -> analysis -> replay -> tracestore; cli -> tracegen -> replay, tracestore, data; the trace format
-    (tracestore) and the toy world (data) import none of ours."""
+    """cli -> commands -> analysis -> replay -> tracestore; commands -> tracegen -> replay, tracestore, data; the
+    trace format (tracestore) and the toy world (data) import none of ours."""
     allowed = {
+        "commands": {"commands", "tracestore", "tracegen", "replay", "analysis", "data"},
         "tracestore": {"tracestore"},
         "replay": {"replay", "tracestore"},
         "analysis": {"analysis", "replay", "tracestore"},
@@ -109,3 +116,21 @@ def test_phase_two_never_imports_an_engine():
         if module.split(".")[0] in ("tracestore", "replay", "analysis"):
             engines = sorted(n for n in imported_names(path) if n.split(".")[0] in ENGINES)
             assert not engines, f"{module} imports {engines}"
+
+
+def test_the_command_line_is_the_top_floor_that_nothing_imports():
+    """cli.py assembles the app from commands/ and nothing else; only cli imports commands, and nothing imports cli."""
+    graph = import_graph()
+    assert {target.split(".")[0] for target in graph["cli"]} == {"commands"}
+    for module, targets in graph.items():
+        assert "cli" not in targets, f"{module} imports cli"
+        if module.split(".")[0] not in ("cli", "commands"):
+            wrong = sorted(t for t in targets if t.split(".")[0] == "commands")
+            assert not wrong, f"{module} imports {wrong}"
+
+
+def test_the_command_line_modules_stay_under_600_lines():
+    for module, path in module_files().items():
+        if module.split(".")[0] in ("cli", "commands"):
+            lines = len(path.read_text().splitlines())
+            assert lines <= 600, f"{module} has {lines} lines"

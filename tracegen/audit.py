@@ -32,6 +32,7 @@ from tracegen.expand import Request
 from tracegen.grading import GRADERS, Grader, extract_answer, grader_for, grader_named, is_final_step
 from tracegen.growth import request_seed
 from tracegen.models import load_tokenizer, model_manifest, trace_model
+from tracegen.options import AuditOptions
 from tracegen.prompts import prompt_token_ids
 from tracegen.regrade import delimiter_of, solution_texts
 from tracestore.atomic import write_atomic
@@ -44,17 +45,6 @@ AUDIT_WRITER = "audit"
 DIVERGENT_LISTED = 20  # divergent steps named in trace.json's summary (all of them go to --out)
 # Engine fields that describe the run rather than what it outputs.
 _RUN_FIELDS = ("max_total_tokens",)
-
-
-@dataclass(frozen=True)
-class AuditOptions:
-    root: Path
-    sample: int = 100  # steps to regenerate (all of them when the trace has fewer)
-    seed: int = 0  # of the sample
-    backend: str | None = None  # default: the engine that wrote the trace
-    min_identical: float | None = None  # default: 1.0 with the recorded engine, else 0.0
-    out: Path | None = None  # per-step details, CSV
-    force: bool = False  # replace --out
 
 
 @dataclass

@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tracegen.gen import GenOptions
 from tracegen.growth import GenSummary
+from tracegen.options import GenOptions, RayOptions
 from tracestore.errors import TraceError
 
 MAX_RESTARTS = 3  # restarts of a dead worker process (and retries of its run) before the run fails
@@ -148,9 +148,9 @@ def run_distributed(
     options: GenOptions,
     *,
     address: str = "local",
-    workers: int = 2,
-    gpus_per_worker: float = 0.0,
-    cpus_per_worker: float = 1.0,
+    workers: int = RayOptions.workers,
+    gpus_per_worker: float = RayOptions.gpus_per_worker,
+    cpus_per_worker: float = RayOptions.cpus_per_worker,
     progress: Callable[[list[WorkerProgress]], None] | None = None,
     on_start: Callable[[list], None] | None = None,
 ) -> DistributedSummary:
@@ -239,15 +239,15 @@ class RayProgress:
         )
 
 
-def run_on_ray(options: GenOptions, address: str, workers: int, gpus: float, cpus: float, console):
+def run_on_ray(options: GenOptions, ray_options: RayOptions, console):
     """`trace gen --ray`: run_distributed with one aggregate progress bar."""
     with RayProgress(console) as progress:
         return run_distributed(
             options,
-            address=address,
-            workers=workers,
-            gpus_per_worker=gpus,
-            cpus_per_worker=cpus,
+            address=ray_options.address,
+            workers=ray_options.workers,
+            gpus_per_worker=ray_options.gpus_per_worker,
+            cpus_per_worker=ray_options.cpus_per_worker,
             progress=progress,
         )
 
