@@ -41,6 +41,6 @@ def check_unchanged(root: str | os.PathLike, before: dict[str, tuple[int, int]],
     if changes:
         raise TraceError(
             f"{root} changed while {who} ran: {', '.join(changes)}; replay only reads a trace, so that code wrote "
-            f"there. Nothing was written; `trace validate {root} --repair` moves files that no writer recorded "
-            f"and no reader can read into {QUARANTINE_DIR}/"
+            f"there, and its results are withheld. `trace validate {root} --repair` moves files that no writer "
+            f"recorded and no reader can read into {QUARANTINE_DIR}/"
         )
