@@ -21,7 +21,7 @@ from commands.options import (
     trace_dir_argument,
 )
 from replay import api
-from replay.engine import STREAM_STATES
+from replay.params import STREAM_STATES, SweepLimits
 from replay.routers import ROUTERS
 from tracestore.errors import TraceError
 from tracestore.remote import open_remote
@@ -32,6 +32,8 @@ def _replay_table(result, swept: list[str], title: str, max_rows: int = 21):
     import json
 
     from rich.table import Table
+
+    from replay.params import params_text
 
     summary = result.summary()
     shown = range(summary.height)
@@ -52,7 +54,7 @@ def _replay_table(result, swept: list[str], title: str, max_rows: int = 21):
         shown = {k: params[k] for k in swept} if swept else {k: v for k, v in params.items() if v not in ("", None)}
         table.add_row(
             row["router"],
-            escape(" ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())),
+            escape(params_text(shown, separator=" ")),
             "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%",
             "-" if row["cost"] is None else f"{row['cost']:.4g}",
             "-" if row["a_over_c"] is None else f"{row['a_over_c']:.4g}",
@@ -141,7 +143,7 @@ def replay(
     out: Path = out_option("Parquet file for per-problem outcomes (one row per problem x world x configuration)."),
     force: bool = FORCE,
     max_configs: int = typer.Option(
-        parameter_default(api.replay, "max_configs"),
+        parameter_default(SweepLimits, "max_configs"),
         "--max-configs",
         help=(
             "Most configurations a sweep may have; a larger grid is refused, naming its size and memory. The "
@@ -151,7 +153,7 @@ def replay(
     ),
     grades: str = GRADES,
     memory_check: bool = typer.Option(
-        parameter_default(api.replay, "memory_check"),
+        parameter_default(SweepLimits, "memory_check"),
         "--memory-check/--no-memory-check",
         help="Refuse a sweep whose memory estimate exceeds the memory available (--no-memory-check: run it anyway).",
     ),
@@ -187,8 +189,6 @@ def replay(
         raise TraceError(f"--out must name a .parquet file, got {out}")
     if out is not None:
         check_output_file(out, force=force)
-    if max_configs < 1:
-        raise TraceError(f"--max-configs must be at least 1, got {max_configs}")
     if worlds == "all":
         world_list = None
     else:
@@ -208,9 +208,8 @@ def replay(
         worlds=world_list,
         split_seed=split_seed,
         fractions=parse_fractions(split_fractions),
-        max_configs=max_configs,
         grades=grades,
-        memory_check=memory_check,
+        limits=SweepLimits(max_configs, memory_check),
     )
     seconds = time.perf_counter() - started
     title = escape(f"{trace_dir}: split {split}, cost {cost} (mean per query)")

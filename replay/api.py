@@ -19,21 +19,14 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import polars as pl
 
 from replay.costs import COSTS, Price, parse_prices
-from replay.engine import (
-    DEFAULT_MAX_CONFIGS,
-    ReplayResult,
-    miss_list,
-    parse_param,
-    parse_sweep,
-    replay_trace,
-    write_outcomes,
-)
+from replay.params import SweepLimits, parse_param, parse_sweeps
+from replay.results import ReplayResult, miss_list, write_outcomes
 from replay.routers import ROUTERS, make_router
 from replay.routers.base import Router
+from replay.run import replay_trace
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED
 from replay.stepwise import StepRouter
 from tracestore.errors import TraceError
@@ -43,6 +36,7 @@ from tracestore.watch import check_unchanged, table_listing
 
 __all__ = [
     "ReplayResult",
+    "SweepLimits",
     "miss_list",
     "parse_param",
     "open_trace",
@@ -72,30 +66,6 @@ def router(reference: Any, **params: Any) -> Router:
     return make_router(reference, **params)
 
 
-def parse_sweeps(
-    sweep: Mapping[str, Any] | Sequence[str] | None, max_configs: int, memory_check: bool = True
-) -> dict[str, np.ndarray]:
-    """``{"tau": "0:1:0.05"}``, ``{"tau": [0.3, 0.5]}`` or ``["tau=0:1:0.05"]`` (as `--sweep`) -> arrays."""
-    if not sweep:
-        return {}
-    if isinstance(sweep, str):
-        sweep = [sweep]
-    texts = list(sweep) if not isinstance(sweep, Mapping) else []
-    values: dict[str, np.ndarray] = {}
-    if isinstance(sweep, Mapping):
-        for name, given in sweep.items():
-            if isinstance(given, str):
-                texts.append(f"{name}={given}")
-            else:
-                values[name] = np.asarray(given, dtype=float).reshape(-1)
-    for text in texts:
-        name, array = parse_sweep(text, max_configs, memory_check)
-        if name in values:
-            raise TraceError(f"--sweep {name} is given twice")
-        values[name] = array
-    return values
-
-
 def replay(
     trace: str | os.PathLike | Trace | RemoteTrace,
     router: Any,
@@ -108,9 +78,8 @@ def replay(
     worlds: Sequence[int] | None = None,
     split_seed: int = DEFAULT_SPLIT_SEED,
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
-    max_configs: int = DEFAULT_MAX_CONFIGS,
     grades: str | None = None,
-    memory_check: bool = True,
+    limits: SweepLimits = SweepLimits(),
 ) -> ReplayResult:
     """Fit ``router`` on the trace's train split and replay it on ``split`` (train, calibration, test or all).
 
@@ -120,16 +89,13 @@ def replay(
     final steps (default: the steps' own; others are written by `trace regrade`). ``cost``: flops,
     flops+prefill, kaplan, api (with ``prices``: role -> Price, or `--price` strings) or an installed cost
     model. ``trace``: a path or URL, or a trace opened with ``open_trace`` (at a URL, with a ``timeout`` of
-    its own). ``memory_check``: refuse a sweep
-    whose memory estimate exceeds the memory available (a sweep of more than engine.STREAM_STATES walk
-    states streams its outcomes to a file instead of holding them). Returns the outcomes
-    (``.outcomes``, one row per configuration, problem and world), the ``.summary()`` per configuration and the
-    ``.misses`` (steps or scores the trace lacks), the same ones `trace replay` prints and writes. A local
-    trace's table folders are listed before and after: if the router's code wrote there, a TraceError names
-    the files instead.
+    its own). ``limits``: how many configurations a sweep may have, and whether a sweep whose memory estimate
+    exceeds the memory available is refused (a sweep of more than params.STREAM_STATES walk states streams its
+    outcomes to a file instead of holding them). Returns the outcomes (``.outcomes``, one row per
+    configuration, problem and world), the ``.summary()`` per configuration and the ``.misses`` (steps or
+    scores the trace lacks), the same ones `trace replay` prints and writes. A local trace's table folders are
+    listed before and after: if the router's code wrote there, a TraceError names the files instead.
     """
-    if max_configs < 1:
-        raise TraceError(f"--max-configs must be at least 1, got {max_configs}")
     if isinstance(params, Sequence) and not isinstance(params, str):
         params = dict(parse_param(text) for text in params)
     if isinstance(router, Router):
@@ -145,16 +111,16 @@ def replay(
     result = replay_trace(
         trace,
         chosen,
-        sweep=parse_sweeps(sweep, max_configs, memory_check),
+        sweep=parse_sweeps(sweep, limits.max_configs, limits.memory_check),
         split=split,
         cost=cost,
         prices=dict(prices) if prices else None,
         worlds=list(worlds) if worlds is not None else None,
         split_seed=split_seed,
         fractions=fractions,
-        max_configs=max_configs,
+        max_configs=limits.max_configs,
         grades=grades,
-        memory_check=memory_check,
+        memory_check=limits.memory_check,
     )
     if listed is not None:
         check_unchanged(root, listed, f"router {chosen.name}")

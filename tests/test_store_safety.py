@@ -23,9 +23,13 @@ from tracebuild import GENERATED_TOKENS, comb_steps, default_manifest, default_p
 from typer.testing import CliRunner
 
 from cli import app
-from replay import api, engine
-from replay.engine import ReplayData, parse_sweep, replay
+from replay import api, params
+from replay import run as replay_run
+from replay.costs import make_cost_model
+from replay.data import ReplayData
+from replay.params import parse_sweep
 from replay.routers import ROUTERS, make_router
+from replay.run import replay
 from tracestore.errors import TraceError
 from tracestore.store import TraceWriter, open_trace
 from tracestore.validate import validate
@@ -477,7 +481,7 @@ def test_a_sweep_beyond_the_memory_available_is_refused_naming_both_numbers(comb
         "--sweep's 100001 x 100001 = 10,000,200,001 configurations x 6 walks = 60,001,200,006 walk states needs "
         "about 3,000 GB of memory, but",  # outcomes streamed: a summary row a configuration, one block of states
     )
-    monkeypatch.setattr(engine, "available_memory", lambda: 1_000)
+    monkeypatch.setattr(params, "available_memory", lambda: 1_000)
     small = ["replay", comb_trace, "--router", "random", "--sweep", "p=0:1:0.5"]
     assert_refused(run(*small), "--sweep p=0:1:0.5 (3 values) needs about 4.8e-06 GB of memory, but 1e-06 GB is")
     assert run(*small, "--no-memory-check").exit_code == 0
@@ -486,8 +490,8 @@ def test_a_sweep_beyond_the_memory_available_is_refused_naming_both_numbers(comb
 def test_a_very_large_sweep_streams_its_outcomes_to_disk(comb_trace, monkeypatch, tmp_path):
     sweep = {"p": "0:1:0.05"}  # 21 configurations x 6 walks
     held = api.replay(comb_trace, "random", sweep=sweep, split="all")
-    monkeypatch.setattr(engine, "STREAM_STATES", 100)
-    monkeypatch.setattr(engine, "STREAM_BLOCK_STATES", 24)  # blocks of 4 configurations
+    monkeypatch.setattr(replay_run, "STREAM_STATES", 100)
+    monkeypatch.setattr(replay_run, "STREAM_BLOCK_STATES", 24)  # blocks of 4 configurations
     streamed = api.replay(comb_trace, "random", sweep=sweep, split="all")
     assert held.outcomes_file is None and streamed.outcomes_file.is_file()
     assert pq.ParquetFile(streamed.outcomes_file).num_row_groups == 6
@@ -506,12 +510,12 @@ def test_a_grid_walked_in_chunks_gives_the_same_outcomes(comb_trace, monkeypatch
     data = ReplayData.from_trace(open_trace(comb_trace))
     sweep = dict([parse_sweep("p=0:1:0.05")])
     router = make_router("random").fit(data)
-    cost = engine.make_cost_model("flops", data.manifest)
+    cost = make_cost_model("flops", data.manifest)
     whole = replay(data, router, cost, sweep)
     assert whole.outcomes["config"].n_unique() == 21 and whole.misses.height > 0  # mixed paths leave the comb
     # 6 walks x 21 configurations: one walk per chunk, then chunks of 4 and 2 walks
     for chunk_states in (7, 84):
-        monkeypatch.setattr(engine, "CHUNK_STATES", chunk_states)
+        monkeypatch.setattr(replay_run, "CHUNK_STATES", chunk_states)
         chunked = replay(data, router, cost, sweep)
         assert chunked.outcomes.equals(whole.outcomes) and chunked.misses.equals(whole.misses)
 

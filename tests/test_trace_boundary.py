@@ -42,7 +42,8 @@ def test_gen_and_score_refuse_a_trace_inside_a_table_folder(comb_trace, tmp_path
     before = snapshot(comb_trace)
     inside = comb_trace / table / "sub"
     gen = ["gen", "--model", "toy-small", "--large", "toy-large", "--dataset", "toy", "--limit", "1"]
-    assert_refused(run(*gen, "--backend", "hf", "--out", inside), f"--out {inside} lies inside the trace {comb_trace}")
+    refused = run(*gen, "--backend", "fake", "--out", inside)
+    assert_refused(refused, f"--out {inside} lies inside the trace {comb_trace}")
     assert snapshot(comb_trace) == before
 
     nested = shutil.copytree(comb_trace, tmp_path / "copy")  # a trace already there, as an older version left it
@@ -106,7 +107,7 @@ def test_a_router_that_writes_into_the_trace_is_named_and_repair_quarantines_its
     evil = comb_trace / "steps" / "part-evil-00001-0000000000000000.parquet"
     result = run("replay", comb_trace, "--router", f"{plugin}:Vandal", "--param", f"trace={comb_trace}", "--out", out)
     assert_refused(result, f"{comb_trace} changed while router vandal ran: {evil} appeared")
-    assert not out.exists()
+    assert one_line("its results are withheld") in one_line(result.stderr) and not out.exists()
     assert_refused(run("validate", comb_trace), f"{evil} is not a readable Parquet file")
 
     repaired = run("validate", comb_trace, "--repair")
@@ -139,7 +140,7 @@ def test_an_unreachable_object_store_is_one_line_within_the_timeout(scheme):
 
 @pytest.fixture(scope="module")
 def api_server():
-    from api_server import ApiServer, ServerState
+    from endpoint_server import ApiServer, ServerState
 
     from tracegen.models import load_tokenizer, resolve_model
 
@@ -151,7 +152,7 @@ def test_a_key_in_an_endpoint_url_is_refused_and_never_written(api_server, comb_
     keyed = api_server.url.replace("http://", f"http://user:{KEY}@")
     out = tmp_path / "keyed"
     gen = ["gen", "--model", "toy-small", "--large", "toy-large", "--dataset", "toy", "--limit", "1"]
-    result = run(*gen, "--backend", "hf", "--max-steps", "2", "--out", out, "--api", f"small:url={keyed}")
+    result = run(*gen, "--backend", "fake", "--max-steps", "2", "--out", out, "--api", f"small:url={keyed}")
     assert_refused(result, "--api small: the url carries a user name or key (http://***@127.0.0.1")
     assert "key-env=" in one_line(result.stderr)
     before = snapshot(comb_trace)
@@ -168,7 +169,7 @@ def test_a_key_in_an_endpoint_url_is_refused_and_never_written(api_server, comb_
 def test_a_url_that_is_not_http_is_refused_at_once(tmp_path, url):
     gen = ["gen", "--model", "toy-small", "--large", "toy-large", "--dataset", "toy", "--limit", "1"]
     started = time.perf_counter()
-    result = run(*gen, "--backend", "hf", "--out", tmp_path / "t", "--api", f"small:url={url},model=toy-small")
+    result = run(*gen, "--backend", "fake", "--out", tmp_path / "t", "--api", f"small:url={url},model=toy-small")
     assert_refused(result, f"--api small: url must be an http:// or https:// address with a host, got {url!r}")
     assert time.perf_counter() - started < 10
     assert not (tmp_path / "t").exists()

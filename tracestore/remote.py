@@ -29,6 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from tracestore.errors import TraceError
+from tracestore.parts import lost_part_message
 from tracestore.schema import (
     MANIFEST_FILE,
     PARTS_DIR,
@@ -36,7 +37,6 @@ from tracestore.schema import (
     TABLES,
     Manifest,
     checked_manifest,
-    lost_part_message,
 )
 
 VERIFIED_ON_OPEN = tuple(table for table in TABLES if table != "tokens")  # as tracestore.store.HEAVY_TABLES says

@@ -26,18 +26,10 @@ from tracestore.atomic import write_atomic
 from tracestore.boundary import check_no_link_leaves
 from tracestore.errors import TraceError
 from tracestore.lock import WriterLock
+from tracestore.parts import parts_records, recorded_parts, write_parts_record
 from tracestore.remote import local_path
 from tracestore.schema import MANIFEST_FILE, PART_NAME, PARTS_DIR, QUARANTINE_DIR, ROW_KEYS, TABLES
-from tracestore.store import (
-    Trace,
-    check_part,
-    open_trace,
-    parts_records,
-    recorded_parts,
-    verify_part,
-    write_parquet,
-    write_parts_record,
-)
+from tracestore.store import Trace, check_part, open_trace, verify_part, write_parquet
 
 REPAIR_WRITER = "repair"
 REPAIR_ORDER = (

@@ -205,7 +205,7 @@ PART_DIGEST_CHARS = 16
 PARTS_DIR = "_parts"
 
 # Responses of API-served roles, one JSON file each, stored on arrival so that no request is paid for twice
-# (tracegen.backends.openai_api).
+# (tracegen.backends.openai_endpoint).
 API_RESPONSES_DIR = "_api"
 UNKNOWN_TOKEN_ID = -1  # tokens.token_ids of a token that an API named by its text only (closed chat models)
 
@@ -229,22 +229,6 @@ def parts_record_file(writer_id: str) -> str:
 
 def writer_lock_file(writer_id: str) -> str:
     return f"{LOCK_FILE}-{writer_id}"
-
-
-def rerun_hint(root: str | Path, writer_id: str) -> str:
-    """The command whose rerun grows a writer's rows again."""
-    if writer_id.startswith("score_"):
-        return f"`trace score {root} --scorer {writer_id.removeprefix('score_')}`"
-    return "the `trace gen` command that wrote it"
-
-
-def lost_part_message(root: str | Path, table: str, name: str, writer_id: str) -> str:
-    """What every reader says of a part that ``writer_id`` recorded and that is gone (``root``: a path or URL)."""
-    return (
-        f"{root}/{table}/{name} is missing: writer {writer_id} recorded it in {root}/{parts_record_file(writer_id)}, "
-        f"so the trace lost its rows; rerun {rerun_hint(root, writer_id)} to grow them again, or "
-        f"`trace validate {root} --repair` to forget the part"
-    )
 
 
 def is_own_entry(name: str) -> bool:

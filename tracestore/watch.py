@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 from tracestore.errors import TraceError
+from tracestore.parts import recorded_parts
 from tracestore.schema import QUARANTINE_DIR, TABLES
-from tracestore.store import recorded_parts
 
 
 def table_listing(root: str | os.PathLike) -> dict[str, tuple[int, int]]:
