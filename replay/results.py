@@ -12,28 +12,79 @@ replay) to fill.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import os
+import shutil
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from replay.costs import A_OVER_C_SCALE, CostModel
 from replay.data import ReplayData
 from replay.params import Configs
 from replay.walk import Walk
+from tracestore.atomic import write_atomic
+from tracestore.outputs import check_output_file
 
 
-@dataclass
 class ReplayResult:
-    """Per-(problem, world, configuration) outcomes, the misses, and the roles of the trace."""
+    """Per-(problem, world, configuration) outcomes, the misses, and the roles of the trace.
 
-    outcomes: pl.DataFrame
-    roles: list[str]
-    cost_unit: str
-    misses: pl.DataFrame = field(repr=False)
+    The outcomes of a replay of more than params.STREAM_STATES walk states are not held in memory: they are in
+    the Parquet file ``outcomes_file`` (in the temp folder, deleted with the result), their summary computed as
+    they were written; ``outcomes`` reads them when asked for."""
+
+    def __init__(
+        self,
+        outcomes: pl.DataFrame | None,
+        roles: list[str],
+        cost_unit: str,
+        misses: pl.DataFrame,
+        *,
+        outcomes_file: Path | None = None,
+        summary: pl.DataFrame | None = None,
+    ):
+        self._outcomes = outcomes
+        self.roles = roles
+        self.cost_unit = cost_unit
+        self.misses = misses
+        self.outcomes_file = outcomes_file
+        self._summary = summary
+        if outcomes_file is not None:
+            weakref.finalize(self, outcomes_file.unlink, missing_ok=True)
+
+    @property
+    def outcomes(self) -> pl.DataFrame:
+        return self._outcomes if self._outcomes is not None else pl.read_parquet(self.outcomes_file)
+
+    @outcomes.setter
+    def outcomes(self, outcomes: pl.DataFrame) -> None:
+        self._outcomes = outcomes
+
+    @property
+    def n_outcomes(self) -> int:
+        return self._outcomes.height if self._outcomes is not None else pq.read_metadata(self.outcomes_file).num_rows
 
     def summary(self) -> pl.DataFrame:
-        return summarize(self.outcomes, self.roles)
+        return self._summary if self._summary is not None else summarize(self._outcomes, self.roles)
+
+    def write_outcomes(self, path: str | os.PathLike, *, force: bool = False) -> None:
+        """Write the outcomes to Parquet as ``write_outcomes`` does (streamed ones copied from their file)."""
+        if self.outcomes_file is None:
+            write_outcomes(self._outcomes, path, force=force)
+        else:
+            path = check_output_file(path, force=force)
+            write_atomic(path, lambda temp: shutil.copyfile(self.outcomes_file, temp))
+
+
+def write_outcomes(outcomes: pl.DataFrame, path: str | os.PathLike, *, force: bool = False) -> None:
+    """Write outcomes to Parquet atomically (a temp file renamed over ``path``; an existing file is replaced
+    only with ``force``)."""
+    path = check_output_file(path, force=force)
+    write_atomic(path, lambda temp: outcomes.write_parquet(temp, compression="zstd"))
 
 
 class Walked:

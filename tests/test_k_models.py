@@ -231,7 +231,7 @@ def test_policy_trains_on_a_three_model_comb(tmp_path):
 def test_cascade_table_lists_every_chain(comb3, tmp_path):
     from analysis.report import build_report
     from analysis.report_inputs import ALL_ROWS, REPORTED_ROWS, ReportOptions
-    from replay.run import write_outcomes
+    from replay.results import write_outcomes
 
     results = tmp_path / "cascade.parquet"
     router = make_router("cascade", models="m0,m2", pik=False, p_true="final_mean")
