@@ -27,7 +27,7 @@ from tracestore.errors import TraceError
 from tracestore.remote import open_remote
 
 
-def _replay_table(result, swept: list[str], title: str, max_rows: int = 21):
+def _replay_table(result, swept: list[str], title: str, idle: tuple[str, ...] = (), max_rows: int = 21):
     """Rich table of a replay summary, one row per configuration (evenly thinned for long sweeps)."""
     import json
 
@@ -47,11 +47,15 @@ def _replay_table(result, swept: list[str], title: str, max_rows: int = 21):
     )
     table.add_column("Router")
     table.add_column("Params")
-    for name in ("Acc", f"Cost ({result.cost_unit})", "A/C", "Large steps", "Misses"):
+    for name in ("Acc", f"Cost ({result.cost_unit})", f"A/C ({result.a_over_c_unit})", "Large steps", "Misses"):
         table.add_column(name, justify="right")
     for row in rows:
         params = json.loads(row["params"])
-        shown = {k: params[k] for k in swept} if swept else {k: v for k, v in params.items() if v not in ("", None)}
+        shown = (
+            {k: params[k] for k in swept}
+            if swept
+            else {k: v for k, v in params.items() if v not in ("", None) and k not in idle}
+        )
         table.add_row(
             row["router"],
             escape(params_text(shown, separator=" ")),
@@ -214,7 +218,8 @@ def replay(
     seconds = time.perf_counter() - started
     title = escape(f"{trace_dir}: split {split}, cost {cost} (mean per query)")
     swept = [text.partition("=")[0].strip() for text in sweep]
-    console.print(_replay_table(result, swept, title))
+    idle = chosen.idle_params(chosen.get_params())  # e.g. a cascade's t_ik without P(IK)
+    console.print(_replay_table(result, [name for name in swept if name not in idle], title, idle))
     console.print(f"replayed {chosen.name} in {seconds:.2f}s", highlight=False)
     hint = api.slow_sweep_hint(chosen, result, seconds)
     if hint:

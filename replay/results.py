@@ -5,7 +5,8 @@ Outcomes: router, params (JSON, swept values filled in), config, problem_id, wor
 where the walk missed), answer and correct (null after a miss), cost = cost_<role> (decoding of kept steps, per
 role) + cost_prefill + cost_discarded (drafts thrown away) + cost_scorer, n_<role> kept steps, n_discarded,
 misses (0 or 1: a walk stops at its first miss), cost_model, cost_unit and cost_convention (how the cost model
-counts, in words). The misses are what ``miss_list`` returns for `trace gen --expand closure` (and online
+counts, in words), a_over_c_unit and a_over_c_scale (A/C = a_over_c_scale x accuracy / cost, as the cost model's
+seed table prints it). The misses are what ``miss_list`` returns for `trace gen --expand closure` (and online
 replay) to fill.
 """
 
@@ -22,7 +23,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from replay.costs import A_OVER_C_SCALE, CostModel
+from replay.costs import CostModel
 from replay.data import ReplayData
 from replay.params import Configs
 from replay.walk import Walk
@@ -42,6 +43,7 @@ class ReplayResult:
         outcomes: pl.DataFrame | None,
         roles: list[str],
         cost_unit: str,
+        a_over_c_unit: str,
         misses: pl.DataFrame,
         *,
         outcomes_file: Path | None = None,
@@ -50,6 +52,7 @@ class ReplayResult:
         self._outcomes = outcomes
         self.roles = roles
         self.cost_unit = cost_unit
+        self.a_over_c_unit = a_over_c_unit
         self.misses = misses
         self.outcomes_file = outcomes_file
         self._summary = summary
@@ -137,6 +140,7 @@ def assemble(source: OutcomeSource, router, cost_model: CostModel, configs: Conf
         outcomes=outcomes,
         roles=source.roles,
         cost_unit=cost_model.unit,
+        a_over_c_unit=cost_model.a_over_c_unit,
         misses=_misses(source.roles, router, outcomes, walked),
     )
 
@@ -170,6 +174,8 @@ def _outcomes(source: OutcomeSource, router, cost_model: CostModel, configs: Con
         cost_model=pl.lit(cost_model.name, dtype=pl.String),
         cost_unit=pl.lit(cost_model.unit, dtype=pl.String),
         cost_convention=pl.lit(cost_model.convention, dtype=pl.String),
+        a_over_c_unit=pl.lit(cost_model.a_over_c_unit, dtype=pl.String),
+        a_over_c_scale=pl.lit(float(cost_model.a_over_c_scale), dtype=pl.Float64),
     )
 
 
@@ -203,8 +209,8 @@ def miss_list(result: ReplayResult) -> list[dict]:
 
 
 def summarize(outcomes: pl.DataFrame, roles: list[str]) -> pl.DataFrame:
-    """One row per configuration: accuracy and mean cost over the walks that finished, A/C, the share
-    of kept steps written by the largest model, and the number of walks that missed."""
+    """One row per configuration: accuracy and mean cost over the walks that finished, A/C (in the cost model's
+    A/C unit), the share of kept steps written by the largest model, and the number of walks that missed."""
     steps = pl.sum_horizontal(pl.col(f"n_{role}") for role in roles)
     done = pl.col("misses") == 0
     return (
@@ -216,10 +222,11 @@ def summarize(outcomes: pl.DataFrame, roles: list[str]) -> pl.DataFrame:
             cost=pl.col("cost").filter(done).mean(),
             large_steps=pl.col(f"n_{roles[-1]}").filter(done).sum(),
             all_steps=steps.filter(done).sum(),
+            a_over_c_scale=pl.col("a_over_c_scale").first(),
         )
         .with_columns(large_share=pl.when(pl.col("all_steps") > 0).then(pl.col("large_steps") / pl.col("all_steps")))
-        .drop("large_steps", "all_steps")
-        .with_columns(a_over_c=A_OVER_C_SCALE * pl.col("accuracy") / pl.col("cost"))
+        .with_columns(a_over_c=pl.col("a_over_c_scale") * pl.col("accuracy") / pl.col("cost"))
+        .drop("large_steps", "all_steps", "a_over_c_scale")
         .sort("config")
     )
 

@@ -221,5 +221,11 @@ def _replay_streamed(
         path.unlink(missing_ok=True)
         raise
     return ReplayResult(
-        None, source.roles, cost_model.unit, pl.concat(misses), outcomes_file=path, summary=pl.concat(summaries)
+        None,
+        source.roles,
+        cost_model.unit,
+        cost_model.a_over_c_unit,
+        pl.concat(misses),
+        outcomes_file=path,
+        summary=pl.concat(summaries),
     )
