@@ -22,8 +22,8 @@ from analysis.report import build_report
 from analysis.report_inputs import sweep_grid
 from replay.costs import KNOWN_PRICES, Price
 from replay.params import parse_sweep
+from replay.results import write_outcomes
 from replay.routers import make_router
-from replay.run import write_outcomes
 from tracestore.schema import Manifest
 
 PAPERS = Path(__file__).resolve().parents[1].parent / "shared" / "papers"
