@@ -4,19 +4,20 @@ Each function takes plain numbers and returns a ``Drawn``: the PNG and the serie
 its colour and marker (what a test checks: no two series of a figure look alike). Every series gets a colour
 and a marker from ``series_styles``, which never repeats a pair within a figure; legends sit outside the axes.
 The same inputs give the same bytes (PNG metadata without the matplotlib version, fixed size and DPI).
+matplotlib is imported by the functions that draw (it takes a second to import; most commands that import this
+module draw nothing).
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import to_hex
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 from analysis.frontier import frontier_order
 from analysis.units import tick
@@ -61,6 +62,10 @@ class Drawn:
 
 def _drawn(figure: Figure, keys: tuple[str, ...] = ()) -> Drawn:
     """The figure's PNG and its series: the legend entries with a marker but those explaining the marks (``keys``)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import to_hex
+    from matplotlib.lines import Line2D
+
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
@@ -73,6 +78,12 @@ def _drawn(figure: Figure, keys: tuple[str, ...] = ()) -> Drawn:
             if marked and text.get_text() not in keys:
                 series.append((text.get_text(), to_hex(handle.get_color()), str(handle.get_marker())))
     return Drawn(buffer.getvalue(), tuple(series))
+
+
+def _figure(**kwargs) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(layout="constrained", **kwargs)
 
 
 def _outside_legend(axes, **kwargs) -> None:
@@ -113,7 +124,9 @@ def pareto_png(series: list[Series], cost_unit: str, large: tuple[float, float],
     accuracy) as a line, its other configurations as faint markers, those with misses hollow, the operating point
     ringed; a single configuration: one marker. Reference lines: large-only's accuracy and cost (``large``: cost,
     accuracy) and the accuracy floor (value, description)."""
-    figure = Figure(figsize=(11, 5.5), layout="constrained")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    figure = _figure(figsize=(11, 5.5))
     axes = figure.add_subplot()
     styles = series_styles([entry.kind for entry in series])
     large_cost, large_accuracy = large
@@ -222,7 +235,7 @@ class Shares:
 def escalation_png(series: list[Shares], large_role: str) -> Drawn:
     """Share of the steps at each step index that the large model wrote, one line per router; a point resting
     on fewer than FEW_WALKS walks hollow, with its count."""
-    figure = Figure(figsize=(11, 4.8), layout="constrained")
+    figure = _figure(figsize=(11, 4.8))
     axes = figure.add_subplot()
     for entry, style in zip(series, series_styles(["router"] * len(series))):
         axes.plot(
@@ -283,7 +296,7 @@ class TrainingLog:
 def policy_training_png(logs: list[TrainingLog]) -> Drawn:
     """Coverage (running mean over a twentieth of the updates; per update faint) against each target 1 - alpha,
     and the escalation threshold kappa, over training: one colour and marker per policy."""
-    figure = Figure(figsize=(12, 4.4), layout="constrained")
+    figure = _figure(figsize=(12, 4.4))
     left, right = figure.subplots(1, 2)
     for log, style in zip(logs, series_styles(["router"] * len(logs))):
         window = max(1, len(log.coverage) // 20)
@@ -347,7 +360,7 @@ def steer_mixtures_png(
     says why in red."""
     columns = min(3, len(mixtures))
     rows = -(-len(mixtures) // columns)
-    figure = Figure(figsize=(4.4 * columns, 3.5 * rows), layout="constrained")
+    figure = _figure(figsize=(4.4 * columns, 3.5 * rows))
     panels = np.atleast_1d(figure.subplots(rows, columns, squeeze=False).ravel())
     for axes, mixture in zip(panels, mixtures):
         values = confidences.get(mixture.depth, np.array([]))

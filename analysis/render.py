@@ -17,13 +17,14 @@ from analysis import plots
 from analysis.misses import MISS_MARK, closure_advice, routers_toml
 from analysis.operating_points import Row, percent
 from analysis.options import ALL_ROWS, REPORTED_ROWS, ReportOptions
-from analysis.report_inputs import Run, varying_params
+from analysis.report_inputs import POLICY_MARK, Run, varying_params
 from analysis.stats import PERMUTATIONS, PairedTest
 from analysis.summary import Standing
 from analysis.units import CostScale, number, percent_points, with_interval
 from replay.params import params_text
 from replay.results import summarize
 from replay.routers import ROUTERS
+from replay.routers.policy import TRAINING_FLAGS
 from tracestore.schema import Manifest, model_char
 
 GENERATOR = "trace report"
@@ -107,6 +108,7 @@ def header_section(
     cost_model,
     scale: CostScale,
     convention,
+    a_over_c_unit,
     options,
 ) -> str:
     models = manifest.models
@@ -126,7 +128,8 @@ def header_section(
         "",
         f"- Trace: `{trace_dir}` (dataset {dataset_name}; models {model_text})",
         f"- Evaluated on {split_text}: {len(problems):,} problems, {n_walks:,} (problem, world) walks per router",
-        f"- Cost model: {cost_model} ({convention}), mean cost per query in {unit}",
+        f"- Cost model: {cost_model} ({convention}), mean cost per query in {unit}; A/C as a multiple of "
+        f"large-only's (in the seeds' table layouts: {a_over_c_unit})",
         "- Results: " + ", ".join(f"`{Path(path).name}`" for path in result_paths),
     ]
     return "\n".join(lines)
@@ -151,16 +154,19 @@ def table_section(
     ordered: list[Standing],
     large: Row,
     scale: CostScale,
+    a_over_c_unit: str,
     options: ReportOptions,
     floor_text: str,
     reported_floor: str,
     trace_dir,
 ) -> str:
+    """The main table: ``ordered`` (analysis.summary.standings); A/C as a multiple of large-only's, or in the cost
+    model's ``a_over_c_unit`` where large-only has none."""
     reference = large.a_over_c.value
-    ac_header = "A/C (× large-only) ↑" if reference else f"A/C (% per {scale.singular}) ↑"
+    ac_header = "A/C (× large-only) ↑" if reference else f"A/C ({a_over_c_unit}) ↑"
 
     def a_over_c(row: Row) -> str:
-        divisor = reference if reference else scale.factor
+        divisor = reference or 1.0
         interval = row.a_over_c.interval
         return with_interval(
             None if row.a_over_c.value is None else row.a_over_c.value / divisor,
@@ -201,10 +207,9 @@ def table_section(
     )
     floor_clause = "" if options.pick == "accuracy" else f"those with accuracy at least the floor ({floor_text}), then "
     ac_text = (
-        f"A/C is accuracy per cost as a multiple of large-only's ({number(reference / scale.factor)}% per "
-        f"{scale.singular})"
+        f"A/C is accuracy per cost as a multiple of large-only's ({number(reference)}, in {a_over_c_unit})"
         if reference
-        else f"A/C is accuracy (%) per {scale.singular}"
+        else f"A/C is in {a_over_c_unit}"
     )
     notes = [
         "## Routers at their operating points",
@@ -232,6 +237,13 @@ def table_section(
         "",
     ]
     notes += [f"- {s.row.run.label}: {s.row.run.how} ({Path(s.row.run.source).name})" for s in ordered]
+    notes += [
+        f"\n{POLICY_MARK} {s.row.run.label}: the policy file says its training ended off target: "
+        + "; ".join(TRAINING_FLAGS.get(flag, flag) for flag in s.row.run.training_flags)
+        + "."
+        for s in ordered
+        if s.row.run.training_flags
+    ]
     missed = [standing.row.run for standing in ordered if standing.row.misses]
     if missed:
         notes += [

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from analysis.frontier import frontier_order
 from analysis.misses import MISS_MARK
-from analysis.units import cost_scale, number
+from analysis.units import CostScale, cost_scale, number
 from replay.params import params_text
 
 MAX_ROWS = 21
@@ -35,44 +35,65 @@ class Shown:
     choice: str | None
 
 
-def frontier_rows(rows: list[dict]) -> list[dict]:
-    """The configurations without misses on the cost-accuracy frontier, by cost."""
-    complete = [row for row in rows if row["misses"] == 0 and row["accuracy"] is not None and row["cost"] is not None]
-    cost = np.array([row["cost"] for row in complete], dtype=float)
-    accuracy = np.array([row["accuracy"] for row in complete], dtype=float)
-    return [complete[i] for i in frontier_order(cost, accuracy)] if complete else []
+def frontier_indices(summary: pl.DataFrame) -> list[int]:
+    """Row indices of the configurations without misses on the cost-accuracy frontier, by cost."""
+    complete = np.flatnonzero(
+        (summary["misses"] == 0).to_numpy() & summary["accuracy"].is_not_null().to_numpy()
+        & summary["cost"].is_not_null().to_numpy()
+    )  # fmt: skip
+    cost = summary["cost"].to_numpy()[complete].astype(float)
+    accuracy = summary["accuracy"].to_numpy()[complete].astype(float)
+    return [int(complete[i]) for i in frontier_order(cost, accuracy)]
 
 
 def shown_rows(summary: pl.DataFrame, swept: list[str], show_all: bool, max_rows: int = MAX_ROWS) -> Shown:
-    rows = summary.to_dicts()
+    """The rows to print (a sweep may have millions of configurations: rows become dicts only once chosen)."""
+    n = summary.height
     if len(swept) >= 2:
-        frontier = frontier_rows(rows)
+        frontier = frontier_indices(summary)
         if not show_all:
             return Shown(
-                frontier,
-                f"{len(frontier)} of {len(rows)} configurations shown: the frontier (the cheapest at each accuracy, "
+                summary[frontier].to_dicts(),
+                f"{len(frontier)} of {n} configurations shown: the frontier (the cheapest at each accuracy, "
                 "without misses), by cost; --all shows every one",
             )
-        chosen = {row["config"] for row in frontier}
-        rest = [row for row in rows if row["config"] not in chosen]
-        ordered = frontier + [row for row in rest if row["misses"] == 0] + [row for row in rest if row["misses"]]
+        chosen = set(frontier)
+        missed = (summary["misses"] > 0).to_numpy()
+        rest = [i for i in range(n) if i not in chosen]
+        order = frontier + [i for i in rest if not missed[i]] + [i for i in rest if missed[i]]
         return Shown(
-            ordered,
+            summary[order].to_dicts(),
             f"the {len(frontier)} frontier configurations first, by cost; then the others"
-            + (f", those with misses ({MISS_MARK}) last" if any(row["misses"] for row in rest) else ""),
+            + (f", those with misses ({MISS_MARK}) last" if missed[rest].any() else ""),
         )
-    if show_all or len(rows) <= max_rows:
-        return Shown(rows, None)
-    step = -(-(len(rows) - 1) // (max_rows - 1))
-    thinned = rows[::step] + ([rows[-1]] if (len(rows) - 1) % step else [])
-    return Shown(thinned, f"{len(thinned)} of {len(rows)} configurations shown, evenly spaced; --all shows every one")
+    if show_all or n <= max_rows:
+        return Shown(summary.to_dicts(), None)
+    step = -(-(n - 1) // (max_rows - 1))
+    thinned = [*range(0, n, step), *([n - 1] if (n - 1) % step else [])]
+    return Shown(
+        summary[thinned].to_dicts(),
+        f"{len(thinned)} of {n} configurations shown, evenly spaced; --all shows every one",
+    )
+
+
+def a_over_c_words(a_over_c_unit: str, scale: CostScale) -> str:
+    """The cost model's A/C unit in words with the cost unit shown ("accuracy % per TFLOP" -> "... per MFLOP")."""
+    source = CostScale(scale.source, scale.source).singular
+    return a_over_c_unit.replace(f"per {source}", f"per {scale.singular}") if scale.factor != 1 else a_over_c_unit
 
 
 def replay_table(
-    summary: pl.DataFrame, cost_unit: str, swept: list[str], title: str, show_all: bool, width: int
+    summary: pl.DataFrame,
+    cost_unit: str,
+    a_over_c_unit: str,
+    swept: list[str],
+    title: str,
+    show_all: bool,
+    width: int,
+    idle: tuple[str, ...] = (),
 ) -> Table:
     """The rich table of a replay summary (replay.results.summarize) for a terminal ``width`` wide; ``title``
-    names the run."""
+    names the run; ``idle``: parameters the configuration does not read (not shown)."""
     shown = shown_rows(summary, swept, show_all)
     scale = cost_scale(cost_unit, summary["cost"].to_list())
     missed = any(row["misses"] for row in shown.rows)
@@ -82,7 +103,11 @@ def replay_table(
     rows = []
     for row in shown.rows:
         params = json.loads(row["params"])
-        params = {k: params[k] for k in swept} if swept else {k: v for k, v in params.items() if v not in ("", None)}
+        params = (
+            {k: params[k] for k in swept}
+            if swept
+            else {k: v for k, v in params.items() if v not in ("", None) and k not in idle}
+        )
         accuracy = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}"
         rows.append(
             [
@@ -94,7 +119,12 @@ def replay_table(
                 f"{row['misses']:,} of {row['n']:,}" if row["misses"] else "0",
             ]
         )
-    headers = ["Params" if swept else "Configuration", "Acc %", f"Cost {scale.unit}", f"A/C %/{scale.singular}"]
+    headers = [
+        "Params" if swept else "Configuration",
+        "Acc %",
+        f"Cost {scale.unit}",
+        f"A/C {a_over_c_words(a_over_c_unit, scale)}",
+    ]
     headers += ["Large %", "Misses"]
 
     # the number columns on one line each where the terminal has room, else as narrow as their longest word;

@@ -50,6 +50,7 @@ from analysis.report_inputs import (
     check_against_trace,
     check_same_walks,
     label_runs,
+    mark_policy_runs,
     read_steer_mixtures,
     replay_baseline,
     result_input,
@@ -149,16 +150,18 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
         {
             row
             for run in runs
-            for row in run.outcomes.select("cost_model", "cost_unit", "cost_convention").unique().rows()
+            for row in run.outcomes.select("cost_model", "cost_unit", "cost_convention", "a_over_c_unit")
+            .unique()
+            .rows()
         }
     )
     if len(cost_models) > 1:
         raise TraceError(
             "the results use different cost models ("
-            + ", ".join(f"{m} in {u}" for m, u, _ in cost_models)
+            + ", ".join(f"{m} in {u}" for m, u, _, _ in cost_models)
             + "): replay every router with the same --cost"
         )
-    cost_model, cost_unit, cost_convention = cost_models[0]
+    cost_model, cost_unit, cost_convention, a_over_c_unit = cost_models[0]
     walks = check_same_walks(runs)
     baselines = {}
     for name in BASELINES:
@@ -173,6 +176,7 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
         if run.swept and run.router in BASELINES:
             raise TraceError(f"{run.source}: {run.router} has {len(run.params)} configurations; expected one")
     label_runs(everyone, roles)
+    mark_policy_runs(everyone)
     policy_logs, unmatched_policies = find_policy_logs(options.policy_log, routers, options.alpha)
 
     floor_text = choose_operating_points(everyone, routers, baselines["large-only"], pins, options, roles)
@@ -200,10 +204,11 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
             cost_model,
             scale,
             cost_convention,
+            a_over_c_unit,
             options,
         ),
         summary_section(ordered, large_row, floor, reported_floor, tests, scale, evaluated),
-        table_section(ordered, large_row, scale, options, floor_text, reported_floor, trace_dir),
+        table_section(ordered, large_row, scale, a_over_c_unit, options, floor_text, reported_floor, trace_dir),
         pareto_section(ordered, roles, scale, large_row, None if floor is None else (floor, reported_floor), figures),
         significance_section([s.row.run for s in ordered], baselines["large-only"], tests),
         escalation_section([s.row.run for s in ordered if s.row.run.router not in BASELINES], roles, figures),
@@ -218,7 +223,18 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
         select_splits([*everyone, run], options)
         return run
 
-    inputs = TableInputs(table, routers, baselines, roles, trace.manifest.dataset_name or "?", cost_unit, alone)
+    inputs = TableInputs(
+        table,
+        routers,
+        baselines,
+        roles,
+        trace.manifest.dataset_name or "?",
+        cost_unit,
+        alone,
+        a_over_c_unit=a_over_c_unit,
+        manifest=trace.manifest,
+        seed=options.seed,
+    )
     tables = {}
     for layout in layouts:
         frame = layout.frame(inputs)

@@ -17,6 +17,7 @@ from replay.costs import make_cost_model
 from replay.data import ReplayData
 from replay.params import params_text
 from replay.routers import ROUTERS, make_router
+from replay.routers.policy import load_policy
 from replay.routers.steer import load_mixtures
 from replay.run import replay
 from replay.splits import SPLITS
@@ -37,6 +38,8 @@ RESULT_COLUMNS = {
     "cost_model": "string",
     "cost_unit": "string",
     "cost_convention": "string",
+    "a_over_c_unit": "string",
+    "a_over_c_scale": "float",
 }
 
 
@@ -52,6 +55,7 @@ class Run:
     chosen: int = 0
     how: str = ""  # how the configuration was chosen, for the table's notes
     below_floor: bool = False
+    training_flags: list[str] = field(default_factory=list)  # a policy run's file: how its training ended off target
     rows: pl.DataFrame | None = field(default=None, repr=False)  # reported rows (all configurations)
     pick_rows: pl.DataFrame | None = field(default=None, repr=False)  # rows the operating point is chosen on
 
@@ -63,12 +67,14 @@ class Run:
         return self.rows.filter(pl.col("config") == self.chosen)
 
     def point_params(self) -> dict:
-        """The chosen configuration's decision parameters (sweepable ones, or the ones this file swept)."""
+        """The chosen configuration's decision parameters (sweepable ones, or the ones this file swept), less
+        those it does not read (a cascade's t_ik without P(IK))."""
         params = self.params[self.chosen]
         cls = ROUTERS.builtins().get(self.router)
         names = cls.sweepable if cls is not None else ()
         names = [name for name in names if name in params] or varying_params(self.params)
-        return {name: params[name] for name in names}
+        idle = cls.idle_params(params) if cls is not None else ()
+        return {name: params[name] for name in names if name not in idle}
 
 
 def read_parquet_input(path: Path, what: str) -> pl.DataFrame:
@@ -163,6 +169,23 @@ def varying_params(params: dict[int, dict]) -> list[str]:
     return [name for name in names if len({json.dumps(config.get(name)) for config in params.values()}) > 1]
 
 
+def sweep_grid(params: dict[int, dict]) -> str:
+    """The grid a swept run's configurations span, per varying parameter: "tau 0 to 1 in steps of 0.1 (11
+    values)" when evenly spaced, else the values ("tau 0.2, 0.5, 0.9")."""
+    parts = []
+    for name in varying_params(params):
+        values = sorted({config[name] for config in params.values()}, key=str)
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            values = sorted(values)
+            steps = [b - a for a, b in zip(values, values[1:])]
+            if len(values) > 2 and max(steps) - min(steps) <= 1e-9 * max(1.0, abs(values[-1])):
+                first, last, step = values[0], values[-1], steps[0]
+                parts.append(f"{name} {first:g} to {last:g} in steps of {step:.6g} ({len(values)} values)")
+                continue
+        parts.append(f"{name} " + ", ".join(str(shown(v)) for v in values))
+    return " x ".join(parts)
+
+
 def split_runs(frame: pl.DataFrame, source: str) -> list[Run]:
     runs = []
     for router in frame["router"].unique(maintain_order=True).to_list():
@@ -244,14 +267,6 @@ def model_chain(router: str, params: dict, roles: list[str]) -> str | None:
     return " → ".join(chain)
 
 
-def ignored_params(router: str, params: dict) -> tuple[str, ...]:
-    """The parameters a built-in router does not read at ``params`` (steer's escalate in mode=step)."""
-    cls = ROUTERS.builtins().get(router)
-    if cls is None:
-        return ()
-    return cls(**{name: params[name] for name in cls.param_names() if name in params}).ignored_params()
-
-
 def shown(value):
     """A parameter value as a label shows it: floats to 4 significant digits, a file by its name."""
     if isinstance(value, float):
@@ -269,7 +284,8 @@ def label_runs(runs: list[Run], roles: list[str]) -> None:
         fixed = {
             name: value for name, value in run.params[min(run.params)].items() if name not in varying_params(run.params)
         }
-        ignored = ignored_params(run.router, fixed)
+        cls = ROUTERS.builtins().get(run.router)
+        ignored = cls.idle_params(fixed) if cls is not None else ()
         telling = [
             name
             for name in sorted(fixed)
@@ -287,6 +303,26 @@ def label_runs(runs: list[Run], roles: list[str]) -> None:
     for run in runs:
         if sum(other.label == run.label for other in runs) > 1:
             run.label += f" [{Path(run.source).name}]"
+
+
+POLICY_MARK = "‡"
+
+
+def mark_policy_runs(runs: list[Run]) -> None:
+    """Mark (``POLICY_MARK`` after the label) each policy run whose policy file, where it can still be read,
+    records that its training ended off target (`trace train policy`'s flags: coverage target out of reach or
+    not reached on the train split, kappa at 0 or 1)."""
+    for run in runs:
+        path = run.params[min(run.params)].get("path") if run.router == "policy" else None
+        if not path or not Path(path).is_file():
+            continue
+        try:
+            _, saved = load_policy(path)
+        except TraceError:
+            continue
+        run.training_flags = list(saved.get("flags") or [])
+        if run.training_flags:
+            run.label += f" {POLICY_MARK}"
 
 
 def select_splits(runs: list[Run], options: ReportOptions) -> None:

@@ -21,9 +21,10 @@ from commands.options import (
     trace_dir_argument,
 )
 from replay import api
-from replay.params import params_text
+from replay.params import STREAM_STATES, SweepLimits, params_text
 from replay.routers import ROUTERS
 from tracestore.errors import TraceError
+from tracestore.remote import open_remote
 
 
 def _print_registered() -> None:
@@ -105,11 +106,25 @@ def replay(
     out: Path = out_option("Parquet file for per-problem outcomes (one row per problem x world x configuration)."),
     force: bool = FORCE,
     max_configs: int = typer.Option(
-        parameter_default(api.replay, "max_configs"),
+        parameter_default(SweepLimits, "max_configs"),
         "--max-configs",
-        help="Most configurations a sweep may have; a larger grid is refused, naming its size and memory.",
+        help=(
+            "Most configurations a sweep may have; a larger grid is refused, naming its size and memory. The "
+            f"outcomes of more than {STREAM_STATES:,} walk states (configurations x problems x worlds) are streamed "
+            "to a file instead of held in memory."
+        ),
     ),
     grades: str = GRADES,
+    memory_check: bool = typer.Option(
+        parameter_default(SweepLimits, "memory_check"),
+        "--memory-check/--no-memory-check",
+        help="Refuse a sweep whose memory estimate exceeds the memory available (--no-memory-check: run it anyway).",
+    ),
+    timeout: float = typer.Option(
+        parameter_default(open_remote, "timeout"),
+        "--timeout",
+        help="Seconds a trace at a URL (s3://, gs://, ...) has to open; an unreachable store is named after that.",
+    ),
     show_all: bool = typer.Option(
         False,
         "--all",
@@ -155,7 +170,7 @@ def replay(
     chosen = api.router(router, **dict(api.parse_param(p) for p in param))
     started = time.perf_counter()
     result = api.replay(
-        trace_dir,
+        api.open_trace(trace_dir, timeout=timeout),
         chosen,
         sweep=sweep,
         split=split,
@@ -164,8 +179,8 @@ def replay(
         worlds=world_list,
         split_seed=split_seed,
         fractions=parse_fractions(split_fractions),
-        max_configs=max_configs,
         grades=grades,
+        limits=SweepLimits(max_configs, memory_check),
     )
     seconds = time.perf_counter() - started
     from analysis.misses import closure_advice, routers_toml
@@ -178,7 +193,12 @@ def replay(
         + (f" ({params_text(given)})" if given else "")
         + f" on {trace_dir}: split {split}, cost model {cost}, means per query"
     )
-    console.print(replay_table(result.summary(), result.cost_unit, swept, title, show_all, console.width))
+    idle = chosen.idle_params(chosen.get_params())  # e.g. a cascade's t_ik without P(IK)
+    shown = [name for name in swept if name not in idle]
+    summary = result.summary()
+    console.print(
+        replay_table(summary, result.cost_unit, result.a_over_c_unit, shown, title, show_all, console.width, idle)
+    )
     console.print(f"replayed {chosen.name} in {seconds:.2f}s", highlight=False)
     hint = api.slow_sweep_hint(chosen, result, seconds)
     if hint:
@@ -186,7 +206,7 @@ def replay(
     misses = api.miss_list(result)
     if misses:
         console.print(
-            f"[yellow]{result.outcomes['misses'].sum():,} walks missed {len(misses):,} distinct uncached "
+            f"[yellow]{result.summary()['misses'].sum():,} walks missed {len(misses):,} distinct uncached "
             "(node, model) steps or scores; their accuracy and cost are left out. First:[/]"
         )
         for miss in misses[:5]:
@@ -198,5 +218,5 @@ def replay(
         console.print(escape(closure_advice(trace_dir)), highlight=False)
         console.print(escape(routers_toml(router, given, sweep)), highlight=False, soft_wrap=True)
     if out is not None:
-        api.write_outcomes(result.outcomes, out, force=force)
-        console.print(f"wrote {result.outcomes.height:,} outcomes to {escape(str(out))}", highlight=False)
+        result.write_outcomes(out, force=force)
+        console.print(f"wrote {result.n_outcomes:,} outcomes to {escape(str(out))}", highlight=False)

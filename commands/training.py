@@ -19,6 +19,7 @@ from commands.options import (
     split_fractions_option,
     split_seed_option,
 )
+from replay.artifacts import file_sha256
 from replay.train_pik import train_pik
 from replay.train_policy import Hyperparameters, train_policy
 from replay.train_steer import train_steer
@@ -65,7 +66,8 @@ def train_policy_command(
         "--features",
         help=(
             "Observation: comma-separated steps columns and/or difficulty (default: "
-            f"{','.join(Hyperparameters.features)})."
+            f"{','.join(Hyperparameters.features)}; is_final is constant, so observed as 0, under --escalate after, "
+            "where every decision follows a non-final step, and informs --escalate replace)."
         ),
     ),
     escalate: str = typer.Option(
@@ -79,13 +81,16 @@ def train_policy_command(
     ),
     cost: str = cost_option(
         "Per-step cost the policy minimises, as trace replay --cost adds it up: flops (TFLOPs of generated "
-        "tokens), flops+prefill, kaplan, api (USD; --price), an installed cost model or FILE.py:Class, or tokens "
+        "tokens), flops+prefill, kaplan, api (US cents at --price prices), an installed cost model or "
+        "FILE.py:Class, or tokens "
         "(large-model generated tokens).",
         Hyperparameters.cost,
     ),
     price: list[str] = price_option(
-        "With --cost api: prices ROLE=input/cached/output in USD per 1M tokens, repeatable; without any, "
-        "GPT-4.1-mini rates for both models (as trace replay)."
+        "With --cost api (which counts US cents): a price per model role or scorer of the trace, once each, "
+        "repeatable, as trace replay takes them: ROLE=MODEL (gpt-4.1-mini, gpt-4o-mini, ...), "
+        "ROLE=input/cached/output in USD per 1M tokens, or ROLE=0 for a free (open) model; every role needs one, "
+        "there is no default."
     ),
     eta_decay: float = typer.Option(
         Hyperparameters.eta_decay,
@@ -183,12 +188,8 @@ def train_policy_command(
         console.print(
             "no verifier scores in the trace: a trajectory is covered when correct or the large model alone is wrong"
         )
-    if result.best_coverage < 1 - alpha:
-        console.print(
-            f"[yellow]no policy reaches coverage {1 - alpha:g} on the train split with escalate={result.escalate}: "
-            f"at most {result.best_coverage:.4f} (episodes where no escalation point is right while the large model "
-            "alone is)[/]"
-        )
+    for warning in result.warnings():  # also recorded in the policy file ("flags"); trace report marks its row
+        console.print(f"[yellow]{escape(warning)}[/]")
     console.print(
         f"[green]wrote[/] {escape(str(result.policy_path))} and {escape(str(result.log_path))}: "
         f"kappa {result.kappa:.4f}; on the "
@@ -197,6 +198,7 @@ def train_policy_command(
         f"{result.train_cost:.4g} {result.cost_unit} per query ({result.train_cost_share:.4f} of the large model "
         f"alone); {result.seconds:.1f}s"
     )
+    console.print(f"policy file SHA-256 {result.sha256}", highlight=False, soft_wrap=True)
 
 
 def train_pik_command(
@@ -257,6 +259,7 @@ def train_pik_command(
         )
     console.print(table)
     console.print(f"[green]wrote[/] {escape(str(out))}", highlight=False)
+    console.print(f"probe file SHA-256 {file_sha256(out)}", highlight=False, soft_wrap=True)
 
 
 def train_steer_command(
@@ -315,3 +318,4 @@ def train_steer_command(
         )
     console.print(table)
     console.print(f"[green]wrote[/] {escape(str(out))}", highlight=False)
+    console.print(f"mixture file SHA-256 {file_sha256(out)}", highlight=False, soft_wrap=True)

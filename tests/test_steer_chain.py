@@ -10,6 +10,7 @@ test_k_models (m0 10, m1 30, m2 80 TFLOPs).
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -171,7 +172,7 @@ def test_report_labels_name_the_resolved_chain(tmp_path):
     ]
     markdown = report(root, results, split="all", pick_split="reported", bootstrap=5).markdown
     for label in ("steer (m0 → m1 → m2)", "steer (m0 → m2)", "steer (m1 → m2)"):
-        assert f"| {label} |" in markdown, label
+        assert re.search(rf"\| {re.escape(label)}( \*)? \|", markdown), label  # * where some walks missed
     assert "draft=" not in markdown and "target=" not in markdown
 
 
@@ -211,6 +212,6 @@ def test_report_labels_round_floats_name_files_and_say_which_model(tmp_path):
     ]
     results.append(replay_trace(root, make_router("only", model="m1"), split="all", fractions=EVERY_PROBLEM))
     markdown = report(root, results, split="all", pick_split="reported", bootstrap=5).markdown
-    assert "| random (p=0.3) |" in markdown and "| random (p=0.5) |" in markdown
+    assert all(re.search(rf"\| random \(p={p}\)( \*)? \|", markdown) for p in ("0.3", "0.5"))  # * walks missed
     assert "0.30000000000000004" not in markdown
     assert "| only (m1) |" in markdown

@@ -84,6 +84,11 @@ class Router:
         parameters = inspect.signature(cls.__init__).parameters
         return {name: parameters[name].default for name in cls.param_names()}
 
+    @classmethod
+    def idle_params(cls, params: dict[str, Any]) -> tuple[str, ...]:
+        """The parameters configuration ``params`` does not read (left out where the configuration is shown)."""
+        return ()
+
     def scorer_for(self, roles: list[str]) -> str | None:
         """The scorer whose scores this router reads on a trace with model ``roles`` (its ``scorer`` unless the
         roles change whose verdict it needs)."""
@@ -95,10 +100,6 @@ class Router:
     def decision_params(self) -> dict[str, float]:
         """Values of the sweepable parameters this router decides with (a sweep replaces them)."""
         return {name: getattr(self, name) for name in self.sweepable}
-
-    def ignored_params(self) -> tuple[str, ...]:
-        """Parameters this configuration does not read (a label leaves them out): none unless a router says so."""
-        return ()
 
     def __repr__(self) -> str:
         args = ", ".join(f"{name}={value!r}" for name, value in self.get_params().items())

@@ -249,8 +249,9 @@ class Steer(DraftRouter):
     def one_way(self):
         return self.mode == "switch"
 
-    def ignored_params(self):
-        return ("escalate",) if self.mode == "step" else ()
+    @classmethod
+    def idle_params(cls, params):
+        return ("escalate",) if params.get("mode", cls.param_defaults()["mode"]) == "step" else ()
 
     def _check_params(self):
         self._check_choice("mode", ("switch", "step"))
