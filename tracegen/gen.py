@@ -37,7 +37,7 @@ from tracegen.growth import GenSummary, GrowthRun, StoredStep, Tree
 from tracegen.models import ModelRef, fetch_model, load_tokenizer, model_manifest, resolve_model
 from tracegen.options import GenOptions
 from tracegen.prompts import SYSTEM_PROMPT, prompt_token_ids
-from tracegen.up_to_date import nothing_to_do
+from tracegen.up_to_date import nothing_to_do, remember_closed
 from tracestore.errors import TraceError
 from tracestore.outputs import check_outside_trace
 from tracestore.schema import model_roles, schema_version_for
@@ -137,6 +137,8 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
             _grow(run)
             if options.routers:
                 summary.closure = _close(options, run, engines)
+                if not summary.closure.remaining_misses:
+                    remember_closed(Path(options.out), options, trees)
         _record_run(writer, options, strategy)
     summary.seconds = time.perf_counter() - started
     report(stage="done", requests=[], summary=summary)
