@@ -76,3 +76,13 @@ def price_option(help: str) -> Any:
 
 def backend_option(help: str) -> Any:
     return typer.Option(None, "--backend", help=help)
+
+
+LATENCY_PROFILE = typer.Option(
+    None,
+    "--latency-profile",
+    help=(
+        "With --cost latency: the latency profile (JSON written by trace profile, possibly measured on another "
+        "machine) giving each model's and scorer's seconds per request; default TRACE_DIR/latency.json."
+    ),
+)

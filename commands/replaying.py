@@ -11,6 +11,7 @@ from commands.console import console
 from commands.options import (
     FORCE,
     GRADES,
+    LATENCY_PROFILE,
     cost_option,
     out_option,
     parameter_default,
@@ -125,7 +126,7 @@ def replay(
     cost: str = cost_option(
         "flops: 2N FLOPs per generated token, models and scorers alike, prefill not counted (the seeds' "
         "convention), in TFLOPs; flops+prefill: also 2N per prefilled token; kaplan: 2N + 2 n_layer n_ctx d_model "
-        "per generated token (the cascade seed's eq. 2); api: US cents at --price prices; or an installed cost "
+        "per generated token (the cascade seed's eq. 2); api: US cents at --price prices; latency: serial seconds per query from a latency profile (--latency-profile); or an installed cost "
         "model (trace replay --list) or FILE.py:Class.",
         parameter_default(api.replay, "cost"),
     ),
@@ -145,6 +146,7 @@ def replay(
         help="Most configurations a sweep may have; a larger grid is refused, naming its size and memory.",
     ),
     grades: str = GRADES,
+    latency_profile: Path = LATENCY_PROFILE,
 ) -> None:
     """Replay a router on a cached trace (CPU only) and print accuracy, cost, A/C, large-step share and misses.
 
@@ -193,6 +195,7 @@ def replay(
         fractions=parse_fractions(split_fractions),
         max_configs=max_configs,
         grades=grades,
+        latency_profile=latency_profile,
     )
     seconds = time.perf_counter() - started
     title = escape(f"{trace_dir}: split {split}, cost {cost} (mean per query)")

@@ -77,6 +77,7 @@ def replay(
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
     max_configs: int = DEFAULT_MAX_CONFIGS,
     grades: str | None = None,
+    latency_profile: str | os.PathLike | None = None,
 ) -> ReplayResult:
     """Fit ``router`` on the trace's train split and replay it on ``split`` (train, calibration, test or all).
 
@@ -85,7 +86,7 @@ def replay(
     sequence of numbers, or `--sweep` strings; several parameters make a grid. ``grades``: the grade set of the
     final steps (default: the steps' own; others are written by `trace regrade`). ``cost``: flops,
     flops+prefill, kaplan, api (with ``prices``: role -> Price, or `--price` strings) or an installed cost
-    model. Returns the outcomes (``.outcomes``, one row per configuration, problem and world), the
+    model; ``latency`` reads the latency profile ``latency_profile`` (default TRACE/latency.json). Returns the outcomes (``.outcomes``, one row per configuration, problem and world), the
     ``.summary()`` per configuration and the ``.misses`` (steps or scores the trace lacks), the same ones
     `trace replay` prints and writes.
     """
@@ -112,6 +113,7 @@ def replay(
         fractions=fractions,
         max_configs=max_configs,
         grades=grades,
+        latency_profile=latency_profile,
     )
 
 

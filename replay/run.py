@@ -14,6 +14,7 @@ import polars as pl
 
 from replay.costs import CostModel, Price, make_cost_model
 from replay.data import ReplayData
+from replay.latency import profile_path
 from replay.params import DEFAULT_MAX_CONFIGS, Configs, check_grid_size, check_sweep, sweep_configs
 from replay.results import OutcomeSource, ReplayResult, Walked, assemble, router_scorer
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, SPLITS, assign_splits
@@ -64,6 +65,7 @@ def _walk_configs(
         starts = np.tile(root_nodes[roots], n_configs)
         params = {name: np.repeat(values, len(starts) // n_configs) for name, values in configs.values.items()}
         walked.put(roots, router.walk(data, costs, starts, params))
+    costs.check_priced(walked.cost, walked.decode, router.name)
     return configs, walked  # the costs' per-step arrays go before the outcomes' columns are built: a lower peak
 
 
@@ -88,10 +90,12 @@ def replay_trace(
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
     max_configs: int = DEFAULT_MAX_CONFIGS,
     grades: str | None = None,
+    latency_profile: str | os.PathLike | None = None,
 ) -> ReplayResult:
     """Open a trace, fit ``router`` on its train split, replay it on ``split`` (or ``all``), its final steps
     graded by grade set ``grades`` (default: the steps' own). The sweep is checked (parameters, domains,
-    grid size) before anything is fitted."""
+    grid size) before anything is fitted. ``latency_profile``: the profile ``cost="latency"`` reads (default
+    ROOT/latency.json)."""
     if split not in (*SPLITS, "all"):
         raise TraceError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}, all")
     check_sweep(router, sweep or {})
@@ -104,7 +108,9 @@ def replay_trace(
             f"router {router.name} reads {scorer} scores{whose}, which {root} does not have; "
             f"run `trace score {root} --scorer {scorer}` first"
         )
-    cost_model = make_cost_model(cost, trace.manifest, prices)
+    cost_model = make_cost_model(cost, trace.manifest, prices, profile_path(root, latency_profile))
+    if latency_profile and not getattr(cost_model, "uses_profile", False):
+        raise TraceError(f"--latency-profile applies to --cost latency, not {cost}")
     data = ReplayData.from_trace(trace, grades)
     if worlds is not None:
         absent = sorted(set(worlds) - set(data.worlds))
