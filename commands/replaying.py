@@ -126,7 +126,8 @@ def replay(
     cost: str = cost_option(
         "flops: 2N FLOPs per generated token, models and scorers alike, prefill not counted (the seeds' "
         "convention), in TFLOPs; flops+prefill: also 2N per prefilled token; kaplan: 2N + 2 n_layer n_ctx d_model "
-        "per generated token (the cascade seed's eq. 2); api: US cents at --price prices; latency: serial seconds per query from a latency profile (--latency-profile); or an installed cost "
+        "per generated token (the cascade seed's eq. 2); api: US cents at --price prices; latency: serial seconds "
+        "per query from a latency profile (--latency-profile); or an installed cost "
         "model (trace replay --list) or FILE.py:Class.",
         parameter_default(api.replay, "cost"),
     ),

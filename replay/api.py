@@ -86,7 +86,8 @@ def replay(
     sequence of numbers, or `--sweep` strings; several parameters make a grid. ``grades``: the grade set of the
     final steps (default: the steps' own; others are written by `trace regrade`). ``cost``: flops,
     flops+prefill, kaplan, api (with ``prices``: role -> Price, or `--price` strings) or an installed cost
-    model; ``latency`` reads the latency profile ``latency_profile`` (default TRACE/latency.json). Returns the outcomes (``.outcomes``, one row per configuration, problem and world), the
+    model; ``latency`` reads the latency profile ``latency_profile`` (default TRACE/latency.json). Returns
+    the outcomes (``.outcomes``, one row per configuration, problem and world), the
     ``.summary()`` per configuration and the ``.misses`` (steps or scores the trace lacks), the same ones
     `trace replay` prints and writes.
     """

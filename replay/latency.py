@@ -100,11 +100,11 @@ def read_profile(path: str | os.PathLike) -> LatencyProfile:
     try:
         document = json.loads(Path(where).read_text())
     except FileNotFoundError:
-        raise TraceError(f"latency profile {where} does not exist; measure one with `trace profile TRACE_DIR`") from None
+        raise TraceError(f"latency profile {where} does not exist; measure one with `trace profile DIR`") from None
     except (OSError, ValueError) as error:
         raise TraceError(f"latency profile {where} cannot be read: {error}") from None
     if not isinstance(document, dict) or document.get("format") != PROFILE_FORMAT:
-        raise TraceError(f"{where} is not a latency profile (no \"format\": \"{PROFILE_FORMAT}\")")
+        raise TraceError(f'{where} is not a latency profile (no "format": "{PROFILE_FORMAT}")')
     entries = document.get("entries")
     if not isinstance(entries, dict) or not entries:
         raise TraceError(f"latency profile {where} has no entries")
@@ -133,19 +133,27 @@ def read_profile(path: str | os.PathLike) -> LatencyProfile:
 
 def fit_request_time(prefill: np.ndarray, decode: np.ndarray, seconds: np.ndarray) -> dict:
     """Least-squares fit of seconds = overhead + a·prefill + b·decode over timed requests, coefficients kept >= 0
-    (non-negative least squares: a time per token is never negative), with the fit's residuals."""
+    (non-negative least squares: a time per token is never negative). Requests of the same (prefill, decode) are
+    fitted by their median (one slow request on a busy machine does not tilt the line); the residuals stated are
+    every request's."""
     from scipy.optimize import nnls
 
     prefill, decode, seconds = (np.asarray(a, dtype=np.float64) for a in (prefill, decode, seconds))
-    design = np.column_stack([np.ones_like(prefill), prefill, decode])
-    coefficients, _ = nnls(design, seconds)
-    residuals = seconds - design @ coefficients
+    points = pl.DataFrame({"prefill": prefill, "decode": decode, "seconds": seconds})
+    medians = points.group_by("prefill", "decode").agg(pl.col("seconds").median()).sort("prefill", "decode")
+
+    def design(frame: pl.DataFrame) -> np.ndarray:
+        return np.column_stack([np.ones(frame.height), frame["prefill"].to_numpy(), frame["decode"].to_numpy()])
+
+    coefficients, _ = nnls(design(medians), medians["seconds"].to_numpy())
+    residuals = seconds - design(points) @ coefficients
+    rms = float(np.sqrt(np.mean(residuals**2)))
     return {
         **dict(zip(COEFFICIENTS, (float(c) for c in coefficients))),
         "n_requests": int(len(seconds)),
-        "residual_rms_s": float(np.sqrt(np.mean(residuals**2))),
+        "residual_rms_s": rms,
         "residual_max_abs_s": float(np.max(np.abs(residuals))),
-        "relative_rms": float(np.sqrt(np.mean(residuals**2)) / np.mean(seconds)),
+        "relative_rms": rms / float(np.mean(seconds)),
     }
 
 

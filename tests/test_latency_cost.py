@@ -34,9 +34,11 @@ STEPS = [
 
 
 def request(coefficients: dict, prefill: float, decode: float) -> float:
-    return coefficients["overhead_s"] + coefficients["prefill_s_per_token"] * prefill + coefficients[
-        "decode_s_per_token"
-    ] * decode
+    return (
+        coefficients["overhead_s"]
+        + coefficients["prefill_s_per_token"] * prefill
+        + coefficients["decode_s_per_token"] * decode
+    )
 
 
 def profile_document(entries: dict | None = None, prefix_caching: bool = True) -> dict:
