@@ -9,6 +9,7 @@ from rich.markup import escape
 
 from commands.console import console
 from commands.options import (
+    LATENCY_PROFILE,
     TRACE_DIR,
     cost_option,
     force_option,
@@ -80,7 +81,8 @@ def train_policy_command(
     ),
     cost: str = cost_option(
         "Per-step cost the policy minimises, as trace replay --cost adds it up: flops (TFLOPs of generated "
-        "tokens), flops+prefill, kaplan, api (USD; --price), an installed cost model or FILE.py:Class, or tokens "
+        "tokens), flops+prefill, kaplan, api (USD; --price), latency (seconds; --latency-profile), an installed "
+        "cost model or FILE.py:Class, or tokens "
         "(large-model generated tokens).",
         Hyperparameters.cost,
     ),
@@ -88,6 +90,7 @@ def train_policy_command(
         "With --cost api: prices ROLE=input/cached/output in USD per 1M tokens, repeatable; without any, "
         "GPT-4.1-mini rates for both models (as trace replay)."
     ),
+    latency_profile: Path = LATENCY_PROFILE,
     eta_decay: float = typer.Option(
         Hyperparameters.eta_decay,
         "--eta-decay",
@@ -158,6 +161,7 @@ def train_policy_command(
         escalate=escalate,
         cost=cost,
         prices=tuple(parse_price(p) for p in price),
+        latency_profile=str(latency_profile or ""),
         eta_decay=eta_decay,
         split_seed=split_seed,
         split_fractions=parse_fractions(split_fractions),

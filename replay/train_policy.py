@@ -99,13 +99,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from replay.artifacts import load_train_split
 from replay.costs import COSTS, Price
 from replay.endpoint_signals import require_signals
+from replay.latency import profile_path
 from replay.mlp import MLP, Adam
 from replay.policy_training.episodes import LARGE_TOKENS, Rollout, comb_episodes, rollout
 from replay.policy_training.k_models import train_k_policy
@@ -146,6 +147,7 @@ class Hyperparameters:
     escalate: str = "after"  # after: the step that triggers escalation is kept; replace: it is rewritten
     cost: str = "flops"  # a replay cost model (flops, flops+prefill, api) or tokens (large-model generated tokens)
     prices: tuple[tuple[str, Price], ...] = ()  # api prices by model role (none: GPT-4.1-mini rates, as replay)
+    latency_profile: str = ""  # cost latency: the latency profile (default: the trace's latency.json)
     hidden: int = 64  # hidden units of the policy and critic MLPs (three layers each)
     gamma: float = 1.0  # discount of success and cost
     rho_bar: float = 2.0  # clip of the V-trace weights rho and of the policy-gradient correction of old batches
@@ -170,6 +172,8 @@ class Hyperparameters:
             raise TraceError(f"--cost must be one of {choices} (or FILE.py:Class or module:Class), got {self.cost!r}")
         if self.prices and self.cost != "api":
             raise TraceError("--price applies to --cost api only")
+        if self.latency_profile and self.cost != "latency":
+            raise TraceError("--latency-profile applies to --cost latency only")
         if self.escalate not in ESCALATE_MODES:
             raise TraceError(f"--escalate must be one of {', '.join(ESCALATE_MODES)}, got {self.escalate!r}")
         if not self.features:
@@ -214,6 +218,8 @@ def train_policy(
     step's log row. The models in play: ``models`` (comma-separated roles, smallest first), else ``draft`` ..
     ``target`` (default the smallest .. the largest)."""
     hp.check()
+    if hp.cost == "latency" and not hp.latency_profile:
+        hp = replace(hp, latency_profile=profile_path(root, None) or "")
     out = check_output_file(out, force=force)
     check_output_file(log_path_for(out), force=force)
     started = time.perf_counter()

@@ -183,3 +183,32 @@ def test_the_command_line_gives_one_line_errors(tree, tmp_path):
     )
     assert fine.exit_code == 0, fine.output
     assert "Cost (seconds)" in fine.output and "1.582" in fine.output
+
+
+def test_the_policy_trains_on_latency(tmp_path):
+    """The CMDP policy minimises seconds: its per-step costs are the latency model's, its scale the large chain's
+    mean latency (every step of a comb chain writes 4 tokens; prompts 20 + 4 per depth, all new)."""
+    from tracebuild import comb_steps
+
+    from replay.data import ReplayData
+    from replay.policy_training.episodes import comb_episodes
+    from replay.train_policy import Hyperparameters, train_policy
+    from tracestore.store import open_trace
+
+    steps = [step for index in range(12) for step in comb_steps(f"p{index}", 3)]
+    root = build_trace(tmp_path / "t", steps, manifest=default_manifest())
+    profile = write_profile(tmp_path / "p.json", profile_document())
+    data = ReplayData.from_trace(open_trace(root))
+    episodes = comb_episodes(data, Hyperparameters(cost="latency", latency_profile=str(profile)))
+    assert episodes.cost_unit == "seconds"
+    large_chain = sum(request(LARGE, 20 + 4 * depth, 4) for depth in range(3))
+    assert episodes.cost_scale == pytest.approx(large_chain)
+    assert episodes.base_cost[0] == pytest.approx(request(SMALL, 20, 4) / large_chain)
+    write_profile(root / "latency.json", profile_document())  # the default profile
+    result = train_policy(root, tmp_path / "policy.pt", Hyperparameters(steps=2, cost="latency"))
+    assert result.cost_unit == "seconds" and result.train_cost > 0
+    lacking = write_profile(tmp_path / "small.json", profile_document({"small": SMALL}))
+    with pytest.raises(TraceError, match="no entry for large"):
+        train_policy(root, tmp_path / "p2.pt", Hyperparameters(steps=2, cost="latency", latency_profile=str(lacking)))
+    with pytest.raises(TraceError, match="--latency-profile applies to --cost latency"):
+        train_policy(root, tmp_path / "p3.pt", Hyperparameters(steps=2, latency_profile=str(profile)))
