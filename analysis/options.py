@@ -29,3 +29,4 @@ class ReportOptions:
     alpha: float | None = None  # policy coverage target 1 - alpha (default: the log's alpha, else DEFAULT_ALPHA)
     tables: tuple[str, ...] = ()  # the seeds' table layouts to add (analysis.tables)
     grades: str | None = None  # the trace's grade set the results were replayed with (default: the steps' own)
+    latency_profile: Path | None = None  # seconds per query beside cost (default: the trace's latency.json, if any)

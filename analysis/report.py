@@ -26,6 +26,7 @@ from pathlib import Path
 
 import polars as pl
 
+from analysis.latency import LATENCY_FIGURE, latency_section, report_latencies
 from analysis.operating_points import PICK_RULES, choose_operating_points, parse_pin, table_row
 from analysis.options import ReportOptions
 from analysis.render import (
@@ -73,6 +74,7 @@ REPORT_FILES = (
     PAGE,
     MARKDOWN,
     *FIGURES.values(),
+    LATENCY_FIGURE,
     *(f for name in TABLES.names(installed=False) for f in table_files(name)),
 )
 BASELINES = ("small-only", "large-only")
@@ -178,6 +180,9 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
         significance_section(everyone, baselines["large-only"], options.seed),
         escalation_section(routers, roles, figures),
     ]
+    latencies = report_latencies(trace_dir, options.latency_profile, options.grades)
+    if latencies is not None:
+        sections.append(latency_section(everyone, roles, latencies, figures))
     if policy_log is not None:
         sections.append(policy_section(options.policy_log, *policy_log, figures))
     if steer_mixtures is not None:
@@ -188,7 +193,8 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
         select_splits([*everyone, run], options)
         return run
 
-    inputs = TableInputs(table, routers, baselines, roles, trace.manifest.dataset_name or "?", cost_unit, alone)
+    time = latencies.mean if latencies is not None else None
+    inputs = TableInputs(table, routers, baselines, roles, trace.manifest.dataset_name or "?", cost_unit, alone, time)
     tables = {}
     for layout in layouts:
         frame = layout.frame(inputs)

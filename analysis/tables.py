@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 CMDP_ORDER = ("small-only", "large-only", "rsd", "specreason", "steer", "policy")
 CHAIN_ARROW = " → "
+TIME_COLUMN = "time_s"  # mean seconds per query under a latency profile (analysis.latency), when one is available
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class TableInputs:
     dataset: str
     cost_unit: str
     alone: Callable[[str], Run]  # one of the trace's models alone, replayed on the report's walks
+    time: Callable[..., float | None] | None = None  # time(run, config=chosen): mean seconds per query (a profile)
 
 
 class ReportTable:
@@ -82,12 +84,13 @@ class CmdpTable(ReportTable):
     title = "The CMDP seed's layout (Tables 1 and 2): each method at its operating point"
 
     def frame(self, inputs: TableInputs) -> pl.DataFrame:
-        return cmdp_table(inputs.rows, inputs.dataset, inputs.cost_unit)
+        return cmdp_table(inputs.rows, inputs.dataset, inputs.cost_unit, inputs.time)
 
     def markdown(self, frame: pl.DataFrame, inputs: TableInputs) -> str:
         dataset = frame["dataset"][0] if frame.height else "?"
         headers = ["Method", "Operating point", f"{dataset}: Acc (%)", f"Cost ({inputs.cost_unit})", "A/C"]
         cost_column = [column for column in frame.columns if column.startswith("cost_")][0]
+        timed = TIME_COLUMN in frame.columns
         body = [
             [
                 r["method"],
@@ -95,9 +98,11 @@ class CmdpTable(ReportTable):
                 _fmt(r["accuracy_pct"], ".1f"),
                 _fmt(r[cost_column], ".4g"),
                 _fmt(r["a_over_c"], ".4g"),
+                *([_fmt(r[TIME_COLUMN], ".4g")] if timed else []),
             ]
             for r in frame.iter_rows(named=True)
         ]
+        headers += ["Time (s)"] if timed else []
         return _markdown(self.title, headers, body)
 
 
@@ -111,7 +116,7 @@ class CascadeTable(ReportTable):
 
     def frame(self, inputs: TableInputs) -> pl.DataFrame:
         singles = {role: inputs.alone(role) for role in inputs.roles[1:-1]}
-        return cascade_table(inputs.routers, inputs.baselines, inputs.roles, singles)
+        return cascade_table(inputs.routers, inputs.baselines, inputs.roles, singles, inputs.time)
 
     def markdown(self, frame: pl.DataFrame, inputs: TableInputs) -> str:
         cost_unit = inputs.cost_unit
@@ -125,14 +130,19 @@ class CascadeTable(ReportTable):
                 _fmt(r["pd_points"], "+.2f"),
                 _fmt(r["reduced_cc_pct"], ".2f"),
                 _fmt(r["cost"], ".4g"),
+                *([_fmt(r[TIME_COLUMN], ".4g")] if TIME_COLUMN in frame.columns else []),
             ]
             for r in frame.iter_rows(named=True)
         ]
+        headers += ["Time (s)"] if TIME_COLUMN in frame.columns else []
         return _markdown(self.title, headers, body)
 
 
-def cmdp_table(rows: list[Row], dataset: str, cost_unit: str) -> pl.DataFrame:
-    """One row per method, the seed's order first; accuracy in %, cost per query, A/C in % per cost unit."""
+def cmdp_table(
+    rows: list[Row], dataset: str, cost_unit: str, time: Callable[..., float | None] | None = None
+) -> pl.DataFrame:
+    """One row per method, the seed's order first; accuracy in %, cost per query, A/C in % per cost unit; with
+    ``time`` (a latency profile), mean seconds per query."""
 
     def rank(row: Row) -> tuple[int, int]:
         router = row.run.router
@@ -147,6 +157,7 @@ def cmdp_table(rows: list[Row], dataset: str, cost_unit: str) -> pl.DataFrame:
                 "accuracy_pct": _scaled(row.accuracy.value, 100),
                 f"cost_{_unit_name(cost_unit)}": row.cost.value,
                 "a_over_c": row.a_over_c.value,
+                **({TIME_COLUMN: time(row.run)} if time else {}),
             }
             for row in sorted(rows, key=rank)
         ],
@@ -154,23 +165,28 @@ def cmdp_table(rows: list[Row], dataset: str, cost_unit: str) -> pl.DataFrame:
             "accuracy_pct": pl.Float64,
             f"cost_{_unit_name(cost_unit)}": pl.Float64,
             "a_over_c": pl.Float64,
+            **({TIME_COLUMN: pl.Float64} if time else {}),
         },
     )
 
 
 def cascade_table(
-    runs: list[Run], baselines: dict[str, Run], roles: list[str], singles: dict[str, Run] | None = None
+    runs: list[Run],
+    baselines: dict[str, Run],
+    roles: list[str],
+    singles: dict[str, Run] | None = None,
+    time: Callable[..., float | None] | None = None,
 ) -> pl.DataFrame:
     """Every model alone (``singles``: the runs of the models between the smallest and the largest), every
     cascade run at its operating point, the t_true sensitivity of swept ones, and every chain of the trace's
-    models that no run replayed."""
+    models that no run replayed; with ``time`` (a latency profile), each row's mean seconds per query."""
     largest = _accuracy_and_cost(baselines["large-only"].at_chosen())
     records = []
     alone = {roles[0]: baselines["small-only"], **(singles or {}), roles[-1]: baselines["large-only"]}
     for role in roles:
         if role in alone:
             accuracy, cost = _accuracy_and_cost(alone[role].at_chosen())
-            records.append(_record(role, "single model", "", accuracy, cost, largest))
+            records.append(_record(role, "single model", "", accuracy, cost, largest, _time(time, alone[role])))
     replayed = set()
     for run in runs:
         if run.router != "cascade":
@@ -182,7 +198,7 @@ def cascade_table(
         pik = "with P(IK)" if with_pik else "without P(IK)"
         point = {k: v for k, v in run.point_params().items() if with_pik or k != "t_ik"}
         accuracy, cost = _accuracy_and_cost(run.at_chosen())
-        records.append(_record(chain, pik, params_text(point), accuracy, cost, largest))
+        records.append(_record(chain, pik, params_text(point), accuracy, cost, largest, _time(time, run)))
         others = {key: value for key, value in chosen.items() if key != "t_true"}
         for config, params in sorted(run.params.items(), key=lambda item: item[1].get("t_true", 0)):
             if config == run.chosen or {k: v for k, v in params.items() if k != "t_true"} != others:
@@ -196,6 +212,7 @@ def cascade_table(
                     accuracy,
                     cost,
                     largest,
+                    _time(time, run, config),
                 )
             )
     for size in range(2, len(roles) + 1):
@@ -204,7 +221,7 @@ def cascade_table(
             if chain not in replayed:
                 how = f"trace replay --router cascade --param models={','.join(subset)}"
                 records.append({"chain": chain, "kind": "not replayed", "operating_point": how})
-    return pl.DataFrame(
+    frame = pl.DataFrame(
         records,
         schema={
             "chain": pl.String,
@@ -214,8 +231,10 @@ def cascade_table(
             "pd_points": pl.Float64,
             "reduced_cc_pct": pl.Float64,
             "cost": pl.Float64,
+            TIME_COLUMN: pl.Float64,
         },
     )
+    return frame if time else frame.drop(TIME_COLUMN)
 
 
 def _markdown(title: str, headers: list[str], body: list[list[str]]) -> str:
@@ -231,7 +250,11 @@ def _accuracy_and_cost(rows: pl.DataFrame) -> tuple[float | None, float | None]:
     return float(done["correct"].cast(pl.Float64).mean()), float(done["cost"].mean())
 
 
-def _record(chain, kind, point, accuracy, cost, largest) -> dict:
+def _time(time: Callable[..., float | None] | None, run: Run, config: int | None = None) -> float | None:
+    return time(run, config) if time else None
+
+
+def _record(chain, kind, point, accuracy, cost, largest, seconds: float | None = None) -> dict:
     large_accuracy, large_cost = largest
     return {
         "chain": chain,
@@ -241,6 +264,7 @@ def _record(chain, kind, point, accuracy, cost, largest) -> dict:
         "pd_points": None if accuracy is None or large_accuracy is None else 100 * (accuracy - large_accuracy),
         "reduced_cc_pct": None if cost is None or not large_cost else 100 * (1 - cost / large_cost),
         "cost": cost,
+        TIME_COLUMN: seconds,
     }
 
 

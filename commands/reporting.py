@@ -81,9 +81,18 @@ def report(
     grades: str = grades_option(
         "Grade set the results were replayed with (trace replay --grades); default: the steps' own grades."
     ),
+    latency_profile: Path = typer.Option(
+        None,
+        "--latency-profile",
+        help=(
+            "Latency profile (trace profile) for a Latency section (mean, p50, p95 seconds per query, accuracy "
+            "against latency) and a Time column in --table cmdp and cascade; default TRACE_DIR/latency.json if any."
+        ),
+    ),
 ) -> None:
     """Compare replayed routers on one page: table with bootstrap intervals, accuracy-cost plot, McNemar tests
-    against large-only, escalations by step index (index.html, report.md and PNG figures in --out).
+    against large-only, escalations by step index (index.html, report.md and PNG figures in --out); with a
+    latency profile, seconds per query and accuracy against latency.
 
     Example: trace report runs/toy steer.parquet policy.parquet --out runs/toy-report
     """
@@ -102,6 +111,7 @@ def report(
         alpha=alpha,
         tables=tuple(table),
         grades=grades,
+        latency_profile=latency_profile,
     )
     written = make_report(trace_dir, results, out, options)
     console.print(
