@@ -2,8 +2,9 @@
 
 Each model role runs on its engine (``--backend`` hf or vllm, as `trace gen` loads it) at batch size 1: a
 warm-up request, then ``repeats`` timed requests at every (prefill, decode) length of a small grid, each a fresh
-seeded random prompt (so no prefix cache hit makes its prefill free) with the step delimiter switched off, so the
-request decodes until its token budget or an end-of-sequence token. The time of one request is fitted by least
+seeded random prompt (so no prefix cache hit makes its prefill free), sampled as the trace's steps are (its
+temperature, top-p and top-k logprobs) but with the step delimiter switched off, so the request decodes until its
+token budget or an end-of-sequence token. The time of one request is fitted by least
 squares (coefficients kept >= 0) to overhead + s_prefill · prompt tokens + s_decode · generated tokens (the tokens
 it actually generated), and the fit's residuals are written with it. A scorer with a model of its own that has a
 value head (a PRM) is timed the same way on forward passes (no decode). A role an API serves is fitted from its
@@ -70,15 +71,17 @@ def versions() -> dict:
     return found
 
 
-def _time_engine(backend, grid: list[tuple[int, int]], repeats: int, rng: np.random.Generator) -> dict:
-    """Time ``repeats`` requests per (prefill, decode) point of ``grid`` on ``backend`` and fit them."""
+def _time_engine(backend, grid: list[tuple[int, int]], repeats: int, rng: np.random.Generator, sampling: dict) -> dict:
+    """Time ``repeats`` requests per (prefill, decode) point of ``grid`` on ``backend`` and fit them; each request
+    samples as the trace's steps were (``sampling``: trace.json's temperature, top_p, topk)."""
     from tracegen.backends import StepRequest, StepSampling
 
     vocab = int(getattr(backend, "vocab_size", 0) or len(backend.tokenizer))
+    settings = {key: sampling[key] for key in ("temperature", "top_p", "topk") if key in sampling}
 
     def one(prefill: int, decode: int) -> tuple[int, float]:
         prompt = tuple(int(i) for i in rng.integers(0, vocab, size=prefill))
-        sampling = StepSampling(temperature=1.0, max_step_tokens=decode, topk=1, delimiter=NEVER_DELIMITER)
+        sampling = StepSampling(**settings, max_step_tokens=decode, delimiter=NEVER_DELIMITER)
         request = StepRequest(prompt_ids=prompt, seed=int(rng.integers(2**31)))
         started = time.perf_counter()
         (step,) = backend.generate_steps([request], sampling)
@@ -171,7 +174,7 @@ def measure_profile(
         engine_backend = load_backend(kind, trace_model(manifest, role).path)
         try:
             info = engine_backend.engine_info()
-            fit = _time_engine(engine_backend, grid, repeats, rng)
+            fit = _time_engine(engine_backend, grid, repeats, rng, dict(manifest.get("sampling") or {}))
         finally:
             engine_backend.close()
         engine = {
