@@ -4,12 +4,14 @@
 
 1. Grow a toy trace (toy-small, toy-large) closed over the routers below (`trace gen --expand closure`), so that
    every one replays without a miss.
-2. Measure a latency profile on this machine, in this process, on the same engines (tracegen.profile).
+2. Measure a latency profile on this machine, in this process, on the same engines (tracegen.profile); again
+   after the online runs (the machine's load drifts; the two profiles bracket the runs).
 3. Predict each router's seconds per query: `trace replay --cost latency` with that profile.
 4. Run each router online, one query at a time, on the same engines: the router's loop as a deployment runs it
    (draft, score, keep or let the large model write; or a cascade's chain, P(T), escalate), every step
    generated live with the trace's per-step seeds, every score computed live (the toy PRM's value head, the toy
    judge's teacher-forced verdict on the large model), decisions taken on the live values. Wall time per query.
+   Every query is run by every router in turn, ``--repeats`` times over; its median time is kept.
 5. Print per router: predicted and measured mean seconds per query, their ratio, and whether the routers' order
    by latency is the same; also how many queries took exactly the replayed path (online/replay fidelity).
 
@@ -156,13 +158,12 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=10)
     parser.add_argument("--backend", default=None, help="hf or vllm [default: vllm where importable]")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads, for profile and runs alike")
+    parser.add_argument("--repeats", type=int, default=3, help="online runs of every query (the median is kept)")
     parser.add_argument("--out", default=None, help="folder for the trace and the profile [default: a temp folder]")
     args = parser.parse_args()
 
     import torch
 
-    from replay.routers import make_router
-    from replay.run import replay_trace
     from tracegen.backends import default_backend
     from tracegen.closure import RouterSpec
     from tracegen.gen import GenOptions, run_gen
@@ -184,7 +185,9 @@ def main() -> None:
         )
     )  # fmt: skip
     print(f"trace grown in {time.perf_counter() - started:.0f}s")
-    profile, document = measure_profile(root, out=base / "latency.json", backend=kind, threads=args.threads, force=True)
+    profile, document = measure_profile(
+        root, out=base / "latency.json", backend=kind, threads=args.threads, repeats=5, force=True
+    )
     for name, entry in document["entries"].items():
         print(
             f"profile {name}: {1e3 * entry['overhead_s']:.2f} ms + {1e3 * entry['prefill_s_per_token']:.3f} ms/prefill"
@@ -196,39 +199,65 @@ def main() -> None:
     problems = sorted(deployment.questions)
     for name, params in ROUTERS:  # warm-up (every engine and scorer once), as the profile's
         deployment.run(name, params, problems[0])
-    rows = []
-    for name, params in ROUTERS:
-        replayed = replay_trace(
-            root, make_router(name, **params), split="all", cost="latency", latency_profile=profile
-        ).outcomes
-        predicted = dict(zip(replayed["problem_id"], replayed["cost"]))
-        replay_path = dict(zip(replayed["problem_id"], replayed["path"]))
-        measured, same = {}, 0
+    replayed = predictions(root, profile)
+    # Round robin (each query by every router in turn, all of it --repeats times): a change of the machine's load
+    # while the bench runs falls on every router alike.
+    times = {(name, problem): [] for name, _ in ROUTERS for problem in problems}
+    paths = {}
+    for _ in range(args.repeats):
         for problem in problems:
-            started = time.perf_counter()
-            path = deployment.run(name, params, problem)
-            measured[problem] = time.perf_counter() - started
-            same += path == replay_path[problem]
-        predicted_mean = float(np.mean([predicted[p] for p in problems]))
-        measured_mean = float(np.mean([measured[p] for p in problems]))
-        per_query = np.array([predicted[p] / measured[p] for p in problems])
-        rows.append((name, predicted_mean, measured_mean, per_query, same))
-    print(f"load after: {os.getloadavg()[0]:.2f} (1 min)")
+            for name, params in ROUTERS:
+                started = time.perf_counter()
+                paths[name, problem] = deployment.run(name, params, problem)
+                times[name, problem].append(time.perf_counter() - started)
+    print(f"load after the online runs: {os.getloadavg()[0]:.2f} (1 min)")
+    # The profile again, after the runs: the machine's load drifts, and the two profiles bracket the runs.
+    profile_after, _ = measure_profile(
+        root, out=base / "latency-after.json", backend=kind, threads=args.threads, repeats=5, force=True
+    )
+    replayed_after = predictions(root, profile_after)
+    rows = []
+    for name, _ in ROUTERS:
+        before = np.array([replayed[name][p][1] for p in problems])
+        after = np.array([replayed_after[name][p][1] for p in problems])
+        measured = np.array([np.median(times[name, p]) for p in problems])
+        same = sum(paths[name, p] == replayed[name][p][0] for p in problems)
+        rows.append((name, float(before.mean()), float(after.mean()), float(measured.mean()), same))
+    print(f"load at the end: {os.getloadavg()[0]:.2f} (1 min)")
     print()
-    print(f"{'router':<12} {'predicted s/query':>18} {'measured s/query':>17} {'pred/meas':>10} "
-          f"{'per-query pred/meas (min-max)':>30} {'same path':>10}")  # fmt: skip
-    for name, predicted_mean, measured_mean, per_query, same in rows:
+    print(
+        f"{'router':<12} {'predicted (profile before)':>27} {'predicted (after)':>18} {'measured':>9} "
+        f"{'pred/meas':>15} {'same path':>10}"
+    )
+    print(f"{'':<12} {'s/query':>27} {'s/query':>18} {'s/query':>9} {'before, after':>15}")
+    for name, before, after, measured, same in rows:
         print(
-            f"{name:<12} {predicted_mean:>18.4f} {measured_mean:>17.4f} {predicted_mean / measured_mean:>10.2f} "
-            f"{per_query.min():>14.2f} - {per_query.max():<13.2f} {same:>5}/{len(problems)}"
+            f"{name:<12} {before:>27.4f} {after:>18.4f} {measured:>9.4f} {before / measured:>7.2f}, "
+            f"{after / measured:<6.2f} {same:>5}/{len(problems)}"
         )
-    order_predicted = [row[0] for row in sorted(rows, key=lambda row: row[1])]
-    order_measured = [row[0] for row in sorted(rows, key=lambda row: row[2])]
-    within = sum(abs(row[1] / row[2] - 1) <= 0.2 for row in rows)
+    order_measured = [row[0] for row in sorted(rows, key=lambda row: row[3])]
     print()
-    print(f"order by predicted latency: {' < '.join(order_predicted)}")
     print(f"order by measured latency:  {' < '.join(order_measured)}")
-    print(f"same order: {order_predicted == order_measured}; within 20%: {within}/{len(rows)} routers")
+    for which, column in (("before", 1), ("after", 2)):
+        order = [row[0] for row in sorted(rows, key=lambda row: row[column])]
+        within = sum(abs(row[column] / row[3] - 1) <= 0.2 for row in rows)
+        print(
+            f"order by predicted ({which}): {' < '.join(order)}; same order: {order == order_measured}; "
+            f"within 20%: {within}/{len(rows)} routers"
+        )
+
+
+def predictions(root: Path, profile: Path) -> dict[str, dict[str, tuple[str, float]]]:
+    """router -> problem -> (path, predicted seconds): `trace replay --cost latency` with ``profile``."""
+    from replay.routers import make_router
+    from replay.run import replay_trace
+
+    return {
+        name: replay_trace(root, make_router(name, **params), split="all", cost="latency", latency_profile=profile)
+        .outcomes.select("problem_id", "path", "cost")
+        .rows_by_key("problem_id", unique=True)
+        for name, params in ROUTERS
+    }
 
 
 if __name__ == "__main__":

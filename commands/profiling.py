@@ -45,10 +45,12 @@ def profile(
     ),
     force: bool = force_option("Replace an existing profile file."),
 ) -> None:
-    """Measure each model's (and own-model scorer's) seconds per request on this machine, batch size 1, and write
-    a latency profile for `trace replay --cost latency`: per entry overhead + s/prefill token + s/generated token,
-    fitted by least squares, with the fit's residuals, the hardware, engine and versions. API roles are fitted
-    from the trace's stored gen_seconds (trace gen --timings). The trace's tables are not changed.
+    """Measure the trace's models' seconds per request on this machine: a latency profile for --cost latency.
+
+    Each model (and a scorer with its own model) is timed at batch size 1 at a grid of prompt and generation
+    lengths; per entry overhead + s/prefill token + s/generated token is fitted by least squares and written with
+    the fit's residuals, the hardware, engine and versions (TRACE_DIR/latency.json, or --out). API roles are
+    fitted from the trace's stored gen_seconds (trace gen --timings). The trace's tables are not changed.
 
     Example: trace profile runs/toy --backend hf
     """
