@@ -168,6 +168,8 @@ class LatencyCost(CostModel):
     name = "latency"
     unit = "seconds"
     convention = "serial seconds per query"  # the instance's names its profile
+    a_over_c_unit = "accuracy % per second"
+    a_over_c_scale = 100.0
     uses_profile = True
 
     def __init__(self, manifest: Manifest, prices: Mapping[str, Price] | None = None, profile=None):

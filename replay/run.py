@@ -1,5 +1,6 @@
 """Running a replay: every root of a trace walked by a router for each configuration of a sweep, in blocks,
-and the result assembled; from a trace directory, with its train split fitted and its outcomes written.
+and the result assembled; from a trace, with its train split fitted. A replay of more than
+params.STREAM_STATES walk states streams its outcomes to a Parquet file, a block of configurations at a time.
 
 The checks a replay makes of its router and sweep are replay.params'; the walks are the router's (on
 replay.walk's kernel); the outcomes and misses are replay.results'.
@@ -7,22 +8,36 @@ replay.walk's kernel); the outcomes and misses are replay.results'.
 
 from __future__ import annotations
 
+import math
 import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from replay.costs import CostModel, Price, make_cost_model
 from replay.data import ReplayData
 from replay.latency import profile_path
-from replay.params import DEFAULT_MAX_CONFIGS, Configs, check_grid_size, check_sweep, sweep_configs
-from replay.results import OutcomeSource, ReplayResult, Walked, assemble, router_scorer
+from replay.params import (
+    DEFAULT_MAX_CONFIGS,
+    STREAM_BLOCK_STATES,
+    STREAM_STATES,
+    Configs,
+    check_grid_size,
+    check_sweep,
+    check_sweep_memory,
+    sweep_configs,
+)
+from replay.results import OutcomeSource, ReplayResult, Walked, assemble, router_scorer, summarize
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, SPLITS, assign_splits
 from replay.walk import Costs
-from tracestore.atomic import write_atomic
 from tracestore.errors import TraceError
-from tracestore.outputs import check_output_file
-from tracestore.store import open_trace
+from tracestore.remote import RemoteTrace
+from tracestore.store import Trace, open_trace
 
 # Walk states (problem x world x configuration) walked at once: a larger grid is walked in blocks of roots, each
 # with every configuration. Small enough that a block's working arrays stay in the CPU's caches and its working
@@ -52,7 +67,12 @@ def _walk_configs(
 ) -> tuple[Configs, Walked]:
     """Walk every root of ``data`` with every configuration of the (checked) sweep."""
     configs = sweep_configs(router, sweep)
-    costs = Costs(data, cost_model)
+    # the costs' per-step arrays go before the outcomes' columns are built: a lower peak
+    return configs, _walk(data, router, Costs(data, cost_model), configs)
+
+
+def _walk(data: ReplayData, router, costs: Costs, configs: Configs) -> Walked:
+    """Walk every root of ``data`` with every one of ``configs``."""
     n_roots, n_configs = data.roots.height, len(configs)
     n_nodes = data.tree.children.shape[1]
     walked = Walked(len(data.roles), n_configs, n_roots, np.int32 if n_nodes < 2**31 else np.int64)
@@ -66,7 +86,7 @@ def _walk_configs(
         params = {name: np.repeat(values, len(starts) // n_configs) for name, values in configs.values.items()}
         walked.put(roots, router.walk(data, costs, starts, params))
     costs.check_priced(walked.cost, walked.decode, router.name)
-    return configs, walked  # the costs' per-step arrays go before the outcomes' columns are built: a lower peak
+    return walked
 
 
 def split_frame(problem_ids: list[str], seed: int, fractions: tuple[float, float, float]) -> pl.DataFrame:
@@ -78,7 +98,7 @@ def split_frame(problem_ids: list[str], seed: int, fractions: tuple[float, float
 
 
 def replay_trace(
-    root: str | os.PathLike,
+    trace: str | os.PathLike | Trace | RemoteTrace,
     router,
     *,
     sweep: dict[str, np.ndarray] | None = None,
@@ -90,16 +110,19 @@ def replay_trace(
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
     max_configs: int = DEFAULT_MAX_CONFIGS,
     grades: str | None = None,
+    memory_check: bool = True,
     latency_profile: str | os.PathLike | None = None,
 ) -> ReplayResult:
-    """Open a trace, fit ``router`` on its train split, replay it on ``split`` (or ``all``), its final steps
-    graded by grade set ``grades`` (default: the steps' own). The sweep is checked (parameters, domains,
-    grid size) before anything is fitted. ``latency_profile``: the profile ``cost="latency"`` reads (default
-    ROOT/latency.json)."""
+    """Open a trace (or take one opened: at a URL, ``open_trace(uri, timeout=...)``), fit ``router`` on its train
+    split, replay it on ``split`` (or ``all``), its final steps graded by grade set ``grades`` (default: the
+    steps' own). The sweep is checked (parameters, domains, grid size, and with ``memory_check`` its memory
+    estimate against the memory available) before anything is fitted. ``latency_profile``: the profile
+    ``cost="latency"`` reads (default: the trace's latency.json)."""
     if split not in (*SPLITS, "all"):
         raise TraceError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}, all")
     check_sweep(router, sweep or {})
-    trace = open_trace(root)
+    trace = trace if isinstance(trace, (Trace, RemoteTrace)) else open_trace(trace)
+    root = trace.root
     scorer = router_scorer(router, trace.manifest.roles)
     if scorer and scorer not in trace.manifest.scorers:
         _, _, asked = scorer.partition("@")
@@ -126,36 +149,89 @@ def replay_trace(
     evaluated = data if split == "all" else data.subset(ids_of[split])
     if evaluated.problems.height == 0:
         raise TraceError(f"split {split!r} of {root} holds no problems (fractions {fractions}, seed {split_seed})")
-    check_grid_size(sweep or {}, max_configs, evaluated.roots.height)
-    router.fit(data.subset(ids_of["train"]))
-    configs, walked = _walk_configs(evaluated, router, cost_model, sweep)
-    missed_score = walked.miss_scorer[walked.miss_role >= 0].any()
-    if scorer and missed_score and data.scores_of(scorer)["value"].is_null().all():
-        raise TraceError(
-            f"router {router.name} reads {scorer} scores, but {root} holds none, although trace.json lists the "
-            f"scorer (the scores were lost); run `trace score {root} --scorer {scorer}`"
-        )
-    source = OutcomeSource.of(evaluated)
     n_roots = evaluated.roots.height
+    check_grid_size(sweep or {}, max_configs, n_roots)
+    if memory_check:
+        check_sweep_memory(sweep or {}, n_roots)
+    router.fit(data.subset(ids_of["train"]))
+    scores_lost = bool(scorer) and data.scores_of(scorer)["value"].is_null().all()
+    root_split = evaluated.roots["problem_id"].replace_strict(splits["problem_id"], splits["split"], default=None)
+
+    def check_scores(walked: Walked) -> None:
+        if scores_lost and walked.miss_scorer[walked.miss_role >= 0].any():
+            raise TraceError(
+                f"router {router.name} reads {scorer} scores, but {root} holds none, although trace.json lists the "
+                f"scorer (the scores were lost); run `trace score {root} --scorer {scorer}`"
+            )
+
+    def with_split(outcomes: pl.DataFrame) -> pl.DataFrame:
+        # The outcomes are configuration-major (each configuration's rows are the roots in order), so each root's
+        # split, looked up once, is repeated per configuration: no lookup per outcome row, no intermediate column.
+        return outcomes.with_columns(  # the outcomes are not copied
+            split=pl.concat([root_split] * (outcomes.height // n_roots), rechunk=True),
+            split_seed=pl.lit(split_seed, dtype=pl.Int64),
+            split_fractions=pl.lit(",".join(str(f) for f in fractions)),
+        )
+
+    if math.prod(len(values) for values in (sweep or {}).values()) * n_roots > STREAM_STATES:
+        configs = sweep_configs(router, sweep)
+        return _replay_streamed(evaluated, router, cost_model, configs, with_split, check_scores)
+    configs, walked = _walk_configs(evaluated, router, cost_model, sweep)
+    check_scores(walked)
+    source = OutcomeSource.of(evaluated)
     del data, evaluated  # the trace's steps, scores and index are freed before the outcomes are built: a lower peak
     result = assemble(source, router, cost_model, configs, walked)
     del source, walked
-    # The outcomes are configuration-major (each configuration's rows are the roots in order), so each root's
-    # split, looked up once, is repeated per configuration: no lookup per outcome row, no intermediate column.
-    root_split = (
-        result.outcomes["problem_id"].head(n_roots).replace_strict(splits["problem_id"], splits["split"], default=None)
-    )
-    n_configs = result.outcomes.height // n_roots
-    result.outcomes = result.outcomes.with_columns(  # the outcomes are not copied
-        split=pl.concat([root_split] * n_configs, rechunk=True),
-        split_seed=pl.lit(split_seed, dtype=pl.Int64),
-        split_fractions=pl.lit(",".join(str(f) for f in fractions)),
-    )
+    result.outcomes = with_split(result.outcomes)
     return result
 
 
-def write_outcomes(outcomes: pl.DataFrame, path: str | os.PathLike, *, force: bool = False) -> None:
-    """Write outcomes to Parquet atomically (a temp file renamed over ``path``; an existing file is replaced
-    only with ``force``)."""
-    path = check_output_file(path, force=force)
-    write_atomic(path, lambda temp: outcomes.write_parquet(temp, compression="zstd"))
+def _replay_streamed(
+    data: ReplayData,
+    router,
+    cost_model: CostModel,
+    configs: Configs,
+    finish: Callable[[pl.DataFrame], pl.DataFrame],
+    check: Callable[[Walked], None],
+) -> ReplayResult:
+    """A replay too large to hold (see STREAM_STATES): the configurations walked in blocks of at most
+    STREAM_BLOCK_STATES walk states, each block's outcomes (completed by ``finish``) appended to a Parquet file
+    in the temp folder, its summary and misses kept."""
+    source = OutcomeSource.of(data)
+    costs = Costs(data, cost_model)
+    per_block = max(1, STREAM_BLOCK_STATES // data.roots.height)
+    handle, name = tempfile.mkstemp(prefix="trace-outcomes-", suffix=".parquet")
+    os.close(handle)
+    path = Path(name)
+    summaries, misses = [], []
+
+    def blocks() -> Iterator[pa.Table]:
+        for first in range(0, len(configs), per_block):
+            block = configs.take(slice(first, first + per_block))
+            walked = _walk(data, router, costs, block)
+            check(walked)
+            part = assemble(source, router, cost_model, block, walked)
+            outcomes = finish(part.outcomes.with_columns(pl.col("config") + first))
+            summaries.append(summarize(outcomes, source.roles))
+            misses.append(part.misses.with_columns(pl.col("config") + first))
+            yield outcomes.to_arrow()
+
+    try:
+        parts = blocks()
+        head = next(parts)
+        with pq.ParquetWriter(path, head.schema, compression="zstd") as writer:
+            writer.write_table(head)
+            for outcomes in parts:
+                writer.write_table(outcomes)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return ReplayResult(
+        None,
+        source.roles,
+        cost_model.unit,
+        cost_model.a_over_c_unit,
+        pl.concat(misses),
+        outcomes_file=path,
+        summary=pl.concat(summaries),
+    )

@@ -98,7 +98,7 @@ def test_audit_defaults_are_audit_options():
 def test_replay_defaults_are_the_python_apis():
     compared = compare(
         cli_defaults("replay"),
-        parameter_defaults(api.replay),
+        {**parameter_defaults(api.replay), **dataclass_defaults(api.SweepLimits)},
         renamed={"split_fractions": "fractions", "price": "prices"},
         cli_form={
             "split_fractions": parse_fractions,
@@ -109,6 +109,7 @@ def test_replay_defaults_are_the_python_apis():
     )
     assert compared == {
         "sweep", "split", "cost", "price", "worlds", "split_seed", "split_fractions", "max_configs", "grades",
+        "memory_check",
     }  # fmt: skip
 
 

@@ -110,6 +110,10 @@ def test_specreason_latency_by_hand(tree, tmp_path):
     assert row["cost"] == pytest.approx(1.582)  # the sum written out: 0.15 + 0.075 + 0.111 + 0.502 + 0.744
     assert row["cost_unit"] == "seconds" and "serial seconds" in row["cost_convention"]
     assert "test machine" in row["cost_convention"]
+    summary = replay_trace(
+        tree, make_router("specreason", tau=5), split="all", cost="latency", latency_profile=profile
+    ).summary()
+    assert summary["a_over_c"][0] == pytest.approx(100 * 1.0 / 1.582)  # accuracy in % per second
 
 
 def test_an_engine_without_prefix_caching_prefills_the_whole_prompt(tree, tmp_path):
