@@ -164,7 +164,7 @@ def train_policy_command(
         escalate=escalate,
         cost=cost,
         prices=tuple(parse_price(p) for p in price),
-        latency_profile=str(latency_profile or ""),
+        latency_profile=str(latency_profile) if latency_profile else None,
         eta_decay=eta_decay,
         split_seed=split_seed,
         split_fractions=parse_fractions(split_fractions),

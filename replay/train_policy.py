@@ -151,7 +151,7 @@ class Hyperparameters:
     escalate: str = "after"  # after: the step that triggers escalation is kept; replace: it is rewritten
     cost: str = "flops"  # a replay cost model (flops, flops+prefill, api) or tokens (large-model generated tokens)
     prices: tuple[tuple[str, Price], ...] = ()  # api prices by model role or scorer (every one needs one)
-    latency_profile: str = ""  # cost latency: the latency profile (default: the trace's latency.json)
+    latency_profile: str | None = None  # cost latency: the latency profile (default: the trace's latency.json)
     hidden: int = 64  # hidden units of the policy and critic MLPs (three layers each)
     gamma: float = 1.0  # discount of success and cost
     rho_bar: float = 2.0  # clip of the V-trace weights rho and of the policy-gradient correction of old batches
@@ -223,7 +223,7 @@ def train_policy(
     ``target`` (default the smallest .. the largest)."""
     hp.check()
     if hp.cost == "latency" and not hp.latency_profile:
-        hp = replace(hp, latency_profile=profile_path(root, None) or "")
+        hp = replace(hp, latency_profile=profile_path(root, None))
     out = check_output_file(out, force=force)
     check_output_file(log_path_for(out), force=force)
     started = time.perf_counter()

@@ -109,7 +109,7 @@ def test_replay_defaults_are_the_python_apis():
     )
     assert compared == {
         "sweep", "split", "cost", "price", "worlds", "split_seed", "split_fractions", "max_configs", "grades",
-        "memory_check",
+        "memory_check", "latency_profile",
     }  # fmt: skip
 
 
@@ -122,7 +122,7 @@ def test_report_defaults_are_report_options():
     )
     assert compared == {
         "pick", "accuracy_floor", "at", "split", "pick_split", "bootstrap", "seed", "policy_log", "steer_gmm", "alpha",
-        "table", "grades",
+        "table", "grades", "latency_profile",
     }  # fmt: skip
 
 
@@ -139,7 +139,7 @@ def test_train_policy_defaults_are_its_hyperparameters():
     )
     assert compared == {
         "alpha", "steps", "lr", "batch", "eta", "seed", "delta", "kappa", "entropy_coef", "features", "escalate",
-        "cost", "price", "eta_decay", "split_seed", "split_fractions",
+        "cost", "price", "eta_decay", "split_seed", "split_fractions", "latency_profile",
     }  # fmt: skip
 
 
