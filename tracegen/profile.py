@@ -2,7 +2,8 @@
 
 Each model role runs on its engine (``--backend`` hf or vllm, as `trace gen` loads it) at batch size 1: a
 warm-up request, then ``repeats`` timed requests at every (prefill, decode) length of a small grid, each a fresh
-seeded random prompt (so no prefix cache hit makes its prefill free), sampled as the trace's steps are (its
+prompt (a window at a seeded random offset of the trace's own step tokens, so that the model writes as it does on
+the trace, and no prefix cache hit makes its prefill free), sampled as the trace's steps are (its
 temperature, top-p and top-k logprobs) but with the step delimiter switched off, so the request decodes until its
 token budget or an end-of-sequence token. The time of one request is fitted by least
 squares (coefficients kept >= 0) to overhead + s_prefill · prompt tokens + s_decode · generated tokens (the tokens
@@ -71,16 +72,24 @@ def versions() -> dict:
     return found
 
 
-def _time_engine(backend, grid: list[tuple[int, int]], repeats: int, rng: np.random.Generator, sampling: dict) -> dict:
+def _time_engine(
+    backend, grid: list[tuple[int, int]], repeats: int, rng: np.random.Generator, sampling: dict, pool: np.ndarray
+) -> dict:
     """Time ``repeats`` requests per (prefill, decode) point of ``grid`` on ``backend`` and fit them; each request
-    samples as the trace's steps were (``sampling``: trace.json's temperature, top_p, topk)."""
+    samples as the trace's steps were (``sampling``: trace.json's temperature, top_p, topk) after a window of
+    ``pool`` (the trace's own step tokens, so that the model writes as long as it does on the trace; random ids
+    where the trace has too few)."""
     from tracegen.backends import StepRequest, StepSampling
 
     vocab = int(getattr(backend, "vocab_size", 0) or len(backend.tokenizer))
     settings = {key: sampling[key] for key in ("temperature", "top_p", "topk") if key in sampling}
 
     def one(prefill: int, decode: int) -> tuple[int, float]:
-        prompt = tuple(int(i) for i in rng.integers(0, vocab, size=prefill))
+        if len(pool) > prefill:
+            start = int(rng.integers(0, len(pool) - prefill))
+            prompt = tuple(int(i) for i in pool[start : start + prefill])
+        else:
+            prompt = tuple(int(i) for i in rng.integers(0, vocab, size=prefill))
         sampling = StepSampling(**settings, max_step_tokens=decode, delimiter=NEVER_DELIMITER)
         request = StepRequest(prompt_ids=prompt, seed=int(rng.integers(2**31)))
         started = time.perf_counter()
@@ -113,6 +122,12 @@ def _time_value_head(path: str, prefills: tuple[int, ...], repeats: int, rng: np
     rows = [(prefill, one(prefill)) for prefill in prefills for _ in range(repeats)]
     prefill, seconds = (np.array(column, dtype=np.float64) for column in zip(*rows))
     return fit_request_time(prefill, np.zeros_like(prefill), seconds)
+
+
+def _token_pool(trace, size: int) -> np.ndarray:
+    """The trace's first step tokens, concatenated, at most ``size`` of them (the prompts' material)."""
+    tokens = trace.scan("tokens").select("token_ids").head(max(size // 4, 1)).collect()
+    return np.array(tokens["token_ids"].explode().drop_nulls().head(size).to_list(), dtype=np.int64)
 
 
 def _from_stored_timings(steps: pl.DataFrame, role: str) -> dict:
@@ -164,6 +179,7 @@ def measure_profile(
     grid = [(p, d) for p in prefill_lengths for d in decode_lengths]
     served = api_roles(manifest)
     entries, engine = {}, {"name": kind}
+    pool = _token_pool(trace, max(prefill_lengths) * 4)
     if served:
         steps = trace.scan("steps").select("model", "n_new_prefill_tokens", "n_gen_tokens", "gen_seconds").collect()
         for role in served:
@@ -174,7 +190,7 @@ def measure_profile(
         engine_backend = load_backend(kind, trace_model(manifest, role).path)
         try:
             info = engine_backend.engine_info()
-            fit = _time_engine(engine_backend, grid, repeats, rng, dict(manifest.get("sampling") or {}))
+            fit = _time_engine(engine_backend, grid, repeats, rng, dict(manifest.get("sampling") or {}), pool)
         finally:
             engine_backend.close()
         engine = {
