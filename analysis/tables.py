@@ -16,8 +16,11 @@
   command that replays it.
 
 Each table's columns are defined once (``Column``: CSV name, Markdown header, format), and each row is a dict
-of their values: a column is one more ``Column`` and one more value. Each table is written as Markdown and CSV
-next to the report. A table layout is a ``ReportTable`` subclass registered in ``TABLES`` (replay.registry): the
+of their values: a column is one more ``Column`` and one more value.
+
+With a latency profile (analysis.latency), cmdp and cascade add a Time column: each row's mean seconds per query.
+
+Each table is written as Markdown and CSV next to the report. A table layout is a ``ReportTable`` subclass registered in ``TABLES`` (replay.registry): the
 built-ins here with ``@TABLES.register``, others through entry points of group ``trace.tables`` or as
 ``--table FILE.py:Class``.
 """
