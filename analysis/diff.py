@@ -21,6 +21,7 @@ import polars as pl
 
 from analysis.report_inputs import read_parquet_input
 from analysis.stats import PairedTest, mcnemar, paired_problem_test
+from replay.params import params_text
 from tracestore.atomic import write_atomic
 from tracestore.errors import TraceError
 from tracestore.grades import graded_steps
@@ -167,7 +168,7 @@ def _results_outcomes(path: Path, config: int | None, side: str) -> tuple[pl.Dat
         )
     router, number, params = configs.row(0)
     try:
-        shown = " ".join(f"{k}={v}" for k, v in json.loads(params).items() if v not in ("", None))
+        shown = params_text({k: v for k, v in json.loads(params).items() if v not in ("", None)}, separator=" ")
     except (json.JSONDecodeError, AttributeError):
         raise TraceError(f"{path}: the params column is not a JSON object") from None
     label = f"{router} config {number}" + (f" ({shown})" if shown else "")
@@ -275,10 +276,3 @@ def write_pairs(result: DiffResult, out: str | os.PathLike, *, force: bool = Fal
     frame = pairs_csv(result)
     write_atomic(out, lambda temp: frame.write_csv(temp))
     return frame.height
-
-
-def mean_difference(comparison: Comparison) -> float:
-    """Accuracy of A minus accuracy of B over the pairs (a share, not percent)."""
-    counts = comparison.counts
-    n = sum(counts[outcome] for outcome in OUTCOMES)
-    return (counts[ONLY_A] - counts[ONLY_B]) / n

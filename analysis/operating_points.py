@@ -20,7 +20,7 @@ from analysis.options import ReportOptions
 from analysis.report_inputs import Run
 from analysis.stats import percentile_interval, ratio, resampled_ratio
 from replay.costs import A_OVER_C_SCALE
-from replay.engine import summarize
+from replay.results import summarize
 from tracestore.errors import TraceError
 
 PICK_RULES = ("ac", "cheapest", "accuracy")

@@ -14,9 +14,11 @@ from markdown_it import MarkdownIt
 from analysis import plots
 from analysis.operating_points import Estimate, Row, percent
 from analysis.options import ALL_ROWS, REPORTED_ROWS, ReportOptions
-from analysis.report_inputs import Run
+from analysis.report_inputs import POLICY_MARK, Run
 from analysis.stats import PERMUTATIONS, mcnemar, paired_problem_test
-from replay.engine import summarize
+from replay.params import params_text
+from replay.results import summarize
+from replay.routers.policy import TRAINING_FLAGS
 from tracestore.schema import Manifest, model_char
 
 GENERATOR = "trace report"
@@ -60,10 +62,6 @@ def md_table(headers: list[str], rows: list[list], right: set[int] = frozenset()
     ]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def _params_text(params: dict) -> str:
-    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "-"
 
 
 def render_html(markdown: str) -> str:
@@ -126,7 +124,7 @@ def table_section(table: list[Row], cost_unit: str, options: ReportOptions, floo
         rows.append(
             [
                 row.run.label + flag,
-                _params_text(row.run.point_params()),
+                params_text(row.run.point_params()) or "-",
                 _with_interval(row.accuracy, _pct_bare),
                 _with_interval(row.cost, _num),
                 _with_interval(row.a_over_c, _num),
@@ -170,6 +168,13 @@ def table_section(table: list[Row], cost_unit: str, options: ReportOptions, floo
         "",
     ]
     notes += [f"- {row.run.label}: {row.run.how} ({Path(row.run.source).name})" for row in table]
+    notes += [
+        f"\n{POLICY_MARK} {row.run.label}: the policy file says its training ended off target: "
+        + "; ".join(TRAINING_FLAGS.get(flag, flag) for flag in row.run.training_flags)
+        + "."
+        for row in table
+        if row.run.training_flags
+    ]
     return "\n".join(notes)
 
 

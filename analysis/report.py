@@ -45,6 +45,7 @@ from analysis.report_inputs import (
     check_against_trace,
     check_same_walks,
     label_runs,
+    mark_policy_runs,
     read_policy_log,
     read_steer_mixtures,
     replay_baseline,
@@ -93,7 +94,7 @@ class Report:
 
 def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Report:
     """Read, check and compare; everything in memory (nothing is written here). ``result_paths``: results
-    files of `trace replay --out`, or replay results in memory (replay.engine.ReplayResult, or its
+    files of `trace replay --out`, or replay results in memory (replay.results.ReplayResult, or its
     outcomes DataFrame), in any mix."""
     if not result_paths:
         raise TraceError("give at least one results file from trace replay --out")
@@ -151,6 +152,7 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
         if run.swept and run.router in BASELINES:
             raise TraceError(f"{run.source}: {run.router} has {len(run.params)} configurations; expected one")
     label_runs(everyone, roles)
+    mark_policy_runs(everyone)
 
     floor_text = choose_operating_points(everyone, routers, baselines["large-only"], pins, options, roles)
 

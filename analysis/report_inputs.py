@@ -14,9 +14,12 @@ import polars as pl
 from analysis import plots
 from analysis.options import ALL_ROWS, DEFAULT_ALPHA, REPORTED_ROWS, ReportOptions
 from replay.costs import make_cost_model
-from replay.engine import ReplayData, replay
+from replay.data import ReplayData
+from replay.params import params_text
 from replay.routers import ROUTERS, make_router
+from replay.routers.policy import load_policy
 from replay.routers.steer import load_mixtures
+from replay.run import replay
 from replay.splits import SPLITS
 from tracestore.errors import TraceError
 from tracestore.schema import SCHEMAS
@@ -50,6 +53,7 @@ class Run:
     chosen: int = 0
     how: str = ""  # how the configuration was chosen, for the table's notes
     below_floor: bool = False
+    training_flags: list[str] = field(default_factory=list)  # a policy run's file: how its training ended off target
     rows: pl.DataFrame | None = field(default=None, repr=False)  # reported rows (all configurations)
     pick_rows: pl.DataFrame | None = field(default=None, repr=False)  # rows the operating point is chosen on
 
@@ -88,7 +92,7 @@ def read_results(path: Path, roles: list[str]) -> pl.DataFrame:
 
 def result_input(item, index: int, roles: list[str]) -> tuple[pl.DataFrame, str]:
     """(checked outcomes, source name) of one report input: a results file, or in memory a replay result
-    (anything with ``outcomes``, such as replay.engine.ReplayResult) or its outcomes DataFrame."""
+    (anything with ``outcomes``, such as replay.results.ReplayResult) or its outcomes DataFrame."""
     if isinstance(item, (str, Path)):
         return read_results(Path(item), roles), str(item)
     frame = getattr(item, "outcomes", item)
@@ -264,18 +268,37 @@ def label_runs(runs: list[Run], roles: list[str]) -> None:
             for name in sorted(fixed)
             if len({json.dumps(other.params[min(other.params)].get(name)) for other in same}) > 1
         ]
-        parts = [f"{n}={shown(fixed[n])}" for n in telling if n not in ROLE_PARAMS]
         chain = model_chain(run.router, fixed, roles) if set(telling) & set(ROLE_PARAMS) else None
-        if chain is not None:
-            parts.insert(0, chain)
-        else:
-            parts = [f"{n}={shown(fixed[n])}" for n in telling]
+        named = [n for n in telling if n not in ROLE_PARAMS] if chain is not None else telling
+        parts = [chain] if chain is not None else []
+        if named:
+            parts.append(params_text({n: shown(fixed[n]) for n in named}))
         if fixed.get("model") and "model" not in telling:  # `only`: which model, even when it is the only run
             parts.insert(0, str(fixed["model"]))
         run.label = run.router + (" (" + ", ".join(parts) + ")" if parts else "")
     for run in runs:
         if sum(other.label == run.label for other in runs) > 1:
             run.label += f" [{Path(run.source).name}]"
+
+
+POLICY_MARK = "‡"
+
+
+def mark_policy_runs(runs: list[Run]) -> None:
+    """Mark (``POLICY_MARK`` after the label) each policy run whose policy file, where it can still be read,
+    records that its training ended off target (`trace train policy`'s flags: coverage target out of reach or
+    not reached on the train split, kappa at 0 or 1)."""
+    for run in runs:
+        path = run.params[min(run.params)].get("path") if run.router == "policy" else None
+        if not path or not Path(path).is_file():
+            continue
+        try:
+            _, saved = load_policy(path)
+        except TraceError:
+            continue
+        run.training_flags = list(saved.get("flags") or [])
+        if run.training_flags:
+            run.label += f" {POLICY_MARK}"
 
 
 def select_splits(runs: list[Run], options: ReportOptions) -> None:

@@ -18,13 +18,13 @@ points of group ``trace.tables`` or as ``--table FILE.py:Class``.
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import polars as pl
 
+from replay.params import params_text
 from replay.registry import Registry, check_subclass
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ def cmdp_table(rows: list[Row], dataset: str, cost_unit: str) -> pl.DataFrame:
         [
             {
                 "method": row.run.label,
-                "operating_point": _params_text(row.run.point_params()),
+                "operating_point": params_text(row.run.point_params()),
                 "dataset": dataset,
                 "accuracy_pct": _scaled(row.accuracy.value, 100),
                 f"cost_{_unit_name(cost_unit)}": row.cost.value,
@@ -182,14 +182,21 @@ def cascade_table(
         pik = "with P(IK)" if with_pik else "without P(IK)"
         point = {k: v for k, v in run.point_params().items() if with_pik or k != "t_ik"}
         accuracy, cost = _accuracy_and_cost(run.at_chosen())
-        records.append(_record(chain, pik, _params_text(point), accuracy, cost, largest))
+        records.append(_record(chain, pik, params_text(point), accuracy, cost, largest))
         others = {key: value for key, value in chosen.items() if key != "t_true"}
         for config, params in sorted(run.params.items(), key=lambda item: item[1].get("t_true", 0)):
             if config == run.chosen or {k: v for k, v in params.items() if k != "t_true"} != others:
                 continue
             accuracy, cost = _accuracy_and_cost(run.rows.filter(pl.col("config") == config))
             records.append(
-                _record(chain, f"{pik}, P(T) sensitivity", f"t_true={params['t_true']:g}", accuracy, cost, largest)
+                _record(
+                    chain,
+                    f"{pik}, P(T) sensitivity",
+                    params_text({"t_true": params["t_true"]}),
+                    accuracy,
+                    cost,
+                    largest,
+                )
             )
     for size in range(2, len(roles) + 1):
         for subset in itertools.combinations(roles, size):
@@ -240,13 +247,6 @@ def _record(chain, kind, point, accuracy, cost, largest) -> dict:
 def _chain(params: dict, roles: list[str]) -> list[str]:
     models = params.get("models") or ""
     return [role.strip() for role in models.split(",")] if models else list(roles)
-
-
-def _params_text(params: dict) -> str:
-    return ", ".join(
-        f"{k}={v:g}" if isinstance(v, float) else f"{k}={json.dumps(v) if isinstance(v, bool) else v}"
-        for k, v in params.items()
-    )
 
 
 def _scaled(value: float | None, factor: float) -> float | None:

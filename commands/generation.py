@@ -11,7 +11,7 @@ from commands.console import console, err_console
 from commands.options import FORCE, GENERATED_TRACE_DIR, TRACE_DIR, backend_option, out_option, seed_option
 from data.toy import task as toy_task
 from tracegen.backends import VLLM_MEMORY_BUDGET, VLLM_MEMORY_SHARES, VLLM_SCORER_SHARE
-from tracegen.backends.openai_api import ClientOptions
+from tracegen.backends.endpoint_spec import ClientOptions
 from tracegen.datasets import TOY_DEFAULT_SIZE
 from tracegen.options import AuditOptions, GenOptions, RayOptions
 from tracegen.scorers import SCORERS, world_variants
@@ -188,7 +188,7 @@ def gen(
     trace gen --model toy-small --large toy-large --dataset toy --limit 200 --out runs/toy;
     trace gen --models toy-small,toy-medium,toy-large --dataset toy --out runs/toy3
     """
-    from tracegen.backends.openai_api import client_options, parse_api_spec
+    from tracegen.backends.endpoint_spec import client_options, parse_api_spec
     from tracegen.closure import load_router_specs
     from tracegen.engine_settings import parse_engine_options
     from tracegen.gen import parse_models, run_gen

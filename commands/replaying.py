@@ -31,6 +31,8 @@ def _replay_table(result, swept: list[str], title: str, max_rows: int = 21):
 
     from rich.table import Table
 
+    from replay.params import params_text
+
     summary = result.summary()
     rows = summary.to_dicts()
     if len(rows) > max_rows:
@@ -49,7 +51,7 @@ def _replay_table(result, swept: list[str], title: str, max_rows: int = 21):
         shown = {k: params[k] for k in swept} if swept else {k: v for k, v in params.items() if v not in ("", None)}
         table.add_row(
             row["router"],
-            escape(" ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())),
+            escape(params_text(shown, separator=" ")),
             "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%",
             "-" if row["cost"] is None else f"{row['cost']:.4g}",
             "-" if row["a_over_c"] is None else f"{row['a_over_c']:.4g}",
@@ -170,8 +172,6 @@ def replay(
         raise TraceError(f"--out must name a .parquet file, got {out}")
     if out is not None:
         check_output_file(out, force=force)
-    if max_configs < 1:
-        raise TraceError(f"--max-configs must be at least 1, got {max_configs}")
     if worlds == "all":
         world_list = None
     else:

@@ -19,21 +19,14 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import polars as pl
 
 from replay.costs import COSTS, Price, parse_prices
-from replay.engine import (
-    DEFAULT_MAX_CONFIGS,
-    ReplayResult,
-    miss_list,
-    parse_param,
-    parse_sweep,
-    replay_trace,
-    write_outcomes,
-)
+from replay.params import DEFAULT_MAX_CONFIGS, parse_param, parse_sweeps
+from replay.results import ReplayResult, miss_list
 from replay.routers import ROUTERS, make_router
 from replay.routers.base import Router
+from replay.run import replay_trace, write_outcomes
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED
 from replay.stepwise import StepRouter
 from tracestore.errors import TraceError
@@ -70,28 +63,6 @@ def router(reference: Any, **params: Any) -> Router:
     return make_router(reference, **params)
 
 
-def parse_sweeps(sweep: Mapping[str, Any] | Sequence[str] | None, max_configs: int) -> dict[str, np.ndarray]:
-    """``{"tau": "0:1:0.05"}``, ``{"tau": [0.3, 0.5]}`` or ``["tau=0:1:0.05"]`` (as `--sweep`) -> arrays."""
-    if not sweep:
-        return {}
-    if isinstance(sweep, str):
-        sweep = [sweep]
-    texts = list(sweep) if not isinstance(sweep, Mapping) else []
-    values: dict[str, np.ndarray] = {}
-    if isinstance(sweep, Mapping):
-        for name, given in sweep.items():
-            if isinstance(given, str):
-                texts.append(f"{name}={given}")
-            else:
-                values[name] = np.asarray(given, dtype=float).reshape(-1)
-    for text in texts:
-        name, array = parse_sweep(text, max_configs)
-        if name in values:
-            raise TraceError(f"--sweep {name} is given twice")
-        values[name] = array
-    return values
-
-
 def replay(
     trace: str | os.PathLike | Trace,
     router: Any,
@@ -118,8 +89,6 @@ def replay(
     ``.summary()`` per configuration and the ``.misses`` (steps or scores the trace lacks), the same ones
     `trace replay` prints and writes.
     """
-    if max_configs < 1:
-        raise TraceError(f"--max-configs must be at least 1, got {max_configs}")
     if isinstance(params, Sequence) and not isinstance(params, str):
         params = dict(parse_param(text) for text in params)
     if isinstance(router, Router):

@@ -17,7 +17,7 @@ from replay.train_pik import train_pik
 from replay.train_policy import Hyperparameters
 from replay.train_steer import train_steer
 from tracegen.backends.base import StepSampling
-from tracegen.backends.openai_api import ClientOptions
+from tracegen.backends.endpoint_spec import ClientOptions
 from tracegen.distributed import run_distributed
 from tracegen.hidden import parse_layers
 from tracegen.options import AuditOptions, GenOptions, RayOptions

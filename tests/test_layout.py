@@ -129,8 +129,50 @@ def test_the_command_line_is_the_top_floor_that_nothing_imports():
             assert not wrong, f"{module} imports {wrong}"
 
 
-def test_the_command_line_modules_stay_under_600_lines():
+ROUTER_SIDE = ("replay.routers", "replay.pik", "replay.policy_walk", "replay.stepwise")
+WALK_KERNEL = ("replay.data", "replay.walk")
+ORCHESTRATION = ("replay.run", "replay.results", "replay.params", "replay.api")
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph[todo.pop()] - seen:
+            seen.add(target)
+            todo.append(target)
+    return seen
+
+
+def within(module: str, names: tuple[str, ...]) -> bool:
+    return any(module == name or module.startswith(name + ".") for name in names)
+
+
+def test_routers_walk_on_the_kernel_and_never_import_the_orchestration():
+    """Routers import the replay data and the walk kernel, never the modules that run a replay (no call-back
+    cycle: a replay calls a router's walk, which walks on the kernel); the kernel imports no router."""
+    graph = import_graph()
+    routers = [module for module in graph if within(module, ROUTER_SIDE)]
+    assert {"replay.routers.base", "replay.routers.steer", "replay.stepwise"} <= set(routers)
+    assert "replay.walk" in reachable(graph, "replay.routers.base")
+    for module in routers:
+        wrong = sorted(target for target in reachable(graph, module) if within(target, ORCHESTRATION))
+        assert not wrong, f"{module} imports {wrong}"
+    for module in WALK_KERNEL:
+        wrong = sorted(t for t in reachable(graph, module) if within(t, ORCHESTRATION + ROUTER_SIDE))
+        assert not wrong, f"{module} imports {wrong}"
+
+
+MAX_LINES = 600
+LONGER = {  # module -> why it may be longer
+    "replay.train_policy": "one algorithm in one readable file, top to bottom (STYLE.md: CleanRL)",
+}
+
+
+def test_modules_stay_short_unless_said_why():
+    long = {}
     for module, path in module_files().items():
-        if module.split(".")[0] in ("cli", "commands"):
-            lines = len(path.read_text().splitlines())
-            assert lines <= 600, f"{module} has {lines} lines"
+        lines = len(path.read_text().splitlines())
+        if lines > MAX_LINES and module not in LONGER:
+            long[module] = lines
+    assert not long, f"modules over {MAX_LINES} lines without a reason in LONGER: {long}"

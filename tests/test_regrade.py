@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from analysis.sql import run_sql
 from cli import app
-from replay.engine import replay_trace
 from replay.routers import make_router
+from replay.run import replay_trace
 from tracegen.regrade import run_regrade
 from tracestore.errors import TraceError
 from tracestore.grades import graded_steps

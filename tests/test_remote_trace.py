@@ -7,8 +7,8 @@ import fsspec
 import numpy as np
 import pytest
 
-from replay.engine import replay_trace
 from replay.routers import make_router
+from replay.run import replay_trace
 from tracestore.errors import TraceError
 from tracestore.store import open_trace
 

@@ -10,8 +10,8 @@ import pytest
 from tracebuild import build_trace, comb_steps, default_manifest
 
 from replay.costs import FREE, KNOWN_PRICES, Price, make_cost_model, parse_price
-from replay.engine import replay_trace
 from replay.routers import make_router
+from replay.run import replay_trace
 from tracestore.errors import TraceError
 
 SMALL = {"role": "small", "n_params": 1.5e9, "n_layer": 28, "d_model": 1536}

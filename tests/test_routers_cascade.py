@@ -17,8 +17,9 @@ from test_routers_baselines import manifest, sized
 from tracebuild import build_trace, comb_steps, default_manifest
 
 from replay.costs import make_cost_model
-from replay.engine import ReplayData, replay
+from replay.data import ReplayData
 from replay.routers import make_router
+from replay.run import replay
 from tracestore.errors import TraceError
 from tracestore.store import open_trace
 

@@ -15,8 +15,9 @@ from test_routers_baselines import LARGE_STEP, SMALL_STEP, full_tree, manifest, 
 from tracebuild import build_trace, comb_steps
 
 from replay.costs import make_cost_model
-from replay.engine import ReplayData, replay
+from replay.data import ReplayData
 from replay.routers import make_router
+from replay.run import replay
 from tracestore.errors import TraceError
 from tracestore.store import open_trace
 

@@ -19,8 +19,9 @@ from tracebuild import build_trace, comb_steps
 
 from analysis.report import report
 from replay.artifacts import load_train_split
-from replay.engine import miss_list, replay_trace
+from replay.results import miss_list
 from replay.routers import make_router
+from replay.run import replay_trace
 from replay.train_steer import train_steer
 from tracestore.errors import TraceError
 

@@ -23,9 +23,12 @@ from tracebuild import GENERATED_TOKENS, comb_steps, default_manifest, default_p
 from typer.testing import CliRunner
 
 from cli import app
-from replay import engine
-from replay.engine import ReplayData, parse_sweep, replay
+from replay import run as replay_run
+from replay.costs import make_cost_model
+from replay.data import ReplayData
+from replay.params import parse_sweep
 from replay.routers import ROUTERS, make_router
+from replay.run import replay
 from tracestore.errors import TraceError
 from tracestore.store import TraceWriter, open_trace
 from tracestore.validate import validate
@@ -469,12 +472,12 @@ def test_a_grid_walked_in_chunks_gives_the_same_outcomes(comb_trace, monkeypatch
     data = ReplayData.from_trace(open_trace(comb_trace))
     sweep = dict([parse_sweep("p=0:1:0.05")])
     router = make_router("random").fit(data)
-    cost = engine.make_cost_model("flops", data.manifest)
+    cost = make_cost_model("flops", data.manifest)
     whole = replay(data, router, cost, sweep)
     assert whole.outcomes["config"].n_unique() == 21 and whole.misses.height > 0  # mixed paths leave the comb
     # 6 walks x 21 configurations: one walk per chunk, then chunks of 4 and 2 walks
     for chunk_states in (7, 84):
-        monkeypatch.setattr(engine, "CHUNK_STATES", chunk_states)
+        monkeypatch.setattr(replay_run, "CHUNK_STATES", chunk_states)
         chunked = replay(data, router, cost, sweep)
         assert chunked.outcomes.equals(whole.outcomes) and chunked.misses.equals(whole.misses)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import polars as pl
 
-from tracegen import api_roles, continuous, engine_settings, hidden
+from tracegen import continuous, endpoint_roles, engine_settings, hidden
 from tracegen.backends import StepRequest, check_backend, default_backend, load_backend
 from tracegen.closure import ClosureResult, close_over
 from tracegen.datasets import Dataset, Problem, load_dataset
@@ -125,8 +125,8 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
                 )
             writer.update_manifest(engine=_engine_entry(backends))
             if models.api:
-                writer.update_manifest(api_endpoints=api_roles.endpoints_entry(models.api))
-            continuation = api_roles.continuations(models.api, models.tokenizers, sampling.delimiter)
+                writer.update_manifest(api_endpoints=endpoint_roles.endpoints_entry(models.api))
+            continuation = endpoint_roles.continuations(models.api, models.tokenizers, sampling.delimiter)
             run = GrowthRun(
                 trees=_load_trees(open_trace(options.out), problems, models.root_ids, options.worlds, continuation),
                 strategy=strategy,
@@ -166,11 +166,11 @@ class _RunModels:
 
 def _load_models(options: GenOptions, problems: list[Problem]) -> _RunModels:
     names = dict(zip(options.roles, options.model_names))
-    api = api_roles.api_specs(options.api, options.roles)
+    api = endpoint_roles.api_specs(options.api, options.roles)
     checkpoints = {
         role: fetch_model(resolve_model(name, role))
         for role, name in names.items()
-        if not api_roles.is_text_only(api.get(role))
+        if not endpoint_roles.is_text_only(api.get(role))
     }
     tokenizers = {role: load_tokenizer(model) for role, model in checkpoints.items()}
     root_ids = _shared_prompts(checkpoints, tokenizers, problems)
@@ -200,7 +200,7 @@ def _open_backends(
     backends = {}
     for role in options.roles:
         if role in models.api:
-            backends[role] = api_roles.open_backend(
+            backends[role] = endpoint_roles.open_backend(
                 models.api[role], options.out, models.names[role], options.api_client, models.tokenizers[role], report
             )
         else:
@@ -389,7 +389,7 @@ def _model_entries(options: GenOptions, models: _RunModels) -> list:
     return [
         model_manifest(models.checkpoints[role], models.tokenizers[role])
         if role in models.checkpoints
-        else api_roles.text_only_model_entry(role, models.api[role], models.names[role])
+        else endpoint_roles.text_only_model_entry(role, models.api[role], models.names[role])
         for role in options.roles
     ]
 

@@ -65,7 +65,7 @@ class GenOptions:
     routers: tuple = ()  # RouterSpecs whose misses closure (and online) runs grow
     budget_tokens: int | None = None  # closure stops once this many tokens were generated
     engine: EngineOptions = field(default_factory=EngineOptions)
-    api: tuple = ()  # ApiSpecs of roles served by an OpenAI-compatible endpoint (tracegen.api_roles)
+    api: tuple = ()  # ApiSpecs of roles served by an OpenAI-compatible endpoint (tracegen.endpoint_roles)
     api_client: object = None  # their ClientOptions (concurrency, timeout, retries, budget)
 
     @property

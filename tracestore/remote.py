@@ -29,10 +29,6 @@ def _first_line(error: Exception) -> str:
     return (str(error).splitlines() or [type(error).__name__])[0]
 
 
-def is_uri(root) -> bool:
-    return isinstance(root, str) and "://" in root
-
-
 def filesystem_of(uri: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem and path of ``uri``: pyarrow's own (s3, gs, abfs, hdfs, file), else fsspec's."""
     try:

@@ -22,8 +22,9 @@ import pyarrow.parquet as pq
 
 from tracestore.atomic import write_atomic
 from tracestore.lock import WriterLock
+from tracestore.parts import parts_records, write_parts_record
 from tracestore.schema import MANIFEST_FILE, PART_NAME, PARTS_DIR, ROW_KEYS, TABLES
-from tracestore.store import Trace, open_trace, parts_records, write_parquet, write_parts_record
+from tracestore.store import Trace, open_trace, write_parquet
 
 REPAIR_WRITER = "repair"
 REPAIR_ORDER = (

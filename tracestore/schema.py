@@ -205,7 +205,7 @@ PART_DIGEST_CHARS = 16
 PARTS_DIR = "_parts"
 
 # Responses of API-served roles, one JSON file each, stored on arrival so that no request is paid for twice
-# (tracegen.backends.openai_api).
+# (tracegen.backends.openai_endpoint).
 API_RESPONSES_DIR = "_api"
 UNKNOWN_TOKEN_ID = -1  # tokens.token_ids of a token that an API named by its text only (closed chat models)
 

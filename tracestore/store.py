@@ -21,7 +21,6 @@ pyarrow and by `trace validate`).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -38,12 +37,12 @@ import pyarrow.parquet as pq
 from tracestore.atomic import commit, write_atomic, write_temp
 from tracestore.errors import TraceError
 from tracestore.lock import WriterLock, manifest_lock
+from tracestore.parts import lost_part_message, parts_records, read_parts_record, write_parts_record
 from tracestore.schema import (
     CACHE_KEY_FIELDS,
     LOCK_FILE,
     MANIFEST_FILE,
     PART_NAME,
-    PARTS_DIR,
     ROW_GROUP_ROWS,
     ROW_KEYS,
     SCHEMAS,
@@ -56,7 +55,6 @@ from tracestore.schema import (
     make_step_id,
     manifest_json,
     part_name,
-    parts_record_file,
     read_manifest,
     schema_version_for,
 )
@@ -86,52 +84,6 @@ def verify_part(path: str | os.PathLike) -> None:
 
 def _first_line(error: Exception) -> str:
     return (str(error).splitlines() or [type(error).__name__])[0]
-
-
-def read_parts_record(root: Path, writer_id: str) -> dict[str, list[str]]:
-    """The parts ``writer_id`` recorded committing, by table ({} if it has no record)."""
-    path = root / parts_record_file(writer_id)
-    if not path.is_file():
-        return {}
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        parts = record["parts"]
-        if not all(isinstance(names, list) for names in parts.values()):
-            raise ValueError
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise TraceError(f"{path} is not a parts record (JSON with parts: table -> list of file names)") from None
-    return {table: [str(name) for name in names] for table, names in parts.items()}
-
-
-def parts_records(root: Path) -> dict[str, dict[str, list[str]]]:
-    """Every writer's parts record, by writer id."""
-    directory = root / PARTS_DIR
-    if not directory.is_dir():
-        return {}
-    return {path.stem: read_parts_record(root, path.stem) for path in sorted(directory.glob("*.json"))}
-
-
-def write_parts_record(root: Path, writer_id: str, parts: dict[str, list[str]]) -> None:
-    """Replace ``writer_id``'s parts record (atomically; tables in schema order, names as given)."""
-    path = root / parts_record_file(writer_id)
-    path.parent.mkdir(exist_ok=True)
-    record = {"writer": writer_id, "parts": {table: list(parts[table]) for table in TABLES if parts.get(table)}}
-    write_atomic(path, (json.dumps(record, indent=1) + "\n").encode())
-
-
-def rerun_hint(root: Path, writer_id: str) -> str:
-    """The command whose rerun grows a writer's rows again."""
-    if writer_id.startswith("score_"):
-        return f"`trace score {root} --scorer {writer_id.removeprefix('score_')}`"
-    return "the `trace gen` command that wrote it"
-
-
-def lost_part_message(root: Path, table: str, name: str, writer_id: str) -> str:
-    return (
-        f"{root / table / name} is missing: writer {writer_id} recorded it in {root / parts_record_file(writer_id)}, "
-        f"so the trace lost its rows; rerun {rerun_hint(root, writer_id)} to grow them again, or "
-        f"`trace validate {root} --repair` to forget the part"
-    )
 
 
 # ---------------------------------------------------------------- reader

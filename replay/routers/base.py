@@ -22,14 +22,13 @@ import inspect
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
+from replay.data import ReplayData
+from replay.walk import Costs, DraftRule, Walk, walk_steps
 from tracestore.errors import TraceError
-
-if TYPE_CHECKING:
-    from replay.engine import Costs, ReplayData, Walk
 
 
 @dataclass(frozen=True)
@@ -162,8 +161,6 @@ class WriterRouter(Router):
         raise NotImplementedError
 
     def walk(self, data, costs, starts, params):
-        from replay.engine import walk_steps
-
         def choose(nodes, p):
             roles = checked_hook_output(self, "choose", self.choose(data, nodes, p), len(nodes), "role indices")
             if roles.size and (roles.dtype.kind not in "iu" or roles.min() < 0 or roles.max() >= len(data.roles)):
@@ -181,7 +178,7 @@ class DraftRouter(Router):
 
     With ``one_way`` the first rejected draft hands the rest of the solution to the large model, and
     ``escalate`` says what happens to that draft: "replace" (discarded, paid for, the large model rewrites
-    it) or "after" (kept; the large model writes from the next step on). See ``replay.engine.DraftRule``.
+    it) or "after" (kept; the large model writes from the next step on). See ``replay.walk.DraftRule``.
     """
 
     one_way: bool = False  # after one rejected draft the large model writes the rest, undrafted
@@ -209,7 +206,7 @@ class DraftRouter(Router):
 
     def chain(self, roles: list[str]) -> tuple[str, ...]:
         """The models a rejection hands over along, smallest first: (draft, target) unless a router chains more
-        (replay.engine.DraftRule)."""
+        (replay.walk.DraftRule)."""
         return self.draft_roles(roles)
 
     def draft_signal(self, data: ReplayData) -> np.ndarray:
@@ -221,8 +218,6 @@ class DraftRouter(Router):
         raise NotImplementedError
 
     def walk(self, data, costs, starts, params):
-        from replay.engine import DraftRule, walk_steps
-
         signal = costs.once(
             (self, "draft_signal"),
             lambda: checked_hook_output(self, "draft_signal", self.draft_signal(data), data.steps.height, "numbers"),

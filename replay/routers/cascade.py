@@ -30,7 +30,6 @@ import numpy as np
 import polars as pl
 
 from replay.artifacts import check_fitted_within
-from replay.engine import Walk, walk_chains
 from replay.pik import (
     AUTO_LAYER,
     DEFAULT_WHERE,
@@ -43,6 +42,7 @@ from replay.pik import (
 )
 from replay.routers import ROUTERS
 from replay.routers.base import SEED, UNIT, QueryRouter
+from replay.walk import Walk, walk_chains
 from tracestore.errors import TraceError
 
 P_TRUE_SOURCES = ("ptrue", "first_token", "final_mean", "final_min")

@@ -70,11 +70,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from replay.api_signals import S_API, require_signals
 from replay.artifacts import check_fitted_within
-from replay.engine import ESCALATE_MODES
+from replay.endpoint_signals import S_API, require_signals
 from replay.routers import ROUTERS
 from replay.routers.base import SEED, UNIT, Domain, DraftRouter
+from replay.walk import ESCALATE_MODES
 from tracestore.atomic import write_atomic
 from tracestore.errors import TraceError
 

@@ -34,7 +34,7 @@ class ApiVerifier(Scorer):
 
     @property
     def spec(self):
-        from tracegen.backends.openai_api import parse_api_spec
+        from tracegen.backends.endpoint_spec import parse_api_spec
 
         if not self.model:
             raise TraceError(
@@ -53,7 +53,7 @@ class ApiVerifier(Scorer):
         return {"model": self.signal, "name": self.spec.model, "served_by": "openai", "prompt": VERIFIER_PROMPT}
 
     def _load(self) -> None:
-        from tracegen.backends.openai_api import open_api_backend
+        from tracegen.backends.openai_endpoint import open_api_backend
 
         if self.trace_root is None:
             raise TraceError("scorer api-verifier must be opened on a trace (tracegen.scoring.open_scorer)")

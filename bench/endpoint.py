@@ -1,9 +1,9 @@
 """Benchmark the openai backend against a local OpenAI-compatible server: generated tokens per second with one
 request in flight vs ``--concurrency`` (default 16), on the same requests, and print the ratio.
 
-    python bench/api.py [--url http://127.0.0.1:8000/v1 --model toy-large] [--requests 64] [--concurrency 16]
+    python bench/endpoint.py [--url http://127.0.0.1:8000/v1 --model toy-large] [--requests 64] [--concurrency 16]
 
-Without --url it starts `vllm serve` of toy-large on 127.0.0.1 (tracegen/serve.py). The requests are the first
+Without --url it starts `vllm serve` of toy-large on 127.0.0.1 (scripts/vllm_server.py). The requests are the first
 step of toy problems in completions mode (token-id prompts, per-request seeds); each pass stores its responses
 in a fresh temporary folder, so both passes send every request. The two passes must return the same tokens
 (the seeds fix them); the count of steps that differ is printed.
@@ -25,14 +25,15 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def main() -> None:
+    from scripts.vllm_server import local_server
     from tracegen.backends import StepRequest, StepSampling
-    from tracegen.backends.openai_api import ApiSpec, ClientOptions, OpenAIBackend
+    from tracegen.backends.endpoint_spec import ApiSpec, ClientOptions
+    from tracegen.backends.openai_endpoint import OpenAIBackend
     from tracegen.datasets import load_dataset
     from tracegen.expand import Request
     from tracegen.growth import request_seed
     from tracegen.models import load_tokenizer, resolve_model
     from tracegen.prompts import STEP_DELIMITER, prompt_token_ids
-    from tracegen.serve import local_server
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=None, help="base URL of a running server [default: start vllm serve]")

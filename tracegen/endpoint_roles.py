@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tracegen.backends.openai_api import ApiSpec, ClientOptions, continuation_ids, open_api_backend
+from tracegen.backends.endpoint_spec import ApiSpec, ClientOptions
+from tracegen.backends.openai_endpoint import continuation_ids, open_api_backend
 from tracestore.errors import TraceError
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from data.toy.task import apply, parse_question, step_is_valid, step_text
-from tracegen.backends.openai_api import request_key
+from tracegen.backends.openai_endpoint import request_key
 
 FAULTS = ("429", "500", "slow", "malformed", "cutoff")
 _QUESTION = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", re.S)
