@@ -82,14 +82,15 @@ def problems_answered(source: str, answer_field: str, out: Path, limit: int) -> 
     return out
 
 
+@pytest.mark.slow
 def test_the_study_runs_end_to_end_and_resumes(tmp_path, hf_home):
-    data = problems_answered("gsm8k_test.jsonl", "answer", tmp_path / "gsm8k.jsonl", limit=64)
+    data = problems_answered("gsm8k_test.jsonl", "answer", tmp_path / "gsm8k.jsonl", limit=24)
     out = tmp_path / "study"
     args = ["--out", str(out), "--datasets", f"gsm8k={data}", "--backend", "hf", "--policy-steps", "30"]
     result = study(args, hf_home)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     printed = result.stdout
-    assert printed.index("memory plan (vllm") < printed.index("+ trace gen")  # estimates first
+    assert printed.index("memory plan (hf") < printed.index("+ trace gen")  # estimates first
     assert "hidden states to store: small: layer 24, cascade P(IK): the paper's layer 24 (28 blocks)" in printed
     trace = open_trace(out / "gsm8k")
     assert trace.manifest.hidden_layers_by_model == {"small": [24]}
