@@ -84,7 +84,7 @@ def problems_answered(source: str, answer_field: str, out: Path, limit: int) -> 
 
 @pytest.mark.slow
 def test_the_study_runs_end_to_end_and_resumes(tmp_path, hf_home):
-    data = problems_answered("gsm8k_test.jsonl", "answer", tmp_path / "gsm8k.jsonl", limit=24)
+    data = problems_answered("gsm8k_test.jsonl", "answer", tmp_path / "gsm8k.jsonl", limit=64)
     out = tmp_path / "study"
     args = ["--out", str(out), "--datasets", f"gsm8k={data}", "--backend", "hf", "--policy-steps", "30"]
     result = study(args, hf_home)
