@@ -20,9 +20,9 @@ of their values: a column is one more ``Column`` and one more value.
 
 With a latency profile (analysis.latency), cmdp and cascade add a Time column: each row's mean seconds per query.
 
-Each table is written as Markdown and CSV next to the report. A table layout is a ``ReportTable`` subclass registered in ``TABLES`` (replay.registry): the
-built-ins here with ``@TABLES.register``, others through entry points of group ``trace.tables`` or as
-``--table FILE.py:Class``.
+Each table is written as Markdown and CSV next to the report. A table layout is a ``ReportTable`` subclass
+registered in ``TABLES`` (replay.registry): the built-ins here with ``@TABLES.register``, others through entry
+points of group ``trace.tables`` or as ``--table FILE.py:Class``.
 """
 
 from __future__ import annotations

@@ -39,16 +39,24 @@ def probe_layer(data: ReplayData, role: str, layer: int | str) -> int:
     """The hidden-state layer of ``role``'s probe: ``layer`` itself, or for ``auto`` the paper's layer 24 when
     the model has more than 24 layers, else its last (-1)."""
     if layer != AUTO_LAYER:
-        try:
-            return int(layer)
-        except (TypeError, ValueError):
-            raise TraceError(f"P(IK) layer must be an integer or {AUTO_LAYER}, got {layer!r}") from None
+        return layer_for_blocks(layer, None)
     n_layer = data.manifest.model(role).get("n_layer")
     if not isinstance(n_layer, int):
         raise TraceError(
             f"P(IK) layer {AUTO_LAYER} needs trace.json models.{role}.n_layer; name the layer instead (e.g. -1)"
         )
-    return PAPER_LAYER if n_layer > PAPER_LAYER else -1
+    return layer_for_blocks(layer, n_layer)
+
+
+def layer_for_blocks(layer: int | str, n_layer: int | None) -> int:
+    """``layer`` as an integer; ``auto``: the paper's layer 24 for a model of more than 24 blocks (``n_layer``),
+    else its last (-1)."""
+    if layer == AUTO_LAYER:
+        return PAPER_LAYER if n_layer > PAPER_LAYER else -1
+    try:
+        return int(layer)
+    except (TypeError, ValueError):
+        raise TraceError(f"P(IK) layer must be an integer or {AUTO_LAYER}, got {layer!r}") from None
 
 
 def new_probe(seed: int, l2: float = 1e-4):

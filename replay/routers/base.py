@@ -94,6 +94,11 @@ class Router:
         roles change whose verdict it needs)."""
         return self.scorer
 
+    def hidden_layers(self, roles: list[str], n_layers: dict[str, int]) -> dict[str, dict[int, str]]:
+        """The prompt hidden-state layers this router reads on a trace of model ``roles`` whose models have
+        ``n_layers`` decoder blocks: {role: {layer: why}}. `trace gen --routers FILE` stores them."""
+        return {}
+
     def get_params(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.param_names()}
 

@@ -32,7 +32,16 @@ import numpy as np
 import polars as pl
 
 from replay.artifacts import check_fitted_within
-from replay.pik import AUTO_LAYER, DEFAULT_WHERE, fit_probes, hidden_matrix, load_probes, probe_layer
+from replay.pik import (
+    AUTO_LAYER,
+    DEFAULT_WHERE,
+    PAPER_LAYER,
+    fit_probes,
+    hidden_matrix,
+    layer_for_blocks,
+    load_probes,
+    probe_layer,
+)
 from replay.routers import ROUTERS
 from replay.routers.base import SEED, UNIT, QueryRouter
 from replay.walk import Walk, walk_chains
@@ -82,15 +91,46 @@ class Cascade(QueryRouter):
     def _check_params(self):
         self._check_choice("p_true", P_TRUE_SOURCES)
 
-    def _fit(self, train):
-        roles = [role.strip() for role in self.models.split(",")] if self.models else list(train.roles)
-        unknown = [role for role in roles if role not in train.roles]
-        ordered = not unknown and all(train.roles.index(a) < train.roles.index(b) for a, b in zip(roles, roles[1:]))
+    def _chain(self, trace_roles: list[str]) -> list[str]:
+        """The models tried, in order: ``models``, or every model of the trace."""
+        roles = [role.strip() for role in self.models.split(",")] if self.models else list(trace_roles)
+        unknown = [role for role in roles if role not in trace_roles]
+        ordered = not unknown and all(trace_roles.index(a) < trace_roles.index(b) for a, b in zip(roles, roles[1:]))
         if unknown or len(roles) < 2 or not ordered:
             raise TraceError(
                 f"router cascade: models must name two or more of the trace's models "
-                f"({', '.join(train.roles)}), smallest first; got {self.models!r}"
+                f"({', '.join(trace_roles)}), smallest first; got {self.models!r}"
             )
+        return roles
+
+    def hidden_layers(self, roles, n_layers):
+        """The layer each P(IK) probe reads (every model of the chain but the last; none named for a model of
+        unknown depth, such as one an API serves)."""
+        if not self.pik:
+            return {}
+        chain = self._chain(list(roles))[:-1]
+        if self.probe:
+            saved = load_probes(self.probe)["layers"]
+            return {role: {saved[role]: f"cascade P(IK) probe file {self.probe}"} for role in chain if role in saved}
+        layers = {}
+        for role in chain:
+            if self.layer == AUTO_LAYER and role not in n_layers:
+                layers[role] = {}
+                continue
+            layer = layer_for_blocks(self.layer, n_layers.get(role))
+            if self.layer != AUTO_LAYER:
+                why = f"cascade P(IK), layer={self.layer}"
+            elif layer == PAPER_LAYER:
+                why = f"cascade P(IK): the paper's layer {PAPER_LAYER} ({n_layers[role]} blocks)"
+            else:
+                why = (
+                    f"cascade P(IK): the last layer ({n_layers[role]} blocks, not more than the paper's {PAPER_LAYER})"
+                )
+            layers[role] = {layer: why}
+        return layers
+
+    def _fit(self, train):
+        roles = self._chain(list(train.roles))
         self.roles_ = roles
         self.probes_, self.layers_, self.where_ = {}, {}, self.where
         if not self.pik:
