@@ -1,5 +1,6 @@
 """Running a replay: every root of a trace walked by a router for each configuration of a sweep, in blocks,
-and the result assembled; from a trace directory, with its train split fitted and its outcomes written.
+and the result assembled; from a trace directory, with the router fitted on its train split (or on another
+trace's: ``fit_router``), the rows its fit saw marked, and its outcomes written.
 
 The checks a replay makes of its router and sweep are replay.params'; the walks are the router's (on
 replay.walk's kernel); the outcomes and misses are replay.results'.
@@ -7,16 +8,25 @@ replay.walk's kernel); the outcomes and misses are replay.results'.
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 import polars as pl
 
+from replay.artifacts import (
+    check_setting,
+    describe_record,
+    load_split_data,
+    manifest_digest,
+    setting,
+    split_data,
+)
 from replay.costs import CostModel, Price, make_cost_model
 from replay.data import ReplayData
 from replay.params import DEFAULT_MAX_CONFIGS, Configs, check_grid_size, check_sweep, sweep_configs
 from replay.results import OutcomeSource, ReplayResult, Walked, assemble, router_scorer
-from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, SPLITS, assign_splits
+from replay.splits import SPLITS, SplitSpec, trace_splits
 from replay.walk import Costs
 from tracestore.atomic import write_atomic
 from tracestore.errors import TraceError
@@ -67,14 +77,6 @@ def _walk_configs(
     return configs, walked  # the costs' per-step arrays go before the outcomes' columns are built: a lower peak
 
 
-def split_frame(problem_ids: list[str], seed: int, fractions: tuple[float, float, float]) -> pl.DataFrame:
-    """The split of every problem id."""
-    return pl.DataFrame(
-        {"problem_id": problem_ids, "split": assign_splits(problem_ids, seed, fractions)},
-        schema={"problem_id": pl.String, "split": pl.String},
-    )
-
-
 def replay_trace(
     root: str | os.PathLike,
     router,
@@ -84,14 +86,21 @@ def replay_trace(
     cost: str = "flops",
     prices: dict[str, Price] | None = None,
     worlds: list[int] | None = None,
-    split_seed: int = DEFAULT_SPLIT_SEED,
-    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    splits: SplitSpec = SplitSpec(),
+    allow_overlap: bool = False,
     max_configs: int = DEFAULT_MAX_CONFIGS,
     grades: str | None = None,
 ) -> ReplayResult:
-    """Open a trace, fit ``router`` on its train split, replay it on ``split`` (or ``all``), its final steps
-    graded by grade set ``grades`` (default: the steps' own). The sweep is checked (parameters, domains,
-    grid size) before anything is fitted."""
+    """Open a trace, fit ``router`` on its train split (and calibration split, for a router that uses one) unless it
+    is fitted already (``fit_router``: on another trace), and replay it on ``split`` (or ``all``) as ``splits``
+    divides the problems, its final steps graded by grade set ``grades`` (default: the steps' own). The sweep is
+    checked (parameters, domains, grid size) before anything is fitted.
+
+    The outcomes say where the router was fitted (``fitted_on``: JSON, one record per fitted part), on which trace
+    they were replayed (``replayed_on``: its directory, cache-key digest and setting) and, per row, whether the
+    fit saw the row's problem (``fit_overlap``). Replaying one split (not ``all``) whose problems a fit saw is
+    refused unless ``allow_overlap``; with ``all`` the rows are only marked (`trace report` refuses to report them).
+    """
     if split not in (*SPLITS, "all"):
         raise TraceError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}, all")
     check_sweep(router, sweep or {})
@@ -115,13 +124,19 @@ def replay_trace(
         data = ReplayData(
             data.manifest, data.steps, data.problems, scores=data.scores, hidden=data.hidden, worlds=worlds
         )
-    splits = split_frame(data.problems["problem_id"].to_list(), split_seed, fractions)
-    ids_of = {name: splits.filter(pl.col("split") == name)["problem_id"].to_list() for name in SPLITS}
-    evaluated = data if split == "all" else data.subset(ids_of[split])
+    parts = split_data(data, trace, splits.check())
+    evaluated = data if split == "all" else parts.of(split)
     if evaluated.problems.height == 0:
-        raise TraceError(f"split {split!r} of {root} holds no problems (fractions {fractions}, seed {split_seed})")
+        raise TraceError(f"split {split!r} of {root} holds no problems ({splits.describe()})")
     check_grid_size(sweep or {}, max_configs, evaluated.roots.height)
-    router.fit(data.subset(ids_of["train"]))
+    if is_fitted(router):
+        for record in router.fitted_on_:
+            check_setting(record, trace.manifest, record.get("file") or f"router {router.name}", root)
+    else:
+        router.fit(parts.train, parts.calibration)
+    fitted_ids = set().union(*(record["problem_ids"] for record in router.fitted_on_))
+    if split != "all" and not allow_overlap:
+        check_no_overlap(router, evaluated.problems["problem_id"].to_list(), fitted_ids, f"split {split} of {root}")
     configs, walked = _walk_configs(evaluated, router, cost_model, sweep)
     missed_score = walked.miss_scorer[walked.miss_role >= 0].any()
     if scorer and missed_score and data.scores_of(scorer)["value"].is_null().all():
@@ -131,21 +146,57 @@ def replay_trace(
         )
     source = OutcomeSource.of(evaluated)
     n_roots = evaluated.roots.height
-    del data, evaluated  # the trace's steps, scores and index are freed before the outcomes are built: a lower peak
+    del data, evaluated, parts  # the trace's steps, scores and index are freed before the outcomes are built
     result = assemble(source, router, cost_model, configs, walked)
     del source, walked
     # The outcomes are configuration-major (each configuration's rows are the roots in order), so each root's
     # split, looked up once, is repeated per configuration: no lookup per outcome row, no intermediate column.
-    root_split = (
-        result.outcomes["problem_id"].head(n_roots).replace_strict(splits["problem_id"], splits["split"], default=None)
-    )
+    root_ids = result.outcomes["problem_id"].head(n_roots)
+    table = trace_splits(trace, splits)
+    root_split = root_ids.replace_strict(table["problem_id"], table["split"], default=None, return_dtype=pl.String)
+    root_overlap = root_ids.is_in(pl.Series(sorted(fitted_ids), dtype=pl.String).implode())
     n_configs = result.outcomes.height // n_roots
+    replayed_on = {
+        "trace": str(root),
+        "manifest_digest": manifest_digest(trace.manifest),
+        "setting": setting(trace.manifest, [scorer] if scorer else []),
+    }
     result.outcomes = result.outcomes.with_columns(  # the outcomes are not copied
         split=pl.concat([root_split] * n_configs, rechunk=True),
-        split_seed=pl.lit(split_seed, dtype=pl.Int64),
-        split_fractions=pl.lit(",".join(str(f) for f in fractions)),
+        splits=pl.lit(json.dumps(splits.record(), sort_keys=True)),
+        fit_overlap=pl.concat([root_overlap] * n_configs, rechunk=True),
+        fitted_on=pl.lit(json.dumps([summary_record(record) for record in router.fitted_on_], sort_keys=True)),
+        replayed_on=pl.lit(json.dumps(replayed_on, sort_keys=True)),
     )
     return result
+
+
+def is_fitted(router) -> bool:
+    return hasattr(router, "n_train_problems_")
+
+
+def fit_router(router, root: str | os.PathLike, splits: SplitSpec = SplitSpec(), grades: str | None = None):
+    """``router`` fitted on the train split (and calibration split) of the trace at ``root``: what `trace replay
+    --fit-on TRACE` replays on another trace."""
+    parts = load_split_data(root, splits, grades)
+    return router.fit(parts.train, parts.calibration)
+
+
+def check_no_overlap(router, problem_ids: list[str], fitted_ids: set[str], rows: str) -> None:
+    """TraceError if some of ``problem_ids`` (the rows replayed) are among the problems a fit of ``router`` saw."""
+    overlap = sorted(set(problem_ids) & fitted_ids)
+    if overlap:
+        what = "; ".join(describe_record(record) for record in router.fitted_on_)
+        raise TraceError(
+            f"{len(overlap):,} of the {len(problem_ids):,} problems of {rows} are among those router {router.name} "
+            f"was fitted on ({what}; first: {overlap[0]!r}); replay another split or trace, or pass --allow-overlap"
+        )
+
+
+def summary_record(record: dict) -> dict:
+    """A fit record as the outcomes carry it: its problem ids counted, not listed."""
+    summary = {key: value for key, value in record.items() if key not in ("problem_ids", "setting")}
+    return {**summary, "n_problems": len(record["problem_ids"])}
 
 
 def write_outcomes(outcomes: pl.DataFrame, path: str | os.PathLike, *, force: bool = False) -> None:

@@ -22,6 +22,7 @@ from replay.results import miss_list
 from replay.routers import make_router
 from replay.routers.policy import load_policy, save_policy
 from replay.run import replay_trace
+from replay.splits import SplitSpec
 from replay.walk import Costs
 from tracestore.errors import TraceError
 from tracestore.store import open_trace
@@ -249,7 +250,8 @@ def test_the_trained_policy_picks_m1_where_m1_suffices_and_m2_where_only_m2_is_r
     assert saved["roles"] == list(ROLES)
     assert result.train_coverage >= 0.95 and result.best_coverage == 1.0
     router = make_router("policy", path=str(out))
-    outcomes = replay_trace(root, router, split="all", fractions=everything).outcomes.sort("problem_id")
+    result = replay_trace(root, router, split="all", splits=SplitSpec(fractions=everything))
+    outcomes = result.outcomes.sort("problem_id")
     kinds = np.array([("sure", "unsure", "lost")[k % 3] for k in range(outcomes.height)])
     path = np.array(outcomes["path"].to_list())
     assert set(path[kinds == "sure"]) == {"000"}

@@ -6,8 +6,9 @@ otherwise the query goes to model i+1; the last model's answer is always kept.
 
 - P(IK): an MLP probe (64 hidden units, scikit-learn) on the prompt's hidden state of model i at
   ``layer`` (``auto``: the paper's layer 24 when the model has more layers, else its last; from the
-  hidden table), fitted as ``replay.pik`` does (80/10/10 inside the train split) to predict whether
-  model i's own solution is correct. It reads only the prompt, so a model the probe rejects is
+  hidden table), fitted as ``replay.pik`` does to predict whether model i's own solution is correct: it
+  learns from model i's own solutions (its all-own-model chain from the root) of the train split, its
+  L2 penalty chosen on the calibration split's. It reads only the prompt, so a model the probe rejects is
   skipped before it writes anything; it then costs only its prompt prefill. ``pik=False`` is the
   ablation without it.
 - P(T): the model's confidence in its answer, checked after it wrote its solution: ``p_true="ptrue"``
@@ -23,13 +24,13 @@ joblib pickle of a dict (load only files you trust)::
 
     {"format": "trace-pik", "version": 2, "layers": {"small": 24}, "where": "prompt_last",
      "probes": {"small": Pipeline(StandardScaler, MLPClassifier)}, "metrics": {"small": {...}},
-     "train_problem_ids": [...]}                      # must lie in the replay's train split
+     "fitted_on": {...}}                              # where: replay.artifacts.fit_record (checked on load)
 """
 
 import numpy as np
 import polars as pl
 
-from replay.artifacts import check_fitted_within
+from replay.artifacts import saved_record
 from replay.pik import AUTO_LAYER, DEFAULT_WHERE, fit_probes, hidden_matrix, load_probes, probe_layer
 from replay.routers import ROUTERS
 from replay.routers.base import SEED, UNIT, QueryRouter
@@ -44,6 +45,7 @@ SCORED_P_TRUE = ("ptrue", "first_token")  # read from the scores table (trace sc
 class Cascade(QueryRouter):
     name = "cascade"
     sweepable = ("t_true", "t_ik")
+    uses_calibration = True  # the probes' L2 penalty
     domains = {"t_true": UNIT, "t_ik": UNIT, "seed": SEED}  # layer: an integer or auto, checked by probe_layer
 
     def __init__(
@@ -75,7 +77,7 @@ class Cascade(QueryRouter):
     def _check_params(self):
         self._check_choice("p_true", P_TRUE_SOURCES)
 
-    def _fit(self, train):
+    def _fit(self, train, calibration=None):
         roles = [role.strip() for role in self.models.split(",")] if self.models else list(train.roles)
         unknown = [role for role in roles if role not in train.roles]
         ordered = not unknown and all(train.roles.index(a) < train.roles.index(b) for a, b in zip(roles, roles[1:]))
@@ -91,7 +93,10 @@ class Cascade(QueryRouter):
         if self.probe:
             self._load_probes(train)
             return
-        self.probes_, self.layers_, _, _ = fit_probes(train, roles[:-1], self.layer, self.where, self.seed)
+        self.probes_, self.layers_, _, fitted_on = fit_probes(
+            train, calibration, None, roles[:-1], self.layer, self.where, self.seed
+        )
+        self.learned_from(train, "P(IK) probes", fitted_on, hidden_roles=roles[:-1])
 
     def _load_probes(self, train):
         saved = load_probes(self.probe)
@@ -104,7 +109,7 @@ class Cascade(QueryRouter):
                 raise TraceError(
                     f"router cascade: probe file {self.probe} read model {role} at layer {layer}, not {self.layer}"
                 )
-        check_fitted_within(self.probe, saved.get("train_problem_ids"), train.problems["problem_id"].to_list())
+        self.loaded(saved_record(saved, self.probe, "P(IK) probes"), train, self.probe)
         lacking = [role for role in self.roles_[:-1] if role not in saved["probes"]]
         if lacking:
             raise TraceError(
