@@ -14,10 +14,11 @@ from markdown_it import MarkdownIt
 from analysis import plots
 from analysis.operating_points import Estimate, Row, percent
 from analysis.options import ALL_ROWS, REPORTED_ROWS, ReportOptions
-from analysis.report_inputs import Run
+from analysis.report_inputs import POLICY_MARK, Run
 from analysis.stats import PERMUTATIONS, mcnemar, paired_problem_test
 from replay.params import params_text
 from replay.results import summarize
+from replay.routers.policy import TRAINING_FLAGS
 from tracestore.schema import Manifest, model_char
 
 GENERATOR = "trace report"
@@ -167,6 +168,13 @@ def table_section(table: list[Row], cost_unit: str, options: ReportOptions, floo
         "",
     ]
     notes += [f"- {row.run.label}: {row.run.how} ({Path(row.run.source).name})" for row in table]
+    notes += [
+        f"\n{POLICY_MARK} {row.run.label}: the policy file says its training ended off target: "
+        + "; ".join(TRAINING_FLAGS.get(flag, flag) for flag in row.run.training_flags)
+        + "."
+        for row in table
+        if row.run.training_flags
+    ]
     return "\n".join(notes)
 
 

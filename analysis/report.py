@@ -45,6 +45,7 @@ from analysis.report_inputs import (
     check_against_trace,
     check_same_walks,
     label_runs,
+    mark_policy_runs,
     read_policy_log,
     read_steer_mixtures,
     replay_baseline,
@@ -151,6 +152,7 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
         if run.swept and run.router in BASELINES:
             raise TraceError(f"{run.source}: {run.router} has {len(run.params)} configurations; expected one")
     label_runs(everyone, roles)
+    mark_policy_runs(everyone)
 
     floor_text = choose_operating_points(everyone, routers, baselines["large-only"], pins, options, roles)
 

@@ -17,6 +17,7 @@ from replay.costs import make_cost_model
 from replay.data import ReplayData
 from replay.params import params_text
 from replay.routers import ROUTERS, make_router
+from replay.routers.policy import load_policy
 from replay.routers.steer import load_mixtures
 from replay.run import replay
 from replay.splits import SPLITS
@@ -52,6 +53,7 @@ class Run:
     chosen: int = 0
     how: str = ""  # how the configuration was chosen, for the table's notes
     below_floor: bool = False
+    training_flags: list[str] = field(default_factory=list)  # a policy run's file: how its training ended off target
     rows: pl.DataFrame | None = field(default=None, repr=False)  # reported rows (all configurations)
     pick_rows: pl.DataFrame | None = field(default=None, repr=False)  # rows the operating point is chosen on
 
@@ -277,6 +279,26 @@ def label_runs(runs: list[Run], roles: list[str]) -> None:
     for run in runs:
         if sum(other.label == run.label for other in runs) > 1:
             run.label += f" [{Path(run.source).name}]"
+
+
+POLICY_MARK = "‡"
+
+
+def mark_policy_runs(runs: list[Run]) -> None:
+    """Mark (``POLICY_MARK`` after the label) each policy run whose policy file, where it can still be read,
+    records that its training ended off target (`trace train policy`'s flags: coverage target out of reach or
+    not reached on the train split, kappa at 0 or 1)."""
+    for run in runs:
+        path = run.params[min(run.params)].get("path") if run.router == "policy" else None
+        if not path or not Path(path).is_file():
+            continue
+        try:
+            _, saved = load_policy(path)
+        except TraceError:
+            continue
+        run.training_flags = list(saved.get("flags") or [])
+        if run.training_flags:
+            run.label += f" {POLICY_MARK}"
 
 
 def select_splits(runs: list[Run], options: ReportOptions) -> None:

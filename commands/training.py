@@ -20,6 +20,7 @@ from commands.options import (
     split_fractions_option,
     split_seed_option,
 )
+from replay.artifacts import file_sha256
 from replay.train_pik import train_pik
 from replay.train_policy import Hyperparameters, train_policy
 from replay.train_steer import train_steer
@@ -187,12 +188,8 @@ def train_policy_command(
         console.print(
             "no verifier scores in the trace: a trajectory is covered when correct or the large model alone is wrong"
         )
-    if result.best_coverage < 1 - alpha:
-        console.print(
-            f"[yellow]no policy reaches coverage {1 - alpha:g} on the train split with escalate={result.escalate}: "
-            f"at most {result.best_coverage:.4f} (episodes where no escalation point is right while the large model "
-            "alone is)[/]"
-        )
+    for warning in result.warnings():  # also recorded in the policy file ("flags"); trace report marks its row
+        console.print(f"[yellow]{escape(warning)}[/]")
     console.print(
         f"[green]wrote[/] {escape(str(result.policy_path))} and {escape(str(result.log_path))}: "
         f"kappa {result.kappa:.4f}; on the "
@@ -201,6 +198,7 @@ def train_policy_command(
         f"{result.train_cost:.4g} {result.cost_unit} per query ({result.train_cost_share:.4f} of the large model "
         f"alone); {result.seconds:.1f}s"
     )
+    console.print(f"policy file SHA-256 {result.sha256}", highlight=False, soft_wrap=True)
 
 
 def train_pik_command(
@@ -275,6 +273,7 @@ def train_pik_command(
         if not r.n_calibration:
             console.print(f"[yellow]no calibration rows for model {r.model}: L2 {r.l2:g}, the grid's first[/]")
     console.print(f"[green]wrote[/] {escape(str(out))}", highlight=False)
+    console.print(f"probe file SHA-256 {file_sha256(out)}", highlight=False, soft_wrap=True)
 
 
 def train_steer_command(
@@ -335,3 +334,4 @@ def train_steer_command(
         )
     console.print(table)
     console.print(f"[green]wrote[/] {escape(str(out))}", highlight=False)
+    console.print(f"mixture file SHA-256 {file_sha256(out)}", highlight=False, soft_wrap=True)

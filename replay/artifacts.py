@@ -112,6 +112,12 @@ def check_setting(record: dict, manifest: Mapping, path, root) -> None:
         )
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes: what the `trace train` commands print for the file they wrote, so that two
+    machines can tell whether they trained the same thing."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def describe_record(record: dict) -> str:
     """One line for a report: what was fitted where, on how many problems."""
     split = record.get("split") or {}
@@ -167,9 +173,15 @@ def load_train_split(
 
 
 def load_artifact(
-    path: str | os.PathLike, read: Callable[[Path], object], kind: str, fmt: str, version: int, keys: tuple[str, ...]
+    path: str | os.PathLike,
+    read: Callable[[Path], object],
+    kind: str,
+    fmt: str,
+    version: int | tuple[int, ...],
+    keys: tuple[str, ...],
 ) -> dict:
-    """Read a saved fitted part with ``read`` and check its format tag, version and required keys."""
+    """Read a saved fitted part with ``read`` and check its format tag, version (or one of several) and required
+    keys."""
     path = Path(path)
     if not path.is_file():
         raise TraceError(f"{kind} file {path} does not exist")
@@ -179,8 +191,11 @@ def load_artifact(
         raise TraceError(f"{path} is not a readable {kind} file ({str(error).splitlines()[0]})") from None
     if not isinstance(saved, dict) or saved.get("format") != fmt:
         raise TraceError(f"{path} is not a trace {kind} file (no format {fmt!r})")
-    if saved.get("version") != version:
-        raise TraceError(f"{path} has {kind} version {saved.get('version')!r}; this trace reads {version}")
+    versions = version if isinstance(version, tuple) else (version,)
+    if saved.get("version") not in versions:
+        raise TraceError(
+            f"{path} has {kind} version {saved.get('version')!r}; this trace reads {' or '.join(map(str, versions))}"
+        )
     for key in keys:
         if key not in saved:
             raise TraceError(f"{kind} file {path} has no {key!r}")

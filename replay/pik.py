@@ -200,11 +200,14 @@ def fit_probes(
 ):
     """One probe per role, fitted on ``train``, its L2 penalty chosen on ``calibration``, its report on ``test``
     (either may be None: none held out): (probes, layers, reports, problem ids fitted on)."""
+    from threadpoolctl import threadpool_limits
+
     probes, layers, reports, fitted_on = {}, {}, [], set()
     for role in roles:
         layers[role] = probe_layer(train, role, layer)
         parts = [ProbeData.of(data, role, layers[role], where) for data in (train, calibration, test)]
-        probes[role], report = fit_probe(*parts, role, seed)
+        with threadpool_limits(limits=1):  # BLAS splits the MLP's products by thread count: one, the same probe
+            probes[role], report = fit_probe(*parts, role, seed)
         reports.append(report)
         fitted_on |= set(parts[0].problem_ids)
     return probes, layers, reports, fitted_on

@@ -93,7 +93,9 @@ class SplitSpec:
         fractions = ",".join(f"{f:g}" for f in self.fractions)
         if self.by is None:
             return f"hash of the problem id (seed {self.seed}, fractions {fractions})"
-        return f"--split-by {self.by} (train-labelled problems: train/calibration by hash, seed {self.seed}, {fractions})"
+        return (
+            f"--split-by {self.by} (train-labelled problems: train/calibration by hash, seed {self.seed}, {fractions})"
+        )
 
     def assign(self, problems: pl.DataFrame) -> pl.DataFrame:
         """problem_id and split (null: in no split) of every row of ``problems``, which holds problem_id and, for

@@ -47,9 +47,7 @@ def train_pik(
         raise TraceError(
             f"--model must name models of the trace ({', '.join(data.train.roles)}); got {', '.join(models) or 'none'}"
         )
-    probes, layers, reports, fitted_on = fit_probes(
-        data.train, data.calibration, data.test, models, layer, where, seed
-    )
+    probes, layers, reports, fitted_on = fit_probes(data.train, data.calibration, data.test, models, layer, where, seed)
     saved = {
         "format": PIK_FORMAT,
         "version": PIK_VERSION,

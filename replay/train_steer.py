@@ -2,9 +2,9 @@
 every model of the trace but the largest (every model a chain can escalate from).
 
 The fitting is the router's own (`replay.routers.steer.Steer`: each model's confidences on its own solutions,
-the all-own-model chain from the root, in the train split); this only picks the split, fits and writes the JSON
-that `--router steer --param gmms=FILE` loads instead of refitting, on this trace or on another one of the same
-setting (its ``fitted_on`` record).
+the all-own-model chain from the root, in the train split); this only picks the split, fits on one thread (the
+same file at any thread count) and writes the JSON that `--router steer --param gmms=FILE` loads instead of
+refitting, on this trace or on another one of the same setting (its ``fitted_on`` record).
 """
 
 from __future__ import annotations
@@ -34,9 +34,12 @@ def train_steer(
     """Fit the mixtures on the train split of the trace at ``root``, write them to ``out`` (replacing an
     existing file only with ``force``); returns one row per model and step index: model, depth, n, and weight, mean and
     standard deviation of the low and high components."""
+    from threadpoolctl import threadpool_limits
+
     check_output_file(out, force=force)
     train = load_train_split(root, split_seed, fractions, split_by)
-    router = Steer(min_samples=min_samples, seed=seed).fit(train)
+    with threadpool_limits(limits=1):  # the k-means start's OpenMP sums and BLAS split work by thread count
+        router = Steer(min_samples=min_samples, seed=seed).fit(train)
     router.save(Path(out))
     rows = []
     for role, fitted in router.by_role_.items():

@@ -1,6 +1,6 @@
-"""`trace gen --expand closure` and online runs on the toy world (transformers backend): closure leaves
-every listed configuration without misses, and a router run online gives the replay's steps,
-answers and costs."""
+"""`trace gen --expand closure` and online runs on the toy world (the fake backend: seeded toy steps, no model;
+the runs through vLLM: test_closure_vllm.py): closure leaves every listed configuration without misses, and a
+router run online gives the replay's steps, answers and costs."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ OUTCOME = [
 ]
 
 
-options = partial(toy_gen_options, limit=N_PROBLEMS, seed=11)
+options = partial(toy_gen_options, limit=N_PROBLEMS, seed=11, backend="fake")
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_online_run_matches_the_replay_on_the_closure_trace(closure_trace, tmp_p
         _steps_with_tokens(closure_trace).join(online_steps.select("step_id"), on="step_id", how="semi").sort("step_id")
     )
     assert online_steps.drop("logprobs").equals(cached.drop("logprobs"))
-    # batch rows are padded differently online, so float rounding differs (the sampled tokens did not)
+    # on a real engine batch rows are padded differently online, so float rounding may differ (the tokens may not)
     np.testing.assert_allclose(
         online_steps["logprobs"].explode().to_numpy(), cached["logprobs"].explode().to_numpy(), atol=1e-4
     )
@@ -157,7 +157,7 @@ def test_budget_stops_closure_and_says_so(tmp_path):
             "--max-step-tokens",
             "48",
             "--backend",
-            "hf",
+            "fake",
             "--expand",
             "closure",
             "--routers",

@@ -1,5 +1,6 @@
 """The openai backend against a local OpenAI-compatible server (tests/endpoint_server.py): faults, resume, budget,
-errors. Everything runs on 127.0.0.1; no model engine starts (both roles are served by the toy server)."""
+errors. Everything runs on 127.0.0.1; no model engine starts (the toy server serves the endpoint roles, the fake
+backend any other: seeded toy steps, no model)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def api_options(models, out, url, *, mode="completions", client=None, key_env=No
         max_steps=5,
         max_step_tokens=48,
         seed=3,
+        backend="fake",  # of a role not served by the API
         api=(
             parse_api_spec(f"small:url={url},model=toy-small,mode=completions{small_extra}"),
             parse_api_spec(f"large:url={url},model=toy-large,mode={mode},layout=final,price=gpt-4.1-mini{extra}"),
@@ -176,6 +178,7 @@ def test_kill_9_then_rerun_sends_only_missing_requests(clean_run, toy_models, tm
             "--dataset", "toy", "--limit", str(N_PROBLEMS), "--max-steps", "5", "--max-step-tokens", "48",
             "--seed", "3", "--api", f"small:url={server.url},model=toy-small,mode=completions",
             "--api", large + ",layout=final,price=gpt-4.1-mini", "--concurrency", "2", "--out", str(out),
+            "--backend", "fake",
         ]  # fmt: skip
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120
@@ -226,7 +229,7 @@ def test_wrong_key_unknown_model_and_unreachable_url_are_one_clear_error(toy_mod
     with ApiServer(state) as server:
         url = server.url
         wrong_key = [sys.executable, "-m", "cli", "gen", "--model", toy_models[0], "--large", toy_models[1],
-                     "--dataset", "toy", "--limit", "2", "--out", str(tmp_path / "a"),
+                     "--dataset", "toy", "--limit", "2", "--out", str(tmp_path / "a"), "--backend", "fake",
                      "--api", f"small:url={url},model=toy-small,key-env=TOY_API_KEY"]  # fmt: skip
         result = subprocess.run(wrong_key, cwd=ROOT, capture_output=True, text=True, env=os.environ, timeout=120)
         assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -291,12 +294,13 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def open_to_closed(toy_models, tmp_path_factory):  # noqa: F811
-    """The CMDP seed's open-to-closed setting in miniature: a local small model (hf) and a chat-API large one."""
+    """The CMDP seed's open-to-closed setting in miniature: a local small model (the fake backend's toy-small) and a
+    chat-API large one."""
     state = ServerState(tokenizer=tokenizer(toy_models))
     out = tmp_path_factory.mktemp("o2c") / "trace"
     with ApiServer(state) as server:
         spec = parse_api_spec(f"large:url={server.url},model=toy-large,mode=chat,price=gpt-4.1-mini")
-        run_gen(api_options(toy_models, out, server.url, api=(spec,), backend="hf", limit=40, max_steps=4))
+        run_gen(api_options(toy_models, out, server.url, api=(spec,), limit=40, max_steps=4))
     return out
 
 

@@ -1,7 +1,8 @@
 """The openai backend against a real server: `vllm serve` (vLLM's OpenAI-compatible server) of toy-large on
 127.0.0.1, one per module. The small model runs locally (hf); the large one through the server.
 
-Starts a vLLM server and a local vLLM engine (slow): run with `pytest -m vllm`.
+Starts a vLLM server and compares it with the session's shared local vLLM engine of toy-large (slow): run with
+`pytest -m vllm`.
 """
 
 from __future__ import annotations
@@ -61,10 +62,8 @@ def completions_trace(server, toy_models, tmp_path_factory):  # noqa: F811
     return out
 
 
-def test_completions_mode_equals_the_local_vllm_engine(completions_trace, toy_models):  # noqa: F811
+def test_completions_mode_equals_the_local_vllm_engine(completions_trace, toy_models, vllm_large):  # noqa: F811
     """Every large step the server wrote is what the local vLLM engine writes for the same token ids and seed."""
-    from tracegen.backends.vllm_engine import VLLMBackend
-
     out = completions_trace
     assert validate(out)["problems"] == N_PROBLEMS
     trace = open_trace(out)
@@ -82,20 +81,16 @@ def test_completions_mode_equals_the_local_vllm_engine(completions_trace, toy_mo
         )
         for row in rows
     ]
-    local = VLLMBackend(resolve_model(toy_models[1], "large").path)
-    try:
-        generated = local.generate_steps(
-            requests,
-            StepSampling(
-                temperature=SAMPLING["temperature"],
-                top_p=SAMPLING["top_p"],
-                max_step_tokens=SAMPLING["max_step_tokens"],
-                topk=SAMPLING["topk"],
-                delimiter=STEP_DELIMITER,
-            ),
-        )
-    finally:
-        local.close()
+    generated = vllm_large.generate_steps(
+        requests,
+        StepSampling(
+            temperature=SAMPLING["temperature"],
+            top_p=SAMPLING["top_p"],
+            max_step_tokens=SAMPLING["max_step_tokens"],
+            topk=SAMPLING["topk"],
+            delimiter=STEP_DELIMITER,
+        ),
+    )
     differ = [
         (row["step_id"], step.text, row["text"])
         for row, step in zip(rows, generated)

@@ -248,22 +248,14 @@ def test_cascade_table_lists_every_chain(comb3, tmp_path):
 
 @pytest.fixture(scope="module")
 def gen3(tmp_path_factory):
-    """A 3-model comb grown by `trace gen` with the transformers backend: toy-small, a random-weight model of the
-    medium shape (the trace only needs a third model that reads the same tokens), toy-large."""
-    import torch
-    from transformers import Qwen2ForCausalLM
-
-    from data.toy.tokenizer import build_tokenizer
-    from scripts.toy.train import model_config
+    """A 3-model comb of toy-small, toy-medium and toy-large grown by `trace gen` with the fake backend (seeded toy
+    steps, no model; the run through vLLM: test_k_models_vllm.py)."""
     from tracegen.gen import run_gen
 
-    folder = tmp_path_factory.mktemp("k-models")
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(model_config("medium", tokenizer)).save_pretrained(folder / "medium")
-    tokenizer.save_pretrained(folder / "medium")
-    out = folder / "trace"
-    options = toy_gen_options(out, middle=(str(folder / "medium"),), limit=2, seed=0, max_steps=3, max_step_tokens=24)
+    out = tmp_path_factory.mktemp("k-models") / "trace"
+    options = toy_gen_options(
+        out, middle=("toy-medium",), limit=2, seed=0, max_steps=3, max_step_tokens=24, backend="fake"
+    )
     summary = run_gen(options)
     return out, options, summary
 

@@ -1,5 +1,5 @@
-"""`trace gen --ray` on a local Ray instance (2 CPUs, 2 workers, the toy models on the hf backend): the
-trace equals a single-process run's step for step, also when a worker process is killed mid-run."""
+"""`trace gen --ray` on a local Ray instance (2 CPUs, 2 workers, the toy models on the fake backend: seeded toy steps,
+no model): the trace equals a single-process run's step for step, also when a worker process is killed mid-run."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from tracegen.gen import run_gen
 from tracestore.validate import validate
 
 ray = pytest.importorskip("ray")
-SETTINGS = dict(limit=4, max_steps=4)
+# enough problems that a worker's round takes far longer than the kill takes to land
+SETTINGS = dict(limit=60, max_steps=4, backend="fake")
 
 
 @pytest.fixture(scope="module")

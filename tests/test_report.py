@@ -646,7 +646,7 @@ def test_steer_section_reads_the_file_the_steer_router_saves(inputs, tmp_path):
     train = load_train_split(inputs["trace"], 0, (0.5, 0.1, 0.4))
     router = Steer(min_samples=5).fit(train)
     saved = tmp_path / "steer.json"
-    router.save(saved, train.problems["problem_id"].to_list())
+    router.save(saved)
     out = tmp_path / "r"
     result = invoke(
         "report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 20, "--steer-gmm", saved, *EVERY_ROW

@@ -1,5 +1,6 @@
-"""`trace score` on a toy trace grown by `trace gen` (transformers backend): each scorer's values
-checked against an independent computation, resume, and refusals."""
+"""`trace score` on a toy trace grown by `trace gen` with the fake backend (seeded toy steps, no model): each
+scorer's values checked against an independent computation (the toy models' through transformers), resume, and
+refusals."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ N_PROBLEMS = 5
 @pytest.fixture(scope="module")
 def toy_trace(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("score") / "toy"
-    run_gen(toy_gen_options(out, limit=N_PROBLEMS, seed=5))
+    run_gen(toy_gen_options(out, limit=N_PROBLEMS, seed=5, backend="fake"))
     return out
 
 
@@ -107,7 +108,7 @@ def test_toy_judge_is_the_large_models_teacher_forced_opinion_of_small_steps(tra
 
 
 def test_toy_ptrue_is_the_probability_of_the_boxed_answer_under_its_own_model(trace):
-    run_score(trace, "ptrue", backend="hf")
+    run_score(trace, "ptrue", backend="fake")  # the engine that wrote the trace
     scores = joined(trace, "ptrue")
     steps = open_trace(trace).scan("steps").collect()
     assert scores.height == steps.filter(pl.col("is_final")).height > 0
@@ -132,20 +133,20 @@ def test_boxed_token_positions_cover_the_answer_only():
 def test_scores_are_deterministic(trace, tmp_path):
     again = shutil.copytree(trace, tmp_path / "again")
     for root in (trace, again):
-        run_score(root, "judge", backend="hf", batch=3)
+        run_score(root, "judge", backend="fake", batch=3)
     first, second = (joined(root, "judge").select("step_id", "value", "detail") for root in (trace, again))
     assert first.equals(second)
 
 
 def test_refusals_leave_the_trace_unchanged(trace):
-    run_score(trace, "judge", backend="hf")
+    run_score(trace, "judge", backend="fake")
     before = {p: p.read_bytes() for p in trace.rglob("*") if p.is_file()}
     with pytest.raises(TraceError, match="unknown scorer 'nope'"):
         run_score(trace, "nope")
     with pytest.raises(TraceError, match="not a process reward model"):
         run_score(trace, "prm", model="toy-small")
     with pytest.raises(TraceError, match=r"scorers\.judge\.d_model"):
-        run_score(trace, "judge", model="toy-small", backend="hf")
+        run_score(trace, "judge", model="toy-small", backend="fake")
     with pytest.raises(TraceError, match="takes no --model"):
         run_score(trace, "ptrue", model="toy-large")
     result = CliRunner().invoke(app, ["score", str(trace), "--scorer", "prm", "--model", "toy-small"])
@@ -175,7 +176,7 @@ def test_rsd_replays_on_prm_scores(trace):
 
 
 def test_a_toy_trace_runs_the_toy_variants_under_the_signal_names(trace):
-    run_score(trace, "judge", backend="hf")
+    run_score(trace, "judge", backend="fake")
     run_score(trace, "verifier")
     scorers = open_trace(trace).manifest.scorers
     assert scorers["judge"]["scorer"] == "toy-judge" and scorers["verifier"]["scorer"] == "exact-verifier"
@@ -184,12 +185,13 @@ def test_a_toy_trace_runs_the_toy_variants_under_the_signal_names(trace):
 
 @pytest.mark.parametrize("name", ["judge", "verifier", "ptrue"])
 def test_the_real_scorers_run_on_the_toy_models(trace, name):
-    """The instruction-following scorers, as real models run them, through the same code path: the toy models
-    cannot follow the instructions, so only the form of the values is checked, and the prompt's cost."""
+    """The instruction-following scorers, as real models run them, through the same code path (on the fake backend:
+    the toy models cannot follow the instructions, so only the form of the values is checked, and the prompt's
+    cost)."""
     from tracegen.scorers import SCORERS
     from tracegen.scoring import score_pending
 
-    scorer = SCORERS.get(name)(open_trace(trace).manifest, backend="hf")
+    scorer = SCORERS.get(name)(open_trace(trace).manifest, backend="fake")
     try:
         summary = score_pending(trace, scorer)
     finally:

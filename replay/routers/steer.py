@@ -420,7 +420,8 @@ def own_chain_steps(steps: pl.DataFrame, role: str) -> pl.DataFrame:
     the role's), which no other model's step precedes."""
     char = model_char(role)
     return steps.filter(
-        (pl.col("model") == role) & (pl.col("path").str.count_matches(char, literal=True) == pl.col("path").str.len_chars())
+        (pl.col("model") == role)
+        & (pl.col("path").str.count_matches(char, literal=True) == pl.col("path").str.len_chars())
     )
 
 

@@ -1,5 +1,6 @@
-"""Generation backends for `trace gen`, `score` and `audit`: vLLM (default where installed) and transformers,
-and the engine settings each model role gets.
+"""Generation backends for `trace gen`, `score` and `audit`: vLLM (default where installed), transformers, and a
+fake one for tests of everything around the engines (seeded steps of the toy world, no model; ``fake-stream`` also
+streams, as vLLM does), and the engine settings each model role gets.
 
 A backend is a class constructed as ``cls(model_path, **engine_kwargs)`` with the ``Backend`` methods
 (tracegen.backends.base), registered in ``BACKENDS`` (replay.registry): the built-ins lazily by
@@ -41,6 +42,10 @@ BACKENDS.register_lazy(
     install="install trace-routing[cpu] or [gpu], or use --backend hf",
 )
 BACKENDS.register_lazy("hf", "tracegen.backends.hf:HFBackend", install="install trace-routing[hf]")
+BACKENDS.register_lazy("fake", "tracegen.backends.fake:FakeBackend", install="install trace-routing[hf]")
+BACKENDS.register_lazy(
+    "fake-stream", "tracegen.backends.fake:StreamingFakeBackend", install="install trace-routing[hf]"
+)
 
 __all__ = [
     "BACKENDS",

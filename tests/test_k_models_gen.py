@@ -1,4 +1,5 @@
-"""Three toy models (toy-small, toy-medium, toy-large) through the transformers backend: the judge asked of the
+"""Three toy models (toy-small, toy-medium, toy-large) grown and scored with the fake backend (seeded toy steps, no
+model; the vLLM run: test_k_models_vllm.py): the judge asked of the
 middle model (`trace score --scorer judge@m1`), SpecReason with target=m1 reading it (refused before it exists),
 and closure growing what chained STEER (m0 -> m1 -> m2) and SpecReason m0 -> m1 miss on the comb; and, on
 tracebuild trees, the judge roles `trace score` refuses."""
@@ -32,7 +33,7 @@ SPECS = (
 )
 
 
-options = partial(toy_gen_options, middle=("toy-medium",), limit=8, seed=11)
+options = partial(toy_gen_options, middle=("toy-medium",), limit=8, seed=11, backend="fake")
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +48,8 @@ def test_the_judge_of_the_middle_model_and_specreason_reading_it(comb3, tmp_path
     shutil.copytree(comb3, root)
     with pytest.raises(TraceError, match=r"judge@m1 scores \(the m1 model's own verdicts\).*--scorer judge@m1"):
         replay_trace(root, make_router("specreason", target="m1"), split="all")
-    run_score(root, "judge@m1", backend="hf")
-    run_score(root, "judge", backend="hf")
+    run_score(root, "judge@m1", backend="fake")
+    run_score(root, "judge", backend="fake")
     trace = open_trace(root)
     assert trace.manifest.scorers["judge@m1"]["model"] == "m1" and trace.manifest.scorers["judge"]["model"] == "m2"
     steps = trace.scan("steps").select("step_id", "model").collect()
@@ -95,7 +96,7 @@ def test_closure_grows_what_chained_steer_and_specreason_to_m1_miss(comb3, tmp_p
 )
 def test_judge_roles_that_cannot_be_asked_are_refused_in_one_line(tmp_path, scorer, message):
     root = build_trace(tmp_path / "t", comb_steps("p0", 2, chars="012"), manifest=three_models())
-    result = CliRunner().invoke(app, ["score", str(root), "--scorer", scorer, "--backend", "hf"])
+    result = CliRunner().invoke(app, ["score", str(root), "--scorer", scorer, "--backend", "fake"])
     assert result.exit_code != 0 and message in " ".join(result.output.split()), result.output
     assert "Traceback" not in result.output and not open_trace(root).manifest.scorers
 
