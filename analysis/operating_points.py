@@ -18,7 +18,7 @@ import polars as pl
 
 from analysis.options import ReportOptions
 from analysis.report_inputs import Run
-from analysis.stats import percentile_interval, ratio, resampled_ratio
+from analysis.stats import bootstrap_counts, percentile_interval, ratio, resampled_ratio
 from replay.costs import A_OVER_C_SCALE
 from replay.results import summarize
 from tracestore.errors import TraceError
@@ -173,6 +173,8 @@ class Row:
     large_share: Estimate
     misses: int
     walks: int
+    calibration: Estimate | None = None  # accuracy on the rows the point was picked on
+    calibration_problems: int = 0
 
 
 def per_problem_sums(rows: pl.DataFrame, problems: list[str], roles: list[str]) -> dict[str, np.ndarray]:
@@ -189,7 +191,20 @@ def per_problem_sums(rows: pl.DataFrame, problems: list[str], roles: list[str]) 
     return {name: aligned[name].fill_null(0).cast(pl.Float64).to_numpy() for name in aligned.columns[1:]}
 
 
-def table_row(run: Run, problems: list[str], counts: np.ndarray, roles: list[str]) -> Row:
+def calibration_accuracy(run: Run, roles: list[str], n_resamples: int, seed: int) -> tuple[Estimate, int]:
+    """(accuracy of the chosen configuration on the rows it was picked on, with its bootstrap interval; their number
+    of problems)."""
+    rows = run.pick_rows.filter(pl.col("config") == run.chosen)
+    problems = sorted(rows["problem_id"].unique().to_list())
+    sums = per_problem_sums(rows, problems, roles)
+    value = float(ratio(sums["correct"].sum(), sums["finished"].sum()))
+    samples = resampled_ratio(bootstrap_counts(len(problems), n_resamples, seed), sums["correct"], sums["finished"])
+    return Estimate(None if np.isnan(value) else value, percentile_interval(samples, LEVEL)), len(problems)
+
+
+def table_row(
+    run: Run, problems: list[str], counts: np.ndarray, roles: list[str], calibration: tuple[Estimate, int] | None = None
+) -> Row:
     rows = run.at_chosen()
     sums = per_problem_sums(rows, problems, roles)
 
@@ -205,4 +220,4 @@ def table_row(run: Run, problems: list[str], counts: np.ndarray, roles: list[str
         percentile_interval(ratio(A_OVER_C_SCALE * accuracy_samples, cost_samples), LEVEL),
     )
     large_share, _ = estimate("large", "steps")
-    return Row(run, accuracy, cost, a_over_c, large_share, int(rows["misses"].sum()), rows.height)
+    return Row(run, accuracy, cost, a_over_c, large_share, int(rows["misses"].sum()), rows.height, *(calibration or ()))

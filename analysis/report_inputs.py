@@ -54,6 +54,8 @@ class Run:
     how: str = ""  # how the configuration was chosen, for the table's notes
     below_floor: bool = False
     training_flags: list[str] = field(default_factory=list)  # a policy run's file: how its training ended off target
+    picked_on: str = ""  # where its operating point was chosen (analysis.protocol)
+    dominated_by: list[str] = field(default_factory=list)  # rows at least as accurate and cheaper (analysis.protocol)
     rows: pl.DataFrame | None = field(default=None, repr=False)  # reported rows (all configurations)
     pick_rows: pl.DataFrame | None = field(default=None, repr=False)  # rows the operating point is chosen on
 
@@ -336,6 +338,9 @@ def select_splits(runs: list[Run], options: ReportOptions) -> None:
     for run in runs:
         run.rows = rows_of(run, options.split)
         run.pick_rows = run.rows if options.pick_split == REPORTED_ROWS else rows_of(run, options.pick_split)
+        run.picked_on = (
+            "the reported rows" if options.pick_split == REPORTED_ROWS else f"split {options.pick_split} of the results"
+        )
 
 
 # ---------------------------------------------------------------------- optional inputs

@@ -96,9 +96,9 @@ def check_record(record, path) -> dict:
     return record
 
 
-def check_setting(record: dict, manifest: Mapping, path, root) -> None:
-    """TraceError naming the first field where the setting ``record`` was fitted in differs from the trace at
-    ``root`` (nothing to check for a file that records no setting)."""
+def check_setting(record: dict, manifest: Mapping, path, root, done: str = "fitted") -> None:
+    """TraceError naming the first field where the setting ``record`` was fitted (or ``done``: replayed) in differs
+    from the trace at ``root`` (nothing to check for a file that records no setting)."""
     fitted = record.get("setting")
     if fitted is None:
         return
@@ -107,8 +107,9 @@ def check_setting(record: dict, manifest: Mapping, path, root) -> None:
     if differing:
         where = f" ({record['trace']})" if record.get("trace") else ""
         raise TraceError(
-            f"{path} was fitted on a trace{where} with {differing} = {lookup_field(fitted, differing)!r}, but "
-            f"{root} has {differing} = {lookup_field(here, differing)!r}; fit it on a trace of this one's setting"
+            f"{path} was {done} on a trace{where} with {differing} = {lookup_field(fitted, differing)!r}, but "
+            f"{root} has {differing} = {lookup_field(here, differing)!r}; {done.removesuffix('ed')} it on a trace of "
+            "this one's setting"
         )
 
 
@@ -119,11 +120,12 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def describe_record(record: dict) -> str:
-    """One line for a report: what was fitted where, on how many problems."""
+    """One line for a report: what was fitted where, on how many problems (a record, or its summary in outcomes)."""
     split = record.get("split") or {}
     where = record.get("trace") or "a trace it does not name"
     split_text = f" split {split['name']}" if split.get("name") else ""
-    return f"{record.get('what', 'fitted')} on {where}{split_text} ({len(record['problem_ids']):,} problems)"
+    n_problems = len(record["problem_ids"]) if "problem_ids" in record else record.get("n_problems", 0)
+    return f"{record.get('what', 'fitted')} on {where}{split_text} ({n_problems:,} problems)"
 
 
 # ---------------------------------------------------------------------- the data fitted on

@@ -122,11 +122,11 @@ def test_report_defaults_are_report_options():
         cli_defaults("report"),
         dataclass_defaults(ReportOptions),
         renamed={"table": "tables"},
-        cli_form={"at": tuple, "table": tuple},
+        cli_form={"at": tuple, "table": tuple, "pick_on": tuple},
     )
     assert compared == {
         "pick", "accuracy_floor", "at", "split", "pick_split", "bootstrap", "seed", "policy_log", "steer_gmm", "alpha",
-        "table", "grades",
+        "table", "grades", "pick_on", "allow_overlap",
     }  # fmt: skip
 
 
