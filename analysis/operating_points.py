@@ -191,9 +191,11 @@ def per_problem_sums(rows: pl.DataFrame, problems: list[str], roles: list[str]) 
     return {name: aligned[name].fill_null(0).cast(pl.Float64).to_numpy() for name in aligned.columns[1:]}
 
 
-def calibration_accuracy(run: Run, roles: list[str], n_resamples: int, seed: int) -> tuple[Estimate, int]:
+def calibration_accuracy(run: Run, roles: list[str], n_resamples: int, seed: int) -> tuple[Estimate, int] | None:
     """(accuracy of the chosen configuration on the rows it was picked on, with its bootstrap interval; their number
-    of problems)."""
+    of problems); None for a run that has no such rows (one configuration, no --pick-on results of its own)."""
+    if run.pick_rows is None:
+        return None
     rows = run.pick_rows.filter(pl.col("config") == run.chosen)
     problems = sorted(rows["problem_id"].unique().to_list())
     sums = per_problem_sums(rows, problems, roles)

@@ -59,6 +59,9 @@ def attach_pick_on(everyone: list[Run], pick_on: tuple, roles: list[str], manife
         picked = picks.get(sweep_key(run))
         if picked is None and run.router in ("small-only", "large-only"):
             picked = _baseline_there(run.router, list(picks.values()), cost_model, grades)
+        if picked is None and not run.swept:  # nothing to pick: one configuration
+            run.pick_rows, run.picked_on = None, ""
+            continue
         if picked is None:
             raise TraceError(
                 f"--pick-on holds no results of router {run.label} with the configurations of {run.source}: replay "
@@ -99,7 +102,7 @@ def check_overlaps(everyone: list[Run], allow: bool, picking_on_reported: bool) 
                     f"{seen:,} of the {reported.len():,} problems reported for {run.label} are among those it was "
                     f"fitted on ({fitted}): report other rows (--split) or fit elsewhere, or pass --allow-overlap"
                 )
-        if not picking_on_reported:
+        if not picking_on_reported and run.pick_rows is not None:
             both = run.pick_rows.filter(pl.col("problem_id").is_in(reported.implode()))["problem_id"].n_unique()
             if both:
                 raise TraceError(

@@ -155,13 +155,13 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
     routers = [run for run in runs if run.router not in BASELINES]
     everyone = [baselines["small-only"], baselines["large-only"], *routers]
     select_splits(everyone, options)
-    if options.pick_on:
-        attach_pick_on(everyone, options.pick_on, roles, trace.manifest, trace_dir, cost_model, options.grades)
     for run in everyone:
         if run.swept and run.router in BASELINES:
             raise TraceError(f"{run.source}: {run.router} has {len(run.params)} configurations; expected one")
     label_runs(everyone, roles)
     mark_policy_runs(everyone)
+    if options.pick_on:
+        attach_pick_on(everyone, options.pick_on, roles, trace.manifest, trace_dir, cost_model, options.grades)
     check_overlaps(everyone, options.allow_overlap, options.pick_split == REPORTED_ROWS and not options.pick_on)
 
     floor_text = choose_operating_points(everyone, routers, baselines["large-only"], pins, options, roles)

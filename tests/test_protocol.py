@@ -130,3 +130,66 @@ def test_split_by_a_problems_column_and_by_a_file_of_ids(tmp_path):
     assert "names 4 problem id(s) not in the trace (first: x1, x2, x3)" in " ".join(result.output.split())
     result = cli("replay", root, "--router", "small-only", "--split-by", "difficulty")
     assert result.exit_code == 1 and "no problems column of that name" in " ".join(result.output.split())
+
+
+def report_table(markdown: str) -> dict[str, list[str]]:
+    section = markdown.split("## Routers at their operating points", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if not set(line) <= set("|-: ")]
+    return {row[0]: row[1:] for row in rows}
+
+
+def test_fit_on_train_pick_on_calibration_report_on_test(traces, tmp_path):
+    _, train, test = traces
+    halves = ("--split-fractions", "0.5,0.5,0")
+    gmms = tmp_path / "steer.json"
+    assert cli("train", "steer", train, *halves, "--min-samples", 5, "--out", gmms).exit_code == 0
+    steer = ("--router", "steer", "--param", f"gmms={gmms}", "--sweep", "tau=0:1:0.25")
+    calibration, reported = tmp_path / "cal-steer.parquet", tmp_path / "steer.parquet"
+    for trace, split, out in ((train, "calibration", calibration), (test, "all", reported)):
+        result = cli("replay", trace, *steer, *halves, "--split", split, "--out", out)
+        assert result.exit_code == 0, result.output
+    random = tmp_path / "random.parquet"
+    assert cli("replay", test, "--router", "random", "--param", "p=1", "--split", "all", "--out", random).exit_code == 0
+    out = tmp_path / "report"
+    args = ("report", test, reported, random, "--split", "all", "--pick-on", calibration, "--bootstrap", 200)
+    result = cli(*args, "--out", out)
+    assert result.exit_code == 0, result.output
+    markdown = (out / "report.md").read_text()
+    flat = " ".join(markdown.split())
+    assert f"steer: fitted: STEER mixtures on {train} split train" in flat
+    assert f"point picked on {calibration} (replayed on {train})" in flat
+    table = report_table(markdown)
+    tau = float(table["steer"][0].split("=")[1])
+    picked = pl.read_parquet(calibration).filter(pl.col("params").str.contains(f'"tau": {tau}'))
+    assert float(table["steer"][2].split()[0]) == pytest.approx(100 * picked["correct"].mean(), abs=0.05)
+    n_calibration = picked["problem_id"].n_unique()
+    assert n_calibration < 50 and f"picked on as few as {n_calibration} problems" in flat
+    # random with p=1 escalates after the first small step: every walk right, at more cost than steer's pick
+    assert float(table["random"][1].split()[0]) <= float(table["steer"][1].split()[0])
+    assert table["random"][0] == "p=1 (dominated: steer as accurate and cheaper)"
+    assert "dominated" not in table["steer"][0]
+    # the calibration results of another setting are refused, naming the field
+    sampling = {**default_manifest()["sampling"], "top_p": 0.9}
+    other = study_trace(tmp_path / "other", "c", 10, seed=4, manifest=default_manifest(sampling=sampling))
+    elsewhere = tmp_path / "elsewhere.parquet"
+    assert cli("replay", other, *steer, "--split", "all", "--allow-overlap", "--out", elsewhere).exit_code == 1
+    result = cli("replay", other, "--router", "small-only", "--split", "all", "--out", elsewhere)
+    assert result.exit_code == 0, result.output
+    result = cli("report", test, random, "--split", "all", "--pick-on", elsewhere, "--out", tmp_path / "r2")
+    assert result.exit_code == 1 and "sampling.top_p" in result.output
+
+
+def test_reported_rows_a_fit_saw_are_refused(traces, tmp_path):
+    _, train, _ = traces
+    results = tmp_path / "steer.parquet"
+    args = ("--router", "steer", "--param", "min_samples=5", "--sweep", "tau=0:1:0.5", "--split", "all")
+    assert cli("replay", train, *args, "--out", results).exit_code == 0
+    report = ("report", train, results, "--split", "all", "--pick-split", "reported")
+    result = cli(*report, "--out", tmp_path / "r")
+    assert result.exit_code == 1
+    message = " ".join(result.output.split())
+    n_train = json.loads(pl.read_parquet(results)["fitted_on"][0])[0]["n_problems"]
+    assert f"{n_train} of the 60 problems reported for steer are among those it was fitted on" in message
+    assert "--allow-overlap" in message
+    assert cli(*report, "--allow-overlap", "--out", tmp_path / "r").exit_code == 0
