@@ -48,7 +48,7 @@ def replayed_on(run: Run) -> dict | None:
 def attach_pick_on(everyone: list[Run], pick_on: tuple, roles: list[str], manifest, trace_dir, cost_model, grades):
     """Set every run's ``pick_rows`` to the rows of the ``pick_on`` results of the same router and sweep."""
     picks: dict[tuple, Run] = {}
-    for index, item in enumerate(pick_on, 1):
+    for index, item in enumerate(pick_on_files(pick_on), 1):
         frame, source = result_input(item, index, roles)
         for run in split_runs(frame, f"--pick-on {source}"):
             record = replayed_on(run)
@@ -71,6 +71,21 @@ def attach_pick_on(everyone: list[Run], pick_on: tuple, roles: list[str], manife
         record = replayed_on(picked)
         where = f" (replayed on {record['trace']})" if record else ""
         run.picked_on = f"{picked.source.removeprefix('--pick-on ')}{where}"
+
+
+def pick_on_files(pick_on: tuple) -> list:
+    """The ``--pick-on`` inputs with each folder (or glob pattern) given replaced by the Parquet files it holds."""
+    files = []
+    for item in pick_on:
+        if isinstance(item, (str, Path)) and (Path(item).is_dir() or any(char in str(item) for char in "*?[")):
+            pattern = Path(item) / "*.parquet" if Path(item).is_dir() else Path(item)
+            found = sorted(pattern.parent.glob(pattern.name))
+            if not found:
+                raise TraceError(f"--pick-on {item} holds no results files (*.parquet)")
+            files += found
+        else:
+            files.append(item)
+    return files
 
 
 def _baseline_there(name: str, picks: list[Run], cost_model: str, grades) -> Run:

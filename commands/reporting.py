@@ -54,8 +54,9 @@ def report(
         "--pick-on",
         help=(
             "Choose operating points on these results instead (trace replay --out of the same routers and sweeps on a "
-            "calibration trace or split; repeatable, e.g. --pick-on 'results-calibration/*.parquet'): the trace they "
-            "were replayed on must share this one's models, revisions, templates, sampling and scorers."
+            "calibration trace or split): a file, a folder of them or a quoted glob, repeatable, e.g. --pick-on "
+            "results-calibration/. The trace they were replayed on must share this one's models, revisions, "
+            "templates, sampling and scorers."
         ),
     ),
     allow_overlap: bool = typer.Option(
