@@ -17,9 +17,8 @@ import numpy as np
 import polars as pl
 
 from analysis.options import ReportOptions
-from analysis.report_inputs import Run
+from analysis.report_inputs import Run, sweep_grid
 from analysis.stats import bootstrap_counts, percentile_interval, ratio, resampled_ratio
-from replay.costs import A_OVER_C_SCALE
 from replay.results import summarize
 from tracestore.errors import TraceError
 
@@ -116,7 +115,7 @@ def choose_operating_point(run: Run, rule: str, floor: float, roles: list[str]) 
             "cheapest at or above the floor",
         )
     run.chosen = int(best["config"][0])
-    run.how = f"{how}; {eligible}"
+    run.how = f"{how}; {eligible}; grid {sweep_grid(run.params)}"
 
 
 def choose_operating_points(
@@ -217,9 +216,10 @@ def table_row(
 
     accuracy, accuracy_samples = estimate("correct", "finished")
     cost, cost_samples = estimate("cost", "finished")
+    scale = float(rows["a_over_c_scale"][0])  # the cost model's: A/C as its seed table prints it
     a_over_c = Estimate(
-        A_OVER_C_SCALE * accuracy.value / cost.value if accuracy.value is not None and cost.value else None,
-        percentile_interval(ratio(A_OVER_C_SCALE * accuracy_samples, cost_samples), LEVEL),
+        scale * accuracy.value / cost.value if accuracy.value is not None and cost.value else None,
+        percentile_interval(ratio(scale * accuracy_samples, cost_samples), LEVEL),
     )
     large_share, _ = estimate("large", "steps")
     return Row(run, accuracy, cost, a_over_c, large_share, int(rows["misses"].sum()), rows.height, *(calibration or ()))

@@ -93,7 +93,17 @@ code {{ background: #f4f4f4; padding: 0 0.2em; }}
 
 
 def header_section(
-    trace_dir, manifest: Manifest, roles, result_paths, runs, problems, cost_model, cost_unit, cost_convention, options
+    trace_dir,
+    manifest: Manifest,
+    roles,
+    result_paths,
+    runs,
+    problems,
+    cost_model,
+    cost_unit,
+    cost_convention,
+    a_over_c_unit,
+    options,
 ) -> str:
     models = manifest.models
 
@@ -111,14 +121,16 @@ def header_section(
         "",
         f"- Trace: `{trace_dir}` (dataset {dataset_name}; models {model_text})",
         f"- Evaluated on {split_text}: {len(problems):,} problems, {n_walks:,} (problem, world) walks per router",
-        f"- Cost model: {cost_model} ({cost_convention}), mean cost per query in {cost_unit}",
+        f"- Cost model: {cost_model} ({cost_convention}), mean cost per query in {cost_unit}; A/C in {a_over_c_unit}",
         "- Results: " + ", ".join(f"`{Path(path).name}`" for path in result_paths),
         *fit_and_pick_lines(runs),
     ]
     return "\n".join(lines)
 
 
-def table_section(table: list[Row], cost_unit: str, options: ReportOptions, floor_text: str, swept: bool) -> str:
+def table_section(
+    table: list[Row], cost_unit: str, a_over_c_unit: str, options: ReportOptions, floor_text: str, swept: bool
+) -> str:
     headers = [
         "Router",
         "Operating point",
@@ -162,7 +174,7 @@ def table_section(table: list[Row], cost_unit: str, options: ReportOptions, floo
         "",
         md_table(headers, rows, right={2, 3, 4, 5, 6, 7}),
         "",
-        f"Accuracy and cost are over the walks that finished; A/C is accuracy (%) per {cost_unit}; large steps "
+        f"Accuracy and cost are over the walks that finished; A/C is {a_over_c_unit}; large steps "
         "is the share of kept steps written by the large model. Brackets: 95% percentile bootstrap intervals, "
         f"{options.bootstrap:,} resamples of the problems (the worlds of a problem stay together), "
         f"seed {options.seed}. Cal. acc: the point's accuracy on the rows it was picked on.",

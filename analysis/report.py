@@ -135,16 +135,18 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
         {
             row
             for run in runs
-            for row in run.outcomes.select("cost_model", "cost_unit", "cost_convention").unique().rows()
+            for row in run.outcomes.select("cost_model", "cost_unit", "cost_convention", "a_over_c_unit")
+            .unique()
+            .rows()
         }
     )
     if len(cost_models) > 1:
         raise TraceError(
             "the results use different cost models ("
-            + ", ".join(f"{m} in {u}" for m, u, _ in cost_models)
+            + ", ".join(f"{m} in {u}" for m, u, _, _ in cost_models)
             + "): replay every router with the same --cost"
         )
-    cost_model, cost_unit, cost_convention = cost_models[0]
+    cost_model, cost_unit, cost_convention, a_over_c_unit = cost_models[0]
     walks = check_same_walks(runs)
     baselines = {}
     for name in BASELINES:
@@ -185,9 +187,10 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
             cost_model,
             cost_unit,
             cost_convention,
+            a_over_c_unit,
             options,
         ),
-        table_section(table, cost_unit, options, floor_text, any(run.swept for run in routers)),
+        table_section(table, cost_unit, a_over_c_unit, options, floor_text, any(run.swept for run in routers)),
         pareto_section(everyone, roles, cost_unit, figures),
         significance_section(everyone, baselines["large-only"], options.seed),
         escalation_section(routers, roles, figures),
@@ -202,7 +205,18 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
         select_splits([*everyone, run], options)
         return run
 
-    inputs = TableInputs(table, routers, baselines, roles, trace.manifest.dataset_name or "?", cost_unit, alone)
+    inputs = TableInputs(
+        table,
+        routers,
+        baselines,
+        roles,
+        trace.manifest.dataset_name or "?",
+        cost_unit,
+        alone,
+        a_over_c_unit=a_over_c_unit,
+        manifest=trace.manifest,
+        seed=options.seed,
+    )
     tables = {}
     for layout in layouts:
         frame = layout.frame(inputs)

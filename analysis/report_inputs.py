@@ -38,6 +38,8 @@ RESULT_COLUMNS = {
     "cost_model": "string",
     "cost_unit": "string",
     "cost_convention": "string",
+    "a_over_c_unit": "string",
+    "a_over_c_scale": "float",
 }
 
 
@@ -67,12 +69,14 @@ class Run:
         return self.rows.filter(pl.col("config") == self.chosen)
 
     def point_params(self) -> dict:
-        """The chosen configuration's decision parameters (sweepable ones, or the ones this file swept)."""
+        """The chosen configuration's decision parameters (sweepable ones, or the ones this file swept), less
+        those it does not read (a cascade's t_ik without P(IK))."""
         params = self.params[self.chosen]
         cls = ROUTERS.builtins().get(self.router)
         names = cls.sweepable if cls is not None else ()
         names = [name for name in names if name in params] or varying_params(self.params)
-        return {name: params[name] for name in names}
+        idle = cls.idle_params(params) if cls is not None else ()
+        return {name: params[name] for name in names if name not in idle}
 
 
 def read_parquet_input(path: Path, what: str) -> pl.DataFrame:
@@ -165,6 +169,23 @@ def varying_params(params: dict[int, dict]) -> list[str]:
     """Names of the parameters whose values differ between configurations, in name order."""
     names = sorted({name for config in params.values() for name in config})
     return [name for name in names if len({json.dumps(config.get(name)) for config in params.values()}) > 1]
+
+
+def sweep_grid(params: dict[int, dict]) -> str:
+    """The grid a swept run's configurations span, per varying parameter: "tau 0 to 1 in steps of 0.1 (11
+    values)" when evenly spaced, else the values ("tau 0.2, 0.5, 0.9")."""
+    parts = []
+    for name in varying_params(params):
+        values = sorted({config[name] for config in params.values()}, key=str)
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            values = sorted(values)
+            steps = [b - a for a, b in zip(values, values[1:])]
+            if len(values) > 2 and max(steps) - min(steps) <= 1e-9 * max(1.0, abs(values[-1])):
+                first, last, step = values[0], values[-1], steps[0]
+                parts.append(f"{name} {first:g} to {last:g} in steps of {step:.6g} ({len(values)} values)")
+                continue
+        parts.append(f"{name} " + ", ".join(str(shown(v)) for v in values))
+    return " x ".join(parts)
 
 
 def split_runs(frame: pl.DataFrame, source: str) -> list[Run]:

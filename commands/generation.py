@@ -13,7 +13,7 @@ from data.toy import task as toy_task
 from tracegen.backends.endpoint_spec import ClientOptions
 from tracegen.datasets import TOY_DEFAULT_SIZE
 from tracegen.options import AuditOptions, GenOptions, RayOptions
-from tracegen.scorers import SCORERS, world_variants
+from tracegen.scorers import SCORERS, preset_choices, world_variants
 
 
 def gen(
@@ -234,6 +234,16 @@ def score(
     backend: str = backend_option(
         "vllm or hf (default: vllm where importable, else hf; the PRM always runs on transformers)."
     ),
+    preset: str = typer.Option(
+        None,
+        "--preset",
+        help="Prompt preset of a scorer that asks one (trace.json records its texts; a trace scored with one preset "
+        "refuses another): "
+        + "; ".join(f"{name}: {', '.join(presets)}" for name, presets in preset_choices().items())
+        + ". Default: the preset the trace's scores were made with, else the first (the method's own words: "
+        "SpecReason's code, the CMDP seed's Appendix A, the cascade seed's Table 7); trace is this project's "
+        "earlier wording.",
+    ),
     batch: int = typer.Option(None, "--batch", help="Steps per engine call (default: 64 for prm, 256 otherwise)."),
 ) -> None:
     """Annotate a trace's steps with a scorer, once, for the routers that read it.
@@ -247,7 +257,9 @@ def score(
     from tracegen.scoring import run_score
 
     with ScoreProgress(scorer, console) as progress:
-        summary = run_score(trace_dir, scorer, model=model, backend=backend, batch=batch, progress=progress)
+        summary = run_score(
+            trace_dir, scorer, model=model, backend=backend, preset=preset, batch=batch, progress=progress
+        )
     console.print(
         f"[green]done[/] {escape(str(trace_dir))}: {summary.new:,} new {escape(scorer)} scores "
         f"({summary.wanted:,} steps to score in all), {summary.seconds:.1f}s",

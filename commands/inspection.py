@@ -8,18 +8,19 @@ import typer
 from rich.markup import escape
 
 from commands.console import console
-from commands.options import FORCE, GRADES, TRACE_DIR, out_option
+from commands.options import FORCE, GRADES, LOCAL_TRACE_DIR, out_option
 from tracestore.errors import TraceError
 
 
 def validate(
-    trace_dir: Path = TRACE_DIR,
+    trace_dir: str = LOCAL_TRACE_DIR,
     repair: bool = typer.Option(
         False,
         "--repair",
         help=(
             "First repair what concurrent or crashed writers left: drop exact duplicate rows, remove temp files and "
-            "uncommitted tokens parts, forget recorded parts that are gone; print each thing done. Takes the "
+            "uncommitted tokens parts, forget recorded parts that are gone, move files of the table folders that "
+            "no writer recorded and no reader can read to _quarantine/; print each thing done. Takes the "
             "trace's writer lock."
         ),
     ),
@@ -44,7 +45,7 @@ def validate(
     )
 
 
-def info(trace_dir: Path = TRACE_DIR) -> None:
+def info(trace_dir: str = LOCAL_TRACE_DIR) -> None:
     """Problems, worlds, steps and generated tokens per model, single-model accuracy, size of the tables on disk
     (other files in the trace's folder are listed apart)."""
     from analysis.info import print_info, trace_info
@@ -53,7 +54,7 @@ def info(trace_dir: Path = TRACE_DIR) -> None:
 
 
 def sql(
-    trace_dir: Path = TRACE_DIR,
+    trace_dir: str = LOCAL_TRACE_DIR,
     query: str = typer.Argument(
         ...,
         help="One DuckDB query (SELECT, WITH, FROM, DESCRIBE, ...) over the views problems, steps, tokens, grades, "
@@ -69,6 +70,11 @@ def sql(
     force: bool = FORCE,
     max_rows: int = typer.Option(50, "--max-rows", help="Rows to print (without --out)."),
     grades: str = GRADES,
+    memory_limit: str = typer.Option(
+        None,
+        "--memory-limit",
+        help="Memory the query may use, e.g. 4GB (default: DuckDB's, 80% of this machine's); nothing spills to disk.",
+    ),
 ) -> None:
     """Run a read-only DuckDB query over the trace's Parquet parts, in place.
 
@@ -84,7 +90,7 @@ def sql(
         if name in files:
             raise TraceError(f"--file {name} is given twice")
         files[name] = path
-    result = run_sql(trace_dir, query, files, grades)
+    result = run_sql(trace_dir, query, files, grades, memory_limit)
     if out is None:
         print_result(result, console, max_rows)
     else:

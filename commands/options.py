@@ -26,6 +26,7 @@ def trace_dir_argument(help: str = "Trace directory.") -> Any:
 
 
 TRACE_DIR = trace_dir_argument()
+LOCAL_TRACE_DIR = trace_dir_argument("Trace directory: a path, or a file:// URL.")  # an argument of type str
 GENERATED_TRACE_DIR = trace_dir_argument("Trace directory (written by trace gen).")
 
 

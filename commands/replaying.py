@@ -24,11 +24,13 @@ from commands.options import (
 )
 from replay import api
 from replay.artifacts import describe_record
+from replay.params import STREAM_STATES, SweepLimits
 from replay.routers import ROUTERS
 from tracestore.errors import TraceError
+from tracestore.remote import open_remote
 
 
-def _replay_table(result, swept: list[str], title: str, max_rows: int = 21):
+def _replay_table(result, swept: list[str], title: str, idle: tuple[str, ...] = (), max_rows: int = 21):
     """Rich table of a replay summary, one row per configuration (evenly thinned for long sweeps)."""
     import json
 
@@ -37,21 +39,26 @@ def _replay_table(result, swept: list[str], title: str, max_rows: int = 21):
     from replay.params import params_text
 
     summary = result.summary()
-    rows = summary.to_dicts()
-    if len(rows) > max_rows:
-        step = -(-(len(rows) - 1) // (max_rows - 1))
-        rows = rows[::step] + ([rows[-1]] if (len(rows) - 1) % step else [])
+    shown = range(summary.height)
+    if summary.height > max_rows:  # thinned before rows become dicts: a sweep may have millions
+        step = -(-(summary.height - 1) // (max_rows - 1))
+        shown = [*shown[::step], *([shown[-1]] if (summary.height - 1) % step else [])]
+    rows = summary[list(shown)].to_dicts()
     table = Table(
         title=title,
         caption=f"{len(rows)} of {summary.height} configurations shown" if len(rows) < summary.height else None,
     )
     table.add_column("Router")
     table.add_column("Params")
-    for name in ("Acc", f"Cost ({result.cost_unit})", "A/C", "Large steps", "Misses"):
+    for name in ("Acc", f"Cost ({result.cost_unit})", f"A/C ({result.a_over_c_unit})", "Large steps", "Misses"):
         table.add_column(name, justify="right")
     for row in rows:
         params = json.loads(row["params"])
-        shown = {k: params[k] for k in swept} if swept else {k: v for k, v in params.items() if v not in ("", None)}
+        shown = (
+            {k: params[k] for k in swept}
+            if swept
+            else {k: v for k, v in params.items() if v not in ("", None) and k not in idle}
+        )
         table.add_row(
             row["router"],
             escape(params_text(shown, separator=" ")),
@@ -158,11 +165,25 @@ def replay(
     out: Path = out_option("Parquet file for per-problem outcomes (one row per problem x world x configuration)."),
     force: bool = FORCE,
     max_configs: int = typer.Option(
-        parameter_default(api.replay, "max_configs"),
+        parameter_default(SweepLimits, "max_configs"),
         "--max-configs",
-        help="Most configurations a sweep may have; a larger grid is refused, naming its size and memory.",
+        help=(
+            "Most configurations a sweep may have; a larger grid is refused, naming its size and memory. The "
+            f"outcomes of more than {STREAM_STATES:,} walk states (configurations x problems x worlds) are streamed "
+            "to a file instead of held in memory."
+        ),
     ),
     grades: str = GRADES,
+    memory_check: bool = typer.Option(
+        parameter_default(SweepLimits, "memory_check"),
+        "--memory-check/--no-memory-check",
+        help="Refuse a sweep whose memory estimate exceeds the memory available (--no-memory-check: run it anyway).",
+    ),
+    timeout: float = typer.Option(
+        parameter_default(open_remote, "timeout"),
+        "--timeout",
+        help="Seconds a trace at a URL (s3://, gs://, ...) has to open; an unreachable store is named after that.",
+    ),
 ) -> None:
     """Replay a router on a cached trace (CPU only) and print accuracy, cost, A/C, large-step share and misses.
 
@@ -202,7 +223,7 @@ def replay(
     if fit_on is not None:
         chosen = api.fit(chosen, fit_on, splits=splits, grades=grades)
     result = api.replay(
-        trace_dir,
+        api.open_trace(trace_dir, timeout=timeout),
         chosen,
         sweep=sweep,
         split=split,
@@ -211,13 +232,14 @@ def replay(
         worlds=world_list,
         splits=splits,
         allow_overlap=allow_overlap,
-        max_configs=max_configs,
         grades=grades,
+        limits=SweepLimits(max_configs, memory_check),
     )
     seconds = time.perf_counter() - started
     title = escape(f"{trace_dir}: split {split}, cost {cost} (mean per query)")
     swept = [text.partition("=")[0].strip() for text in sweep]
-    console.print(_replay_table(result, swept, title))
+    idle = chosen.idle_params(chosen.get_params())  # e.g. a cascade's t_ik without P(IK)
+    console.print(_replay_table(result, [name for name in swept if name not in idle], title, idle))
     console.print(f"replayed {chosen.name} in {seconds:.2f}s", highlight=False)
     for record in chosen.fitted_on_:
         console.print(f"fitted: {escape(describe_record(record))}", highlight=False)
@@ -234,7 +256,7 @@ def replay(
     misses = api.miss_list(result)
     if misses:
         console.print(
-            f"[yellow]{result.outcomes['misses'].sum():,} walks missed {len(misses):,} distinct uncached "
+            f"[yellow]{result.summary()['misses'].sum():,} walks missed {len(misses):,} distinct uncached "
             "(node, model) steps or scores; their accuracy and cost are left out. First:[/]"
         )
         for miss in misses[:5]:
@@ -244,5 +266,5 @@ def replay(
                 highlight=False,
             )
     if out is not None:
-        api.write_outcomes(result.outcomes, out, force=force)
-        console.print(f"wrote {result.outcomes.height:,} outcomes to {escape(str(out))}", highlight=False)
+        result.write_outcomes(out, force=force)
+        console.print(f"wrote {result.n_outcomes:,} outcomes to {escape(str(out))}", highlight=False)

@@ -68,7 +68,8 @@ def train_policy_command(
         "--features",
         help=(
             "Observation: comma-separated steps columns and/or difficulty (default: "
-            f"{','.join(Hyperparameters.features)})."
+            f"{','.join(Hyperparameters.features)}; is_final is constant, so observed as 0, under --escalate after, "
+            "where every decision follows a non-final step, and informs --escalate replace)."
         ),
     ),
     escalate: str = typer.Option(
@@ -82,13 +83,16 @@ def train_policy_command(
     ),
     cost: str = cost_option(
         "Per-step cost the policy minimises, as trace replay --cost adds it up: flops (TFLOPs of generated "
-        "tokens), flops+prefill, kaplan, api (USD; --price), an installed cost model or FILE.py:Class, or tokens "
+        "tokens), flops+prefill, kaplan, api (US cents at --price prices), an installed cost model or "
+        "FILE.py:Class, or tokens "
         "(large-model generated tokens).",
         Hyperparameters.cost,
     ),
     price: list[str] = price_option(
-        "With --cost api: prices ROLE=input/cached/output in USD per 1M tokens, repeatable; without any, "
-        "GPT-4.1-mini rates for both models (as trace replay)."
+        "With --cost api (which counts US cents): a price per model role or scorer of the trace, once each, "
+        "repeatable, as trace replay takes them: ROLE=MODEL (gpt-4.1-mini, gpt-4o-mini, ...), "
+        "ROLE=input/cached/output in USD per 1M tokens, or ROLE=0 for a free (open) model; every role needs one, "
+        "there is no default."
     ),
     eta_decay: float = typer.Option(
         Hyperparameters.eta_decay,

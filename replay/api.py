@@ -25,19 +25,22 @@ from typing import Any
 import polars as pl
 
 from replay.costs import COSTS, Price, parse_prices
-from replay.params import DEFAULT_MAX_CONFIGS, parse_param, parse_sweeps
-from replay.results import ReplayResult, miss_list
+from replay.params import SweepLimits, parse_param, parse_sweeps
+from replay.results import ReplayResult, miss_list, write_outcomes
 from replay.routers import ROUTERS, make_router
 from replay.routers.base import Router
-from replay.run import fit_router, replay_trace, write_outcomes
+from replay.run import fit_router, replay_trace
 from replay.splits import SplitSpec
 from replay.stepwise import StepRouter
 from tracestore.errors import TraceError
+from tracestore.remote import RemoteTrace, is_uri
 from tracestore.store import Trace, open_trace
+from tracestore.watch import check_unchanged, table_listing
 
 __all__ = [
     "ReplayResult",
     "SplitSpec",
+    "SweepLimits",
     "fit",
     "miss_list",
     "parse_param",
@@ -94,7 +97,7 @@ def fit(
 
 
 def replay(
-    trace: str | os.PathLike | Trace,
+    trace: str | os.PathLike | Trace | RemoteTrace,
     router: Any,
     *,
     params: Mapping[str, Any] | Sequence[str] | None = None,
@@ -105,8 +108,8 @@ def replay(
     worlds: Sequence[int] | None = None,
     splits: SplitSpec | None = None,
     allow_overlap: bool = False,
-    max_configs: int = DEFAULT_MAX_CONFIGS,
     grades: str | None = None,
+    limits: SweepLimits = SweepLimits(),
 ) -> ReplayResult:
     """Fit ``router`` on the trace's train split (unless it is fitted already, e.g. by ``fit`` on another trace)
     and replay it on ``split`` (train, calibration, test or all), as ``splits`` divides the problems (default: a
@@ -118,34 +121,43 @@ def replay(
     final steps (default: the steps' own; others are written by `trace regrade`). ``cost``: flops,
     flops+prefill, kaplan, api (with ``prices``: role -> Price, or `--price` strings) or an installed cost
     model. Replaying one split whose problems the router's fit saw is refused unless ``allow_overlap``.
-    Returns the outcomes (``.outcomes``, one row per configuration, problem and world), the
-    ``.summary()`` per configuration and the ``.misses`` (steps or scores the trace lacks), the same ones
-    `trace replay` prints and writes.
+    ``trace``: a path or URL, or a trace opened with ``open_trace`` (at a URL, with a ``timeout`` of
+    its own). ``limits``: how many configurations a sweep may have, and whether a sweep whose memory estimate
+    exceeds the memory available is refused (a sweep of more than params.STREAM_STATES walk states streams its
+    outcomes to a file instead of holding them). Returns the outcomes (``.outcomes``, one row per
+    configuration, problem and world), the ``.summary()`` per configuration and the ``.misses`` (steps or
+    scores the trace lacks), the same ones `trace replay` prints and writes. A local trace's table folders are
+    listed before and after: if the router's code wrote there, a TraceError names the files instead.
     """
     chosen = _chosen(router, params)
     if prices is not None and not isinstance(prices, Mapping):
         prices = parse_prices(list(prices))
-    root = trace.root if isinstance(trace, Trace) else trace
-    return replay_trace(
-        root,
+    root = trace.root if isinstance(trace, (Trace, RemoteTrace)) else trace
+    listed = None if is_uri(root) else table_listing(root)
+    result = replay_trace(
+        trace,
         chosen,
-        sweep=parse_sweeps(sweep, max_configs),
+        sweep=parse_sweeps(sweep, limits.max_configs, limits.memory_check),
         split=split,
         cost=cost,
         prices=dict(prices) if prices else None,
         worlds=list(worlds) if worlds is not None else None,
         splits=splits or SplitSpec(),
         allow_overlap=allow_overlap,
-        max_configs=max_configs,
+        max_configs=limits.max_configs,
         grades=grades,
+        memory_check=limits.memory_check,
     )
+    if listed is not None:
+        check_unchanged(root, listed, f"router {chosen.name}")
+    return result
 
 
 def slow_sweep_hint(router: Router, result: ReplayResult, seconds: float) -> str | None:
     """A suggestion to write the vectorised form, when a per-step router's replay took long."""
     if not isinstance(router, StepRouter) or seconds < SLOW_SECONDS:
         return None
-    n_configs = result.outcomes["config"].n_unique()
+    n_configs = result.summary().height
     return (
         f"{router.name} is a per-step router: {n_configs:,} configuration(s) took {seconds:.1f}s, one Python call "
         "per draft and configuration. For sweeps write it as a vectorised DraftRouter (draft_signal: one number "

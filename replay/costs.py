@@ -5,9 +5,15 @@
 - ``flops+prefill``: also 2·N per prompt token processed (a step's ``n_new_prefill_tokens``, under
   prefix caching; a scorer call's whole context).
 - ``kaplan`` (the cascade seed's eq. 2): per generated token 2·N + 2·n_layer·n_ctx·d_model, with
-  n_ctx the tokens before it.
+  n_ctx the tokens before it and N Kaplan's non-embedding parameter count (trace.json
+  ``n_params_non_embedding``).
 - ``api``: US cents, at explicit per-role (or per-scorer) prices in USD per 1M input / cached input /
   output tokens. Cached input is the prefix-cache reuse ``n_prompt_tokens - n_new_prefill_tokens``.
+
+Each model also states its A/C (accuracy per cost) as the seed table in its units prints it:
+``a_over_c_unit`` in words and ``a_over_c_scale``, with A/C = a_over_c_scale x accuracy (0-1) / mean cost
+per query. FLOPs (the CMDP seed's Table 1): accuracy in % per TFLOP (85.2 / 0.973 = 87.56); API (its
+Table 2): accuracy as a fraction per US cent (0.952 / 0.0293 = 32.4).
 
 Every model turns the steps table into two arrays (decode and prefill cost per step row) and prices
 scorer calls from their ``n_tokens_processed`` and the tokens a call generates (trace.json
@@ -32,9 +38,9 @@ from replay.registry import Registry, check_subclass
 from tracestore.errors import TraceError
 from tracestore.schema import Manifest
 
+NON_EMBEDDING = "n_params_non_embedding"  # trace.json: a model's parameters without its vocabulary embeddings
 FLOPS_UNIT = 1e12  # FLOPs costs are reported in TFLOPs per query
 CENTS_PER_USD = 100
-A_OVER_C_SCALE = 100  # A/C as the seeds print it: accuracy in % per cost unit (per 10^12 FLOPs, per US cent)
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,12 @@ class CostModel:
     name: str
     unit: str
     convention: str
+    a_over_c_scale: float = 1.0  # A/C = a_over_c_scale x accuracy (0-1) / mean cost per query
+
+    @property
+    def a_over_c_unit(self) -> str:
+        """What one A/C number means, in words (a subclass names its seed table's unit)."""
+        return f"accuracy (0-1) per {self.unit}"
 
     def step_costs(self, steps: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(decode, prefill) cost of each step row."""
@@ -179,6 +191,8 @@ class FlopsCost(CostModel):
     name = "flops"
     unit = "TFLOPs"
     convention = "2·N FLOPs per generated token, models and scorers alike; prefill not counted (the seeds')"
+    a_over_c_unit = "accuracy % per TFLOP"  # the CMDP seed's Table 1
+    a_over_c_scale = 100.0
     include_prefill = False
 
     def __init__(self, manifest: Manifest, prices: dict[str, Price] | None = None):
@@ -228,11 +242,17 @@ class FlopsPrefillCost(FlopsCost):
 
 @COSTS.register
 class KaplanCost(CostModel):
-    """The cascade seed's eq. (2): per generated token 2·N + 2·n_layer·n_ctx·d_model; in TFLOPs."""
+    """The cascade seed's eq. (2): per generated token 2·N + 2·n_layer·n_ctx·d_model, N the non-embedding
+    parameters (Kaplan et al.'s N); in TFLOPs."""
 
     name = "kaplan"
     unit = "TFLOPs"
-    convention = "per generated token 2·N + 2·n_layer·n_ctx·d_model FLOPs, n_ctx = tokens before it (Kaplan et al.)"
+    convention = (
+        "per generated token 2·N + 2·n_layer·n_ctx·d_model FLOPs, N = non-embedding parameters, n_ctx = tokens "
+        "before it (Kaplan et al.)"
+    )
+    a_over_c_unit = FlopsCost.a_over_c_unit
+    a_over_c_scale = FlopsCost.a_over_c_scale
 
     def __init__(self, manifest: Manifest, prices: dict[str, Price] | None = None):
         self.shapes = {role: self._shape(f"models.{role}", model) for role, model in manifest.models.items()}
@@ -240,10 +260,11 @@ class KaplanCost(CostModel):
 
     @staticmethod
     def _shape(where: str, info: dict) -> tuple[float, float, float]:
-        for field in ("n_params", "n_layer", "d_model"):
+        for field in (NON_EMBEDDING, "n_layer", "d_model"):
             if not info.get(field):
-                raise TraceError(f"cost model kaplan needs trace.json {where}.{field}")
-        return float(info["n_params"]), float(info["n_layer"]), float(info["d_model"])
+                why = " (Kaplan's N, which leaves out the embeddings)" if field == NON_EMBEDDING else ""
+                raise TraceError(f"cost model kaplan needs trace.json {where}.{field}{why}")
+        return float(info[NON_EMBEDDING]), float(info["n_layer"]), float(info["d_model"])
 
     @staticmethod
     def _generation(shape: np.ndarray, context: np.ndarray, generated: np.ndarray) -> np.ndarray:
@@ -257,7 +278,7 @@ class KaplanCost(CostModel):
         keys = keys if isinstance(keys, pl.Series) else pl.Series(keys, dtype=pl.String)
         lacking = sorted(set(keys.unique().to_list()) - set(shapes))
         if lacking:
-            raise TraceError(f"cost model kaplan needs n_params, n_layer and d_model of {', '.join(lacking)}")
+            raise TraceError(f"cost model kaplan needs {NON_EMBEDDING}, n_layer and d_model of {', '.join(lacking)}")
         return np.column_stack([_lookup(keys, {key: shape[i] for key, shape in shapes.items()}) for i in range(3)])
 
     def step_costs(self, steps):
@@ -271,7 +292,7 @@ class KaplanCost(CostModel):
         if described.generated == 0:
             return generated
         shapes = dict(self.shapes)
-        if described.info.get("n_params"):
+        if described.info.get("n_params") or described.info.get(NON_EMBEDDING):
             shapes[scorer] = self._shape(f"scorers.{scorer}", described.info)
         shape = self._shapes_of(described.keys(len(generated), step_roles), shapes)
         return self._generation(shape, n_tokens_processed.astype(np.float64) - generated, generated)
@@ -287,6 +308,8 @@ class ApiCost(CostModel):
 
     name = "api"
     unit = "US cents"
+    a_over_c_unit = "accuracy (0-1) per US cent"  # the CMDP seed's Table 2
+    a_over_c_scale = 1.0
     convention = (
         "US cents at the given prices per 1M tokens; cached input = n_prompt_tokens - n_new_prefill_tokens "
         "(the trace's prefix-cache reuse); a scorer call's context is uncached input"

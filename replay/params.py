@@ -2,14 +2,16 @@
 configurations a replay walks, and parameters written as text (results, report labels and tables, terminal).
 
 Each check lives here once: ``check_sweep`` (the router's parameters, and which of them a sweep varies over
-which values; before anything is fitted) and ``check_grid_size`` (how many configurations, and the memory
-their walks take).
+which values; before anything is fitted), ``check_grid_size`` (how many configurations, and the memory
+their walks take) and ``check_memory`` (a sweep's memory estimate against the memory available, before
+anything is built).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
+import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +26,65 @@ DEFAULT_MAX_CONFIGS = 20_000
 # Peak memory per walk state, for the estimate a refusal names: measured replaying RSD sweeps of 0.2M-2M
 # states on the toy demo trace, 450-670 bytes (the outcomes keep ~135; the rest is working copies).
 BYTES_PER_STATE = 600
+# Memory per configuration besides its walk states (its parameters, their JSON, its summary row): measured
+# replaying random sweeps of 20k-200k configurations on a 6-walk trace, ~930 bytes.
+BYTES_PER_CONFIG = 1_000
+# A replay of more walk states than this does not hold its outcomes in memory: configurations are walked in
+# blocks of at most STREAM_BLOCK_STATES states, each block's outcomes appended to a Parquet file. What stays
+# is each configuration's summary row and misses: measured on 1M-2M configurations of random on a 6-walk
+# trace, ~225 bytes a configuration.
+STREAM_STATES = 4_000_000
+STREAM_BLOCK_STATES = 524_288
+BYTES_PER_STREAMED_CONFIG = 300
+
+
+def sweep_memory(n_configs: int, n_walks: int = 1) -> int:
+    """Bytes a replay of ``n_configs`` configurations of ``n_walks`` walks each needs at its peak, estimated
+    (its outcomes streamed to disk beyond STREAM_STATES walk states)."""
+    states = n_configs * n_walks
+    if states > STREAM_STATES:
+        return n_configs * BYTES_PER_STREAMED_CONFIG + STREAM_BLOCK_STATES * BYTES_PER_STATE
+    return n_configs * BYTES_PER_CONFIG + states * BYTES_PER_STATE
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can give a process now without swapping (Linux's MemAvailable, else the
+    free pages), or None where it does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _gigabytes(n_bytes: int) -> str:
+    gigabytes = n_bytes / 1e9
+    return f"{gigabytes:,.0f} GB" if gigabytes >= 100 else f"{gigabytes:.3g} GB"
+
+
+def check_memory(what: str, needed: int) -> None:
+    """Refuse a run estimated to need more memory than is available, naming both (``what`` says what it is)."""
+    available = available_memory()
+    if available is not None and needed > available:
+        raise TraceError(
+            f"{what} needs about {_gigabytes(needed)} of memory, but {_gigabytes(available)} is available; use "
+            "coarser steps, or pass --no-memory-check to run it anyway"
+        )
+
+
+@dataclass(frozen=True)
+class SweepLimits:
+    """How large a sweep may grow: at most ``max_configs`` configurations (`--max-configs`), and with
+    ``memory_check`` (`--memory-check`) no larger a memory estimate than the memory available."""
+
+    max_configs: int = DEFAULT_MAX_CONFIGS
+    memory_check: bool = True
 
 
 def parse_param(text: str) -> tuple[str, str]:
@@ -34,9 +95,10 @@ def parse_param(text: str) -> tuple[str, str]:
     return name.strip(), value.strip()
 
 
-def parse_sweep(text: str, max_configs: int = DEFAULT_MAX_CONFIGS) -> tuple[str, np.ndarray]:
+def parse_sweep(text: str, max_configs: int = DEFAULT_MAX_CONFIGS, memory_check: bool = True) -> tuple[str, np.ndarray]:
     """``tau=0:1:0.01`` (start:stop:step, stop included) or ``tau=0.3,0.5,0.7`` -> (name, values).
-    A range of more than ``max_configs`` values is refused before it is built."""
+    A range of more than ``max_configs`` values, or (``memory_check``) one whose configurations alone would
+    need more memory than is available, is refused before it is built."""
     name, sep, value = text.partition("=")
     name, value = name.strip(), value.strip()
     usage = f"--sweep must look like name=start:stop:step (step > 0, stop >= start) or name=v1,v2,..., got {text!r}"
@@ -51,9 +113,11 @@ def parse_sweep(text: str, max_configs: int = DEFAULT_MAX_CONFIGS) -> tuple[str,
             count = int(np.floor(steps + 1e-9 * max(1.0, steps))) + 1  # stop included despite rounding
             if count > max_configs:
                 raise TraceError(
-                    f"--sweep {text} has {count:,} values; at most {max_configs:,} configurations run "
-                    "(use a coarser step, or raise --max-configs)"
+                    f"--sweep {text} has {count:,} values (at least {_gigabytes(sweep_memory(count))} of memory); "
+                    f"at most {max_configs:,} configurations run (use a coarser step, or raise --max-configs)"
                 )
+            if memory_check:
+                check_memory(f"--sweep {text} ({count:,} values)", sweep_memory(count))
             values = np.round(start + step * np.arange(count), 12)
         else:
             values = np.array([float(part) for part in value.split(",")])
@@ -63,10 +127,10 @@ def parse_sweep(text: str, max_configs: int = DEFAULT_MAX_CONFIGS) -> tuple[str,
 
 
 def parse_sweeps(
-    sweep: Mapping[str, Any] | Sequence[str] | None, max_configs: int = DEFAULT_MAX_CONFIGS
+    sweep: Mapping[str, Any] | Sequence[str] | None, max_configs: int = DEFAULT_MAX_CONFIGS, memory_check: bool = True
 ) -> dict[str, np.ndarray]:
     """``{"tau": "0:1:0.05"}``, ``{"tau": [0.3, 0.5]}`` or ``["tau=0:1:0.05"]`` (as `--sweep`) -> arrays; a
-    parameter given twice is refused."""
+    parameter given twice is refused (a range checked as ``parse_sweep`` checks it)."""
     if max_configs < 1:
         raise TraceError(f"--max-configs must be at least 1, got {max_configs}")
     if not sweep:
@@ -82,7 +146,7 @@ def parse_sweeps(
             else:
                 values[name] = np.asarray(given, dtype=float).reshape(-1)
     for text in texts:
-        name, array = parse_sweep(text, max_configs)
+        name, array = parse_sweep(text, max_configs, memory_check)
         if name in values:
             raise TraceError(f"--sweep {name} is given twice")
         values[name] = array
@@ -91,16 +155,22 @@ def parse_sweeps(
 
 @dataclass(frozen=True)
 class Configs:
-    """The configurations of one replay: their full parameter dicts and the swept values as arrays."""
+    """The configurations of one replay: the router's parameters, and each sweepable one's value in every
+    configuration as an array (a configuration's full dict is built when asked for, a block at a time)."""
 
-    params: list[dict]
+    base: dict
     values: dict[str, np.ndarray]
 
     def __len__(self) -> int:
-        return len(self.params)
+        return len(next(iter(self.values.values()))) if self.values else 1
+
+    @property
+    def params(self) -> list[dict]:
+        columns = {name: values.tolist() for name, values in self.values.items()}
+        return [{**self.base, **{name: column[i] for name, column in columns.items()}} for i in range(len(self))]
 
     def take(self, index: slice) -> Configs:
-        return Configs(self.params[index], {name: values[index] for name, values in self.values.items()})
+        return Configs(self.base, {name: values[index] for name, values in self.values.items()})
 
 
 def check_sweep(router, sweep: Mapping[str, np.ndarray]) -> None:
@@ -116,20 +186,33 @@ def check_sweep(router, sweep: Mapping[str, np.ndarray]) -> None:
         router.check_values(name, values, "--sweep")
 
 
-def check_grid_size(sweep: dict[str, np.ndarray], max_configs: int, n_walks: int | None = None) -> None:
-    """Refuse a grid of more than ``max_configs`` configurations, naming its size (in walk states and
-    memory too, given the ``n_walks`` walked per configuration)."""
+def _grid_size(sweep: Mapping[str, np.ndarray], n_walks: int | None) -> tuple[int, str]:
+    """The number of configurations of a grid, and its size in words (in walk states too, given the
+    ``n_walks`` walked per configuration)."""
     sizes = [len(values) for values in sweep.values()]
-    n_configs = int(np.prod(sizes, dtype=float))
-    if n_configs <= max_configs:
-        return
+    n_configs = math.prod(sizes)
     size = f"{' x '.join(map(str, sizes))} = {n_configs:,} configurations"
     if n_walks is not None:
-        states = n_configs * n_walks
-        size += f" x {n_walks:,} walks = {states:,} walk states (about {states * BYTES_PER_STATE / 1e9:.3g} GB)"
-    raise TraceError(
-        f"--sweep gives {size}; at most {max_configs:,} configurations run (use coarser steps, or raise --max-configs)"
-    )
+        size += f" x {n_walks:,} walks = {n_configs * n_walks:,} walk states"
+    return n_configs, size
+
+
+def check_grid_size(sweep: Mapping[str, np.ndarray], max_configs: int, n_walks: int | None = None) -> None:
+    """Refuse a grid of more than ``max_configs`` configurations, naming its size and memory."""
+    n_configs, size = _grid_size(sweep, n_walks)
+    if n_configs > max_configs:
+        memory = _gigabytes(sweep_memory(n_configs, n_walks or 1))
+        raise TraceError(
+            f"--sweep gives {size} ({'about' if n_walks else 'at least'} {memory}); at most {max_configs:,} "
+            "configurations run (use coarser steps, or raise --max-configs)"
+        )
+
+
+def check_sweep_memory(sweep: Mapping[str, np.ndarray], n_walks: int) -> None:
+    """Refuse a sweep estimated to need more memory than is available (before anything is built)."""
+    if sweep:
+        n_configs, size = _grid_size(sweep, n_walks)
+        check_memory(f"--sweep's {size}", sweep_memory(n_configs, n_walks))
 
 
 def sweep_configs(router, sweep: Mapping[str, np.ndarray] | None) -> Configs:
@@ -138,11 +221,9 @@ def sweep_configs(router, sweep: Mapping[str, np.ndarray] | None) -> Configs:
     base = {**router.get_params(), **router.decision_params()}
     sweep = sweep or {}
     names = list(router.sweepable)
-    grids = [sweep.get(name, np.array([base[name]], dtype=float)) for name in names]
-    combos = list(itertools.product(*grids)) if names else [()]
-    params = [{**base, **{name: float(value) for name, value in zip(names, combo)}} for combo in combos]
-    values = {name: np.array([combo[i] for combo in combos], dtype=float) for i, name in enumerate(names)}
-    return Configs(params, values)
+    grids = [np.asarray(sweep.get(name, [base[name]]), dtype=float) for name in names]
+    axes = np.meshgrid(*grids, indexing="ij") if names else []  # the last parameter varies fastest
+    return Configs(base, {name: axis.reshape(-1) for name, axis in zip(names, axes)})
 
 
 def params_text(params: Mapping[str, Any], separator: str = ", ") -> str:

@@ -5,35 +5,89 @@ Outcomes: router, params (JSON, swept values filled in), config, problem_id, wor
 where the walk missed), answer and correct (null after a miss), cost = cost_<role> (decoding of kept steps, per
 role) + cost_prefill + cost_discarded (drafts thrown away) + cost_scorer, n_<role> kept steps, n_discarded,
 misses (0 or 1: a walk stops at its first miss), cost_model, cost_unit and cost_convention (how the cost model
-counts, in words). The misses are what ``miss_list`` returns for `trace gen --expand closure` (and online
+counts, in words), a_over_c_unit and a_over_c_scale (A/C = a_over_c_scale x accuracy / cost, as the cost model's
+seed table prints it). The misses are what ``miss_list`` returns for `trace gen --expand closure` (and online
 replay) to fill.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import os
+import shutil
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
-from replay.costs import A_OVER_C_SCALE, CostModel
+from replay.costs import CostModel
 from replay.data import ReplayData
 from replay.params import Configs
 from replay.walk import Walk
+from tracestore.atomic import write_atomic
+from tracestore.outputs import check_output_file
 
 
-@dataclass
 class ReplayResult:
-    """Per-(problem, world, configuration) outcomes, the misses, and the roles of the trace."""
+    """Per-(problem, world, configuration) outcomes, the misses, and the roles of the trace.
 
-    outcomes: pl.DataFrame
-    roles: list[str]
-    cost_unit: str
-    misses: pl.DataFrame = field(repr=False)
+    The outcomes of a replay of more than params.STREAM_STATES walk states are not held in memory: they are in
+    the Parquet file ``outcomes_file`` (in the temp folder, deleted with the result), their summary computed as
+    they were written; ``outcomes`` reads them when asked for."""
+
+    def __init__(
+        self,
+        outcomes: pl.DataFrame | None,
+        roles: list[str],
+        cost_unit: str,
+        a_over_c_unit: str,
+        misses: pl.DataFrame,
+        *,
+        outcomes_file: Path | None = None,
+        summary: pl.DataFrame | None = None,
+    ):
+        self._outcomes = outcomes
+        self.roles = roles
+        self.cost_unit = cost_unit
+        self.a_over_c_unit = a_over_c_unit
+        self.misses = misses
+        self.outcomes_file = outcomes_file
+        self._summary = summary
+        if outcomes_file is not None:
+            weakref.finalize(self, outcomes_file.unlink, missing_ok=True)
+
+    @property
+    def outcomes(self) -> pl.DataFrame:
+        return self._outcomes if self._outcomes is not None else pl.read_parquet(self.outcomes_file)
+
+    @outcomes.setter
+    def outcomes(self, outcomes: pl.DataFrame) -> None:
+        self._outcomes = outcomes
+
+    @property
+    def n_outcomes(self) -> int:
+        return self._outcomes.height if self._outcomes is not None else pq.read_metadata(self.outcomes_file).num_rows
 
     def summary(self) -> pl.DataFrame:
-        return summarize(self.outcomes, self.roles)
+        return self._summary if self._summary is not None else summarize(self._outcomes, self.roles)
+
+    def write_outcomes(self, path: str | os.PathLike, *, force: bool = False) -> None:
+        """Write the outcomes to Parquet as ``write_outcomes`` does (streamed ones copied from their file)."""
+        if self.outcomes_file is None:
+            write_outcomes(self._outcomes, path, force=force)
+        else:
+            path = check_output_file(path, force=force)
+            write_atomic(path, lambda temp: shutil.copyfile(self.outcomes_file, temp))
+
+
+def write_outcomes(outcomes: pl.DataFrame, path: str | os.PathLike, *, force: bool = False) -> None:
+    """Write outcomes to Parquet atomically (a temp file renamed over ``path``; an existing file is replaced
+    only with ``force``)."""
+    path = check_output_file(path, force=force)
+    write_atomic(path, lambda temp: outcomes.write_parquet(temp, compression="zstd"))
 
 
 class Walked:
@@ -86,6 +140,7 @@ def assemble(source: OutcomeSource, router, cost_model: CostModel, configs: Conf
         outcomes=outcomes,
         roles=source.roles,
         cost_unit=cost_model.unit,
+        a_over_c_unit=cost_model.a_over_c_unit,
         misses=_misses(source.roles, router, outcomes, walked),
     )
 
@@ -119,6 +174,8 @@ def _outcomes(source: OutcomeSource, router, cost_model: CostModel, configs: Con
         cost_model=pl.lit(cost_model.name, dtype=pl.String),
         cost_unit=pl.lit(cost_model.unit, dtype=pl.String),
         cost_convention=pl.lit(cost_model.convention, dtype=pl.String),
+        a_over_c_unit=pl.lit(cost_model.a_over_c_unit, dtype=pl.String),
+        a_over_c_scale=pl.lit(float(cost_model.a_over_c_scale), dtype=pl.Float64),
     )
 
 
@@ -152,8 +209,8 @@ def miss_list(result: ReplayResult) -> list[dict]:
 
 
 def summarize(outcomes: pl.DataFrame, roles: list[str]) -> pl.DataFrame:
-    """One row per configuration: accuracy and mean cost over the walks that finished, A/C, the share
-    of kept steps written by the largest model, and the number of walks that missed."""
+    """One row per configuration: accuracy and mean cost over the walks that finished, A/C (in the cost model's
+    A/C unit), the share of kept steps written by the largest model, and the number of walks that missed."""
     steps = pl.sum_horizontal(pl.col(f"n_{role}") for role in roles)
     done = pl.col("misses") == 0
     return (
@@ -165,10 +222,11 @@ def summarize(outcomes: pl.DataFrame, roles: list[str]) -> pl.DataFrame:
             cost=pl.col("cost").filter(done).mean(),
             large_steps=pl.col(f"n_{roles[-1]}").filter(done).sum(),
             all_steps=steps.filter(done).sum(),
+            a_over_c_scale=pl.col("a_over_c_scale").first(),
         )
         .with_columns(large_share=pl.when(pl.col("all_steps") > 0).then(pl.col("large_steps") / pl.col("all_steps")))
-        .drop("large_steps", "all_steps")
-        .with_columns(a_over_c=A_OVER_C_SCALE * pl.col("accuracy") / pl.col("cost"))
+        .with_columns(a_over_c=pl.col("a_over_c_scale") * pl.col("accuracy") / pl.col("cost"))
+        .drop("large_steps", "all_steps", "a_over_c_scale")
         .sort("config")
     )
 

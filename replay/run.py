@@ -1,6 +1,7 @@
 """Running a replay: every root of a trace walked by a router for each configuration of a sweep, in blocks,
-and the result assembled; from a trace directory, with the router fitted on its train split (or on another
-trace's: ``fit_router``), the rows its fit saw marked, and its outcomes written.
+and the result assembled; from a trace, with the router fitted on its train split (or on another trace's:
+``fit_router``) and the rows its fit saw marked. A replay of more than
+params.STREAM_STATES walk states streams its outcomes to a Parquet file, a block of configurations at a time.
 
 The checks a replay makes of its router and sweep are replay.params'; the walks are the router's (on
 replay.walk's kernel); the outcomes and misses are replay.results'.
@@ -9,10 +10,16 @@ replay.walk's kernel); the outcomes and misses are replay.results'.
 from __future__ import annotations
 
 import json
+import math
 import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from replay.artifacts import (
     check_setting,
@@ -24,14 +31,22 @@ from replay.artifacts import (
 )
 from replay.costs import CostModel, Price, make_cost_model
 from replay.data import ReplayData
-from replay.params import DEFAULT_MAX_CONFIGS, Configs, check_grid_size, check_sweep, sweep_configs
-from replay.results import OutcomeSource, ReplayResult, Walked, assemble, router_scorer
-from replay.splits import SPLITS, SplitSpec, trace_splits
+from replay.params import (
+    DEFAULT_MAX_CONFIGS,
+    STREAM_BLOCK_STATES,
+    STREAM_STATES,
+    Configs,
+    check_grid_size,
+    check_sweep,
+    check_sweep_memory,
+    sweep_configs,
+)
+from replay.results import OutcomeSource, ReplayResult, Walked, assemble, router_scorer, summarize
+from replay.splits import SPLITS, SplitSpec
 from replay.walk import Costs
-from tracestore.atomic import write_atomic
 from tracestore.errors import TraceError
-from tracestore.outputs import check_output_file
-from tracestore.store import open_trace
+from tracestore.remote import RemoteTrace
+from tracestore.store import Trace, open_trace
 
 # Walk states (problem x world x configuration) walked at once: a larger grid is walked in blocks of roots, each
 # with every configuration. Small enough that a block's working arrays stay in the CPU's caches and its working
@@ -61,7 +76,12 @@ def _walk_configs(
 ) -> tuple[Configs, Walked]:
     """Walk every root of ``data`` with every configuration of the (checked) sweep."""
     configs = sweep_configs(router, sweep)
-    costs = Costs(data, cost_model)
+    # the costs' per-step arrays go before the outcomes' columns are built: a lower peak
+    return configs, _walk(data, router, Costs(data, cost_model), configs)
+
+
+def _walk(data: ReplayData, router, costs: Costs, configs: Configs) -> Walked:
+    """Walk every root of ``data`` with every one of ``configs``."""
     n_roots, n_configs = data.roots.height, len(configs)
     n_nodes = data.tree.children.shape[1]
     walked = Walked(len(data.roles), n_configs, n_roots, np.int32 if n_nodes < 2**31 else np.int64)
@@ -74,11 +94,11 @@ def _walk_configs(
         starts = np.tile(root_nodes[roots], n_configs)
         params = {name: np.repeat(values, len(starts) // n_configs) for name, values in configs.values.items()}
         walked.put(roots, router.walk(data, costs, starts, params))
-    return configs, walked  # the costs' per-step arrays go before the outcomes' columns are built: a lower peak
+    return walked
 
 
 def replay_trace(
-    root: str | os.PathLike,
+    trace: str | os.PathLike | Trace | RemoteTrace,
     router,
     *,
     sweep: dict[str, np.ndarray] | None = None,
@@ -90,11 +110,13 @@ def replay_trace(
     allow_overlap: bool = False,
     max_configs: int = DEFAULT_MAX_CONFIGS,
     grades: str | None = None,
+    memory_check: bool = True,
 ) -> ReplayResult:
-    """Open a trace, fit ``router`` on its train split (and calibration split, for a router that uses one) unless it
-    is fitted already (``fit_router``: on another trace), and replay it on ``split`` (or ``all``) as ``splits``
-    divides the problems, its final steps graded by grade set ``grades`` (default: the steps' own). The sweep is
-    checked (parameters, domains, grid size) before anything is fitted.
+    """Open a trace (or take one opened: at a URL, ``open_trace(uri, timeout=...)``), fit ``router`` on its train
+    split (and calibration split, for a router that uses one) unless it is fitted already (``fit_router``: on
+    another trace), and replay it on ``split`` (or ``all``) as ``splits`` divides the problems, its final steps
+    graded by grade set ``grades`` (default: the steps' own). The sweep is checked (parameters, domains, grid
+    size, and with ``memory_check`` its memory estimate against the memory available) before anything is fitted.
 
     The outcomes say where the router was fitted (``fitted_on``: JSON, one record per fitted part), on which trace
     they were replayed (``replayed_on``: its directory, cache-key digest and setting) and, per row, whether the
@@ -104,7 +126,8 @@ def replay_trace(
     if split not in (*SPLITS, "all"):
         raise TraceError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}, all")
     check_sweep(router, sweep or {})
-    trace = open_trace(root)
+    trace = trace if isinstance(trace, (Trace, RemoteTrace)) else open_trace(trace)
+    root = trace.root
     scorer = router_scorer(router, trace.manifest.roles)
     if scorer and scorer not in trace.manifest.scorers:
         _, _, asked = scorer.partition("@")
@@ -128,7 +151,10 @@ def replay_trace(
     evaluated = data if split == "all" else parts.of(split)
     if evaluated.problems.height == 0:
         raise TraceError(f"split {split!r} of {root} holds no problems ({splits.describe()})")
-    check_grid_size(sweep or {}, max_configs, evaluated.roots.height)
+    n_roots = evaluated.roots.height
+    check_grid_size(sweep or {}, max_configs, n_roots)
+    if memory_check:
+        check_sweep_memory(sweep or {}, n_roots)
     if is_fitted(router):
         for record in router.fitted_on_:
             check_setting(record, trace.manifest, record.get("file") or f"router {router.name}", root)
@@ -137,37 +163,48 @@ def replay_trace(
     fitted_ids = set().union(*(record["problem_ids"] for record in router.fitted_on_))
     if split != "all" and not allow_overlap:
         check_no_overlap(router, evaluated.problems["problem_id"].to_list(), fitted_ids, f"split {split} of {root}")
-    configs, walked = _walk_configs(evaluated, router, cost_model, sweep)
-    missed_score = walked.miss_scorer[walked.miss_role >= 0].any()
-    if scorer and missed_score and data.scores_of(scorer)["value"].is_null().all():
-        raise TraceError(
-            f"router {router.name} reads {scorer} scores, but {root} holds none, although trace.json lists the "
-            f"scorer (the scores were lost); run `trace score {root} --scorer {scorer}`"
-        )
-    source = OutcomeSource.of(evaluated)
-    n_roots = evaluated.roots.height
-    del data, evaluated, parts  # the trace's steps, scores and index are freed before the outcomes are built
-    result = assemble(source, router, cost_model, configs, walked)
-    del source, walked
-    # The outcomes are configuration-major (each configuration's rows are the roots in order), so each root's
-    # split, looked up once, is repeated per configuration: no lookup per outcome row, no intermediate column.
-    root_ids = result.outcomes["problem_id"].head(n_roots)
-    table = trace_splits(trace, splits)
+    scores_lost = bool(scorer) and data.scores_of(scorer)["value"].is_null().all()
+    root_ids = evaluated.roots["problem_id"]
+    table = parts.splits
     root_split = root_ids.replace_strict(table["problem_id"], table["split"], default=None, return_dtype=pl.String)
     root_overlap = root_ids.is_in(pl.Series(sorted(fitted_ids), dtype=pl.String).implode())
-    n_configs = result.outcomes.height // n_roots
+    del parts
+    records = json.dumps([summary_record(record) for record in router.fitted_on_], sort_keys=True)
     replayed_on = {
         "trace": str(root),
         "manifest_digest": manifest_digest(trace.manifest),
         "setting": setting(trace.manifest, [scorer] if scorer else []),
     }
-    result.outcomes = result.outcomes.with_columns(  # the outcomes are not copied
-        split=pl.concat([root_split] * n_configs, rechunk=True),
-        splits=pl.lit(json.dumps(splits.record(), sort_keys=True)),
-        fit_overlap=pl.concat([root_overlap] * n_configs, rechunk=True),
-        fitted_on=pl.lit(json.dumps([summary_record(record) for record in router.fitted_on_], sort_keys=True)),
-        replayed_on=pl.lit(json.dumps(replayed_on, sort_keys=True)),
-    )
+
+    def check_scores(walked: Walked) -> None:
+        if scores_lost and walked.miss_scorer[walked.miss_role >= 0].any():
+            raise TraceError(
+                f"router {router.name} reads {scorer} scores, but {root} holds none, although trace.json lists the "
+                f"scorer (the scores were lost); run `trace score {root} --scorer {scorer}`"
+            )
+
+    def with_split(outcomes: pl.DataFrame) -> pl.DataFrame:
+        # The outcomes are configuration-major (each configuration's rows are the roots in order), so each root's
+        # split, looked up once, is repeated per configuration: no lookup per outcome row, no intermediate column.
+        n_configs = outcomes.height // n_roots
+        return outcomes.with_columns(  # the outcomes are not copied
+            split=pl.concat([root_split] * n_configs, rechunk=True),
+            splits=pl.lit(json.dumps(splits.record(), sort_keys=True)),
+            fit_overlap=pl.concat([root_overlap] * n_configs, rechunk=True),
+            fitted_on=pl.lit(records),
+            replayed_on=pl.lit(json.dumps(replayed_on, sort_keys=True)),
+        )
+
+    if math.prod(len(values) for values in (sweep or {}).values()) * n_roots > STREAM_STATES:
+        configs = sweep_configs(router, sweep)
+        return _replay_streamed(evaluated, router, cost_model, configs, with_split, check_scores)
+    configs, walked = _walk_configs(evaluated, router, cost_model, sweep)
+    check_scores(walked)
+    source = OutcomeSource.of(evaluated)
+    del data, evaluated  # the trace's steps, scores and index are freed before the outcomes are built: a lower peak
+    result = assemble(source, router, cost_model, configs, walked)
+    del source, walked
+    result.outcomes = with_split(result.outcomes)
     return result
 
 
@@ -199,8 +236,52 @@ def summary_record(record: dict) -> dict:
     return {**summary, "n_problems": len(record["problem_ids"])}
 
 
-def write_outcomes(outcomes: pl.DataFrame, path: str | os.PathLike, *, force: bool = False) -> None:
-    """Write outcomes to Parquet atomically (a temp file renamed over ``path``; an existing file is replaced
-    only with ``force``)."""
-    path = check_output_file(path, force=force)
-    write_atomic(path, lambda temp: outcomes.write_parquet(temp, compression="zstd"))
+def _replay_streamed(
+    data: ReplayData,
+    router,
+    cost_model: CostModel,
+    configs: Configs,
+    finish: Callable[[pl.DataFrame], pl.DataFrame],
+    check: Callable[[Walked], None],
+) -> ReplayResult:
+    """A replay too large to hold (see STREAM_STATES): the configurations walked in blocks of at most
+    STREAM_BLOCK_STATES walk states, each block's outcomes (completed by ``finish``) appended to a Parquet file
+    in the temp folder, its summary and misses kept."""
+    source = OutcomeSource.of(data)
+    costs = Costs(data, cost_model)
+    per_block = max(1, STREAM_BLOCK_STATES // data.roots.height)
+    handle, name = tempfile.mkstemp(prefix="trace-outcomes-", suffix=".parquet")
+    os.close(handle)
+    path = Path(name)
+    summaries, misses = [], []
+
+    def blocks() -> Iterator[pa.Table]:
+        for first in range(0, len(configs), per_block):
+            block = configs.take(slice(first, first + per_block))
+            walked = _walk(data, router, costs, block)
+            check(walked)
+            part = assemble(source, router, cost_model, block, walked)
+            outcomes = finish(part.outcomes.with_columns(pl.col("config") + first))
+            summaries.append(summarize(outcomes, source.roles))
+            misses.append(part.misses.with_columns(pl.col("config") + first))
+            yield outcomes.to_arrow()
+
+    try:
+        parts = blocks()
+        head = next(parts)
+        with pq.ParquetWriter(path, head.schema, compression="zstd") as writer:
+            writer.write_table(head)
+            for outcomes in parts:
+                writer.write_table(outcomes)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return ReplayResult(
+        None,
+        source.roles,
+        cost_model.unit,
+        cost_model.a_over_c_unit,
+        pl.concat(misses),
+        outcomes_file=path,
+        summary=pl.concat(summaries),
+    )

@@ -134,6 +134,10 @@ from replay.walk import ESCALATE_MODES
 from tracestore.errors import TraceError
 from tracestore.outputs import check_output_file
 
+# The paper's observation (DESIGN: uncertainty, step index, is-final flag, step length), one default for both
+# escalate modes. is_final informs only escalate=replace (a decision about a final step: escalating rewrites the
+# answer); under escalate=after every decision follows a non-final step, so the flag is constant (mean 0, std falling
+# back to 1) and its observation is 0 at every decision: it stays, and cannot move the policy there.
 DEFAULT_FEATURES = ("conf_max_logit_math", "depth", "is_final", "n_gen_tokens")
 
 
@@ -152,7 +156,7 @@ class Hyperparameters:
     features: tuple[str, ...] = DEFAULT_FEATURES  # observation, names from replay.routers.policy.FEATURES
     escalate: str = "after"  # after: the step that triggers escalation is kept; replace: it is rewritten
     cost: str = "flops"  # a replay cost model (flops, flops+prefill, api) or tokens (large-model generated tokens)
-    prices: tuple[tuple[str, Price], ...] = ()  # api prices by model role (none: GPT-4.1-mini rates, as replay)
+    prices: tuple[tuple[str, Price], ...] = ()  # api prices by model role or scorer (every one needs one)
     hidden: int = 64  # hidden units of the policy and critic MLPs (three layers each)
     gamma: float = 1.0  # discount of success and cost
     rho_bar: float = 2.0  # clip of the V-trace weights rho and of the policy-gradient correction of old batches

@@ -59,20 +59,20 @@ for router in small-only large-only oracle; do
   trace replay "$test" --split all --router "$router" --out "$results/$router.parquet" --force
 done
 replay random --router random --sweep p=0:1:0.1
-replay steer-switch --router steer --param mode=switch --param gmms="$out/steer.json" --sweep tau=0:1:0.05
+replay steer-switch --router steer --param mode=switch --param gmms="$out/steer.json" --sweep tau=0:1:0.1
 replay steer-step --router steer --param mode=step --param gmms="$out/steer.json" --sweep tau=0:1:0.1
-replay rsd --router rsd --sweep tau=0:1:0.05
+replay rsd --router rsd --sweep tau=0:1:0.1
 replay specreason --router specreason --sweep tau=0:9:1
 trace replay "$train" "${halves[@]}" --split calibration --router cascade --param p_true=final_min \
-  --sweep t_true=0:1:0.2 --sweep t_ik=0:0.5:0.1 --out "$calibration/cascade.parquet" --force
+  --sweep t_true=0:1:0.1 --sweep t_ik=0:0.5:0.1 --out "$calibration/cascade.parquet" --force
 trace replay "$test" --split all --router cascade --param p_true=final_min --fit-on "$train" "${halves[@]}" \
-  --sweep t_true=0:1:0.2 --sweep t_ik=0:0.5:0.1 --out "$results/cascade.parquet" --force
+  --sweep t_true=0:1:0.1 --sweep t_ik=0:0.5:0.1 --out "$results/cascade.parquet" --force
 trace replay "$test" --split all --router policy --param path="$out/policy.pt" --out "$results/policy.parquet" --force
 # the ablation: the step that triggered escalation is discarded and rewritten by the large model
 trace replay "$test" --split all --router policy --param path="$out/policy-replace.pt" --param escalate=replace \
   --out "$results/policy-replace.parquet" --force
 replay steer-switch-replace --router steer --param mode=switch --param escalate=replace \
-  --param gmms="$out/steer.json" --sweep tau=0:1:0.05
+  --param gmms="$out/steer.json" --sweep tau=0:1:0.1
 
 trace report "$test" "$results/"*.parquet --split all --pick-on "$calibration" --out "$out/report" \
   --policy-log "$out/policy.log.parquet" --steer-gmm "$out/steer.json" --table cmdp --table cascade

@@ -99,7 +99,7 @@ def test_replay_defaults_are_the_python_apis():
     cli = cli_defaults("replay")
     compared = compare(
         cli,
-        parameter_defaults(api.replay),
+        {**parameter_defaults(api.replay), **dataclass_defaults(api.SweepLimits)},
         renamed={"price": "prices"},
         cli_form={
             "worlds": lambda v: None if v == "all" else v,
@@ -107,7 +107,9 @@ def test_replay_defaults_are_the_python_apis():
             "sweep": lambda v: v or None,
         },
     )
-    assert compared == {"sweep", "split", "cost", "price", "worlds", "allow_overlap", "max_configs", "grades"}
+    assert compared == {
+        "sweep", "split", "cost", "price", "worlds", "allow_overlap", "max_configs", "grades", "memory_check",
+    }  # fmt: skip
     compared = compare(
         cli,
         dataclass_defaults(SplitSpec),

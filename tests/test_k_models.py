@@ -25,6 +25,7 @@ from tracestore.store import open_trace
 
 ROLES = ("m0", "m1", "m2")
 N_PARAMS = {"m0": 0.5e12, "m1": 1e12, "m2": 2e12}
+VOCABULARY = 128  # rows of each model's (tied) embedding matrix, d_model wide
 TOKENS = {"0": 10, "1": 15, "2": 20}
 STEP = {"0": 10.0, "1": 30.0, "2": 80.0}  # TFLOPs of one step: 2 * n_params * tokens / 1e12
 RIGHT = {"111", "222", "002", "022", "012"}  # "012" is not in the comb: only its prefix "01" is
@@ -33,7 +34,15 @@ RIGHT = {"111", "222", "002", "022", "012"}  # "012" is not in the comb: only it
 def three_models():
     return default_manifest(
         models=[
-            {"role": role, "name": f"toy-{role}", "revision": "t", "n_params": n, "n_layer": 2 + i, "d_model": 64}
+            {
+                "role": role,
+                "name": f"toy-{role}",
+                "revision": "t",
+                "n_params": n,
+                "n_params_non_embedding": n - VOCABULARY * 64,
+                "n_layer": 2 + i,
+                "d_model": 64,
+            }
             for i, (role, n) in enumerate(N_PARAMS.items())
         ]
     )
@@ -138,7 +147,12 @@ def test_each_model_alone_and_its_cost(comb3):
 def test_kaplan_cost_reads_every_roles_shape(comb3):
     row = run(comb3, make_router("only", model="m1"), cost="kaplan").outcomes.row(0, named=True)
     flops = run(comb3, make_router("only", model="m1")).outcomes.row(0, named=True)
-    assert row["cost"] > flops["cost"] == 90.0  # the attention term of m1 (n_layer 3, d_model 64) adds to 2N
+    assert flops["cost"] == 90.0
+    # m1's chain "111": 15 tokens a step after 20, 24 and 28 prompt tokens (tracebuild); per token Kaplan's
+    # 2N with N the non-embedding parameters (1e12 - 128 * 64) plus the attention term 2 * n_layer (3) * n_ctx * 64
+    n = N_PARAMS["m1"] - VOCABULARY * 64
+    by_hand = sum(2 * n + 2 * 3 * (context + t) * 64 for context in (20, 24, 28) for t in range(15))
+    assert row["cost"] == pytest.approx(by_hand / 1e12, rel=1e-12)
 
 
 def test_oracle_over_three_models(comb3):
@@ -231,7 +245,7 @@ def test_policy_trains_on_a_three_model_comb(tmp_path):
 def test_cascade_table_lists_every_chain(comb3, tmp_path):
     from analysis.report import build_report
     from analysis.report_inputs import ALL_ROWS, REPORTED_ROWS, ReportOptions
-    from replay.run import write_outcomes
+    from replay.results import write_outcomes
 
     results = tmp_path / "cascade.parquet"
     router = make_router("cascade", models="m0,m2", pik=False, p_true="final_mean")

@@ -14,6 +14,7 @@ from tests.test_gen import options, toy_models  # noqa: F401 - toy_models is a f
 from tests.test_shard_race import assert_same_steps
 from tracegen.distributed import run_distributed
 from tracegen.gen import run_gen
+from tracestore.errors import TraceError
 from tracestore.validate import validate
 
 ray = pytest.importorskip("ray")
@@ -78,6 +79,14 @@ def test_a_killed_worker_is_restarted_and_resumes_from_its_parts(local_ray, toy_
     shard0 = sum(1 for step in open_steps(out) if step.startswith(tuple(summary_problem_ids(out, 0))))
     # the restarted worker's run grew only what its first process had not stored
     assert summary.workers[0].new_steps < shard0
+
+
+def test_a_worker_failure_prints_the_workers_own_error(local_ray, toy_models, tmp_path):  # noqa: F811
+    broken = options(toy_models, tmp_path / "ray", limit=2, engine_kwargs={"device": "no-such-device"})
+    with pytest.raises(TraceError) as failed:
+        run_distributed(broken, workers=1)
+    message = str(failed.value)  # issue 29: not Ray's first line "ray::_Worker.run() (pid=..., ip=...)"
+    assert message == "a Ray worker failed: RuntimeError: Invalid device string: 'no-such-device'"
 
 
 def open_steps(root):

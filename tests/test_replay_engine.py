@@ -14,10 +14,10 @@ from tracebuild import build_trace, comb_steps, default_problem, step_and_tokens
 from replay.costs import make_cost_model
 from replay.data import ReplayData
 from replay.params import params_text, parse_param, parse_sweep
-from replay.results import miss_list
+from replay.results import miss_list, write_outcomes
 from replay.routers import make_router
 from replay.routers.base import DraftRouter
-from replay.run import replay, replay_trace, write_outcomes
+from replay.run import replay, replay_trace
 from replay.splits import SplitSpec, assign_splits
 from replay.walk import DraftRule
 from tracestore.errors import TraceError

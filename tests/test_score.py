@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -213,23 +214,27 @@ def test_the_real_scorers_run_on_the_toy_models(trace, name):
 
 
 def test_the_judge_prompt_is_laid_out_as_specreason_lays_it_out():
-    from tracegen.prompts import JUDGE_PREFILL, JUDGE_REQUEST, judge_prompt_ids
+    from tracegen.prompts import JUDGE_PRESETS, judge_prompt_ids
 
+    preset = JUDGE_PRESETS["specreason"]
     tokenizer = AutoTokenizer.from_pretrained(MODEL_ALIASES["toy-large"])
-    text = tokenizer.decode(judge_prompt_ids(tokenizer, "Compute 2+3.", ["2+3=5", "so \\boxed{5}"]))
+    text = tokenizer.decode(judge_prompt_ids(tokenizer, "Compute 2+3.", ["2+3=5", "so \\boxed{5}"], preset))
     question, steps, request = (
         text.index("Compute 2+3."),
-        text.index("2+3=5\n\nso \\boxed{5}"),
-        text.index(JUDGE_REQUEST),
+        text.index("2+3=5\n\nso \\boxed{5}\n\n<|im_end|>"),  # joined by "\n\n" and followed by one more
+        text.index(preset.request.split("\u2014")[0]),  # the toy vocabulary has no em dash: up to it
     )
-    assert question < steps < request and text.endswith("assistant\n" + JUDGE_PREFILL)
+    assert preset.request.split("\u2014")[1] in text
+    assert question < steps < request and text.endswith("assistant\n" + preset.prefill)
     assert text[question:steps].count("<|im_start|>assistant") == 1  # the steps are the assistant's own turn
 
 
 def test_first_token_confidence_is_the_probability_that_the_reply_starts_with_answer(trace):
     """The cascade seed's P(T) for generation tasks, asked of the model that wrote each final answer: the
     probability of "Answer"'s first token right after the request, computed here with transformers."""
-    from tracegen.prompts import FIRST_TOKEN, FIRST_TOKEN_PROMPT, user_prompt_ids
+    from tracegen.prompts import FIRST_TOKEN_PRESETS
+
+    preset = FIRST_TOKEN_PRESETS["cascade"]  # the default: the seed's Table 7 (system, then "Question: ...")
 
     run_score(trace, "first_token", backend="hf")
     scores = joined(trace, "first_token")
@@ -237,13 +242,19 @@ def test_first_token_confidence_is_the_probability_that_the_reply_starts_with_an
     for role in ("small", "large"):
         tokenizer = AutoTokenizer.from_pretrained(MODEL_ALIASES[f"toy-{role}"])
         model = AutoModelForCausalLM.from_pretrained(MODEL_ALIASES[f"toy-{role}"], dtype=torch.float32).eval()
-        answer = tokenizer.encode(FIRST_TOKEN, add_special_tokens=False)[0]
+        answer = tokenizer.encode("Answer", add_special_tokens=False)[0]
         for row in scores.filter(pl.col("model") == role).iter_rows(named=True):
-            prompt = user_prompt_ids(tokenizer, FIRST_TOKEN_PROMPT.format(question=row["question"]))
+            messages = [
+                {"role": "system", "content": preset.system},
+                {"role": "user", "content": f"Question: {row['question']}"},
+            ]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            prompt = tokenizer.encode(text, add_special_tokens=False)
             with torch.no_grad():
                 probabilities = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double(), -1)
             in_top_k = int((probabilities > probabilities[answer]).sum()) < 20
             expected = float(probabilities[answer]) if in_top_k else 0.0
             assert row["value"] == pytest.approx(expected, abs=1e-4)
             assert row["n_tokens_processed"] == len(prompt) + 1
-    assert open_trace(trace).manifest.scorers["first_token"]["model"] == "self"
+    recorded = open_trace(trace).manifest.scorers["first_token"]
+    assert recorded["model"] == "self" and recorded["preset"] == {"name": "cascade", **asdict(preset)}

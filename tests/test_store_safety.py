@@ -23,6 +23,7 @@ from tracebuild import GENERATED_TOKENS, comb_steps, default_manifest, default_p
 from typer.testing import CliRunner
 
 from cli import app
+from replay import api, params
 from replay import run as replay_run
 from replay.costs import make_cost_model
 from replay.data import ReplayData
@@ -452,13 +453,13 @@ def test_every_numeric_router_parameter_has_a_domain():
 def test_a_huge_sweep_is_refused_before_it_is_built_naming_its_size(comb_trace):
     assert_refused(
         run("replay", comb_trace, "--router", "rsd", "--sweep", "tau=0:1:1e-9"),
-        "has 1,000,000,001 values; at most 20,000 configurations run",
+        "has 1,000,000,001 values (at least 300 GB of memory); at most 20,000 configurations run",
     )
     grid = ["--router", "cascade", "--param", "pik=false", "--param", "p_true=final_min"]
     grid += ["--sweep", "t_true=0:1:0.01", "--sweep", "t_ik=0:1:0.005"]
     assert_refused(
         run("replay", comb_trace, *grid, "--split", "all"),
-        "--sweep gives 101 x 201 = 20,301 configurations x 6 walks = 121,806 walk states (about 0.0731 GB",
+        "--sweep gives 101 x 201 = 20,301 configurations x 6 walks = 121,806 walk states (about 0.0934 GB",
     )
     assert_refused(
         run("replay", comb_trace, "--router", "random", "--sweep", "p=0:1:0.01", "--max-configs", "100"),
@@ -466,6 +467,43 @@ def test_a_huge_sweep_is_refused_before_it_is_built_naming_its_size(comb_trace):
     )
     lifted = run("replay", comb_trace, "--router", "random", "--sweep", "p=0:1:0.01", "--max-configs", "101")
     assert lifted.exit_code == 0, lifted.output
+
+
+def test_a_sweep_beyond_the_memory_available_is_refused_naming_both_numbers(comb_trace, monkeypatch):
+    # issue 29: --max-configs raised, the sweep grew until the kernel killed it (or numpy raised, a traceback)
+    huge = run("replay", comb_trace, "--router", "random", "--sweep", "p=0:1:1e-11", "--max-configs", 10**12)
+    assert_refused(huge, "values) needs about 30,000 GB of memory, but")
+    assert "--no-memory-check" in huge.stderr
+    grid = ["--router", "cascade", "--param", "pik=false", "--param", "p_true=final_min"]
+    grid += ["--sweep", "t_true=0:1:1e-5", "--sweep", "t_ik=0:1:1e-5"]
+    assert_refused(
+        run("replay", comb_trace, *grid, "--split", "all", "--max-configs", 10**11),
+        "--sweep's 100001 x 100001 = 10,000,200,001 configurations x 6 walks = 60,001,200,006 walk states needs "
+        "about 3,000 GB of memory, but",  # outcomes streamed: a summary row a configuration, one block of states
+    )
+    monkeypatch.setattr(params, "available_memory", lambda: 1_000)
+    small = ["replay", comb_trace, "--router", "random", "--sweep", "p=0:1:0.5"]
+    assert_refused(run(*small), "--sweep p=0:1:0.5 (3 values) needs about 4.8e-06 GB of memory, but 1e-06 GB is")
+    assert run(*small, "--no-memory-check").exit_code == 0
+
+
+def test_a_very_large_sweep_streams_its_outcomes_to_disk(comb_trace, monkeypatch, tmp_path):
+    sweep = {"p": "0:1:0.05"}  # 21 configurations x 6 walks
+    held = api.replay(comb_trace, "random", sweep=sweep, split="all")
+    monkeypatch.setattr(replay_run, "STREAM_STATES", 100)
+    monkeypatch.setattr(replay_run, "STREAM_BLOCK_STATES", 24)  # blocks of 4 configurations
+    streamed = api.replay(comb_trace, "random", sweep=sweep, split="all")
+    assert held.outcomes_file is None and streamed.outcomes_file.is_file()
+    assert pq.ParquetFile(streamed.outcomes_file).num_row_groups == 6
+    assert streamed.outcomes.equals(held.outcomes) and streamed.misses.equals(held.misses)
+    assert streamed.summary().equals(held.summary()) and streamed.n_outcomes == held.outcomes.height == 126
+    out = tmp_path / "streamed.parquet"
+    result = run("replay", comb_trace, "--router", "random", "--sweep", "p=0:1:0.05", "--split", "all", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert pl.read_parquet(out).equals(held.outcomes) and "wrote 126 outcomes" in result.stdout
+    file = streamed.outcomes_file
+    del streamed
+    assert not file.exists()  # the temp file goes with its result
 
 
 def test_a_grid_walked_in_chunks_gives_the_same_outcomes(comb_trace, monkeypatch):

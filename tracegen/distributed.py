@@ -185,15 +185,27 @@ def run_distributed(
     try:
         summary.workers = ray.get(runs)
     except ray.exceptions.RayError as error:
-        cause = getattr(error, "cause", None) or error
-        if isinstance(cause, TraceError):
-            raise cause from None
-        raise TraceError(f"a Ray worker failed: {str(error).splitlines()[0]}") from None
+        raise _worker_failure(error) from None
     finally:
         for actor in actors:
             ray.kill(actor)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _worker_failure(error: Exception) -> TraceError:
+    """One line for a failed worker: its own TraceError as it is, another exception of its own by type and
+    message (Ray's first line names only the actor), or Ray's message when the worker process died."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, TraceError):
+        return cause
+    if isinstance(cause, Exception):
+        return TraceError(f"a Ray worker failed: {type(cause).__name__}: {_one_line(cause)}")
+    return TraceError(f"a Ray worker failed: {_one_line(error)}")
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 class RayProgress:

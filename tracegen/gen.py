@@ -37,6 +37,7 @@ from tracegen.models import ModelRef, fetch_model, load_tokenizer, model_manifes
 from tracegen.options import GenOptions
 from tracegen.prompts import SYSTEM_PROMPT, prompt_token_ids
 from tracestore.errors import TraceError
+from tracestore.outputs import check_outside_trace
 from tracestore.schema import model_roles, schema_version_for
 from tracestore.store import Trace, TraceWriter, open_trace
 
@@ -273,6 +274,7 @@ def _close(options: GenOptions, run: GrowthRun, engines: contextlib.ExitStack) -
 
 def _check_options(options: GenOptions) -> None:
     check_backend(options.backend)
+    check_outside_trace(options.out)  # before any model loads
     checks = [
         (options.worlds >= 1, f"--worlds must be at least 1, got {options.worlds}"),
         (options.temperature >= 0, f"--temperature must be >= 0, got {options.temperature}"),

@@ -1,5 +1,5 @@
-"""Where a command may write what it produces (`--out` of replay, sql, train and report): never into a
-trace's tables or bookkeeping, and over an existing file only when told to (``--force``).
+"""Where a command may write what it produces (`--out` of replay, sql, train and report, and a new trace):
+never into a trace's tables or bookkeeping, and over an existing file only when told to (``--force``).
 
 A trace folder may hold other files beside its tables (the demo keeps results, policy and report
 there); only its table folders and files, trace.json, its parts records and its lock are its own.
@@ -11,19 +11,19 @@ import os
 from pathlib import Path
 
 from tracestore.errors import TraceError
-from tracestore.schema import MANIFEST_FILE, TABLES, is_trace_metadata
+from tracestore.schema import MANIFEST_FILE, is_own_entry
 
 
 def check_outside_trace(path: str | os.PathLike, option: str = "--out") -> None:
-    """TraceError if ``path`` is, or lies inside, a table folder, table file or bookkeeping file of a trace."""
+    """TraceError if ``path`` is, or lies inside, a table folder, table file or bookkeeping file of a trace
+    (``option`` names it in the message: the option that gave it, or what it is)."""
     path = Path(path)
     resolved = path.resolve()
     for ancestor in resolved.parents:
         if not (ancestor / MANIFEST_FILE).is_file():
             continue
-        relative = resolved.relative_to(ancestor).as_posix()
-        first = relative.split("/", 1)[0]
-        if first in TABLES or first in {f"{table}.parquet" for table in TABLES} or is_trace_metadata(relative):
+        first = resolved.relative_to(ancestor).parts[0]
+        if is_own_entry(first):
             raise TraceError(
                 f"{option} {path} lies inside the trace {ancestor} ({first}), which only its writers write; "
                 "choose a path outside its table folders"

@@ -34,6 +34,12 @@ def parts_records(root: Path) -> dict[str, dict[str, list[str]]]:
     return {path.stem: read_parts_record(root, path.stem) for path in sorted(directory.glob("*.json"))}
 
 
+def recorded_parts(root: Path) -> set[tuple[str, str]]:
+    """(table, file name) of every part some writer recorded committing."""
+    records = parts_records(root).values()
+    return {(table, name) for record in records for table, names in record.items() for name in names}
+
+
 def write_parts_record(root: Path, writer_id: str, parts: dict[str, list[str]]) -> None:
     """Replace ``writer_id``'s parts record (atomically; tables in schema order, names as given)."""
     path = root / parts_record_file(writer_id)
@@ -42,16 +48,17 @@ def write_parts_record(root: Path, writer_id: str, parts: dict[str, list[str]]) 
     write_atomic(path, (json.dumps(record, indent=1) + "\n").encode())
 
 
-def rerun_hint(root: Path, writer_id: str) -> str:
+def rerun_hint(root: str | Path, writer_id: str) -> str:
     """The command whose rerun grows a writer's rows again."""
     if writer_id.startswith("score_"):
         return f"`trace score {root} --scorer {writer_id.removeprefix('score_')}`"
     return "the `trace gen` command that wrote it"
 
 
-def lost_part_message(root: Path, table: str, name: str, writer_id: str) -> str:
+def lost_part_message(root: str | Path, table: str, name: str, writer_id: str) -> str:
+    """What every reader says of a part that ``writer_id`` recorded and that is gone (``root``: a path or URL)."""
     return (
-        f"{root / table / name} is missing: writer {writer_id} recorded it in {root / parts_record_file(writer_id)}, "
+        f"{root}/{table}/{name} is missing: writer {writer_id} recorded it in {root}/{parts_record_file(writer_id)}, "
         f"so the trace lost its rows; rerun {rerun_hint(root, writer_id)} to grow them again, or "
         f"`trace validate {root} --repair` to forget the part"
     )

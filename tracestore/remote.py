@@ -5,13 +5,22 @@ such as memory://) returns a ``RemoteTrace``: the same reader as a local trace -
 each table, footers checked, light tables' page checksums verified, parts that writers recorded and that
 are gone named -- listing and reading through the filesystem, with Polars scanning the parts through
 pyarrow datasets. Credentials come from the environment, as pyarrow and fsspec read them. Writing
-(gen, score, repair) needs a local or mounted path: a writer's lock is a file lock.
+(gen, score, repair) needs a local or mounted path: a writer's lock is a file lock; so do `validate`,
+`info` and `sql`, which take a file:// URL as the path it names.
+
+A store that does not answer is named within a time limit (``timeout``, `trace replay --timeout`): the
+filesystem and the manifest are opened in a thread that is given up after that long (gs:// also stops
+retrying then), so an unreachable endpoint is one line naming the URL and the cause, never a hang.
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
+import threading
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
@@ -20,21 +29,97 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from tracestore.errors import TraceError
-from tracestore.schema import MANIFEST_FILE, PARTS_DIR, SCHEMAS, TABLES, Manifest, checked_manifest
+from tracestore.parts import lost_part_message
+from tracestore.schema import (
+    MANIFEST_FILE,
+    PARTS_DIR,
+    SCHEMAS,
+    TABLES,
+    Manifest,
+    checked_manifest,
+)
 
 VERIFIED_ON_OPEN = tuple(table for table in TABLES if table != "tokens")  # as tracestore.store.HEAVY_TABLES says
+DEFAULT_TIMEOUT = 30.0  # seconds a store has to open and hand over the manifest
+GCS_SCHEMES = ("gs", "gcs")
 
 
 def _first_line(error: Exception) -> str:
-    return (str(error).splitlines() or [type(error).__name__])[0]
+    line = (str(error).splitlines() or [type(error).__name__])[0]
+    return line.split(" error_info={")[0]  # Google's client appends its whole retry bookkeeping
 
 
-def filesystem_of(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem and path of ``uri``: pyarrow's own (s3, gs, abfs, hdfs, file), else fsspec's."""
+def is_uri(root) -> bool:
+    return isinstance(root, str) and "://" in root
+
+
+def local_path(root: str | Path, command: str) -> Path:
+    """The folder of a trace given as a path or a file:// URL; a trace at any other URL is refused, naming the
+    `trace` subcommand ``command`` that needs a local one."""
+    if not is_uri(root):
+        return Path(root)
+    parsed = urllib.parse.urlsplit(root)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(urllib.parse.unquote(parsed.path))
+    raise TraceError(
+        f"trace {command} reads a local or mounted trace (a path or file:// URL), not {root}; "
+        "trace replay reads one at any URL in place"
+    )
+
+
+def _within(seconds: float, uri: str, call: Callable):
+    """``call()``, given up after ``seconds``: a daemon thread runs it, so a store that never answers holds
+    nothing up (the thread ends with the process, or when the store's own retries do)."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as error:  # handed to the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name=f"open {uri}", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TraceError(
+            f"{uri}: no answer within {seconds:g} s (--timeout): the store is unreachable or slow; check the URL, "
+            "the network and the credentials"
+        )
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _with_retry_limit(uri: str, seconds: float) -> str:
+    """``uri`` with Google Cloud Storage's retries bounded by ``seconds`` (its client retries for 15 minutes)."""
+    parsed = urllib.parse.urlsplit(uri)
+    if parsed.scheme not in GCS_SCHEMES or "retry_limit_seconds" in urllib.parse.parse_qs(parsed.query):
+        return uri
+    query = "&".join(filter(None, [parsed.query, f"retry_limit_seconds={seconds:g}"]))
+    return urllib.parse.urlunsplit(parsed._replace(query=query))
+
+
+def _bounded_s3(filesystem: pafs.S3FileSystem, seconds: float) -> pafs.S3FileSystem:
+    """The same S3 filesystem (its options as pickling gives them) with each request's connection and answer
+    bounded by ``seconds`` and AWS's standard three attempts (a URI gets the SDK's longer retrying)."""
+    options = {**filesystem.__reduce__()[1][0], "connect_timeout": seconds, "request_timeout": seconds}
+    return pafs.S3FileSystem(**options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
+
+
+def filesystem_of(uri: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of ``uri``: pyarrow's own (s3, gs, abfs, hdfs, file), else fsspec's; an
+    object store's requests bounded by ``timeout`` seconds where its client allows."""
     try:
-        return pafs.FileSystem.from_uri(uri)
+        filesystem, path = pafs.FileSystem.from_uri(_with_retry_limit(uri, timeout))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
         pass
+    except OSError as error:  # S3 asks the network for the bucket's region here
+        raise TraceError(f"{uri}: cannot reach the store: {_first_line(error)}") from None
+    else:
+        if isinstance(filesystem, pafs.S3FileSystem):
+            filesystem = _bounded_s3(filesystem, timeout)
+        return filesystem, path
     try:
         import fsspec
     except ImportError:
@@ -94,10 +179,7 @@ class RemoteTrace:
             for writer_id, record in recorded.items():
                 for name in record.get(table, []):
                     if name not in present:
-                        raise TraceError(
-                            f"{self.root}/{table}/{name} is missing: writer {writer_id} recorded it, so the trace "
-                            "lost its rows"
-                        )
+                        raise TraceError(lost_part_message(self.root, table, name, writer_id))
             if self._exists(f"{table}.parquet"):
                 paths.insert(0, posixpath.join(self.path, f"{table}.parquet"))
             for path in paths:
@@ -144,8 +226,15 @@ class RemoteTrace:
         return [info.path for info in self._listing("tokens") if info.base_name not in steps]
 
 
-def open_remote(uri: str) -> RemoteTrace:
-    filesystem, path = filesystem_of(uri)
+def open_remote(uri: str, timeout: float = DEFAULT_TIMEOUT) -> RemoteTrace:
+    """The trace at ``uri``, or a TraceError within ``timeout`` seconds naming the URL and the cause."""
+    if not timeout > 0:
+        raise TraceError(f"--timeout must be above 0 seconds, got {timeout:g}")
+    return _within(timeout, uri, lambda: _open_remote(uri, timeout))
+
+
+def _open_remote(uri: str, timeout: float) -> RemoteTrace:
+    filesystem, path = filesystem_of(uri, timeout)
     manifest_path = posixpath.join(path.rstrip("/"), MANIFEST_FILE)
     try:
         with filesystem.open_input_stream(manifest_path) as stream:
@@ -153,7 +242,7 @@ def open_remote(uri: str) -> RemoteTrace:
     except FileNotFoundError:
         raise TraceError(f"{uri} is not a trace: it has no {MANIFEST_FILE}") from None
     except (OSError, pa.ArrowException) as error:
-        raise TraceError(f"cannot read {uri}/{MANIFEST_FILE}: {_first_line(error)}") from None
+        raise TraceError(f"{uri}: cannot read {MANIFEST_FILE}: {_first_line(error)}") from None
     except ValueError as error:
         raise TraceError(f"{uri}/{MANIFEST_FILE} is not valid JSON ({error})") from None
     return RemoteTrace(uri, filesystem, path, checked_manifest(manifest, f"{uri}/{MANIFEST_FILE}"))

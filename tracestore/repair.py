@@ -1,6 +1,8 @@
 """`trace validate --repair`: undo what writers that ran at the same time, or crashed, left behind.
 
-Under the trace's writer lock (no writer may run meanwhile) it removes writers' temp files and
+Under the trace's writer lock (no writer may run meanwhile) it moves what lies in a table folder, was
+recorded by no writer and cannot be read as a part of that table (a plugin's stray file, a trace grown
+inside the folder) into ``_quarantine/TABLE/``, never deleting it; removes writers' temp files and
 tokens parts whose steps part never landed, forgets parts that writers recorded but that are gone
 (their rows stay lost until the command that wrote them is rerun), and drops every row that is an
 exact copy of an earlier row of its table (all columns equal; parts in name order, rows in file
@@ -21,10 +23,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tracestore.atomic import write_atomic
+from tracestore.boundary import check_no_link_leaves
+from tracestore.errors import TraceError
 from tracestore.lock import WriterLock
-from tracestore.parts import parts_records, write_parts_record
-from tracestore.schema import MANIFEST_FILE, PART_NAME, PARTS_DIR, ROW_KEYS, TABLES
-from tracestore.store import Trace, open_trace, write_parquet
+from tracestore.parts import parts_records, recorded_parts, write_parts_record
+from tracestore.remote import local_path
+from tracestore.schema import MANIFEST_FILE, PART_NAME, PARTS_DIR, QUARANTINE_DIR, ROW_KEYS, TABLES
+from tracestore.store import Trace, check_part, open_trace, verify_part, write_parquet
 
 REPAIR_WRITER = "repair"
 REPAIR_ORDER = (
@@ -44,11 +49,14 @@ class RepairReport:
 
 
 def repair(root: str | os.PathLike) -> RepairReport:
-    """Repair the trace at ``root`` under its writer lock (refused while a writer runs)."""
-    trace = open_trace(root)
+    """Repair the trace at ``root`` (a path or file:// URL) under its writer lock (refused while a writer runs,
+    and for a trace with a symbolic link that leads out of it)."""
+    trace = open_trace(local_path(root, "validate --repair"))
+    check_no_link_leaves(trace.root)
     lock = WriterLock(trace.root, REPAIR_WRITER)
     report = RepairReport()
     try:
+        report.done += _quarantine_strays(trace.root)  # first: a stray tokens file is no leftover to delete
         report.done += _remove_leftovers(trace.root)
         report.done += _forget_lost_parts(trace.root)
         for table in REPAIR_ORDER:
@@ -58,6 +66,45 @@ def repair(root: str | os.PathLike) -> RepairReport:
     finally:
         lock.release()
     return report
+
+
+def _quarantine_strays(root: Path) -> list[str]:
+    """Move every entry of a table folder that no writer recorded and that is not a readable part of its table
+    into QUARANTINE_DIR/TABLE/ (under a free name); writers' hidden temp files are left to _remove_leftovers."""
+    recorded = recorded_parts(root)
+    done = []
+    for table in TABLES:
+        directory = root / table
+        if not directory.is_dir():
+            continue
+        for path in sorted(directory.iterdir()):
+            if path.name.startswith(".") or (table, path.name) in recorded or _readable_part(path, table):
+                continue
+            target = _free_path(root / QUARANTINE_DIR / table / path.name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            path.rename(target)
+            done.append(f"moved {path} to {target}: no writer recorded it and no reader can read it as a {table} part")
+    return done
+
+
+def _readable_part(path: Path, table: str) -> bool:
+    if path.suffix != ".parquet" or not path.is_file():
+        return False
+    try:
+        check_part(path, table)
+        verify_part(path)
+    except TraceError:
+        return False
+    return True
+
+
+def _free_path(path: Path) -> Path:
+    """``path``, or ``path`` with the first suffix .1, .2, ... that names nothing yet."""
+    candidate, number = path, 0
+    while candidate.exists() or candidate.is_symlink():
+        number += 1
+        candidate = path.with_name(f"{path.name}.{number}")
+    return candidate
 
 
 def _remove_leftovers(root: Path) -> list[str]:

@@ -213,6 +213,10 @@ UNKNOWN_TOKEN_ID = -1  # tokens.token_ids of a token that an API named by its te
 # named by its writer id that says who it is.
 LOCK_FILE = ".lock"
 
+# Where `trace validate --repair` moves files of the table folders that no reader can read and no writer
+# recorded (a plugin's stray write, a nested trace), by table: moved aside, never deleted.
+QUARANTINE_DIR = "_quarantine"
+
 
 def part_name(writer_id: str, seq: int, digest: str) -> str:
     return f"part-{writer_id}-{seq:05d}-{digest[:PART_DIGEST_CHARS]}.parquet"
@@ -225,6 +229,12 @@ def parts_record_file(writer_id: str) -> str:
 
 def writer_lock_file(writer_id: str) -> str:
     return f"{LOCK_FILE}-{writer_id}"
+
+
+def is_own_entry(name: str) -> bool:
+    """Whether an entry of a trace root (a name, no slash) is the trace's own: a table folder or file, or
+    bookkeeping."""
+    return name in TABLES or name in {f"{table}.parquet" for table in TABLES} or is_trace_metadata(name)
 
 
 def is_trace_metadata(relative: str) -> bool:

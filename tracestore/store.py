@@ -35,8 +35,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tracestore.atomic import commit, write_atomic, write_temp
+from tracestore.boundary import check_no_link_leaves
 from tracestore.errors import TraceError
 from tracestore.lock import WriterLock, manifest_lock
+from tracestore.outputs import check_outside_trace
 from tracestore.parts import lost_part_message, parts_records, read_parts_record, write_parts_record
 from tracestore.schema import (
     CACHE_KEY_FIELDS,
@@ -89,7 +91,7 @@ def _first_line(error: Exception) -> str:
 # ---------------------------------------------------------------- reader
 
 
-def _check_part(path: Path, table: str) -> None:
+def check_part(path: Path, table: str) -> None:
     """Read the Parquet footer of one part: a truncated or foreign file is named, not a traceback."""
     try:
         schema = pq.read_metadata(path).schema.to_arrow_schema()
@@ -150,7 +152,7 @@ class Trace:
             if single.is_file():
                 paths.insert(0, single)
             for path in paths:
-                _check_part(path, table)
+                check_part(path, table)
                 if table not in HEAVY_TABLES:
                     verify_part(path)
             self._checked[table] = [str(path) for path in paths]
@@ -200,12 +202,13 @@ def _read_verified(path: str, columns: list[str]) -> pa.Table:
         raise TraceError(f"{path} is damaged: {_first_line(error)}") from None
 
 
-def open_trace(root: str | os.PathLike) -> Trace:
-    """The trace at ``root``: a directory, or a URI (s3://, gs://, memory://, ...) read in place (tracestore.remote)."""
+def open_trace(root: str | os.PathLike, *, timeout: float | None = None) -> Trace:
+    """The trace at ``root``: a directory, or a URI (s3://, gs://, memory://, ...) read in place (tracestore.remote),
+    which has ``timeout`` seconds (default: tracestore.remote.DEFAULT_TIMEOUT) to open and hand over its manifest."""
     if isinstance(root, str) and "://" in root:
-        from tracestore.remote import open_remote
+        from tracestore.remote import DEFAULT_TIMEOUT, open_remote
 
-        return open_remote(root)
+        return open_remote(root, DEFAULT_TIMEOUT if timeout is None else timeout)
     root = Path(root)
     if not root.exists():
         raise TraceError(f"trace directory {root} does not exist")
@@ -227,7 +230,8 @@ class TraceWriter:
 
     One writer per trace at a time (see tracestore.lock); the exception is `shard` writers, which each
     grow their own problems under their own `writer_id`. `wait` waits for the lock instead of refusing.
-    Each writer only cleans up its own leftovers.
+    Each writer only cleans up its own leftovers. A trace inside another trace's table folders, or one
+    with a symbolic link among its own files that leads out of it (tracestore.boundary), is refused.
     """
 
     def __init__(
@@ -243,6 +247,8 @@ class TraceWriter:
             raise TraceError(f"writer_id {writer_id!r} must be letters, digits and underscores")
         self.root = Path(root)
         self.writer_id = writer_id
+        check_outside_trace(self.root, "the trace")
+        check_no_link_leaves(self.root)
         if manifest is None and not (self.root / MANIFEST_FILE).is_file():
             raise TraceError(f"{self.root} is not a trace: it has no {MANIFEST_FILE}")
         if self.root.exists() and not self.root.is_dir():

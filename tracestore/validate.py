@@ -1,7 +1,8 @@
 """`trace validate`: check every invariant of a trace, stop at the first violation with one clear sentence.
 
-First every part is read whole through pyarrow with its page checksums verified, so that a damaged file
-is named before anything else reads it; then come the tables' invariants, value ranges included.
+First a symbolic link that leads out of the trace is named (what it points to is not the trace's); then
+every part is read whole through pyarrow with its page checksums verified, so that a damaged file is named
+before anything else reads it; then come the tables' invariants, value ranges included.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from collections.abc import Callable
 
 import polars as pl
 
+from tracestore.boundary import check_no_link_leaves
 from tracestore.errors import TraceError
+from tracestore.remote import local_path
 from tracestore.schema import (
     DEFAULT_GRADES,
     FINISH_REASONS,
@@ -30,8 +33,10 @@ LOGPROB_SLACK = 1e-4
 
 
 def validate(root: str | os.PathLike) -> dict[str, int]:
-    """Raise TraceError on the first violated invariant; otherwise return row counts per table."""
-    trace = open_trace(root)
+    """Raise TraceError on the first violated invariant; otherwise return row counts per table. ``root``: a
+    path or file:// URL."""
+    trace = open_trace(local_path(root, "validate"))
+    check_no_link_leaves(trace.root)
     for table in TABLES:
         files = trace.files(table)  # recorded parts present, footers and column types, pages of the light tables
         if table in HEAVY_TABLES:

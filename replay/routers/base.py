@@ -91,6 +91,11 @@ class Router:
         parameters = inspect.signature(cls.__init__).parameters
         return {name: parameters[name].default for name in cls.param_names()}
 
+    @classmethod
+    def idle_params(cls, params: dict[str, Any]) -> tuple[str, ...]:
+        """The parameters configuration ``params`` does not read (left out where the configuration is shown)."""
+        return ()
+
     def scorer_for(self, roles: list[str]) -> str | None:
         """The scorer whose scores this router reads on a trace with model ``roles`` (its ``scorer`` unless the
         roles change whose verdict it needs)."""

@@ -6,6 +6,7 @@ chat-mode request lays out the question and the steps so far. The backend that s
 
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass, field
 
 from replay.costs import KNOWN_PRICES, Price
@@ -100,7 +101,7 @@ def parse_api_spec(text: str) -> ApiSpec:
         raise TraceError(f"--api {role}: needs url=BASE_URL (e.g. http://127.0.0.1:8000/v1)")
     spec = ApiSpec(
         role=role,
-        url=values["url"].rstrip("/"),
+        url=_checked_url(role, values["url"]).rstrip("/"),
         model=values.get("model"),
         mode=values.get("mode", "completions"),
         key_env=values.get("key-env"),
@@ -115,6 +116,26 @@ def parse_api_spec(text: str) -> ApiSpec:
     if "context" in values and spec.context is None:
         raise TraceError(f"--api {role}: context must be a whole number of tokens, not {values['context']!r}")
     return spec
+
+
+def _checked_url(role: str, url: str) -> str:
+    """``url`` if it is an http(s) address with a host and no user info: a key in a URL would be stored in
+    trace.json and shown in messages and in the writer's lock, and any other scheme can only fail, slowly."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" in parts.netloc:
+        host = parts.netloc.rpartition("@")[2]
+        shown = urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}"))
+        raise TraceError(
+            f"--api {role}: the url carries a user name or key ({shown}); give the key with key-env=VAR instead "
+            "(read from $VAR, never stored)"
+        )
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise TraceError(f"--api {role}: url must be an http:// or https:// address with a host, got {url!r}")
+    return url
 
 
 def spec_price(spec: ApiSpec) -> Price | None:

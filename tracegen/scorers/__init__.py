@@ -4,6 +4,6 @@ Modules import heavy libraries (scikit-learn, torch) inside the functions that u
 listing the registry (the names in `trace --help`) stays fast.
 """
 
-from tracegen.scorers.base import SCORERS, Item, Score, Scorer, make_scorer, world_variants
+from tracegen.scorers.base import SCORERS, Item, Score, Scorer, make_scorer, preset_choices, world_variants
 
-__all__ = ["SCORERS", "Item", "Score", "Scorer", "make_scorer", "world_variants"]
+__all__ = ["SCORERS", "Item", "Score", "Scorer", "make_scorer", "preset_choices", "world_variants"]

@@ -65,16 +65,46 @@ class Scorer:
     # the judge's or P(True)'s instructions, and the toy world has an exact step verifier.
     world: ClassVar[str] = ""
     world_models: ClassVar[dict[str, str]] = {}  # the scorer's default model on a world's traces
+    presets: ClassVar[dict[str, object]] = {}  # the named prompts it can ask with (`--preset`), its default first
 
-    def __init__(self, manifest: Manifest, *, model: str | None = None, backend: str | None = None):
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        model: str | None = None,
+        backend: str | None = None,
+        preset: str | None = None,
+    ):
         self.manifest = manifest
         self.model = model
         self.backend = backend
+        self.preset = preset
         self.shared_engines: dict = {}  # {role: backend} already running for the trace's models (lent by gen)
         self._started = False
 
+    @property
+    def preset_name(self) -> str:
+        """The prompt preset asked with: ``preset``, else the scorer's default (its first)."""
+        return self.preset or next(iter(self.presets))
+
+    @property
+    def prompt(self):
+        """The preset asked with (see tracegen.prompts)."""
+        return self.presets[self.preset_name]
+
     def check(self) -> None:
         """TraceError if this scorer cannot run as configured (before anything is loaded or written)."""
+
+    def check_preset(self) -> None:
+        """TraceError for a ``preset`` this scorer does not have."""
+        if self.preset is None or self.preset in self.presets:
+            return
+        if not self.presets:
+            raise TraceError(f"scorer {self.name} asks no prompt, so it takes no --preset (got {self.preset!r})")
+        raise TraceError(
+            f"scorer {self.name} has no prompt preset {self.preset!r}; presets: {', '.join(self.presets)} "
+            f"(default {next(iter(self.presets))})"
+        )
 
     def wants(self) -> pl.Expr:
         """Which steps rows this scorer scores."""
@@ -131,13 +161,27 @@ def world_variants() -> dict[str, dict[str, str]]:
     return variants
 
 
-def make_scorer(name: str, manifest: Manifest, *, model: str | None = None, backend: str | None = None) -> Scorer:
-    """The scorer ``name`` (see SCORERS, or a signal that the trace's world serves with a variant);
-    ``NAME@ROLE`` asks a per-role scorer (the judge) of the trace's ``ROLE`` model instead of its largest."""
+def preset_choices() -> dict[str, tuple[str, ...]]:
+    """{built-in scorer: its prompt presets, the default first}, for the scorers that ask a prompt."""
+    return {name: tuple(cls.presets) for name, cls in sorted(SCORERS.builtins().items()) if cls.presets}
+
+
+def make_scorer(
+    name: str,
+    manifest: Manifest,
+    *,
+    model: str | None = None,
+    backend: str | None = None,
+    preset: str | None = None,
+) -> Scorer:
+    """The scorer ``name`` (see SCORERS, or a signal that the trace's world serves with a variant), asking with
+    prompt preset ``preset`` (default: its first); ``NAME@ROLE`` asks a per-role scorer (the judge) of the
+    trace's ``ROLE`` model instead of its largest."""
     name, _, role = name.partition("@")
     world = manifest.dataset_name
     cls = SCORERS.get(world_variants().get(world, {}).get(name, name))
-    scorer = cls(manifest, model=model or cls.world_models.get(world), backend=backend)
+    scorer = cls(manifest, model=model or cls.world_models.get(world), backend=backend, preset=preset)
+    scorer.check_preset()
     if role:
         if not getattr(cls, "per_role", False):
             raise TraceError(f"scorer {name} cannot be asked of one model role ({name}@{role}); only judge can")
