@@ -2,11 +2,12 @@
 cost.
 
 When a profile is available (``--latency-profile FILE``, else TRACE/latency.json), every run is replayed again on
-the trace with ``cost="latency"`` (the same router, configurations, split seed and fractions, so the same walks;
-only the pricing differs), unless its results already are in seconds. That gives, per run and configuration, the
-seconds of every reported (problem, world): the mean, median (p50) and 95th percentile per router, a Time column
-in the seeds' tables, and an accuracy-against-latency plot beside accuracy-against-cost. A run that cannot be
-replayed here (a router file that is gone) is named in the section, without a time.
+the trace with ``cost="latency"``, unless its results already are in seconds: the same router, configurations and
+splits, fitted on this trace's train split as `trace replay` fits it, so the same walks; only the pricing differs
+(a router fitted on another trace, `--fit-on`, is refitted here, which may walk otherwise). That gives, per run
+and configuration, the seconds of every reported (problem, world): the mean, median (p50) and 95th percentile per
+router, a Time column in the seeds' tables, and an accuracy-against-latency plot beside accuracy-against-cost. A
+run that cannot be replayed here (a router file that is gone) is named in the section, without a time.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from replay.params import params_text
 from replay.results import summarize
 from replay.routers import make_router
 from replay.run import replay_trace
-from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED
+from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, SplitSpec
 from tracestore.errors import TraceError
 
 LATENCY_FIGURE = "latency.png"
@@ -84,11 +85,11 @@ def _run_seconds(trace_dir, run: Run, profile: str, grades: str | None) -> pl.Da
     fixed = {name: value for name, value in first.items() if name not in varying and value not in ("", None)}
     sweep = {name: sorted({params[name] for params in run.params.values()}) for name in varying}
     outcomes = run.outcomes
-    split_seed = int(outcomes["split_seed"][0]) if "split_seed" in outcomes.columns else DEFAULT_SPLIT_SEED
-    fractions = (
-        tuple(float(f) for f in outcomes["split_fractions"][0].split(","))
-        if "split_fractions" in outcomes.columns
-        else DEFAULT_FRACTIONS
+    recorded = json.loads(outcomes["splits"][0]) if "splits" in outcomes.columns else {}
+    splits = SplitSpec(
+        seed=recorded.get("seed", DEFAULT_SPLIT_SEED),
+        fractions=tuple(recorded.get("fractions", DEFAULT_FRACTIONS)),
+        by=recorded.get("by"),
     )
     name = "only" if run.router in ("small-only", "large-only") and "model" in fixed else run.router
     result = replay_trace(
@@ -98,8 +99,7 @@ def _run_seconds(trace_dir, run: Run, profile: str, grades: str | None) -> pl.Da
         split="all",
         cost="latency",
         latency_profile=profile,
-        split_seed=split_seed,
-        fractions=fractions,
+        splits=splits,
         grades=grades,
     )
     configs = pl.DataFrame(

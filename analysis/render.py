@@ -14,6 +14,7 @@ from markdown_it import MarkdownIt
 from analysis import plots
 from analysis.operating_points import Estimate, Row, percent
 from analysis.options import ALL_ROWS, REPORTED_ROWS, ReportOptions
+from analysis.protocol import few_calibration_problems, fit_and_pick_lines
 from analysis.report_inputs import POLICY_MARK, Run
 from analysis.stats import PERMUTATIONS, mcnemar, paired_problem_test
 from replay.params import params_text
@@ -122,6 +123,7 @@ def header_section(
         f"- Evaluated on {split_text}: {len(problems):,} problems, {n_walks:,} (problem, world) walks per router",
         f"- Cost model: {cost_model} ({cost_convention}), mean cost per query in {cost_unit}; A/C in {a_over_c_unit}",
         "- Results: " + ", ".join(f"`{Path(path).name}`" for path in result_paths),
+        *fit_and_pick_lines(runs),
     ]
     return "\n".join(lines)
 
@@ -129,15 +131,26 @@ def header_section(
 def table_section(
     table: list[Row], cost_unit: str, a_over_c_unit: str, options: ReportOptions, floor_text: str, swept: bool
 ) -> str:
-    headers = ["Router", "Operating point", "Acc (%) ↑", f"Cost ({cost_unit}) ↓", "A/C ↑", "Large steps (%)", "Misses"]
+    headers = [
+        "Router",
+        "Operating point",
+        "Acc (%) ↑",
+        "Cal. acc (%)",
+        f"Cost ({cost_unit}) ↓",
+        "A/C ↑",
+        "Large steps (%)",
+        "Misses",
+    ]
     rows = []
     for row in table:
         flag = " †" if row.run.below_floor else ""
+        dominated = f" (dominated: {', '.join(row.run.dominated_by)} as accurate and cheaper)"
         rows.append(
             [
                 row.run.label + flag,
-                params_text(row.run.point_params()) or "-",
+                (params_text(row.run.point_params()) or "-") + (dominated if row.run.dominated_by else ""),
                 _with_interval(row.accuracy, _pct_bare),
+                _with_interval(row.calibration, _pct_bare) if row.calibration else "-",
                 _with_interval(row.cost, _num),
                 _with_interval(row.a_over_c, _num),
                 _with_interval(row.large_share, _pct_bare),
@@ -149,21 +162,22 @@ def table_section(
         "cheapest": "the lowest cost",
         "accuracy": "the highest accuracy",
     }[options.pick]
-    pick_rows = (
-        "the reported rows themselves (which flatters threshold routers)"
-        if options.pick_split == REPORTED_ROWS
-        else f"rows of split {options.pick_split}, not the reported ones"
-    )
+    if options.pick_on:
+        pick_rows = "the rows of the --pick-on results (a calibration trace or split), not the reported ones"
+    elif options.pick_split == REPORTED_ROWS:
+        pick_rows = "the reported rows themselves (which flatters threshold routers)"
+    else:
+        pick_rows = f"rows of split {options.pick_split}, not the reported ones"
     floor_clause = "" if options.pick == "accuracy" else f"those with accuracy at least the floor ({floor_text}), then "
     notes = [
         "## Routers at their operating points",
         "",
-        md_table(headers, rows, right={2, 3, 4, 5, 6}),
+        md_table(headers, rows, right={2, 3, 4, 5, 6, 7}),
         "",
         f"Accuracy and cost are over the walks that finished; A/C is {a_over_c_unit}; large steps "
         "is the share of kept steps written by the large model. Brackets: 95% percentile bootstrap intervals, "
         f"{options.bootstrap:,} resamples of the problems (the worlds of a problem stay together), "
-        f"seed {options.seed}.",
+        f"seed {options.seed}. Cal. acc: the point's accuracy on the rows it was picked on.",
         "",
         (
             f"**Operating point rule.** A router replayed over a sweep is shown at one configuration, chosen on "
@@ -180,6 +194,12 @@ def table_section(
         "",
     ]
     notes += [f"- {row.run.label}: {row.run.how} ({Path(row.run.source).name})" for row in table]
+    notes += few_calibration_problems(table) if swept else []
+    if any(row.run.dominated_by for row in table):
+        notes.append(
+            "\nA point marked *dominated* is beaten on the reported rows by the row it names, which is at least as "
+            "accurate and cheaper: the sweep's pick is no better than that baseline there."
+        )
     notes += [
         f"\n{POLICY_MARK} {row.run.label}: the policy file says its training ended off target: "
         + "; ".join(TRAINING_FLAGS.get(flag, flag) for flag in row.run.training_flags)

@@ -27,8 +27,15 @@ from pathlib import Path
 import polars as pl
 
 from analysis.latency import LATENCY_FIGURE, latency_section, report_latencies
-from analysis.operating_points import PICK_RULES, choose_operating_points, parse_pin, table_row
-from analysis.options import ReportOptions
+from analysis.operating_points import (
+    PICK_RULES,
+    calibration_accuracy,
+    choose_operating_points,
+    parse_pin,
+    table_row,
+)
+from analysis.options import REPORTED_ROWS, ReportOptions
+from analysis.protocol import attach_pick_on, check_overlaps, mark_dominated
 from analysis.render import (
     FIGURES,
     GENERATOR,
@@ -157,12 +164,19 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
             raise TraceError(f"{run.source}: {run.router} has {len(run.params)} configurations; expected one")
     label_runs(everyone, roles)
     mark_policy_runs(everyone)
+    if options.pick_on:
+        attach_pick_on(everyone, options.pick_on, roles, trace.manifest, trace_dir, cost_model, options.grades)
+    check_overlaps(everyone, options.allow_overlap, options.pick_split == REPORTED_ROWS and not options.pick_on)
 
     floor_text = choose_operating_points(everyone, routers, baselines["large-only"], pins, options, roles)
 
     problems = sorted(everyone[0].rows["problem_id"].unique().to_list())
     counts = bootstrap_counts(len(problems), options.bootstrap, options.seed)
-    table = [table_row(run, problems, counts, roles) for run in everyone]
+    table = [
+        table_row(run, problems, counts, roles, calibration_accuracy(run, roles, options.bootstrap, options.seed))
+        for run in everyone
+    ]
+    mark_dominated(table)
     figures: dict[str, bytes] = {}
     sections = [
         header_section(

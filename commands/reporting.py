@@ -49,6 +49,21 @@ def report(
             "'reported' to choose on the reported rows themselves (labelled so in the report)."
         ),
     ),
+    pick_on: list[Path] = typer.Option(
+        [],
+        "--pick-on",
+        help=(
+            "Choose operating points on these results instead (trace replay --out of the same routers and sweeps on a "
+            "calibration trace or split): a file, a folder of them or a quoted glob, repeatable, e.g. --pick-on "
+            "results-calibration/. The trace they were replayed on must share this one's models, revisions, "
+            "templates, sampling and scorers."
+        ),
+    ),
+    allow_overlap: bool = typer.Option(
+        ReportOptions.allow_overlap,
+        "--allow-overlap",
+        help="Report rows whose problems a router was fitted on, or its operating point picked on (refused otherwise).",
+    ),
     bootstrap: int = typer.Option(
         ReportOptions.bootstrap, "--bootstrap", help="Bootstrap resamples of the problems for the 95% intervals."
     ),
@@ -104,6 +119,8 @@ def report(
         at=tuple(at),
         split=split,
         pick_split=pick_split,
+        pick_on=tuple(pick_on),
+        allow_overlap=allow_overlap,
         bootstrap=bootstrap,
         seed=seed,
         policy_log=policy_log,

@@ -76,7 +76,14 @@ Every policy step k (policy pi_k, threshold kappa_k):
    raise kappa after a miss. This is online conformal calibration (Angelopoulos et al. 2024) of the set
    {a : pi(a|o) >= kappa} with score 1 - pi: the threshold 1 - kappa grows after a miss.
 
-Only train-split episodes feed anything: the rollouts, the critics, the constraint and kappa.
+Only train-split episodes feed anything: the rollouts, the critics, the constraint and kappa. What the two-model
+policy learns from is the comb of each train (problem, world): the all-small chain from the root and the large
+model's completion from every node on it (the steps it observes and pays for, their features' scaling, the
+outcomes); steps grown after a large step (closure's, ``full``'s) are never read, so training on a trace closed
+over other routers gives the same file byte for byte. The K-model policy (policy_training.k_models) is the
+exception by design: it learns every escalation the cache can play out, so growing a trace for a router that
+escalates twice (chained STEER) adds actions it then trains on. The file records where it was trained
+(``fitted_on``).
 
 Training log (``NAME.log.parquet`` next to ``NAME.pt``), one row per policy step: reward, cost (scaled) and
 rollout_coverage of the batch's rollouts under pi_k; coverage of the deployed pi_{k+1}, kappa_k on the kappa
@@ -164,6 +171,7 @@ class Hyperparameters:
     backtrack_ratio: float = 0.8
     split_seed: int = DEFAULT_SPLIT_SEED  # train split as `trace replay` draws it: seed of the hash
     split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS  # train, calibration, test
+    split_by: str = ""  # a problems column or a file of (problem_id, split) lines (replay.splits); "": the hash
 
     def check(self) -> None:
         """TraceError naming the first hyperparameter out of range (as its command-line option)."""
@@ -227,7 +235,7 @@ def train_policy(
     out = check_output_file(out, force=force)
     check_output_file(log_path_for(out), force=force)
     started = time.perf_counter()
-    train = load_train_split(root, hp.split_seed, hp.split_fractions)
+    train = load_train_split(root, hp.split_seed, hp.split_fractions, hp.split_by)
     roles = model_set(train.roles, draft, target, "trace train policy", models)
     for role in roles[:-1]:  # the models whose steps the policy reads
         require_signals(train.manifest, role, hp.features, "policy", POLICY_INSTEAD)

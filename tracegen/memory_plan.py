@@ -79,11 +79,11 @@ class ModelShape:
 
     @classmethod
     def of_checkpoint(cls, name: str, folder: str | Path) -> ModelShape:
-        from tracegen.models import count_parameters
+        from tracegen.models import parameter_counts
 
         folder = Path(folder)
         config = json.loads((folder / "config.json").read_text())
-        return cls.of_config(name, config, count_parameters(folder), stored_weight_bytes(folder))
+        return cls.of_config(name, config, parameter_counts(folder)["n_params"], stored_weight_bytes(folder))
 
     @property
     def checkpoint_dtype(self) -> str:

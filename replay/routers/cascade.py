@@ -8,8 +8,9 @@ not as kept steps of its model.
 
 - P(IK): an MLP probe (64 hidden units, scikit-learn) on the prompt's hidden state of model i at
   ``layer`` (``auto``: the paper's layer 24 when the model has more layers, else its last; from the
-  hidden table), fitted as ``replay.pik`` does (80/10/10 inside the train split) to predict whether
-  model i's own solution is correct. It reads only the prompt, so a model the probe rejects is
+  hidden table), fitted as ``replay.pik`` does to predict whether model i's own solution is correct: it
+  learns from model i's own solutions (its all-own-model chain from the root) of the train split, its
+  L2 penalty chosen on the calibration split's. It reads only the prompt, so a model the probe rejects is
   skipped before it writes anything; it then costs only its prompt prefill. ``pik=False`` is the
   ablation without it.
 - P(T): the model's confidence in its answer, checked after it wrote its solution: ``p_true="ptrue"``
@@ -25,13 +26,13 @@ joblib pickle of a dict (load only files you trust)::
 
     {"format": "trace-pik", "version": 2, "layers": {"small": 24}, "where": "prompt_last",
      "probes": {"small": Pipeline(StandardScaler, MLPClassifier)}, "metrics": {"small": {...}},
-     "train_problem_ids": [...]}                      # must lie in the replay's train split
+     "fitted_on": {...}}                              # where: replay.artifacts.fit_record (checked on load)
 """
 
 import numpy as np
 import polars as pl
 
-from replay.artifacts import check_fitted_within
+from replay.artifacts import saved_record
 from replay.pik import (
     AUTO_LAYER,
     DEFAULT_WHERE,
@@ -56,6 +57,7 @@ PROBE_PARAMS = ("t_ik", "layer", "where", "seed", "probe")  # what only the P(IK
 class Cascade(QueryRouter):
     name = "cascade"
     sweepable = ("t_true", "t_ik")
+    uses_calibration = True  # the probes' L2 penalty
     domains = {"t_true": UNIT, "t_ik": UNIT, "seed": SEED}  # layer: an integer or auto, checked by probe_layer
 
     def __init__(
@@ -129,7 +131,7 @@ class Cascade(QueryRouter):
             layers[role] = {layer: why}
         return layers
 
-    def _fit(self, train):
+    def _fit(self, train, calibration=None):
         roles = self._chain(list(train.roles))
         self.roles_ = roles
         self.probes_, self.layers_, self.where_ = {}, {}, self.where
@@ -138,7 +140,10 @@ class Cascade(QueryRouter):
         if self.probe:
             self._load_probes(train)
             return
-        self.probes_, self.layers_, _, _ = fit_probes(train, roles[:-1], self.layer, self.where, self.seed)
+        self.probes_, self.layers_, _, fitted_on = fit_probes(
+            train, calibration, None, roles[:-1], self.layer, self.where, self.seed
+        )
+        self.learned_from(train, "P(IK) probes", fitted_on, hidden_roles=roles[:-1])
 
     def _load_probes(self, train):
         saved = load_probes(self.probe)
@@ -151,7 +156,7 @@ class Cascade(QueryRouter):
                 raise TraceError(
                     f"router cascade: probe file {self.probe} read model {role} at layer {layer}, not {self.layer}"
                 )
-        check_fitted_within(self.probe, saved.get("train_problem_ids"), train.problems["problem_id"].to_list())
+        self.loaded(saved_record(saved, self.probe, "P(IK) probes"), train, self.probe)
         lacking = [role for role in self.roles_[:-1] if role not in saved["probes"]]
         if lacking:
             raise TraceError(
