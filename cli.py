@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from commands import generation, inspection, replaying, reporting, training
+from commands import generation, inspection, profiling, replaying, reporting, training
 from commands.console import user_errors
 
 app = typer.Typer(
@@ -24,6 +24,7 @@ for command in (
     inspection.sql,
     generation.gen,
     generation.score,
+    profiling.profile,
     replaying.replay,
     reporting.report,
     generation.audit,

@@ -29,3 +29,6 @@ class ReportOptions:
     alpha: float | None = None  # policy coverage target 1 - alpha (default: the log's alpha, else DEFAULT_ALPHA)
     tables: tuple[str, ...] = ()  # the seeds' table layouts to add (analysis.tables)
     grades: str | None = None  # the trace's grade set the results were replayed with (default: the steps' own)
+    pick_on: tuple = ()  # results of a calibration trace or split to choose operating points on (not pick_split)
+    allow_overlap: bool = False  # report rows a router's fit saw, or rows its point was picked on
+    latency_profile: Path | None = None  # seconds per query beside cost (default: the trace's latency.json, if any)

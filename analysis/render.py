@@ -17,6 +17,7 @@ from analysis import plots
 from analysis.misses import MISS_MARK, closure_advice, routers_toml
 from analysis.operating_points import Row, percent
 from analysis.options import ALL_ROWS, REPORTED_ROWS, ReportOptions
+from analysis.protocol import few_calibration_problems, fit_and_pick_lines
 from analysis.report_inputs import POLICY_MARK, Run, varying_params
 from analysis.stats import PERMUTATIONS, PairedTest
 from analysis.summary import Standing
@@ -131,6 +132,7 @@ def header_section(
         f"- Cost model: {cost_model} ({convention}), mean cost per query in {unit}; A/C as a multiple of "
         f"large-only's (in the seeds' table layouts: {a_over_c_unit})",
         "- Results: " + ", ".join(f"`{Path(path).name}`" for path in result_paths),
+        *fit_and_pick_lines(runs),
     ]
     return "\n".join(lines)
 
@@ -177,6 +179,7 @@ def table_section(
         "Router",
         "Operating point",
         "Accuracy (%) ↑",
+        "Cal. acc (%)",
         f"Cost ({scale.unit} per query) ↓",
         ac_header,
         "Large steps (%)",
@@ -185,8 +188,11 @@ def table_section(
     rows = [
         [
             row_label(standing),
-            params_text(standing.row.run.point_params()) or "-",
+            (params_text(standing.row.run.point_params()) or "-") + dominated_note(standing.row.run),
             with_interval(standing.row.accuracy.value, standing.row.accuracy.interval, percent_points),
+            with_interval(standing.row.calibration.value, standing.row.calibration.interval, percent_points)
+            if standing.row.calibration
+            else "-",
             with_interval(scale(standing.row.cost.value), _scaled(standing.row.cost.interval, scale)),
             a_over_c(standing.row),
             with_interval(standing.row.large_share.value, standing.row.large_share.interval, percent_points),
@@ -200,11 +206,12 @@ def table_section(
         "cheapest": "the lowest cost",
         "accuracy": "the highest accuracy",
     }[options.pick]
-    pick_rows = (
-        "the reported rows themselves (which flatters threshold routers)"
-        if options.pick_split == REPORTED_ROWS
-        else f"rows of split {options.pick_split}, not the reported ones"
-    )
+    if options.pick_on:
+        pick_rows = "the rows of the --pick-on results (a calibration trace or split), not the reported ones"
+    elif options.pick_split == REPORTED_ROWS:
+        pick_rows = "the reported rows themselves (which flatters threshold routers)"
+    else:
+        pick_rows = f"rows of split {options.pick_split}, not the reported ones"
     floor_clause = "" if options.pick == "accuracy" else f"those with accuracy at least the floor ({floor_text}), then "
     ac_text = (
         f"A/C is accuracy per cost as a multiple of large-only's ({number(reference)}, in {a_over_c_unit})"
@@ -214,13 +221,13 @@ def table_section(
     notes = [
         "## Routers at their operating points",
         "",
-        md_table(headers, rows, right={2, 3, 4, 5, 6}),
+        md_table(headers, rows, right={2, 3, 4, 5, 6, 7}),
         "",
         f"Rows: the routers within the accuracy floor on these rows ({reported_floor}) by cost, then the others by "
         f"cost, then those whose walks missed ({MISS_MARK}). Accuracy and cost are over the walks that finished; "
         f"{ac_text}; large steps is the share of kept steps written by the large model. Brackets: 95% percentile "
         f"bootstrap intervals, {options.bootstrap:,} resamples of the problems (the worlds of a problem stay "
-        f"together), seed {options.seed}.",
+        f"together), seed {options.seed}. Cal. acc: the point's accuracy on the rows it was picked on.",
         "",
         (
             f"**Operating point rule.** A router replayed over a sweep is shown at one configuration, chosen on "
@@ -237,6 +244,12 @@ def table_section(
         "",
     ]
     notes += [f"- {s.row.run.label}: {s.row.run.how} ({Path(s.row.run.source).name})" for s in ordered]
+    notes += few_calibration_problems([s.row for s in ordered]) if swept else []
+    if any(s.row.run.dominated_by for s in ordered):
+        notes.append(
+            "\nA point marked *dominated* is beaten on the reported rows by the row it names, which is at least as "
+            "accurate and cheaper: the sweep's pick is no better than that baseline there."
+        )
     notes += [
         f"\n{POLICY_MARK} {s.row.run.label}: the policy file says its training ended off target: "
         + "; ".join(TRAINING_FLAGS.get(flag, flag) for flag in s.row.run.training_flags)
@@ -256,6 +269,11 @@ def table_section(
             "```",
         ]
     return "\n".join(notes)
+
+
+def dominated_note(run: Run) -> str:
+    """After a picked point that a baseline beats on the reported rows (analysis.protocol.mark_dominated)."""
+    return f" (dominated: {', '.join(run.dominated_by)} as accurate and cheaper)" if run.dominated_by else ""
 
 
 def _scaled(interval, scale: CostScale):

@@ -32,8 +32,17 @@ from pathlib import Path
 
 import polars as pl
 
-from analysis.operating_points import PICK_RULES, choose_operating_points, parse_floor, parse_pin, table_row
-from analysis.options import ALL_ROWS, ReportOptions
+from analysis.latency import LATENCY_FIGURE, latency_section, report_latencies
+from analysis.operating_points import (
+    PICK_RULES,
+    calibration_accuracy,
+    choose_operating_points,
+    parse_floor,
+    parse_pin,
+    table_row,
+)
+from analysis.options import ALL_ROWS, REPORTED_ROWS, ReportOptions
+from analysis.protocol import attach_pick_on, check_overlaps, mark_dominated
 from analysis.render import (
     FIGURES,
     GENERATOR,
@@ -80,6 +89,7 @@ REPORT_FILES = (
     PAGE,
     MARKDOWN,
     *FIGURES.values(),
+    LATENCY_FIGURE,
     *(f for name in TABLES.names(installed=False) for f in table_files(name)),
 )
 BASELINES = ("small-only", "large-only")
@@ -177,13 +187,20 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
             raise TraceError(f"{run.source}: {run.router} has {len(run.params)} configurations; expected one")
     label_runs(everyone, roles)
     mark_policy_runs(everyone)
+    if options.pick_on:
+        attach_pick_on(everyone, options.pick_on, roles, trace.manifest, trace_dir, cost_model, options.grades)
+    check_overlaps(everyone, options.allow_overlap, options.pick_split == REPORTED_ROWS and not options.pick_on)
     policy_logs, unmatched_policies = find_policy_logs(options.policy_log, routers, options.alpha)
 
     floor_text = choose_operating_points(everyone, routers, baselines["large-only"], pins, options, roles)
 
     problems = sorted(everyone[0].rows["problem_id"].unique().to_list())
     counts = bootstrap_counts(len(problems), options.bootstrap, options.seed)
-    table = [table_row(run, problems, counts, roles) for run in everyone]
+    table = [
+        table_row(run, problems, counts, roles, calibration_accuracy(run, roles, options.bootstrap, options.seed))
+        for run in everyone
+    ]
+    mark_dominated(table)
     large_row = table[1]
     scale = cost_scale(cost_unit, [row.cost.value for row in table])
     floor, reported_floor = _reported_floor(options, large_row.accuracy.value if large_row.misses == 0 else None)
@@ -213,6 +230,9 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
         significance_section([s.row.run for s in ordered], baselines["large-only"], tests),
         escalation_section([s.row.run for s in ordered if s.row.run.router not in BASELINES], roles, figures),
     ]
+    latencies = report_latencies(trace_dir, options.latency_profile, options.grades)
+    if latencies is not None:
+        sections.append(latency_section(everyone, roles, latencies, figures.png))
     if policy_logs:
         sections.append(policy_section(policy_logs, figures, unmatched_policies))
     if steer_mixtures is not None:
@@ -234,6 +254,7 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
         a_over_c_unit=a_over_c_unit,
         manifest=trace.manifest,
         seed=options.seed,
+        time=latencies.mean if latencies is not None else None,
     )
     tables = {}
     for layout in layouts:

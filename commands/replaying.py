@@ -11,16 +11,20 @@ from commands.console import console
 from commands.options import (
     FORCE,
     GRADES,
+    LATENCY_PROFILE,
     cost_option,
     out_option,
     parameter_default,
     price_option,
+    split_by_option,
     split_fractions_option,
     split_option,
     split_seed_option,
+    split_spec,
     trace_dir_argument,
 )
 from replay import api
+from replay.artifacts import describe_record
 from replay.params import STREAM_STATES, SweepLimits, params_text
 from replay.routers import ROUTERS
 from tracestore.errors import TraceError
@@ -91,7 +95,8 @@ def replay(
     cost: str = cost_option(
         "flops: 2N FLOPs per generated token, models and scorers alike, prefill not counted (the seeds' "
         "convention), in TFLOPs; flops+prefill: also 2N per prefilled token; kaplan: 2N + 2 n_layer n_ctx d_model "
-        "per generated token (the cascade seed's eq. 2); api: US cents at --price prices; or an installed cost "
+        "per generated token (the cascade seed's eq. 2); api: US cents at --price prices; latency: serial seconds "
+        "per query from a latency profile (--latency-profile); or an installed cost "
         "model (trace replay --list) or FILE.py:Class.",
         parameter_default(api.replay, "cost"),
     ),
@@ -103,6 +108,21 @@ def replay(
     worlds: str = typer.Option("all", "--worlds", help="all, or comma-separated world numbers, e.g. 0,1."),
     split_seed: int = split_seed_option("Seed of the hash that assigns problems to splits."),
     split_fractions: str = split_fractions_option("train,calibration,test fractions of the problems."),
+    split_by: str = split_by_option(),
+    fit_on: str = typer.Option(
+        None,
+        "--fit-on",
+        help=(
+            "Fit the router on this trace's train split (and calibration split) instead, as the split options divide "
+            "it: train here, evaluate there. Its models, revisions, templates and sampling must match (a mismatch "
+            "names the field)."
+        ),
+    ),
+    allow_overlap: bool = typer.Option(
+        parameter_default(api.replay, "allow_overlap"),
+        "--allow-overlap",
+        help="Replay a split even where the router's fit (here, --fit-on, or a fitted file) saw its problems.",
+    ),
     out: Path = out_option("Parquet file for per-problem outcomes (one row per problem x world x configuration)."),
     force: bool = FORCE,
     max_configs: int = typer.Option(
@@ -125,6 +145,7 @@ def replay(
         "--timeout",
         help="Seconds a trace at a URL (s3://, gs://, ...) has to open; an unreachable store is named after that.",
     ),
+    latency_profile: Path = LATENCY_PROFILE,
     show_all: bool = typer.Option(
         False,
         "--all",
@@ -151,7 +172,6 @@ def replay(
     """
     import time
 
-    from replay.splits import parse_fractions
     from tracestore.outputs import check_output_file
 
     if router == "help":
@@ -168,7 +188,10 @@ def replay(
         except ValueError:
             raise typer.BadParameter(f"--worlds must be all or numbers like 0,1, got {worlds!r}") from None
     chosen = api.router(router, **dict(api.parse_param(p) for p in param))
+    splits = split_spec(split_seed, split_fractions, split_by)
     started = time.perf_counter()
+    if fit_on is not None:
+        chosen = api.fit(chosen, fit_on, splits=splits, grades=grades)
     result = api.replay(
         api.open_trace(trace_dir, timeout=timeout),
         chosen,
@@ -177,10 +200,11 @@ def replay(
         cost=cost,
         prices=price,
         worlds=world_list,
-        split_seed=split_seed,
-        fractions=parse_fractions(split_fractions),
+        splits=splits,
+        allow_overlap=allow_overlap,
         grades=grades,
         limits=SweepLimits(max_configs, memory_check),
+        latency_profile=latency_profile,
     )
     seconds = time.perf_counter() - started
     from analysis.misses import closure_advice, routers_toml
@@ -200,6 +224,15 @@ def replay(
         replay_table(summary, result.cost_unit, result.a_over_c_unit, shown, title, show_all, console.width, idle)
     )
     console.print(f"replayed {chosen.name} in {seconds:.2f}s", highlight=False)
+    for record in chosen.fitted_on_:
+        console.print(f"fitted: {escape(describe_record(record))}", highlight=False)
+    overlap = result.outcomes.filter("fit_overlap")["problem_id"].n_unique()
+    if overlap:
+        console.print(
+            f"[yellow]{overlap:,} problem(s) replayed here were among those the router was fitted on (marked "
+            "fit_overlap); trace report refuses to report or pick on them unless --allow-overlap[/]",
+            highlight=False,
+        )
     hint = api.slow_sweep_hint(chosen, result, seconds)
     if hint:
         console.print(f"[yellow]{escape(hint)}[/]", highlight=False)

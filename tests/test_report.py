@@ -56,7 +56,8 @@ def invoke(*args):
     return runner.invoke(app, [str(arg) for arg in args])
 
 
-EVERY_ROW = ("--split", "all", "--pick-split", "reported")  # report and choose on every row of the results
+# report and choose on every row of the results, the train rows STEER was fitted on too
+EVERY_ROW = ("--split", "all", "--pick-split", "reported", "--allow-overlap")
 API = ("--cost", "api", "--price", "small=0", "--price", "large=gpt-4.1-mini")
 
 
@@ -257,8 +258,8 @@ def test_table_numbers_come_from_the_results_and_the_trace(inputs, main_report):
     large_accuracy = large["correct"].mean()
     assert number(table["large-only"][1]) == pytest.approx(100 * large_accuracy, abs=0.05)
     assert number(table["small-only"][1]) == pytest.approx(100 * small["correct"].mean(), abs=0.05)
-    assert table["large-only"][4].startswith("100.0") and table["small-only"][4].startswith("0.0")
-    assert number(table["large-only"][3]) == 1.0  # A/C as a multiple of large-only's
+    assert table["large-only"][5].startswith("100.0") and table["small-only"][5].startswith("0.0")
+    assert number(table["large-only"][4]) == 1.0  # A/C as a multiple of large-only's
 
     chosen = chosen_by_ac(inputs["steer"], large_accuracy - 0.02)
     configs = per_config(inputs["steer"]).filter(pl.col("config") == chosen).row(0, named=True)
@@ -266,12 +267,13 @@ def test_table_numbers_come_from_the_results_and_the_trace(inputs, main_report):
                                       "--split", "all"))["cost"][0]  # fmt: skip
     assert table["steer"][0] == f"tau={tau_of(inputs['steer'], chosen):g}"
     assert number(table["steer"][1]) == pytest.approx(100 * configs["accuracy"], abs=0.05)
-    assert number(table["steer"][2]) == pytest.approx(scale * configs["cost"], rel=5e-3)  # three significant digits
-    assert number(table["large-only"][2]) == pytest.approx(scale * large_cost, rel=5e-3)
-    assert number(table["steer"][3]) == pytest.approx(
+    assert table["steer"][2] == table["steer"][1]  # picked on the reported rows: the same accuracy there
+    assert number(table["steer"][3]) == pytest.approx(scale * configs["cost"], rel=5e-3)  # three significant digits
+    assert number(table["large-only"][3]) == pytest.approx(scale * large_cost, rel=5e-3)
+    assert number(table["steer"][4]) == pytest.approx(
         configs["a_over_c"] / (100 * large_accuracy / large_cost), rel=5e-3
     )
-    assert table["steer"][5] == "0"
+    assert table["steer"][6] == "0"
     # the random sweep's middle configurations miss (the comb lacks mixed paths): never chosen
     random_pick = (
         per_config(inputs["random"])
@@ -287,7 +289,7 @@ def test_table_numbers_come_from_the_results_and_the_trace(inputs, main_report):
 
     # rows: within the floor by cost, then the rest by cost (no router here missed at its operating point)
     accuracy = {router: number(cells[1]) for router, cells in table.items() if router != "Router"}
-    cost = {router: number(table[router][2]) for router in accuracy}
+    cost = {router: number(table[router][3]) for router in accuracy}
     within = sorted((r for r in accuracy if accuracy[r] >= 100 * large_accuracy - 2 - 1e-9), key=cost.get)
     below = sorted((r for r in accuracy if r not in within), key=cost.get)
     assert list(table)[1:] == within + below and "small-only" in below and "large-only" in within
@@ -585,7 +587,7 @@ def test_api_costs_need_the_baselines_as_results_files(inputs, tmp_path):
     )
     assert "Every router has a single configuration" in markdown
     large_cost = pl.read_parquet(large)["cost"].mean()
-    assert number(table_after(markdown, "Routers at their operating points")["large-only"][2]) == pytest.approx(
+    assert number(table_after(markdown, "Routers at their operating points")["large-only"][3]) == pytest.approx(
         large_cost, rel=1e-3
     )
 
@@ -673,7 +675,7 @@ def test_steer_section_reads_the_file_the_steer_router_saves(inputs, tmp_path):
     train = load_train_split(inputs["trace"], 0, (0.5, 0.1, 0.4))
     router = Steer(min_samples=5).fit(train)
     saved = tmp_path / "steer.json"
-    router.save(saved, train.problems["problem_id"].to_list())
+    router.save(saved)
     out = tmp_path / "r"
     result = invoke(
         "report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 20, "--steer-gmm", saved, *EVERY_ROW
@@ -755,7 +757,7 @@ def test_the_seeds_tables_come_from_the_report_numbers(inputs, tmp_path):
     assert cmdp["method"].to_list() == ["small-only", "large-only", "steer", "oracle", "cascade"]  # the seed's order
     for row in cmdp.iter_rows(named=True):
         assert row["accuracy_pct"] == pytest.approx(number(main[row["method"]][1]), abs=0.05)
-        assert row["cost_tflops"] == pytest.approx(number(main[row["method"]][2]) / scale, rel=5e-3)
+        assert row["cost_tflops"] == pytest.approx(number(main[row["method"]][3]) / scale, rel=5e-3)
         assert row["a_over_c"] == pytest.approx(100 * row["accuracy_pct"] / 100 / row["cost_tflops"], rel=1e-6)
     assert (out / "table_cmdp.md").read_text().startswith("## The CMDP seed's layout")
 
@@ -771,7 +773,7 @@ def test_the_seeds_tables_come_from_the_report_numbers(inputs, tmp_path):
     large_only_cost = per_config(
         replay_to(trace, tmp_path / "large.parquet", "--router", "large-only", "--split", "all")
     )["cost"][0]
-    assert number(main["large-only"][2]) / scale == pytest.approx(large_only_cost, rel=5e-3)
+    assert number(main["large-only"][3]) / scale == pytest.approx(large_only_cost, rel=5e-3)
     assert chosen["chain"] == "small → large"
     assert chosen["pd_points"] == pytest.approx(100 * (accuracy - large["correct"].mean()))
     assert chosen["reduced_cost_pct"] == pytest.approx(100 * (1 - cost / large_only_cost), rel=1e-3)
@@ -790,7 +792,7 @@ def test_every_figure_names_its_series_once_each_with_a_distinct_look(inputs, tm
 
     built = report(
         inputs["trace"], [inputs["steer"], inputs["random"], inputs["oracle"]], out=tmp_path / "r", bootstrap=20,
-        split="all", pick_split="reported",
+        split="all", pick_split="reported", allow_overlap=True,
     )  # fmt: skip
     assert page_images(tmp_path / "r") == list(built.figure_series) == ["pareto.png", "escalation.png"]
     for name in built.figure_series:
@@ -867,7 +869,13 @@ def test_every_policy_gets_its_training_curve(inputs, tmp_path):
     # two logs: two curves, each its own look, and a row each
     logs = [write_policy_log(tmp_path / f"{name}.log.parquet") for name in ("first", "second")]
     built = report(
-        inputs["trace"], [inputs["steer"]], policy_log=logs, bootstrap=20, split="all", pick_split="reported"
+        inputs["trace"],
+        [inputs["steer"]],
+        policy_log=logs,
+        bootstrap=20,
+        split="all",
+        pick_split="reported",
+        allow_overlap=True,
     )
     series = built.figure_series["policy_training.png"]
     assert [label for label, _, _ in series] == ["first.log.parquet", "second.log.parquet"]
@@ -884,6 +892,8 @@ def test_a_label_leaves_out_a_parameter_its_configuration_ignores(inputs, tmp_pa
     switch = api.replay(
         inputs["trace"], "steer", params={"mode": "switch", "escalate": "replace", "tau": "0.5"}, split="all"
     )
-    built = report(inputs["trace"], [step, switch], bootstrap=20, split="all", pick_split="reported")
+    built = report(
+        inputs["trace"], [step, switch], bootstrap=20, split="all", pick_split="reported", allow_overlap=True
+    )
     labels = set(table_after(built.markdown, "Routers at their operating points")) - {"Router"}
     assert {"steer (mode=step)", "steer (escalate=replace, mode=switch)"} <= {label.rstrip(" *") for label in labels}

@@ -91,12 +91,21 @@ def memory_share(role: str, roles: tuple[str, ...] = TWO_MODEL_ROLES) -> float:
     return rank / (len(roles) * (len(roles) + 1) / 2)
 
 
-def engine_kwargs_for(kind: str, role: str, given: dict, roles: tuple[str, ...] = TWO_MODEL_ROLES) -> dict:
-    """Engine arguments for one model role of ``roles``: on vLLM, its share of GPU memory unless ``given``
-    sets it."""
+def engine_kwargs_for(
+    kind: str,
+    role: str,
+    given: dict,
+    roles: tuple[str, ...] = TWO_MODEL_ROLES,
+    *,
+    budget: float = VLLM_MEMORY_BUDGET,
+    role_share: float | None = None,
+) -> dict:
+    """Engine arguments for one model role of ``roles``: ``given``, and on vLLM the GPU memory shares of its two
+    engines: ``role_share`` of each GPU (default: its ``memory_share`` of ``budget``), split between its generator
+    and its exact-logprob scorer."""
     if kind != "vllm":
         return dict(given)
-    share = VLLM_MEMORY_BUDGET * memory_share(role, roles)
+    share = role_share if role_share is not None else budget * memory_share(role, roles)
     defaults = {
         "gpu_memory_utilization": round(share * (1 - VLLM_SCORER_SHARE), 3),
         "scorer_memory_utilization": round(share * VLLM_SCORER_SHARE, 3),
