@@ -10,6 +10,7 @@ through entry points of group ``trace.backends`` or as ``--backend FILE.py:Class
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from pathlib import Path
 
@@ -74,12 +75,9 @@ def check_backend(kind: str | None) -> None:
 
 
 def default_backend() -> str:
-    """vllm where it is importable, else hf."""
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return "hf"
-    return "vllm"
+    """vllm where it is installed, else hf. Found without importing it (an import takes seconds, and a `trace gen`
+    with nothing to do should end before that); a broken install fails where the engine starts, naming vLLM."""
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
 
 def memory_share(role: str, roles: tuple[str, ...] = TWO_MODEL_ROLES) -> float:
