@@ -192,7 +192,7 @@ def test_budget_stops_closure_and_says_so(tmp_path):
         ("[[router]]\nname = 'random'\nsweep = ['p=0:1:0.001', 'seed=0:20:1']", "cannot sweep seed"),
         (
             "[[router]]\nname = 'cascade'\nsweep = ['t_true=0:1:0.001', 't_ik=0:1:0.01']",
-            "1001 x 101 = 101,101 configurations; at most 20,000",
+            "1001 x 101 = 101,101 configurations \\(at least [0-9.]+ GB\\); at most 20,000",
         ),
     ],
 )
