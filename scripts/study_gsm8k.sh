@@ -64,6 +64,7 @@ for item in "${items[@]}"; do
   name="${item%%=*}"
   trace="$out/$name"
   results="$trace/results"
+  calibration="$trace/results-calibration"
   echo "== $item -> $trace"
   gen=(trace gen --model "$small" --large "$large" --dataset "$item" --temperature 0.7
        --expand closure --routers "$routers" --out "$trace")
@@ -82,29 +83,32 @@ for item in "${items[@]}"; do
   run trace train steer "$trace" --out "$trace/steer.json" --force
   run trace train pik "$trace" --model small --out "$trace/pik.joblib" --force
 
-  run mkdir -p "$results"
+  # fitted on the trace's train split (the hash split), operating points picked on its calibration split,
+  # reported on its test split: every swept router is replayed on both, the same sweep
+  run mkdir -p "$results" "$calibration"
+  replay() {  # NAME ARGS...: calibration/NAME.parquet (picked on) and results/NAME.parquet (reported)
+    local name="$1"
+    shift
+    run trace replay "$trace" --split calibration "$@" --out "$calibration/$name.parquet" --force
+    run trace replay "$trace" --split test "$@" --out "$results/$name.parquet" --force
+  }
   for router in small-only large-only oracle; do
-    run trace replay "$trace" --split all --router "$router" --out "$results/$router.parquet" --force
+    run trace replay "$trace" --split test --router "$router" --out "$results/$router.parquet" --force
   done
-  run trace replay "$trace" --split all --router random --sweep p=0:1:0.1 --out "$results/random.parquet" --force
-  run trace replay "$trace" --split all --router rsd --sweep tau=0:1:0.1 --out "$results/rsd.parquet" --force
-  run trace replay "$trace" --split all --router specreason --sweep tau=0:9:1 \
-    --out "$results/specreason.parquet" --force
-  run trace replay "$trace" --split all --router steer --param mode=step --param gmms="$trace/steer.json" \
-    --sweep tau=0:1:0.1 --out "$results/steer-step.parquet" --force
-  run trace replay "$trace" --split all --router steer --param mode=switch --param gmms="$trace/steer.json" \
-    --sweep tau=0:1:0.1 --out "$results/steer-switch.parquet" --force
-  run trace replay "$trace" --split all --router steer --param mode=switch --param escalate=replace \
-    --param gmms="$trace/steer.json" --sweep tau=0:1:0.1 --out "$results/steer-switch-replace.parquet" --force
-  run trace replay "$trace" --split all --router cascade --param probe="$trace/pik.joblib" \
-    --sweep t_true=0:1:0.1 --sweep t_ik=0:1:0.1 --out "$results/cascade.parquet" --force
-  run trace replay "$trace" --split all --router cascade --param pik=false --sweep t_true=0:1:0.1 \
-    --out "$results/cascade-no-pik.parquet" --force
-  run trace replay "$trace" --split all --router policy --param path="$trace/policy.pt" \
+  replay random --router random --sweep p=0:1:0.1
+  replay rsd --router rsd --sweep tau=0:1:0.1
+  replay specreason --router specreason --sweep tau=0:9:1
+  replay steer-step --router steer --param mode=step --param gmms="$trace/steer.json" --sweep tau=0:1:0.1
+  replay steer-switch --router steer --param mode=switch --param gmms="$trace/steer.json" --sweep tau=0:1:0.1
+  replay steer-switch-replace --router steer --param mode=switch --param escalate=replace \
+    --param gmms="$trace/steer.json" --sweep tau=0:1:0.1
+  replay cascade --router cascade --param probe="$trace/pik.joblib" --sweep t_true=0:1:0.1 --sweep t_ik=0:1:0.1
+  replay cascade-no-pik --router cascade --param pik=false --sweep t_true=0:1:0.1
+  run trace replay "$trace" --split test --router policy --param path="$trace/policy.pt" \
     --out "$results/policy.parquet" --force
-  run trace replay "$trace" --split all --router policy --param path="$trace/policy-replace.pt" \
+  run trace replay "$trace" --split test --router policy --param path="$trace/policy-replace.pt" \
     --param escalate=replace --out "$results/policy-replace.parquet" --force
-  run trace report "$trace" "$results"/*.parquet --out "$trace/report" --policy-log "$trace/policy.log.parquet" \
-    --steer-gmm "$trace/steer.json" --table cmdp --table cascade
+  run trace report "$trace" "$results"/*.parquet --pick-on "$calibration" --out "$trace/report" \
+    --policy-log "$trace/policy.log.parquet" --steer-gmm "$trace/steer.json" --table cmdp --table cascade
 done
 if [ "$dry_run" = 1 ]; then echo "dry run: nothing was started"; else echo "study: $out"; fi
