@@ -21,12 +21,13 @@ import polars as pl
 
 from analysis.report_inputs import read_parquet_input
 from analysis.stats import PairedTest, mcnemar, paired_problem_test
-from replay.atomic import write_atomic
-from replay.errors import TraceError
-from replay.grades import graded_steps
-from replay.outputs import check_output_file
-from replay.schema import DEFAULT_GRADES, MANIFEST_FILE, model_char
-from replay.store import Trace, open_trace
+from replay.params import params_text
+from tracestore.atomic import write_atomic
+from tracestore.errors import TraceError
+from tracestore.grades import graded_steps
+from tracestore.outputs import check_output_file
+from tracestore.schema import DEFAULT_GRADES, MANIFEST_FILE, model_char
+from tracestore.store import Trace, open_trace
 
 BOTH_RIGHT, ONLY_A, ONLY_B, BOTH_WRONG, EXCLUDED = "both right", "only A", "only B", "both wrong", "excluded"
 OUTCOMES = (BOTH_RIGHT, ONLY_A, ONLY_B, BOTH_WRONG)
@@ -167,7 +168,7 @@ def _results_outcomes(path: Path, config: int | None, side: str) -> tuple[pl.Dat
         )
     router, number, params = configs.row(0)
     try:
-        shown = " ".join(f"{k}={v}" for k, v in json.loads(params).items() if v not in ("", None))
+        shown = params_text({k: v for k, v in json.loads(params).items() if v not in ("", None)}, separator=" ")
     except (json.JSONDecodeError, AttributeError):
         raise TraceError(f"{path}: the params column is not a JSON object") from None
     label = f"{router} config {number}" + (f" ({shown})" if shown else "")
@@ -275,10 +276,3 @@ def write_pairs(result: DiffResult, out: str | os.PathLike, *, force: bool = Fal
     frame = pairs_csv(result)
     write_atomic(out, lambda temp: frame.write_csv(temp))
     return frame.height
-
-
-def mean_difference(comparison: Comparison) -> float:
-    """Accuracy of A minus accuracy of B over the pairs (a share, not percent)."""
-    counts = comparison.counts
-    n = sum(counts[outcome] for outcome in OUTCOMES)
-    return (counts[ONLY_A] - counts[ONLY_B]) / n

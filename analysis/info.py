@@ -17,8 +17,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from replay.schema import DEFAULT_GRADES, TABLES, is_trace_metadata, model_char
-from replay.store import open_trace
+from tracestore.remote import local_path
+from tracestore.schema import DEFAULT_GRADES, TABLES, is_trace_metadata, model_char
+from tracestore.store import open_trace
 
 
 @dataclass
@@ -40,7 +41,7 @@ class TraceInfo:
 
 
 def trace_info(root: str | os.PathLike) -> TraceInfo:
-    trace = open_trace(root)
+    trace = open_trace(local_path(root, "info"))
     steps = (
         trace.scan("steps")
         .select("problem_id", "world", "path", "model", "n_gen_tokens", "is_final", "correct")

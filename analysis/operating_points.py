@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from analysis.report_inputs import ReportOptions, Run
+from analysis.options import ReportOptions
+from analysis.report_inputs import Run, sweep_grid
 from analysis.stats import percentile_interval, ratio, resampled_ratio
-from replay.costs import A_OVER_C_SCALE
-from replay.engine import summarize
-from replay.errors import TraceError
+from replay.results import summarize
+from tracestore.errors import TraceError
 
 PICK_RULES = ("ac", "cheapest", "accuracy")
 LEVEL = 0.95
@@ -115,7 +115,7 @@ def choose_operating_point(run: Run, rule: str, floor: float, roles: list[str]) 
             "cheapest at or above the floor",
         )
     run.chosen = int(best["config"][0])
-    run.how = f"{how}; {eligible}"
+    run.how = f"{how}; {eligible}; grid {sweep_grid(run.params)}"
 
 
 def choose_operating_points(
@@ -199,9 +199,10 @@ def table_row(run: Run, problems: list[str], counts: np.ndarray, roles: list[str
 
     accuracy, accuracy_samples = estimate("correct", "finished")
     cost, cost_samples = estimate("cost", "finished")
+    scale = float(rows["a_over_c_scale"][0])  # the cost model's: A/C as its seed table prints it
     a_over_c = Estimate(
-        A_OVER_C_SCALE * accuracy.value / cost.value if accuracy.value is not None and cost.value else None,
-        percentile_interval(ratio(A_OVER_C_SCALE * accuracy_samples, cost_samples), LEVEL),
+        scale * accuracy.value / cost.value if accuracy.value is not None and cost.value else None,
+        percentile_interval(ratio(scale * accuracy_samples, cost_samples), LEVEL),
     )
     large_share, _ = estimate("large", "steps")
     return Row(run, accuracy, cost, a_over_c, large_share, int(rows["misses"].sum()), rows.height)

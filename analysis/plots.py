@@ -1,18 +1,20 @@
 """The report's figures as PNG bytes (matplotlib's Agg canvas; no pyplot, no global state).
 
 Each function takes plain numbers and returns the PNG; the same inputs give the same bytes
-(PNG metadata without the matplotlib version, fixed size and DPI).
+(PNG metadata without the matplotlib version, fixed size and DPI). matplotlib is imported by the
+functions that draw (it takes a second to import; most commands that import this module draw nothing).
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DPI = 120
 LOW_COLOR, HIGH_COLOR = "#d62728", "#1f77b4"
@@ -39,7 +41,15 @@ class Point:
     kind: str  # "small", "large" or "router"
 
 
+def _figure(**kwargs) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(layout="constrained", **kwargs)
+
+
 def _png(figure: Figure) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
@@ -60,7 +70,9 @@ def pareto_png(curves: list[Curve], points: list[Point], cost_unit: str) -> byte
     """Accuracy against mean cost per query: one line per swept router (configurations without misses in
     order of cost, those with misses as unjoined hollow markers, the chosen configuration circled), a
     marker per single model or fixed router."""
-    figure = Figure(figsize=(10, 5), layout="constrained")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    figure = _figure(figsize=(10, 5))
     axes = figure.add_subplot()
     colors = _cycle()
     for curve in curves:
@@ -159,7 +171,7 @@ def _cycle():
 
 def escalation_png(series: dict[str, tuple[np.ndarray, np.ndarray]], large_role: str) -> bytes:
     """Share of the steps at each step index that the large model wrote, one line per router."""
-    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    figure = _figure(figsize=(8, 4.5))
     axes = figure.add_subplot()
     colors = _cycle()
     for label, (depths, shares) in series.items():
@@ -177,7 +189,7 @@ def escalation_png(series: dict[str, tuple[np.ndarray, np.ndarray]], large_role:
 def policy_training_png(step: np.ndarray, coverage: np.ndarray, kappa: np.ndarray, alpha: float) -> bytes:
     """Coverage against its target 1 - alpha (per update, and its running mean over a twentieth of the
     updates), and the escalation threshold kappa, over training."""
-    figure = Figure(figsize=(10, 4), layout="constrained")
+    figure = _figure(figsize=(10, 4))
     left, right = figure.subplots(1, 2)
     window = max(1, len(coverage) // 20)
     left.plot(step, coverage, color=HIGH_COLOR, linewidth=0.8, alpha=0.35, label="coverage per update (batch)")
@@ -223,7 +235,7 @@ def steer_mixtures_png(mixtures: list[Mixture], confidences: dict[int, np.ndarra
     components (low-confidence one in red) and their sum."""
     columns = min(3, len(mixtures))
     rows = -(-len(mixtures) // columns)
-    figure = Figure(figsize=(4.2 * columns, 3.4 * rows), layout="constrained")
+    figure = _figure(figsize=(4.2 * columns, 3.4 * rows))
     panels = np.atleast_1d(figure.subplots(rows, columns, squeeze=False).ravel())
     for axes, mixture in zip(panels, mixtures):
         values = confidences.get(mixture.depth, np.array([]))

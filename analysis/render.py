@@ -13,10 +13,13 @@ from markdown_it import MarkdownIt
 
 from analysis import plots
 from analysis.operating_points import Estimate, Row, percent
-from analysis.report_inputs import ALL_ROWS, REPORTED_ROWS, ReportOptions, Run
+from analysis.options import ALL_ROWS, REPORTED_ROWS, ReportOptions
+from analysis.report_inputs import POLICY_MARK, Run
 from analysis.stats import PERMUTATIONS, mcnemar, paired_problem_test
-from replay.engine import summarize
-from replay.schema import Manifest, model_char
+from replay.params import params_text
+from replay.results import summarize
+from replay.routers.policy import TRAINING_FLAGS
+from tracestore.schema import Manifest, model_char
 
 GENERATOR = "trace report"
 FIGURES = {
@@ -61,10 +64,6 @@ def md_table(headers: list[str], rows: list[list], right: set[int] = frozenset()
     return "\n".join(lines)
 
 
-def _params_text(params: dict) -> str:
-    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "-"
-
-
 def render_html(markdown: str) -> str:
     body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
     title = html.escape(markdown.splitlines()[0].lstrip("# ").strip())
@@ -93,7 +92,17 @@ code {{ background: #f4f4f4; padding: 0 0.2em; }}
 
 
 def header_section(
-    trace_dir, manifest: Manifest, roles, result_paths, runs, problems, cost_model, cost_unit, cost_convention, options
+    trace_dir,
+    manifest: Manifest,
+    roles,
+    result_paths,
+    runs,
+    problems,
+    cost_model,
+    cost_unit,
+    cost_convention,
+    a_over_c_unit,
+    options,
 ) -> str:
     models = manifest.models
 
@@ -111,13 +120,15 @@ def header_section(
         "",
         f"- Trace: `{trace_dir}` (dataset {dataset_name}; models {model_text})",
         f"- Evaluated on {split_text}: {len(problems):,} problems, {n_walks:,} (problem, world) walks per router",
-        f"- Cost model: {cost_model} ({cost_convention}), mean cost per query in {cost_unit}",
+        f"- Cost model: {cost_model} ({cost_convention}), mean cost per query in {cost_unit}; A/C in {a_over_c_unit}",
         "- Results: " + ", ".join(f"`{Path(path).name}`" for path in result_paths),
     ]
     return "\n".join(lines)
 
 
-def table_section(table: list[Row], cost_unit: str, options: ReportOptions, floor_text: str, swept: bool) -> str:
+def table_section(
+    table: list[Row], cost_unit: str, a_over_c_unit: str, options: ReportOptions, floor_text: str, swept: bool
+) -> str:
     headers = ["Router", "Operating point", "Acc (%) ↑", f"Cost ({cost_unit}) ↓", "A/C ↑", "Large steps (%)", "Misses"]
     rows = []
     for row in table:
@@ -125,7 +136,7 @@ def table_section(table: list[Row], cost_unit: str, options: ReportOptions, floo
         rows.append(
             [
                 row.run.label + flag,
-                _params_text(row.run.point_params()),
+                params_text(row.run.point_params()) or "-",
                 _with_interval(row.accuracy, _pct_bare),
                 _with_interval(row.cost, _num),
                 _with_interval(row.a_over_c, _num),
@@ -149,7 +160,7 @@ def table_section(table: list[Row], cost_unit: str, options: ReportOptions, floo
         "",
         md_table(headers, rows, right={2, 3, 4, 5, 6}),
         "",
-        f"Accuracy and cost are over the walks that finished; A/C is accuracy (%) per {cost_unit}; large steps "
+        f"Accuracy and cost are over the walks that finished; A/C is {a_over_c_unit}; large steps "
         "is the share of kept steps written by the large model. Brackets: 95% percentile bootstrap intervals, "
         f"{options.bootstrap:,} resamples of the problems (the worlds of a problem stay together), "
         f"seed {options.seed}.",
@@ -169,6 +180,13 @@ def table_section(table: list[Row], cost_unit: str, options: ReportOptions, floo
         "",
     ]
     notes += [f"- {row.run.label}: {row.run.how} ({Path(row.run.source).name})" for row in table]
+    notes += [
+        f"\n{POLICY_MARK} {row.run.label}: the policy file says its training ended off target: "
+        + "; ".join(TRAINING_FLAGS.get(flag, flag) for flag in row.run.training_flags)
+        + "."
+        for row in table
+        if row.run.training_flags
+    ]
     return "\n".join(notes)
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import polars as pl
 
 from analysis.operating_points import PICK_RULES, choose_operating_points, parse_pin, table_row
+from analysis.options import ReportOptions
 from analysis.render import (
     FIGURES,
     GENERATOR,
@@ -40,11 +41,11 @@ from analysis.render import (
     table_section,
 )
 from analysis.report_inputs import (
-    ReportOptions,
     Run,
     check_against_trace,
     check_same_walks,
     label_runs,
+    mark_policy_runs,
     read_policy_log,
     read_steer_mixtures,
     replay_baseline,
@@ -53,16 +54,27 @@ from analysis.report_inputs import (
     split_runs,
 )
 from analysis.stats import bootstrap_counts
-from analysis.tables import TABLES, cascade_table, cmdp_table, table_markdown
-from replay.atomic import write_atomic
-from replay.errors import TraceError
-from replay.grades import graded_steps
-from replay.outputs import check_outside_trace
-from replay.store import open_trace
+from analysis.tables import TABLES, TableInputs
+from tracestore.atomic import write_atomic
+from tracestore.errors import TraceError
+from tracestore.grades import graded_steps
+from tracestore.outputs import check_outside_trace
+from tracestore.store import open_trace
 
 PAGE, MARKDOWN = "index.html", "report.md"
-TABLE_FILES = {name: (f"table_{name}.md", f"table_{name}.csv") for name in TABLES}
-REPORT_FILES = (PAGE, MARKDOWN, *FIGURES.values(), *(name for files in TABLE_FILES.values() for name in files))
+
+
+def table_files(name: str) -> tuple[str, str]:
+    """The Markdown and CSV files of table ``name``."""
+    return f"table_{name}.md", f"table_{name}.csv"
+
+
+REPORT_FILES = (
+    PAGE,
+    MARKDOWN,
+    *FIGURES.values(),
+    *(f for name in TABLES.names(installed=False) for f in table_files(name)),
+)
 BASELINES = ("small-only", "large-only")
 
 
@@ -82,7 +94,7 @@ class Report:
 
 def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Report:
     """Read, check and compare; everything in memory (nothing is written here). ``result_paths``: results
-    files of `trace replay --out`, or replay results in memory (replay.engine.ReplayResult, or its
+    files of `trace replay --out`, or replay results in memory (replay.results.ReplayResult, or its
     outcomes DataFrame), in any mix."""
     if not result_paths:
         raise TraceError("give at least one results file from trace replay --out")
@@ -90,9 +102,7 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
         raise TraceError(f"--pick must be one of {', '.join(PICK_RULES)}, got {options.pick!r}")
     if options.bootstrap < 1:
         raise TraceError(f"--bootstrap must be at least 1, got {options.bootstrap}")
-    unknown = [name for name in options.tables if name not in TABLES]
-    if unknown:
-        raise TraceError(f"unknown --table {unknown[0]!r}; choose one of {', '.join(TABLES)}")
+    layouts = [TABLES.get(name)() for name in options.tables]
     pins = [(text, *parse_pin(text)) for text in options.at]
     policy_log = read_policy_log(options.policy_log, options.alpha) if options.policy_log is not None else None
     steer_mixtures = read_steer_mixtures(options.steer_gmm) if options.steer_gmm is not None else None
@@ -118,16 +128,18 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
         {
             row
             for run in runs
-            for row in run.outcomes.select("cost_model", "cost_unit", "cost_convention").unique().rows()
+            for row in run.outcomes.select("cost_model", "cost_unit", "cost_convention", "a_over_c_unit")
+            .unique()
+            .rows()
         }
     )
     if len(cost_models) > 1:
         raise TraceError(
             "the results use different cost models ("
-            + ", ".join(f"{m} in {u}" for m, u, _ in cost_models)
+            + ", ".join(f"{m} in {u}" for m, u, _, _ in cost_models)
             + "): replay every router with the same --cost"
         )
-    cost_model, cost_unit, cost_convention = cost_models[0]
+    cost_model, cost_unit, cost_convention, a_over_c_unit = cost_models[0]
     walks = check_same_walks(runs)
     baselines = {}
     for name in BASELINES:
@@ -137,15 +149,12 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
         baselines[name] = given[0] if given else replay_baseline(name, trace, walks, cost_model, grades=options.grades)
     routers = [run for run in runs if run.router not in BASELINES]
     everyone = [baselines["small-only"], baselines["large-only"], *routers]
-    singles = {  # for the cascade table: each model between the smallest and the largest, alone
-        role: replay_baseline("only", trace, walks, cost_model, {"model": role}, options.grades)
-        for role in (roles[1:-1] if "cascade" in options.tables else ())
-    }
-    select_splits([*everyone, *singles.values()], options)
+    select_splits(everyone, options)
     for run in everyone:
         if run.swept and run.router in BASELINES:
             raise TraceError(f"{run.source}: {run.router} has {len(run.params)} configurations; expected one")
     label_runs(everyone, roles)
+    mark_policy_runs(everyone)
 
     floor_text = choose_operating_points(everyone, routers, baselines["large-only"], pins, options, roles)
 
@@ -164,9 +173,10 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
             cost_model,
             cost_unit,
             cost_convention,
+            a_over_c_unit,
             options,
         ),
-        table_section(table, cost_unit, options, floor_text, any(run.swept for run in routers)),
+        table_section(table, cost_unit, a_over_c_unit, options, floor_text, any(run.swept for run in routers)),
         pareto_section(everyone, roles, cost_unit, figures),
         significance_section(everyone, baselines["large-only"], options.seed),
         escalation_section(routers, roles, figures),
@@ -175,15 +185,32 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
         sections.append(policy_section(options.policy_log, *policy_log, figures))
     if steer_mixtures is not None:
         sections.append(steer_section(options.steer_gmm, *steer_mixtures, trace, figures))
+
+    def alone(role: str) -> Run:  # for a table: one of the trace's models alone, on the reported rows
+        run = replay_baseline("only", trace, walks, cost_model, {"model": role}, options.grades)
+        select_splits([*everyone, run], options)
+        return run
+
+    inputs = TableInputs(
+        table,
+        routers,
+        baselines,
+        roles,
+        trace.manifest.dataset_name or "?",
+        cost_unit,
+        alone,
+        a_over_c_unit=a_over_c_unit,
+        manifest=trace.manifest,
+        seed=options.seed,
+    )
     tables = {}
-    for name in options.tables:
-        if name == "cmdp":
-            frame = cmdp_table(table, trace.manifest.dataset_name or "?", cost_unit)
-        else:
-            frame = cascade_table(routers, baselines, roles, singles)
-        markdown = table_markdown(name, frame, cost_unit)
+    for layout in layouts:
+        frame = layout.frame(inputs)
+        if not isinstance(frame, pl.DataFrame):
+            raise TraceError(f"table {layout.name}: frame returned a {type(frame).__name__}, not a polars DataFrame")
+        markdown = layout.markdown(frame, inputs)
         sections.append(markdown)
-        md_file, csv_file = TABLE_FILES[name]
+        md_file, csv_file = table_files(layout.name)
         tables[md_file] = (markdown + "\n").encode()
         tables[csv_file] = _csv_bytes(frame)
     return Report("\n\n".join(sections) + "\n", figures, tables)

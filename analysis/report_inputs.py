@@ -12,13 +12,17 @@ from pathlib import Path
 import polars as pl
 
 from analysis import plots
+from analysis.options import ALL_ROWS, DEFAULT_ALPHA, REPORTED_ROWS, ReportOptions
 from replay.costs import make_cost_model
-from replay.engine import ReplayData, replay
-from replay.errors import TraceError
+from replay.data import ReplayData
+from replay.params import params_text
 from replay.routers import ROUTERS, make_router
+from replay.routers.policy import load_policy
 from replay.routers.steer import load_mixtures
-from replay.schema import SCHEMAS
+from replay.run import replay
 from replay.splits import SPLITS
+from tracestore.errors import TraceError
+from tracestore.schema import SCHEMAS
 
 # column -> what its type must be: "string", "integer", "float" or "boolean"
 RESULT_COLUMNS = {
@@ -34,30 +38,9 @@ RESULT_COLUMNS = {
     "cost_model": "string",
     "cost_unit": "string",
     "cost_convention": "string",
+    "a_over_c_unit": "string",
+    "a_over_c_scale": "float",
 }
-DEFAULT_FLOOR = "large-0.02"
-ALL_ROWS = "all"  # --split: every row of the results
-REPORTED_ROWS = "reported"  # --pick-split: choose on the rows reported (flatters threshold routers; labelled)
-DEFAULT_ALPHA = 0.02  # the policy seed's alpha, when the training log does not record its own
-
-
-@dataclass(frozen=True)
-class ReportOptions:
-    """How operating points are chosen (the rule: analysis.operating_points) and which optional sections
-    are drawn."""
-
-    pick: str = "ac"  # ac | cheapest | accuracy
-    accuracy_floor: str = DEFAULT_FLOOR  # large, large-D, or an accuracy in [0, 1]
-    at: tuple[str, ...] = ()  # pinned configurations: ROUTER:name=value[,name=value]
-    split: str = "test"  # report rows of this split, or ALL_ROWS
-    pick_split: str = "calibration"  # choose operating points on rows of this split, or REPORTED_ROWS
-    bootstrap: int = 1000  # bootstrap resamples
-    seed: int = 0  # bootstrap seed
-    policy_log: Path | None = None
-    steer_gmm: Path | None = None
-    alpha: float | None = None  # policy coverage target 1 - alpha (default: the log's alpha, else 0.02)
-    tables: tuple[str, ...] = ()  # the seeds' table layouts to add (analysis.tables)
-    grades: str | None = None  # the trace's grade set the results were replayed with (default: the steps' own)
 
 
 @dataclass
@@ -72,6 +55,7 @@ class Run:
     chosen: int = 0
     how: str = ""  # how the configuration was chosen, for the table's notes
     below_floor: bool = False
+    training_flags: list[str] = field(default_factory=list)  # a policy run's file: how its training ended off target
     rows: pl.DataFrame | None = field(default=None, repr=False)  # reported rows (all configurations)
     pick_rows: pl.DataFrame | None = field(default=None, repr=False)  # rows the operating point is chosen on
 
@@ -83,11 +67,14 @@ class Run:
         return self.rows.filter(pl.col("config") == self.chosen)
 
     def point_params(self) -> dict:
-        """The chosen configuration's decision parameters (sweepable ones, or the ones this file swept)."""
+        """The chosen configuration's decision parameters (sweepable ones, or the ones this file swept), less
+        those it does not read (a cascade's t_ik without P(IK))."""
         params = self.params[self.chosen]
-        names = ROUTERS[self.router].sweepable if self.router in ROUTERS else ()
+        cls = ROUTERS.builtins().get(self.router)
+        names = cls.sweepable if cls is not None else ()
         names = [name for name in names if name in params] or varying_params(self.params)
-        return {name: params[name] for name in names}
+        idle = cls.idle_params(params) if cls is not None else ()
+        return {name: params[name] for name in names if name not in idle}
 
 
 def read_parquet_input(path: Path, what: str) -> pl.DataFrame:
@@ -109,7 +96,7 @@ def read_results(path: Path, roles: list[str]) -> pl.DataFrame:
 
 def result_input(item, index: int, roles: list[str]) -> tuple[pl.DataFrame, str]:
     """(checked outcomes, source name) of one report input: a results file, or in memory a replay result
-    (anything with ``outcomes``, such as replay.engine.ReplayResult) or its outcomes DataFrame."""
+    (anything with ``outcomes``, such as replay.results.ReplayResult) or its outcomes DataFrame."""
     if isinstance(item, (str, Path)):
         return read_results(Path(item), roles), str(item)
     frame = getattr(item, "outcomes", item)
@@ -182,6 +169,23 @@ def varying_params(params: dict[int, dict]) -> list[str]:
     return [name for name in names if len({json.dumps(config.get(name)) for config in params.values()}) > 1]
 
 
+def sweep_grid(params: dict[int, dict]) -> str:
+    """The grid a swept run's configurations span, per varying parameter: "tau 0 to 1 in steps of 0.1 (11
+    values)" when evenly spaced, else the values ("tau 0.2, 0.5, 0.9")."""
+    parts = []
+    for name in varying_params(params):
+        values = sorted({config[name] for config in params.values()}, key=str)
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            values = sorted(values)
+            steps = [b - a for a, b in zip(values, values[1:])]
+            if len(values) > 2 and max(steps) - min(steps) <= 1e-9 * max(1.0, abs(values[-1])):
+                first, last, step = values[0], values[-1], steps[0]
+                parts.append(f"{name} {first:g} to {last:g} in steps of {step:.6g} ({len(values)} values)")
+                continue
+        parts.append(f"{name} " + ", ".join(str(shown(v)) for v in values))
+    return " x ".join(parts)
+
+
 def split_runs(frame: pl.DataFrame, source: str) -> list[Run]:
     runs = []
     for router in frame["router"].unique(maintain_order=True).to_list():
@@ -249,7 +253,7 @@ ROLE_PARAMS = ("draft", "target", "models")  # the parameters that name the mode
 def model_chain(router: str, params: dict, roles: list[str]) -> str | None:
     """The models a run's router uses, resolved on a trace with model ``roles`` ("m0 → m1 → m2": defaults
     filled in), or None when it takes no model parameters or they do not resolve."""
-    cls = ROUTERS.get(router)
+    cls = ROUTERS.builtins().get(router)
     if cls is None or not any(name in params for name in ROLE_PARAMS):
         return None
     if hasattr(cls, "chain"):  # the draft routers
@@ -285,18 +289,37 @@ def label_runs(runs: list[Run], roles: list[str]) -> None:
             for name in sorted(fixed)
             if len({json.dumps(other.params[min(other.params)].get(name)) for other in same}) > 1
         ]
-        parts = [f"{n}={shown(fixed[n])}" for n in telling if n not in ROLE_PARAMS]
         chain = model_chain(run.router, fixed, roles) if set(telling) & set(ROLE_PARAMS) else None
-        if chain is not None:
-            parts.insert(0, chain)
-        else:
-            parts = [f"{n}={shown(fixed[n])}" for n in telling]
+        named = [n for n in telling if n not in ROLE_PARAMS] if chain is not None else telling
+        parts = [chain] if chain is not None else []
+        if named:
+            parts.append(params_text({n: shown(fixed[n]) for n in named}))
         if fixed.get("model") and "model" not in telling:  # `only`: which model, even when it is the only run
             parts.insert(0, str(fixed["model"]))
         run.label = run.router + (" (" + ", ".join(parts) + ")" if parts else "")
     for run in runs:
         if sum(other.label == run.label for other in runs) > 1:
             run.label += f" [{Path(run.source).name}]"
+
+
+POLICY_MARK = "‡"
+
+
+def mark_policy_runs(runs: list[Run]) -> None:
+    """Mark (``POLICY_MARK`` after the label) each policy run whose policy file, where it can still be read,
+    records that its training ended off target (`trace train policy`'s flags: coverage target out of reach or
+    not reached on the train split, kappa at 0 or 1)."""
+    for run in runs:
+        path = run.params[min(run.params)].get("path") if run.router == "policy" else None
+        if not path or not Path(path).is_file():
+            continue
+        try:
+            _, saved = load_policy(path)
+        except TraceError:
+            continue
+        run.training_flags = list(saved.get("flags") or [])
+        if run.training_flags:
+            run.label += f" {POLICY_MARK}"
 
 
 def select_splits(runs: list[Run], options: ReportOptions) -> None:

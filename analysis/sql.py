@@ -5,7 +5,9 @@ The connection only reads. DuckDB enforces it, not string matching: it runs exac
 which its parser must classify as a query (SELECT, WITH, FROM, VALUES, DESCRIBE, SHOW, SUMMARIZE);
 file access is off except for the trace's parts and the files named with ``--file NAME=PATH``
 (``enable_external_access=false`` with ``allowed_paths``); extensions are neither installed nor
-loaded; nothing spills to disk; and the configuration is locked before the user's query runs.
+loaded; nothing spills to disk; and the configuration is locked before the user's query runs. So a query
+too large for the memory DuckDB may use (``--memory-limit``; DuckDB's default is 80% of the machine's) fails,
+saying so, instead of writing files.
 """
 
 from __future__ import annotations
@@ -21,17 +23,19 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from replay.atomic import write_atomic
-from replay.errors import TraceError
-from replay.grades import check_grade_set, graded_steps
-from replay.outputs import check_output_file
-from replay.schema import DEFAULT_GRADES, SCHEMAS, TABLES
-from replay.store import Trace, open_trace
+from tracestore.atomic import write_atomic
+from tracestore.errors import TraceError
+from tracestore.grades import check_grade_set, graded_steps
+from tracestore.outputs import check_output_file
+from tracestore.remote import local_path
+from tracestore.schema import DEFAULT_GRADES, SCHEMAS, TABLES
+from tracestore.store import Trace, open_trace
 
 OUTPUT_FORMATS = (".csv", ".parquet")
 FILE_READERS = {".parquet": "read_parquet", ".csv": "read_csv", ".tsv": "read_csv", ".json": "read_json"}
 FILE_READERS |= {".jsonl": "read_json", ".ndjson": "read_json"}
 _VIEW_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MEMORY = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B)", re.IGNORECASE)
 READ_ONLY_SETTINGS = {
     "autoinstall_known_extensions": "false",
     "autoload_known_extensions": "false",
@@ -96,16 +100,22 @@ def _graded_steps_sql(trace: Trace, grades: str) -> str:
 
 
 def connect(
-    root: str | os.PathLike, files: dict[str, Path] | None = None, grades: str | None = None
+    root: str | os.PathLike,
+    files: dict[str, Path] | None = None,
+    grades: str | None = None,
+    memory_limit: str | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection that can only read: one view per trace table over its part files
     and one per file in ``files`` (view name -> path), and no other file. With ``grades``, the steps view
-    shows that grade set's answers and grades (see replay.grades)."""
-    trace = open_trace(root)
+    shows that grade set's answers and grades (see tracestore.grades). ``memory_limit``: e.g. "4GB"."""
+    if memory_limit is not None and not _MEMORY.fullmatch(memory_limit):
+        raise TraceError(f"--memory-limit must be a size such as 500MB or 4GB, got {memory_limit!r}")
+    trace = open_trace(local_path(root, "sql"))
     files = files or {}
     if grades is not None:
         check_grade_set(trace, grades)
-    connection = duckdb.connect(config=READ_ONLY_SETTINGS)
+    limit = {"memory_limit": memory_limit} if memory_limit is not None else {}
+    connection = duckdb.connect(config={**READ_ONLY_SETTINGS, **limit})
     readable = []
     for table in sorted(TABLES, key=lambda table: table == "steps"):  # steps last: it may read the grades view
         named = table == "steps" and grades not in (None, DEFAULT_GRADES) and trace.files("steps")
@@ -121,10 +131,16 @@ def connect(
     return connection
 
 
-def _sql_error(query: str, error: duckdb.Error) -> TraceError:
+def _sql_error(query: str, error: duckdb.Error, memory_limit: str | None = None) -> TraceError:
     message = " ".join(str(error).split("\n\nLINE")[0].split())
     if isinstance(error, duckdb.PermissionException):
         message += "; trace sql reads only the trace's tables and the files named with --file NAME=PATH"
+    if isinstance(error, duckdb.OutOfMemoryException):  # DuckDB's own advice (SET ...) is refused here
+        limit = memory_limit or "DuckDB's default: 80% of this machine's memory"
+        message = (
+            f"{str(error).splitlines()[0]}; trace sql works in memory only (nothing spills to disk): raise "
+            f"--memory-limit ({limit}), or ask less of the query (fewer columns, rows filtered early, no token arrays)"
+        )
     return TraceError(f"SQL error in {query.strip()!r}: {message}")
 
 
@@ -149,15 +165,19 @@ def _one_query(connection: duckdb.DuckDBPyConnection, query: str) -> str:
 
 
 def run_sql(
-    root: str | os.PathLike, query: str, files: dict[str, Path] | None = None, grades: str | None = None
+    root: str | os.PathLike,
+    query: str,
+    files: dict[str, Path] | None = None,
+    grades: str | None = None,
+    memory_limit: str | None = None,
 ) -> pa.Table:
     """Result of the query ``query`` over the trace at ``root`` (and ``files``) as an Arrow table; the steps
-    view graded by grade set ``grades`` (default: the steps' own grades)."""
-    connection = connect(root, files, grades)
+    view graded by grade set ``grades`` (default: the steps' own grades), within ``memory_limit``."""
+    connection = connect(root, files, grades, memory_limit)
     try:
         return connection.sql(_one_query(connection, query)).to_arrow_table()
     except duckdb.Error as error:
-        raise _sql_error(query, error) from None
+        raise _sql_error(query, error, memory_limit) from None
     finally:
         connection.close()
 

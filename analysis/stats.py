@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 EXACT_BELOW = 25  # McNemar: exact binomial test when discordant pairs are fewer, else chi-square
 PERMUTATIONS = 9999  # paired permutation test: random sign flips (all of them when there are fewer)
@@ -69,6 +68,8 @@ def mcnemar(first: np.ndarray, second: np.ndarray) -> PairedTest:
     only_first = int(np.sum(first & ~second))
     only_second = int(np.sum(~first & second))
     discordant = only_first + only_second
+    from scipy import stats  # here, not at import: scipy.stats takes a second to import, and few commands test
+
     if discordant < EXACT_BELOW:
         p_value = 1.0 if discordant == 0 else float(stats.binomtest(only_first, discordant, 0.5).pvalue)
         return PairedTest(
@@ -109,6 +110,8 @@ def paired_problem_test(first: np.ndarray, second: np.ndarray, problems: np.ndar
     if np.array_equal(first_means, second_means):
         p_value = 1.0
     else:
+        from scipy import stats
+
         result = stats.permutation_test(
             (first_means, second_means),
             lambda x, y, axis: np.mean(x - y, axis=axis),

@@ -47,13 +47,13 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def main() -> None:
-    from replay.store import open_trace
     from tracegen.backends import StepRequest, StepSampling, default_backend, engine_kwargs_for, load_backend
     from tracegen.continuous import can_stream
     from tracegen.expand import Request
     from tracegen.gen import GenOptions
     from tracegen.growth import Tree, request_seed
     from tracegen.models import resolve_model
+    from tracestore.store import open_trace
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", type=int, default=100, help="toy problems (level 3)")

@@ -36,10 +36,13 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from replay.costs import make_cost_model  # noqa: E402
-from replay.engine import ReplayData, miss_list, parse_sweep, replay  # noqa: E402
+from replay.data import ReplayData  # noqa: E402
+from replay.params import parse_sweep  # noqa: E402
+from replay.results import miss_list  # noqa: E402
 from replay.routers import make_router  # noqa: E402
-from replay.schema import SCHEMAS, model_char  # noqa: E402
+from replay.run import replay  # noqa: E402
 from replay.splits import hash_uniform  # noqa: E402
+from tracestore.schema import SCHEMAS, model_char  # noqa: E402
 
 MANIFEST = {
     "models": [{"role": "small", "n_params": 1.5e9}, {"role": "large", "n_params": 7e9}],
@@ -172,8 +175,8 @@ def grow_trace(n_problems: int) -> tuple[ReplayData, int]:
 
 def write_trace(data: ReplayData, root: str) -> None:
     """The synthetic trace as a trace directory (one TABLE.parquet per table; no tokens: replay reads none)."""
-    from replay.schema import SCHEMA_VERSION, manifest_json
-    from replay.store import write_parquet
+    from tracestore.schema import SCHEMA_VERSION, manifest_json
+    from tracestore.store import write_parquet
 
     os.makedirs(root)
     with open(os.path.join(root, "trace.json"), "w", encoding="utf-8") as handle:
@@ -194,7 +197,8 @@ def write_trace(data: ReplayData, root: str) -> None:
 
 MEMORY_PROBE = """
 import json, sys
-from replay.engine import parse_sweep, replay_trace
+from replay.params import parse_sweep
+from replay.run import replay_trace
 from replay.routers import make_router
 
 
@@ -356,12 +360,12 @@ def main() -> None:
 def online_vs_replay(n_problems: int, repeats: int) -> None:
     import tempfile
 
-    from replay.engine import replay_trace
-    from replay.store import open_trace
+    from replay.run import replay_trace
     from tracegen.backends import default_backend, engine_kwargs_for, load_backend
     from tracegen.closure import RouterSpec
     from tracegen.gen import GenOptions, run_gen
     from tracegen.models import resolve_model
+    from tracestore.store import open_trace
 
     kind = default_backend()
     started = time.perf_counter()

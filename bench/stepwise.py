@@ -22,12 +22,12 @@ import importlib.util  # noqa: E402
 import time  # noqa: E402
 
 from replay.costs import make_cost_model  # noqa: E402
-from replay.engine import parse_sweep, replay  # noqa: E402
-from replay.plugins import router_class  # noqa: E402
-from replay.routers import make_router  # noqa: E402
+from replay.params import parse_sweep  # noqa: E402
+from replay.routers import ROUTERS, make_router  # noqa: E402
+from replay.run import replay  # noqa: E402
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "step_rsd.py")
-StepRsd = router_class(f"{EXAMPLE}:StepRsd")  # loaded as `trace replay --router FILE.py:Class` loads it
+StepRsd = ROUTERS.get(f"{EXAMPLE}:StepRsd")  # loaded as `trace replay --router FILE.py:Class` loads it
 
 
 def bench_replay_module():

@@ -10,7 +10,7 @@
     page = report("runs/toy", [rsd, mine], out="report/")   # the `trace report` page; page.markdown
 
 A router is given as a registered name, an entry point, ``FILE.py:Class`` or ``module:Class`` (see
-replay.plugins), as a router class or per-step function (made with ``params``), or as a router instance.
+replay.routers), as a router class or per-step function (made with ``params``), or as a router instance.
 """
 
 from __future__ import annotations
@@ -19,28 +19,24 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import polars as pl
 
-from replay.costs import Price, parse_prices, registered_costs
-from replay.engine import (
-    DEFAULT_MAX_CONFIGS,
-    ReplayResult,
-    miss_list,
-    parse_param,
-    parse_sweep,
-    replay_trace,
-    write_outcomes,
-)
-from replay.errors import TraceError
-from replay.plugins import make_router, registered_routers
+from replay.costs import COSTS, Price, parse_prices
+from replay.params import SweepLimits, parse_param, parse_sweeps
+from replay.results import ReplayResult, miss_list, write_outcomes
+from replay.routers import ROUTERS, make_router
 from replay.routers.base import Router
+from replay.run import replay_trace
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED
 from replay.stepwise import StepRouter
-from replay.store import Trace, open_trace
+from tracestore.errors import TraceError
+from tracestore.remote import RemoteTrace, is_uri
+from tracestore.store import Trace, open_trace
+from tracestore.watch import check_unchanged, table_listing
 
 __all__ = [
     "ReplayResult",
+    "SweepLimits",
     "miss_list",
     "parse_param",
     "open_trace",
@@ -57,8 +53,9 @@ SLOW_SECONDS = 10.0
 
 def registered() -> pl.DataFrame:
     """The routers and cost models this installation knows (kind, name, source, about): built-in ones, and
-    those installed packages declare through entry points (groups trace.routers, trace.costs)."""
-    rows = [*registered_routers(), *registered_costs()]
+    those installed packages declare through entry points (groups trace.routers, trace.costs). `trace replay
+    --list` also shows phase one's scorers and backends and the report's tables."""
+    rows = [*ROUTERS.rows(), *COSTS.rows()]
     columns = ("kind", "name", "source", "about")
     return pl.DataFrame([vars(row) for row in rows], schema=dict.fromkeys(columns, pl.String))
 
@@ -69,30 +66,8 @@ def router(reference: Any, **params: Any) -> Router:
     return make_router(reference, **params)
 
 
-def parse_sweeps(sweep: Mapping[str, Any] | Sequence[str] | None, max_configs: int) -> dict[str, np.ndarray]:
-    """``{"tau": "0:1:0.05"}``, ``{"tau": [0.3, 0.5]}`` or ``["tau=0:1:0.05"]`` (as `--sweep`) -> arrays."""
-    if not sweep:
-        return {}
-    if isinstance(sweep, str):
-        sweep = [sweep]
-    texts = list(sweep) if not isinstance(sweep, Mapping) else []
-    values: dict[str, np.ndarray] = {}
-    if isinstance(sweep, Mapping):
-        for name, given in sweep.items():
-            if isinstance(given, str):
-                texts.append(f"{name}={given}")
-            else:
-                values[name] = np.asarray(given, dtype=float).reshape(-1)
-    for text in texts:
-        name, array = parse_sweep(text, max_configs)
-        if name in values:
-            raise TraceError(f"--sweep {name} is given twice")
-        values[name] = array
-    return values
-
-
 def replay(
-    trace: str | os.PathLike | Trace,
+    trace: str | os.PathLike | Trace | RemoteTrace,
     router: Any,
     *,
     params: Mapping[str, Any] | Sequence[str] | None = None,
@@ -103,8 +78,8 @@ def replay(
     worlds: Sequence[int] | None = None,
     split_seed: int = DEFAULT_SPLIT_SEED,
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
-    max_configs: int = DEFAULT_MAX_CONFIGS,
     grades: str | None = None,
+    limits: SweepLimits = SweepLimits(),
 ) -> ReplayResult:
     """Fit ``router`` on the trace's train split and replay it on ``split`` (train, calibration, test or all).
 
@@ -113,12 +88,14 @@ def replay(
     sequence of numbers, or `--sweep` strings; several parameters make a grid. ``grades``: the grade set of the
     final steps (default: the steps' own; others are written by `trace regrade`). ``cost``: flops,
     flops+prefill, kaplan, api (with ``prices``: role -> Price, or `--price` strings) or an installed cost
-    model. Returns the outcomes (``.outcomes``, one row per configuration, problem and world), the
-    ``.summary()`` per configuration and the ``.misses`` (steps or scores the trace lacks), the same ones
-    `trace replay` prints and writes.
+    model. ``trace``: a path or URL, or a trace opened with ``open_trace`` (at a URL, with a ``timeout`` of
+    its own). ``limits``: how many configurations a sweep may have, and whether a sweep whose memory estimate
+    exceeds the memory available is refused (a sweep of more than params.STREAM_STATES walk states streams its
+    outcomes to a file instead of holding them). Returns the outcomes (``.outcomes``, one row per
+    configuration, problem and world), the ``.summary()`` per configuration and the ``.misses`` (steps or
+    scores the trace lacks), the same ones `trace replay` prints and writes. A local trace's table folders are
+    listed before and after: if the router's code wrote there, a TraceError names the files instead.
     """
-    if max_configs < 1:
-        raise TraceError(f"--max-configs must be at least 1, got {max_configs}")
     if isinstance(params, Sequence) and not isinstance(params, str):
         params = dict(parse_param(text) for text in params)
     if isinstance(router, Router):
@@ -129,27 +106,32 @@ def replay(
         chosen = make_router(router, **(params or {}))
     if prices is not None and not isinstance(prices, Mapping):
         prices = parse_prices(list(prices))
-    root = trace.root if isinstance(trace, Trace) else trace
-    return replay_trace(
-        root,
+    root = trace.root if isinstance(trace, (Trace, RemoteTrace)) else trace
+    listed = None if is_uri(root) else table_listing(root)
+    result = replay_trace(
+        trace,
         chosen,
-        sweep=parse_sweeps(sweep, max_configs),
+        sweep=parse_sweeps(sweep, limits.max_configs, limits.memory_check),
         split=split,
         cost=cost,
         prices=dict(prices) if prices else None,
         worlds=list(worlds) if worlds is not None else None,
         split_seed=split_seed,
         fractions=fractions,
-        max_configs=max_configs,
+        max_configs=limits.max_configs,
         grades=grades,
+        memory_check=limits.memory_check,
     )
+    if listed is not None:
+        check_unchanged(root, listed, f"router {chosen.name}")
+    return result
 
 
 def slow_sweep_hint(router: Router, result: ReplayResult, seconds: float) -> str | None:
     """A suggestion to write the vectorised form, when a per-step router's replay took long."""
     if not isinstance(router, StepRouter) or seconds < SLOW_SECONDS:
         return None
-    n_configs = result.outcomes["config"].n_unique()
+    n_configs = result.summary().height
     return (
         f"{router.name} is a per-step router: {n_configs:,} configuration(s) took {seconds:.1f}s, one Python call "
         "per draft and configuration. For sweeps write it as a vectorised DraftRouter (draft_signal: one number "

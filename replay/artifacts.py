@@ -8,14 +8,15 @@ fitted under other split settings cannot leak test problems into a replay.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
 
-from replay.engine import ReplayData
-from replay.errors import TraceError
+from replay.data import ReplayData
 from replay.splits import SPLITS, assign_splits, check_fractions
-from replay.store import open_trace
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
 
 
 def load_train_split(root: str | os.PathLike, split_seed: int, fractions: tuple[float, float, float]) -> ReplayData:
@@ -42,10 +43,22 @@ def check_fitted_within(path: str | os.PathLike, fitted_ids: list[str] | None, t
         )
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes: what the `trace train` commands print for the file they wrote, so that two
+    machines can tell whether they trained the same thing."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def load_artifact(
-    path: str | os.PathLike, read: Callable[[Path], object], kind: str, fmt: str, version: int, keys: tuple[str, ...]
+    path: str | os.PathLike,
+    read: Callable[[Path], object],
+    kind: str,
+    fmt: str,
+    version: int | tuple[int, ...],
+    keys: tuple[str, ...],
 ) -> dict:
-    """Read a saved fitted part with ``read`` and check its format tag, version and required keys."""
+    """Read a saved fitted part with ``read`` and check its format tag, version (or one of several) and required
+    keys."""
     path = Path(path)
     if not path.is_file():
         raise TraceError(f"{kind} file {path} does not exist")
@@ -55,8 +68,11 @@ def load_artifact(
         raise TraceError(f"{path} is not a readable {kind} file ({str(error).splitlines()[0]})") from None
     if not isinstance(saved, dict) or saved.get("format") != fmt:
         raise TraceError(f"{path} is not a trace {kind} file (no format {fmt!r})")
-    if saved.get("version") != version:
-        raise TraceError(f"{path} has {kind} version {saved.get('version')!r}; this trace reads {version}")
+    versions = version if isinstance(version, tuple) else (version,)
+    if saved.get("version") not in versions:
+        raise TraceError(
+            f"{path} has {kind} version {saved.get('version')!r}; this trace reads {' or '.join(map(str, versions))}"
+        )
     for key in keys:
         if key not in saved:
             raise TraceError(f"{kind} file {path} has no {key!r}")

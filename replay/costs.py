@@ -5,17 +5,24 @@
 - ``flops+prefill``: also 2·N per prompt token processed (a step's ``n_new_prefill_tokens``, under
   prefix caching; a scorer call's whole context).
 - ``kaplan`` (the cascade seed's eq. 2): per generated token 2·N + 2·n_layer·n_ctx·d_model, with
-  n_ctx the tokens before it.
+  n_ctx the tokens before it and N Kaplan's non-embedding parameter count (trace.json
+  ``n_params_non_embedding``).
 - ``api``: US cents, at explicit per-role (or per-scorer) prices in USD per 1M input / cached input /
   output tokens. Cached input is the prefix-cache reuse ``n_prompt_tokens - n_new_prefill_tokens``.
+
+Each model also states its A/C (accuracy per cost) as the seed table in its units prints it:
+``a_over_c_unit`` in words and ``a_over_c_scale``, with A/C = a_over_c_scale x accuracy (0-1) / mean cost
+per query. FLOPs (the CMDP seed's Table 1): accuracy in % per TFLOP (85.2 / 0.973 = 87.56); API (its
+Table 2): accuracy as a fraction per US cent (0.952 / 0.0293 = 32.4).
 
 Every model turns the steps table into two arrays (decode and prefill cost per step row) and prices
 scorer calls from their ``n_tokens_processed`` and the tokens a call generates (trace.json
 ``scorers.NAME.generated_tokens``); the replay engine only adds them up. A parameter count, layer
 count, width or price a model needs and cannot find is a TraceError naming it, never a zero.
 
-Installed packages add cost models through entry points of group ``trace.costs``: a ``CostModel``
-subclass (with ``name``, ``unit`` and ``convention``) constructed as ``cls(manifest, prices)``.
+A cost model is a ``CostModel`` subclass (with ``name``, ``unit`` and ``convention``) constructed as
+``cls(manifest, prices)``, registered in ``COSTS`` (replay.registry): the built-ins here with
+``@COSTS.register``, others through entry points of group ``trace.costs`` or as ``FILE.py:Class``.
 """
 
 from __future__ import annotations
@@ -27,13 +34,13 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from replay.entry_points import COST_GROUP, Registered, entry_point_rows, entry_points, first_line, load_entry_point
-from replay.errors import TraceError
-from replay.schema import Manifest
+from replay.registry import Registry, check_subclass
+from tracestore.errors import TraceError
+from tracestore.schema import Manifest
 
+NON_EMBEDDING = "n_params_non_embedding"  # trace.json: a model's parameters without its vocabulary embeddings
 FLOPS_UNIT = 1e12  # FLOPs costs are reported in TFLOPs per query
 CENTS_PER_USD = 100
-A_OVER_C_SCALE = 100  # A/C as the seeds print it: accuracy in % per cost unit (per 10^12 FLOPs, per US cent)
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,12 @@ class CostModel:
     name: str
     unit: str
     convention: str
+    a_over_c_scale: float = 1.0  # A/C = a_over_c_scale x accuracy (0-1) / mean cost per query
+
+    @property
+    def a_over_c_unit(self) -> str:
+        """What one A/C number means, in words (a subclass names its seed table's unit)."""
+        return f"accuracy (0-1) per {self.unit}"
 
     def step_costs(self, steps: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(decode, prefill) cost of each step row."""
@@ -110,6 +123,19 @@ class CostModel:
     def scorer_costs(self, scorer: str, n_tokens_processed: np.ndarray, step_roles: np.ndarray) -> np.ndarray:
         """Cost of each call of ``scorer``: the tokens it processed, the role of the step it scored."""
         raise NotImplementedError
+
+
+def _cost_class(obj, origin: str) -> type[CostModel]:
+    return check_subclass(
+        obj, origin, "cost model", CostModel, ("step_costs",), {"name": str, "unit": str, "convention": str}
+    )
+
+
+def _looks_like_cost(value) -> bool:
+    return isinstance(value, type) and issubclass(value, CostModel) and value is not CostModel
+
+
+COSTS = Registry("cost", "trace.costs", _cost_class, _looks_like_cost, noun="cost model")
 
 
 def _per_key(keys: np.ndarray | pl.Series, values: dict, missing: str) -> np.ndarray:
@@ -158,21 +184,20 @@ class _Scorer:
         return np.full(n_calls, model, dtype=object)
 
 
+@COSTS.register
 class FlopsCost(CostModel):
-    """2·N FLOPs per generated token (and, with prefill, per prefilled token); in TFLOPs."""
+    """2·N FLOPs per generated token; in TFLOPs."""
 
+    name = "flops"
     unit = "TFLOPs"
+    convention = "2·N FLOPs per generated token, models and scorers alike; prefill not counted (the seeds')"
+    a_over_c_unit = "accuracy % per TFLOP"  # the CMDP seed's Table 1
+    a_over_c_scale = 100.0
+    include_prefill = False
 
-    def __init__(self, manifest: Manifest, include_prefill: bool):
+    def __init__(self, manifest: Manifest, prices: dict[str, Price] | None = None):
         self.n_params = manifest.n_params
         self.scorers = manifest.scorers
-        self.include_prefill = include_prefill
-        self.name = "flops+prefill" if include_prefill else "flops"
-        self.convention = (
-            "2·N FLOPs per generated and per prefilled token (new prefix tokens of a step; a scorer's whole context)"
-            if include_prefill
-            else "2·N FLOPs per generated token, models and scorers alike; prefill not counted (the seeds')"
-        )
 
     def _per_token(self, keys: np.ndarray | pl.Series, sizes: dict) -> np.ndarray:
         n = _per_key(keys, sizes, f"cost model {self.name} needs n_params of {{keys}} in trace.json")
@@ -204,23 +229,42 @@ class FlopsCost(CostModel):
         return self._per_token(keys, sizes) * tokens
 
 
+@COSTS.register
+class FlopsPrefillCost(FlopsCost):
+    """2·N FLOPs per generated and per prefilled token; in TFLOPs."""
+
+    name = "flops+prefill"
+    convention = (
+        "2·N FLOPs per generated and per prefilled token (new prefix tokens of a step; a scorer's whole context)"
+    )
+    include_prefill = True
+
+
+@COSTS.register
 class KaplanCost(CostModel):
-    """The cascade seed's eq. (2): per generated token 2·N + 2·n_layer·n_ctx·d_model; in TFLOPs."""
+    """The cascade seed's eq. (2): per generated token 2·N + 2·n_layer·n_ctx·d_model, N the non-embedding
+    parameters (Kaplan et al.'s N); in TFLOPs."""
 
     name = "kaplan"
     unit = "TFLOPs"
-    convention = "per generated token 2·N + 2·n_layer·n_ctx·d_model FLOPs, n_ctx = tokens before it (Kaplan et al.)"
+    convention = (
+        "per generated token 2·N + 2·n_layer·n_ctx·d_model FLOPs, N = non-embedding parameters, n_ctx = tokens "
+        "before it (Kaplan et al.)"
+    )
+    a_over_c_unit = FlopsCost.a_over_c_unit
+    a_over_c_scale = FlopsCost.a_over_c_scale
 
-    def __init__(self, manifest: Manifest):
+    def __init__(self, manifest: Manifest, prices: dict[str, Price] | None = None):
         self.shapes = {role: self._shape(f"models.{role}", model) for role, model in manifest.models.items()}
         self.scorers = manifest.scorers
 
     @staticmethod
     def _shape(where: str, info: dict) -> tuple[float, float, float]:
-        for field in ("n_params", "n_layer", "d_model"):
+        for field in (NON_EMBEDDING, "n_layer", "d_model"):
             if not info.get(field):
-                raise TraceError(f"cost model kaplan needs trace.json {where}.{field}")
-        return float(info["n_params"]), float(info["n_layer"]), float(info["d_model"])
+                why = " (Kaplan's N, which leaves out the embeddings)" if field == NON_EMBEDDING else ""
+                raise TraceError(f"cost model kaplan needs trace.json {where}.{field}{why}")
+        return float(info[NON_EMBEDDING]), float(info["n_layer"]), float(info["d_model"])
 
     @staticmethod
     def _generation(shape: np.ndarray, context: np.ndarray, generated: np.ndarray) -> np.ndarray:
@@ -234,7 +278,7 @@ class KaplanCost(CostModel):
         keys = keys if isinstance(keys, pl.Series) else pl.Series(keys, dtype=pl.String)
         lacking = sorted(set(keys.unique().to_list()) - set(shapes))
         if lacking:
-            raise TraceError(f"cost model kaplan needs n_params, n_layer and d_model of {', '.join(lacking)}")
+            raise TraceError(f"cost model kaplan needs {NON_EMBEDDING}, n_layer and d_model of {', '.join(lacking)}")
         return np.column_stack([_lookup(keys, {key: shape[i] for key, shape in shapes.items()}) for i in range(3)])
 
     def step_costs(self, steps):
@@ -248,12 +292,13 @@ class KaplanCost(CostModel):
         if described.generated == 0:
             return generated
         shapes = dict(self.shapes)
-        if described.info.get("n_params"):
+        if described.info.get("n_params") or described.info.get(NON_EMBEDDING):
             shapes[scorer] = self._shape(f"scorers.{scorer}", described.info)
         shape = self._shapes_of(described.keys(len(generated), step_roles), shapes)
         return self._generation(shape, n_tokens_processed.astype(np.float64) - generated, generated)
 
 
+@COSTS.register
 class ApiCost(CostModel):
     """US cents at per-role prices: uncached input, cached input (prefix reuse) and output tokens.
 
@@ -263,12 +308,25 @@ class ApiCost(CostModel):
 
     name = "api"
     unit = "US cents"
+    a_over_c_unit = "accuracy (0-1) per US cent"  # the CMDP seed's Table 2
+    a_over_c_scale = 1.0
     convention = (
         "US cents at the given prices per 1M tokens; cached input = n_prompt_tokens - n_new_prefill_tokens "
         "(the trace's prefix-cache reuse); a scorer call's context is uncached input"
     )
 
-    def __init__(self, manifest: Manifest, prices: dict[str, Price]):
+    def __init__(self, manifest: Manifest, prices: dict[str, Price] | None = None):
+        if not prices:
+            raise TraceError(
+                f"cost model api needs prices: --price ROLE=... for each model role ({', '.join(manifest.roles)}) "
+                f"as {PRICE_FORMS}"
+            )
+        unknown = sorted(set(prices) - set(manifest.roles) - set(manifest.scorers))
+        if unknown:
+            raise TraceError(
+                f"--price {unknown[0]}: not a model role ({', '.join(manifest.roles)}) or scorer "
+                f"({', '.join(manifest.scorers) or 'none'}) of this trace"
+            )
         self.prices = prices
         self.scorers = manifest.scorers
 
@@ -294,57 +352,14 @@ class ApiCost(CostModel):
         return self._rates(keys, "input") * context + self._rates(keys, "output") * generated
 
 
-COST_MODELS = ("flops", "flops+prefill", "kaplan", "api")
-
-
 def make_cost_model(name: str, manifest: Mapping, prices: dict[str, Price] | None = None) -> CostModel:
-    """Build cost model ``name`` from the trace manifest (model sizes, scorers) and, for ``api``, prices.
+    """Build cost model ``name`` (see COSTS) from the trace manifest (model sizes, scorers) and, for ``api``,
+    prices.
 
     ``api`` needs a price for every model role in the steps it prices and every scorer it bills (a
     scorer may use its model's); an open model billed nothing is priced ``0``.
     """
-    manifest = Manifest(manifest)
+    cls = COSTS.get(name)
     if prices and name != "api":
         raise TraceError(f"--price applies to --cost api, not {name}")
-    if name in ("flops", "flops+prefill"):
-        return FlopsCost(manifest, include_prefill=name == "flops+prefill")
-    if name == "kaplan":
-        return KaplanCost(manifest)
-    if name == "api":
-        if not prices:
-            raise TraceError(
-                f"cost model api needs prices: --price ROLE=... for each model role ({', '.join(manifest.roles)}) "
-                f"as {PRICE_FORMS}"
-            )
-        unknown = sorted(set(prices) - set(manifest.roles) - set(manifest.scorers))
-        if unknown:
-            raise TraceError(
-                f"--price {unknown[0]}: not a model role ({', '.join(manifest.roles)}) or scorer "
-                f"({', '.join(manifest.scorers) or 'none'}) of this trace"
-            )
-        return ApiCost(manifest, prices)
-    points = entry_points(COST_GROUP)
-    if name in points:
-        return plugin_cost_class(points[name])(manifest, prices)
-    raise TraceError(f"unknown cost model {name!r}; choose one of {', '.join([*COST_MODELS, *sorted(points)])}")
-
-
-def plugin_cost_class(point, group: str = COST_GROUP) -> type[CostModel]:
-    """The CostModel subclass entry point ``point`` names; TraceError naming it and what is wrong otherwise."""
-    cls = load_entry_point(point, group)
-    where = f"entry point {point.name} ({point.value})"
-    if not (isinstance(cls, type) and issubclass(cls, CostModel)):
-        raise TraceError(f"{where} is not a cost model: it must name a subclass of replay.costs.CostModel")
-    missing = [attr for attr in ("name", "unit", "convention") if not isinstance(getattr(cls, attr, None), str)]
-    if missing:
-        raise TraceError(f"{where}: cost model {cls.__name__} needs the string attribute(s) {', '.join(missing)}")
-    if cls.step_costs is CostModel.step_costs:
-        raise TraceError(f"{where}: cost model {cls.__name__} does not define step_costs")
-    return cls
-
-
-def registered_costs() -> list[Registered]:
-    """Built-in cost models, then those installed packages declare (entry points of group trace.costs)."""
-    classes = {"flops": FlopsCost, "flops+prefill": FlopsCost, "kaplan": KaplanCost, "api": ApiCost}
-    rows = [Registered("cost", name, "built-in costs.py", first_line(classes[name])) for name in COST_MODELS]
-    return rows + entry_point_rows("cost", COST_GROUP, set(COST_MODELS), plugin_cost_class)
+    return cls(Manifest(manifest), prices)

@@ -20,9 +20,10 @@ import numpy as np
 import polars as pl
 
 from replay.artifacts import load_artifact
-from replay.engine import Costs, ReplayData, walk_chains
-from replay.errors import TraceError
+from replay.data import ReplayData
 from replay.splits import hash_uniform
+from replay.walk import Costs, walk_chains
+from tracestore.errors import TraceError
 
 PIK_FORMAT = "trace-pik"
 PIK_VERSION = 2  # 2: one layer per model ("layers"), chosen by probe_layer
@@ -169,6 +170,8 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, part: np.ndarray, role: 
 
 def fit_probes(train: ReplayData, roles: list[str], layer: int | str, where: str, seed: int):
     """One probe per role on ``train`` divided 80/10/10: (probes, layers, reports, problem ids fitted on)."""
+    from threadpoolctl import threadpool_limits
+
     ids = train.problems["problem_id"].to_list()
     part_of = dict(zip(ids, probe_parts(ids, seed)))
     probes, layers, reports, fitted_on = {}, {}, [], set()
@@ -177,7 +180,8 @@ def fit_probes(train: ReplayData, roles: list[str], layer: int | str, where: str
         roots, labels = own_chain_labels(train, role)
         features = hidden_matrix(train, role, layers[role], where, roots["problem_id"])
         part = np.array([part_of[pid] for pid in roots["problem_id"].to_list()])
-        probes[role], report = fit_probe(features, labels, part, role, seed)
+        with threadpool_limits(limits=1):  # BLAS splits the MLP's products by thread count: one, the same probe
+            probes[role], report = fit_probe(features, labels, part, role, seed)
         reports.append(report)
         fitted_on |= set(roots["problem_id"].filter(pl.Series(part == "fit")).to_list())
     return probes, layers, reports, fitted_on

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from replay.engine import Costs, ReplayData, Walk
+from replay.data import ReplayData
+from replay.walk import Costs, Walk
 
 
 def allowed_actions(role: np.ndarray, n_roles: int) -> np.ndarray:

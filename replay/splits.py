@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from replay.errors import TraceError
+from tracestore.errors import TraceError
 
 SPLITS = ("train", "calibration", "test")
 DEFAULT_FRACTIONS = (0.5, 0.1, 0.4)

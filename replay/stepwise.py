@@ -4,7 +4,7 @@ At each step the draft model writes a candidate (the draft); the router looks at
 far with their signals, the draft with its signals and, with ``scorer``, its score -- and returns True to
 keep it or False to reject it. A rejected draft is discarded (paid for) and the large model writes that
 step; with ``one_way`` it also writes every later one, and ``escalate="after"`` keeps the rejected draft
-and hands over from the next step, exactly as for a vectorised ``DraftRouter`` (replay.engine.DraftRule).
+and hands over from the next step, exactly as for a vectorised ``DraftRouter`` (replay.walk.DraftRule).
 
 Two forms::
 
@@ -41,9 +41,9 @@ from typing import Any
 
 import numpy as np
 
-from replay.entry_points import describe_error
-from replay.errors import TraceError
+from replay.registry import describe_error
 from replay.routers.base import DraftRouter, router_origin
+from tracestore.errors import TraceError
 
 HIDDEN_COLUMNS = ("correct",)  # a router cannot know whether an answer is right
 

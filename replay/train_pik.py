@@ -13,11 +13,11 @@ import os
 from dataclasses import asdict
 
 from replay.artifacts import load_train_split
-from replay.atomic import write_atomic
-from replay.errors import TraceError
-from replay.outputs import check_output_file
 from replay.pik import AUTO_LAYER, DEFAULT_WHERE, PIK_FORMAT, PIK_VERSION, ProbeReport, fit_probes
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED
+from tracestore.atomic import write_atomic
+from tracestore.errors import TraceError
+from tracestore.outputs import check_output_file
 
 
 def train_pik(

@@ -1,8 +1,9 @@
 """`trace train steer`: fit STEER's per-step-index Gaussian mixtures on the train split and save them, for
 every model of the trace but the largest (every model a chain can escalate from).
 
-The fitting is the router's own (`replay.routers.steer.Steer`); this only picks the split, fits and
-writes the JSON that `--router steer --param gmms=FILE` loads instead of refitting.
+The fitting is the router's own (`replay.routers.steer.Steer`); this only picks the split, fits on one thread
+(the same file at any thread count) and writes the JSON that `--router steer --param gmms=FILE` loads instead of
+refitting.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from pathlib import Path
 import polars as pl
 
 from replay.artifacts import load_train_split
-from replay.outputs import check_output_file
 from replay.routers.steer import Steer
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED
+from tracestore.outputs import check_output_file
 
 
 def train_steer(
@@ -31,9 +32,12 @@ def train_steer(
     """Fit the mixtures on the train split of the trace at ``root``, write them to ``out`` (replacing an
     existing file only with ``force``); returns one row per model and step index: model, depth, n, and weight, mean and
     standard deviation of the low and high components."""
+    from threadpoolctl import threadpool_limits
+
     check_output_file(out, force=force)
     train = load_train_split(root, split_seed, fractions)
-    router = Steer(min_samples=min_samples, seed=seed).fit(train)
+    with threadpool_limits(limits=1):  # the k-means start's OpenMP sums and BLAS split work by thread count
+        router = Steer(min_samples=min_samples, seed=seed).fit(train)
     router.save(
         Path(out),
         train.problems["problem_id"].to_list(),

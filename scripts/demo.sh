@@ -31,20 +31,20 @@ for router in small-only large-only oracle; do
   trace replay "$out" --split all --router "$router" --out "$results/$router.parquet" --force
 done
 trace replay "$out" --split all --router random --sweep p=0:1:0.1 --out "$results/random.parquet" --force
-trace replay "$out" --split all --router steer --param mode=switch --param gmms="$out/steer.json" --sweep tau=0:1:0.05 \
+trace replay "$out" --split all --router steer --param mode=switch --param gmms="$out/steer.json" --sweep tau=0:1:0.1 \
   --out "$results/steer-switch.parquet" --force
 trace replay "$out" --split all --router steer --param mode=step --param gmms="$out/steer.json" --sweep tau=0:1:0.1 \
   --out "$results/steer-step.parquet" --force
-trace replay "$out" --split all --router rsd --sweep tau=0:1:0.05 --out "$results/rsd.parquet" --force
+trace replay "$out" --split all --router rsd --sweep tau=0:1:0.1 --out "$results/rsd.parquet" --force
 trace replay "$out" --split all --router specreason --sweep tau=0:9:1 --out "$results/specreason.parquet" --force
-trace replay "$out" --split all --router cascade --param p_true=final_min --sweep t_true=0:1:0.2 --sweep t_ik=0:0.5:0.1 \
+trace replay "$out" --split all --router cascade --param p_true=final_min --sweep t_true=0:1:0.1 --sweep t_ik=0:0.5:0.1 \
   --out "$results/cascade.parquet" --force
 trace replay "$out" --split all --router policy --param path="$out/policy.pt" --out "$results/policy.parquet" --force
 # the ablation: the step that triggered escalation is discarded and rewritten by the large model
 trace replay "$out" --split all --router policy --param path="$out/policy-replace.pt" --param escalate=replace \
   --out "$results/policy-replace.parquet" --force
 trace replay "$out" --split all --router steer --param mode=switch --param escalate=replace --param gmms="$out/steer.json" \
-  --sweep tau=0:1:0.05 --out "$results/steer-switch-replace.parquet" --force
+  --sweep tau=0:1:0.1 --out "$results/steer-switch-replace.parquet" --force
 
 trace report "$out" "$results/"*.parquet --out "$out/report" \
   --policy-log "$out/policy.log.parquet" --steer-gmm "$out/steer.json" --table cmdp --table cascade

@@ -81,8 +81,8 @@ def measure(label: str, small: str, large: str, out: Path, *, problems: int, max
     import polars as pl
     import torch
 
-    from replay.store import open_trace
     from tracegen.gen import GenOptions, run_gen
+    from tracestore.store import open_trace
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -34,15 +34,15 @@ done
 trace replay "$out" --split all --router only --param model=m1 --out "$results/only-m1.parquet" --force
 for chain in m0,m1 m0,m2 m1,m2 m0,m1,m2; do
   trace replay "$out" --split all --router cascade --param models="$chain" --param p_true=final_min \
-    --sweep t_true=0:1:0.2 --sweep t_ik=0:0.5:0.1 --out "$results/cascade-${chain//,/-}.parquet" --force
+    --sweep t_true=0:1:0.1 --sweep t_ik=0:0.5:0.1 --out "$results/cascade-${chain//,/-}.parquet" --force
 done
-trace replay "$out" --split all --router steer --param mode=switch --sweep tau=0:1:0.05 \
+trace replay "$out" --split all --router steer --param mode=switch --sweep tau=0:1:0.1 \
   --out "$results/steer-m0-m1-m2.parquet" --force
-trace replay "$out" --split all --router steer --param mode=switch --param target=m1 --sweep tau=0:1:0.05 \
+trace replay "$out" --split all --router steer --param mode=switch --param target=m1 --sweep tau=0:1:0.1 \
   --out "$results/steer-m0-m1.parquet" --force
-trace replay "$out" --split all --router steer --param mode=switch --param target=m2 --sweep tau=0:1:0.05 \
+trace replay "$out" --split all --router steer --param mode=switch --param target=m2 --sweep tau=0:1:0.1 \
   --out "$results/steer-m0-m2.parquet" --force
-trace replay "$out" --split all --router steer --param mode=switch --param draft=m1 --sweep tau=0:1:0.05 \
+trace replay "$out" --split all --router steer --param mode=switch --param draft=m1 --sweep tau=0:1:0.1 \
   --out "$results/steer-m1-m2.parquet" --force
 trace replay "$out" --split all --router policy --param path="$out/policy-replace.pt" --param escalate=replace \
   --out "$results/policy-replace.parquet" --force

@@ -1,4 +1,5 @@
-"""`trace audit` on the toy world with the transformers backend (the vLLM runs: test_audit_vllm.py)."""
+"""`trace audit` on the toy world: the transformers backend regenerates its own trace identically; what the audit
+finds and reports, on a trace of the fake backend (seeded toy steps, no model). The vLLM runs: test_audit_vllm.py."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from tracebuild import rewrite_parts, toy_gen_options
 from typer.testing import CliRunner
 
 from cli import app
-from replay.errors import TraceError
-from replay.store import open_trace
-from replay.validate import validate
 from tracegen.audit import AuditOptions, compare_tokens, run_audit, sample_steps
 from tracegen.gen import run_gen
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
+from tracestore.validate import validate
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +28,16 @@ def hf_trace(toy_models, tmp_path_factory) -> Path:  # noqa: F811
     return out
 
 
+@pytest.fixture(scope="module")
+def fake_trace(toy_models, tmp_path_factory) -> Path:  # noqa: F811
+    out = tmp_path_factory.mktemp("audit-fake") / "toy"
+    run_gen(toy_gen_options(out, small=toy_models[0], large=toy_models[1], limit=3, seed=5, backend="fake"))
+    return out
+
+
 @pytest.fixture
-def trace_copy(hf_trace, tmp_path) -> Path:
-    return shutil.copytree(hf_trace, tmp_path / "toy")
+def trace_copy(fake_trace, tmp_path) -> Path:
+    return shutil.copytree(fake_trace, tmp_path / "toy")
 
 
 def strata_frame(sizes: dict[tuple[str, int], int]) -> pl.DataFrame:
@@ -74,7 +82,8 @@ def test_token_comparison_arithmetic():
     assert first["first_divergence"] == 0 and first["max_abs_delta_logprob"] is None
 
 
-def test_the_same_engine_regenerates_every_step_identically(trace_copy):
+def test_the_same_engine_regenerates_every_step_identically(hf_trace, tmp_path):
+    trace_copy = shutil.copytree(hf_trace, tmp_path / "toy")
     n_steps = open_trace(trace_copy).scan("steps").select(pl.len()).collect().item()
     result = run_audit(AuditOptions(trace_copy, sample=1000, seed=1))
     summary = result.summary

@@ -1,5 +1,5 @@
 """`trace audit` of a vLLM-grown toy trace: with vLLM itself and cross-checked with transformers (slow:
-`pytest -m vllm`). One pair of vLLM engines serves the whole module."""
+`pytest -m vllm`). The session's shared vLLM engines of toy-small and toy-large (tests/conftest.py) serve it."""
 
 from __future__ import annotations
 
@@ -10,30 +10,17 @@ import polars as pl
 import pytest
 from tracebuild import rewrite_parts, toy_gen_options
 
-from data.toy import MODEL_ALIASES
-from replay.store import open_trace
 from tracegen.audit import AuditOptions, run_audit
-from tracegen.backends import engine_kwargs_for, load_backend
 from tracegen.gen import run_gen
+from tracestore.store import open_trace
 
 pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
-def engines():
-    started = {
-        role: load_backend("vllm", str(MODEL_ALIASES[f"toy-{role}"]), **engine_kwargs_for("vllm", role, {}))
-        for role in ("small", "large")
-    }
-    yield started
-    for backend in started.values():
-        backend.close()
-
-
-@pytest.fixture(scope="module")
-def vllm_trace(engines, tmp_path_factory) -> Path:
+def vllm_trace(vllm_engines, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("audit-vllm") / "toy"
-    run_gen(toy_gen_options(out, limit=4, seed=11, backend="vllm"), backends=engines)
+    run_gen(toy_gen_options(out, limit=4, seed=11, backend="vllm"), backends=vllm_engines)
     return out
 
 
@@ -46,8 +33,8 @@ def stored_tokens(root: Path) -> dict[str, list[int]]:
     return dict(open_trace(root).scan("tokens").select("step_id", "token_ids").collect().iter_rows())
 
 
-def test_the_recording_engine_regenerates_every_step(trace_copy, engines):
-    result = run_audit(AuditOptions(trace_copy, sample=1000, seed=0), backends=engines)
+def test_the_recording_engine_regenerates_every_step(trace_copy, vllm_engines):
+    result = run_audit(AuditOptions(trace_copy, sample=1000, seed=0), backends=vllm_engines)
     summary = result.summary
     n_steps = len(stored_tokens(trace_copy))
     assert summary["same_engine"] and summary["backend"] == "vllm" and summary["min_identical"] == 1.0
@@ -56,7 +43,7 @@ def test_the_recording_engine_regenerates_every_step(trace_copy, engines):
     assert summary["max_abs_delta_logprob"] < 1e-4 and summary["max_abs_delta_max_logit"] < 1e-4
 
 
-def test_an_injected_corruption_is_found_by_the_recording_engine(trace_copy, engines):
+def test_an_injected_corruption_is_found_by_the_recording_engine(trace_copy, vllm_engines):
     steps = open_trace(trace_copy).scan("steps").collect()
     tokens = stored_tokens(trace_copy)
     finals = steps.filter(pl.col("is_final")).sort("step_id")["step_id"]
@@ -71,7 +58,7 @@ def test_an_injected_corruption_is_found_by_the_recording_engine(trace_copy, eng
         return pl.DataFrame(rows, schema=frame.schema)
 
     rewrite_parts(trace_copy, "tokens", corrupt)
-    result = run_audit(AuditOptions(trace_copy, sample=1000, seed=0), backends=engines)
+    result = run_audit(AuditOptions(trace_copy, sample=1000, seed=0), backends=vllm_engines)
     divergent = result.details.filter(~pl.col("identical"))
     assert divergent["step_id"].to_list() == [target]
     row = divergent.row(0, named=True)
@@ -99,7 +86,7 @@ def test_transformers_cross_checks_the_vllm_trace(trace_copy):
     assert summary["max_abs_delta_logprob"] < 1e-3 and summary["max_abs_delta_max_logit"] < 1e-3
 
 
-def test_continuous_growth_writes_the_files_of_round_by_round_growth(engines, tmp_path, monkeypatch):
+def test_continuous_growth_writes_the_files_of_round_by_round_growth(vllm_engines, tmp_path, monkeypatch):
     """Children join their engines as soon as their parents are written (``StepStream``), yet every round's part
     files hold the same steps, bit for bit, as growing round by round; only ``n_cached_tokens``, vLLM's measured
     prefix-cache hits, depends on the engines' schedule."""
@@ -111,10 +98,10 @@ def test_continuous_growth_writes_the_files_of_round_by_round_growth(engines, tm
 
     open_stream, streams = VLLMBackend.open_stream, []
     monkeypatch.setattr(VLLMBackend, "open_stream", lambda *args: streams.append(args) or open_stream(*args))
-    continuous = run_gen(options(tmp_path / "continuous"), backends=engines)
+    continuous = run_gen(options(tmp_path / "continuous"), backends=vllm_engines)
     assert len(streams) == 2  # one per model
     monkeypatch.setattr(tracegen.continuous, "can_stream", lambda backends: False)
-    rounds = run_gen(options(tmp_path / "rounds"), backends=engines)
+    rounds = run_gen(options(tmp_path / "rounds"), backends=vllm_engines)
     assert len(streams) == 2 and rounds.rounds == continuous.rounds > 2
     assert rounds.new_steps == continuous.new_steps > 0
     for table in ("steps", "tokens"):

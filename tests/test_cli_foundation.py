@@ -4,6 +4,9 @@ one clear error line, exit 1, and no file touched."""
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 
 import polars as pl
 import pyarrow.parquet as pq
@@ -11,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from replay.schema import MANIFEST_FILE, TABLES
+from tracestore.schema import MANIFEST_FILE, TABLES
 
 runner = CliRunner()
 
@@ -89,6 +92,20 @@ def test_sql_out(comb_trace, tmp_path, suffix):
     frame = pl.read_csv(out) if suffix == ".csv" else pl.read_parquet(out)
     steps = pl.concat(pl.read_parquet(p) for p in sorted((comb_trace / "steps").glob("part-*")))
     assert frame["step_id"].to_list() == sorted(steps["step_id"])
+
+
+def test_a_library_notice_prints_as_one_note_line(comb_trace):
+    # the lock of a writer that died is taken over, and said so on stderr (not as a bare log record)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    holder = {"writer": "w0", "pid": dead.pid, "host": socket.gethostname(), "since": "earlier", "command": "trace gen"}
+    (comb_trace / ".lock-w0").write_text(json.dumps(holder))
+    result = runner.invoke(app, ["validate", str(comb_trace), "--repair"])
+    assert result.exit_code == 0, result.output
+    assert one_line(result.stderr) == (
+        f"note: {comb_trace}: took over the lock of pid {dead.pid} on {socket.gethostname()} since earlier (writer w0: "
+        "trace gen), which is no longer running"
+    )
 
 
 # -- bad input: one message, exit 1, nothing touched

@@ -1,6 +1,6 @@
-"""`trace gen --expand closure` and online runs on the toy world (transformers backend): closure leaves
-every listed configuration without misses, and a router run online gives the replay's steps,
-answers and costs."""
+"""`trace gen --expand closure` and online runs on the toy world (the fake backend: seeded toy steps, no model;
+the runs through vLLM: test_closure_vllm.py): closure leaves every listed configuration without misses, and a
+router run online gives the replay's steps, answers and costs."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from tracebuild import build_trace, comb_steps, toy_gen_options
 from typer.testing import CliRunner
 
 from cli import app
-from replay.engine import replay_trace
-from replay.errors import TraceError
-from replay.store import open_trace
-from replay.validate import validate
+from replay.run import replay_trace
 from tracegen.closure import RouterSpec, load_router_specs
 from tracegen.gen import run_gen
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
+from tracestore.validate import validate
 
 N_PROBLEMS = 5
 ROUTERS = """
@@ -52,7 +52,7 @@ OUTCOME = [
 ]
 
 
-options = partial(toy_gen_options, limit=N_PROBLEMS, seed=11)
+options = partial(toy_gen_options, limit=N_PROBLEMS, seed=11, backend="fake")
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_online_run_matches_the_replay_on_the_closure_trace(closure_trace, tmp_p
         _steps_with_tokens(closure_trace).join(online_steps.select("step_id"), on="step_id", how="semi").sort("step_id")
     )
     assert online_steps.drop("logprobs").equals(cached.drop("logprobs"))
-    # batch rows are padded differently online, so float rounding differs (the sampled tokens did not)
+    # on a real engine batch rows are padded differently online, so float rounding may differ (the tokens may not)
     np.testing.assert_allclose(
         online_steps["logprobs"].explode().to_numpy(), cached["logprobs"].explode().to_numpy(), atol=1e-4
     )
@@ -157,7 +157,7 @@ def test_budget_stops_closure_and_says_so(tmp_path):
             "--max-step-tokens",
             "48",
             "--backend",
-            "hf",
+            "fake",
             "--expand",
             "closure",
             "--routers",
@@ -183,6 +183,16 @@ def test_budget_stops_closure_and_says_so(tmp_path):
         ("[[router]]\nname = 'nope'", "router 1: unknown router 'nope'"),
         ("[[router]]\nname = 'rsd'\n[[router]]\nname = 'rsd'\nparams = {tau_x = 1}", "router 2: .*tau_x"),
         ("[[router]]\nname = 'rsd'\nsweep = 'mode=0:1:0.5'", "cannot sweep mode"),
+        (
+            "[[router]]\nname = 'rsd'\nparams = {tau = 5}",
+            "router 1: .*tau must be a finite number in \\[0, 1\\], got 5.0",
+        ),
+        ("[[router]]\nname = 'rsd'\nsweep = ['tau=0:1:0.5', 'tau=0.7']", "router 1: --sweep tau is given twice"),
+        ("[[router]]\nname = 'random'\nsweep = ['p=0:1:0.001', 'seed=0:20:1']", "cannot sweep seed"),
+        (
+            "[[router]]\nname = 'cascade'\nsweep = ['t_true=0:1:0.001', 't_ik=0:1:0.01']",
+            "1001 x 101 = 101,101 configurations; at most 20,000",
+        ),
     ],
 )
 def test_router_file_errors(tmp_path, text, message):

@@ -1,6 +1,7 @@
 """Closure, online runs and scorers through the real vLLM engine on the toy world (slow: `pytest -m vllm`).
 
-One pair of engines (a generator and an exact scorer per model) serves every run of this module.
+The session's shared engines of toy-small and toy-large (a generator and an exact scorer per model; tests/conftest.py)
+serve every run of this module.
 """
 
 from __future__ import annotations
@@ -14,15 +15,13 @@ import polars as pl
 import pytest
 from tracebuild import toy_gen_options
 
-from data.toy import MODEL_ALIASES
-from replay.engine import replay_trace
-from replay.repair import repair
-from replay.store import open_trace
-from replay.validate import validate
-from tracegen.backends import engine_kwargs_for, load_backend
+from replay.run import replay_trace
 from tracegen.closure import RouterSpec
 from tracegen.gen import run_gen
 from tracegen.scoring import open_scorer, run_score, score_pending
+from tracestore.repair import repair
+from tracestore.store import open_trace
+from tracestore.validate import validate
 
 pytestmark = pytest.mark.vllm
 
@@ -44,31 +43,20 @@ OUTCOME = [
 ]
 
 
-@pytest.fixture(scope="module")
-def engines():
-    started = {
-        role: load_backend("vllm", str(MODEL_ALIASES[f"toy-{role}"]), **engine_kwargs_for("vllm", role, {}))
-        for role in ("small", "large")
-    }
-    yield started
-    for backend in started.values():
-        backend.close()
-
-
 options = partial(toy_gen_options, limit=4, seed=13, backend="vllm")
 
 
 @pytest.fixture(scope="module")
-def closure_trace(engines, tmp_path_factory) -> Path:
+def closure_trace(vllm_engines, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("closure-vllm") / "trace"
-    run_gen(options(out, expand="closure", routers=SPECS), backends=engines)
+    run_gen(options(out, expand="closure", routers=SPECS), backends=vllm_engines)
     return out
 
 
 @pytest.mark.parametrize("spec", SPECS)
-def test_online_run_through_vllm_matches_the_replay(engines, closure_trace, tmp_path, spec):
+def test_online_run_through_vllm_matches_the_replay(vllm_engines, closure_trace, tmp_path, spec):
     online = tmp_path / "online"
-    run_gen(options(online, expand="online", routers=(spec,)), backends=engines)
+    run_gen(options(online, expand="online", routers=(spec,)), backends=vllm_engines)
     validate(online)
     ran, replayed = (
         replay_trace(root, spec.router(), split="all", cost="flops+prefill").outcomes.select(OUTCOME)
@@ -78,9 +66,9 @@ def test_online_run_through_vllm_matches_the_replay(engines, closure_trace, tmp_
     assert ran.equals(replayed)
 
 
-def test_vllm_scorers_agree_with_transformers(engines, closure_trace, tmp_path):
+def test_vllm_scorers_agree_with_transformers(vllm_engines, closure_trace, tmp_path):
     assert open_trace(closure_trace).manifest["scorers"]["judge"]["model"] == "large"  # scored by closure, on vLLM
-    scorer = open_scorer(closure_trace, "ptrue", backend="vllm", engines=engines)
+    scorer = open_scorer(closure_trace, "ptrue", backend="vllm", engines=vllm_engines)
     assert score_pending(closure_trace, scorer).new > 0
     validate(closure_trace)
     copy = shutil.copytree(closure_trace, tmp_path / "copy")

@@ -1,85 +1,54 @@
-"""Continuous tree expansion (tracegen/continuous.py) on the toy models, without vLLM: a stream over the hf backend
-that answers in a shuffled order must write the same part files as growing round by round."""
+"""Continuous tree expansion (tracegen/continuous.py) without vLLM: the fake backend's stream, whose engine loop
+finishes requests out of order (as their lengths and a seeded shuffle say), must write the same part files as
+growing round by round."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 from tracebuild import toy_gen_options
 
 from tracegen.backends import load_backend
-from tracegen.backends.base import Draft
 from tracegen.gen import run_gen
 from tracegen.models import resolve_model
 
 
-class ShuffledStream:
-    """``StepStream``'s contract over one hf backend: each request is generated alone when it is asked for, and the
-    results of each call arrive on the event queue in a shuffled order (as an engine finishes them)."""
+class LoggedStream:
+    """A stream that logs each call (kind, role, number of items) before passing it on."""
 
-    def __init__(self, backend, sampling, role: str, events, rng: random.Random, log: list):
-        self.backend, self.sampling, self.role, self.events, self.rng, self.log = (
-            backend,
-            sampling,
-            role,
-            events,
-            rng,
-            log,
-        )
-        self.steps = {}
+    def __init__(self, stream, role: str, log: list):
+        self.stream, self.role, self.log = stream, role, log
 
     def generate(self, items):
-        results = []
-        for key, request in items:
-            [step] = self.backend.generate_steps([request], self.sampling)
-            self.steps[(tuple(request.prompt_ids), tuple(step.token_ids))] = step
-            draft = Draft(step.token_ids, step.text, step.finish_reason, step.max_logits, step.n_cached_tokens)
-            results.append(("generated", self.role, key, (draft, step.gen_seconds)))
-        self.rng.shuffle(results)
-        for event in results:
-            self.events.put(event)
         self.log.append(("generate", self.role, len(items)))
+        self.stream.generate(items)
 
     def score(self, items):
-        results = []
-        for key, prompt, token_ids in items:
-            step = self.steps[(tuple(prompt), tuple(token_ids))]
-            scores = [
-                ([token, *ids], [logprob, *logprobs])
-                for token, ids, logprob, logprobs in zip(
-                    step.token_ids, step.topk_ids, step.logprobs, step.topk_logprobs
-                )
-            ]
-            results.append(("scored", self.role, key, scores))
-        self.rng.shuffle(results)
-        for event in results:
-            self.events.put(event)
         self.log.append(("score", self.role, len(items)))
+        self.stream.score(items)
 
     def close(self):
+        self.stream.close()
         self.log.append(("close", self.role, 0))
 
 
-class Streaming:
-    """An hf backend that also streams (``open_stream``), so that ``run_gen`` grows continuously on it."""
+class Logged:
+    """A streaming backend whose streams log their calls."""
 
-    def __init__(self, backend, seed: int, log: list):
-        self.backend, self.rng, self.log = backend, random.Random(seed), log
+    def __init__(self, backend, log: list):
+        self.backend, self.log = backend, log
 
     def open_stream(self, sampling, role, events):
-        return ShuffledStream(self.backend, sampling, role, events, self.rng, self.log)
+        return LoggedStream(self.backend.open_stream(sampling, role, events), role, self.log)
 
     def __getattr__(self, name):
         return getattr(self.backend, name)
 
 
-@pytest.fixture(scope="module")
-def one_at_a_time():
-    """The toy models on hf, generating every request alone (as the stream does), so the schedules can differ."""
+def fake_backends(kind: str = "fake", **engine_kwargs) -> dict:
     return {
-        role: load_backend("hf", resolve_model(f"toy-{role}", role).path, max_batch_size=1)
+        role: load_backend(kind, resolve_model(f"toy-{role}", role).path, **engine_kwargs)
         for role in ("small", "large")
     }
 
@@ -92,23 +61,23 @@ def part_bytes(root: Path) -> list[tuple[str, bytes]]:
     ]
 
 
-OPTIONS = dict(limit=2, seed=5, max_steps=4)
+OPTIONS = dict(limit=6, seed=5, max_steps=4)
 
 
 @pytest.fixture(scope="module")
-def round_by_round(one_at_a_time, tmp_path_factory):
+def round_by_round(tmp_path_factory):
     out = tmp_path_factory.mktemp("rounds") / "t"
-    return out, run_gen(toy_gen_options(out, **OPTIONS), backends=one_at_a_time)
+    return out, run_gen(toy_gen_options(out, **OPTIONS, backend="fake"), backends=fake_backends())
 
 
 @pytest.mark.parametrize("order_seed", [0, 1])
-def test_continuous_growth_writes_the_parts_of_round_by_round_growth(
-    one_at_a_time, round_by_round, tmp_path, order_seed
-):
+def test_continuous_growth_writes_the_parts_of_round_by_round_growth(round_by_round, tmp_path, order_seed):
     rounds_out, rounds = round_by_round
     log: list = []
-    streaming = {role: Streaming(backend, order_seed, log) for role, backend in one_at_a_time.items()}
-    options = toy_gen_options(tmp_path / "continuous", **OPTIONS)
+    streaming = {
+        role: Logged(backend, log) for role, backend in fake_backends("fake-stream", order_seed=order_seed).items()
+    }
+    options = toy_gen_options(tmp_path / "continuous", **OPTIONS, backend="fake-stream")
     continuous = run_gen(options, backends=streaming)
     assert (continuous.rounds, continuous.new_steps, continuous.new_gen_tokens) == (
         rounds.rounds,
@@ -123,3 +92,14 @@ def test_continuous_growth_writes_the_parts_of_round_by_round_growth(
     assert sorted(role for kind, role, _ in log if kind == "close") == ["large", "small"]
     again = run_gen(options, backends=streaming)  # a finished trace: nothing to grow, nothing rewritten
     assert again.new_steps == 0 and part_bytes(tmp_path / "continuous") == part_bytes(rounds_out)
+
+
+def test_continuous_growth_resumes_what_a_shorter_run_left(round_by_round, tmp_path):
+    """`trace gen --backend fake-stream` grows continuously: a run cut after its first rounds (max_steps 2), resumed
+    to the full depth, holds, part by part, what growing round by round to the full depth writes."""
+    rounds_out, rounds = round_by_round
+    out = tmp_path / "resumed"
+    cut = run_gen(toy_gen_options(out, **{**OPTIONS, "max_steps": 2}, backend="fake-stream"))
+    resumed = run_gen(toy_gen_options(out, **OPTIONS, backend="fake-stream"))
+    assert resumed.new_steps == rounds.new_steps - cut.new_steps > 0
+    assert part_bytes(out) == part_bytes(rounds_out)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from data.toy import task
-from replay.errors import TraceError
 from tracegen.datasets import MAX_LINE_BYTES, load_dataset
+from tracestore.errors import TraceError
 
 BENCHMARKS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "benchmarks"
 GSM8K_TEST = BENCHMARKS / "gsm8k_test.jsonl"

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from analysis.diff import BOTH_RIGHT, BOTH_WRONG, ONLY_A, ONLY_B, run_diff
 from cli import app
-from replay.errors import TraceError
 from tracegen.regrade import run_regrade
+from tracestore.errors import TraceError
 
 
 def results_file(path, outcomes: dict[tuple[str, int], bool | None], router="steer", config=0, params=None):

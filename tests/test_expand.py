@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from replay.errors import TraceError
 from tracegen.expand import Comb, Full, Request, frontier, make_strategy, missing
+from tracestore.errors import TraceError
 
 
 def grow(strategy, max_steps, final_at, n_trees=1):

@@ -1,4 +1,6 @@
-"""`trace gen` end to end on the toy world with the transformers backend: trees, counters, resume, refusal."""
+"""`trace gen` end to end on the toy world: the trees, counters, grades, manifest and hidden states of a run with the
+transformers backend; reruns, resume, locks, lost parts, full contexts and shards with the fake backend (instant,
+seeded steps of the toy world: tracegen/backends/fake.py)."""
 
 from __future__ import annotations
 
@@ -20,15 +22,15 @@ from typer.testing import CliRunner
 
 from cli import app
 from data.toy import MODEL_ALIASES, task
-from replay.errors import TraceError
-from replay.store import open_trace
-from replay.validate import validate
 from tracegen import gen as gen_module
 from tracegen.datasets import load_dataset
 from tracegen.expand import Comb, Request, frontier
 from tracegen.gen import GenOptions, in_shard, parse_shard, run_gen
 from tracegen.grading import extract_answer, is_final_step
 from tracegen.growth import StoredStep, Tree, request_seed
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
+from tracestore.validate import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 N_PROBLEMS = 3
@@ -56,6 +58,7 @@ def toy_models(tmp_path_factory) -> tuple[str, str]:
 
 
 def options(models, out, **overrides) -> GenOptions:
+    """A `trace gen` of ``models`` on N_PROBLEMS toy problems; the transformers backend unless ``backend`` says."""
     settings = dict(
         small=models[0], large=models[1], limit=N_PROBLEMS, max_step_tokens=STEP_TOKENS, max_steps=MAX_STEPS, seed=3
     )
@@ -194,9 +197,9 @@ def test_rerun_is_a_no_op_and_a_differing_setting_is_refused(comb_trace, toy_mod
 def test_same_command_twice_gives_identical_files(toy_models, tmp_path):
     runs = [tmp_path / "a", tmp_path / "b"]
     for out in runs:
-        run_gen(options(toy_models, out, limit=2, max_steps=3))
+        run_gen(options(toy_models, out, limit=2, max_steps=3, backend="fake"))
     assert read_steps(runs[0])["gen_seconds"].null_count() == read_steps(runs[0]).height
-    run_gen(options(toy_models, tmp_path / "timed", limit=2, max_steps=3, timings=True))
+    run_gen(options(toy_models, tmp_path / "timed", limit=2, max_steps=3, timings=True, backend="fake"))
     assert (read_steps(tmp_path / "timed")["gen_seconds"] > 0).all()
     for table in ("steps", "tokens", "problems"):
         names = sorted(os.listdir(runs[0] / table))
@@ -236,13 +239,13 @@ def test_concurrent_backends_overlap_and_write_the_same_files(toy_models, tmp_pa
     from tracegen.models import resolve_model
 
     sequential, overlapped = tmp_path / "sequential", tmp_path / "overlapped"
-    run_gen(options(toy_models, sequential, limit=2, max_steps=3))
+    run_gen(options(toy_models, sequential, limit=2, max_steps=3, backend="fake"))
     group = {"lock": threading.Lock(), "active": 0, "most": 0}
     backends = {
-        role: Overlapping(load_backend("hf", resolve_model(name, role).path), group)
+        role: Overlapping(load_backend("fake", resolve_model(name, role).path), group)
         for role, name in zip(("small", "large"), toy_models)
     }
-    run_gen(options(toy_models, overlapped, limit=2, max_steps=3), backends=backends)
+    run_gen(options(toy_models, overlapped, limit=2, max_steps=3, backend="fake"), backends=backends)
     assert group["most"] == 2  # both models' batches were in flight at once
     for table in ("steps", "tokens"):
         names = sorted(os.listdir(sequential / table))
@@ -250,8 +253,8 @@ def test_concurrent_backends_overlap_and_write_the_same_files(toy_models, tmp_pa
         assert all((sequential / table / n).read_bytes() == (overlapped / table / n).read_bytes() for n in names)
 
 
-def gen_command(models, out: Path) -> list[str]:
-    """`trace gen` of `options(models, out, max_steps=5)`, as a command line."""
+def gen_command(models, out: Path, backend: str = "hf", limit: int = N_PROBLEMS) -> list[str]:
+    """`trace gen` of `options(models, out, max_steps=5, backend=backend, limit=limit)`, as a command line."""
     return [
         sys.executable,
         "-m",
@@ -264,13 +267,13 @@ def gen_command(models, out: Path) -> list[str]:
         "--dataset",
         "toy",
         "--limit",
-        str(N_PROBLEMS),
+        str(limit),
         "--max-steps",
         "5",
         "--max-step-tokens",
         str(STEP_TOKENS),
         "--backend",
-        "hf",
+        backend,
         "--seed",
         "3",
         "--out",
@@ -278,10 +281,14 @@ def gen_command(models, out: Path) -> list[str]:
     ]
 
 
+# Problems of the kill tests on the fake backend: enough that a round takes far longer than the kill takes to land.
+KILLED_PROBLEMS = 60
+
+
 def test_killed_run_resumes_to_the_uninterrupted_result(toy_models, tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    run_gen(options(toy_models, reference, max_steps=5))
-    command = gen_command(toy_models, killed)
+    run_gen(options(toy_models, reference, max_steps=5, backend="fake", limit=KILLED_PROBLEMS))
+    command = gen_command(toy_models, killed, backend="fake", limit=KILLED_PROBLEMS)
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not list((killed / "steps").glob("part-*.parquet")) and time.time() < deadline and process.poll() is None:
@@ -293,6 +300,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(toy_models, tmp_path):
     assert 0 < partial.height < full.height, "the kill should land after the first round and before the last"
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    # it grew only what the killed run had not stored
+    assert f"{full.height - partial.height:,} new steps" in " ".join(result.stdout.split()), result.stdout
     validate(killed)
     resumed = read_steps(killed)
     columns = ["step_id", "text", "n_prompt_tokens", "n_new_prefill_tokens", "n_gen_tokens", "is_final", "answer"]
@@ -302,7 +311,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(toy_models, tmp_path):
 def test_a_second_gen_into_a_trace_being_written_is_refused_naming_the_first(toy_models, tmp_path):
     # issue 13, item 1: two such gens used to both exit 0, their parts written over each other
     out = tmp_path / "t"
-    command = gen_command(toy_models, out)
+    command = gen_command(toy_models, out, backend="fake", limit=KILLED_PROBLEMS)
     first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (out / ".lock-w0").exists() and time.time() < deadline and first.poll() is None:
@@ -325,15 +334,16 @@ def test_a_second_gen_into_a_trace_being_written_is_refused_naming_the_first(toy
 
 def test_a_lost_steps_part_is_named_then_regrown_by_rerunning_gen(toy_models, tmp_path, caplog):
     out = tmp_path / "t"
-    run_gen(options(toy_models, out, limit=2, max_steps=3))
+    run_gen(options(toy_models, out, limit=2, max_steps=3, backend="fake"))
     full = read_steps(out)
     lost = sorted((out / "steps").glob("part-*"))[-1]
+    lost_steps = pl.read_parquet(lost).height
     lost.unlink()
     with pytest.raises(TraceError, match=f"{lost} is missing: writer w0 recorded it"):
         validate(out)
-    summary = run_gen(options(toy_models, out, limit=2, max_steps=3))
+    summary = run_gen(options(toy_models, out, limit=2, max_steps=3, backend="fake"))
     assert f"{lost} is missing (writer w0 recorded it)" in caplog.text
-    assert summary.new_steps > 0
+    assert summary.new_steps == lost_steps > 0  # only what was lost
     validate(out)
     assert read_steps(out).drop("n_cached_tokens").equals(full.drop("n_cached_tokens"))
 
@@ -359,11 +369,11 @@ def test_problems_whose_prompt_fills_the_context_are_named(toy_models, tmp_path)
     ]
     dataset.write_text("".join(json.dumps(record) + "\n" for record in records))
     out = tmp_path / "t"
-    summary = run_gen(options(toy_models, out, dataset=str(dataset), limit=None, max_steps=2))
+    summary = run_gen(options(toy_models, out, dataset=str(dataset), limit=None, max_steps=2, backend="fake"))
     assert summary.skipped_context_full == 2  # the long problem's root, for each model
     assert summary.context_full_problems == ["gsm8k-test-00001"]
     rerun = ["gen", "--model", toy_models[0], "--large", toy_models[1], "--dataset", str(dataset), "--out", str(out)]
-    rerun += ["--max-steps", "2", "--max-step-tokens", str(STEP_TOKENS), "--backend", "hf", "--seed", "3"]
+    rerun += ["--max-steps", "2", "--max-step-tokens", str(STEP_TOKENS), "--backend", "fake", "--seed", "3"]
     result = CliRunner().invoke(app, rerun)
     assert result.exit_code == 0, result.output
     assert "in problem(s): gsm8k-test-00001" in " ".join(result.stdout.split())
@@ -376,7 +386,7 @@ def test_shards_partition_the_problems(toy_models, tmp_path):
     assert all(shards)
     out = tmp_path / "sharded"
     for i in range(2):
-        run_gen(options(toy_models, out, limit=4, max_steps=1, shard=f"{i}/2"))
+        run_gen(options(toy_models, out, limit=4, max_steps=1, shard=f"{i}/2", backend="fake"))
     validate(out)
     names = os.listdir(out / "steps")
     assert {name.split("-")[1] for name in names} == {"shard0of2", "shard1of2"}
@@ -449,3 +459,13 @@ def test_cli_errors_are_one_line(tmp_path):
         ],
     )
     assert result.exit_code == 1 and "neither a dataset name" in result.output
+
+
+@pytest.mark.parametrize("worker_option", [["--workers", "3"], ["--gpus-per-worker", "1"], ["--cpus-per-worker", "2"]])
+def test_ray_worker_options_need_ray(tmp_path, worker_option):
+    out = tmp_path / "x"
+    args = ["gen", "--model", "toy-small", "--large", "toy-large", "--dataset", "toy", "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, *worker_option])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert " ".join(result.output.split()) == "error: --workers, --gpus-per-worker and --cpus-per-worker need --ray"
+    assert not out.exists()

@@ -14,9 +14,9 @@ import polars as pl
 import pytest
 from test_gen import toy_models  # noqa: F401  (fixture: trained toy models, or random-weight stand-ins)
 
-from replay.store import open_trace
-from replay.validate import validate
 from tracegen.expand import Comb, frontier
+from tracestore.store import open_trace
+from tracestore.validate import validate
 
 pytestmark = pytest.mark.vllm
 
@@ -112,8 +112,8 @@ def test_policy_meets_coverage_on_the_toy_trace_across_seeds(vllm_trace, tmp_pat
     from scipy.stats import binomtest
 
     from replay.artifacts import load_train_split
-    from replay.engine import replay_trace
     from replay.routers import make_router
+    from replay.run import replay_trace
     from replay.splits import DEFAULT_FRACTIONS
     from replay.train_policy import Hyperparameters, comb_episodes, train_policy
     from tracegen.scoring import run_score

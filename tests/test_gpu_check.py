@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import subprocess
 
-from replay.validate import validate
 from scripts.gpu_check import QWEN_SHAPES, random_model, run_check
 from tests.test_gen import ROOT
+from tracestore.validate import validate
 
 
 def test_random_models_have_the_qwen_shapes(tmp_path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from data.toy import task
-from replay.errors import TraceError
 from tracegen.datasets import load_dataset
 from tracegen.grading import extract_answer, extract_boxed, grader_for, is_final_step
+from tracestore.errors import TraceError
 
 
 def test_boxed_extraction_handles_nesting_and_takes_the_last():

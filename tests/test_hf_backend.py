@@ -8,10 +8,10 @@ import torch
 from transformers import Qwen2ForCausalLM
 
 from data.toy.tokenizer import build_tokenizer
-from replay.errors import TraceError
 from scripts.toy.train import model_config
 from tracegen.backends import StepRequest, StepSampling, load_backend
 from tracegen.prompts import prompt_token_ids
+from tracestore.errors import TraceError
 
 QUESTIONS = ["Compute 3 + 4.", "Compute 12 * 3 - 5.", "Compute 7.", "Compute 100 - 58 + 2 * 9 - 1."]
 

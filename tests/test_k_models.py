@@ -16,15 +16,16 @@ from test_routers_baselines import run
 from test_routers_policy import hand_made_policy
 from tracebuild import build_trace, comb_steps, default_manifest, toy_gen_options
 
-from replay.errors import TraceError
 from replay.routers import make_router
-from replay.schema import model_roles, read_manifest, role_of_char
-from replay.store import open_trace
 from tracegen.expand import Comb, Full, frontier, make_strategy
 from tracegen.gen import parse_models
+from tracestore.errors import TraceError
+from tracestore.schema import model_roles, read_manifest, role_of_char
+from tracestore.store import open_trace
 
 ROLES = ("m0", "m1", "m2")
 N_PARAMS = {"m0": 0.5e12, "m1": 1e12, "m2": 2e12}
+VOCABULARY = 128  # rows of each model's (tied) embedding matrix, d_model wide
 TOKENS = {"0": 10, "1": 15, "2": 20}
 STEP = {"0": 10.0, "1": 30.0, "2": 80.0}  # TFLOPs of one step: 2 * n_params * tokens / 1e12
 RIGHT = {"111", "222", "002", "022", "012"}  # "012" is not in the comb: only its prefix "01" is
@@ -33,7 +34,15 @@ RIGHT = {"111", "222", "002", "022", "012"}  # "012" is not in the comb: only it
 def three_models():
     return default_manifest(
         models=[
-            {"role": role, "name": f"toy-{role}", "revision": "t", "n_params": n, "n_layer": 2 + i, "d_model": 64}
+            {
+                "role": role,
+                "name": f"toy-{role}",
+                "revision": "t",
+                "n_params": n,
+                "n_params_non_embedding": n - VOCABULARY * 64,
+                "n_layer": 2 + i,
+                "d_model": 64,
+            }
             for i, (role, n) in enumerate(N_PARAMS.items())
         ]
     )
@@ -138,7 +147,12 @@ def test_each_model_alone_and_its_cost(comb3):
 def test_kaplan_cost_reads_every_roles_shape(comb3):
     row = run(comb3, make_router("only", model="m1"), cost="kaplan").outcomes.row(0, named=True)
     flops = run(comb3, make_router("only", model="m1")).outcomes.row(0, named=True)
-    assert row["cost"] > flops["cost"] == 90.0  # the attention term of m1 (n_layer 3, d_model 64) adds to 2N
+    assert flops["cost"] == 90.0
+    # m1's chain "111": 15 tokens a step after 20, 24 and 28 prompt tokens (tracebuild); per token Kaplan's
+    # 2N with N the non-embedding parameters (1e12 - 128 * 64) plus the attention term 2 * n_layer (3) * n_ctx * 64
+    n = N_PARAMS["m1"] - VOCABULARY * 64
+    by_hand = sum(2 * n + 2 * 3 * (context + t) * 64 for context in (20, 24, 28) for t in range(15))
+    assert row["cost"] == pytest.approx(by_hand / 1e12, rel=1e-12)
 
 
 def test_oracle_over_three_models(comb3):
@@ -231,7 +245,7 @@ def test_policy_trains_on_a_three_model_comb(tmp_path):
 def test_cascade_table_lists_every_chain(comb3, tmp_path):
     from analysis.report import build_report
     from analysis.report_inputs import ALL_ROWS, REPORTED_ROWS, ReportOptions
-    from replay.engine import write_outcomes
+    from replay.results import write_outcomes
 
     results = tmp_path / "cascade.parquet"
     router = make_router("cascade", models="m0,m2", pik=False, p_true="final_mean")
@@ -248,29 +262,21 @@ def test_cascade_table_lists_every_chain(comb3, tmp_path):
 
 @pytest.fixture(scope="module")
 def gen3(tmp_path_factory):
-    """A 3-model comb grown by `trace gen` with the transformers backend: toy-small, a random-weight model of the
-    medium shape (the trace only needs a third model that reads the same tokens), toy-large."""
-    import torch
-    from transformers import Qwen2ForCausalLM
-
-    from data.toy.tokenizer import build_tokenizer
-    from scripts.toy.train import model_config
+    """A 3-model comb of toy-small, toy-medium and toy-large grown by `trace gen` with the fake backend (seeded toy
+    steps, no model; the run through vLLM: test_k_models_vllm.py)."""
     from tracegen.gen import run_gen
 
-    folder = tmp_path_factory.mktemp("k-models")
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(model_config("medium", tokenizer)).save_pretrained(folder / "medium")
-    tokenizer.save_pretrained(folder / "medium")
-    out = folder / "trace"
-    options = toy_gen_options(out, middle=(str(folder / "medium"),), limit=2, seed=0, max_steps=3, max_step_tokens=24)
+    out = tmp_path_factory.mktemp("k-models") / "trace"
+    options = toy_gen_options(
+        out, middle=("toy-medium",), limit=2, seed=0, max_steps=3, max_step_tokens=24, backend="fake"
+    )
     summary = run_gen(options)
     return out, options, summary
 
 
 def test_gen_grows_a_complete_three_model_comb(gen3):
-    from replay.validate import validate
     from tracegen.gen import run_gen
+    from tracestore.validate import validate
 
     out, options, summary = gen3
     assert validate(out)["problems"] == 2 and summary.new_steps > 0

@@ -1,42 +1,37 @@
 """A three-model comb on the real engine: `trace gen --models toy-small,toy-medium,toy-large --dataset toy` with
 vLLM for a few toy problems, validated, complete, and replayed over all three models.
 
-Starts three vLLM engines (slow): run with `pytest -m vllm`.
+Runs on the session's shared vLLM engines of the three toy models (tests/conftest.py; slow): run with
+`pytest -m vllm`.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
+from tracebuild import toy_gen_options
 
-from replay.engine import replay_trace
 from replay.routers import make_router
-from replay.store import open_trace
-from replay.validate import validate
+from replay.run import replay_trace
 from tracegen.expand import Comb, frontier
+from tracegen.gen import run_gen
+from tracestore.store import open_trace
+from tracestore.validate import validate
 
 pytestmark = pytest.mark.vllm
 
-ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 6
 MAX_STEPS = 6
 ROLES = ("m0", "m1", "m2")
 
 
 @pytest.fixture(scope="module")
-def comb3(tmp_path_factory) -> Path:
+def comb3(vllm_small, vllm_medium, vllm_large, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gen3-vllm") / "toy3"
-    command = [sys.executable, "-m", "cli", "gen", "--models", "toy-small,toy-medium,toy-large", "--dataset", "toy"]
-    command += ["--limit", str(LIMIT), "--max-steps", str(MAX_STEPS), "--max-step-tokens", "48"]
-    command += ["--backend", "vllm", "--out", str(out)]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=1500)
-    assert result.returncode == 0, result.stderr[-4000:]
+    options = toy_gen_options(out, middle=("toy-medium",), limit=LIMIT, max_steps=MAX_STEPS, seed=0, backend="vllm")
+    run_gen(options, backends=dict(zip(ROLES, (vllm_small, vllm_medium, vllm_large))))
     return out
 
 

@@ -1,12 +1,15 @@
-"""Routers, cost models and scorers of your own: the example router shipped with the docs through the CLI's
-file form, an entry point of an installed package and the Python API (identical outcomes); the README's
-"Your own router" section run as written; one-line errors for broken plugins; study files; `--list`."""
+"""Extensions of your own -- routers, scorers, cost models, backends, report tables -- through the one registry:
+the example router shipped with the docs through the CLI's file form, an entry point of an installed package
+and the Python API (identical outcomes); the README's "Your own router" section run as written; one of each
+kind installed, listed by `--list` and used where it is consumed (`replay`, `score`, `train policy`, `report`,
+`gen`); one-line errors for broken plugins, unknown names and names registered twice; study files."""
 
 from __future__ import annotations
 
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,10 +20,12 @@ from typer.testing import CliRunner
 
 from cli import app
 from replay import api
-from replay.errors import TraceError
 from replay.routers import ROUTERS
 from replay.routers.rsd import Rsd
 from tracegen.closure import load_router_specs
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
+from tracestore.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "min_logprob.py"
@@ -67,11 +72,13 @@ def one_line_error(*args) -> str:
     return lines[0]
 
 
-def install_package(site: Path, entry_points: dict[str, dict[str, str]], modules: dict[str, str]) -> None:
+def install_package(
+    site: Path, entry_points: dict[str, dict[str, str]], modules: dict[str, str], name: str = "trace-test-plugins"
+) -> None:
     """A package as pip installs it: modules plus a *.dist-info with entry_points.txt, on sys.path (by caller)."""
-    info = site / "trace_test_plugins-0.1.dist-info"
+    info = site / f"{name.replace('-', '_')}-0.1.dist-info"
     info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: trace-test-plugins\nVersion: 0.1\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(
         "".join(
             f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in points.items())
@@ -219,7 +226,7 @@ def test_a_broken_plugin_is_one_line_naming_the_file_class_and_fault(study_trace
     plugin.write_text(source)
     line = one_line_error("replay", study_trace, "--split", "all", "--router", f"{plugin}:{attr}")
     assert str(plugin) in line and message in line, line
-    assert ROUTERS["rsd"] is Rsd  # a plugin never replaces a built-in
+    assert ROUTERS.get("rsd") is Rsd  # a plugin never replaces a built-in
 
 
 def test_missing_files_and_modules_are_named(study_trace, tmp_path):
@@ -283,8 +290,67 @@ class StepLength(Scorer):
 '''
 
 
+BACKEND_MODULE = '''
+from tracegen.backends.base import GeneratedStep
+
+
+class Scripted:
+    """Writes one final step at every node: the prompt's last three tokens, read as "answer 7"."""
+
+    name = "scripted"
+    max_total_tokens = 4096
+
+    def __init__(self, model_path):
+        self.model_path = model_path
+
+    def generate_steps(self, requests, sampling):
+        steps = []
+        for request in requests:
+            ids = list(request.prompt_ids[-3:])
+            steps.append(
+                GeneratedStep(
+                    token_ids=ids,
+                    text="answer 7",
+                    finish_reason="eos",
+                    logprobs=[-0.5] * 3,
+                    max_logits=[9.0] * 3,
+                    topk_ids=[[token] * sampling.topk for token in ids],
+                    topk_logprobs=[[-0.5] * sampling.topk] * 3,
+                    n_cached_tokens=0,
+                    gen_seconds=0.0,
+                )
+            )
+        return steps
+
+    def engine_info(self):
+        return {"name": self.name, "version": "1"}
+
+    def close(self):
+        pass
+'''
+TABLE_MODULE = '''
+import polars as pl
+
+from analysis.tables import ReportTable
+
+
+class Ranking(ReportTable):
+    """The methods at their operating points, by A/C."""
+
+    name = "ranking"
+    title = "Methods by A/C"
+
+    def frame(self, inputs):
+        rows = [{"method": row.run.label, "a_over_c": row.a_over_c.value} for row in inputs.rows]
+        return pl.DataFrame(rows).sort("a_over_c", descending=True)
+'''
+ONE_OF_EACH = {"router": "min-logprob-installed", "scorer": "step-length", "cost": "steps", "backend": "scripted"}
+ONE_OF_EACH["table"] = "ranking"  # kind: the name the `installed` package gives it
+
+
 @pytest.fixture
 def installed(tmp_path, monkeypatch):
+    """One installed package with an extension of each kind, and two that cannot be used."""
     site = tmp_path / "site"
     install_package(
         site,
@@ -292,42 +358,74 @@ def installed(tmp_path, monkeypatch):
             "trace.routers": {"min-logprob-installed": "trace_test_example:MinLogprob", "broken": "trace_test_gone:X"},
             "trace.costs": {"steps": "trace_test_costs:StepCount", "not-a-cost": "trace_test_costs:NotACost"},
             "trace.scorers": {"step-length": "trace_test_scorers:StepLength"},
+            "trace.backends": {"scripted": "trace_test_backends:Scripted"},
+            "trace.tables": {"ranking": "trace_test_tables:Ranking"},
         },
         {
             "trace_test_example": EXAMPLE.read_text(),
             "trace_test_costs": COST_MODULE,
             "trace_test_scorers": SCORER_MODULE,
+            "trace_test_backends": BACKEND_MODULE,
+            "trace_test_tables": TABLE_MODULE,
         },
     )
     monkeypatch.syspath_prepend(str(site))
     return site
 
 
-def test_list_shows_what_is_installed_and_where_it_comes_from(installed):
-    from replay.costs import registered_costs
-    from replay.plugins import registered_routers
-    from tracegen.scorers.base import registered_scorers
+def registry_rows():
+    from analysis.tables import TABLES
+    from replay.costs import COSTS
+    from replay.routers import ROUTERS
+    from tracegen.backends import BACKENDS
+    from tracegen.scorers import SCORERS
 
-    rows = {row.name: row for row in [*registered_routers(), *registered_scorers(), *registered_costs()]}
-    assert (rows["rsd"].kind, rows["rsd"].source) == ("router", "built-in rsd.py")
-    assert rows["rsd"].about == "Reward-guided speculative decoding (Liao et al. 2025)."
-    assert (rows["prm"].kind, rows["flops"].kind) == ("scorer", "cost")
-    installed_router = rows["min-logprob-installed"]
-    assert installed_router.kind == "router"
-    assert installed_router.source == "entry point trace_test_example:MinLogprob (package trace-test-plugins 0.1)"
-    assert installed_router.about.startswith("The small model drafts each step; a draft whose least likely token")
-    assert (rows["steps"].kind, rows["step-length"].kind) == ("cost", "scorer")
-    assert rows["broken"].about.startswith("cannot be used: entry point broken = trace_test_gone:X")
-    assert rows["not-a-cost"].about.startswith("cannot be used: entry point not-a-cost")
-    for args in (["replay", "--list"], ["replay", "unused", "--router", "help"]):
-        shown = {}
-        for line in invoke(*args).output.splitlines():
-            cells = [cell.strip() for cell in line.strip("│┃ ").split("│")]
-            if len(cells) == 4 and cells[0] and cells[1]:
-                shown[cells[1]] = cells[0]
-        assert shown == {name: row.kind for name, row in rows.items()}
+    return {(row.kind, row.name): row for r in (ROUTERS, SCORERS, COSTS, BACKENDS, TABLES) for row in r.rows()}
+
+
+def listed(*args) -> set[tuple[str, str]]:
+    """(kind, name) of every row `trace replay --list` (or the equivalent args) prints."""
+    shown = set()
+    for line in invoke(*args).output.splitlines():
+        cells = [cell.strip() for cell in line.strip("│┃ ").split("│")]
+        if len(cells) == 4 and cells[0] and cells[1] and cells[0] != "Kind":
+            shown.add((cells[0], cells[1]))
+    return shown
+
+
+def test_list_shows_one_of_each_kind_installed_and_where_it_comes_from(installed):
+    rows = registry_rows()
+    assert (rows["router", "rsd"].source, rows["router", "rsd"].about) == (
+        "built-in rsd.py",
+        "Reward-guided speculative decoding (Liao et al. 2025).",
+    )
+    builtin = {("scorer", "prm"), ("cost", "flops"), ("backend", "hf"), ("backend", "vllm"), ("table", "cascade")}
+    assert builtin <= set(rows) and rows["backend", "hf"].about.startswith("The transformers backend")
+    for kind, name in ONE_OF_EACH.items():
+        row = rows[kind, name]
+        assert row.source.startswith("entry point trace_test_") and row.source.endswith(
+            "(package trace-test-plugins 0.1)"
+        )
+        assert not row.about.startswith("cannot be used"), row
+    assert rows["router", "min-logprob-installed"].about.startswith("The small model drafts each step; a draft whose")
+    assert rows["backend", "scripted"].about.startswith("Writes one final step at every node")
+    assert rows["router", "broken"].about.startswith("cannot be used: entry point broken = trace_test_gone:X")
+    assert rows["cost", "not-a-cost"].about.startswith("cannot be used: entry point not-a-cost")
+    assert listed("replay", "--list") == listed("replay", "unused", "--router", "help") == set(rows)
     frame = api.registered()
     assert set(frame["kind"]) == {"router", "cost"} and "min-logprob-installed" in frame["name"].to_list()
+
+
+def test_listing_every_kind_imports_no_engine_or_heavy_library():
+    """Built-in backends are registered lazily (module:Class) and their docstrings read from the source."""
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom cli import app\n"
+        "assert CliRunner().invoke(app, ['replay', '--list']).exit_code == 0\n"
+        "print(sorted(m for m in ('vllm', 'transformers', 'torch', 'sklearn', 'matplotlib') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_a_broken_entry_point_names_itself_and_its_package(study_trace, installed):
@@ -336,6 +434,77 @@ def test_a_broken_entry_point_names_itself_and_its_package(study_trace, installe
     assert "ModuleNotFoundError" in line
     line = one_line_error("replay", study_trace, "--router", "small-only", "--cost", "not-a-cost")
     assert "entry point not-a-cost (trace_test_costs:NotACost) is not a cost model" in line
+
+
+def test_a_name_registered_twice_is_one_line_naming_both(study_trace, installed, tmp_path, monkeypatch):
+    other = tmp_path / "other-site"
+    install_package(
+        other,
+        {"trace.routers": {"rsd": "trace_test_example2:MinLogprob"}, "trace.costs": {"steps": "trace_test_costs2:X"}},
+        {"trace_test_example2": EXAMPLE.read_text(), "trace_test_costs2": COST_MODULE.replace("StepCount", "X")},
+        name="trace-other-plugins",
+    )
+    monkeypatch.syspath_prepend(str(other))
+    line = one_line_error("replay", study_trace, "--router", "rsd")
+    assert "router 'rsd' is registered twice: built-in rsd.py and entry point trace_test_example2:MinLogprob " in line
+    assert "(package trace-other-plugins 0.1)" in line
+    line = one_line_error("replay", study_trace, "--router", "small-only", "--cost", "steps")
+    assert "cost model 'steps' is registered twice: entry point trace_test_costs" in line
+    assert "(package trace-test-plugins 0.1)" in line and "(package trace-other-plugins 0.1)" in line
+    rows = registry_rows()
+    assert rows["router", "rsd"].about.startswith("cannot be used: router 'rsd' is registered twice")
+
+
+def test_a_built_in_name_registered_twice_is_refused_naming_both_files():
+    from replay.registry import Registry
+
+    tables = Registry("table", "trace.test-tables", lambda obj, origin: obj, lambda value: False)
+    tables.register_lazy("cmdp", "analysis.tables:CmdpTable")
+    tables.register_lazy("cmdp", "analysis.tables:CmdpTable")  # the same entry again (its module imported twice)
+    with pytest.raises(TraceError, match="table 'cmdp' is registered twice: built-in tables.py and built-in report.py"):
+        tables.register_lazy("cmdp", "analysis.report:CmdpTable")
+    assert tables.names() == ["cmdp"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "kind"),
+    [
+        (
+            ["replay", "TRACE", "--router", "nope"],
+            "unknown router 'nope'; choose one of broken, cascade,",
+            "router",
+        ),
+        (["replay", "TRACE", "--router", "small-only", "--cost", "nope"], "unknown cost model 'nope'", "cost"),
+        (["score", "TRACE", "--scorer", "nope"], "unknown scorer 'nope'; choose one of api-verifier,", "scorer"),
+        (["train", "policy", "TRACE", "--cost", "nope", "--out", "OUT/p.pt"], "--cost must be one of flops,", "cost"),
+        (["report", "TRACE", "RESULTS", "--table", "nope", "--out", "OUT/r"], "unknown table 'nope'", "table"),
+        (
+            [
+                "gen",
+                "--model",
+                "toy-small",
+                "--large",
+                "toy-large",
+                "--dataset",
+                "toy",
+                "--backend",
+                "nope",
+                "--out",
+                "OUT/g",
+            ],
+            "unknown backend 'nope'",
+            "backend",
+        ),
+    ],
+)
+def test_an_unknown_name_is_one_line_with_the_choices_installed_too(
+    study_trace, installed, tmp_path, args, message, kind
+):
+    results = tmp_path / "small.parquet"
+    invoke("replay", study_trace, "--split", "all", "--router", "small-only", "--out", results)
+    words = {"TRACE": str(study_trace), "RESULTS": str(results)}
+    line = one_line_error(*[words.get(arg, arg.replace("OUT", str(tmp_path))) for arg in args])
+    assert message in line and ONE_OF_EACH[kind] in line, line
 
 
 def test_a_cost_model_from_an_entry_point_prices_the_replay(study_trace, installed):
@@ -360,6 +529,64 @@ def test_a_scorer_from_an_entry_point_scores_and_a_router_reads_it(study_trace, 
     assert kept.outcomes["misses"].sum() == 0 and kept.outcomes["path"].unique().to_list() == ["sss"]
     rejected = api.replay(trace, long_drafts, params={"tau": "1.5"}, split="all")
     assert rejected.outcomes["path"].unique().to_list() == ["LLL"]
+
+
+def test_a_cost_model_from_an_entry_point_trains_the_policy_and_from_a_file_prices_the_replay(
+    study_trace, installed, tmp_path
+):
+    printed = " ".join(
+        invoke(
+            "train", "policy", study_trace, "--cost", "steps", "--steps", 2, "--out", tmp_path / "p.pt"
+        ).output.split()
+    )
+    # every walk of a depth-3 tree writes 3 steps, as the large model alone does
+    assert "cost 3 steps per query (1.0000 of the large model alone)" in printed
+    cost_file = tmp_path / "my_costs.py"
+    cost_file.write_text(COST_MODULE)
+    by_file = api.replay(study_trace, "rsd", params={"tau": "1"}, split="all", cost=f"{cost_file}:StepCount")
+    by_entry_point = api.replay(study_trace, "rsd", params={"tau": "1"}, split="all", cost="steps")
+    assert by_file.outcomes.equals(by_entry_point.outcomes) and by_file.outcomes["cost"].unique().to_list() == [6.0]
+
+
+def test_a_report_table_from_an_entry_point_is_built_from_the_report_numbers(study_trace, installed, tmp_path):
+    results = []
+    for router, sweep in (("rsd", "tau=0:1:0.25"), ("random", "p=0.2,0.8")):
+        results.append(tmp_path / f"{router}.parquet")
+        invoke("replay", study_trace, "--split", "all", "--router", router, "--sweep", sweep, "--out", results[-1])
+    out = tmp_path / "report"
+    split = ["--split", "all", "--pick-split", "reported", "--bootstrap", 10]
+    invoke("report", study_trace, *results, "--table", "cmdp", "--table", "ranking", "--out", out, *split)
+    ranking = pl.read_csv(out / "table_ranking.csv")
+    cmdp = pl.read_csv(out / "table_cmdp.csv")
+    assert ranking["method"].sort().to_list() == ["large-only", "random", "rsd", "small-only"]
+    assert ranking.equals(cmdp.select("method", "a_over_c").sort("a_over_c", descending=True))
+    assert (out / "table_ranking.md").read_text().startswith("## Methods by A/C\n\n| method | a_over_c |")
+    assert "## Methods by A/C" in (out / "report.md").read_text()
+
+
+def test_a_backend_from_an_entry_point_grows_the_trace(installed, tmp_path):
+    out = tmp_path / "grown"
+    invoke(
+        "gen",
+        "--model",
+        "toy-small",
+        "--large",
+        "toy-large",
+        "--dataset",
+        "toy",
+        "--limit",
+        2,
+        "--backend",
+        "scripted",
+        "--out",
+        out,
+    )
+    trace = open_trace(out)
+    steps = trace.scan("steps").collect()
+    assert trace.manifest["engine"]["name"] == "scripted"
+    assert sorted(steps["path"].unique().to_list()) == ["L", "s"] and steps.height == 4  # every step is final
+    assert set(steps["text"]) == {"answer 7"} and steps["n_gen_tokens"].to_list() == [3] * 4
+    validate(out)
 
 
 # ---------------------------------------------------------------------- study files

@@ -10,23 +10,22 @@ import time
 
 import pytest
 
-from replay.store import open_trace
-from replay.validate import validate
 from tests.test_gen import ROOT, gen_command, options, toy_models  # noqa: F401 - toy_models is a fixture
 from tests.test_shard_race import assert_same_steps
 from tracegen.gen import run_gen
+from tracestore.store import open_trace
+from tracestore.validate import validate
 
 pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")  # installed with ray
 
-N_PROBLEMS = 24  # enough that each round of a worker takes longer than the kill (a few problems take milliseconds)
+N_PROBLEMS = 120  # enough that each round of a worker takes longer than the kill (a few problems take milliseconds)
 
 
 def test_a_killed_driver_rerun_resumes_to_the_uninterrupted_trace(toy_models, tmp_path):  # noqa: F811
     reference, out = tmp_path / "reference", tmp_path / "ray"
-    run_gen(options(toy_models, reference, max_steps=5, limit=N_PROBLEMS))
-    command = [*gen_command(toy_models, out), "--ray", "local", "--workers", "2"]
-    command[command.index("--limit") + 1] = str(N_PROBLEMS)
+    run_gen(options(toy_models, reference, max_steps=5, limit=N_PROBLEMS, backend="fake"))
+    command = [*gen_command(toy_models, out, backend="fake", limit=N_PROBLEMS), "--ray", "local", "--workers", "2"]
     driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not list((out / "steps").glob("part-shard*.parquet")) and time.time() < deadline and driver.poll() is None:

@@ -1,5 +1,5 @@
-"""`trace gen --ray` on a local Ray instance (2 CPUs, 2 workers, the toy models on the hf backend): the
-trace equals a single-process run's step for step, also when a worker process is killed mid-run."""
+"""`trace gen --ray` on a local Ray instance (2 CPUs, 2 workers, the toy models on the fake backend: seeded toy steps,
+no model): the trace equals a single-process run's step for step, also when a worker process is killed mid-run."""
 
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ import time
 
 import pytest
 
-from replay.validate import validate
 from tests.test_gen import options, toy_models  # noqa: F401 - toy_models is a fixture
 from tests.test_shard_race import assert_same_steps
 from tracegen.distributed import run_distributed
 from tracegen.gen import run_gen
+from tracestore.errors import TraceError
+from tracestore.validate import validate
 
 ray = pytest.importorskip("ray")
-SETTINGS = dict(limit=4, max_steps=4)
+# enough problems that a worker's round takes far longer than the kill takes to land
+SETTINGS = dict(limit=60, max_steps=4, backend="fake")
 
 
 @pytest.fixture(scope="module")
@@ -79,15 +81,23 @@ def test_a_killed_worker_is_restarted_and_resumes_from_its_parts(local_ray, toy_
     assert summary.workers[0].new_steps < shard0
 
 
+def test_a_worker_failure_prints_the_workers_own_error(local_ray, toy_models, tmp_path):  # noqa: F811
+    broken = options(toy_models, tmp_path / "ray", limit=2, engine_kwargs={"device": "no-such-device"})
+    with pytest.raises(TraceError) as failed:
+        run_distributed(broken, workers=1)
+    message = str(failed.value)  # issue 29: not Ray's first line "ray::_Worker.run() (pid=..., ip=...)"
+    assert message == "a Ray worker failed: RuntimeError: Invalid device string: 'no-such-device'"
+
+
 def open_steps(root):
-    from replay.store import open_trace
+    from tracestore.store import open_trace
 
     return open_trace(root).scan("steps").select("step_id").collect()["step_id"].to_list()
 
 
 def summary_problem_ids(root, shard: int) -> list[str]:
-    from replay.store import open_trace
     from tracegen.gen import in_shard
+    from tracestore.store import open_trace
 
     ids = open_trace(root).scan("problems").select("problem_id").collect()["problem_id"].to_list()
     return [f"{pid}/" for pid in ids if in_shard(pid, (shard, 2))]

@@ -11,13 +11,13 @@ from typer.testing import CliRunner
 
 from analysis.sql import run_sql
 from cli import app
-from replay.engine import replay_trace
-from replay.errors import TraceError
-from replay.grades import graded_steps
 from replay.routers import make_router
-from replay.store import TraceWriter, open_trace
-from replay.validate import validate
+from replay.run import replay_trace
 from tracegen.regrade import run_regrade
+from tracestore.errors import TraceError
+from tracestore.grades import graded_steps
+from tracestore.store import TraceWriter, open_trace
+from tracestore.validate import validate
 
 REFERENCE = "5"
 # problem -> (small final answer, its stored grade, large final answer, its stored grade); the stored grades

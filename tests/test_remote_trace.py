@@ -7,10 +7,10 @@ import fsspec
 import numpy as np
 import pytest
 
-from replay.engine import replay_trace
-from replay.errors import TraceError
 from replay.routers import make_router
-from replay.store import open_trace
+from replay.run import replay_trace
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
 
 
 def upload(local, bucket: str) -> str:

@@ -10,16 +10,27 @@ import pytest
 from tracebuild import build_trace, comb_steps, default_manifest
 
 from replay.costs import FREE, KNOWN_PRICES, Price, make_cost_model, parse_price
-from replay.engine import replay_trace
-from replay.errors import TraceError
 from replay.routers import make_router
+from replay.run import replay_trace
+from tracestore.errors import TraceError
 
-SMALL = {"role": "small", "n_params": 1.5e9, "n_layer": 28, "d_model": 1536}
-LARGE = {"role": "large", "n_params": 7e9, "n_layer": 28, "d_model": 3584}
+# Qwen2.5-Math-1.5B- and 7B-like sizes: all parameters, and without the 151,936-row embedding (and, for the 7B,
+# its untied output projection), Kaplan's N
+SMALL = {"role": "small", "n_params": 1.5e9, "n_params_non_embedding": 1.5e9 - 151_936 * 1536, "n_layer": 28}
+SMALL["d_model"] = 1536
+LARGE = {"role": "large", "n_params": 7e9, "n_params_non_embedding": 7e9 - 2 * 151_936 * 3584, "n_layer": 28}
+LARGE["d_model"] = 3584
 MANIFEST = {
     "models": [SMALL, LARGE],
     "scorers": {
-        "prm": {"model": "prm", "n_params": 1.5e9, "n_layer": 28, "d_model": 1536, "generated_tokens": 0},
+        "prm": {
+            "model": "prm",
+            "n_params": 1.5e9,
+            "n_params_non_embedding": 1.5e9 - 151_936 * 1536,
+            "n_layer": 28,
+            "d_model": 1536,
+            "generated_tokens": 0,
+        },
         "judge": {"model": "large", "generated_tokens": 1},
         "ptrue": {"model": "self", "generated_tokens": 1},
     },
@@ -59,16 +70,18 @@ def test_flops_plus_prefill_adds_prefilled_tokens_for_steps_and_scorers():
     np.testing.assert_allclose(model.scorer_costs("judge", CALLS, ROLES), [2 * 7e9 * 30 / 1e12, 2 * 7e9 * 40 / 1e12])
 
 
-def test_kaplan_adds_the_context_term_per_generated_token():
+def test_kaplan_adds_the_context_term_per_generated_token_to_the_non_embedding_2n():
     kaplan = make_cost_model("kaplan", MANIFEST)
     decode, prefill = kaplan.step_costs(STEPS)
+    # Kaplan's N: 1.5e9 - 151,936 * 1536 = 1,266,626,304 (small); 7e9 - 2 * 151,936 * 3584 = 5,910,922,752 (large)
+    small_n, large_n = 1_266_626_304, 5_910_922_752
     # small step: 100 tokens after 300: sum over t < 100 of 2N + 2 * 28 * (300 + t) * 1536
-    by_token = [2 * 1.5e9 + 2 * 28 * (300 + t) * 1536 for t in range(100)]
-    large = [2 * 7e9 + 2 * 28 * (400 + t) * 3584 for t in range(50)]
+    by_token = [2 * small_n + 2 * 28 * (300 + t) * 1536 for t in range(100)]
+    large = [2 * large_n + 2 * 28 * (400 + t) * 3584 for t in range(50)]
     np.testing.assert_allclose(decode, [sum(by_token) / 1e12, sum(large) / 1e12])
     np.testing.assert_array_equal(prefill, [0.0, 0.0])
     # the judge's one token sees its context (n_tokens_processed - 1 tokens)
-    judge = [(2 * 7e9 + 2 * 28 * (calls - 1) * 3584) / 1e12 for calls in CALLS]
+    judge = [(2 * large_n + 2 * 28 * (calls - 1) * 3584) / 1e12 for calls in CALLS]
     np.testing.assert_allclose(kaplan.scorer_costs("judge", CALLS, ROLES), judge)
     np.testing.assert_array_equal(kaplan.scorer_costs("prm", CALLS, ROLES), [0.0, 0.0])
 
@@ -102,7 +115,9 @@ def test_missing_numbers_and_unpriced_roles_are_errors_never_zero():
             "judge", CALLS, ROLES
         )
     with pytest.raises(TraceError, match=r"kaplan needs trace.json models.large.n_layer"):
-        make_cost_model("kaplan", {"models": [SMALL, {"role": "large", "n_params": 7e9, "d_model": 3584}]})
+        make_cost_model("kaplan", {"models": [SMALL, {**LARGE, "n_layer": None}]})
+    with pytest.raises(TraceError, match=r"kaplan needs trace.json models.large.n_params_non_embedding \(Kaplan's N"):
+        make_cost_model("kaplan", {"models": [SMALL, {"role": "large", "n_params": 7e9, "n_layer": 28, "d_model": 9}]})
     with pytest.raises(TraceError, match="api needs prices: --price ROLE=... for each model role \\(small, large\\)"):
         make_cost_model("api", MANIFEST)
     with pytest.raises(TraceError, match="no price for large"):

@@ -10,12 +10,16 @@ from test_routers_baselines import manifest, run, sized
 from tracebuild import build_trace, comb_steps, default_problem, step_and_tokens
 
 from replay.costs import make_cost_model
-from replay.engine import DraftRule, ReplayData, miss_list, parse_sweep, replay, replay_trace, write_outcomes
-from replay.errors import TraceError
+from replay.data import ReplayData
+from replay.params import params_text, parse_param, parse_sweep
+from replay.results import miss_list, write_outcomes
 from replay.routers import make_router
 from replay.routers.base import DraftRouter
+from replay.run import replay, replay_trace
 from replay.splits import assign_splits
-from replay.store import open_trace
+from replay.walk import DraftRule
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
 
 
 def frames(step_fields: list[dict]) -> ReplayData:
@@ -158,6 +162,15 @@ def test_parse_sweep():
     for bad in ("tau", "tau=1:0:0.1", "tau=0:1:0", "tau=a:b:c", "tau=0:1", "=0:1:0.1"):
         with pytest.raises(TraceError, match="--sweep must look like|--param must look like"):
             parse_sweep(bad)
+
+
+def test_params_text_is_what_param_takes():
+    params = {"tau": 0.5, "p": 1.0, "mode": "step", "pik": False, "seed": 3}
+    assert params_text(params) == "tau=0.5, p=1, mode=step, pik=false, seed=3"
+    assert params_text({"t_true": 0.9, "pik": True}, separator=" ") == "t_true=0.9 pik=true"
+    typed = dict(parse_param(text) for text in params_text({"pik": False, "t_true": 0.9}).split(", "))
+    router = make_router("cascade", **typed)
+    assert router.pik is False and router.t_true == 0.9
 
 
 def test_broken_trees_are_named():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from replay.errors import TraceError
 from replay.splits import assign_splits, parse_fractions
+from tracestore.errors import TraceError
 
 IDS = [f"gsm8k-{i}" for i in range(3000)]
 

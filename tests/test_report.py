@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from analysis.stats import bootstrap_counts
 from cli import app
-from replay.store import open_trace
+from tracestore.store import open_trace
 
 runner = CliRunner()
 N_PROBLEMS, N_WORLDS, N_STEPS = 30, 2, 3
@@ -266,7 +266,10 @@ def test_table_numbers_come_from_the_results_and_the_trace(inputs, main_report):
         .row(0, named=True)
     )
     assert random_pick["misses"] == 0 and json.loads(random_pick["tau"])["p"] in (0.0, 1.0)
-    assert "highest A/C at or above the floor; 11 of 11 configurations without misses (steer.parquet)" in markdown
+    assert (
+        "highest A/C at or above the floor; 11 of 11 configurations without misses; "
+        "grid tau 0 to 1 in steps of 0.1 (11 values) (steer.parquet)"
+    ) in markdown
     assert f"large-only accuracy {100 * large_accuracy:.1f}% minus 2 points" in markdown
 
 
@@ -734,7 +737,7 @@ def test_the_seeds_tables_come_from_the_report_numbers(inputs, tmp_path):
     table = pl.read_csv(out / "table_cascade.csv")
     large, small = (single_model(trace, char) for char in ("L", "s"))
     assert table.row(0, named=True)["accuracy_pct"] == pytest.approx(100 * small["correct"].mean())
-    assert table.row(1, named=True)["pd_points"] == 0 and table.row(1, named=True)["reduced_cc_pct"] == 0
+    assert table.row(1, named=True)["pd_points"] is None  # a model alone has no M_k to compare with ("–")
     outcomes = pl.read_parquet(cascade)
     chosen = table.filter(pl.col("kind") == "without P(IK)").row(0, named=True)
     t_true = float(re.search(r"t_true=([0-9.]+)", chosen["operating_point"]).group(1))
@@ -743,7 +746,12 @@ def test_the_seeds_tables_come_from_the_report_numbers(inputs, tmp_path):
     large_only_cost = number(main["large-only"][2])
     assert chosen["chain"] == "small → large"
     assert chosen["pd_points"] == pytest.approx(100 * (accuracy - large["correct"].mean()))
-    assert chosen["reduced_cc_pct"] == pytest.approx(100 * (1 - cost / large_only_cost), rel=1e-3)
+    assert chosen["reduced_cost_pct"] == pytest.approx(100 * (1 - cost / large_only_cost), rel=1e-3)
+    # eq. (6): 2·N of the model whose answer each walk kept, against 2·N_large for every walk
+    sizes = open_trace(trace).manifest.n_params
+    answered_small = config["path"].str.ends_with("s").sum()
+    cc = answered_small * sizes["small"] + (config.height - answered_small) * sizes["large"]
+    assert chosen["reduced_cc_pct"] == pytest.approx(100 * (1 - cc / (config.height * sizes["large"])))
     sensitivity = table.filter(pl.col("kind").str.ends_with("P(T) sensitivity"))
     assert sensitivity.height == 2  # the other two t_true values of the sweep
     assert "## The cascade seed's layout" in markdown

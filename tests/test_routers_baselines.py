@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from tracebuild import build_trace, comb_steps, default_manifest
 
-from replay.engine import miss_list, replay_trace
+from replay.results import miss_list
 from replay.routers import make_router
+from replay.run import replay_trace
 from replay.splits import hash_uniform
 
 SMALL_STEP, LARGE_STEP = 10.0, 80.0

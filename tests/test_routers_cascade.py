@@ -17,10 +17,11 @@ from test_routers_baselines import manifest, sized
 from tracebuild import build_trace, comb_steps, default_manifest
 
 from replay.costs import make_cost_model
-from replay.engine import ReplayData, replay
-from replay.errors import TraceError
+from replay.data import ReplayData
 from replay.routers import make_router
-from replay.store import open_trace
+from replay.run import replay
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
 
 SMALL_CHAIN, LARGE_CHAIN, PTRUE_CALL = 20.0, 160.0, 1.0
 N_TRAIN = 60  # the probe is fitted 80/10/10: enough for a non-empty validation and test part
@@ -87,9 +88,12 @@ def test_ptrue_keeps_a_confident_small_answer_and_escalates_the_rest(trace):
         SMALL_CHAIN + PTRUE_CALL,
         PTRUE_CALL,
     )
-    # q1: the small chain and its P(True) call are paid, then the large chain answers.
-    assert (q1["path"], q1["correct"], q1["n_small"], q1["n_large"]) == ("LL", True, 2, 2)
+    # q1: the small chain and its P(True) call are paid, then the large chain answers; the small chain's two
+    # steps were thrown away, so they count as discarded, not as kept small steps.
+    assert (q1["path"], q1["correct"], q1["n_small"], q1["n_large"], q1["n_discarded"]) == ("LL", True, 0, 2, 2)
     assert q1["cost"] == SMALL_CHAIN + PTRUE_CALL + LARGE_CHAIN
+    assert (q1["cost_small"], q1["cost_discarded"], q1["cost_large"]) == (0.0, SMALL_CHAIN, LARGE_CHAIN)
+    assert (q0["n_small"], q0["n_discarded"], q0["cost_small"]) == (2, 0, SMALL_CHAIN)
 
 
 def test_first_token_confidence_is_read_from_its_scorer(tmp_path):
@@ -195,6 +199,8 @@ def test_three_models_in_order_of_size(tmp_path):
     data = ReplayData.from_trace(open_trace(root))
     router = make_router("cascade", pik=False, p_true="final_mean", t_true=0.9).fit(data)
     row = replay(data, router, make_cost_model("flops", data.manifest)).outcomes.row(0, named=True)
-    # m0 (1 TFLOP/token) is unsure (exp(-3) = 0.05) -> m1 (2 TFLOPs/token) is sure (0.95): kept.
-    assert (row["path"], row["correct"], row["n_m0"], row["n_m1"], row["n_m2"]) == ("11", True, 2, 2, 0)
+    # m0 (1 TFLOP/token) is unsure (exp(-3) = 0.05): its two steps are paid and discarded; m1 (2 TFLOPs/token)
+    # is sure (0.95): kept.
+    assert (row["path"], row["correct"], row["n_m0"], row["n_m1"], row["n_m2"]) == ("11", True, 0, 2, 0)
+    assert (row["n_discarded"], row["cost_discarded"], row["cost_m1"]) == (2, 20.0, 40.0)
     assert row["cost"] == 20.0 + 40.0

@@ -14,33 +14,29 @@ import torch
 from test_routers_baselines import LARGE_STEP, SMALL_STEP, manifest, run, sized
 from tracebuild import build_trace, comb_steps
 
-from replay.engine import ReplayData
-from replay.errors import TraceError
+from replay.data import ReplayData
+from replay.mlp import MLP
 from replay.routers import make_router
-from replay.routers.policy import load_policy, policy_network, raw_features, save_policy
-from replay.store import open_trace
+from replay.routers.policy import load_policy, policy_inputs, raw_features, save_policy
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
 
 STEEPNESS = 10.0
 
 
-def zeroed_network(n_actions: int = 2):
-    """A one-feature policy network, 4 hidden units, every weight and bias zero: the tests set the few they need."""
-    network = policy_network(1, hidden=4, n_actions=n_actions)
-    with torch.no_grad():
-        for layer in network:
-            if isinstance(layer, torch.nn.Linear):
-                layer.weight.zero_()
-                layer.bias.zero_()
-    return network
+def zeroed_network(n_actions: int = 2, n_features: int = 1) -> MLP:
+    """A policy network with 4 hidden units, every weight and bias zero: the tests set the few they need, before
+    its first use (``layers[i][j, k]``: from input j of layer i to its output k; row -1 holds the biases)."""
+    widths = [policy_inputs(n_features, n_actions), 4, 4, n_actions]
+    return MLP([np.zeros((n + 1, m)) for n, m in zip(widths, widths[1:])])
 
 
 def hand_made_policy(path, kappa=0.5, escalate="after"):
     """pi(escalate | o) = sigmoid(-10 * tanh(tanh((conf - 10) / 1))): ~1 for conf 5, 0.5 at 10, ~0 at 15."""
     network = zeroed_network()
-    with torch.no_grad():
-        network[0].weight[0, 0] = 1.0
-        network[2].weight[0, 0] = 1.0
-        network[4].weight[1, 0] = -STEEPNESS
+    network.layers[0][0, 0] = 1.0
+    network.layers[1][0, 0] = 1.0
+    network.layers[2][0, 1] = -STEEPNESS
     save_policy(path, network, ["conf_max_logit_math"], [10.0], [1.0], kappa=kappa, hidden=4, escalate=escalate)
     return str(path)
 
@@ -66,8 +62,26 @@ def test_escalation_probability_is_the_networks(tmp_path, trace):
     confidences = [5.0, 9.5, 10.0, 10.5, 15.0]
     steps = pl.DataFrame({"problem_id": ["p0"] * 5, "conf_max_logit_math": confidences})
     got = router.escalate_probability(steps, pl.DataFrame({"problem_id": ["p0"], "meta": ["{}"]}))
-    np.testing.assert_allclose(got, [by_hand(c) for c in confidences], rtol=1e-5)
+    np.testing.assert_allclose(got, [by_hand(c) for c in confidences], rtol=1e-12)
     assert router.kappa_ == 0.5
+
+
+def test_version_1_files_load_and_are_evaluated_in_float64(tmp_path, trace):
+    """A file written before float64 training (version 1: float32 weights) replays with the same network,
+    evaluated as a version 2 file is; a later version is refused by name."""
+    _, saved = load_policy(hand_made_policy(tmp_path / "pi.pt"))
+    saved["version"] = 1
+    saved["state_dict"] = {name: value.float() for name, value in saved["state_dict"].items()}
+    torch.save(saved, tmp_path / "v1.pt")
+    steps = pl.DataFrame({"problem_id": ["p0"] * 3, "conf_max_logit_math": [5.0, 9.75, 15.0]})
+    problems = pl.DataFrame({"problem_id": ["p0"], "meta": ["{}"]})
+    v1, v2 = (make_router("policy", path=str(tmp_path / name)).fit(load(trace)) for name in ("v1.pt", "pi.pt"))
+    # the hand-made weights (1, -10) are float32 numbers: the same network, the same bits
+    np.testing.assert_array_equal(v1.escalate_probability(steps, problems), v2.escalate_probability(steps, problems))
+    saved["version"] = 3
+    torch.save(saved, tmp_path / "v3.pt")
+    with pytest.raises(TraceError, match="has policy version 3; this trace reads 1 or 2"):
+        make_router("policy", path=str(tmp_path / "v3.pt")).fit(load(trace))
 
 
 def test_escalates_after_the_step_where_pi_reaches_kappa(tmp_path, trace):
@@ -181,8 +195,8 @@ def test_bad_policy_files_are_named(tmp_path, trace):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(TraceError, match="not a trace policy file"):
         make_router("policy", path=str(tmp_path / "other.pt")).fit(data)
-    save_policy(tmp_path / "wrong.pt", policy_network(3, hidden=4), ["depth"], [0.0], [1.0], kappa=0.5, hidden=4)
-    with pytest.raises(TraceError, match="state_dict does not fit a 1-feature network"):
+    save_policy(tmp_path / "wrong.pt", zeroed_network(n_features=3), ["depth"], [0.0], [1.0], kappa=0.5, hidden=4)
+    with pytest.raises(TraceError, match=r"state_dict does not fit a 1-feature network .*0.weight: \(4, 3\), expected"):
         make_router("policy", path=str(tmp_path / "wrong.pt")).fit(data)
     with pytest.raises(TraceError, match="kappa must be a number"):
         make_router("policy", path=hand_made_policy(tmp_path / "pi.pt"), kappa="high")

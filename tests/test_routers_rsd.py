@@ -13,8 +13,8 @@ import pytest
 from test_routers_baselines import LARGE_STEP, SMALL_STEP, full_tree, manifest, run
 from tracebuild import build_trace
 
-from replay.errors import TraceError
 from replay.routers import make_router
+from tracestore.errors import TraceError
 
 PRM_CALL, JUDGE_CALL = 0.0, 4.0
 PRM_CALL_PREFILL, JUDGE_CALL_PREFILL = 60.0, 124.0

@@ -15,10 +15,11 @@ from test_routers_baselines import LARGE_STEP, SMALL_STEP, full_tree, manifest, 
 from tracebuild import build_trace, comb_steps
 
 from replay.costs import make_cost_model
-from replay.engine import ReplayData, replay
-from replay.errors import TraceError
+from replay.data import ReplayData
 from replay.routers import make_router
-from replay.store import open_trace
+from replay.run import replay
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
 
 CONFIDENT, UNSURE = 15.0, 5.0
 

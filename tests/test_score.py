@@ -1,11 +1,13 @@
-"""`trace score` on a toy trace grown by `trace gen` (transformers backend): each scorer's values
-checked against an independent computation, resume, and refusals."""
+"""`trace score` on a toy trace grown by `trace gen` with the fake backend (seeded toy steps, no model): each
+scorer's values checked against an independent computation (the toy models' through transformers), resume, and
+refusals."""
 
 from __future__ import annotations
 
 import json
 import math
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +21,13 @@ from typer.testing import CliRunner
 from cli import app
 from data.toy import MODEL_ALIASES
 from data.toy.task import step_is_valid
-from replay.errors import TraceError
-from replay.store import open_trace
-from replay.validate import validate
 from tracegen.gen import run_gen
 from tracegen.prompts import prompt_token_ids
 from tracegen.scorers.toy_ptrue import _boxed_token_positions
 from tracegen.scoring import run_score
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
+from tracestore.validate import validate
 
 N_PROBLEMS = 5
 
@@ -33,7 +35,7 @@ N_PROBLEMS = 5
 @pytest.fixture(scope="module")
 def toy_trace(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("score") / "toy"
-    run_gen(toy_gen_options(out, limit=N_PROBLEMS, seed=5))
+    run_gen(toy_gen_options(out, limit=N_PROBLEMS, seed=5, backend="fake"))
     return out
 
 
@@ -107,7 +109,7 @@ def test_toy_judge_is_the_large_models_teacher_forced_opinion_of_small_steps(tra
 
 
 def test_toy_ptrue_is_the_probability_of_the_boxed_answer_under_its_own_model(trace):
-    run_score(trace, "ptrue", backend="hf")
+    run_score(trace, "ptrue", backend="fake")  # the engine that wrote the trace
     scores = joined(trace, "ptrue")
     steps = open_trace(trace).scan("steps").collect()
     assert scores.height == steps.filter(pl.col("is_final")).height > 0
@@ -132,20 +134,20 @@ def test_boxed_token_positions_cover_the_answer_only():
 def test_scores_are_deterministic(trace, tmp_path):
     again = shutil.copytree(trace, tmp_path / "again")
     for root in (trace, again):
-        run_score(root, "judge", backend="hf", batch=3)
+        run_score(root, "judge", backend="fake", batch=3)
     first, second = (joined(root, "judge").select("step_id", "value", "detail") for root in (trace, again))
     assert first.equals(second)
 
 
 def test_refusals_leave_the_trace_unchanged(trace):
-    run_score(trace, "judge", backend="hf")
+    run_score(trace, "judge", backend="fake")
     before = {p: p.read_bytes() for p in trace.rglob("*") if p.is_file()}
     with pytest.raises(TraceError, match="unknown scorer 'nope'"):
         run_score(trace, "nope")
     with pytest.raises(TraceError, match="not a process reward model"):
         run_score(trace, "prm", model="toy-small")
     with pytest.raises(TraceError, match=r"scorers\.judge\.d_model"):
-        run_score(trace, "judge", model="toy-small", backend="hf")
+        run_score(trace, "judge", model="toy-small", backend="fake")
     with pytest.raises(TraceError, match="takes no --model"):
         run_score(trace, "ptrue", model="toy-large")
     result = CliRunner().invoke(app, ["score", str(trace), "--scorer", "prm", "--model", "toy-small"])
@@ -155,8 +157,8 @@ def test_refusals_leave_the_trace_unchanged(trace):
 
 
 def test_rsd_replays_on_prm_scores(trace):
-    from replay.engine import replay_trace
     from replay.routers import make_router
+    from replay.run import replay_trace
 
     run_score(trace, "prm")
     prm = joined(trace, "prm")
@@ -175,7 +177,7 @@ def test_rsd_replays_on_prm_scores(trace):
 
 
 def test_a_toy_trace_runs_the_toy_variants_under_the_signal_names(trace):
-    run_score(trace, "judge", backend="hf")
+    run_score(trace, "judge", backend="fake")
     run_score(trace, "verifier")
     scorers = open_trace(trace).manifest.scorers
     assert scorers["judge"]["scorer"] == "toy-judge" and scorers["verifier"]["scorer"] == "exact-verifier"
@@ -184,12 +186,13 @@ def test_a_toy_trace_runs_the_toy_variants_under_the_signal_names(trace):
 
 @pytest.mark.parametrize("name", ["judge", "verifier", "ptrue"])
 def test_the_real_scorers_run_on_the_toy_models(trace, name):
-    """The instruction-following scorers, as real models run them, through the same code path: the toy models
-    cannot follow the instructions, so only the form of the values is checked, and the prompt's cost."""
+    """The instruction-following scorers, as real models run them, through the same code path (on the fake backend:
+    the toy models cannot follow the instructions, so only the form of the values is checked, and the prompt's
+    cost)."""
     from tracegen.scorers import SCORERS
     from tracegen.scoring import score_pending
 
-    scorer = SCORERS[name](open_trace(trace).manifest, backend="hf")
+    scorer = SCORERS.get(name)(open_trace(trace).manifest, backend="fake")
     try:
         summary = score_pending(trace, scorer)
     finally:
@@ -211,23 +214,27 @@ def test_the_real_scorers_run_on_the_toy_models(trace, name):
 
 
 def test_the_judge_prompt_is_laid_out_as_specreason_lays_it_out():
-    from tracegen.prompts import JUDGE_PREFILL, JUDGE_REQUEST, judge_prompt_ids
+    from tracegen.prompts import JUDGE_PRESETS, judge_prompt_ids
 
+    preset = JUDGE_PRESETS["specreason"]
     tokenizer = AutoTokenizer.from_pretrained(MODEL_ALIASES["toy-large"])
-    text = tokenizer.decode(judge_prompt_ids(tokenizer, "Compute 2+3.", ["2+3=5", "so \\boxed{5}"]))
+    text = tokenizer.decode(judge_prompt_ids(tokenizer, "Compute 2+3.", ["2+3=5", "so \\boxed{5}"], preset))
     question, steps, request = (
         text.index("Compute 2+3."),
-        text.index("2+3=5\n\nso \\boxed{5}"),
-        text.index(JUDGE_REQUEST),
+        text.index("2+3=5\n\nso \\boxed{5}\n\n<|im_end|>"),  # joined by "\n\n" and followed by one more
+        text.index(preset.request.split("\u2014")[0]),  # the toy vocabulary has no em dash: up to it
     )
-    assert question < steps < request and text.endswith("assistant\n" + JUDGE_PREFILL)
+    assert preset.request.split("\u2014")[1] in text
+    assert question < steps < request and text.endswith("assistant\n" + preset.prefill)
     assert text[question:steps].count("<|im_start|>assistant") == 1  # the steps are the assistant's own turn
 
 
 def test_first_token_confidence_is_the_probability_that_the_reply_starts_with_answer(trace):
     """The cascade seed's P(T) for generation tasks, asked of the model that wrote each final answer: the
     probability of "Answer"'s first token right after the request, computed here with transformers."""
-    from tracegen.prompts import FIRST_TOKEN, FIRST_TOKEN_PROMPT, user_prompt_ids
+    from tracegen.prompts import FIRST_TOKEN_PRESETS
+
+    preset = FIRST_TOKEN_PRESETS["cascade"]  # the default: the seed's Table 7 (system, then "Question: ...")
 
     run_score(trace, "first_token", backend="hf")
     scores = joined(trace, "first_token")
@@ -235,13 +242,19 @@ def test_first_token_confidence_is_the_probability_that_the_reply_starts_with_an
     for role in ("small", "large"):
         tokenizer = AutoTokenizer.from_pretrained(MODEL_ALIASES[f"toy-{role}"])
         model = AutoModelForCausalLM.from_pretrained(MODEL_ALIASES[f"toy-{role}"], dtype=torch.float32).eval()
-        answer = tokenizer.encode(FIRST_TOKEN, add_special_tokens=False)[0]
+        answer = tokenizer.encode("Answer", add_special_tokens=False)[0]
         for row in scores.filter(pl.col("model") == role).iter_rows(named=True):
-            prompt = user_prompt_ids(tokenizer, FIRST_TOKEN_PROMPT.format(question=row["question"]))
+            messages = [
+                {"role": "system", "content": preset.system},
+                {"role": "user", "content": f"Question: {row['question']}"},
+            ]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            prompt = tokenizer.encode(text, add_special_tokens=False)
             with torch.no_grad():
                 probabilities = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double(), -1)
             in_top_k = int((probabilities > probabilities[answer]).sum()) < 20
             expected = float(probabilities[answer]) if in_top_k else 0.0
             assert row["value"] == pytest.approx(expected, abs=1e-4)
             assert row["n_tokens_processed"] == len(prompt) + 1
-    assert open_trace(trace).manifest.scorers["first_token"]["model"] == "self"
+    recorded = open_trace(trace).manifest.scorers["first_token"]
+    assert recorded["model"] == "self" and recorded["preset"] == {"name": "cascade", **asdict(preset)}

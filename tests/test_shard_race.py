@@ -11,10 +11,10 @@ from pathlib import Path
 import polars as pl
 from polars.testing import assert_frame_equal
 
-from replay.store import open_trace
-from replay.validate import validate
 from tests.test_gen import ROOT, options, toy_models  # noqa: F401 - toy_models is a fixture
 from tracegen.gen import run_gen
+from tracestore.store import open_trace
+from tracestore.validate import validate
 
 REPETITIONS = 10
 EXACT = ["step_id", "parent_path", "model", "text", "n_prompt_tokens", "n_new_prefill_tokens", "n_cached_tokens"]
@@ -47,14 +47,15 @@ SHARD = textwrap.dedent(
         (folder / f"ready-{k}-{index}").touch()
         while not all((folder / f"ready-{k}-{i}").exists() for i in (0, 1)):
             time.sleep(0.001)
-        run_gen(options((small, large), folder / f"trace-{k}", limit=4, max_steps=2, shard=f"{index}/2"))
+        shard = options((small, large), folder / f"trace-{k}", limit=4, max_steps=2, shard=f"{index}/2", backend="fake")
+        run_gen(shard)
     """
 )
 
 
 def test_two_shards_started_at_once_leave_a_valid_trace_each_time(toy_models, tmp_path):  # noqa: F811
     reference = tmp_path / "reference"
-    run_gen(options(toy_models, reference, limit=4, max_steps=2))
+    run_gen(options(toy_models, reference, limit=4, max_steps=2, backend="fake"))
     shards = [
         subprocess.Popen(
             [sys.executable, "-c", SHARD, str(tmp_path), str(i), *toy_models, str(REPETITIONS)],

@@ -12,8 +12,8 @@ import pytest
 from tracebuild import build_trace, comb_steps, forget_part, step_and_tokens
 
 from analysis.sql import run_sql, write_result
-from replay.errors import TraceError
-from replay.schema import SCHEMAS, TABLES
+from tracestore.errors import TraceError
+from tracestore.schema import SCHEMAS, TABLES
 
 # The README's example queries (they must keep working on a comb-shaped trace).
 ACCURACY_BY_ESCALATION = """

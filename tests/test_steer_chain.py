@@ -19,10 +19,11 @@ from tracebuild import build_trace, comb_steps
 
 from analysis.report import report
 from replay.artifacts import load_train_split
-from replay.engine import miss_list, replay_trace
-from replay.errors import TraceError
+from replay.results import miss_list
 from replay.routers import make_router
+from replay.run import replay_trace
 from replay.train_steer import train_steer
+from tracestore.errors import TraceError
 
 UNSURE = {"0", "01", "1"}  # m0's first step, m1's step after it, m1's first step
 EVERY_PROBLEM = (1.0, 0.0, 0.0)  # the train split of `run`

@@ -12,15 +12,14 @@ import pytest
 from tracebuild import build_trace, default_manifest, random_trees
 
 from replay import api
-from replay.errors import TraceError
-from replay.plugins import router_class
 from replay.routers import ROUTERS
 from replay.routers.base import DraftRouter
 from replay.stepwise import step_router
+from tracestore.errors import TraceError
 
 PRM = {"prm": {"model": "prm-test", "n_params": 1e9, "generated_tokens": 0}}
 # the per-step RSD of the examples, loaded as `trace replay --router FILE.py:Class` loads a router of your own
-StepRsd = router_class(f"{Path(__file__).resolve().parents[1] / 'examples' / 'step_rsd.py'}:StepRsd")
+StepRsd = ROUTERS.get(f"{Path(__file__).resolve().parents[1] / 'examples' / 'step_rsd.py'}:StepRsd")
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +147,7 @@ def test_sweepable_parameters_and_the_estimator_contract():
     assert StepRsd.sweepable == ("tau",)  # numeric parameters; the scorer name is not swept
     with pytest.raises(TraceError, match="router step-rsd cannot sweep scorer"):
         api.replay("unused", StepRsd, sweep={"scorer": [1.0]})
-    assert "rsd-function" not in ROUTERS and "step-rsd" not in ROUTERS  # only built-in routers are registered
+    assert {"rsd-function", "step-rsd"}.isdisjoint(ROUTERS.names())  # only built-in routers are registered
 
 
 def test_slow_per_step_replays_suggest_the_vectorised_form(demo_trace, monkeypatch):
@@ -157,7 +156,7 @@ def test_slow_per_step_replays_suggest_the_vectorised_form(demo_trace, monkeypat
     monkeypatch.setattr(api, "SLOW_SECONDS", 0.5)
     hint = api.slow_sweep_hint(StepRsd(), result, 1.0)
     assert "step-rsd is a per-step router: 1 configuration(s) took 1.0s" in hint and "vectorised DraftRouter" in hint
-    assert api.slow_sweep_hint(ROUTERS["rsd"](), result, 100.0) is None
+    assert api.slow_sweep_hint(ROUTERS.get("rsd")(), result, 100.0) is None
 
 
 def test_outcome_frames_are_polars(demo_trace):

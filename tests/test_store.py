@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from tracebuild import build_trace, comb_steps, default_manifest, default_problem, forget_part, step_and_tokens
 
-from replay.errors import TraceError
-from replay.schema import MANIFEST_FILE, SCHEMAS, TABLES, first_difference, model_char
-from replay.store import TraceWriter, open_trace
-from replay.validate import validate
+from tracestore.errors import TraceError
+from tracestore.schema import MANIFEST_FILE, SCHEMAS, TABLES, first_difference, model_char
+from tracestore.store import TraceWriter, open_trace
+from tracestore.validate import validate
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -247,7 +247,7 @@ CHILD = textwrap.dedent(
     """
     import sys
     sys.path.insert(0, {tests!r})
-    from replay.store import TraceWriter
+    from tracestore.store import TraceWriter
     from tracebuild import comb_steps, default_manifest, default_problem, step_and_tokens
 
     writer = TraceWriter({root!r}, default_manifest())

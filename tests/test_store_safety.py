@@ -23,12 +23,16 @@ from tracebuild import GENERATED_TOKENS, comb_steps, default_manifest, default_p
 from typer.testing import CliRunner
 
 from cli import app
-from replay import engine
-from replay.engine import ReplayData, parse_sweep, replay
-from replay.errors import TraceError
+from replay import api, params
+from replay import run as replay_run
+from replay.costs import make_cost_model
+from replay.data import ReplayData
+from replay.params import parse_sweep
 from replay.routers import ROUTERS, make_router
-from replay.store import TraceWriter, open_trace
-from replay.validate import validate
+from replay.run import replay
+from tracestore.errors import TraceError
+from tracestore.store import TraceWriter, open_trace
+from tracestore.validate import validate
 
 TESTS_DIR = Path(__file__).resolve().parent
 runner = CliRunner()
@@ -72,7 +76,7 @@ HOLDER = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, {tests!r})
-    from replay.store import TraceWriter
+    from tracestore.store import TraceWriter
     from tracebuild import default_manifest
 
     with TraceWriter({root!r}, default_manifest(), writer_id={writer!r}, shard={shard!r}):
@@ -435,7 +439,7 @@ def test_parameters_outside_their_domain_are_refused(comb_trace, args, message):
 
 
 def test_every_numeric_router_parameter_has_a_domain():
-    for name, cls in ROUTERS.items():
+    for name, cls in ROUTERS.builtins().items():
         for param, default in cls.param_defaults().items():
             numeric = default is None or (isinstance(default, (int, float)) and not isinstance(default, bool))
             if numeric or param in cls.sweepable:
@@ -449,13 +453,13 @@ def test_every_numeric_router_parameter_has_a_domain():
 def test_a_huge_sweep_is_refused_before_it_is_built_naming_its_size(comb_trace):
     assert_refused(
         run("replay", comb_trace, "--router", "rsd", "--sweep", "tau=0:1:1e-9"),
-        "has 1,000,000,001 values; at most 20,000 configurations run",
+        "has 1,000,000,001 values (at least 300 GB of memory); at most 20,000 configurations run",
     )
     grid = ["--router", "cascade", "--param", "pik=false", "--param", "p_true=final_min"]
     grid += ["--sweep", "t_true=0:1:0.01", "--sweep", "t_ik=0:1:0.005"]
     assert_refused(
         run("replay", comb_trace, *grid, "--split", "all"),
-        "--sweep gives 101 x 201 = 20,301 configurations x 6 walks = 121,806 walk states (about 0.0731 GB",
+        "--sweep gives 101 x 201 = 20,301 configurations x 6 walks = 121,806 walk states (about 0.0934 GB",
     )
     assert_refused(
         run("replay", comb_trace, "--router", "random", "--sweep", "p=0:1:0.01", "--max-configs", "100"),
@@ -465,16 +469,53 @@ def test_a_huge_sweep_is_refused_before_it_is_built_naming_its_size(comb_trace):
     assert lifted.exit_code == 0, lifted.output
 
 
+def test_a_sweep_beyond_the_memory_available_is_refused_naming_both_numbers(comb_trace, monkeypatch):
+    # issue 29: --max-configs raised, the sweep grew until the kernel killed it (or numpy raised, a traceback)
+    huge = run("replay", comb_trace, "--router", "random", "--sweep", "p=0:1:1e-11", "--max-configs", 10**12)
+    assert_refused(huge, "values) needs about 30,000 GB of memory, but")
+    assert "--no-memory-check" in huge.stderr
+    grid = ["--router", "cascade", "--param", "pik=false", "--param", "p_true=final_min"]
+    grid += ["--sweep", "t_true=0:1:1e-5", "--sweep", "t_ik=0:1:1e-5"]
+    assert_refused(
+        run("replay", comb_trace, *grid, "--split", "all", "--max-configs", 10**11),
+        "--sweep's 100001 x 100001 = 10,000,200,001 configurations x 6 walks = 60,001,200,006 walk states needs "
+        "about 3,000 GB of memory, but",  # outcomes streamed: a summary row a configuration, one block of states
+    )
+    monkeypatch.setattr(params, "available_memory", lambda: 1_000)
+    small = ["replay", comb_trace, "--router", "random", "--sweep", "p=0:1:0.5"]
+    assert_refused(run(*small), "--sweep p=0:1:0.5 (3 values) needs about 4.8e-06 GB of memory, but 1e-06 GB is")
+    assert run(*small, "--no-memory-check").exit_code == 0
+
+
+def test_a_very_large_sweep_streams_its_outcomes_to_disk(comb_trace, monkeypatch, tmp_path):
+    sweep = {"p": "0:1:0.05"}  # 21 configurations x 6 walks
+    held = api.replay(comb_trace, "random", sweep=sweep, split="all")
+    monkeypatch.setattr(replay_run, "STREAM_STATES", 100)
+    monkeypatch.setattr(replay_run, "STREAM_BLOCK_STATES", 24)  # blocks of 4 configurations
+    streamed = api.replay(comb_trace, "random", sweep=sweep, split="all")
+    assert held.outcomes_file is None and streamed.outcomes_file.is_file()
+    assert pq.ParquetFile(streamed.outcomes_file).num_row_groups == 6
+    assert streamed.outcomes.equals(held.outcomes) and streamed.misses.equals(held.misses)
+    assert streamed.summary().equals(held.summary()) and streamed.n_outcomes == held.outcomes.height == 126
+    out = tmp_path / "streamed.parquet"
+    result = run("replay", comb_trace, "--router", "random", "--sweep", "p=0:1:0.05", "--split", "all", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert pl.read_parquet(out).equals(held.outcomes) and "wrote 126 outcomes" in result.stdout
+    file = streamed.outcomes_file
+    del streamed
+    assert not file.exists()  # the temp file goes with its result
+
+
 def test_a_grid_walked_in_chunks_gives_the_same_outcomes(comb_trace, monkeypatch):
     data = ReplayData.from_trace(open_trace(comb_trace))
     sweep = dict([parse_sweep("p=0:1:0.05")])
     router = make_router("random").fit(data)
-    cost = engine.make_cost_model("flops", data.manifest)
+    cost = make_cost_model("flops", data.manifest)
     whole = replay(data, router, cost, sweep)
     assert whole.outcomes["config"].n_unique() == 21 and whole.misses.height > 0  # mixed paths leave the comb
     # 6 walks x 21 configurations: one walk per chunk, then chunks of 4 and 2 walks
     for chunk_states in (7, 84):
-        monkeypatch.setattr(engine, "CHUNK_STATES", chunk_states)
+        monkeypatch.setattr(replay_run, "CHUNK_STATES", chunk_states)
         chunked = replay(data, router, cost, sweep)
         assert chunked.outcomes.equals(whole.outcomes) and chunked.misses.equals(whole.misses)
 

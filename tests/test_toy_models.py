@@ -2,7 +2,6 @@
 and the shape the toy world promises (sizes, head_dim, a large model that is better)."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -115,20 +114,18 @@ def hf_greedy(name, prompts, max_new_tokens=120):
 
 @pytest.mark.vllm
 @pytest.mark.parametrize("name", NAMES)
-def test_vllm_and_transformers_give_the_same_greedy_tokens(name):
-    from vllm import LLM, SamplingParams
+def test_vllm_and_transformers_give_the_same_greedy_tokens(name, request):
+    """Through the generating engine of the session's shared vLLM backend of the model (tests/conftest.py)."""
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    engine = request.getfixturevalue(f"vllm_{name.removeprefix('toy-')}").generator
+    assert engine.llm_engine.model_config.dtype == torch.float32
     tokenizer, _ = load(name)
     prompts = [prompt_token_ids(tokenizer, q) for q in questions()]
-    llm = LLM(model=str(MODEL_ALIASES[name]), dtype="float32", enforce_eager=True, seed=0, max_model_len=512)
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=120)
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        vllm_tokens = [list(o.outputs[0].token_ids) for o in outputs]
-    finally:
-        del llm
+    params = SamplingParams(temperature=0.0, max_tokens=120)
+    outputs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    vllm_tokens = [list(o.outputs[0].token_ids) for o in outputs]
     hf_tokens = hf_greedy(name, prompts)
 
     def strip(ids):

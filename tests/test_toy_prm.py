@@ -100,5 +100,6 @@ def test_the_toy_prm_records_its_separator_and_the_scorer_reads_it():
 
     assert SEPARATOR == "\n" and RSD_SEPARATOR == "\n\n"
     scorer = ProcessRewardModel({"models": []}, model="toy-prm")
-    assert scorer.manifest_entry()["separator"] == "\n"
+    entry = scorer.manifest_entry()
+    assert (entry["step_separator"], entry["step_separator_from"]) == ("\n", "the PRM's training.json")
     assert trained_separator(MODEL_ALIASES["toy-small"]) == RSD_SEPARATOR  # no record: RSD's

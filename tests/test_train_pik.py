@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from cli import app
 from replay.artifacts import load_train_split
-from replay.errors import TraceError
 from replay.pik import load_probes, probe_parts
 from replay.routers import make_router
 from replay.splits import DEFAULT_FRACTIONS
+from tracestore.errors import TraceError
 
 runner = CliRunner()
 LAYER = 3

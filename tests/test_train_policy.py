@@ -1,7 +1,9 @@
 """`trace train policy`: the decision process read off a comb trace (escalate=after and replace), costs in the
 replay cost model's units, the thresholded policy S, V-trace targets toward it, the constraint under it, the CPO
-step and the kappa rule checked by hand; learning on a comb trace with a clear signal; same seed, same bytes;
-the policy replayed on held-out problems meets its coverage target; bad input gives one clear line.
+step and the kappa rule checked by hand; learning on a comb trace with a clear signal (each property for at least
+4 of 5 seeds); same seed, same bytes, also in another interpreter whose threads and BLAS, numpy and torch kernels
+differ; the policy replayed on held-out problems meets its coverage target; training that ends off its target
+says so, in the file too, and the report marks it; bad input gives one clear line.
 
 The signal trace: 400 problems, 3-step comb trees; small steps write 10 tokens, large 20. In 40% of them the
 small model goes wrong at one step b (1 or 2) and its step b-1 is unconfident (conf_max_logit_math ~ 6,
@@ -11,12 +13,18 @@ model is right from the root and from every node up to the warning step, wrong a
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
-import torch
 from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score
 from test_routers_policy import hand_made_policy
@@ -26,30 +34,32 @@ from typer.testing import CliRunner
 from cli import app
 from replay.artifacts import load_train_split
 from replay.costs import Price
-from replay.engine import ReplayData, replay_trace
-from replay.errors import TraceError
-from replay.routers import make_router
-from replay.routers.policy import load_policy
-from replay.splits import DEFAULT_FRACTIONS, assign_splits
-from replay.store import open_trace
-from replay.train_policy import (
-    Hyperparameters,
-    comb_episodes,
+from replay.data import ReplayData
+from replay.policy_training.episodes import comb_episodes, expected_miss, rollout
+from replay.policy_training.results import training_flags
+from replay.policy_training.update import (
     cpo_multipliers,
-    expected_miss,
     kappa_step_size,
     kappa_update,
-    rollout,
     target_ratios,
     threshold_miscoverage,
     thresholded,
-    train_policy,
     vtrace,
 )
+from replay.routers import make_router
+from replay.routers.policy import load_policy
+from replay.run import replay_trace
+from replay.splits import DEFAULT_FRACTIONS, assign_splits
+from replay.train_policy import Hyperparameters, train_policy
+from tracestore.errors import TraceError
+from tracestore.store import open_trace
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
 ALPHA = 0.1
-STEPS = 150
+STEPS = 80
+SEEDS = range(5)
+HIDDEN = 16  # the learning tests train narrow networks: five trainings in seconds
 UNSURE, SURE = 6.0, 12.0
 SMALL_FLOPS, LARGE_FLOPS = 2 * 100_000 * 10 / 1e12, 2 * 800_000 * 20 / 1e12  # TFLOPs of a small / large step
 API_PRICES = (("small", Price(0.1, 0.05, 0.2)), ("large", Price(1.0, 0.5, 2.0)))  # USD per 1M tokens
@@ -85,11 +95,18 @@ def signal_trace(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(signal_trace, tmp_path_factory):
-    """The policy trained through the CLI (defaults: escalate after, cost flops), once for the module."""
-    out = tmp_path_factory.mktemp("policy") / "policy.pt"
-    result = cli("train", "policy", signal_trace, "--alpha", ALPHA, "--steps", STEPS, "--seed", 0, "--out", out)
-    assert result.exit_code == 0, result.output
-    return out, result.stdout
+    """The policy file trained with each of SEEDS (escalate after, cost flops), once for the module."""
+    paths = []
+    for seed in SEEDS:
+        out = tmp_path_factory.mktemp(f"policy-{seed}") / "policy.pt"
+        train_policy(signal_trace, out, Hyperparameters(alpha=ALPHA, steps=STEPS, seed=seed, hidden=HIDDEN))
+        paths.append(out)
+    return paths
+
+
+def most_seeds(passed: list[bool]) -> None:
+    """A property of training holds for all seeds but at most one."""
+    assert sum(passed) >= len(passed) - 1, passed
 
 
 # ---------------------------------------------------------------------- by hand on a 3-step comb tree
@@ -415,83 +432,111 @@ def test_cpo_step_solves_the_trust_region_problem():
 # ---------------------------------------------------------------------- learning
 
 
-def test_learns_to_escalate_after_a_low_confidence_step(trained, signal_trace):
-    path, stdout = trained
-    stdout = " ".join(stdout.split())
-    assert "no verifier scores" in stdout and "coverage" in stdout and "TFLOPs per query" in stdout
+def test_the_command_says_what_it_wrote(signal_trace, tmp_path):
+    out = tmp_path / "policy.pt"
+    result = cli("train", "policy", signal_trace, "--alpha", ALPHA, "--steps", 5, "--out", out)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.stdout.split())
+    assert "no verifier scores" in said and "coverage" in said and "TFLOPs per query" in said
+    assert f"policy file SHA-256 {hashlib.sha256(out.read_bytes()).hexdigest()}" in said
     train = load_train_split(signal_trace, 0, DEFAULT_FRACTIONS)
-    router = make_router("policy", path=str(path)).fit(train)
-    network, saved = load_policy(path)
+    _, saved = load_policy(out)
     assert saved["alpha"] == ALPHA and saved["features"] == ["conf_max_logit_math", "depth", "is_final", "n_gen_tokens"]
-    assert (saved["escalate"], saved["cost_model"], saved["cost_unit"]) == ("after", "flops", "TFLOPs")
+    assert (saved["escalate"], saved["cost_model"], saved["cost_unit"], saved["hidden"]) == (
+        "after",
+        "flops",
+        "TFLOPs",
+        64,
+    )
     assert saved["train_problem_ids"] == sorted(train.problems["problem_id"].to_list())
+    assert (out.parent / "policy.log.parquet").is_file()
+
+
+def test_learns_to_escalate_after_a_low_confidence_step(trained, signal_trace):
+    """It ranks unconfident steps above confident ones at every step index, hardly ever escalates after a
+    confident step, and escalates after enough unconfident ones for its coverage target: each bad step that is
+    not escalated ahead of is a miss, so at least 1 - alpha / (share of problems with a bad step) of them (less a
+    margin: the target holds on the train split only up to kappa's noise)."""
+    train = load_train_split(signal_trace, 0, DEFAULT_FRACTIONS)
     data = ReplayData.from_trace(open_trace(signal_trace))
     small = data.steps.filter((pl.col("model") == "small") & ~pl.col("is_final"))  # the steps decided after
-    p_escalate = router.escalate_probability(small, data.problems)
-    escalates = p_escalate >= router.kappa_
     unsure = (small["conf_max_logit_math"] < (UNSURE + SURE) / 2).to_numpy()
     depth = small["depth"].to_numpy()
-    for d in np.unique(depth):  # ranked within each step index
-        assert roc_auc_score(unsure[depth == d], p_escalate[depth == d]) > 0.95, f"step index {d}"
-    assert escalates[~unsure].mean() < 0.02
-    assert escalates[unsure].mean() > 0.8
+    needed = 1 - ALPHA * data.problems.height / unsure.sum()  # one unconfident step per problem with a bad step
+    ranks, confident, unconfident = [], [], []
+    for path in trained:
+        router = make_router("policy", path=str(path)).fit(train)
+        p_escalate = router.escalate_probability(small, data.problems)
+        escalates = p_escalate >= router.kappa_
+        ranks.append(all(roc_auc_score(unsure[depth == d], p_escalate[depth == d]) > 0.95 for d in np.unique(depth)))
+        confident.append(escalates[~unsure].mean() < 0.02)
+        unconfident.append(escalates[unsure].mean() > needed - 0.15)
+    most_seeds(ranks)
+    most_seeds(confident)
+    most_seeds(unconfident)
 
 
 def test_training_log_records_every_step_and_follows_the_kappa_rule(trained):
-    path, _ = trained
-    log = pl.read_parquet(path.with_name("policy.log.parquet"))
-    assert log["step"].to_list() == list(range(1, STEPS + 1))
-    for column in (
-        "reward",
-        "cost",
-        "coverage",
-        "rollout_coverage",
-        "kappa",
-        "eta",
-        "success_critic_loss",
-        "cost_critic_loss",
-        "kl",
-        "miscoverage",
-        "constraint",
-        "nu",
-        "lam",
-        "case",
-        "line_search",
-        "alpha",
-        "verifier",
-    ):
-        assert column in log.columns
-    assert (log["kl"] <= 0.01 + 1e-9).all() and not log["verifier"].any()
-    np.testing.assert_allclose(log["constraint"], log["miscoverage"] - ALPHA)
-    kappas = [0.5, *log["kappa"].to_list()]
-    for before, after, coverage, eta in zip(kappas, kappas[1:], log["coverage"].to_list(), log["eta"].to_list()):
-        assert after == pytest.approx(kappa_update(before, coverage, ALPHA, eta))
-    assert (log["eta"] == 0.1).all()
-    assert load_policy(path)[1]["kappa"] == log["kappa"][-1]
-    assert (log["line_search"] >= 0).mean() > 0.5  # most CPO steps are taken
-    # the critics learn: their loss over the last 30 steps is below that of the first 10
-    assert log["cost_critic_loss"][-30:].mean() < log["cost_critic_loss"][:10].mean()
+    taken, critics_learn = [], []
+    for path in trained:
+        log = pl.read_parquet(path.with_name("policy.log.parquet"))
+        assert log["step"].to_list() == list(range(1, STEPS + 1))
+        for column in (
+            "reward",
+            "cost",
+            "coverage",
+            "rollout_coverage",
+            "kappa",
+            "eta",
+            "success_critic_loss",
+            "cost_critic_loss",
+            "kl",
+            "miscoverage",
+            "constraint",
+            "nu",
+            "lam",
+            "case",
+            "line_search",
+            "alpha",
+            "verifier",
+        ):
+            assert column in log.columns
+        assert (log["kl"] <= 0.01 + 1e-9).all() and not log["verifier"].any()
+        np.testing.assert_allclose(log["constraint"], log["miscoverage"] - ALPHA)
+        kappas = [0.5, *log["kappa"].to_list()]
+        for before, after, coverage, eta in zip(kappas, kappas[1:], log["coverage"].to_list(), log["eta"].to_list()):
+            assert after == pytest.approx(kappa_update(before, coverage, ALPHA, eta))
+        assert (log["eta"] == 0.1).all()
+        assert load_policy(path)[1]["kappa"] == log["kappa"][-1]
+        taken.append((log["line_search"] >= 0).mean() > 0.3)  # the line search accepts a good share of CPO steps
+        # the critics learn: their loss over the last 30 steps is below that of the first 10
+        critics_learn.append(log["cost_critic_loss"][-30:].mean() < log["cost_critic_loss"][:10].mean())
+    most_seeds(taken)
+    most_seeds(critics_learn)
 
 
 def test_replayed_policy_meets_the_coverage_target_on_held_out_problems(trained, signal_trace, tmp_path):
-    path, _ = trained
-    out = tmp_path / "policy.parquet"
-    result = cli(
-        "replay", signal_trace, "--router", "policy", "--param", f"path={path}", "--split", "test", "--out", out
-    )
-    assert result.exit_code == 0, result.output
-    outcomes = pl.read_parquet(out)
     large = cli(
         "replay", signal_trace, "--router", "large-only", "--split", "test", "--out", tmp_path / "large.parquet"
     )
     assert large.exit_code == 0, large.output
-    large_right = pl.read_parquet(tmp_path / "large.parquet").select("problem_id", large_right="correct")
-    covered = outcomes.join(large_right, on="problem_id").select(pl.col("correct") | ~pl.col("large_right"))
-    n, k = covered.height, int(covered.to_series().sum())
-    assert n > 50 and outcomes["misses"].sum() == 0
-    assert binomtest(k, n).proportion_ci(confidence_level=0.95).high >= 1 - ALPHA
-    # and it is much cheaper than the large model alone
-    assert outcomes["cost"].mean() < 0.5 * pl.read_parquet(tmp_path / "large.parquet")["cost"].mean()
+    large_outcomes = pl.read_parquet(tmp_path / "large.parquet")
+    large_right = large_outcomes.select("problem_id", large_right="correct")
+    covers, cheap = [], []
+    for seed, path in zip(SEEDS, trained):
+        out = tmp_path / f"policy-{seed}.parquet"
+        result = cli(
+            "replay", signal_trace, "--router", "policy", "--param", f"path={path}", "--split", "test", "--out", out
+        )
+        assert result.exit_code == 0, result.output
+        outcomes = pl.read_parquet(out)
+        covered = outcomes.join(large_right, on="problem_id").select(pl.col("correct") | ~pl.col("large_right"))
+        n, k = covered.height, int(covered.to_series().sum())
+        assert n > 50 and outcomes["misses"].sum() == 0
+        covers.append(binomtest(k, n).proportion_ci(confidence_level=0.95).high >= 1 - ALPHA)
+        cheap.append(outcomes["cost"].mean() < 0.5 * large_outcomes["cost"].mean())  # much cheaper than large alone
+    most_seeds(covers)
+    most_seeds(cheap)
 
 
 @pytest.mark.parametrize("cost, prices", [("flops", ()), ("flops+prefill", ()), ("api", API_PRICES)])
@@ -517,33 +562,122 @@ def test_replace_policies_train_and_replay_with_their_mode(signal_trace, tmp_pat
 
 
 def test_same_seed_same_bytes(signal_trace, tmp_path):
-    threads = torch.get_num_threads()
     files = []
     for run, seed in (("a", 3), ("b", 3), ("c", 4)):
         (tmp_path / run).mkdir()
         result = train_policy(signal_trace, tmp_path / run / "policy.pt", Hyperparameters(steps=15, seed=seed))
         files.append((result.policy_path.read_bytes(), result.log_path.read_bytes()))
+        assert result.sha256 == hashlib.sha256(files[-1][0]).hexdigest()
     assert files[0] == files[1]
     assert files[0][0] != files[2][0]
-    assert torch.get_num_threads() == threads  # training restores the thread count it changes
+
+
+KERNELS = """
+import hashlib, sys
+import numpy as np, torch
+a = np.random.default_rng(0).normal(size=(64, 64))
+t = torch.from_numpy(a)
+usual = [a @ a, torch.log_softmax(t, 1).numpy(), (t.float() @ t.float()).numpy(), np.tanh(a)]
+print("kernels", hashlib.sha256(b"".join(x.tobytes() for x in usual)).hexdigest())
+from cli import app
+app(sys.argv[1:])
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the variants are x86 kernels")
+def test_the_same_bytes_with_other_threads_and_kernels(signal_trace, tmp_path):
+    """Two fresh interpreters train the same policy: one with one thread, the other with two and other kernels
+    for BLAS (OpenBLAS's Prescott, MKL's compatible path), torch (no AVX2) and numpy (no AVX2, FMA or AVX-512),
+    under which the usual matrix products, softmaxes and tanh give other bits on an AVX2 CPU. The trainer prints
+    the same SHA-256 in both, that of the file."""
+    environments = {
+        "one": {"OMP_NUM_THREADS": "1"},
+        "other": {
+            "OMP_NUM_THREADS": "2",
+            "OPENBLAS_CORETYPE": "Prescott",
+            "MKL_CBWR": "COMPATIBLE",
+            "ATEN_CPU_CAPABILITY": "default",
+            "NPY_DISABLE_CPU_FEATURES": "AVX512F AVX2 FMA3",
+        },
+    }
+    printed, kernels = {}, {}
+    for name, variables in environments.items():
+        env = {**os.environ, **variables, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        out = tmp_path / name / "policy.pt"
+        out.parent.mkdir()
+        args = ["train", "policy", str(signal_trace), "--steps", "8", "--alpha", str(ALPHA), "--out", str(out)]
+        done = subprocess.run(
+            [sys.executable, "-c", KERNELS, *args], env=env, cwd=tmp_path, capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        kernels[name] = re.search(r"kernels (\w+)", done.stdout).group(1)
+        printed[name] = re.search(r"policy file SHA-256 (\w+)", done.stdout).group(1)
+        assert printed[name] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert kernels["one"] != kernels["other"]  # the environments do differ
+    assert printed["one"] == printed["other"]
 
 
 # ---------------------------------------------------------------------- bad input
 
 
-def test_infeasible_coverage_is_said(tmp_path):
-    """A wrong first small step the large model cannot recover from: no escalate=after policy covers it."""
+def test_training_that_ends_off_target_says_so_and_the_report_marks_it(tmp_path):
+    """A wrong first small step the large model cannot recover from: no escalate=after policy covers it, and the
+    misses drive kappa to 0. The trainer says both, the policy file records them, the report marks its row."""
     steps = []
     for i in range(20):
         steps += comb_steps(f"p{i}", 3, correct=lambda path, i=i: path == "LLL" or (i % 2 == 0 and "L" in path))
     root = build_trace(tmp_path / "t", steps)
-    result = cli("train", "policy", root, "--steps", 2, "--split-fractions", "1,0,0", "--out", tmp_path / "p.pt")
+    everything = ("--split-fractions", "1,0,0")
+    policy = tmp_path / "p.pt"
+    result = cli("train", "policy", root, "--steps", 3, "--eta", 1, *everything, "--out", policy)
     assert result.exit_code == 0, result.output
-    assert "no policy reaches coverage 0.98 on the train split with escalate=after: at most 0.5000" in " ".join(
-        result.stdout.split()
-    )
+    said = " ".join(result.stdout.split())
+    assert "no policy reaches coverage 0.98 on the train split with escalate=after: at most 0.5000" in said
+    assert "kappa ended at 0, the edge of its range: the policy escalates at every decision" in said
     assert math.isclose(episodes_of(root, cost="tokens").best_coverage(), 0.5)
     assert episodes_of(root, cost="tokens", escalate="replace").best_coverage() == 1.0
+    _, saved = load_policy(policy)
+    assert saved["kappa"] == 0 and saved["flags"] == ["target_unreachable", "coverage_below_target", "kappa_at_0"]
+
+    replayed = cli(
+        "replay",
+        root,
+        "--router",
+        "policy",
+        "--param",
+        f"path={policy}",
+        *everything,
+        "--split",
+        "all",
+        "--out",
+        tmp_path / "policy.parquet",
+    )
+    assert replayed.exit_code == 0, replayed.output
+    reported = cli(
+        "report",
+        root,
+        tmp_path / "policy.parquet",
+        "--split",
+        "all",
+        "--pick-split",
+        "reported",
+        "--out",
+        tmp_path / "report",
+    )
+    assert reported.exit_code == 0, reported.output
+    page = (tmp_path / "report" / "report.md").read_text()
+    assert "| policy ‡ |" in page and "| small-only |" in page
+    assert "‡ policy ‡: the policy file says its training ended off target: no policy reaches the coverage" in page
+
+
+def test_training_flags_by_hand():
+    assert training_flags(0.4, coverage=0.95, best_coverage=1.0, alpha=0.1) == []
+    assert training_flags(1.0, coverage=0.85, best_coverage=0.95, alpha=0.1) == ["coverage_below_target", "kappa_at_1"]
+    assert training_flags(0.0, coverage=0.8, best_coverage=0.85, alpha=0.1) == [
+        "target_unreachable",
+        "coverage_below_target",
+        "kappa_at_0",
+    ]
 
 
 def test_bad_input_is_one_line_and_exit_1(comb_trace, signal_trace, tmp_path):

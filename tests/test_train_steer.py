@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 from analysis.report import read_steer_mixtures
 from cli import app
 from replay.artifacts import load_train_split
-from replay.engine import parse_sweep, replay_trace
-from replay.errors import TraceError
+from replay.params import parse_sweep
 from replay.routers import make_router
+from replay.run import replay_trace
 from replay.splits import DEFAULT_FRACTIONS
+from tracestore.errors import TraceError
 
 runner = CliRunner()
 

@@ -8,9 +8,9 @@ import polars as pl
 import pytest
 from tracebuild import build_trace, comb_steps, default_manifest, default_problem, rewrite_parts
 
-from replay.errors import TraceError
-from replay.schema import MANIFEST_FILE, TOKEN_ARRAY_COLUMNS
-from replay.validate import validate
+from tracestore.errors import TraceError
+from tracestore.schema import MANIFEST_FILE, TOKEN_ARRAY_COLUMNS
+from tracestore.validate import validate
 
 
 def test_sound_comb_trace_passes(comb_trace):

@@ -1,22 +1,18 @@
 """The vLLM backend against transformers on the toy model: same scores, same greedy steps, stop semantics.
 
-Uses the trained toy-small when it exists (copied, since training may rewrite it), else a random-weight model.
+Uses the session's shared vLLM backend of toy-small (tests/conftest.py).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import numpy as np
 import pytest
-from test_hf_backend import save_random_toy_model
 
 from data.toy import MODEL_ALIASES
 from data.toy.task import generate
-from replay.errors import TraceError
 from tracegen.backends import StepRequest, StepSampling, load_backend
 from tracegen.prompts import prompt_token_ids
+from tracestore.errors import TraceError
 
 pytestmark = pytest.mark.vllm
 
@@ -24,25 +20,17 @@ TOLERANCE = 1e-4
 QUESTIONS = [problem.question for problem in generate(8, "test", 3, 0)]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    trained = MODEL_ALIASES["toy-small"]
-    if (trained / "model.safetensors").is_file():
-        return shutil.copytree(trained, tmp_path_factory.mktemp("toy") / "toy-small")
-    return save_random_toy_model(tmp_path_factory.mktemp("toy-random"))
+MODEL_DIR = MODEL_ALIASES["toy-small"]
 
 
 @pytest.fixture(scope="module")
-def vllm_backend(model_dir):
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    backend = load_backend("vllm", str(model_dir))
-    yield backend
-    backend.close()
+def vllm_backend(vllm_small):
+    return vllm_small
 
 
 @pytest.fixture(scope="module")
-def hf_backend(model_dir):
-    return load_backend("hf", str(model_dir), device="cpu")
+def hf_backend():
+    return load_backend("hf", str(MODEL_DIR), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +141,6 @@ def test_engine_info_and_bad_requests(vllm_backend, prompts):
         vllm_backend.generate_steps([too_long], SAMPLED)
 
 
-def test_unknown_engine_arguments_are_refused_before_any_engine_starts(model_dir):
+def test_unknown_engine_arguments_are_refused_before_any_engine_starts():
     with pytest.raises(TraceError, match="unknown vLLM engine argument.*: max_batch_size"):
-        load_backend("vllm", str(model_dir), max_batch_size=4)
+        load_backend("vllm", str(MODEL_DIR), max_batch_size=4)

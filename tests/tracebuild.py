@@ -26,8 +26,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from replay.schema import SCHEMAS, TOKEN_ARRAY_COLUMNS, make_step_id, model_char
-from replay.store import TraceWriter, open_trace
+from tracestore.schema import SCHEMAS, TOKEN_ARRAY_COLUMNS, make_step_id, model_char
+from tracestore.store import TraceWriter, open_trace
 
 CHAR_ROLES = {model_char(role): role for role in ("small", "large")}
 TOPK = 3

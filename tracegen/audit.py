@@ -27,34 +27,24 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from replay.atomic import write_atomic
-from replay.errors import TraceError
-from replay.outputs import check_output_file
-from replay.schema import Manifest, first_difference, lookup_field
-from replay.store import TraceWriter, open_trace
 from tracegen.backends import StepRequest, StepSampling, check_backend, engine_kwargs_for, load_backend
 from tracegen.expand import Request
 from tracegen.grading import GRADERS, Grader, extract_answer, grader_for, grader_named, is_final_step
 from tracegen.growth import request_seed
 from tracegen.models import load_tokenizer, model_manifest, trace_model
+from tracegen.options import AuditOptions
 from tracegen.prompts import prompt_token_ids
 from tracegen.regrade import delimiter_of, solution_texts
+from tracestore.atomic import write_atomic
+from tracestore.errors import TraceError
+from tracestore.outputs import check_output_file
+from tracestore.schema import Manifest, first_difference, lookup_field
+from tracestore.store import TraceWriter, open_trace
 
 AUDIT_WRITER = "audit"
 DIVERGENT_LISTED = 20  # divergent steps named in trace.json's summary (all of them go to --out)
 # Engine fields that describe the run rather than what it outputs.
 _RUN_FIELDS = ("max_total_tokens",)
-
-
-@dataclass(frozen=True)
-class AuditOptions:
-    root: Path
-    sample: int = 100  # steps to regenerate (all of them when the trace has fewer)
-    seed: int = 0  # of the sample
-    backend: str | None = None  # default: the engine that wrote the trace
-    min_identical: float | None = None  # default: 1.0 with the recorded engine, else 0.0
-    out: Path | None = None  # per-step details, CSV
-    force: bool = False  # replace --out
 
 
 @dataclass

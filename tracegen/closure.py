@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 import tomllib
 
-from replay.errors import TraceError
-from replay.plugins import anchor_reference
+from replay.registry import anchor_reference
 from tracegen.expand import Request, missing
+from tracestore.errors import TraceError
 
 ROUTER_KEYS = {"name", "params", "sweep"}
 
@@ -55,14 +55,14 @@ class RouterSpec:
     sweep: tuple[str, ...] = ()
 
     def router(self):
-        from replay.plugins import make_router
+        from replay.routers import make_router
 
         return make_router(self.name, **self.params)
 
     def sweep_values(self) -> dict[str, np.ndarray]:
-        from replay.engine import parse_sweep
+        from replay.params import parse_sweeps
 
-        return dict(parse_sweep(text) for text in self.sweep)
+        return parse_sweeps(self.sweep)
 
     def manifest_entry(self) -> dict:
         return {"router": self.name, "params": dict(self.params), "sweep": list(self.sweep)}
@@ -97,9 +97,11 @@ def load_router_specs(path: str | Path) -> list[RouterSpec]:
         name = anchor_reference(str(table["name"]), path.parent)
         spec = RouterSpec(name, {str(k): str(v) for k, v in params.items()}, tuple(sweep))
         try:
-            from replay.engine import sweep_configs
+            from replay.params import DEFAULT_MAX_CONFIGS, check_grid_size, check_sweep
 
-            sweep_configs(spec.router(), spec.sweep_values())
+            sweep = spec.sweep_values()
+            check_sweep(spec.router(), sweep)
+            check_grid_size(sweep, DEFAULT_MAX_CONFIGS)
         except TraceError as error:
             raise TraceError(f"{where}: {error}") from None
         specs.append(spec)
@@ -132,8 +134,9 @@ def close_over(
     ``generate`` grows a batch of requests, ``score(scorer names)`` scores every unscored step those
     scorers want and returns how many it scored.
     """
-    from replay.engine import miss_list, replay_trace, router_scorer
-    from replay.store import open_trace
+    from replay.results import miss_list, router_scorer
+    from replay.run import replay_trace
+    from tracestore.store import open_trace
 
     result = ClosureResult()
     roles = open_trace(root).manifest.roles

@@ -14,14 +14,11 @@ from __future__ import annotations
 import queue
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from replay.store import TraceWriter
-from tracegen.backends import StepRequest, StepSampling
-from tracegen.expand import Request, Strategy, frontier
-from tracegen.grading import Grader, is_final_step
-from tracegen.growth import GenSummary, StoredStep, Tree, request_seed, step_record
+from tracegen.expand import Request
+from tracegen.grading import is_final_step
+from tracegen.growth import GrowthRun, StoredStep
 
 _REPORT_SECONDS = 0.5  # how often progress is reported between written rounds
 # Scoring is off the critical path: steps wait for it in batches of this many per model (or until no step is
@@ -40,126 +37,124 @@ class _Round:
     steps: list = field(default_factory=list)  # (role order, request, steps row, tokens row)
 
 
-def grow_continuously(
-    trees: dict[tuple[str, int], Tree],
-    strategy: Strategy,
-    max_steps: int,
-    fits: Callable[[Request], bool],
-    backends: dict,
-    sampling: StepSampling,
-    grader: Grader,
-    tokenizers: dict,
-    writer: TraceWriter,
-    seed: int,
-    summary: GenSummary,
-    report: Callable,
-    *,
-    timings: bool = False,
-) -> None:
-    """Grow every tree to what ``strategy`` asks for, writing round by round as ``run_gen``'s loop would."""
-    first = [r for r in frontier({k: t.is_final_map() for k, t in trees.items()}, strategy, max_steps) if fits(r)]
-    if not first:
-        return
-    events: queue.Queue = queue.Queue()
-    streams = {role: backend.open_stream(sampling, role, events) for role, backend in backends.items()}
-    role_order = {role: index for index, role in enumerate(backends)}
-    rounds: dict[int, _Round] = defaultdict(_Round)
-    round_of: dict[Request, int] = {}
-    prompts: dict[Request, list[int]] = {}  # request -> its prompt ids, until it is generated
-    drafts: dict[Request, tuple] = {}  # request -> (prompt, draft, gen seconds) until it is scored
-    waiting: dict[tuple, list[Request]] = {}  # (round, role, prompt + step) -> requests sharing one scoring pass
-    scored: dict[tuple, list] = {}  # (round, role, prompt + step) -> its scores, until its round is written
-    to_score: dict[str, list] = defaultdict(list)  # per role, steps waiting for a scoring batch
-    generating = [0]  # requests in the generating engines
-    next_round = 0
+def grow_continuously(run: GrowthRun) -> None:
+    """Grow every tree to what the run's strategy asks for, writing round by round as ``run_gen``'s loop would."""
+    first = [r for r in run.frontier() if run.fits(r)]
+    if first:
+        _Streaming(run).grow(first)
 
-    def start(requests: list[Request], number: int) -> None:
+
+class _Streaming:
+    """One continuous growth: each request's round, the steps waiting for their scoring pass, and the rounds
+    waiting to be written."""
+
+    def __init__(self, run: GrowthRun):
+        self.run = run
+        self.events: queue.Queue = queue.Queue()
+        self.streams: dict = {}  # role -> StepStream
+        self.role_order = {role: index for index, role in enumerate(run.backends)}
+        self.rounds: dict[int, _Round] = defaultdict(_Round)
+        self.next_round = 0  # the first round not written yet
+        self.round_of: dict[Request, int] = {}
+        self.prompts: dict[Request, list[int]] = {}  # request -> its prompt ids, until it is generated
+        self.drafts: dict[Request, tuple] = {}  # request -> (prompt, draft, gen seconds) until it is scored
+        self.waiting: dict[tuple, list[Request]] = {}  # (round, role, prompt + step) -> requests sharing one scoring
+        self.scored: dict[tuple, list] = {}  # (round, role, prompt + step) -> its scores, until its round is written
+        self.to_score: dict[str, list] = defaultdict(list)  # per role, steps waiting for a scoring batch
+        self.generating = 0  # requests in the generating engines
+
+    def grow(self, first: list[Request]) -> None:
+        self.streams = {
+            role: backend.open_stream(self.run.sampling, role, self.events)
+            for role, backend in self.run.backends.items()
+        }
+        reported = time.perf_counter()
+        self.progress()
+        try:
+            self.start(first, 0)
+            while self.rounds:
+                kind, _, key, payload = self.events.get()
+                if kind == "failed":
+                    raise payload
+                if kind == "generated":
+                    self.generated(key, *payload)
+                else:
+                    self.scored[key] = payload
+                    for request in self.waiting.pop(key):
+                        self.record(request, payload)
+                self.send_to_scoring()
+                self.write_finished_rounds()
+                if time.perf_counter() - reported > _REPORT_SECONDS:
+                    reported = time.perf_counter()
+                    self.progress()
+        finally:
+            for stream in self.streams.values():
+                stream.close()
+
+    def start(self, requests: list[Request], number: int) -> None:
+        """Send ``requests`` (of round ``number``) to their engines."""
         by_role = defaultdict(list)
-        generating[0] += len(requests)
+        self.generating += len(requests)
         for request in requests:
-            round_of[request] = number
-            rounds[number].open += 1
-            tree = trees[(request.problem_id, request.world)]
-            prompts[request] = tree.prompt_ids(request.parent_path)
-            step_request = StepRequest(
-                tuple(prompts[request]),
-                request_seed(seed, request),
-                tree.problem.question,
-                tree.step_texts(request.parent_path),
-            )
+            self.round_of[request] = number
+            self.rounds[number].open += 1
+            step_request = self.run.step_request(request)
+            self.prompts[request] = list(step_request.prompt_ids)
             by_role[request.model].append((request, step_request))
         for role, items in by_role.items():
-            streams[role].generate(items)
+            self.streams[role].generate(items)
 
-    def generated(request: Request, draft, seconds: float) -> None:
-        generating[0] -= 1
-        tree = trees[(request.problem_id, request.world)]
-        prompt = prompts.pop(request)
+    def generated(self, request: Request, draft, seconds: float) -> None:
+        """Add the step to its tree, start its children, and queue it for its scoring pass."""
+        self.generating -= 1
+        tree = self.run.tree(request)
+        prompt = self.prompts.pop(request)
         final = is_final_step(draft.text, draft.finish_reason)
         tree.steps[request.path] = StoredStep(
             request.model, draft.text, list(draft.token_ids), len(prompt), len(draft.token_ids), final
         )
-        drafts[request] = (prompt, draft, seconds)
-        number = round_of[request]
+        self.drafts[request] = (prompt, draft, seconds)
+        number = self.round_of[request]
         node = request.path
-        if not final and len(node) < max_steps:
-            children = [Request(request.problem_id, request.world, node, model) for model in strategy.models_at(node)]
-            start([c for c in children if c.path not in tree.steps and fits(c)], number + 1)
+        if not final and len(node) < self.run.max_steps:
+            children = [Request(request.problem_id, request.world, node, m) for m in self.run.strategy.models_at(node)]
+            self.start([c for c in children if c.path not in tree.steps and self.run.fits(c)], number + 1)
         sequence = (number, request.model, len(prompt), *prompt, *draft.token_ids)
-        if sequence in scored:
-            record(request, scored[sequence])
-        elif sequence in waiting:
-            waiting[sequence].append(request)
+        if sequence in self.scored:
+            self.record(request, self.scored[sequence])
+        elif sequence in self.waiting:
+            self.waiting[sequence].append(request)
         else:
-            waiting[sequence] = [request]
-            to_score[request.model].append((sequence, prompt, list(draft.token_ids)))
+            self.waiting[sequence] = [request]
+            self.to_score[request.model].append((sequence, prompt, list(draft.token_ids)))
 
-    def record(request: Request, scores: list) -> None:
-        prompt, draft, seconds = drafts.pop(request)
-        tree = trees[(request.problem_id, request.world)]
+    def record(self, request: Request, scores: list) -> None:
+        """The scored step as its rows, kept for its round's append."""
+        prompt, draft, seconds = self.drafts.pop(request)
         step = draft.scored(scores, seconds)
-        step_row, token_row, _ = step_record(request, tree, prompt, step, grader, tokenizers[request.model], timings)
-        number = round_of.pop(request)
-        rounds[number].steps.append((role_order[request.model], request, step_row, token_row))
-        rounds[number].open -= 1
-        summary.new_gen_tokens += len(step.token_ids)
+        step_row, token_row, _ = self.run.step_rows(request, prompt, step)
+        number = self.round_of.pop(request)
+        self.rounds[number].steps.append((self.role_order[request.model], request, step_row, token_row))
+        self.rounds[number].open -= 1
+        self.run.summary.new_gen_tokens += len(step.token_ids)
 
-    def write(number: int) -> None:
-        done = sorted(rounds.pop(number).steps, key=lambda item: item[:2])
-        writer.append_steps([item[2] for item in done], [item[3] for item in done])
-        for sequence in [s for s in scored if s[0] == number]:
-            del scored[sequence]
-        summary.new_steps += len(done)
-        summary.rounds += 1
+    def send_to_scoring(self) -> None:
+        for role, items in self.to_score.items():
+            if len(items) >= _SCORE_BATCH or (items and not self.generating):
+                self.streams[role].score(items)
+                self.to_score[role] = []
 
-    def progress() -> None:
-        report(stage="round", requests=sorted(round_of), summary=summary)
+    def write_finished_rounds(self) -> None:
+        """Append every round that is done and has no unwritten round before it, in order."""
+        while self.next_round in self.rounds and self.rounds[self.next_round].open == 0:
+            done = sorted(self.rounds.pop(self.next_round).steps, key=lambda item: item[:2])
+            self.run.writer.append_steps([item[2] for item in done], [item[3] for item in done])
+            for sequence in [s for s in self.scored if s[0] == self.next_round]:
+                del self.scored[sequence]
+            self.run.summary.new_steps += len(done)
+            self.run.summary.rounds += 1
+            self.next_round += 1
+            self.progress()
 
-    reported = time.perf_counter()
-    progress()
-    try:
-        start(first, 0)
-        while rounds:
-            kind, role, key, payload = events.get()
-            if kind == "failed":
-                raise payload
-            if kind == "generated":
-                generated(key, *payload)
-            else:
-                scored[key] = payload
-                for request in waiting.pop(key):
-                    record(request, payload)
-            for role, items in to_score.items():
-                if len(items) >= _SCORE_BATCH or (items and not generating[0]):
-                    streams[role].score(items)
-                    to_score[role] = []
-            while next_round in rounds and rounds[next_round].open == 0:
-                write(next_round)
-                next_round += 1
-                progress()
-            if time.perf_counter() - reported > _REPORT_SECONDS:
-                reported = time.perf_counter()
-                progress()
-    finally:
-        for stream in streams.values():
-            stream.close()
+    def progress(self) -> None:
+        self.run.report(stage="round", requests=sorted(self.round_of), summary=self.run.summary)

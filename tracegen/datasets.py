@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from replay.errors import TraceError
+from tracestore.errors import TraceError
 
 FORMATS = ("gsm8k", "math500", "omnimath", "mmlu", "toy")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"

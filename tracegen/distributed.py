@@ -6,7 +6,7 @@ runs are interchangeable and resume each other -- with its rounds, closure round
 its Parquet parts into the one trace directory under its own writer id (``shard{i}of{N}``).
 
 trace.json: every change a writer makes to it (creating it, the engine, expansions, scorers) is a
-read-merge-write under the trace's manifest lock (replay.lock.manifest_lock), so the workers -- like
+read-merge-write under the trace's manifest lock (tracestore.lock.manifest_lock), so the workers -- like
 hand-started shards -- take turns and never lose each other's updates; a command whose settings differ
 from the trace's is refused by the first worker that opens it, and the driver reports that refusal.
 
@@ -24,9 +24,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from replay.errors import TraceError
-from tracegen.gen import GenOptions
 from tracegen.growth import GenSummary
+from tracegen.options import GenOptions, RayOptions
+from tracestore.errors import TraceError
 
 MAX_RESTARTS = 3  # restarts of a dead worker process (and retries of its run) before the run fails
 POLL_SECONDS = 0.5  # how often the driver asks the workers how far they are
@@ -148,9 +148,9 @@ def run_distributed(
     options: GenOptions,
     *,
     address: str = "local",
-    workers: int = 2,
-    gpus_per_worker: float = 0.0,
-    cpus_per_worker: float = 1.0,
+    workers: int = RayOptions.workers,
+    gpus_per_worker: float = RayOptions.gpus_per_worker,
+    cpus_per_worker: float = RayOptions.cpus_per_worker,
     progress: Callable[[list[WorkerProgress]], None] | None = None,
     on_start: Callable[[list], None] | None = None,
 ) -> DistributedSummary:
@@ -185,15 +185,27 @@ def run_distributed(
     try:
         summary.workers = ray.get(runs)
     except ray.exceptions.RayError as error:
-        cause = getattr(error, "cause", None) or error
-        if isinstance(cause, TraceError):
-            raise cause from None
-        raise TraceError(f"a Ray worker failed: {str(error).splitlines()[0]}") from None
+        raise _worker_failure(error) from None
     finally:
         for actor in actors:
             ray.kill(actor)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _worker_failure(error: Exception) -> TraceError:
+    """One line for a failed worker: its own TraceError as it is, another exception of its own by type and
+    message (Ray's first line names only the actor), or Ray's message when the worker process died."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, TraceError):
+        return cause
+    if isinstance(cause, Exception):
+        return TraceError(f"a Ray worker failed: {type(cause).__name__}: {_one_line(cause)}")
+    return TraceError(f"a Ray worker failed: {_one_line(error)}")
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 class RayProgress:
@@ -227,15 +239,15 @@ class RayProgress:
         )
 
 
-def run_on_ray(options: GenOptions, address: str, workers: int, gpus: float, cpus: float, console):
+def run_on_ray(options: GenOptions, ray_options: RayOptions, console):
     """`trace gen --ray`: run_distributed with one aggregate progress bar."""
     with RayProgress(console) as progress:
         return run_distributed(
             options,
-            address=address,
-            workers=workers,
-            gpus_per_worker=gpus,
-            cpus_per_worker=cpus,
+            address=ray_options.address,
+            workers=ray_options.workers,
+            gpus_per_worker=ray_options.gpus_per_worker,
+            cpus_per_worker=ray_options.cpus_per_worker,
             progress=progress,
         )
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from replay.errors import TraceError
-from replay.schema import TWO_MODEL_ROLES, make_step_id, model_char, role_of_char
+from tracestore.errors import TraceError
+from tracestore.schema import TWO_MODEL_ROLES, make_step_id, model_char, role_of_char
 
 EXPANSIONS = ("comb", "full", "closure", "online")
 

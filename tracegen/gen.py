@@ -14,78 +14,32 @@ refused.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import polars as pl
 
-from replay.errors import TraceError
-from replay.schema import model_roles, schema_version_for
-from replay.store import Trace, TraceWriter, open_trace
-from tracegen import api_roles, continuous, hidden
-from tracegen.backends import (
-    StepRequest,
-    StepSampling,
-    check_backend,
-    default_backend,
-    engine_kwargs_for,
-    load_backend,
-)
-from tracegen.closure import close_over
+from tracegen import continuous, endpoint_roles, hidden
+from tracegen.backends import StepRequest, check_backend, default_backend, engine_kwargs_for, load_backend
+from tracegen.closure import ClosureResult, close_over
 from tracegen.datasets import Dataset, Problem, load_dataset
-from tracegen.expand import Request, Strategy, frontier, make_strategy
+from tracegen.expand import Request, Strategy, make_strategy
 from tracegen.grading import Grader, grader_for
-from tracegen.growth import GenSummary, StoredStep, Tree, request_seed, step_record
+from tracegen.growth import GenSummary, GrowthRun, StoredStep, Tree
 from tracegen.models import ModelRef, fetch_model, load_tokenizer, model_manifest, resolve_model
-from tracegen.prompts import STEP_DELIMITER, SYSTEM_PROMPT, prompt_token_ids
-
-
-@dataclass(frozen=True)
-class GenOptions:
-    """Everything `trace gen` takes; see cli.gen for each option's meaning."""
-
-    small: str
-    large: str
-    dataset: str
-    out: Path
-    middle: tuple[str, ...] = ()  # models between small and large, smallest first (`--models A,B,C`)
-    split: str | None = None
-    limit: int | None = None
-    level: int | None = None
-    worlds: int = 1
-    expand: str = "comb"
-    depth: int | None = None
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_step_tokens: int = 256
-    max_steps: int = 32
-    topk: int = 5
-    hidden_layers: tuple[int, ...] = ()
-    backend: str | None = None
-    shard: str | None = None
-    seed: int = 0
-    timings: bool = False  # store measured wall seconds per step (makes the step files differ run to run)
-    routers: tuple = ()  # RouterSpecs whose misses closure (and online) runs grow
-    budget_tokens: int | None = None  # closure stops once this many tokens were generated
-    engine_kwargs: dict = field(default_factory=dict)
-    api: tuple = ()  # ApiSpecs of roles served by an OpenAI-compatible endpoint (tracegen.api_roles)
-    api_client: object = None  # their ClientOptions (concurrency, timeout, retries, budget)
-
-    @property
-    def model_names(self) -> tuple[str, ...]:
-        """Every model, smallest first."""
-        return (self.small, *self.middle, self.large)
-
-    @property
-    def roles(self) -> tuple[str, ...]:
-        """The role of each of ``model_names``: small/large for two models, m0..m{K-1} for K."""
-        return model_roles(len(self.model_names))
+from tracegen.options import GenOptions
+from tracegen.prompts import SYSTEM_PROMPT, prompt_token_ids
+from tracestore.errors import TraceError
+from tracestore.outputs import check_outside_trace
+from tracestore.schema import model_roles, schema_version_for
+from tracestore.store import Trace, TraceWriter, open_trace
 
 
 def parse_models(small: str | None, large: str | None, models: str | None) -> list[str]:
@@ -138,156 +92,136 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
     dataset = load_dataset(options.dataset, split=options.split, limit=options.limit, level=options.level)
     grader = grader_for(dataset.name)
     problems = [p for p in dataset.problems if in_shard(p.problem_id, shard)]
-    names = dict(zip(options.roles, options.model_names))
-    api = api_roles.api_specs(options.api, options.roles)
-    models = {
-        role: fetch_model(resolve_model(name, role))
-        for role, name in names.items()
-        if not api_roles.is_text_only(api.get(role))
-    }
-    tokenizers = {role: load_tokenizer(model) for role, model in models.items()}
-    root_ids = _shared_prompts(models, tokenizers, problems)
-    for role in set(names) - set(models):  # chat-mode API roles read and write text in the trace's tokenizer
-        tokenizers[role] = next(iter(tokenizers.values()))
-    sampling = StepSampling(
-        temperature=options.temperature,
-        top_p=options.top_p,
-        max_step_tokens=options.max_step_tokens,
-        topk=options.topk,
-        delimiter=STEP_DELIMITER,
-    )
-    manifest = _manifest(options, models, tokenizers, dataset, grader, sampling)
+    models = _load_models(options, problems)
+    sampling = options.step_sampling()
+    manifest = _manifest(options, models, dataset, grader, sampling)
     writer_id = f"shard{shard[0]}of{shard[1]}" if shard else "w0"
+    report = progress or (lambda **_: None)
+    summary = GenSummary(out=Path(options.out), problems=len(problems))
     with TraceWriter(options.out, manifest, writer_id=writer_id, shard=shard is not None) as writer:
         writer.append_problems([p.row() for p in problems])
-        summary = GenSummary(out=Path(options.out), problems=len(problems))
-        report = progress or (lambda **_: None)
-
         if options.hidden_layers:
-            summary.hidden_rows = _write_hidden(writer, options, models, root_ids, report)
-
+            summary.hidden_rows = _write_hidden(writer, options, models, report)
         with contextlib.ExitStack() as engines:
             if backends is None:
-                kind = options.backend or default_backend()
-                _check_engine_name(writer.manifest.get("engine"), kind, options.out)
-                backends = {}
-                for role in options.roles:
-                    if role in api:
-                        backends[role] = api_roles.open_backend(
-                            api[role], options.out, names[role], options.api_client, tokenizers[role], report
-                        )
-                    else:
-                        backends[role] = load_backend(
-                            kind,
-                            models[role].path,
-                            **engine_kwargs_for(kind, role, options.engine_kwargs, options.roles),
-                        )
-                    engines.callback(backends[role].close)
+                backends = _open_backends(options, models, writer, report, engines)
             writer.update_manifest(engine=_engine_entry(backends))
-            if api:
-                writer.update_manifest(api_endpoints=api_roles.endpoints_entry(api))
-            continuation = api_roles.continuations(api, tokenizers, sampling.delimiter)
-            trees = _load_trees(open_trace(options.out), problems, root_ids, options.worlds, continuation)
-            context_len = min(backend.max_total_tokens for backend in backends.values())
-
-            def fits(request: Request) -> bool:  # a node whose prompt leaves no room for a step is not grown
-                return len(trees[(request.problem_id, request.world)].prompt_ids(request.parent_path)) < context_len
-
-            def grow(requests: list[Request]) -> None:
-                generate_requests(
-                    requests,
-                    trees,
-                    backends,
-                    sampling,
-                    grader,
-                    tokenizers,
-                    writer,
-                    options.seed,
-                    summary,
-                    timings=options.timings,
-                )
-                summary.rounds += 1
-
-            if continuous.can_stream(backends):
-                continuous.grow_continuously(
-                    trees,
-                    strategy,
-                    options.max_steps,
-                    fits,
-                    backends,
-                    sampling,
-                    grader,
-                    tokenizers,
-                    writer,
-                    options.seed,
-                    summary,
-                    report,
-                    timings=options.timings,
-                )
-            while True:  # round by round: what the backends cannot stream, and what is left (context-full nodes)
-                requests = frontier(
-                    {key: tree.is_final_map() for key, tree in trees.items()}, strategy, options.max_steps
-                )
-                full = [r for r in requests if not fits(r)]
-                summary.skipped_context_full = len(full)
-                summary.context_full_problems = sorted({r.problem_id for r in full})
-                requests = [r for r in requests if fits(r)]
-                report(stage="round", requests=requests, summary=summary)
-                if not requests:
-                    break
-                grow(requests)
+            if models.api:
+                writer.update_manifest(api_endpoints=endpoint_roles.endpoints_entry(models.api))
+            continuation = endpoint_roles.continuations(models.api, models.tokenizers, sampling.delimiter)
+            run = GrowthRun(
+                trees=_load_trees(open_trace(options.out), problems, models.root_ids, options.worlds, continuation),
+                strategy=strategy,
+                max_steps=options.max_steps,
+                backends=backends,
+                context_len=min(backend.max_total_tokens for backend in backends.values()),
+                sampling=sampling,
+                seed=options.seed,
+                grader=grader,
+                tokenizers=models.tokenizers,
+                timings=options.timings,
+                writer=writer,
+                summary=summary,
+                report=report,
+            )
+            _grow(run)
             if options.routers:
-                summary.closure = _close(options, trees, backends, fits, grow, summary, report, engines)
+                summary.closure = _close(options, run, engines)
         _record_run(writer, options, strategy)
     summary.seconds = time.perf_counter() - started
     report(stage="done", requests=[], summary=summary)
     return summary
 
 
-def generate_requests(
-    requests: Sequence[Request],
-    trees: dict[tuple[str, int], Tree],
-    backends: dict,
-    sampling,
-    grader: Grader,
-    tokenizers: dict,
-    writer: TraceWriter,
-    seed: int,
-    summary: GenSummary,
-    *,
-    timings: bool = False,
-) -> None:
+@dataclass
+class _RunModels:
+    """A run's models by role: each one's name, the --api specs of the roles an endpoint serves, the local
+    checkpoints (of every role but the chat-mode API ones), the tokenizers (a chat-mode role reads and writes text
+    in the trace's) and each problem's prompt ids."""
+
+    names: dict[str, str]
+    api: dict
+    checkpoints: dict[str, ModelRef]
+    tokenizers: dict
+    root_ids: dict[str, list[int]]
+
+
+def _load_models(options: GenOptions, problems: list[Problem]) -> _RunModels:
+    names = dict(zip(options.roles, options.model_names))
+    api = endpoint_roles.api_specs(options.api, options.roles)
+    checkpoints = {
+        role: fetch_model(resolve_model(name, role))
+        for role, name in names.items()
+        if not endpoint_roles.is_text_only(api.get(role))
+    }
+    tokenizers = {role: load_tokenizer(model) for role, model in checkpoints.items()}
+    root_ids = _shared_prompts(checkpoints, tokenizers, problems)
+    for role in set(names) - set(checkpoints):
+        tokenizers[role] = next(iter(tokenizers.values()))
+    return _RunModels(names, api, checkpoints, tokenizers, root_ids)
+
+
+def _open_backends(options: GenOptions, models: _RunModels, writer: TraceWriter, report, engines) -> dict:
+    """An engine (or an API client) per role, each closed with ``engines``."""
+    kind = options.backend or default_backend()
+    _check_engine_name(writer.manifest.get("engine"), kind, options.out)
+    backends = {}
+    for role in options.roles:
+        if role in models.api:
+            backends[role] = endpoint_roles.open_backend(
+                models.api[role], options.out, models.names[role], options.api_client, models.tokenizers[role], report
+            )
+        else:
+            engine_kwargs = engine_kwargs_for(kind, role, options.engine_kwargs, options.roles)
+            backends[role] = load_backend(kind, models.checkpoints[role].path, **engine_kwargs)
+        engines.callback(backends[role].close)
+    return backends
+
+
+def _grow(run: GrowthRun) -> None:
+    """Every step the strategy asks for: streamed where every backend can take requests one by one, then round by
+    round (what the backends cannot stream, and what is left: nodes whose prompt fills the context)."""
+    if continuous.can_stream(run.backends):
+        continuous.grow_continuously(run)
+    while True:
+        requests = run.frontier()
+        full = [r for r in requests if not run.fits(r)]
+        run.summary.skipped_context_full = len(full)
+        run.summary.context_full_problems = sorted({r.problem_id for r in full})
+        requests = [r for r in requests if run.fits(r)]
+        run.report(stage="round", requests=requests, summary=run.summary)
+        if not requests:
+            return
+        grow_round(run, requests)
+
+
+def grow_round(run: GrowthRun, requests: Sequence[Request]) -> None:
     """One round: every request of each model in one batch, then one atomic append of all new steps.
 
     ``closure`` calls this with the (node, model) misses of a router replay (see ``expand.missing``).
     """
-    batches = {}  # role -> (its requests, their prompt ids, the engine's StepRequests)
-    for role in backends:
+    batches = {}  # role -> (its requests, the engine's StepRequests)
+    for role in run.backends:
         batch = [r for r in requests if r.model == role]
-        if not batch:
-            continue
-        batch_trees = [trees[(r.problem_id, r.world)] for r in batch]
-        prompts = [tree.prompt_ids(r.parent_path) for r, tree in zip(batch, batch_trees)]
-        step_requests = [
-            StepRequest(tuple(ids), request_seed(seed, r), tree.problem.question, tree.step_texts(r.parent_path))
-            for r, ids, tree in zip(batch, prompts, batch_trees)
-        ]
-        batches[role] = (batch, prompts, step_requests)
-    generated_by_role = _generate_batches(backends, {role: batch[2] for role, batch in batches.items()}, sampling)
+        if batch:
+            batches[role] = (batch, [run.step_request(r) for r in batch])
+    generated_by_role = _generate_batches(
+        run.backends, {role: batch[1] for role, batch in batches.items()}, run.sampling
+    )
 
     step_rows, token_rows, new_steps = [], [], []
-    for role, (batch, prompts, _) in batches.items():
-        for request, prompt, step in zip(batch, prompts, generated_by_role[role]):
-            tree = trees[(request.problem_id, request.world)]
-            step_row, token_row, stored = step_record(request, tree, prompt, step, grader, tokenizers[role], timings)
+    for role, (batch, step_requests) in batches.items():
+        for request, step_request, step in zip(batch, step_requests, generated_by_role[role]):
+            step_row, token_row, stored = run.step_rows(request, step_request.prompt_ids, step)
             step_rows.append(step_row)
             token_rows.append(token_row)
-            new_steps.append((tree, request, stored))
-            summary.new_gen_tokens += stored.n_gen_tokens
-    writer.append_steps(step_rows, token_rows)
-    for tree, request, stored in new_steps:
-        tree.steps[request.path] = stored
-    summary.new_steps += len(new_steps)
+            new_steps.append((request, stored))
+            run.summary.new_gen_tokens += stored.n_gen_tokens
+    run.writer.append_steps(step_rows, token_rows)
+    for request, stored in new_steps:
+        run.tree(request).steps[request.path] = stored
+    run.summary.new_steps += len(new_steps)
+    run.summary.rounds += 1
 
 
 def _generate_batches(backends: dict, batches: dict[str, list[StepRequest]], sampling) -> dict[str, list]:
@@ -307,7 +241,7 @@ def _generate_batches(backends: dict, batches: dict[str, list[StepRequest]], sam
     return results
 
 
-def _close(options: GenOptions, trees, backends, fits, grow, summary: GenSummary, report, engines):
+def _close(options: GenOptions, run: GrowthRun, engines: contextlib.ExitStack) -> ClosureResult:
     """Grow and score what the routers of a closure or online run miss (see tracegen.closure)."""
     from tracegen.scoring import open_scorer, score_pending
 
@@ -318,7 +252,7 @@ def _close(options: GenOptions, trees, backends, fits, grow, summary: GenSummary
         for name in sorted(names):
             if name not in scorers:
                 scorers[name] = open_scorer(
-                    options.out, name, backend=options.backend or default_backend(), engines=backends
+                    options.out, name, backend=options.backend or default_backend(), engines=run.backends
                 )
                 engines.callback(scorers[name].close)
             scored += score_pending(options.out, scorers[name], wait=True).new
@@ -327,19 +261,20 @@ def _close(options: GenOptions, trees, backends, fits, grow, summary: GenSummary
     return close_over(
         Path(options.out),
         list(options.routers),
-        trees=trees,
-        max_steps=options.max_steps,
-        fits=fits,
-        generate=grow,
+        trees=run.trees,
+        max_steps=run.max_steps,
+        fits=run.fits,
+        generate=functools.partial(grow_round, run),
         score=score,
-        spent_tokens=lambda: summary.new_gen_tokens,
+        spent_tokens=lambda: run.summary.new_gen_tokens,
         budget_tokens=options.budget_tokens,
-        report=report,
+        report=run.report,
     )
 
 
 def _check_options(options: GenOptions) -> None:
     check_backend(options.backend)
+    check_outside_trace(options.out)  # before any model loads
     checks = [
         (options.worlds >= 1, f"--worlds must be at least 1, got {options.worlds}"),
         (options.temperature >= 0, f"--temperature must be >= 0, got {options.temperature}"),
@@ -391,11 +326,11 @@ def _id_texts(tokenizer) -> list[str]:
     return tokenizer.batch_decode([[token_id] for token_id in range(len(tokenizer))])
 
 
-def _manifest(options, models, tokenizers, dataset: Dataset, grader: Grader, sampling) -> dict:
+def _manifest(options: GenOptions, models: _RunModels, dataset: Dataset, grader: Grader, sampling) -> dict:
     return {
         "schema_version": schema_version_for(options.roles),
-        "models": _model_entries(options, models, tokenizers),
-        "model_paths": {role: model.path for role, model in models.items()},
+        "models": _model_entries(options, models),
+        "model_paths": {role: model.path for role, model in models.checkpoints.items()},
         "dataset": {"name": dataset.name, "split": dataset.split, "file_hash": dataset.file_hash},
         "dataset_source": dataset.source,
         "prompt_template": {
@@ -419,14 +354,12 @@ def _manifest(options, models, tokenizers, dataset: Dataset, grader: Grader, sam
     }
 
 
-def _model_entries(options: GenOptions, models: dict, tokenizers: dict) -> list:
+def _model_entries(options: GenOptions, models: _RunModels) -> list:
     """trace.json entries of the models in role order; a chat-mode API role is known by its served name."""
-    api = api_roles.api_specs(options.api, options.roles)
-    names = dict(zip(options.roles, options.model_names))
     return [
-        model_manifest(models[role], tokenizers[role])
-        if role in models
-        else api_roles.text_only_model_entry(role, api[role], names[role])
+        model_manifest(models.checkpoints[role], models.tokenizers[role])
+        if role in models.checkpoints
+        else endpoint_roles.text_only_model_entry(role, models.api[role], models.names[role])
         for role in options.roles
     ]
 
@@ -451,19 +384,20 @@ def _engine_entry(backends: dict) -> dict:
     return first if all(info == first for info in infos.values()) else infos
 
 
-def _write_hidden(writer: TraceWriter, options: GenOptions, models, root_ids, report) -> int:
+def _write_hidden(writer: TraceWriter, options: GenOptions, models: _RunModels, report) -> int:
+    """The prompts' hidden states at --hidden-layers that the trace lacks, per model with a checkpoint."""
     done = set(
         Trace(writer.root, writer.manifest).scan("hidden").select("problem_id", "model", "layer").collect().iter_rows()
     )
-    blocks = {role: hidden.block_count(model.path) for role, model in models.items()}
+    blocks = {role: hidden.block_count(model.path) for role, model in models.checkpoints.items()}
     stored_layers = writer.manifest.hidden_layers
     layers = stored_layers + [layer for layer in options.hidden_layers if layer not in stored_layers]
     writer.update_manifest(hidden=hidden.manifest_entry(layers, blocks))
     written = 0
-    for role, model in models.items():
+    for role, model in models.checkpoints.items():
         todo = {
             pid: ids
-            for pid, ids in root_ids.items()
+            for pid, ids in models.root_ids.items()
             if any((pid, role, layer) not in done for layer in options.hidden_layers)
         }
         if not todo:

@@ -13,7 +13,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from replay.errors import TraceError
+from tracestore.errors import TraceError
 
 ANSWER_MARKER = "\\boxed{"
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"

@@ -1,19 +1,22 @@
-"""What growing step trees keeps and counts: each tree's stored steps, each step's seed, the rows a generated
-step is written as, and a run's counts. Shared by round-by-round growth (``tracegen.gen``) and continuous growth
-(``tracegen.continuous``)."""
+"""What growing step trees keeps and counts: each tree's stored steps, each step's seed and engine request, the
+rows a generated step is written as, a run's counts, and the run itself (``GrowthRun``). Shared by round-by-round
+growth (``tracegen.gen``) and continuous growth (``tracegen.continuous``)."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from replay.schema import model_char
+from tracegen.backends import StepRequest, StepSampling
 from tracegen.closure import ClosureResult
 from tracegen.datasets import Problem
-from tracegen.expand import Request
+from tracegen.expand import Request, Strategy, frontier
 from tracegen.grading import Grader, extract_answer, is_final_step
 from tracegen.prompts import STEP_DELIMITER
+from tracestore.schema import model_char
+from tracestore.store import TraceWriter
 
 
 @dataclass
@@ -60,6 +63,16 @@ class Tree:
     def step_texts(self, path: str) -> tuple[str, ...]:
         return tuple(self.steps[path[:end]].text for end in range(1, len(path) + 1))
 
+    def step_request(self, request: Request, seed: int) -> StepRequest:
+        """What an engine is sent for ``request`` on this tree: the node's prompt ids, the step's own seed, and
+        the question and the path's steps as text (for chat endpoints)."""
+        return StepRequest(
+            tuple(self.prompt_ids(request.parent_path)),
+            request_seed(seed, request),
+            self.problem.question,
+            self.step_texts(request.parent_path),
+        )
+
     def solution_text(self, path: str) -> str:
         return STEP_DELIMITER.join(self.steps[path[:end]].text for end in range(1, len(path) + 1))
 
@@ -78,6 +91,46 @@ class Tree:
 
     def is_final_map(self) -> dict[str, bool]:
         return {path: step.is_final for path, step in self.steps.items()}
+
+
+@dataclass
+class GrowthRun:
+    """One `trace gen` run's growth, built once by ``run_gen`` and passed to whatever grows its trees (round by
+    round, continuously, closure's rounds): the trees, the engines and how they sample, how a generated step
+    becomes rows, where they are written, and the run's counts and progress."""
+
+    trees: dict[tuple[str, int], Tree]  # this run's (problem_id, world) -> its tree
+    strategy: Strategy
+    max_steps: int
+    backends: dict  # role -> Backend
+    context_len: int  # tokens a prompt plus its step may take on every backend
+    sampling: StepSampling
+    seed: int  # --seed, from which every step's seed derives
+    grader: Grader
+    tokenizers: dict  # role -> tokenizer (a chat-mode API role: the trace's)
+    timings: bool  # store each step's measured gen_seconds
+    writer: TraceWriter
+    summary: GenSummary
+    report: Callable  # report(stage=..., **info), see tracegen.progress.GenProgress
+
+    def tree(self, request: Request) -> Tree:
+        return self.trees[(request.problem_id, request.world)]
+
+    def frontier(self) -> list[Request]:
+        """The steps the strategy asks for at every node of the trees (those that do not fit included)."""
+        return frontier({key: tree.is_final_map() for key, tree in self.trees.items()}, self.strategy, self.max_steps)
+
+    def fits(self, request: Request) -> bool:
+        """Whether the node's prompt leaves room for a step (a node that fills the context is not grown)."""
+        return len(self.tree(request).prompt_ids(request.parent_path)) < self.context_len
+
+    def step_request(self, request: Request) -> StepRequest:
+        return self.tree(request).step_request(request, self.seed)
+
+    def step_rows(self, request: Request, prompt, step) -> tuple[dict, dict, StoredStep]:
+        """The generated ``step`` (on ``prompt``) as its steps row, its tokens row and what its tree keeps."""
+        tokenizer = self.tokenizers[request.model]
+        return step_record(request, self.tree(request), prompt, step, self.grader, tokenizer, self.timings)
 
 
 def request_seed(seed: int, request: Request) -> int:

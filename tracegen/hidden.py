@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from replay.errors import TraceError
+from tracestore.errors import TraceError
 
 WHERE = "prompt_last"
 BATCH_SIZE = 16

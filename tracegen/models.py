@@ -16,8 +16,8 @@ from pathlib import Path
 
 from data.toy import MODEL_ALIASES as TOY_MODEL_ALIASES
 from data.toy import TRAINING_SCRIPTS as TOY_TRAINING_SCRIPTS
-from replay.errors import TraceError
-from replay.schema import Manifest
+from tracestore.errors import TraceError
+from tracestore.schema import Manifest
 
 MODEL_ALIASES: dict[str, str] = {
     "qwen2.5-math-1.5b": "Qwen/Qwen2.5-Math-1.5B-Instruct",
@@ -37,6 +37,21 @@ TOKENIZER_FILES = (
 FULL_HASH_LIMIT = 1 << 30  # weights up to 1 GiB are hashed in full; larger ones by their safetensors headers
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SAFETENSORS_ITEM_BYTES = 8
+# Names (a component of a tensor's key) of the vocabulary and position embeddings and the projection onto the
+# vocabulary across Hugging Face architectures: Qwen2/Llama embed_tokens and lm_head, GPT-2 wte and wpe, ...
+EMBEDDING_TENSORS = frozenset(
+    {
+        "embed_tokens",
+        "lm_head",
+        "wte",
+        "wpe",
+        "embed_positions",
+        "word_embeddings",
+        "position_embeddings",
+        "embed_in",
+        "embed_out",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -101,7 +116,7 @@ def model_manifest(model: ModelRef, tokenizer) -> dict:
         "role": model.role,
         "name": canonical_name(model),
         "revision": revision(folder),
-        "n_params": count_parameters(folder),
+        **parameter_counts(folder),
         **model_shape(folder),
         "tokenizer_hash": _hash_files(folder, TOKENIZER_FILES),
         "chat_template_hash": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
@@ -128,7 +143,7 @@ def model_entry(model: ModelRef) -> dict:
     return {
         "name": canonical_name(model),
         "revision": revision(folder),
-        "n_params": count_parameters(folder),
+        **parameter_counts(folder),
         **model_shape(folder),
     }
 
@@ -178,18 +193,25 @@ def revision(folder: Path) -> str:
     return f"{kind}:{digest.hexdigest()}"
 
 
-def count_parameters(folder: Path) -> int:
-    """Number of stored parameters, summed over the safetensors headers (tied weights counted once)."""
+def parameter_counts(folder: Path) -> dict[str, int]:
+    """``n_params``: the stored parameters, summed over the safetensors headers (tied weights counted once), what
+    the seeds' 2N per token counts; ``n_params_non_embedding``: the same without the vocabulary and position
+    embeddings and the output projection onto the vocabulary, Kaplan et al.'s N (the kaplan cost model's)."""
     files = [f for f in _weight_files(folder) if f.suffix == ".safetensors"]
     if not files:
         raise TraceError(f"{folder}: no .safetensors weights, so the parameter count is unknown")
-    total = 0
+    total = embedding = 0
     for path in files:
         header = json.loads(_safetensors_header_bytes(path))
-        total += sum(math.prod(entry["shape"]) for key, entry in header.items() if key != "__metadata__")
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            size = math.prod(entry["shape"])
+            total += size
+            embedding += size if EMBEDDING_TENSORS & set(key.split(".")) else 0
     if total <= 0:
         raise TraceError(f"{folder}: the safetensors files hold no parameters")
-    return total
+    return {"n_params": total, "n_params_non_embedding": total - embedding}
 
 
 def _weight_files(folder: Path) -> list[Path]:

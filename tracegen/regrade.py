@@ -17,12 +17,12 @@ from pathlib import Path
 
 import polars as pl
 
-from replay.errors import TraceError
-from replay.grades import grade_set_rows
-from replay.schema import DEFAULT_GRADES, Manifest, first_difference, lookup_field
-from replay.store import Trace, TraceWriter, open_trace
 from tracegen.grading import Grader, extract_answer, grader_for, grader_named
 from tracegen.prompts import STEP_DELIMITER
+from tracestore.errors import TraceError
+from tracestore.grades import grade_set_rows
+from tracestore.schema import DEFAULT_GRADES, Manifest, first_difference, lookup_field
+from tracestore.store import Trace, TraceWriter, open_trace
 
 REGRADE_WRITER = "regrade"
 FLIP_EXAMPLES = 5

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import polars as pl
 
-from replay.errors import TraceError
-from replay.schema import first_difference, lookup_field
-from replay.store import TraceWriter, open_trace
 from tracegen.backends import check_backend
 from tracegen.models import load_tokenizer, trace_model
 from tracegen.prompts import prompt_token_ids
 from tracegen.scorers import Item, Scorer, make_scorer
+from tracestore.errors import TraceError
+from tracestore.schema import first_difference, lookup_field
+from tracestore.store import TraceWriter, open_trace
 
 
 @dataclass
@@ -39,11 +39,13 @@ def run_score(
     *,
     model: str | None = None,
     backend: str | None = None,
+    preset: str | None = None,
     batch: int | None = None,
     progress: Callable | None = None,
 ) -> ScoreSummary:
-    """Score every step of the trace at ``root`` that ``scorer_name`` scores and has not scored yet."""
-    scorer = open_scorer(root, scorer_name, model=model, backend=backend)
+    """Score every step of the trace at ``root`` that ``scorer_name`` scores and has not scored yet, asking with
+    prompt preset ``preset`` (see ``open_scorer``)."""
+    scorer = open_scorer(root, scorer_name, model=model, backend=backend, preset=preset)
     try:
         return score_pending(root, scorer, batch=batch, progress=progress)
     finally:
@@ -56,20 +58,26 @@ def open_scorer(
     *,
     model: str | None = None,
     backend: str | None = None,
+    preset: str | None = None,
     engines: dict | None = None,
 ) -> Scorer:
     """A scorer for the trace at ``root``, refused if the trace holds its scores made otherwise.
 
-    ``engines`` ({role: backend}) lends it engines already running for the trace's models.
+    ``preset``: its prompt preset; without one, the preset the trace's scores of this scorer were made with (a
+    rerun resumes them), else the scorer's default. ``engines`` ({role: backend}) lends it engines already
+    running for the trace's models.
     """
     check_backend(backend)
     trace = open_trace(root)
-    scorer = make_scorer(scorer_name, trace.manifest, model=model, backend=backend)
+    scorer = make_scorer(scorer_name, trace.manifest, model=model, backend=backend, preset=preset)
     scorer.shared_engines = engines or {}
     scorer.trace_root = Path(root)  # where an API scorer stores its responses
     scorer.check()
     signal = scorer.signal
     recorded = trace.manifest.scorers.get(signal)
+    recorded_preset = (recorded or {}).get("preset")
+    if preset is None and isinstance(recorded_preset, dict) and recorded_preset.get("name") in scorer.presets:
+        scorer.preset = recorded_preset["name"]
     if recorded is not None:
         entry = scorer.manifest_entry()
         differing = first_difference(recorded, entry)

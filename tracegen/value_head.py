@@ -4,9 +4,12 @@ Checkpoint layout (Skywork-o1-Open-PRM and the toy PRM alike): a Qwen2 ``config.
 weights under ``model.*`` and the head as ``v_head.summary.weight`` ([1, hidden]) and
 ``v_head.summary.bias`` ([1]) in the safetensors files, and the tokenizer files.
 
-Input: BOS (when the tokenizer has one) + the raw question + "\\n", then every step's tokens each
-followed by the step-end token ("\\n"). The reward of a step is the sigmoid of the value head at its
-step-end token; the PRM sees every earlier step of the path.
+Input, as RSD's code lays it out (Skywork's ``prepare_input``): BOS (when the tokenizer has one) + the raw
+question + "\\n", tokenised as one text, then every step's tokens each followed by the step token (the last
+token of the step separator: RSD's "\\n\\n", one token in Qwen's vocabulary). The reward of a step is the
+sigmoid of the value head at its step token; the PRM sees every earlier step of the path. The separator is a
+recorded setting of the checkpoint: a PRM trained with another one (the toy PRM: "\\n") names it in its
+training.json, and is fed the layout it was trained on.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from replay.errors import TraceError
+from tracestore.errors import TraceError
 
-RSD_SEPARATOR = "\n\n"  # what RSD's code puts after the question and after each step before the PRM reads them
+RSD_SEPARATOR = "\n\n"  # the step token RSD's code puts after each step before the PRM reads it
+QUESTION_END = "\n"  # what Skywork's prepare_input puts after the question
 SEPARATOR_FIELD = "step_separator"  # training.json field of a PRM trained with another separator
 HEAD_PREFIX = "v_head.summary."
 
@@ -33,13 +37,14 @@ def trained_separator(folder: str | Path) -> str:
 
 
 def prm_input_ids(tokenizer, question: str, steps: list[str], separator: str) -> tuple[list[int], list[int]]:
-    """(token ids, index of each step's last separator token) of a question and the steps of one path:
-    BOS + question + separator, then each step + separator."""
-    separator_ids = tokenizer.encode(separator, add_special_tokens=False)
-    ids = tokenizer.encode((tokenizer.bos_token or "") + question + separator, add_special_tokens=False)
+    """(token ids, index of each step's step token) of a question and the steps of one path, as Skywork's
+    prepare_input builds them: BOS + question + "\\n", then each step + the step token (the last token of
+    ``separator``)."""
+    step_token = tokenizer.encode(separator, add_special_tokens=False)[-1]
+    ids = tokenizer.encode((tokenizer.bos_token or "") + question + QUESTION_END, add_special_tokens=False)
     ends = []
     for step in steps:
-        ids += tokenizer.encode(step, add_special_tokens=False) + separator_ids
+        ids += [*tokenizer.encode(step, add_special_tokens=False), step_token]
         ends.append(len(ids) - 1)
     return ids, ends
 

@@ -1,14 +1,14 @@
-"""What every router shares: the scikit-learn-style estimator contract, the registry, and the three
-ways a router walks a tree.
+"""What every router shares: the scikit-learn-style estimator contract and the three ways a router walks a
+tree.
 
 - ``__init__`` only stores its keyword arguments; a router's configuration is its constructor call.
 - Every numeric parameter has a declared ``Domain`` in ``domains``; ``fit`` checks the parameters
   against them, and a sweep checks every swept value (``check_values``).
 - ``fit(train)`` checks the configuration, learns what it needs from the train split (attributes
   ending in ``_``) and returns ``self``; replaying an unfitted router is an error.
-- A subclass with a ``name`` in this package registers itself in ``ROUTERS``: adding a router is one new
-  file. Routers of your own (files, modules, entry points) are loaded by reference (replay.plugins) and
-  never enter the registry, so they cannot replace a built-in one.
+- Adding a router is one new file of this package with ``@ROUTERS.register`` above its class (replay.routers);
+  routers of your own (files, modules, entry points) are found by reference through the same registry and
+  cannot take a built-in one's name.
 
 Kinds: a ``WriterRouter`` picks the model that writes each step; a ``DraftRouter`` lets the small
 model write each step and judges it: keep it, or discard it and have the large model write that step
@@ -22,16 +22,13 @@ import inspect
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
-from replay.errors import TraceError
-
-if TYPE_CHECKING:
-    from replay.engine import Costs, ReplayData, Walk
-
-ROUTERS: dict[str, type[Router]] = {}
+from replay.data import ReplayData
+from replay.walk import Costs, DraftRule, Walk, walk_steps
+from tracestore.errors import TraceError
 
 
 @dataclass(frozen=True)
@@ -76,11 +73,6 @@ class Router:
     domains: ClassVar[dict[str, Domain]] = {}  # every numeric parameter's allowed values
     scorer: str | None = None  # scorer whose scores the router reads and pays for
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if cls.__dict__.get("name") and cls.__module__.startswith("replay.routers."):
-            ROUTERS[cls.name] = cls
-
     @classmethod
     def param_names(cls) -> list[str]:
         parameters = inspect.signature(cls.__init__).parameters.values()
@@ -91,6 +83,11 @@ class Router:
     def param_defaults(cls) -> dict[str, Any]:
         parameters = inspect.signature(cls.__init__).parameters
         return {name: parameters[name].default for name in cls.param_names()}
+
+    @classmethod
+    def idle_params(cls, params: dict[str, Any]) -> tuple[str, ...]:
+        """The parameters configuration ``params`` does not read (left out where the configuration is shown)."""
+        return ()
 
     def scorer_for(self, roles: list[str]) -> str | None:
         """The scorer whose scores this router reads on a trace with model ``roles`` (its ``scorer`` unless the
@@ -164,8 +161,6 @@ class WriterRouter(Router):
         raise NotImplementedError
 
     def walk(self, data, costs, starts, params):
-        from replay.engine import walk_steps
-
         def choose(nodes, p):
             roles = checked_hook_output(self, "choose", self.choose(data, nodes, p), len(nodes), "role indices")
             if roles.size and (roles.dtype.kind not in "iu" or roles.min() < 0 or roles.max() >= len(data.roles)):
@@ -183,7 +178,7 @@ class DraftRouter(Router):
 
     With ``one_way`` the first rejected draft hands the rest of the solution to the large model, and
     ``escalate`` says what happens to that draft: "replace" (discarded, paid for, the large model rewrites
-    it) or "after" (kept; the large model writes from the next step on). See ``replay.engine.DraftRule``.
+    it) or "after" (kept; the large model writes from the next step on). See ``replay.walk.DraftRule``.
     """
 
     one_way: bool = False  # after one rejected draft the large model writes the rest, undrafted
@@ -211,7 +206,7 @@ class DraftRouter(Router):
 
     def chain(self, roles: list[str]) -> tuple[str, ...]:
         """The models a rejection hands over along, smallest first: (draft, target) unless a router chains more
-        (replay.engine.DraftRule)."""
+        (replay.walk.DraftRule)."""
         return self.draft_roles(roles)
 
     def draft_signal(self, data: ReplayData) -> np.ndarray:
@@ -223,8 +218,6 @@ class DraftRouter(Router):
         raise NotImplementedError
 
     def walk(self, data, costs, starts, params):
-        from replay.engine import DraftRule, walk_steps
-
         signal = costs.once(
             (self, "draft_signal"),
             lambda: checked_hook_output(self, "draft_signal", self.draft_signal(data), data.steps.height, "numbers"),
@@ -295,15 +288,3 @@ def coerce_param(router: type[Router], name: str, value: Any) -> Any:
         kind = {bool: "true or false", int: "an integer", float: "a number"}[type(default)]
         raise TraceError(f"router {router.name}: parameter {name} must be {kind}, got {value!r}") from None
     return value
-
-
-def make_router(name: str, **params: Any) -> Router:
-    """The router registered as ``name`` with ``params`` (strings are converted to the defaults' types)."""
-    if name not in ROUTERS:
-        raise TraceError(f"unknown router {name!r}; choose one of {', '.join(sorted(ROUTERS))}")
-    cls = ROUTERS[name]
-    unknown = sorted(set(params) - set(cls.param_names()))
-    if unknown:
-        valid = ", ".join(cls.param_names()) or "none"
-        raise TraceError(f"router {name} has no parameter {', '.join(unknown)}; its parameters: {valid}")
-    return cls(**{key: coerce_param(cls, key, value) for key, value in params.items()})

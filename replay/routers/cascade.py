@@ -2,7 +2,9 @@
 
 Models are tried in order of size (``models``, default the trace's roles in manifest order). Model
 i's whole solution is kept if P(T) >= ``t_true`` (default 0.9, the paper's) and P(IK) >= ``t_ik``;
-otherwise the query goes to model i+1; the last model's answer is always kept.
+otherwise the query goes to model i+1; the last model's answer is always kept. A solution written and then
+not trusted (P(T) too low) is paid for and its steps count as discarded (``n_discarded``, ``cost_discarded``),
+not as kept steps of its model.
 
 - P(IK): an MLP probe (64 hidden units, scikit-learn) on the prompt's hidden state of model i at
   ``layer`` (``auto``: the paper's layer 24 when the model has more layers, else its last; from the
@@ -30,15 +32,18 @@ import numpy as np
 import polars as pl
 
 from replay.artifacts import check_fitted_within
-from replay.engine import Walk, walk_chains
-from replay.errors import TraceError
 from replay.pik import AUTO_LAYER, DEFAULT_WHERE, fit_probes, hidden_matrix, load_probes, probe_layer
+from replay.routers import ROUTERS
 from replay.routers.base import SEED, UNIT, QueryRouter
+from replay.walk import Walk, walk_chains
+from tracestore.errors import TraceError
 
 P_TRUE_SOURCES = ("ptrue", "first_token", "final_mean", "final_min")
 SCORED_P_TRUE = ("ptrue", "first_token")  # read from the scores table (trace score --scorer ptrue | first_token)
+PROBE_PARAMS = ("t_ik", "layer", "where", "seed", "probe")  # what only the P(IK) probe reads
 
 
+@ROUTERS.register
 class Cascade(QueryRouter):
     name = "cascade"
     sweepable = ("t_true", "t_ik")
@@ -65,6 +70,10 @@ class Cascade(QueryRouter):
         self.where = where
         self.seed = seed
         self.probe = probe
+
+    @classmethod
+    def idle_params(cls, params):
+        return () if params.get("pik", True) else PROBE_PARAMS
 
     @property
     def scorer(self):
@@ -150,9 +159,6 @@ class Cascade(QueryRouter):
                 result.prefill[paid] += costs.prefill[first_step[paid]]
                 writes &= ~skipped
             chain = walk_chains(data, costs, roots, r).take(inverse)
-            result.decode[:, writes] += chain.decode[:, writes]
-            result.kept[:, writes] += chain.kept[:, writes]
-            result.prefill[writes] += chain.prefill[writes]
             missed = writes & chain.missed
             result.end_node[missed] = chain.end_node[missed]
             result.miss_role[missed] = chain.miss_role[missed]
@@ -172,6 +178,13 @@ class Cascade(QueryRouter):
                     finished &= ~unscored
                     result.scorer[finished] += call_cost[finished]
                 keep = finished & (self._p_true(data, final) >= params["t_true"])
+            rejected = finished & ~keep  # a solution written, then not trusted: paid for, its steps discarded
+            written = writes & ~rejected
+            result.decode[:, written] += chain.decode[:, written]
+            result.kept[:, written] += chain.kept[:, written]
+            result.prefill[written] += chain.prefill[written]
+            result.discarded[rejected] += chain.decode[:, rejected].sum(axis=0) + chain.prefill[rejected]
+            result.n_discarded[rejected] += chain.kept[:, rejected].sum(axis=0)
             result.final_step[keep] = chain.final_step[keep]
             result.end_node[keep] = chain.end_node[keep]
             undecided &= ~keep

@@ -2,10 +2,12 @@
 
 import numpy as np
 
-from replay.errors import TraceError
+from replay.routers import ROUTERS
 from replay.routers.base import WriterRouter
+from tracestore.errors import TraceError
 
 
+@ROUTERS.register
 class Only(WriterRouter):
     name = "only"
 

@@ -10,10 +10,12 @@ of all K.
 import numpy as np
 import polars as pl
 
-from replay.engine import Walk, walk_chains
+from replay.routers import ROUTERS
 from replay.routers.base import QueryRouter
+from replay.walk import Walk, walk_chains
 
 
+@ROUTERS.register
 class Oracle(QueryRouter):
     name = "oracle"
 

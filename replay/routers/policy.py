@@ -37,7 +37,7 @@ is an error: its kappa is calibrated for its own process.
 
 Policy file (``torch.save`` of a dict; written by ``trace train policy``, read here)::
 
-    {"format": "trace-policy", "version": 1,
+    {"format": "trace-policy", "version": 2,
      "features": ["conf_max_logit_math", "depth", ...],  # names from FEATURES, in input order
      "feature_mean": [...], "feature_std": [...],        # o = (raw - mean) / std; a null raw value -> 0
      "hidden": 64,                                        # width of the two hidden layers
@@ -45,14 +45,19 @@ Policy file (``torch.save`` of a dict; written by ``trace train policy``, read h
      "escalate": "after",                                 # the decision process it was trained for
      "roles": ["m0", "m1", "m2"],                         # optional: the models in play, smallest first
      "role_models": ["toy-small", ...],                   # ... and their names (checked against the trace)
-     "state_dict": {...},                                 # of policy_network(n_inputs, hidden, len(roles))
+     "state_dict": {...},                                 # float64 tensors, torch.nn.Sequential's names
      "train_problem_ids": [...],                          # optional: must lie in the replay's train split
+     "flags": [...],                                      # optional: how training ended, see TRAINING_FLAGS
      ...}                                                 # optional: training metadata (trace train policy)
 
-The network is ``policy_network``: Linear-Tanh-Linear-Tanh-Linear, one logit per action (continue, escalate to
-each larger model in play); two models: p = softmax(logits)[escalate], computed in float32. Files without
-``roles`` (written before K models) are two-model policies from ``draft=`` (default the smallest model) to
-``target=`` (default the largest), as before.
+The network (``replay.mlp.MLP``, ``policy_inputs`` wide): Linear-Tanh-Linear-Tanh-Linear, one logit per action
+(continue, escalate to each larger model in play); pi = softmax of the logits (``policy_probabilities``), two
+models: p = pi[escalate]. It is evaluated in ``replay.mlp``'s float64 arithmetic, which gives the same bits on
+every x86 CPU, so a replay makes the same escalations everywhere, and the ones training made. Version 1 files
+(float32 weights, evaluated in float32 by torch, whose bits depend on the CPU) still load: their weights are
+evaluated the same way, in float64, so where pi lies within about 1e-7 of kappa a decision can differ from a
+replay by an older version of this tool. Files without ``roles`` (written before K models) are two-model
+policies from ``draft=`` (default the smallest model) to ``target=`` (default the largest), as before.
 """
 
 from __future__ import annotations
@@ -63,17 +68,29 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from replay.api_signals import S_API, require_signals
 from replay.artifacts import check_fitted_within, load_artifact
-from replay.atomic import write_atomic
-from replay.engine import ESCALATE_MODES
-from replay.errors import TraceError
+from replay.endpoint_signals import S_API, require_signals
+from replay.mlp import MLP, exp
 from replay.policy_walk import allowed_actions, walk_k_models
+from replay.routers import ROUTERS
 from replay.routers.base import Domain, DraftRouter
+from replay.walk import ESCALATE_MODES
+from tracestore.atomic import write_atomic
+from tracestore.errors import TraceError
 
 POLICY_FORMAT = "trace-policy"
-POLICY_VERSION = 1
+POLICY_VERSION = 2  # 2: float64 weights, evaluated by replay.mlp; 1 (float32, torch) still loads
+READABLE_VERSIONS = (1, 2)
 ESCALATE = 1  # index of the escalate logit
+MASKED = -1e9  # logit of an action not open (or not playable): probability exactly 0, a finite log
+# How training ended, when it ended where the policy is not what was asked for (the file's "flags"; `trace train
+# policy` says so and `trace report` marks the policy's row).
+TRAINING_FLAGS = {
+    "target_unreachable": "no policy reaches the coverage target 1 - alpha on the train split",
+    "coverage_below_target": "the trained policy's coverage on the train split is below 1 - alpha",
+    "kappa_at_0": "kappa ended at 0, the edge of its range: the policy escalates at every decision",
+    "kappa_at_1": "kappa ended at 1, the edge of its range: the policy escalates only where pi(escalate) is 1",
+}
 # Observation features: numeric columns of the steps table, plus the problem's difficulty
 # (problems.meta "level": a number, or a string like "Level 3").
 STEP_FEATURES = (
@@ -92,28 +109,27 @@ FEATURES = (*STEP_FEATURES, "difficulty")
 POLICY_INSTEAD = f"train it on S_API instead: trace train policy --features {S_API},depth,is_final,n_gen_tokens"
 
 
-def mlp(n_inputs: int, hidden: int, n_outputs: int):
-    """Three linear layers with tanh between them: the shape of the policy and of its critics."""
-    import torch
-
-    return torch.nn.Sequential(
-        torch.nn.Linear(n_inputs, hidden),
-        torch.nn.Tanh(),
-        torch.nn.Linear(hidden, hidden),
-        torch.nn.Tanh(),
-        torch.nn.Linear(hidden, n_outputs),
-    )
+def policy_inputs(n_features: int, n_actions: int = 2) -> int:
+    """Width of the policy network's input: the features, and with K models in play (K > 2) the one-hot of the
+    current model."""
+    return n_features + (n_actions if n_actions > 2 else 0)
 
 
-def policy_network(n_features: int, hidden: int = 64, n_actions: int = 2):
-    """The policy MLP: ``hidden`` units, logits for (continue, escalate to each larger model in play); with K
-    models in play (K > 2) the input is the features and a one-hot of the current model."""
-    return mlp(n_features + (n_actions if n_actions > 2 else 0), hidden, n_actions)
+def policy_probabilities(network: MLP, observation: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
+    """pi(a | o) for rows of observations (any leading shape), over the ``allowed`` actions (default all): the
+    softmax of the network's logits. Every caller (training's rollouts and thresholds, the replay) goes through
+    here, so training and replay see the same bits."""
+    rows = observation.reshape(-1, observation.shape[-1])
+    logits = network(rows)
+    if allowed is not None:
+        logits = np.where(allowed.reshape(-1, logits.shape[-1]), logits, MASKED)
+    weights = exp(logits - logits.max(axis=1, keepdims=True))
+    return (weights / weights.sum(axis=1, keepdims=True)).reshape(*observation.shape[:-1], -1)
 
 
 def with_role(observation: np.ndarray, role: np.ndarray, n_roles: int) -> np.ndarray:
     """Observations with the one-hot of the current model (position in the models in play) appended; K > 2."""
-    one_hot = np.zeros((*role.shape, n_roles), dtype=np.float32)
+    one_hot = np.zeros((*role.shape, n_roles))
     np.put_along_axis(one_hot, role[..., None], 1.0, axis=-1)
     return np.concatenate([observation, one_hot], axis=-1)
 
@@ -169,12 +185,12 @@ def raw_features(steps: pl.DataFrame, problems: pl.DataFrame, features: list[str
 
 def normalise(raw: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     observation = (raw - mean) / std
-    return np.nan_to_num(observation, nan=0.0).astype(np.float32)
+    return np.nan_to_num(observation, nan=0.0)
 
 
 def save_policy(
     path: str | Path,
-    network,
+    network: MLP,
     features: list[str],
     feature_mean,
     feature_std,
@@ -184,8 +200,10 @@ def save_policy(
     roles: list[str] | None = None,
     role_models: list[str] | None = None,
     **metadata,
-) -> None:
-    """Write a policy file atomically; the same arguments give the same bytes (``metadata``: plain values)."""
+) -> str:
+    """Write a policy file atomically; the same arguments give the same bytes (``metadata``: plain values).
+    Returns the SHA-256 of the bytes written (hex)."""
+    import hashlib
     import io
 
     import torch
@@ -206,10 +224,11 @@ def save_policy(
     buffer = io.BytesIO()  # in memory, the archive's inner folder name does not depend on the file name
     torch.save(saved, buffer)
     write_atomic(path, buffer.getvalue())
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
-def load_policy(path: str | Path) -> tuple[object, dict]:
-    """(network in eval mode, the file's dict) from a policy file, checked."""
+def load_policy(path: str | Path) -> tuple[MLP, dict]:
+    """(network, the file's dict) from a policy file, checked."""
     import torch
 
     path = Path(path)
@@ -218,7 +237,7 @@ def load_policy(path: str | Path) -> tuple[object, dict]:
         lambda p: torch.load(p, map_location="cpu", weights_only=True),
         "policy",
         POLICY_FORMAT,
-        POLICY_VERSION,
+        READABLE_VERSIONS,
         ("features", "feature_mean", "feature_std", "hidden", "kappa", "state_dict"),
     )
     n = len(saved["features"])
@@ -233,18 +252,23 @@ def load_policy(path: str | Path) -> tuple[object, dict]:
         not isinstance(roles, list) or len(roles) < 2 or len(saved.get("role_models") or []) != len(roles)
     ):
         raise TraceError(f"policy file {path}: 'roles' must list two or more models, with as many 'role_models'")
-    n_actions = len(roles) if roles else 2
-    network = policy_network(n, saved["hidden"], n_actions)
-    try:
-        network.load_state_dict(saved["state_dict"])
-    except RuntimeError as error:
+    n_actions, hidden = len(roles) if roles else 2, saved["hidden"]
+    state = saved["state_dict"]
+    widths = [(policy_inputs(n, n_actions), hidden), (hidden, hidden), (hidden, n_actions)]
+    expected = {}
+    for i, (n_in, n_out) in enumerate(widths):
+        expected[f"{2 * i}.weight"], expected[f"{2 * i}.bias"] = (n_out, n_in), (n_out,)
+    got = {name: tuple(value.shape) for name, value in state.items()} if isinstance(state, dict) else {}
+    wrong = [name for name in expected if got.get(name) != expected[name]]
+    if wrong:
         raise TraceError(
-            f"policy file {path}: state_dict does not fit a {n}-feature network with "
-            f"{saved['hidden']} hidden units and {n_actions} actions ({str(error).splitlines()[0]})"
-        ) from None
-    return network.eval(), saved
+            f"policy file {path}: state_dict does not fit a {n}-feature network with {hidden} hidden units and "
+            f"{n_actions} actions ({wrong[0]}: {got.get(wrong[0], 'missing')}, expected {expected[wrong[0]]})"
+        )
+    return MLP.from_state_dict(state), saved
 
 
+@ROUTERS.register
 class PolicyRouter(DraftRouter):
     name = "policy"
     sweepable = ("kappa",)
@@ -317,18 +341,12 @@ class PolicyRouter(DraftRouter):
 
     def escalate_probability(self, steps: pl.DataFrame, problems: pl.DataFrame) -> np.ndarray:
         """pi(escalate | o) for each step row."""
-        import torch
-
         observation = normalise(raw_features(steps, problems, self.features_), self.feature_mean_, self.feature_std_)
-        with torch.no_grad():
-            logits = self.network_(torch.from_numpy(observation))
-            return torch.softmax(logits, dim=1)[:, ESCALATE].double().numpy()
+        return policy_probabilities(self.network_, observation)[:, ESCALATE]
 
     def action_probabilities(self, data) -> np.ndarray:
         """(step rows, K) pi(a | o) of each step row written by a model in play below the largest, where a is
         continue or escalate to a larger model (0 for actions not open at that model); NaN rows elsewhere."""
-        import torch
-
         n_roles = len(self.roles_)
         position = np.full(len(data.roles), -1)
         position[[data.roles.index(role) for role in self.roles_[:-1]]] = np.arange(n_roles - 1)
@@ -336,11 +354,10 @@ class PolicyRouter(DraftRouter):
         rows = np.flatnonzero(row_position >= 0)
         raw = raw_features(data.steps[rows], data.problems, self.features_)
         observation = with_role(normalise(raw, self.feature_mean_, self.feature_std_), row_position[rows], n_roles)
-        allowed = allowed_actions(row_position[rows], n_roles)
         probability = np.full((data.steps.height, n_roles), np.nan)
-        with torch.no_grad():
-            logits = self.network_(torch.from_numpy(observation)).masked_fill(torch.from_numpy(~allowed), -np.inf)
-            probability[rows] = torch.softmax(logits, dim=1).double().numpy()
+        probability[rows] = policy_probabilities(
+            self.network_, observation, allowed_actions(row_position[rows], n_roles)
+        )
         return probability
 
     def draft_signal(self, data):

@@ -6,10 +6,12 @@ in every configuration of a sweep over p, and online.
 
 import numpy as np
 
+from replay.routers import ROUTERS
 from replay.routers.base import SEED, UNIT, WriterRouter
 from replay.splits import hash_uniform
 
 
+@ROUTERS.register
 class RandomRouter(WriterRouter):
     name = "random"
     sweepable = ("p",)

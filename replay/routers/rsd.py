@@ -10,9 +10,11 @@ smallest) plays the small model and ``target`` (default: the largest) the large 
 
 import numpy as np
 
+from replay.routers import ROUTERS
 from replay.routers.base import UNIT, DraftRouter
 
 
+@ROUTERS.register
 class Rsd(DraftRouter):
     name = "rsd"
     sweepable = ("tau",)

@@ -2,9 +2,11 @@
 
 import numpy as np
 
+from replay.routers import ROUTERS
 from replay.routers.base import WriterRouter
 
 
+@ROUTERS.register
 class SmallOnly(WriterRouter):
     name = "small-only"
 

@@ -15,13 +15,15 @@ model and ``target`` (default: the largest) the large one, and the judge is the 
 
 import numpy as np
 
-from replay.errors import TraceError
+from replay.routers import ROUTERS
 from replay.routers.base import Domain, DraftRouter
+from tracestore.errors import TraceError
 
 DIGITS = np.arange(10, dtype=np.float64)
 JUDGE = "judge"
 
 
+@ROUTERS.register
 class SpecReason(DraftRouter):
     name = "specreason"
     sweepable = ("tau",)

@@ -70,12 +70,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from replay.api_signals import S_API, require_signals
 from replay.artifacts import check_fitted_within
-from replay.atomic import write_atomic
-from replay.engine import ESCALATE_MODES
-from replay.errors import TraceError
+from replay.endpoint_signals import S_API, require_signals
+from replay.routers import ROUTERS
 from replay.routers.base import SEED, UNIT, Domain, DraftRouter
+from replay.walk import ESCALATE_MODES
+from tracestore.atomic import write_atomic
+from tracestore.errors import TraceError
 
 SIGNAL = "conf_max_logit_math"
 STEER_FORMAT = "trace-steer"
@@ -188,6 +189,7 @@ class StepMixtures:
         return np.array([means[d] for d in mixture_depth], dtype=np.float64)
 
 
+@ROUTERS.register
 class Steer(DraftRouter):
     name = "steer"
     sweepable = ("tau",)

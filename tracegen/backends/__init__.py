@@ -1,7 +1,11 @@
-"""Generation backends for `trace gen`: vLLM (default where installed) and transformers, and the engine
-settings each model role gets.
+"""Generation backends for `trace gen`, `score` and `audit`: vLLM (default where installed), transformers, and a
+fake one for tests of everything around the engines (seeded steps of the toy world, no model; ``fake-stream`` also
+streams, as vLLM does), and the engine settings each model role gets.
 
-Engines are imported only when a backend is loaded, so phase two never pulls them in.
+A backend is a class constructed as ``cls(model_path, **engine_kwargs)`` with the ``Backend`` methods
+(tracegen.backends.base), registered in ``BACKENDS`` (replay.registry): the built-ins lazily by
+``module:Class``, so that an engine is imported only when it is loaded (phase two never pulls one in), others
+through entry points of group ``trace.backends`` or as ``--backend FILE.py:Class``.
 """
 
 from __future__ import annotations
@@ -9,11 +13,39 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from replay.errors import TraceError
-from replay.schema import LARGE, SMALL, TWO_MODEL_ROLES
+from replay.registry import Registry
 from tracegen.backends.base import Backend, GeneratedStep, StepRequest, StepSampling
+from tracestore.errors import TraceError
+from tracestore.schema import LARGE, SMALL, TWO_MODEL_ROLES
 
-BACKENDS = ("vllm", "hf")
+BACKEND_METHODS = ("generate_steps", "engine_info", "close")
+
+
+def _backend_class(obj, origin: str) -> type:
+    missing = [method for method in BACKEND_METHODS if not callable(getattr(obj, method, None))]
+    if not isinstance(obj, type) or missing:
+        raise TraceError(
+            f"{origin} is not a backend: it must name a class with the methods of tracegen.backends.base.Backend "
+            f"(lacking: {', '.join(missing) or 'it is not a class'})"
+        )
+    return obj
+
+
+def _looks_like_backend(value) -> bool:
+    return isinstance(value, type) and hasattr(value, "generate_steps")
+
+
+BACKENDS = Registry("backend", "trace.backends", _backend_class, _looks_like_backend)
+BACKENDS.register_lazy(
+    "vllm",
+    "tracegen.backends.vllm_engine:VLLMBackend",
+    install="install trace-routing[cpu] or [gpu], or use --backend hf",
+)
+BACKENDS.register_lazy("hf", "tracegen.backends.hf:HFBackend", install="install trace-routing[hf]")
+BACKENDS.register_lazy("fake", "tracegen.backends.fake:FakeBackend", install="install trace-routing[hf]")
+BACKENDS.register_lazy(
+    "fake-stream", "tracegen.backends.fake:StreamingFakeBackend", install="install trace-routing[hf]"
+)
 
 __all__ = [
     "BACKENDS",
@@ -36,9 +68,9 @@ VLLM_SCORER_SHARE = 0.4
 
 
 def check_backend(kind: str | None) -> None:
-    """TraceError unless ``kind`` is None (the default backend) or a known backend."""
-    if kind is not None and kind not in BACKENDS:
-        raise TraceError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
+    """TraceError unless ``kind`` is None (the default backend) or a known backend (nothing is imported)."""
+    if kind is not None:
+        BACKENDS.check_name(kind)
 
 
 def default_backend() -> str:
@@ -78,23 +110,13 @@ def scorer_engine_kwargs(kind: str) -> dict:
 
 
 def load_backend(kind: str, model_path: str, **engine_kwargs) -> Backend:
-    """Start the engine ``kind`` ("vllm" or "hf") on a local checkpoint folder or a Hugging Face id."""
-    check_backend(kind)
+    """Start the engine ``kind`` (see BACKENDS) on a local checkpoint folder or a Hugging Face id."""
+    cls = BACKENDS.get(kind)
     if str(model_path).startswith((".", "/", "~")) and not Path(model_path).expanduser().is_dir():
         raise TraceError(f"model folder {model_path} does not exist")
-    if kind == "hf":
-        try:
-            from tracegen.backends.hf import HFBackend
-        except ImportError as error:
-            raise TraceError(f"the hf backend needs transformers ({error}); install trace-routing[hf]") from error
-        unknown = sorted(set(engine_kwargs) - set(inspect.signature(HFBackend).parameters))
+    parameters = inspect.signature(cls).parameters.values()
+    if all(parameter.kind != inspect.Parameter.VAR_KEYWORD for parameter in parameters):
+        unknown = sorted(set(engine_kwargs) - {parameter.name for parameter in parameters})
         if unknown:
-            raise TraceError(f"unknown hf engine argument(s): {', '.join(unknown)}")
-        return HFBackend(str(model_path), **engine_kwargs)
-    try:
-        from tracegen.backends.vllm_engine import VLLMBackend
-    except ImportError as error:
-        raise TraceError(
-            f"the vllm backend needs vLLM ({error}); install trace-routing[cpu] or [gpu], or use --backend hf"
-        ) from error
-    return VLLMBackend(str(model_path), **engine_kwargs)
+            raise TraceError(f"unknown {kind} engine argument(s): {', '.join(unknown)}")
+    return cls(str(model_path), **engine_kwargs)

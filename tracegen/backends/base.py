@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from replay.errors import TraceError
+from tracegen.prompts import STEP_DELIMITER
+from tracestore.errors import TraceError
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class StepSampling:
     top_p: float = 1.0
     max_step_tokens: int = 256
     topk: int = 5  # alternatives recorded per position (ids + log-probabilities)
-    delimiter: str = "\n\n"  # matched on decoded text; ends a step and is not kept in its text
+    delimiter: str = STEP_DELIMITER  # matched on decoded text; ends a step and is not kept in its text
 
 
 @dataclass(frozen=True)

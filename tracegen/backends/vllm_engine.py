@@ -30,8 +30,8 @@ from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
 
-from replay.errors import TraceError
 from tracegen.backends.base import Draft, GeneratedStep, StepRequest, StepSampling, batch_shares, check_batch
+from tracestore.errors import TraceError
 
 _CPU_KV_CACHE_BYTES = 1 << 30
 _CPU_BATCHED_TOKENS = 4096  # vLLM's CPU default token budget per engine step

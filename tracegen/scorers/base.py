@@ -1,10 +1,12 @@
-"""What every scorer shares: the step it scores (with its path's context) and a registry by name.
+"""What every scorer shares: the step it scores (with its path's context) and the registry ``SCORERS``.
 
-A scorer is a class with a ``name``; defining it registers it (adding a scorer is one new file).
-It picks the steps it scores (``wants``), describes itself for trace.json (``manifest_entry``:
-its model, prompt and, for cost models, whose parameters a call costs) and scores a batch of
-``Item``s, returning one ``Score`` each. A world's variant of a scorer (the toy judge) is a class
-of its own that stores the same signal; ``make_scorer`` picks it for that world's traces.
+A scorer is a class with a ``name``; adding one is one new file of this package with ``@SCORERS.register``
+above its class (or an entry point of group ``trace.scorers``, or ``--scorer FILE.py:Class``; see
+replay.registry). It picks the steps it scores (``wants``), describes itself for trace.json
+(``manifest_entry``: its model, prompt and, for cost models, whose parameters a call costs) and scores a
+batch of ``Item``s, returning one ``Score`` each. A world's variant of a scorer (the toy judge) is a class
+of its own that stores the same signal and names its ``world``; ``make_scorer`` picks it for that world's
+traces.
 """
 
 from __future__ import annotations
@@ -15,17 +17,11 @@ from typing import ClassVar
 
 import polars as pl
 
-from replay.entry_points import SCORER_GROUP, Registered, entry_point_rows, entry_points, first_line, load_entry_point
-from replay.errors import TraceError
-from replay.schema import Manifest
+from replay.registry import Registry, check_subclass
 from tracegen.backends import default_backend, load_backend, scorer_engine_kwargs
 from tracegen.models import ModelRef, load_tokenizer, model_entry, named_model, trace_model
-
-SCORERS: dict[str, type[Scorer]] = {}
-# What a trace of a world asks for by signal name: the toy models cannot follow the judge's or P(True)'s
-# instructions, and the toy world has an exact step verifier and a PRM of its own.
-WORLD_SCORERS = {"toy": {"judge": "toy-judge", "ptrue": "toy-ptrue", "verifier": "exact-verifier"}}
-WORLD_SCORER_MODELS = {"toy": {"prm": "toy-prm"}}
+from tracestore.errors import TraceError
+from tracestore.schema import Manifest
 
 
 @dataclass(frozen=True)
@@ -65,21 +61,50 @@ class Scorer:
     signal: ClassVar[str]
     generated_tokens: ClassVar[int]  # tokens one call generates (what the flops and kaplan cost models charge)
     default_batch: ClassVar[int] = 256
+    # The world (dataset) whose traces get this scorer when they ask for its signal: the toy models cannot follow
+    # the judge's or P(True)'s instructions, and the toy world has an exact step verifier.
+    world: ClassVar[str] = ""
+    world_models: ClassVar[dict[str, str]] = {}  # the scorer's default model on a world's traces
+    presets: ClassVar[dict[str, object]] = {}  # the named prompts it can ask with (`--preset`), its default first
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if "name" in cls.__dict__:
-            SCORERS[cls.name] = cls
-
-    def __init__(self, manifest: Manifest, *, model: str | None = None, backend: str | None = None):
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        model: str | None = None,
+        backend: str | None = None,
+        preset: str | None = None,
+    ):
         self.manifest = manifest
         self.model = model
         self.backend = backend
+        self.preset = preset
         self.shared_engines: dict = {}  # {role: backend} already running for the trace's models (lent by gen)
         self._started = False
 
+    @property
+    def preset_name(self) -> str:
+        """The prompt preset asked with: ``preset``, else the scorer's default (its first)."""
+        return self.preset or next(iter(self.presets))
+
+    @property
+    def prompt(self):
+        """The preset asked with (see tracegen.prompts)."""
+        return self.presets[self.preset_name]
+
     def check(self) -> None:
         """TraceError if this scorer cannot run as configured (before anything is loaded or written)."""
+
+    def check_preset(self) -> None:
+        """TraceError for a ``preset`` this scorer does not have."""
+        if self.preset is None or self.preset in self.presets:
+            return
+        if not self.presets:
+            raise TraceError(f"scorer {self.name} asks no prompt, so it takes no --preset (got {self.preset!r})")
+        raise TraceError(
+            f"scorer {self.name} has no prompt preset {self.preset!r}; presets: {', '.join(self.presets)} "
+            f"(default {next(iter(self.presets))})"
+        )
 
     def wants(self) -> pl.Expr:
         """Which steps rows this scorer scores."""
@@ -109,50 +134,59 @@ class Scorer:
         """Release engines."""
 
 
-def make_scorer(name: str, manifest: Manifest, *, model: str | None = None, backend: str | None = None) -> Scorer:
-    """The scorer ``name`` (a registered name, or a signal that the trace's world serves with a variant);
-    ``NAME@ROLE`` asks a per-role scorer (the judge) of the trace's ``ROLE`` model instead of its largest."""
+def _scorer_class(obj, origin: str) -> type[Scorer]:
+    return check_subclass(
+        obj,
+        origin,
+        "scorer",
+        Scorer,
+        ("wants", "describe", "score"),
+        {"name": str, "signal": str, "generated_tokens": int},
+    )
+
+
+def _looks_like_scorer(value) -> bool:
+    return isinstance(value, type) and issubclass(value, Scorer) and "name" in vars(value)
+
+
+SCORERS = Registry("scorer", "trace.scorers", _scorer_class, _looks_like_scorer, discover="tracegen.scorers")
+
+
+def world_variants() -> dict[str, dict[str, str]]:
+    """{world: {signal: the built-in scorer its traces run for it}}."""
+    variants: dict[str, dict[str, str]] = {}
+    for name, cls in SCORERS.builtins().items():
+        if cls.world:
+            variants.setdefault(cls.world, {})[cls.signal] = name
+    return variants
+
+
+def preset_choices() -> dict[str, tuple[str, ...]]:
+    """{built-in scorer: its prompt presets, the default first}, for the scorers that ask a prompt."""
+    return {name: tuple(cls.presets) for name, cls in sorted(SCORERS.builtins().items()) if cls.presets}
+
+
+def make_scorer(
+    name: str,
+    manifest: Manifest,
+    *,
+    model: str | None = None,
+    backend: str | None = None,
+    preset: str | None = None,
+) -> Scorer:
+    """The scorer ``name`` (see SCORERS, or a signal that the trace's world serves with a variant), asking with
+    prompt preset ``preset`` (default: its first); ``NAME@ROLE`` asks a per-role scorer (the judge) of the
+    trace's ``ROLE`` model instead of its largest."""
     name, _, role = name.partition("@")
-    variants = WORLD_SCORERS.get(manifest.dataset_name, {})
-    chosen = variants.get(name, name)
-    if chosen in SCORERS:
-        cls = SCORERS[chosen]
-    elif chosen in entry_points(SCORER_GROUP):
-        cls = plugin_scorer_class(entry_points(SCORER_GROUP)[chosen])
-    else:
-        known = sorted({*SCORERS, *entry_points(SCORER_GROUP)})
-        raise TraceError(f"unknown scorer {name!r}; choose one of {', '.join(known)}")
-    scorer = cls(manifest, model=model or WORLD_SCORER_MODELS.get(manifest.dataset_name, {}).get(name), backend=backend)
+    world = manifest.dataset_name
+    cls = SCORERS.get(world_variants().get(world, {}).get(name, name))
+    scorer = cls(manifest, model=model or cls.world_models.get(world), backend=backend, preset=preset)
+    scorer.check_preset()
     if role:
         if not getattr(cls, "per_role", False):
             raise TraceError(f"scorer {name} cannot be asked of one model role ({name}@{role}); only judge can")
         scorer.ask_role(role, own_model=model is not None)
     return scorer
-
-
-def plugin_scorer_class(point, group: str = SCORER_GROUP) -> type[Scorer]:
-    """The Scorer subclass entry point ``point`` (group trace.scorers) names; TraceError saying what is wrong."""
-    cls = load_entry_point(point, group)
-    where = f"entry point {point.name} ({point.value})"
-    if not (isinstance(cls, type) and issubclass(cls, Scorer)):
-        raise TraceError(f"{where} is not a scorer: it must name a subclass of tracegen.scorers.base.Scorer")
-    missing = [hook for hook in ("wants", "describe", "score") if getattr(cls, hook) is getattr(Scorer, hook)]
-    missing += [attr for attr in ("name", "signal") if not isinstance(getattr(cls, attr, None), str)]
-    if not isinstance(getattr(cls, "generated_tokens", None), int):
-        missing.append("generated_tokens")
-    if missing:
-        raise TraceError(f"{where}: scorer class {cls.__name__} does not define {', '.join(missing)}")
-    return cls
-
-
-def registered_scorers() -> list[Registered]:
-    """Built-in scorers, then those installed packages declare (entry points of group trace.scorers)."""
-    rows = [
-        Registered("scorer", name, f"built-in {cls.__module__.rsplit('.', 1)[-1]}.py", first_line(cls))
-        for name, cls in sorted(SCORERS.items())
-        if cls.__module__.startswith("tracegen.")
-    ]
-    return rows + entry_point_rows("scorer", SCORER_GROUP, {row.name for row in rows}, plugin_scorer_class)
 
 
 class LanguageModelScorer(Scorer):

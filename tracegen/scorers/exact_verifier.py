@@ -9,13 +9,15 @@ from __future__ import annotations
 import polars as pl
 
 from data.toy.task import step_is_valid
-from tracegen.scorers.base import Item, Score, Scorer
+from tracegen.scorers.base import SCORERS, Item, Score, Scorer
 
 EXACT = "data.toy.task.step_is_valid (exact arithmetic and format check)"
 
 
+@SCORERS.register
 class ExactVerifier(Scorer):
     name = "exact-verifier"
+    world = "toy"
     signal = "verifier"
     generated_tokens = 0
 

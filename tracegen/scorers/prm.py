@@ -1,11 +1,12 @@
 """``prm``: a process reward model scores every step the small model wrote (RSD's signal).
 
-Input as RSD's code feeds it (``tracegen.value_head.prm_input_ids``): BOS + raw question + separator,
-then each step of the path followed by the separator; value = sigmoid of the value head at the scored
-step's last separator token. The separator is RSD's "\\n\\n" unless the checkpoint's training.json
-records the one it was trained with (the toy PRM: "\\n"); trace.json records it. Default model:
+Input as RSD's code feeds it (Skywork's prepare_input; ``tracegen.value_head.prm_input_ids``): BOS + raw
+question + "\\n", then each step of the path followed by the step token; value = sigmoid of the value head
+at the scored step's step token. The step separator is RSD's "\\n\\n" unless the checkpoint's training.json
+records the one it was trained with (the toy PRM: "\\n", the layout it was trained on, kept rather than
+retrained); trace.json records it and where it came from. Default model:
 Skywork-o1-Open-PRM-Qwen-2.5-1.5B (``skywork-prm-1.5b``); toy traces use ``toy-prm`` shipped in
-data/toy (``WORLD_SCORER_MODELS``). It runs on transformers with either ``--backend`` (vLLM has no
+data/toy (``world_models``). It runs on transformers with either ``--backend`` (vLLM has no
 value-head architecture for it). A call reads the step and its separator (the PRM keeps its cache over
 the accepted prefix, as RSD runs it) and generates nothing.
 """
@@ -16,19 +17,24 @@ from functools import cached_property
 
 import polars as pl
 
-from replay.errors import TraceError
 from tracegen.models import ModelRef, model_entry, named_model
-from tracegen.scorers.base import Item, Score, Scorer
+from tracegen.scorers.base import SCORERS, Item, Score, Scorer
+from tracestore.errors import TraceError
 
-PRM_INPUT = "BOS + question + separator, then each step + separator; value = sigmoid(value head) at its last token"
+PRM_INPUT = (
+    "BOS + question + \"\\n\", then each step + the step token (the step separator's last token), as Skywork's "
+    "prepare_input; value = sigmoid(value head) at the scored step's step token"
+)
 
 
+@SCORERS.register
 class ProcessRewardModel(Scorer):
     name = "prm"
     signal = "prm"
     generated_tokens = 0  # a value head reads the step; nothing is generated
     default_batch = 64
     default_model = "skywork-prm-1.5b"
+    world_models = {"toy": "toy-prm"}
 
     @cached_property
     def checkpoint(self) -> ModelRef:
@@ -43,11 +49,14 @@ class ProcessRewardModel(Scorer):
         return pl.col("model") != self.manifest.roles[-1]  # the drafts: every model's steps but the largest's
 
     def describe(self) -> dict:
+        from tracegen.value_head import RSD_SEPARATOR
+
         return {
             **model_entry(self.checkpoint),
             "model": self.signal,
             "input": PRM_INPUT,
-            "separator": self.separator,
+            "step_separator": self.separator,
+            "step_separator_from": "RSD's code" if self.separator == RSD_SEPARATOR else "the PRM's training.json",
             "engine": "transformers",
         }
 

@@ -12,14 +12,15 @@ import math
 
 import polars as pl
 
-from replay.errors import TraceError
 from tracegen.models import trace_model
 from tracegen.prompts import P_TRUE_PROMPT, user_prompt_ids
-from tracegen.scorers.base import Item, LanguageModelScorer, Score
+from tracegen.scorers.base import SCORERS, Item, LanguageModelScorer, Score
+from tracestore.errors import TraceError
 
 TOP_K = 20
 
 
+@SCORERS.register
 class PTrue(LanguageModelScorer):
     name = "ptrue"
     signal = "ptrue"

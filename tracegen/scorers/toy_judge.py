@@ -3,26 +3,31 @@
 The toy large model cannot follow instructions, so its verdict is its own opinion of the step read
 another way: the mean log-probability it assigns to the small model's step tokens after the same
 context (teacher forcing through the engine), p = exp(mean), mapped to 9p. value = round(9p);
-detail puts 9p between its two neighbouring digits, so the expected digit is 9p. A call costs the
-prefill of the context and the step.
+detail puts 9p between its two neighbouring digits, so the expected digit is 9p. A call reads the context
+and the step and writes nothing, but it is charged as the scorer it stands in for: SpecReason's judge, whose
+verdict is one generated large-model token (``generated_tokens``; trace.json records ``charged_as``).
 """
 
 from __future__ import annotations
 
 import math
 
-from tracegen.scorers.base import Item, Score
+from tracegen.scorers.base import SCORERS, Item, Score
 from tracegen.scorers.judge import Judge
 
 TOY_JUDGE = "9 * exp(mean logprob of the step's tokens under the large model, teacher forced)"
+CHARGED_AS = "judge: one generated token of its model per call (it generates none itself)"
 
 
+@SCORERS.register
 class ToyJudge(Judge):
     name = "toy-judge"
-    generated_tokens = 0  # it reads the step's tokens (teacher forced) and writes none
+    world = "toy"
+    generated_tokens = Judge.generated_tokens  # charged as SpecReason's judge: one verdict token per call
+    presets = {}  # it asks no prompt
 
     def method(self) -> dict:
-        return {"prompt": TOY_JUDGE}
+        return {"prompt": TOY_JUDGE, "charged_as": CHARGED_AS}
 
     def score(self, items: list[Item]) -> list[Score]:
         engine, _ = self.engine(self.engine_role, self.checkpoint)

@@ -2,27 +2,31 @@
 
 The toy models cannot answer a question about an answer, so P(True) is the probability the model
 gives its own answer: the product of its probabilities of the tokens inside the final step's
-\\boxed{...}, teacher forced after the same context (0 without a box). A call costs the prefill of
-the context and the step.
+\\boxed{...}, teacher forced after the same context (0 without a box). A call reads the context and the
+step and writes nothing, but it is charged as the scorer it stands in for: P(True), whose verdict is one
+generated token of the model asked (``generated_tokens``; trace.json records ``charged_as``).
 """
 
 from __future__ import annotations
 
 import math
 
-from tracegen.scorers.base import Item, Score
+from tracegen.scorers.base import SCORERS, Item, Score
 from tracegen.scorers.ptrue import PTrue
 
 TOY_P_TRUE = "product of the model's probabilities of the tokens inside the final \\boxed{...}, teacher forced"
+CHARGED_AS = "ptrue: one generated token of the model asked per call (it generates none itself)"
 BOX_OPEN = "\\boxed{"
 
 
+@SCORERS.register
 class ToyPTrue(PTrue):
     name = "toy-ptrue"
-    generated_tokens = 0  # it reads the answer's tokens (teacher forced) and writes none
+    world = "toy"
+    generated_tokens = PTrue.generated_tokens  # charged as P(True): one verdict token per call
 
     def method(self) -> dict:
-        return {"prompt": TOY_P_TRUE}
+        return {"prompt": TOY_P_TRUE, "charged_as": CHARGED_AS}
 
     def score_own(self, engine, tokenizer, items: list[Item]) -> list[Score]:
         logprobs = engine.continuation_logprobs([i.prefix_ids for i in items], [i.step_ids for i in items])
