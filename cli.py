@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from commands import generation, inspection, replaying, reporting, training
+from commands import generation, inspection, profiling, replaying, reporting, training
 from commands.console import user_errors
 
 app = typer.Typer(
@@ -24,13 +24,14 @@ for command in (
     inspection.sql,
     generation.gen,
     generation.score,
+    profiling.profile,
     replaying.replay,
     reporting.report,
     generation.audit,
     generation.regrade,
     reporting.diff,
 ):
-    app.command()(user_errors(command))
+    app.command(context_settings=inspection.CONTEXT_SETTINGS.get(command.__name__))(user_errors(command))
 app.add_typer(train_app, name="train")
 for name, command in (
     ("policy", training.train_policy_command),

@@ -18,7 +18,7 @@ import polars as pl
 
 from analysis.options import ReportOptions
 from analysis.report_inputs import Run, sweep_grid
-from analysis.stats import percentile_interval, ratio, resampled_ratio
+from analysis.stats import bootstrap_counts, percentile_interval, ratio, resampled_ratio
 from replay.results import summarize
 from tracestore.errors import TraceError
 
@@ -172,6 +172,8 @@ class Row:
     large_share: Estimate
     misses: int
     walks: int
+    calibration: Estimate | None = None  # accuracy on the rows the point was picked on
+    calibration_problems: int = 0
 
 
 def per_problem_sums(rows: pl.DataFrame, problems: list[str], roles: list[str]) -> dict[str, np.ndarray]:
@@ -188,7 +190,22 @@ def per_problem_sums(rows: pl.DataFrame, problems: list[str], roles: list[str]) 
     return {name: aligned[name].fill_null(0).cast(pl.Float64).to_numpy() for name in aligned.columns[1:]}
 
 
-def table_row(run: Run, problems: list[str], counts: np.ndarray, roles: list[str]) -> Row:
+def calibration_accuracy(run: Run, roles: list[str], n_resamples: int, seed: int) -> tuple[Estimate, int] | None:
+    """(accuracy of the chosen configuration on the rows it was picked on, with its bootstrap interval; their number
+    of problems); None for a run that has no such rows (one configuration, no --pick-on results of its own)."""
+    if run.pick_rows is None:
+        return None
+    rows = run.pick_rows.filter(pl.col("config") == run.chosen)
+    problems = sorted(rows["problem_id"].unique().to_list())
+    sums = per_problem_sums(rows, problems, roles)
+    value = float(ratio(sums["correct"].sum(), sums["finished"].sum()))
+    samples = resampled_ratio(bootstrap_counts(len(problems), n_resamples, seed), sums["correct"], sums["finished"])
+    return Estimate(None if np.isnan(value) else value, percentile_interval(samples, LEVEL)), len(problems)
+
+
+def table_row(
+    run: Run, problems: list[str], counts: np.ndarray, roles: list[str], calibration: tuple[Estimate, int] | None = None
+) -> Row:
     rows = run.at_chosen()
     sums = per_problem_sums(rows, problems, roles)
 
@@ -205,4 +222,4 @@ def table_row(run: Run, problems: list[str], counts: np.ndarray, roles: list[str
         percentile_interval(ratio(scale * accuracy_samples, cost_samples), LEVEL),
     )
     large_share, _ = estimate("large", "steps")
-    return Row(run, accuracy, cost, a_over_c, large_share, int(rows["misses"].sum()), rows.height)
+    return Row(run, accuracy, cost, a_over_c, large_share, int(rows["misses"].sum()), rows.height, *(calibration or ()))

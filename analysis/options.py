@@ -24,8 +24,11 @@ class ReportOptions:
     pick_split: str = "calibration"  # choose operating points on rows of this split, or REPORTED_ROWS
     bootstrap: int = 1000  # bootstrap resamples
     seed: int = 0  # bootstrap seed
-    policy_log: Path | None = None
+    policy_log: tuple[Path, ...] = ()  # training logs beyond those found beside the policy files of the results
     steer_gmm: Path | None = None
     alpha: float | None = None  # policy coverage target 1 - alpha (default: the log's alpha, else DEFAULT_ALPHA)
     tables: tuple[str, ...] = ()  # the seeds' table layouts to add (analysis.tables)
     grades: str | None = None  # the trace's grade set the results were replayed with (default: the steps' own)
+    pick_on: tuple = ()  # results of a calibration trace or split to choose operating points on (not pick_split)
+    allow_overlap: bool = False  # report rows a router's fit saw, or rows its point was picked on
+    latency_profile: Path | None = None  # seconds per query beside cost (default: the trace's latency.json, if any)

@@ -1,23 +1,30 @@
 """The report's text and figures: Markdown sections (each drawing its PNG figure into ``figures``), the
-number and table formatting they share, and the HTML page around the Markdown.
+table formatting they share, and the HTML page around the Markdown. Numbers are written by analysis.units
+(a cost unit chosen for the data, three significant digits); the summary at the top is analysis.summary's.
 """
 
 from __future__ import annotations
 
 import html
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 from markdown_it import MarkdownIt
 
 from analysis import plots
-from analysis.operating_points import Estimate, Row, percent
+from analysis.misses import MISS_MARK, closure_advice, routers_toml
+from analysis.operating_points import Row, percent
 from analysis.options import ALL_ROWS, REPORTED_ROWS, ReportOptions
-from analysis.report_inputs import POLICY_MARK, Run
-from analysis.stats import PERMUTATIONS, mcnemar, paired_problem_test
+from analysis.protocol import few_calibration_problems, fit_and_pick_lines
+from analysis.report_inputs import POLICY_MARK, Run, varying_params
+from analysis.stats import PERMUTATIONS, PairedTest
+from analysis.summary import Standing
+from analysis.units import CostScale, number, percent_points, with_interval
 from replay.params import params_text
 from replay.results import summarize
+from replay.routers import ROUTERS
 from replay.routers.policy import TRAINING_FLAGS
 from tracestore.schema import Manifest, model_char
 
@@ -28,27 +35,25 @@ FIGURES = {
     "policy": "policy_training.png",
     "steer": "steer_mixtures.png",
 }
-MAX_MIXTURE_PANELS = 9
+BELOW_FLOOR_MARK = "†"
+
+
+@dataclass
+class Figures:
+    """The report's figures as they are drawn: file name -> PNG, and file name -> the series its legend names
+    ((label, colour, marker) each)."""
+
+    png: dict[str, bytes] = field(default_factory=dict)
+    series: dict[str, tuple] = field(default_factory=dict)
+
+    def add(self, key: str, drawn: plots.Drawn) -> str:
+        name = FIGURES[key]
+        self.png[name] = drawn.png
+        self.series[name] = drawn.series
+        return name
 
 
 # ---------------------------------------------------------------------- Markdown and HTML
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
-
-
-def _with_interval(estimate: Estimate, fmt) -> str:
-    if estimate.value is None:
-        return "-"
-    if estimate.interval is None:
-        return fmt(estimate.value)
-    low, high = estimate.interval
-    return f"{fmt(estimate.value)} [{fmt(low)}, {fmt(high)}]"
-
-
-def _pct_bare(value: float) -> str:
-    return f"{100 * value:.1f}"
 
 
 def _cell(text) -> str:
@@ -74,12 +79,15 @@ def render_html(markdown: str) -> str:
 <meta name="generator" content="{GENERATOR}">
 <title>{title}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }}
+body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; display: block; max-width: 100%;
+  overflow-x: auto; }}
 th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; }}
 th {{ background: #f2f2f2; }}
+td[style*="right"] {{ white-space: nowrap; font-variant-numeric: tabular-nums; }}
 img {{ max-width: 100%; }}
 code {{ background: #f4f4f4; padding: 0 0.2em; }}
+pre {{ background: #f4f4f4; padding: 0.6em; overflow-x: auto; }}
 </style>
 </head>
 <body>
@@ -99,8 +107,8 @@ def header_section(
     runs,
     problems,
     cost_model,
-    cost_unit,
-    cost_convention,
+    scale: CostScale,
+    convention,
     a_over_c_unit,
     options,
 ) -> str:
@@ -115,63 +123,119 @@ def header_section(
     dataset_name = manifest.dataset_name or "?"
     n_walks = runs[0].at_chosen().height
     split_text = "every row of the results" if options.split == ALL_ROWS else f"split {options.split}"
+    unit = scale.unit + ("" if scale.unit == scale.source else f" (the results hold {scale.source})")
     lines = [
         f"# Routing report: {Path(trace_dir).name}",
         "",
         f"- Trace: `{trace_dir}` (dataset {dataset_name}; models {model_text})",
         f"- Evaluated on {split_text}: {len(problems):,} problems, {n_walks:,} (problem, world) walks per router",
-        f"- Cost model: {cost_model} ({cost_convention}), mean cost per query in {cost_unit}; A/C in {a_over_c_unit}",
+        f"- Cost model: {cost_model} ({convention}), mean cost per query in {unit}; A/C as a multiple of "
+        f"large-only's (in the seeds' table layouts: {a_over_c_unit})",
         "- Results: " + ", ".join(f"`{Path(path).name}`" for path in result_paths),
+        *fit_and_pick_lines(runs),
     ]
     return "\n".join(lines)
 
 
+def marked(run: Run) -> str:
+    """A router's label, marked where some of its walks at the operating point missed."""
+    return run.label + (f" {MISS_MARK}" if run.at_chosen()["misses"].sum() else "")
+
+
+def row_label(standing: Standing) -> str:
+    """A router's label with its marks: † no configuration reached the floor, * some walks missed."""
+    run = standing.row.run
+    return (
+        run.label
+        + (f" {BELOW_FLOOR_MARK}" if run.below_floor else "")
+        + (f" {MISS_MARK}" if standing.row.misses else "")
+    )
+
+
 def table_section(
-    table: list[Row], cost_unit: str, a_over_c_unit: str, options: ReportOptions, floor_text: str, swept: bool
+    ordered: list[Standing],
+    large: Row,
+    scale: CostScale,
+    a_over_c_unit: str,
+    options: ReportOptions,
+    floor_text: str,
+    reported_floor: str,
+    trace_dir,
 ) -> str:
-    headers = ["Router", "Operating point", "Acc (%) ↑", f"Cost ({cost_unit}) ↓", "A/C ↑", "Large steps (%)", "Misses"]
-    rows = []
-    for row in table:
-        flag = " †" if row.run.below_floor else ""
-        rows.append(
-            [
-                row.run.label + flag,
-                params_text(row.run.point_params()) or "-",
-                _with_interval(row.accuracy, _pct_bare),
-                _with_interval(row.cost, _num),
-                _with_interval(row.a_over_c, _num),
-                _with_interval(row.large_share, _pct_bare),
-                f"{row.misses} of {row.walks}" if row.misses else "0",
-            ]
+    """The main table: ``ordered`` (analysis.summary.standings); A/C as a multiple of large-only's, or in the cost
+    model's ``a_over_c_unit`` where large-only has none."""
+    reference = large.a_over_c.value
+    ac_header = "A/C (× large-only) ↑" if reference else f"A/C ({a_over_c_unit}) ↑"
+
+    def a_over_c(row: Row) -> str:
+        divisor = reference or 1.0
+        interval = row.a_over_c.interval
+        return with_interval(
+            None if row.a_over_c.value is None else row.a_over_c.value / divisor,
+            None if interval is None else (interval[0] / divisor, interval[1] / divisor),
         )
+
+    headers = [
+        "Router",
+        "Operating point",
+        "Accuracy (%) ↑",
+        "Cal. acc (%)",
+        f"Cost ({scale.unit} per query) ↓",
+        ac_header,
+        "Large steps (%)",
+        "Misses",
+    ]
+    rows = [
+        [
+            row_label(standing),
+            (params_text(standing.row.run.point_params()) or "-") + dominated_note(standing.row.run),
+            with_interval(standing.row.accuracy.value, standing.row.accuracy.interval, percent_points),
+            with_interval(standing.row.calibration.value, standing.row.calibration.interval, percent_points)
+            if standing.row.calibration
+            else "-",
+            with_interval(scale(standing.row.cost.value), _scaled(standing.row.cost.interval, scale)),
+            a_over_c(standing.row),
+            with_interval(standing.row.large_share.value, standing.row.large_share.interval, percent_points),
+            f"{standing.row.misses:,} of {standing.row.walks:,}" if standing.row.misses else "0",
+        ]
+        for standing in ordered
+    ]
+    swept = any(standing.row.run.swept for standing in ordered)
     rule = {
         "ac": "the highest accuracy per cost (A/C)",
         "cheapest": "the lowest cost",
         "accuracy": "the highest accuracy",
     }[options.pick]
-    pick_rows = (
-        "the reported rows themselves (which flatters threshold routers)"
-        if options.pick_split == REPORTED_ROWS
-        else f"rows of split {options.pick_split}, not the reported ones"
-    )
+    if options.pick_on:
+        pick_rows = "the rows of the --pick-on results (a calibration trace or split), not the reported ones"
+    elif options.pick_split == REPORTED_ROWS:
+        pick_rows = "the reported rows themselves (which flatters threshold routers)"
+    else:
+        pick_rows = f"rows of split {options.pick_split}, not the reported ones"
     floor_clause = "" if options.pick == "accuracy" else f"those with accuracy at least the floor ({floor_text}), then "
+    ac_text = (
+        f"A/C is accuracy per cost as a multiple of large-only's ({number(reference)}, in {a_over_c_unit})"
+        if reference
+        else f"A/C is in {a_over_c_unit}"
+    )
     notes = [
         "## Routers at their operating points",
         "",
-        md_table(headers, rows, right={2, 3, 4, 5, 6}),
+        md_table(headers, rows, right={2, 3, 4, 5, 6, 7}),
         "",
-        f"Accuracy and cost are over the walks that finished; A/C is {a_over_c_unit}; large steps "
-        "is the share of kept steps written by the large model. Brackets: 95% percentile bootstrap intervals, "
-        f"{options.bootstrap:,} resamples of the problems (the worlds of a problem stay together), "
-        f"seed {options.seed}.",
+        f"Rows: the routers within the accuracy floor on these rows ({reported_floor}) by cost, then the others by "
+        f"cost, then those whose walks missed ({MISS_MARK}). Accuracy and cost are over the walks that finished; "
+        f"{ac_text}; large steps is the share of kept steps written by the large model. Brackets: 95% percentile "
+        f"bootstrap intervals, {options.bootstrap:,} resamples of the problems (the worlds of a problem stay "
+        f"together), seed {options.seed}. Cal. acc: the point's accuracy on the rows it was picked on.",
         "",
         (
             f"**Operating point rule.** A router replayed over a sweep is shown at one configuration, chosen on "
             f"{pick_rows}: among configurations without misses, {floor_clause}{rule}; ties go to higher accuracy, "
             "lower cost, earlier configuration; `--at` pins one instead."
             + (
-                " † no configuration reached the floor; the most accurate one is shown."
-                if any(r.run.below_floor for r in table)
+                f" {BELOW_FLOOR_MARK} no configuration reached the floor; the most accurate one is shown."
+                if any(standing.row.run.below_floor for standing in ordered)
                 else ""
             )
         )
@@ -179,83 +243,122 @@ def table_section(
         else "**Operating point rule.** Every router has a single configuration; each is shown at it.",
         "",
     ]
-    notes += [f"- {row.run.label}: {row.run.how} ({Path(row.run.source).name})" for row in table]
+    notes += [f"- {s.row.run.label}: {s.row.run.how} ({Path(s.row.run.source).name})" for s in ordered]
+    notes += few_calibration_problems([s.row for s in ordered]) if swept else []
+    if any(s.row.run.dominated_by for s in ordered):
+        notes.append(
+            "\nA point marked *dominated* is beaten on the reported rows by the row it names, which is at least as "
+            "accurate and cheaper: the sweep's pick is no better than that baseline there."
+        )
     notes += [
-        f"\n{POLICY_MARK} {row.run.label}: the policy file says its training ended off target: "
-        + "; ".join(TRAINING_FLAGS.get(flag, flag) for flag in row.run.training_flags)
+        f"\n{POLICY_MARK} {s.row.run.label}: the policy file says its training ended off target: "
+        + "; ".join(TRAINING_FLAGS.get(flag, flag) for flag in s.row.run.training_flags)
         + "."
-        for row in table
-        if row.run.training_flags
+        for s in ordered
+        if s.row.run.training_flags
     ]
+    missed = [standing.row.run for standing in ordered if standing.row.misses]
+    if missed:
+        notes += [
+            "",
+            f"{MISS_MARK} Some walks of these routers needed steps the trace lacks: their accuracy and cost cover "
+            "only the walks that finished, so they are listed last and never ranked. " + closure_advice(trace_dir),
+            "",
+            "```toml",
+            "\n\n".join(run_toml(run) for run in missed),
+            "```",
+        ]
     return "\n".join(notes)
 
 
-def pareto_section(runs: list[Run], roles: list[str], cost_unit: str, figures: dict[str, bytes]) -> str:
-    curves, points = [], []
-    for run in runs:
+def dominated_note(run: Run) -> str:
+    """After a picked point that a baseline beats on the reported rows (analysis.protocol.mark_dominated)."""
+    return f" (dominated: {', '.join(run.dominated_by)} as accurate and cheaper)" if run.dominated_by else ""
+
+
+def _scaled(interval, scale: CostScale):
+    return None if interval is None else (scale(interval[0]), scale(interval[1]))
+
+
+def run_toml(run: Run) -> str:
+    """The ``[[router]]`` table that grows what ``run`` missed: its fixed parameters that differ from the router's
+    defaults, and its swept ones over the values the run has."""
+    cls = ROUTERS.builtins().get(run.router)
+    defaults = cls.param_defaults() if cls is not None else {}
+    varying = varying_params(run.params)
+    fixed = run.params[min(run.params)]
+    params = {
+        name: value
+        for name, value in sorted(fixed.items())
+        if name not in varying and (name not in defaults or json.dumps(defaults[name]) != json.dumps(value))
+    }
+    sweep = [
+        f"{name}=" + ",".join(f"{value:g}" for value in sorted({config[name] for config in run.params.values()}))
+        for name in varying
+    ]
+    note = "" if cls is not None else "your router: write its FILE.py:Class here"
+    return routers_toml(run.router, params, sweep, note)
+
+
+def pareto_section(
+    ordered: list[Standing], roles: list[str], scale: CostScale, large: Row, floor, figures: Figures
+) -> str:
+    series = []
+    for standing in ordered:
+        run = standing.row.run
         summary = summarize(run.rows, roles).filter(pl.col("accuracy").is_not_null() & pl.col("cost").is_not_null())
-        if run.swept:
-            if summary.height == 0:
-                continue
-            configs = summary["config"].to_list()
-            chosen = configs.index(run.chosen) if run.chosen in configs else 0
-            curves.append(
-                plots.Curve(
-                    run.label,
-                    summary["cost"].to_numpy(),
-                    summary["accuracy"].to_numpy(),
-                    (summary["misses"] > 0).to_numpy(),
-                    chosen,
-                )
+        if summary.height == 0:
+            continue
+        configs = summary["config"].to_list()
+        kind = {"small-only": "small", "large-only": "large"}.get(run.router, "router")
+        series.append(
+            plots.Series(
+                row_label(standing),
+                kind,
+                summary["cost"].to_numpy() * scale.factor,
+                summary["accuracy"].to_numpy(),
+                (summary["misses"] > 0).to_numpy(),
+                configs.index(run.chosen) if run.chosen in configs else 0,
+                (summary["n"] - summary["misses"]).to_numpy(),
+                int(summary["n"][0]),
             )
-        else:
-            chosen = summary.filter(pl.col("config") == run.chosen)
-            if chosen.height:
-                kind = {"small-only": "small", "large-only": "large"}.get(run.router, "router")
-                points.append(plots.Point(run.label, float(chosen["cost"][0]), float(chosen["accuracy"][0]), kind))
-    figures[FIGURES["pareto"]] = plots.pareto_png(curves, points, cost_unit)
-    swept = [f"{curve.label} ({len(curve.cost)} configurations)" for curve in curves]
+        )
+    name = figures.add(
+        "pareto", plots.pareto_png(series, scale.unit, (scale(large.cost.value), large.accuracy.value), floor)
+    )
+    swept = [f"{entry.label} ({len(entry.cost)} configurations)" for entry in series if len(entry.cost) > 1]
     return "\n".join(
         [
             "## Accuracy against cost",
             "",
-            f"![Accuracy against mean cost per query]({FIGURES['pareto']})",
+            f"![Accuracy against mean cost per query]({name})",
             "",
-            "One line per swept router (" + (", ".join(swept) if swept else "none") + "), its chosen operating point "
-            "circled; configurations where some walk missed are hollow and not joined (their accuracy and cost cover "
-            "only the walks that finished). One marker per single model or fixed-configuration router.",
+            "Each swept router (" + (", ".join(swept) if swept else "none") + ") is drawn as its own frontier (the "
+            "cheapest of its configurations at each accuracy), its other configurations faint, its operating point "
+            "ringed; configurations where some walk missed are hollow and off the line (their accuracy and cost "
+            "cover only the walks that finished). One marker per single model or fixed-configuration router. "
+            "Dashed and dotted black: large-only's accuracy and cost; dash-dotted red: the accuracy floor.",
         ]
     )
 
 
-def significance_section(runs: list[Run], large: Run, seed: int) -> str:
-    """Each router against large-only, paired on (problem, world): McNemar's test with one world per problem,
-    else a paired permutation test with the problem as the unit (its worlds are not independent)."""
-    reference = large.at_chosen().select("problem_id", "world", large_correct="correct", large_misses="misses")
-    several_worlds = reference["world"].n_unique() > 1
+def significance_section(runs: list[Run], large: Run, tests: dict[int, PairedTest]) -> str:
+    """Each router against large-only, paired on (problem, world) (analysis.summary.paired_tests)."""
+    several_worlds = large.at_chosen()["world"].n_unique() > 1
     rows = []
     for run in runs:
         if run is large:
             continue
-        paired = (
-            run.at_chosen()
-            .join(reference, on=["problem_id", "world"], how="inner")
-            .filter((pl.col("misses") == 0) & (pl.col("large_misses") == 0))
-        )
-        correct, large_correct = paired["correct"].to_numpy(), paired["large_correct"].to_numpy()
-        if several_worlds:
-            test = paired_problem_test(correct, large_correct, paired["problem_id"].to_numpy(), seed)
-        else:
-            test = mcnemar(correct, large_correct)
+        test = tests[id(run)]
         rows.append(
             [
-                run.label,
+                marked(run),
                 test.n_pairs,
                 test.only_first,
                 test.only_second,
                 test.test,
-                f"{test.statistic:.4g}",
-                f"{test.p_value:.4g}",
+                number(test.statistic),
+                number(test.p_value),
                 "yes" if test.p_value < 0.05 else "no",
             ]
         )
@@ -320,131 +423,51 @@ def first_escalation(rows: pl.DataFrame, large_char: str) -> dict:
     }
 
 
-def escalation_section(routers: list[Run], roles: list[str], figures: dict[str, bytes]) -> str:
+def escalation_section(routers: list[Run], roles: list[str], figures: Figures) -> str:
+    """``routers`` in the table's order (the figure gives each the style the accuracy-cost plot gave it)."""
     title = "## Where escalations happen"
     if not routers:
         return f"{title}\n\nNo router besides the single models was given."
     large_char = model_char(roles[-1])
     by_depth = {run.label: escalation_by_depth(run.at_chosen(), large_char) for run in routers}
-    figures[FIGURES["escalation"]] = plots.escalation_png(
-        {label: (frame["depth"].to_numpy(), frame["share"].to_numpy()) for label, frame in by_depth.items()}, roles[-1]
+    name = figures.add(
+        "escalation",
+        plots.escalation_png(
+            [
+                plots.Shares(label, frame["depth"].to_numpy(), frame["share"].to_numpy(), frame["walks"].to_numpy())
+                for label, frame in by_depth.items()
+            ],
+            roles[-1],
+        ),
     )
     depths = sorted({depth for frame in by_depth.values() for depth in frame["depth"].to_list()})
-    depth_rows = []
-    for depth in depths:
-        cells = [depth]
-        for frame in by_depth.values():
-            at = frame.filter(pl.col("depth") == depth)
-            cells.append(f"{percent(at['share'][0])} of {at['walks'][0]}" if at.height else "-")
-        depth_rows.append(cells)
-    first_rows = []
+    rows = []
     for run in routers:
+        frame = by_depth[run.label]
         first = first_escalation(run.at_chosen(), large_char)
         share = first["escalated"] / first["walks"] if first["walks"] else None
-        first_rows.append(
-            [
-                run.label,
-                first["walks"],
-                f"{first['escalated']} ({percent(share)})",
-                "-" if first["median"] is None else f"{first['median']:g}",
-            ]
-        )
+        cells = [
+            marked(run),
+            first["walks"],
+            f"{first['escalated']} ({percent(share)})",
+            "-" if first["median"] is None else f"{first['median']:g}",
+        ]
+        for depth in depths:
+            at = frame.filter(pl.col("depth") == depth)
+            cells.append(f"{percent_points(at['share'][0])} ({at['walks'][0]})" if at.height else "-")
+        rows.append(cells)
+    headers = ["Router", "Finished walks", f"Walks with a {roles[-1]} step", "Median first index", *map(str, depths)]
     return "\n".join(
         [
             title,
             "",
-            f"![Share of {roles[-1]}-model steps by step index]({FIGURES['escalation']})",
+            f"![Share of {roles[-1]}-model steps by step index]({name})",
             "",
-            f"Share of the steps at each step index (0 = first step) that the {roles[-1]} model wrote, over the "
+            f"Share (%) of the steps at each step index (0 = first step) that the {roles[-1]} model wrote, over the "
             "finished walks at each router's operating point (read from each walk's path; discarded drafts are not "
-            "steps).",
+            f"steps); in brackets, the walks with a step at that index. Points on fewer than {plots.FEW_WALKS} walks "
+            "are hollow in the figure.",
             "",
-            md_table(["Step index", *by_depth], depth_rows, right=set(range(len(by_depth) + 1))),
-            "",
-            md_table(
-                ["Router", "Finished walks", f"Walks with a {roles[-1]} step", "Median first index"],
-                first_rows,
-                right={1, 2, 3},
-            ),
-        ]
-    )
-
-
-def policy_section(path: Path, log: pl.DataFrame, alpha: float, alpha_source: str, figures: dict[str, bytes]) -> str:
-    figures[FIGURES["policy"]] = plots.policy_training_png(
-        log["step"].to_numpy(), log["coverage"].to_numpy(), log["kappa"].to_numpy(), alpha
-    )
-    tail = log.tail(max(1, log.height // 10))
-    return "\n".join(
-        [
-            "## Policy training",
-            "",
-            f"![Coverage and kappa over training]({FIGURES['policy']})",
-            "",
-            f"From `{path.name}`: {log.height:,} logged updates, steps {log['step'][0]}-{log['step'][-1]}. "
-            f"Target coverage 1 - alpha = {1 - alpha:g} (alpha {alpha:g}, {alpha_source}). "
-            f"Over the last {tail.height:,} logged updates: "
-            f"mean coverage {tail['coverage'].mean():.4f}, mean kappa {tail['kappa'].mean():.4f}; final kappa "
-            f"{log['kappa'][-1]:.4f}.",
-        ]
-    )
-
-
-def steer_section(
-    path: Path,
-    signal: str,
-    mixtures: list[plots.Mixture],
-    train_ids: list[str] | None,
-    trace,
-    figures: dict[str, bytes],
-) -> str:
-    small = trace.manifest.roles[0]
-    steps = trace.scan("steps").filter((pl.col("model") == small) & pl.col(signal).is_not_null())
-    if train_ids is not None:
-        steps = steps.filter(pl.col("problem_id").is_in(pl.Series(train_ids, dtype=pl.String).implode()))
-    values = steps.select("depth", signal).collect()
-    shown = mixtures[:MAX_MIXTURE_PANELS]
-    confidences = {
-        mixture.depth: values.filter(pl.col("depth") == mixture.depth)[signal].cast(pl.Float64).to_numpy()
-        for mixture in shown
-    }
-    figures[FIGURES["steer"]] = plots.steer_mixtures_png(shown, confidences, signal)
-    high = [1 - m.low for m in shown]
-    rows = [
-        [
-            m.depth,
-            confidences[m.depth].size,
-            f"{m.means[m.low]:.4g}",
-            f"{np.sqrt(m.variances[m.low]):.4g}",
-            f"{m.weights[m.low]:.3f}",
-            f"{m.means[h]:.4g}",
-            f"{np.sqrt(m.variances[h]):.4g}",
-        ]
-        for m, h in zip(shown, high)
-    ]
-    omitted = (
-        f" Step indices after {shown[-1].depth} ({len(mixtures) - len(shown)} more) are not drawn."
-        if len(mixtures) > len(shown)
-        else ""
-    )
-    over = (
-        f"the {len(train_ids):,} train problems the file lists (what the mixtures were fitted on)"
-        if train_ids is not None
-        else "every problem of the trace"
-    )
-    return "\n".join(
-        [
-            "## STEER confidence mixtures",
-            "",
-            f"![STEER mixtures over the small model's confidences]({FIGURES['steer']})",
-            "",
-            f"Mixtures from `{path.name}` over the histogram of `{signal}` of the {small}-model steps of {over}. "
-            f"Red: the low-confidence component, whose posterior STEER compares with tau.{omitted}",
-            "",
-            md_table(
-                ["Step index", "Small steps", "Low mean", "Low std", "Low weight", "High mean", "High std"],
-                rows,
-                right=set(range(7)),
-            ),
+            md_table(headers, rows, right=set(range(1, len(headers)))),
         ]
     )

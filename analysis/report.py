@@ -1,15 +1,21 @@
 """`trace report`: one page comparing routers from `trace replay --out` results on the trace they came from.
 
 The page (``index.html``, its Markdown twin ``report.md`` and PNG figures next to them) holds:
+- a summary: the routers on the cost-accuracy frontier, each router's accuracy and cost against large-only
+  with the paired test's p-value, the dominated ones (analysis.summary);
 - the seeds' Table 1: each router at its operating point plus small-only and large-only, with
-  accuracy, mean cost per query, A/C, share of large-model steps and misses, and 95% bootstrap
-  intervals (problems resampled, the worlds of a problem kept together);
-- an accuracy-cost plot (a curve per swept router, a point per single model or fixed router);
+  accuracy, mean cost per query (in a unit chosen for the data, analysis.units), A/C against large-only's,
+  share of large-model steps and misses, and 95% bootstrap intervals (problems resampled, the worlds of a
+  problem kept together); rows by cost within the accuracy floor, then below it, then those with misses;
+- an accuracy-cost plot (each swept router's own frontier, a point per single model or fixed router, the
+  large-only and floor reference lines);
 - a paired test of every router against large-only: McNemar's on (problem, world) with one world, a
   permutation test with the problem as the unit with several;
 - where escalations happen: the share of large-model steps by step index, from each walk's path;
-- with ``policy_log``: coverage against 1 - alpha and kappa over policy training;
-- with ``steer_gmm``: STEER's fitted mixtures over the histogram of the small model's confidences.
+- every policy's training (coverage against 1 - alpha, kappa): the log beside each policy file of the results,
+  and those given with ``policy_log``;
+- with ``steer_gmm``: STEER's fitted mixtures over the histogram of the small model's confidences, a warning
+  where one rests on few samples or a collapsed component.
 
 Which configuration of a swept router is shown (its operating point) is in analysis.operating_points;
 what is read and checked, in analysis.report_inputs; the text, figures and HTML page, in analysis.render.
@@ -26,18 +32,26 @@ from pathlib import Path
 
 import polars as pl
 
-from analysis.operating_points import PICK_RULES, choose_operating_points, parse_pin, table_row
-from analysis.options import ReportOptions
+from analysis.latency import LATENCY_FIGURE, latency_section, report_latencies
+from analysis.operating_points import (
+    PICK_RULES,
+    calibration_accuracy,
+    choose_operating_points,
+    parse_floor,
+    parse_pin,
+    table_row,
+)
+from analysis.options import ALL_ROWS, REPORTED_ROWS, ReportOptions
+from analysis.protocol import attach_pick_on, check_overlaps, mark_dominated
 from analysis.render import (
     FIGURES,
     GENERATOR,
+    Figures,
     escalation_section,
     header_section,
     pareto_section,
-    policy_section,
     render_html,
     significance_section,
-    steer_section,
     table_section,
 )
 from analysis.report_inputs import (
@@ -46,7 +60,6 @@ from analysis.report_inputs import (
     check_same_walks,
     label_runs,
     mark_policy_runs,
-    read_policy_log,
     read_steer_mixtures,
     replay_baseline,
     result_input,
@@ -54,7 +67,10 @@ from analysis.report_inputs import (
     split_runs,
 )
 from analysis.stats import bootstrap_counts
+from analysis.summary import paired_tests, standings, summary_section
 from analysis.tables import TABLES, TableInputs
+from analysis.training_sections import find_policy_logs, policy_section, steer_section
+from analysis.units import cost_scale
 from tracestore.atomic import write_atomic
 from tracestore.errors import TraceError
 from tracestore.grades import graded_steps
@@ -73,6 +89,7 @@ REPORT_FILES = (
     PAGE,
     MARKDOWN,
     *FIGURES.values(),
+    LATENCY_FIGURE,
     *(f for name in TABLES.names(installed=False) for f in table_files(name)),
 )
 BASELINES = ("small-only", "large-only")
@@ -83,13 +100,29 @@ class Report:
     markdown: str
     figures: dict[str, bytes]  # file name -> PNG
     tables: dict[str, bytes] = field(default_factory=dict)  # file name -> the seeds' tables as Markdown and CSV
+    figure_series: dict[str, tuple] = field(default_factory=dict)  # file name -> (label, colour, marker) per series
 
     def files(self) -> dict[str, bytes]:
         page = render_html(self.markdown).encode()
         return {MARKDOWN: self.markdown.encode(), PAGE: page, **self.figures, **self.tables}
 
+    def __repr__(self) -> str:
+        title = self.markdown.splitlines()[0].lstrip("# ") if self.markdown else ""
+        return (
+            f"<Report {title!r}: report.md of {len(self.markdown):,} characters; figures "
+            f"{', '.join(self.figures) or 'none'}; tables {', '.join(self.tables) or 'none'}>"
+        )
+
 
 # ---------------------------------------------------------------------- the report
+
+
+def _reported_floor(options: ReportOptions, large_accuracy: float | None) -> tuple[float | None, str]:
+    """The accuracy floor on the reported rows (relative floors to large-only's accuracy there)."""
+    try:
+        return parse_floor(options.accuracy_floor, large_accuracy)
+    except TraceError:  # large-only missed on these rows: there is no floor relative to it
+        return None, "none: large-only's walks missed"
 
 
 def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Report:
@@ -104,7 +137,6 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
         raise TraceError(f"--bootstrap must be at least 1, got {options.bootstrap}")
     layouts = [TABLES.get(name)() for name in options.tables]
     pins = [(text, *parse_pin(text)) for text in options.at]
-    policy_log = read_policy_log(options.policy_log, options.alpha) if options.policy_log is not None else None
     steer_mixtures = read_steer_mixtures(options.steer_gmm) if options.steer_gmm is not None else None
     trace = open_trace(trace_dir)
     roles = trace.manifest.roles
@@ -155,13 +187,29 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
             raise TraceError(f"{run.source}: {run.router} has {len(run.params)} configurations; expected one")
     label_runs(everyone, roles)
     mark_policy_runs(everyone)
+    if options.pick_on:
+        attach_pick_on(everyone, options.pick_on, roles, trace.manifest, trace_dir, cost_model, options.grades)
+    check_overlaps(everyone, options.allow_overlap, options.pick_split == REPORTED_ROWS and not options.pick_on)
+    policy_logs, unmatched_policies = find_policy_logs(options.policy_log, routers, options.alpha)
 
     floor_text = choose_operating_points(everyone, routers, baselines["large-only"], pins, options, roles)
 
     problems = sorted(everyone[0].rows["problem_id"].unique().to_list())
     counts = bootstrap_counts(len(problems), options.bootstrap, options.seed)
-    table = [table_row(run, problems, counts, roles) for run in everyone]
-    figures: dict[str, bytes] = {}
+    table = [
+        table_row(run, problems, counts, roles, calibration_accuracy(run, roles, options.bootstrap, options.seed))
+        for run in everyone
+    ]
+    mark_dominated(table)
+    large_row = table[1]
+    scale = cost_scale(cost_unit, [row.cost.value for row in table])
+    floor, reported_floor = _reported_floor(options, large_row.accuracy.value if large_row.misses == 0 else None)
+    ordered = standings(table, floor)
+    tests = paired_tests(everyone, baselines["large-only"], options.seed)
+    evaluated = (
+        "every row of the results" if options.split == ALL_ROWS else f"split {options.split}"
+    ) + f" ({len(problems):,} problems)"
+    figures = Figures()
     sections = [
         header_section(
             trace_dir,
@@ -171,18 +219,22 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
             everyone,
             problems,
             cost_model,
-            cost_unit,
+            scale,
             cost_convention,
             a_over_c_unit,
             options,
         ),
-        table_section(table, cost_unit, a_over_c_unit, options, floor_text, any(run.swept for run in routers)),
-        pareto_section(everyone, roles, cost_unit, figures),
-        significance_section(everyone, baselines["large-only"], options.seed),
-        escalation_section(routers, roles, figures),
+        summary_section(ordered, large_row, floor, reported_floor, tests, scale, evaluated),
+        table_section(ordered, large_row, scale, a_over_c_unit, options, floor_text, reported_floor, trace_dir),
+        pareto_section(ordered, roles, scale, large_row, None if floor is None else (floor, reported_floor), figures),
+        significance_section([s.row.run for s in ordered], baselines["large-only"], tests),
+        escalation_section([s.row.run for s in ordered if s.row.run.router not in BASELINES], roles, figures),
     ]
-    if policy_log is not None:
-        sections.append(policy_section(options.policy_log, *policy_log, figures))
+    latencies = report_latencies(trace_dir, options.latency_profile, options.grades)
+    if latencies is not None:
+        sections.append(latency_section(everyone, roles, latencies, figures.png))
+    if policy_logs:
+        sections.append(policy_section(policy_logs, figures, unmatched_policies))
     if steer_mixtures is not None:
         sections.append(steer_section(options.steer_gmm, *steer_mixtures, trace, figures))
 
@@ -202,6 +254,7 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
         a_over_c_unit=a_over_c_unit,
         manifest=trace.manifest,
         seed=options.seed,
+        time=latencies.mean if latencies is not None else None,
     )
     tables = {}
     for layout in layouts:
@@ -213,7 +266,7 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
         md_file, csv_file = table_files(layout.name)
         tables[md_file] = (markdown + "\n").encode()
         tables[csv_file] = _csv_bytes(frame)
-    return Report("\n\n".join(sections) + "\n", figures, tables)
+    return Report("\n\n".join(sections) + "\n", figures.png, tables, figures.series)
 
 
 def _csv_bytes(frame: pl.DataFrame) -> bytes:
@@ -272,7 +325,9 @@ def report(trace_dir, results: list, *, out=None, **options) -> Report:
     bootstrap, seed, tables, ...). With ``out``, the page is also written there (as `trace report --out`).
     Returns the report: ``markdown`` (the page's text), ``figures`` and ``tables`` (file name -> bytes).
     """
-    options = ReportOptions(**{k: tuple(v) if k in ("at", "tables") else v for k, v in options.items()})
+    if isinstance(options.get("policy_log"), (str, Path)):
+        options["policy_log"] = (options["policy_log"],)
+    options = ReportOptions(**{k: tuple(v) if k in ("at", "tables", "policy_log") else v for k, v in options.items()})
     if out is not None:
         check_out_dir(Path(out))
     built = build_report(trace_dir, results, options)

@@ -56,6 +56,8 @@ class Run:
     how: str = ""  # how the configuration was chosen, for the table's notes
     below_floor: bool = False
     training_flags: list[str] = field(default_factory=list)  # a policy run's file: how its training ended off target
+    picked_on: str = ""  # where its operating point was chosen (analysis.protocol)
+    dominated_by: list[str] = field(default_factory=list)  # rows at least as accurate and cheaper (analysis.protocol)
     rows: pl.DataFrame | None = field(default=None, repr=False)  # reported rows (all configurations)
     pick_rows: pl.DataFrame | None = field(default=None, repr=False)  # rows the operating point is chosen on
 
@@ -284,10 +286,13 @@ def label_runs(runs: list[Run], roles: list[str]) -> None:
         fixed = {
             name: value for name, value in run.params[min(run.params)].items() if name not in varying_params(run.params)
         }
+        cls = ROUTERS.builtins().get(run.router)
+        ignored = cls.idle_params(fixed) if cls is not None else ()
         telling = [
             name
             for name in sorted(fixed)
-            if len({json.dumps(other.params[min(other.params)].get(name)) for other in same}) > 1
+            if name not in ignored
+            and len({json.dumps(other.params[min(other.params)].get(name)) for other in same}) > 1
         ]
         chain = model_chain(run.router, fixed, roles) if set(telling) & set(ROLE_PARAMS) else None
         named = [n for n in telling if n not in ROLE_PARAMS] if chain is not None else telling
@@ -323,12 +328,14 @@ def mark_policy_runs(runs: list[Run]) -> None:
 
 
 def select_splits(runs: list[Run], options: ReportOptions) -> None:
-    """Set each run's reported rows and the rows its operating point is chosen on."""
+    """Set each run's reported rows and the rows its operating point is chosen on (with ``pick_on``, those are set
+    from the --pick-on results: analysis.protocol)."""
+    pick_split = REPORTED_ROWS if options.pick_on else options.pick_split
     for chosen, special in ((options.split, ALL_ROWS), (options.pick_split, REPORTED_ROWS)):
         if chosen not in (*SPLITS, special):
             raise TraceError(f"unknown split {chosen!r}; choose one of {', '.join(SPLITS)}, {special}")
     splits = None
-    if options.split != ALL_ROWS or options.pick_split != REPORTED_ROWS:
+    if options.split != ALL_ROWS or pick_split != REPORTED_ROWS:
         with_split = [run for run in runs if "split" in run.outcomes.columns]
         if not with_split:
             raise TraceError(
@@ -356,7 +363,8 @@ def select_splits(runs: list[Run], options: ReportOptions) -> None:
 
     for run in runs:
         run.rows = rows_of(run, options.split)
-        run.pick_rows = run.rows if options.pick_split == REPORTED_ROWS else rows_of(run, options.pick_split)
+        run.pick_rows = run.rows if pick_split == REPORTED_ROWS else rows_of(run, pick_split)
+        run.picked_on = "the reported rows" if pick_split == REPORTED_ROWS else f"split {pick_split} of the results"
 
 
 # ---------------------------------------------------------------------- optional inputs

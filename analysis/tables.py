@@ -16,10 +16,13 @@
   command that replays it.
 
 Each table's columns are defined once (``Column``: CSV name, Markdown header, format), and each row is a dict
-of their values: a column is one more ``Column`` and one more value. Each table is written as Markdown and CSV
-next to the report. A table layout is a ``ReportTable`` subclass registered in ``TABLES`` (replay.registry): the
-built-ins here with ``@TABLES.register``, others through entry points of group ``trace.tables`` or as
-``--table FILE.py:Class``.
+of their values: a column is one more ``Column`` and one more value.
+
+With a latency profile (analysis.latency), cmdp and cascade add a Time column: each row's mean seconds per query.
+
+Each table is written as Markdown and CSV next to the report. A table layout is a ``ReportTable`` subclass
+registered in ``TABLES`` (replay.registry): the built-ins here with ``@TABLES.register``, others through entry
+points of group ``trace.tables`` or as ``--table FILE.py:Class``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ CMDP_ORDER = ("small-only", "large-only", "rsd", "specreason", "steer", "policy"
 SINGLE_MODEL_ROUTERS = ("small-only", "large-only", "only")
 CHAIN_ARROW = " → "
 GIGA = 1e9  # the cascade seed prints its eq. (6) compute cost in GFLOPs
+TIME_COLUMN = "time_s"  # mean seconds per query under a latency profile (analysis.latency), when one is available
+TIMED = "_timed"  # a record's (run, configuration or None for the chosen one), for its Time column
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class TableInputs:
     a_over_c_unit: str = ""  # what one A/C number means under the results' cost model
     manifest: Manifest | None = None  # the trace's trace.json: model sizes, scorers
     seed: int = 0  # of the paired permutation test (several worlds per problem)
+    time: Callable[..., float | None] | None = None  # time(run, config=chosen): mean seconds per query (a profile)
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,7 @@ class ColumnTable(ReportTable):
     and formatted values, then ``notes``."""
 
     columns: ClassVar[tuple[Column, ...]]
+    timed: ClassVar[bool] = False  # with a latency profile, a Time column from each record's TIMED (run, config)
 
     def records(self, inputs: TableInputs) -> list[dict]:
         raise NotImplementedError
@@ -121,16 +128,27 @@ class ColumnTable(ReportTable):
     def notes(self, inputs: TableInputs) -> str:
         return ""
 
+    def all_columns(self, inputs: TableInputs) -> tuple[Column, ...]:
+        """``columns``, and Time where the table is timed and a latency profile is available."""
+        timed = self.timed and inputs.time is not None
+        return (*self.columns, Column(TIME_COLUMN, "Time (s)", spec=".4g")) if timed else self.columns
+
     def frame(self, inputs: TableInputs) -> pl.DataFrame:
         names = _names(inputs)
-        schema = {column.key.format(**names): column.dtype for column in self.columns}
+        columns = self.all_columns(inputs)
+        schema = {column.key.format(**names): column.dtype for column in columns}
         keys = list(schema)
-        rows = [{key.format(**names): value for key, value in record.items()} for record in self.records(inputs)]
+        rows = []
+        for record in self.records(inputs):
+            timed = record.pop(TIMED, None)
+            if TIME_COLUMN in schema and timed is not None:
+                record[TIME_COLUMN] = inputs.time(*timed)
+            rows.append({key.format(**names): value for key, value in record.items()})
         return pl.DataFrame([{key: row.get(key) for key in keys} for row in rows], schema=schema)
 
     def markdown(self, frame: pl.DataFrame, inputs: TableInputs) -> str:
         names = _names(inputs)
-        shown = [column for column in self.columns if column.in_markdown]
+        shown = [column for column in self.all_columns(inputs) if column.in_markdown]
         body = [
             [column.text(row[column.key.format(**names)]) for column in shown] for row in frame.iter_rows(named=True)
         ]
@@ -153,6 +171,7 @@ class CmdpTable(ColumnTable):
     """The CMDP seed's Tables 1 and 2: each method at its operating point, with Ext. Models, Acc, Cost and A/C."""
 
     name = "cmdp"
+    timed = True
     title = "The CMDP seed's layout (Tables 1 and 2): each method at its operating point"
     columns = (
         Column("method", "Method", pl.String),
@@ -181,6 +200,7 @@ class CmdpTable(ColumnTable):
                 "accuracy_pct": _scaled(row.accuracy.value, 100),
                 "cost_{unit_name}": row.cost.value,
                 "a_over_c": row.a_over_c.value,
+                TIMED: (row.run, None),
             }
             for row in sorted(rows, key=rank)
         ]
@@ -218,6 +238,7 @@ class CascadeTable(ColumnTable):
     P(T) threshold sensitivity."""
 
     name = "cascade"
+    timed = True
     title = "The cascade seed's layout (Table 1): each chain against its own last model M_k alone"
     columns = (
         Column("chain", "LLM(s)", pl.String),
@@ -259,16 +280,17 @@ def cascade_records(inputs: TableInputs) -> list[dict]:
     sizes = _parameter_counts(inputs.manifest, roles)
     several_worlds = alone[roles[-1]].at_chosen()["world"].n_unique() > 1
 
-    def record(chain: str, kind: str, point: str, rows: pl.DataFrame, last: str | None) -> dict:
+    def record(chain: str, kind: str, point: str, rows: pl.DataFrame, last: str | None, timed: tuple) -> dict:
         reference = alone[last].at_chosen() if last is not None else None
         return {
             "chain": chain,
             "kind": kind,
             "operating_point": point,
             **chain_measures(rows, reference, sizes, several_worlds, inputs.seed),
+            TIMED: timed,
         }
 
-    records = [record(role, "single model", "", alone[role].at_chosen(), None) for role in roles]
+    records = [record(role, "single model", "", alone[role].at_chosen(), None, (alone[role], None)) for role in roles]
     replayed = set()
     for run in inputs.routers:
         if run.router != "cascade":
@@ -278,14 +300,14 @@ def cascade_records(inputs: TableInputs) -> list[dict]:
         chain = CHAIN_ARROW.join(models)
         replayed.add(chain)
         pik = "with P(IK)" if chosen.get("pik", True) else "without P(IK)"
-        records.append(record(chain, pik, params_text(run.point_params()), run.at_chosen(), models[-1]))
+        records.append(record(chain, pik, params_text(run.point_params()), run.at_chosen(), models[-1], (run, None)))
         others = {key: value for key, value in chosen.items() if key != "t_true"}
         for config, params in sorted(run.params.items(), key=lambda item: item[1].get("t_true", 0)):
             if config == run.chosen or {k: v for k, v in params.items() if k != "t_true"} != others:
                 continue
             point = params_text({"t_true": params["t_true"]})
             rows = run.rows.filter(pl.col("config") == config)
-            records.append(record(chain, f"{pik}, P(T) sensitivity", point, rows, models[-1]))
+            records.append(record(chain, f"{pik}, P(T) sensitivity", point, rows, models[-1], (run, config)))
     for size in range(2, len(roles) + 1):
         for subset in itertools.combinations(roles, size):
             chain = CHAIN_ARROW.join(subset)

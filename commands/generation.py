@@ -10,10 +10,12 @@ from rich.markup import escape
 from commands.console import console, err_console
 from commands.options import FORCE, GENERATED_TRACE_DIR, TRACE_DIR, backend_option, out_option, seed_option
 from data.toy import task as toy_task
+from tracegen.backends import VLLM_MEMORY_BUDGET, VLLM_MEMORY_SHARES, VLLM_SCORER_SHARE
 from tracegen.backends.endpoint_spec import ClientOptions
 from tracegen.datasets import TOY_DEFAULT_SIZE
 from tracegen.options import AuditOptions, GenOptions, RayOptions
 from tracegen.scorers import SCORERS, preset_choices, world_variants
+from tracestore.schema import LARGE, SMALL
 
 
 def gen(
@@ -69,10 +71,50 @@ def gen(
         GenOptions.topk, "--topk", help="Top-k token ids and logprobs stored per generated token."
     ),
     hidden_layers: str = typer.Option(
-        "", "--hidden-layers", help="Prompt hidden states to store, e.g. -1,12 (-1 = last, normed) (default: none)."
+        "",
+        "--hidden-layers",
+        help=(
+            "Prompt hidden states to store for every model, e.g. -1,12 (-1 = last, normed); the layers the --routers "
+            "configurations read are added (the cascade's P(IK): layer 24, or the last of a model with fewer)."
+        ),
     ),
     backend: str = backend_option(
         "vllm, hf, an installed backend or FILE.py:Class (default: vllm where importable, else hf)."
+    ),
+    tensor_parallel_size: str = typer.Option(
+        None,
+        "--tensor-parallel-size",
+        metavar="N|ROLE=N,...",
+        help="vLLM: GPUs each engine of a model spreads over, for every model or per role (e.g. large=4) (default: 1).",
+    ),
+    gpu_memory_utilization: str = typer.Option(
+        None,
+        "--gpu-memory-utilization",
+        metavar="F|ROLE=F,...",
+        help=(
+            f"vLLM: share of each GPU's memory the run's engines take together (default {VLLM_MEMORY_BUDGET}; two "
+            f"models get {VLLM_MEMORY_SHARES[SMALL]:.0%}/{VLLM_MEMORY_SHARES[LARGE]:.0%} of it, K models in "
+            f"proportion to their rank), or per role (small=0.25,large=0.6); a model's generator and exact-logprob "
+            f"scorer split its share {1 - VLLM_SCORER_SHARE:.0%}/{VLLM_SCORER_SHARE:.0%}. Not part of the cache key."
+        ),
+    ),
+    max_model_len: str = typer.Option(
+        None,
+        "--max-model-len",
+        metavar="N|ROLE=N,...",
+        help="Context in tokens (prompt + step) each engine is built for (default: the model's).",
+    ),
+    dtype: str = typer.Option(
+        None,
+        "--dtype",
+        metavar="DTYPE|ROLE=DTYPE,...",
+        help="auto, bfloat16, float16 or float32 (default: vllm the checkpoint's, hf float32).",
+    ),
+    quantization: str = typer.Option(
+        None,
+        "--quantization",
+        metavar="METHOD|ROLE=METHOD,...",
+        help="vLLM quantisation method, e.g. fp8 (default: none, or the checkpoint's own).",
     ),
     shard: str = typer.Option(
         None, "--shard", help="i/n: only problems whose id hashes to shard i of n (0-based), as writer shard{i}of{n}."
@@ -148,6 +190,7 @@ def gen(
     """
     from tracegen.backends.endpoint_spec import client_options, parse_api_spec
     from tracegen.closure import load_router_specs
+    from tracegen.engine_settings import parse_engine_options
     from tracegen.gen import parse_models, run_gen
     from tracegen.hidden import parse_layers
     from tracegen.progress import GenProgress
@@ -177,6 +220,7 @@ def gen(
         timings=timings,
         routers=tuple(load_router_specs(routers)) if routers is not None else (),
         budget_tokens=budget_tokens,
+        engine=parse_engine_options(tensor_parallel_size, gpu_memory_utilization, max_model_len, dtype, quantization),
         api=tuple(parse_api_spec(text) for text in api or ()),
         api_client=client_options(concurrency, request_timeout, max_retries, budget_usd),
     )
@@ -189,11 +233,18 @@ def gen(
         return
     with GenProgress(console) as progress:
         summary = run_gen(options, progress)
-    console.print(
-        f"[green]done[/] {escape(str(summary.out))}: {summary.problems:,} problems, {summary.new_steps:,} new steps, "
-        f"{summary.new_gen_tokens:,} generated tokens in {summary.rounds} rounds, {summary.seconds:.1f}s",
-        highlight=False,
-    )
+    if summary.up_to_date:
+        console.print(
+            f"[green]nothing to do[/] {escape(str(summary.out))}: it holds every step and score this command asks "
+            f"for ({summary.problems:,} problems); no engine was started, {summary.seconds:.1f}s",
+            highlight=False,
+        )
+    else:
+        console.print(
+            f"[green]done[/] {escape(str(summary.out))}: {summary.problems:,} problems, {summary.new_steps:,} new "
+            f"steps, {summary.new_gen_tokens:,} generated tokens in {summary.rounds} rounds, {summary.seconds:.1f}s",
+            highlight=False,
+        )
     if summary.skipped_context_full:
         console.print(
             f"[yellow]{summary.skipped_context_full:,} node(s) left unexpanded because their prompt fills the "

@@ -53,6 +53,10 @@ def info(trace_dir: str = LOCAL_TRACE_DIR) -> None:
     print_info(trace_info(trace_dir), console)
 
 
+# a query may start with an SQL comment ("-- accuracy by ..."), which the option parser would take for an option
+CONTEXT_SETTINGS = {"sql": {"ignore_unknown_options": True}}
+
+
 def sql(
     trace_dir: str = LOCAL_TRACE_DIR,
     query: str = typer.Argument(

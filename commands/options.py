@@ -67,6 +67,24 @@ def split_fractions_option(help: str) -> Any:
     return typer.Option(",".join(f"{fraction:g}" for fraction in DEFAULT_FRACTIONS), "--split-fractions", help=help)
 
 
+def split_by_option(
+    help: str = (
+        "Take each problem's split from a problems column (split: the dataset's own, e.g. GSM8K's train and test "
+        "files) or a file of 'problem_id split' lines, instead of the hash: test-labelled problems are test, "
+        "calibration (validation, dev) calibration, and train-labelled ones train or calibration, by the hash in "
+        "the ratio of the first two --split-fractions."
+    ),
+) -> Any:
+    return typer.Option(None, "--split-by", help=help)
+
+
+def split_spec(split_seed: int, split_fractions: str, split_by: str | None):
+    """The SplitSpec of the split options (--split-seed, --split-fractions, --split-by)."""
+    from replay.splits import SplitSpec, parse_fractions
+
+    return SplitSpec(split_seed, parse_fractions(split_fractions), split_by or None)
+
+
 def cost_option(help: str, default: str) -> Any:
     return typer.Option(default, "--cost", help=help)
 
@@ -77,3 +95,13 @@ def price_option(help: str) -> Any:
 
 def backend_option(help: str) -> Any:
     return typer.Option(None, "--backend", help=help)
+
+
+LATENCY_PROFILE = typer.Option(
+    None,
+    "--latency-profile",
+    help=(
+        "With --cost latency: the latency profile (JSON written by trace profile, possibly measured on another "
+        "machine) giving each model's and scorer's seconds per request; default TRACE_DIR/latency.json."
+    ),
+)

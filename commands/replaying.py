@@ -11,61 +11,24 @@ from commands.console import console
 from commands.options import (
     FORCE,
     GRADES,
+    LATENCY_PROFILE,
     cost_option,
     out_option,
     parameter_default,
     price_option,
+    split_by_option,
     split_fractions_option,
     split_option,
     split_seed_option,
+    split_spec,
     trace_dir_argument,
 )
 from replay import api
-from replay.params import STREAM_STATES, SweepLimits
+from replay.artifacts import describe_record
+from replay.params import STREAM_STATES, SweepLimits, params_text
 from replay.routers import ROUTERS
 from tracestore.errors import TraceError
 from tracestore.remote import open_remote
-
-
-def _replay_table(result, swept: list[str], title: str, idle: tuple[str, ...] = (), max_rows: int = 21):
-    """Rich table of a replay summary, one row per configuration (evenly thinned for long sweeps)."""
-    import json
-
-    from rich.table import Table
-
-    from replay.params import params_text
-
-    summary = result.summary()
-    shown = range(summary.height)
-    if summary.height > max_rows:  # thinned before rows become dicts: a sweep may have millions
-        step = -(-(summary.height - 1) // (max_rows - 1))
-        shown = [*shown[::step], *([shown[-1]] if (summary.height - 1) % step else [])]
-    rows = summary[list(shown)].to_dicts()
-    table = Table(
-        title=title,
-        caption=f"{len(rows)} of {summary.height} configurations shown" if len(rows) < summary.height else None,
-    )
-    table.add_column("Router")
-    table.add_column("Params")
-    for name in ("Acc", f"Cost ({result.cost_unit})", f"A/C ({result.a_over_c_unit})", "Large steps", "Misses"):
-        table.add_column(name, justify="right")
-    for row in rows:
-        params = json.loads(row["params"])
-        shown = (
-            {k: params[k] for k in swept}
-            if swept
-            else {k: v for k, v in params.items() if v not in ("", None) and k not in idle}
-        )
-        table.add_row(
-            row["router"],
-            escape(params_text(shown, separator=" ")),
-            "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%",
-            "-" if row["cost"] is None else f"{row['cost']:.4g}",
-            "-" if row["a_over_c"] is None else f"{row['a_over_c']:.4g}",
-            "-" if row["large_share"] is None else f"{100 * row['large_share']:.1f}%",
-            f"[yellow]{row['misses']:,}[/]" if row["misses"] else "0",
-        )
-    return table
 
 
 def _print_registered() -> None:
@@ -132,7 +95,8 @@ def replay(
     cost: str = cost_option(
         "flops: 2N FLOPs per generated token, models and scorers alike, prefill not counted (the seeds' "
         "convention), in TFLOPs; flops+prefill: also 2N per prefilled token; kaplan: 2N + 2 n_layer n_ctx d_model "
-        "per generated token (the cascade seed's eq. 2); api: US cents at --price prices; or an installed cost "
+        "per generated token (the cascade seed's eq. 2); api: US cents at --price prices; latency: serial seconds "
+        "per query from a latency profile (--latency-profile); or an installed cost "
         "model (trace replay --list) or FILE.py:Class.",
         parameter_default(api.replay, "cost"),
     ),
@@ -144,6 +108,21 @@ def replay(
     worlds: str = typer.Option("all", "--worlds", help="all, or comma-separated world numbers, e.g. 0,1."),
     split_seed: int = split_seed_option("Seed of the hash that assigns problems to splits."),
     split_fractions: str = split_fractions_option("train,calibration,test fractions of the problems."),
+    split_by: str = split_by_option(),
+    fit_on: str = typer.Option(
+        None,
+        "--fit-on",
+        help=(
+            "Fit the router on this trace's train split (and calibration split) instead, as the split options divide "
+            "it: train here, evaluate there. Its models, revisions, templates and sampling must match (a mismatch "
+            "names the field)."
+        ),
+    ),
+    allow_overlap: bool = typer.Option(
+        parameter_default(api.replay, "allow_overlap"),
+        "--allow-overlap",
+        help="Replay a split even where the router's fit (here, --fit-on, or a fitted file) saw its problems.",
+    ),
     out: Path = out_option("Parquet file for per-problem outcomes (one row per problem x world x configuration)."),
     force: bool = FORCE,
     max_configs: int = typer.Option(
@@ -166,6 +145,15 @@ def replay(
         "--timeout",
         help="Seconds a trace at a URL (s3://, gs://, ...) has to open; an unreachable store is named after that.",
     ),
+    latency_profile: Path = LATENCY_PROFILE,
+    show_all: bool = typer.Option(
+        False,
+        "--all",
+        help=(
+            "Print every configuration: by default a sweep of two or more parameters prints its frontier (the "
+            "cheapest configuration at each accuracy) and a long one-parameter sweep an even sample of it."
+        ),
+    ),
 ) -> None:
     """Replay a router on a cached trace (CPU only) and print accuracy, cost, A/C, large-step share and misses.
 
@@ -184,7 +172,6 @@ def replay(
     """
     import time
 
-    from replay.splits import parse_fractions
     from tracestore.outputs import check_output_file
 
     if router == "help":
@@ -201,7 +188,10 @@ def replay(
         except ValueError:
             raise typer.BadParameter(f"--worlds must be all or numbers like 0,1, got {worlds!r}") from None
     chosen = api.router(router, **dict(api.parse_param(p) for p in param))
+    splits = split_spec(split_seed, split_fractions, split_by)
     started = time.perf_counter()
+    if fit_on is not None:
+        chosen = api.fit(chosen, fit_on, splits=splits, grades=grades)
     result = api.replay(
         api.open_trace(trace_dir, timeout=timeout),
         chosen,
@@ -210,17 +200,39 @@ def replay(
         cost=cost,
         prices=price,
         worlds=world_list,
-        split_seed=split_seed,
-        fractions=parse_fractions(split_fractions),
+        splits=splits,
+        allow_overlap=allow_overlap,
         grades=grades,
         limits=SweepLimits(max_configs, memory_check),
+        latency_profile=latency_profile,
     )
     seconds = time.perf_counter() - started
-    title = escape(f"{trace_dir}: split {split}, cost {cost} (mean per query)")
+    from analysis.misses import closure_advice, routers_toml
+    from analysis.replay_table import replay_table
+
     swept = [text.partition("=")[0].strip() for text in sweep]
+    given = dict(api.parse_param(text) for text in param)
+    title = escape(
+        f"{chosen.name}"
+        + (f" ({params_text(given)})" if given else "")
+        + f" on {trace_dir}: split {split}, cost model {cost}, means per query"
+    )
     idle = chosen.idle_params(chosen.get_params())  # e.g. a cascade's t_ik without P(IK)
-    console.print(_replay_table(result, [name for name in swept if name not in idle], title, idle))
+    shown = [name for name in swept if name not in idle]
+    summary = result.summary()
+    console.print(
+        replay_table(summary, result.cost_unit, result.a_over_c_unit, shown, title, show_all, console.width, idle)
+    )
     console.print(f"replayed {chosen.name} in {seconds:.2f}s", highlight=False)
+    for record in chosen.fitted_on_:
+        console.print(f"fitted: {escape(describe_record(record))}", highlight=False)
+    overlap = result.outcomes.filter("fit_overlap")["problem_id"].n_unique()
+    if overlap:
+        console.print(
+            f"[yellow]{overlap:,} problem(s) replayed here were among those the router was fitted on (marked "
+            "fit_overlap); trace report refuses to report or pick on them unless --allow-overlap[/]",
+            highlight=False,
+        )
     hint = api.slow_sweep_hint(chosen, result, seconds)
     if hint:
         console.print(f"[yellow]{escape(hint)}[/]", highlight=False)
@@ -236,6 +248,8 @@ def replay(
                 escape(f"  {miss['problem_id']} world {miss['world']} node {miss['path']!r}: {what} {miss['model']}"),
                 highlight=False,
             )
+        console.print(escape(closure_advice(trace_dir)), highlight=False)
+        console.print(escape(routers_toml(router, given, sweep)), highlight=False, soft_wrap=True)
     if out is not None:
         result.write_outcomes(out, force=force)
         console.print(f"wrote {result.n_outcomes:,} outcomes to {escape(str(out))}", highlight=False)

@@ -49,14 +49,32 @@ def report(
             "'reported' to choose on the reported rows themselves (labelled so in the report)."
         ),
     ),
+    pick_on: list[Path] = typer.Option(
+        [],
+        "--pick-on",
+        help=(
+            "Choose operating points on these results instead (trace replay --out of the same routers and sweeps on a "
+            "calibration trace or split): a file, a folder of them or a quoted glob, repeatable, e.g. --pick-on "
+            "results-calibration/. The trace they were replayed on must share this one's models, revisions, "
+            "templates, sampling and scorers."
+        ),
+    ),
+    allow_overlap: bool = typer.Option(
+        ReportOptions.allow_overlap,
+        "--allow-overlap",
+        help="Report rows whose problems a router was fitted on, or its operating point picked on (refused otherwise).",
+    ),
     bootstrap: int = typer.Option(
         ReportOptions.bootstrap, "--bootstrap", help="Bootstrap resamples of the problems for the 95% intervals."
     ),
     seed: int = seed_option("Bootstrap seed.", ReportOptions.seed),
-    policy_log: Path = typer.Option(
-        None,
+    policy_log: list[Path] = typer.Option(
+        [],
         "--policy-log",
-        help="Policy training log (*.log.parquet: step, coverage, kappa): adds coverage and kappa over training.",
+        help=(
+            "Policy training log (*.log.parquet: step, coverage, kappa), repeatable: adds coverage and kappa over "
+            "training. The log beside each replayed policy file (NAME.log.parquet next to NAME.pt) is found without it."
+        ),
     ),
     steer_gmm: Path = typer.Option(
         None,
@@ -81,9 +99,18 @@ def report(
     grades: str = grades_option(
         "Grade set the results were replayed with (trace replay --grades); default: the steps' own grades."
     ),
+    latency_profile: Path = typer.Option(
+        None,
+        "--latency-profile",
+        help=(
+            "Latency profile (trace profile) for a Latency section (mean, p50, p95 seconds per query, accuracy "
+            "against latency) and a Time column in --table cmdp and cascade; default TRACE_DIR/latency.json if any."
+        ),
+    ),
 ) -> None:
     """Compare replayed routers on one page: table with bootstrap intervals, accuracy-cost plot, McNemar tests
-    against large-only, escalations by step index (index.html, report.md and PNG figures in --out).
+    against large-only, escalations by step index (index.html, report.md and PNG figures in --out); with a
+    latency profile, seconds per query and accuracy against latency.
 
     Example: trace report runs/toy steer.parquet policy.parquet --out runs/toy-report
     """
@@ -95,13 +122,16 @@ def report(
         at=tuple(at),
         split=split,
         pick_split=pick_split,
+        pick_on=tuple(pick_on),
+        allow_overlap=allow_overlap,
         bootstrap=bootstrap,
         seed=seed,
-        policy_log=policy_log,
+        policy_log=tuple(policy_log),
         steer_gmm=steer_gmm,
         alpha=alpha,
         tables=tuple(table),
         grades=grades,
+        latency_profile=latency_profile,
     )
     written = make_report(trace_dir, results, out, options)
     console.print(

@@ -9,6 +9,7 @@ from rich.markup import escape
 
 from commands.console import console
 from commands.options import (
+    LATENCY_PROFILE,
     TRACE_DIR,
     cost_option,
     force_option,
@@ -16,6 +17,7 @@ from commands.options import (
     parameter_default,
     price_option,
     seed_option,
+    split_by_option,
     split_fractions_option,
     split_seed_option,
 )
@@ -28,6 +30,7 @@ SPLIT_SEED = split_seed_option("Seed of the hash that assigns problems to splits
 SPLIT_FRACTIONS = split_fractions_option(
     "train,calibration,test fractions (as in trace replay); fitting uses train only."
 )
+SPLIT_BY = split_by_option()
 
 
 def train_policy_command(
@@ -81,8 +84,8 @@ def train_policy_command(
     ),
     cost: str = cost_option(
         "Per-step cost the policy minimises, as trace replay --cost adds it up: flops (TFLOPs of generated "
-        "tokens), flops+prefill, kaplan, api (US cents at --price prices), an installed cost model or "
-        "FILE.py:Class, or tokens "
+        "tokens), flops+prefill, kaplan, api (US cents at --price prices), latency (seconds; --latency-profile), "
+        "an installed cost model or FILE.py:Class, or tokens "
         "(large-model generated tokens).",
         Hyperparameters.cost,
     ),
@@ -92,6 +95,7 @@ def train_policy_command(
         "ROLE=input/cached/output in USD per 1M tokens, or ROLE=0 for a free (open) model; every role needs one, "
         "there is no default."
     ),
+    latency_profile: Path = LATENCY_PROFILE,
     eta_decay: float = typer.Option(
         Hyperparameters.eta_decay,
         "--eta-decay",
@@ -122,6 +126,7 @@ def train_policy_command(
     ),
     split_seed: int = SPLIT_SEED,
     split_fractions: str = SPLIT_FRACTIONS,
+    split_by: str = SPLIT_BY,
 ) -> None:
     """Train the escalation policy of --router policy (CMDP, V-trace critics, CPO steps, calibrated kappa).
 
@@ -162,9 +167,11 @@ def train_policy_command(
         escalate=escalate,
         cost=cost,
         prices=tuple(parse_price(p) for p in price),
+        latency_profile=str(latency_profile) if latency_profile else None,
         eta_decay=eta_decay,
         split_seed=split_seed,
         split_fractions=parse_fractions(split_fractions),
+        split_by=split_by or "",
     )
     columns = (
         TextColumn("training"),
@@ -222,6 +229,7 @@ def train_pik_command(
     ),
     split_seed: int = SPLIT_SEED,
     split_fractions: str = SPLIT_FRACTIONS,
+    split_by: str = SPLIT_BY,
 ) -> None:
     """Fit the cascade's P(IK) probes (MLP on the prompt hidden state predicting the model's own correctness).
 
@@ -241,23 +249,36 @@ def train_pik_command(
         seed=seed,
         split_seed=split_seed,
         fractions=parse_fractions(split_fractions),
+        split_by=split_by,
         force=force,
     )
-    table = Table(title=f"P(IK) probes ({where}): test part of the train split")
-    for name in ("Model", "Layer", "Fit / val / test", "Correct (fit)", "L2", "Accuracy", "F1", "AUROC"):
+    table = Table(title=f"P(IK) probes ({where}): fitted on train, L2 chosen on calibration, metrics on test")
+    for name in ("Model", "Layer", "Train / cal. / test", "Correct (train)", "L2", "Accuracy", "F1", "AUROC"):
         table.add_column(name, justify="left" if name == "Model" else "right")
+
+    def shown(value: float) -> str:
+        return "-" if value != value else f"{value:.3f}"
+
     for r in reports:
         table.add_row(
             r.model,
             str(layers[r.model]),
-            f"{r.n_fit:,} / {r.n_validation:,} / {r.n_test:,}",
+            f"{r.n_fit:,} / {r.n_calibration:,} / {r.n_test:,}",
             f"{100 * r.positive_rate:.1f}%",
-            f"{r.l2:g}",
-            f"{r.test_accuracy:.3f}",
-            f"{r.test_f1:.3f}",
-            "-" if r.test_auroc != r.test_auroc else f"{r.test_auroc:.3f}",
+            "-" if r.constant else f"{r.l2:g}",
+            shown(r.test_accuracy),
+            shown(r.test_f1),
+            shown(r.test_auroc),
         )
     console.print(table)
+    for r in reports:
+        if r.constant:
+            console.print(
+                f"[yellow]every train solution of model {r.model} is {'right' if r.positive_rate else 'wrong'}: its "
+                f"P(IK) is that rate for every prompt[/]"
+            )
+        if not r.n_calibration:
+            console.print(f"[yellow]no calibration rows for model {r.model}: L2 {r.l2:g}, the grid's first[/]")
     console.print(f"[green]wrote[/] {escape(str(out))}", highlight=False)
     console.print(f"probe file SHA-256 {file_sha256(out)}", highlight=False, soft_wrap=True)
 
@@ -276,6 +297,7 @@ def train_steer_command(
     seed: int = seed_option("Seed of the mixtures' initialisation.", parameter_default(train_steer, "seed")),
     split_seed: int = SPLIT_SEED,
     split_fractions: str = SPLIT_FRACTIONS,
+    split_by: str = SPLIT_BY,
 ) -> None:
     """Fit STEER's two-component Gaussian mixtures of the small model's step confidence, per step index.
 
@@ -299,6 +321,7 @@ def train_steer_command(
         seed=seed,
         split_seed=split_seed,
         fractions=parse_fractions(split_fractions),
+        split_by=split_by,
         force=force,
     )
     table = Table(title="STEER mixtures of conf_max_logit_math (train split)")

@@ -352,9 +352,12 @@ class ApiCost(CostModel):
         return self._rates(keys, "input") * context + self._rates(keys, "output") * generated
 
 
-def make_cost_model(name: str, manifest: Mapping, prices: dict[str, Price] | None = None) -> CostModel:
+COSTS.register_lazy("latency", "replay.latency:LatencyCost")
+
+
+def make_cost_model(name: str, manifest: Mapping, prices: dict[str, Price] | None = None, profile=None) -> CostModel:
     """Build cost model ``name`` (see COSTS) from the trace manifest (model sizes, scorers) and, for ``api``,
-    prices.
+    prices; for one that reads a latency profile (``latency``), ``profile`` (a path; None: none).
 
     ``api`` needs a price for every model role in the steps it prices and every scorer it bills (a
     scorer may use its model's); an open model billed nothing is priced ``0``.
@@ -362,4 +365,6 @@ def make_cost_model(name: str, manifest: Mapping, prices: dict[str, Price] | Non
     cls = COSTS.get(name)
     if prices and name != "api":
         raise TraceError(f"--price applies to --cost api, not {name}")
+    if getattr(cls, "uses_profile", False):
+        return cls(Manifest(manifest), prices, profile)
     return cls(Manifest(manifest), prices)

@@ -37,7 +37,8 @@ class ReplayData:
 
     The roots replayed are every problem of ``problems`` times every world in ``worlds`` (default:
     0..W-1 for the manifest's ``worlds`` = W, else the worlds the steps hold); a root without cached
-    steps is walked like any other and misses at once.
+    steps is walked like any other and misses at once. ``origin`` says where the rows come from (the trace
+    directory and which split of it, ``replay.artifacts.split_data``), for what is fitted on them to record.
     """
 
     def __init__(
@@ -49,8 +50,10 @@ class ReplayData:
         scores: pl.LazyFrame | pl.DataFrame | None = None,
         hidden: pl.LazyFrame | pl.DataFrame | None = None,
         worlds: list[int] | None = None,
+        origin: dict | None = None,
     ):
         self.manifest = Manifest(manifest)
+        self.origin = origin
         self.roles = self.manifest.roles
         self.steps = steps.drop("text", strict=False)
         self.problems = problems
@@ -79,6 +82,7 @@ class ReplayData:
             scores=self.scores,
             hidden=self.hidden,
             worlds=self.worlds,
+            origin=self.origin,
         )
 
     def role_index(self, role: str, router: str) -> int:

@@ -1,5 +1,6 @@
 """Running a replay: every root of a trace walked by a router for each configuration of a sweep, in blocks,
-and the result assembled; from a trace, with its train split fitted. A replay of more than
+and the result assembled; from a trace, with the router fitted on its train split (or on another trace's:
+``fit_router``) and the rows its fit saw marked. A replay of more than
 params.STREAM_STATES walk states streams its outcomes to a Parquet file, a block of configurations at a time.
 
 The checks a replay makes of its router and sweep are replay.params'; the walks are the router's (on
@@ -8,6 +9,7 @@ replay.walk's kernel); the outcomes and misses are replay.results'.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -19,8 +21,17 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from replay.artifacts import (
+    check_setting,
+    describe_record,
+    load_split_data,
+    manifest_digest,
+    setting,
+    split_data,
+)
 from replay.costs import CostModel, Price, make_cost_model
 from replay.data import ReplayData
+from replay.latency import profile_path
 from replay.params import (
     DEFAULT_MAX_CONFIGS,
     STREAM_BLOCK_STATES,
@@ -32,7 +43,7 @@ from replay.params import (
     sweep_configs,
 )
 from replay.results import OutcomeSource, ReplayResult, Walked, assemble, router_scorer, summarize
-from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, SPLITS, assign_splits
+from replay.splits import SPLITS, SplitSpec
 from replay.walk import Costs
 from tracestore.errors import TraceError
 from tracestore.remote import RemoteTrace
@@ -84,15 +95,8 @@ def _walk(data: ReplayData, router, costs: Costs, configs: Configs) -> Walked:
         starts = np.tile(root_nodes[roots], n_configs)
         params = {name: np.repeat(values, len(starts) // n_configs) for name, values in configs.values.items()}
         walked.put(roots, router.walk(data, costs, starts, params))
+    costs.check_priced(walked.cost, walked.decode, router.name)
     return walked
-
-
-def split_frame(problem_ids: list[str], seed: int, fractions: tuple[float, float, float]) -> pl.DataFrame:
-    """The split of every problem id."""
-    return pl.DataFrame(
-        {"problem_id": problem_ids, "split": assign_splits(problem_ids, seed, fractions)},
-        schema={"problem_id": pl.String, "split": pl.String},
-    )
 
 
 def replay_trace(
@@ -104,16 +108,25 @@ def replay_trace(
     cost: str = "flops",
     prices: dict[str, Price] | None = None,
     worlds: list[int] | None = None,
-    split_seed: int = DEFAULT_SPLIT_SEED,
-    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    splits: SplitSpec = SplitSpec(),
+    allow_overlap: bool = False,
     max_configs: int = DEFAULT_MAX_CONFIGS,
     grades: str | None = None,
     memory_check: bool = True,
+    latency_profile: str | os.PathLike | None = None,
 ) -> ReplayResult:
     """Open a trace (or take one opened: at a URL, ``open_trace(uri, timeout=...)``), fit ``router`` on its train
-    split, replay it on ``split`` (or ``all``), its final steps graded by grade set ``grades`` (default: the
-    steps' own). The sweep is checked (parameters, domains, grid size, and with ``memory_check`` its memory
-    estimate against the memory available) before anything is fitted."""
+    split (and calibration split, for a router that uses one) unless it is fitted already (``fit_router``: on
+    another trace), and replay it on ``split`` (or ``all``) as ``splits`` divides the problems, its final steps
+    graded by grade set ``grades`` (default: the steps' own). The sweep is checked (parameters, domains, grid
+    size, and with ``memory_check`` its memory estimate against the memory available) before anything is fitted.
+
+    The outcomes say where the router was fitted (``fitted_on``: JSON, one record per fitted part), on which trace
+    they were replayed (``replayed_on``: its directory, cache-key digest and setting) and, per row, whether the
+    fit saw the row's problem (``fit_overlap``). Replaying one split (not ``all``) whose problems a fit saw is
+    refused unless ``allow_overlap``; with ``all`` the rows are only marked (`trace report` refuses to report them).
+    ``latency_profile``: the profile ``cost="latency"`` reads (default: the trace's latency.json).
+    """
     if split not in (*SPLITS, "all"):
         raise TraceError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}, all")
     check_sweep(router, sweep or {})
@@ -127,7 +140,9 @@ def replay_trace(
             f"router {router.name} reads {scorer} scores{whose}, which {root} does not have; "
             f"run `trace score {root} --scorer {scorer}` first"
         )
-    cost_model = make_cost_model(cost, trace.manifest, prices)
+    cost_model = make_cost_model(cost, trace.manifest, prices, profile_path(root, latency_profile))
+    if latency_profile and not getattr(cost_model, "uses_profile", False):
+        raise TraceError(f"--latency-profile applies to --cost latency, not {cost}")
     data = ReplayData.from_trace(trace, grades)
     if worlds is not None:
         absent = sorted(set(worlds) - set(data.worlds))
@@ -138,18 +153,34 @@ def replay_trace(
         data = ReplayData(
             data.manifest, data.steps, data.problems, scores=data.scores, hidden=data.hidden, worlds=worlds
         )
-    splits = split_frame(data.problems["problem_id"].to_list(), split_seed, fractions)
-    ids_of = {name: splits.filter(pl.col("split") == name)["problem_id"].to_list() for name in SPLITS}
-    evaluated = data if split == "all" else data.subset(ids_of[split])
+    parts = split_data(data, trace, splits.check())
+    evaluated = data if split == "all" else parts.of(split)
     if evaluated.problems.height == 0:
-        raise TraceError(f"split {split!r} of {root} holds no problems (fractions {fractions}, seed {split_seed})")
+        raise TraceError(f"split {split!r} of {root} holds no problems ({splits.describe()})")
     n_roots = evaluated.roots.height
     check_grid_size(sweep or {}, max_configs, n_roots)
     if memory_check:
         check_sweep_memory(sweep or {}, n_roots)
-    router.fit(data.subset(ids_of["train"]))
+    if is_fitted(router):
+        for record in router.fitted_on_:
+            check_setting(record, trace.manifest, record.get("file") or f"router {router.name}", root)
+    else:
+        router.fit(parts.train, parts.calibration)
+    fitted_ids = set().union(*(record["problem_ids"] for record in router.fitted_on_))
+    if split != "all" and not allow_overlap:
+        check_no_overlap(router, evaluated.problems["problem_id"].to_list(), fitted_ids, f"split {split} of {root}")
     scores_lost = bool(scorer) and data.scores_of(scorer)["value"].is_null().all()
-    root_split = evaluated.roots["problem_id"].replace_strict(splits["problem_id"], splits["split"], default=None)
+    root_ids = evaluated.roots["problem_id"]
+    table = parts.splits
+    root_split = root_ids.replace_strict(table["problem_id"], table["split"], default=None, return_dtype=pl.String)
+    root_overlap = root_ids.is_in(pl.Series(sorted(fitted_ids), dtype=pl.String).implode())
+    del parts
+    records = json.dumps([summary_record(record) for record in router.fitted_on_], sort_keys=True)
+    replayed_on = {
+        "trace": str(root),
+        "manifest_digest": manifest_digest(trace.manifest),
+        "setting": setting(trace.manifest, [scorer] if scorer else []),
+    }
 
     def check_scores(walked: Walked) -> None:
         if scores_lost and walked.miss_scorer[walked.miss_role >= 0].any():
@@ -161,10 +192,13 @@ def replay_trace(
     def with_split(outcomes: pl.DataFrame) -> pl.DataFrame:
         # The outcomes are configuration-major (each configuration's rows are the roots in order), so each root's
         # split, looked up once, is repeated per configuration: no lookup per outcome row, no intermediate column.
+        n_configs = outcomes.height // n_roots
         return outcomes.with_columns(  # the outcomes are not copied
-            split=pl.concat([root_split] * (outcomes.height // n_roots), rechunk=True),
-            split_seed=pl.lit(split_seed, dtype=pl.Int64),
-            split_fractions=pl.lit(",".join(str(f) for f in fractions)),
+            split=pl.concat([root_split] * n_configs, rechunk=True),
+            splits=pl.lit(json.dumps(splits.record(), sort_keys=True)),
+            fit_overlap=pl.concat([root_overlap] * n_configs, rechunk=True),
+            fitted_on=pl.lit(records),
+            replayed_on=pl.lit(json.dumps(replayed_on, sort_keys=True)),
         )
 
     if math.prod(len(values) for values in (sweep or {}).values()) * n_roots > STREAM_STATES:
@@ -178,6 +212,34 @@ def replay_trace(
     del source, walked
     result.outcomes = with_split(result.outcomes)
     return result
+
+
+def is_fitted(router) -> bool:
+    return hasattr(router, "n_train_problems_")
+
+
+def fit_router(router, root: str | os.PathLike, splits: SplitSpec = SplitSpec(), grades: str | None = None):
+    """``router`` fitted on the train split (and calibration split) of the trace at ``root``: what `trace replay
+    --fit-on TRACE` replays on another trace."""
+    parts = load_split_data(root, splits, grades)
+    return router.fit(parts.train, parts.calibration)
+
+
+def check_no_overlap(router, problem_ids: list[str], fitted_ids: set[str], rows: str) -> None:
+    """TraceError if some of ``problem_ids`` (the rows replayed) are among the problems a fit of ``router`` saw."""
+    overlap = sorted(set(problem_ids) & fitted_ids)
+    if overlap:
+        what = "; ".join(describe_record(record) for record in router.fitted_on_)
+        raise TraceError(
+            f"{len(overlap):,} of the {len(problem_ids):,} problems of {rows} are among those router {router.name} "
+            f"was fitted on ({what}; first: {overlap[0]!r}); replay another split or trace, or pass --allow-overlap"
+        )
+
+
+def summary_record(record: dict) -> dict:
+    """A fit record as the outcomes carry it: its problem ids counted, not listed."""
+    summary = {key: value for key, value in record.items() if key not in ("problem_ids", "setting")}
+    return {**summary, "n_problems": len(record["problem_ids"])}
 
 
 def _replay_streamed(

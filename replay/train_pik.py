@@ -1,9 +1,9 @@
 """`trace train pik`: fit the cascade's P(IK) probes and report how well they predict.
 
-The probes are fitted as ``replay.pik`` describes (80/10/10 inside the replay's train split, the L2
-penalty chosen on validation, metrics on the last 10%) and saved with their layers and metrics.
-Because every problem a probe saw lies in the train split, `--router cascade --param probe=FILE`
-can replay it on the test split without leakage.
+The probes are fitted as ``replay.pik`` describes (on the train split's own-model solutions, the L2 penalty
+chosen on the calibration split, metrics on the test split) and saved with their layers, metrics and where they
+were fitted (``fitted_on``), so that `--router cascade --param probe=FILE` replays them on this trace's test split
+or on another trace of the same setting, and the rows of the problems they saw are marked.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import io
 import os
 from dataclasses import asdict
 
-from replay.artifacts import load_train_split
+from replay.artifacts import fit_record, load_split_data
 from replay.pik import AUTO_LAYER, DEFAULT_WHERE, PIK_FORMAT, PIK_VERSION, ProbeReport, fit_probes
-from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED
+from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, SplitSpec
 from tracestore.atomic import write_atomic
 from tracestore.errors import TraceError
 from tracestore.outputs import check_output_file
@@ -30,20 +30,24 @@ def train_pik(
     seed: int = 0,
     split_seed: int = DEFAULT_SPLIT_SEED,
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    split_by: str | None = None,
     force: bool = False,
 ) -> tuple[list[ProbeReport], dict[str, int]]:
-    """Fit one probe per model in ``models`` on the train split of the trace at ``root``; write them to ``out``
+    """Fit one probe per model in ``models`` on the splits of the trace at ``root``; write them to ``out``
     (replacing an existing file only with ``force``). Returns the probes' reports and the layer each read."""
     import joblib
 
     check_output_file(out, force=force)
-    train = load_train_split(root, split_seed, fractions)
-    unknown = [role for role in models if role not in train.roles]
+    spec = SplitSpec(split_seed, tuple(fractions), split_by or None)
+    data = load_split_data(root, spec)
+    if data.train.problems.height == 0:
+        raise TraceError(f"the train split of {root} holds no problems ({spec.describe()})")
+    unknown = [role for role in models if role not in data.train.roles]
     if unknown or not models:
         raise TraceError(
-            f"--model must name models of the trace ({', '.join(train.roles)}); got {', '.join(models) or 'none'}"
+            f"--model must name models of the trace ({', '.join(data.train.roles)}); got {', '.join(models) or 'none'}"
         )
-    probes, layers, reports, fitted_on = fit_probes(train, models, layer, where, seed)
+    probes, layers, reports, fitted_on = fit_probes(data.train, data.calibration, data.test, models, layer, where, seed)
     saved = {
         "format": PIK_FORMAT,
         "version": PIK_VERSION,
@@ -52,9 +56,7 @@ def train_pik(
         "probes": probes,
         "metrics": {report.model: asdict(report) for report in reports},
         "seed": seed,
-        "train_problem_ids": sorted(fitted_on),
-        "split_seed": split_seed,
-        "split_fractions": [float(f) for f in fractions],
+        "fitted_on": fit_record(data.train, "P(IK) probes", fitted_on, hidden_roles=models),
     }
     buffer = io.BytesIO()
     joblib.dump(saved, buffer)

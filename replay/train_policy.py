@@ -76,7 +76,14 @@ Every policy step k (policy pi_k, threshold kappa_k):
    raise kappa after a miss. This is online conformal calibration (Angelopoulos et al. 2024) of the set
    {a : pi(a|o) >= kappa} with score 1 - pi: the threshold 1 - kappa grows after a miss.
 
-Only train-split episodes feed anything: the rollouts, the critics, the constraint and kappa.
+Only train-split episodes feed anything: the rollouts, the critics, the constraint and kappa. What the two-model
+policy learns from is the comb of each train (problem, world): the all-small chain from the root and the large
+model's completion from every node on it (the steps it observes and pays for, their features' scaling, the
+outcomes); steps grown after a large step (closure's, ``full``'s) are never read, so training on a trace closed
+over other routers gives the same file byte for byte. The K-model policy (policy_training.k_models) is the
+exception by design: it learns every escalation the cache can play out, so growing a trace for a router that
+escalates twice (chained STEER) adds actions it then trains on. The file records where it was trained
+(``fitted_on``).
 
 Training log (``NAME.log.parquet`` next to ``NAME.pt``), one row per policy step: reward, cost (scaled) and
 rollout_coverage of the batch's rollouts under pi_k; coverage of the deployed pi_{k+1}, kappa_k on the kappa
@@ -99,13 +106,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from replay.artifacts import load_train_split
 from replay.costs import COSTS, Price
 from replay.endpoint_signals import require_signals
+from replay.latency import profile_path
 from replay.mlp import MLP, Adam
 from replay.policy_training.episodes import LARGE_TOKENS, Rollout, comb_episodes, rollout
 from replay.policy_training.k_models import train_k_policy
@@ -150,6 +158,7 @@ class Hyperparameters:
     escalate: str = "after"  # after: the step that triggers escalation is kept; replace: it is rewritten
     cost: str = "flops"  # a replay cost model (flops, flops+prefill, api) or tokens (large-model generated tokens)
     prices: tuple[tuple[str, Price], ...] = ()  # api prices by model role or scorer (every one needs one)
+    latency_profile: str | None = None  # cost latency: the latency profile (default: the trace's latency.json)
     hidden: int = 64  # hidden units of the policy and critic MLPs (three layers each)
     gamma: float = 1.0  # discount of success and cost
     rho_bar: float = 2.0  # clip of the V-trace weights rho and of the policy-gradient correction of old batches
@@ -162,6 +171,7 @@ class Hyperparameters:
     backtrack_ratio: float = 0.8
     split_seed: int = DEFAULT_SPLIT_SEED  # train split as `trace replay` draws it: seed of the hash
     split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS  # train, calibration, test
+    split_by: str = ""  # a problems column or a file of (problem_id, split) lines (replay.splits); "": the hash
 
     def check(self) -> None:
         """TraceError naming the first hyperparameter out of range (as its command-line option)."""
@@ -174,6 +184,8 @@ class Hyperparameters:
             raise TraceError(f"--cost must be one of {choices} (or FILE.py:Class or module:Class), got {self.cost!r}")
         if self.prices and self.cost != "api":
             raise TraceError("--price applies to --cost api only")
+        if self.latency_profile and self.cost != "latency":
+            raise TraceError("--latency-profile applies to --cost latency only")
         if self.escalate not in ESCALATE_MODES:
             raise TraceError(f"--escalate must be one of {', '.join(ESCALATE_MODES)}, got {self.escalate!r}")
         if not self.features:
@@ -218,10 +230,12 @@ def train_policy(
     step's log row. The models in play: ``models`` (comma-separated roles, smallest first), else ``draft`` ..
     ``target`` (default the smallest .. the largest)."""
     hp.check()
+    if hp.cost == "latency" and not hp.latency_profile:
+        hp = replace(hp, latency_profile=profile_path(root, None))
     out = check_output_file(out, force=force)
     check_output_file(log_path_for(out), force=force)
     started = time.perf_counter()
-    train = load_train_split(root, hp.split_seed, hp.split_fractions)
+    train = load_train_split(root, hp.split_seed, hp.split_fractions, hp.split_by)
     roles = model_set(train.roles, draft, target, "trace train policy", models)
     for role in roles[:-1]:  # the models whose steps the policy reads
         require_signals(train.manifest, role, hp.features, "policy", POLICY_INSTEAD)

@@ -1,9 +1,10 @@
 """`trace train steer`: fit STEER's per-step-index Gaussian mixtures on the train split and save them, for
 every model of the trace but the largest (every model a chain can escalate from).
 
-The fitting is the router's own (`replay.routers.steer.Steer`); this only picks the split, fits on one thread
-(the same file at any thread count) and writes the JSON that `--router steer --param gmms=FILE` loads instead of
-refitting.
+The fitting is the router's own (`replay.routers.steer.Steer`: each model's confidences on its own solutions,
+the all-own-model chain from the root, in the train split); this only picks the split, fits on one thread (the
+same file at any thread count) and writes the JSON that `--router steer --param gmms=FILE` loads instead of
+refitting, on this trace or on another one of the same setting (its ``fitted_on`` record).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def train_steer(
     seed: int = 0,
     split_seed: int = DEFAULT_SPLIT_SEED,
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    split_by: str | None = None,
     force: bool = False,
 ) -> pl.DataFrame:
     """Fit the mixtures on the train split of the trace at ``root``, write them to ``out`` (replacing an
@@ -35,15 +37,10 @@ def train_steer(
     from threadpoolctl import threadpool_limits
 
     check_output_file(out, force=force)
-    train = load_train_split(root, split_seed, fractions)
+    train = load_train_split(root, split_seed, fractions, split_by)
     with threadpool_limits(limits=1):  # the k-means start's OpenMP sums and BLAS split work by thread count
         router = Steer(min_samples=min_samples, seed=seed).fit(train)
-    router.save(
-        Path(out),
-        train.problems["problem_id"].to_list(),
-        split_seed=split_seed,
-        split_fractions=[float(f) for f in fractions],
-    )
+    router.save(Path(out))
     rows = []
     for role, fitted in router.by_role_.items():
         for depth, mixture in sorted(fitted.mixtures.items()):

@@ -19,6 +19,7 @@ import polars as pl
 
 from replay.costs import CostModel
 from replay.data import ReplayData
+from tracestore.errors import TraceError
 
 
 class Costs:
@@ -42,6 +43,20 @@ class Costs:
         if key not in self._once:
             self._once[key] = compute()
         return self._once[key]
+
+    def check_priced(self, total: np.ndarray, decode: np.ndarray, router: str) -> None:
+        """TraceError if a walk paid for something its cost model gave no number for (NaN: a latency profile
+        without a role the router used), naming the role (``decode``: the walks' costs by role)."""
+        if self.model is None or not np.isnan(total).any():
+            return
+        roles = [role for role, by_role in zip(self.data.roles, decode) if np.isnan(by_role).any()]
+        if not roles:  # only discarded drafts went unpriced: name the roles without a cost
+            unpriced = self.data.steps["model"].filter(pl.Series(np.isnan(self.step_total)))
+            roles = sorted(set(unpriced.to_list()))
+        explain = getattr(self.model, "unpriced", None)
+        if explain is not None:
+            raise TraceError(explain(roles, router))
+        raise TraceError(f"cost model {self.model.name} gives no cost for the {roles[0]} steps router {router} used")
 
     def scorer(self, name: str) -> np.ndarray:
         """Cost of scoring each step row with scorer ``name``; NaN where the trace has no such score."""

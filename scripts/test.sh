@@ -18,5 +18,5 @@ run_pytest() {
   [ "$status" -eq 5 ] && echo "pytest collected no tests: $*" >&2
   return "$status"
 }
-run_pytest -m "not vllm" -q "$@"
-run_pytest -m vllm -q "$@"
+run_pytest -m "not vllm and not slow" -q "$@"
+run_pytest -m "vllm or slow" -q "$@"

@@ -23,7 +23,11 @@ from tracegen.backends.openai_endpoint import request_key
 
 FAULTS = ("429", "500", "slow", "malformed", "cutoff")
 _QUESTION = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", re.S)
-_VERDICT = re.compile(r"Question: (.*?)\n\nEarlier steps:\n(.*?)\n\nLatest step:\n(.*?)\n\nIs the latest step", re.S)
+# The verifier's request in each preset (tracegen.prompts.VERIFIER_PRESETS): question, earlier steps, latest step
+_VERDICTS = (
+    re.compile(r"Question:\n(.*?)\n\nPrevious steps:\n(.*?)\n\nLast step:\n(.*?)\n\nVerdict:", re.S),  # cmdp
+    re.compile(r"Question: (.*?)\n\nEarlier steps:\n(.*?)\n\nLatest step:\n(.*?)\n\nIs the latest step", re.S),
+)
 
 
 @dataclass
@@ -199,7 +203,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _chat(self, body: dict) -> dict:
         messages = body["messages"]
-        verdict = _VERDICT.search(messages[-1]["content"])
+        verdict = next(filter(None, (pattern.search(messages[-1]["content"]) for pattern in _VERDICTS)), None)
         if verdict:
             return self._verdict(body, *verdict.groups())
         question = messages[1]["content"].split("\n\n", 1)[0]
@@ -240,7 +244,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 def _verdict_answer(question: str, earlier: str, step: str, k: int) -> tuple[str, list[dict]]:
     """The toy checker: the exact verifier's verdict, "correct" or "incorrect", with top-k log-probabilities."""
-    valid = step_is_valid(question, [] if earlier == "(none)" else earlier.split("\n\n"), step)
+    valid = step_is_valid(question, [] if earlier in ("(none)", "") else earlier.split("\n\n"), step)
     first, second = ("correct", "incorrect") if valid else ("incorrect", "correct")
     top = [{"token": first, "logprob": -0.05}, {"token": second, "logprob": -3.0}]
     top += [{"token": f" other{j}", "logprob": -6.0 - j} for j in range(k - 2)]

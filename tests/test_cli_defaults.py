@@ -12,7 +12,7 @@ import typer.main
 from analysis.options import ReportOptions
 from cli import app
 from replay import api
-from replay.splits import parse_fractions
+from replay.splits import SplitSpec, parse_fractions
 from replay.train_pik import train_pik
 from replay.train_policy import Hyperparameters
 from replay.train_steer import train_steer
@@ -96,21 +96,28 @@ def test_audit_defaults_are_audit_options():
 
 
 def test_replay_defaults_are_the_python_apis():
+    cli = cli_defaults("replay")
     compared = compare(
-        cli_defaults("replay"),
+        cli,
         {**parameter_defaults(api.replay), **dataclass_defaults(api.SweepLimits)},
-        renamed={"split_fractions": "fractions", "price": "prices"},
+        renamed={"price": "prices"},
         cli_form={
-            "split_fractions": parse_fractions,
             "worlds": lambda v: None if v == "all" else v,
             "price": lambda v: v or None,
             "sweep": lambda v: v or None,
         },
     )
     assert compared == {
-        "sweep", "split", "cost", "price", "worlds", "split_seed", "split_fractions", "max_configs", "grades",
-        "memory_check",
+        "sweep", "split", "cost", "price", "worlds", "allow_overlap", "max_configs", "grades", "memory_check",
+        "latency_profile",
     }  # fmt: skip
+    compared = compare(
+        cli,
+        dataclass_defaults(SplitSpec),
+        renamed={"split_seed": "seed", "split_fractions": "fractions", "split_by": "by"},
+        cli_form={"split_fractions": parse_fractions},
+    )
+    assert compared == {"split_seed", "split_fractions", "split_by"}
 
 
 def test_report_defaults_are_report_options():
@@ -118,11 +125,11 @@ def test_report_defaults_are_report_options():
         cli_defaults("report"),
         dataclass_defaults(ReportOptions),
         renamed={"table": "tables"},
-        cli_form={"at": tuple, "table": tuple},
+        cli_form={"at": tuple, "table": tuple, "policy_log": tuple, "pick_on": tuple},
     )
     assert compared == {
         "pick", "accuracy_floor", "at", "split", "pick_split", "bootstrap", "seed", "policy_log", "steer_gmm", "alpha",
-        "table", "grades",
+        "table", "grades", "pick_on", "allow_overlap", "latency_profile",
     }  # fmt: skip
 
 
@@ -133,13 +140,14 @@ def test_train_policy_defaults_are_its_hyperparameters():
         renamed={"price": "prices"},
         cli_form={
             "split_fractions": parse_fractions,
+            "split_by": lambda v: v or "",
             "price": tuple,
             "features": lambda v: v or Hyperparameters.features,
         },
     )
     assert compared == {
         "alpha", "steps", "lr", "batch", "eta", "seed", "delta", "kappa", "entropy_coef", "features", "escalate",
-        "cost", "price", "eta_decay", "split_seed", "split_fractions",
+        "cost", "price", "eta_decay", "split_seed", "split_fractions", "split_by", "latency_profile",
     }  # fmt: skip
 
 
@@ -148,8 +156,8 @@ def test_train_pik_and_steer_defaults_are_their_functions():
     compared = compare(
         cli_defaults("train", "pik"), parameter_defaults(train_pik), {"split_fractions": "fractions"}, fractions
     )
-    assert compared == {"layer", "where", "seed", "split_seed", "split_fractions", "force"}
+    assert compared == {"layer", "where", "seed", "split_seed", "split_fractions", "split_by", "force"}
     compared = compare(
         cli_defaults("train", "steer"), parameter_defaults(train_steer), {"split_fractions": "fractions"}, fractions
     )
-    assert compared == {"min_samples", "seed", "split_seed", "split_fractions", "force"}
+    assert compared == {"min_samples", "seed", "split_seed", "split_fractions", "split_by", "force"}

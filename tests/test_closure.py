@@ -80,6 +80,7 @@ def test_closure_leaves_no_misses_and_a_rerun_adds_nothing(closure_trace):
         options(closure_trace, expand="closure", routers=tuple(load_router_specs_from_text(closure_trace.parent)))
     )
     assert again.new_steps == 0 and again.closure.remaining_misses == 0
+    assert again.up_to_date  # decided before any engine started
 
 
 def test_closure_grows_what_a_router_of_your_own_misses(tmp_path):
@@ -191,7 +192,7 @@ def test_budget_stops_closure_and_says_so(tmp_path):
         ("[[router]]\nname = 'random'\nsweep = ['p=0:1:0.001', 'seed=0:20:1']", "cannot sweep seed"),
         (
             "[[router]]\nname = 'cascade'\nsweep = ['t_true=0:1:0.001', 't_ik=0:1:0.01']",
-            "1001 x 101 = 101,101 configurations; at most 20,000",
+            "1001 x 101 = 101,101 configurations \\(at least [0-9.]+ GB\\); at most 20,000",
         ),
     ],
 )

@@ -194,6 +194,47 @@ def test_rerun_is_a_no_op_and_a_differing_setting_is_refused(comb_trace, toy_mod
     assert sorted(os.listdir(comb_trace / "steps")) == before
 
 
+def test_a_rerun_with_nothing_to_do_starts_no_engine(comb_trace, toy_models, monkeypatch):
+    def start_engine(*args, **kwargs):
+        raise AssertionError("an engine was started")
+
+    monkeypatch.setattr(gen_module, "load_backend", start_engine)
+    before = {path.name: path.stat().st_mtime_ns for path in (comb_trace / "steps").iterdir()}
+    summary = run_gen(options(toy_models, comb_trace, worlds=2, hidden_layers=(-1, 1)))
+    assert summary.up_to_date and summary.new_steps == 0
+    assert {path.name: path.stat().st_mtime_ns for path in (comb_trace / "steps").iterdir()} == before
+    # one more world is work to do: the engines start (here, the patched start refuses)
+    with pytest.raises(AssertionError, match="an engine was started"):
+        run_gen(options(toy_models, comb_trace, worlds=3, hidden_layers=(-1, 1)))
+
+
+def test_engine_log_lines_go_to_the_trace_logs_folder(tmp_path, monkeypatch, capsys):
+    import logging
+
+    from tracegen.engine_logs import route_engine_logs
+
+    for name in ("VLLM_CONFIGURE_LOGGING", "VLLM_LOGGING_CONFIG_PATH"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    assert route_engine_logs(tmp_path, "hf") is None and not (tmp_path / "logs").exists()
+    log_file = route_engine_logs(tmp_path, None)
+    try:
+        assert log_file == tmp_path / "logs" / "vllm.log"
+        config = json.loads(Path(os.environ["VLLM_LOGGING_CONFIG_PATH"]).read_text())  # what vLLM's processes read
+        assert config["handlers"]["file"]["filename"] == str(log_file.resolve())
+        logging.getLogger("vllm.engine").warning("a warning the terminal should not show")
+        logging.getLogger("vllm.engine").error("an error it should")
+        written = log_file.read_text()
+        assert "a warning the terminal should not show" in written and "an error it should" in written
+        shown = capsys.readouterr().err
+        assert "an error it should" in shown and "should not show" not in shown
+    finally:
+        logging.captureWarnings(False)
+        for name in ("vllm", "py.warnings"):
+            for handler in logging.getLogger(name).handlers[:]:
+                logging.getLogger(name).removeHandler(handler)
+                handler.close()
+
+
 def test_same_command_twice_gives_identical_files(toy_models, tmp_path):
     runs = [tmp_path / "a", tmp_path / "b"]
     for out in runs:

@@ -15,6 +15,7 @@ from tracebuild import toy_gen_options
 
 from replay.routers import make_router
 from replay.run import replay_trace
+from replay.splits import SplitSpec
 from tracegen.expand import Comb, frontier
 from tracegen.gen import run_gen
 from tracestore.store import open_trace
@@ -66,7 +67,7 @@ def test_every_chain_and_model_replays_without_misses(comb3):
         assert replay_trace(comb3, router, split="all").outcomes["misses"].sum() == 0
     for target in ("m1", "m2"):
         router = make_router("steer", mode="switch", target=target, min_samples=2)
-        outcomes = replay_trace(comb3, router, split="all", fractions=(1.0, 0.0, 0.0)).outcomes
+        outcomes = replay_trace(comb3, router, split="all", splits=SplitSpec(fractions=(1.0, 0.0, 0.0))).outcomes
         assert outcomes["misses"].sum() == 0
         other = {"m1": "n_m2", "m2": "n_m1"}[target]
         assert (outcomes[other] == 0).all()

@@ -21,6 +21,7 @@ from replay.results import miss_list
 from replay.routers import make_router
 from replay.routers.policy import load_policy, save_policy
 from replay.run import replay_trace
+from replay.splits import SplitSpec
 from replay.walk import Costs
 from tracestore.errors import TraceError
 from tracestore.store import open_trace
@@ -259,7 +260,9 @@ def test_the_trained_policy_escalates_where_m0_fails_to_the_model_that_suffices(
         result = train_policy(root, out, hp)
         network, saved = load_policy(out)
         assert saved["roles"] == list(ROLES) and result.best_coverage == 1.0
-        outcomes = replay_trace(root, make_router("policy", path=str(out)), split="all", fractions=everything).outcomes
+        outcomes = replay_trace(
+            root, make_router("policy", path=str(out)), split="all", splits=SplitSpec(fractions=everything)
+        ).outcomes
         outcomes = outcomes.sort("problem_id")
         kinds = np.array([("sure", "unsure", "lost")[k % 3] for k in range(outcomes.height)])
         path = np.array(outcomes["path"].to_list())

@@ -14,6 +14,7 @@ from tests.test_gen import options, toy_models  # noqa: F401 - toy_models is a f
 from tests.test_shard_race import assert_same_steps
 from tracegen.distributed import run_distributed
 from tracegen.gen import run_gen
+from tracegen.options import ALL_ROLES, EngineOptions
 from tracestore.errors import TraceError
 from tracestore.validate import validate
 
@@ -82,11 +83,12 @@ def test_a_killed_worker_is_restarted_and_resumes_from_its_parts(local_ray, toy_
 
 
 def test_a_worker_failure_prints_the_workers_own_error(local_ray, toy_models, tmp_path):  # noqa: F811
-    broken = options(toy_models, tmp_path / "ray", limit=2, engine_kwargs={"device": "no-such-device"})
+    engine = EngineOptions(dtype={ALL_ROLES: "no-such-dtype"})  # what --dtype checks; the options object does not
+    broken = options(toy_models, tmp_path / "ray", limit=2, engine=engine)
     with pytest.raises(TraceError) as failed:
         run_distributed(broken, workers=1)
     message = str(failed.value)  # issue 29: not Ray's first line "ray::_Worker.run() (pid=..., ip=...)"
-    assert message == "a Ray worker failed: RuntimeError: Invalid device string: 'no-such-device'"
+    assert message == "a Ray worker failed: AttributeError: module 'torch' has no attribute 'no-such-dtype'"
 
 
 def open_steps(root):

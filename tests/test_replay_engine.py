@@ -3,6 +3,8 @@ one-way draft rules (escalate=after keeps the triggering step, escalate=replace 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import polars as pl
 import pytest
@@ -16,7 +18,7 @@ from replay.results import miss_list, write_outcomes
 from replay.routers import make_router
 from replay.routers.base import DraftRouter
 from replay.run import replay, replay_trace
-from replay.splits import assign_splits
+from replay.splits import SplitSpec, assign_splits
 from replay.walk import DraftRule
 from tracestore.errors import TraceError
 from tracestore.store import open_trace
@@ -93,13 +95,13 @@ def test_summary_accuracy_cost_and_large_share(comb_trace):
 
 def test_replay_trace_fits_on_train_and_records_the_split(comb_trace):
     router = make_router("small-only")
-    result = replay_trace(comb_trace, router, split="all", split_seed=3, fractions=(0.34, 0.33, 0.33))
+    result = replay_trace(comb_trace, router, split="all", splits=SplitSpec(3, (0.34, 0.33, 0.33)))
     expected = dict(zip(["p0", "p1", "p2"], assign_splits(["p0", "p1", "p2"], 3, (0.34, 0.33, 0.33))))
     assert {pid: split for pid, split in result.outcomes.select("problem_id", "split").rows()} == expected
     assert router.n_train_problems_ == list(expected.values()).count("train")
-    assert result.outcomes["split_seed"].unique().to_list() == [3]
+    assert json.loads(result.outcomes["splits"][0]) == {"seed": 3, "fractions": [0.34, 0.33, 0.33], "by": None}
     test_only = replay_trace(
-        comb_trace, make_router("small-only"), split="test", split_seed=3, fractions=(0.34, 0.33, 0.33)
+        comb_trace, make_router("small-only"), split="test", splits=SplitSpec(3, (0.34, 0.33, 0.33))
     )
     assert set(test_only.outcomes["split"]) <= {"test"}
     with pytest.raises(TraceError, match="unknown split 'dev'"):

@@ -56,7 +56,8 @@ def invoke(*args):
     return runner.invoke(app, [str(arg) for arg in args])
 
 
-EVERY_ROW = ("--split", "all", "--pick-split", "reported")  # report and choose on every row of the results
+# report and choose on every row of the results, the train rows STEER was fitted on too
+EVERY_ROW = ("--split", "all", "--pick-split", "reported", "--allow-overlap")
 API = ("--cost", "api", "--price", "small=0", "--price", "large=gpt-4.1-mini")
 
 
@@ -240,25 +241,39 @@ def test_page_references_valid_pngs_and_the_markdown_twin_matches(main_report):
     assert sorted(p.name for p in main_report.iterdir()) == ["escalation.png", "index.html", "pareto.png", "report.md"]
 
 
+def per_tflops(markdown: str) -> float:
+    """How many of the main table's cost units make one TFLOP (its header names the unit chosen for the data)."""
+    header = md_tables(markdown.split("## Routers at their operating points", 1)[1])[0][0]
+    unit = re.search(r"Cost \((\w*)FLOPs per query\)", " ".join(header)).group(1)
+    return {"T": 1.0, "G": 1e3, "M": 1e6, "k": 1e9, "": 1e12}[unit]
+
+
 def test_table_numbers_come_from_the_results_and_the_trace(inputs, main_report):
     markdown = (main_report / "report.md").read_text()
     table = table_after(markdown, "Routers at their operating points")
-    assert list(table) == ["Router", "small-only", "large-only", "steer", "random", "oracle"]
+    scale = per_tflops(markdown)
 
     large = single_model(inputs["trace"], "L")
     small = single_model(inputs["trace"], "s")
     large_accuracy = large["correct"].mean()
     assert number(table["large-only"][1]) == pytest.approx(100 * large_accuracy, abs=0.05)
     assert number(table["small-only"][1]) == pytest.approx(100 * small["correct"].mean(), abs=0.05)
-    assert table["large-only"][4].startswith("100.0") and table["small-only"][4].startswith("0.0")
+    assert table["large-only"][5].startswith("100.0") and table["small-only"][5].startswith("0.0")
+    assert number(table["large-only"][4]) == 1.0  # A/C as a multiple of large-only's
 
     chosen = chosen_by_ac(inputs["steer"], large_accuracy - 0.02)
     configs = per_config(inputs["steer"]).filter(pl.col("config") == chosen).row(0, named=True)
+    large_cost = per_config(replay_to(inputs["trace"], inputs["base"] / "large.parquet", "--router", "large-only",
+                                      "--split", "all"))["cost"][0]  # fmt: skip
     assert table["steer"][0] == f"tau={tau_of(inputs['steer'], chosen):g}"
     assert number(table["steer"][1]) == pytest.approx(100 * configs["accuracy"], abs=0.05)
-    assert number(table["steer"][2]) == pytest.approx(configs["cost"], rel=1e-3)
-    assert number(table["steer"][3]) == pytest.approx(configs["a_over_c"], rel=1e-3)
-    assert table["steer"][5] == "0"
+    assert table["steer"][2] == table["steer"][1]  # picked on the reported rows: the same accuracy there
+    assert number(table["steer"][3]) == pytest.approx(scale * configs["cost"], rel=5e-3)  # three significant digits
+    assert number(table["large-only"][3]) == pytest.approx(scale * large_cost, rel=5e-3)
+    assert number(table["steer"][4]) == pytest.approx(
+        configs["a_over_c"] / (100 * large_accuracy / large_cost), rel=5e-3
+    )
+    assert table["steer"][6] == "0"
     # the random sweep's middle configurations miss (the comb lacks mixed paths): never chosen
     random_pick = (
         per_config(inputs["random"])
@@ -271,6 +286,13 @@ def test_table_numbers_come_from_the_results_and_the_trace(inputs, main_report):
         "grid tau 0 to 1 in steps of 0.1 (11 values) (steer.parquet)"
     ) in markdown
     assert f"large-only accuracy {100 * large_accuracy:.1f}% minus 2 points" in markdown
+
+    # rows: within the floor by cost, then the rest by cost (no router here missed at its operating point)
+    accuracy = {router: number(cells[1]) for router, cells in table.items() if router != "Router"}
+    cost = {router: number(table[router][3]) for router in accuracy}
+    within = sorted((r for r in accuracy if accuracy[r] >= 100 * large_accuracy - 2 - 1e-9), key=cost.get)
+    below = sorted((r for r in accuracy if r not in within), key=cost.get)
+    assert list(table)[1:] == within + below and "small-only" in below and "large-only" in within
 
 
 def test_bootstrap_interval_resamples_problems_with_their_worlds(inputs, main_report):
@@ -300,7 +322,7 @@ def test_significance_against_large_only_takes_the_problem_as_the_unit_with_two_
     assert (int(pairs), int(only_small), int(only_large)) == (N_PROBLEMS * N_WORLDS, b, c)
     assert test == f"paired permutation over {N_PROBLEMS} problems"
     by_problem = small.group_by("problem_id").agg((pl.col("correct").mean() - pl.col("large").mean()).alias("d"))
-    assert float(statistic) == pytest.approx(by_problem["d"].mean(), rel=1e-3)
+    assert float(statistic) == pytest.approx(by_problem["d"].mean(), rel=5e-3)  # three significant digits
     assert 0 < float(p_value) <= 1 and significant == ("yes" if float(p_value) < 0.05 else "no")
     assert "large-only" not in table and set(table) == {"Router", "small-only", "steer", "random", "oracle"}
 
@@ -323,25 +345,25 @@ def test_mcnemar_against_large_only_is_paired_on_problem_and_world_with_one_worl
     else:
         chi_square = (abs(b - c) - 1) ** 2 / (b + c)
         expected = math.erfc(math.sqrt(chi_square / 2))
-        assert test.startswith("chi-square") and float(statistic) == pytest.approx(chi_square, rel=1e-3)
-    assert float(p_value) == pytest.approx(expected, rel=1e-3)
+        assert test.startswith("chi-square") and float(statistic) == pytest.approx(chi_square, rel=5e-3)
+    assert float(p_value) == pytest.approx(expected, rel=5e-3)  # three significant digits
     assert significant == ("yes" if expected < 0.05 else "no")
 
 
 def test_escalation_shares_by_step_index_come_from_the_walks_paths(inputs, main_report):
     markdown = (main_report / "report.md").read_text()
-    by_depth = table_after(markdown, "Where escalations happen", 0)
-    first = table_after(markdown, "Where escalations happen", 1)
-    assert by_depth["Step index"] == ["steer", "random", "oracle"]
+    table = table_after(markdown, "Where escalations happen")
+    assert table["Router"] == ["Finished walks", "Walks with a large step", "Median first index", "0", "1", "2"]
+    assert {"steer", "random", "oracle"} == set(table) - {"Router"}
     oracle = pl.read_parquet(inputs["oracle"])
     paths = oracle.filter(pl.col("misses") == 0)["path"].to_list()
     for depth in range(N_STEPS):
         reaching = [path for path in paths if len(path) > depth]
         share = sum(path[depth] == "L" for path in reaching) / len(reaching)
-        assert by_depth[str(depth)][2] == f"{100 * share:.1f}% of {len(reaching)}"
+        assert table["oracle"][3 + depth] == f"{100 * share:.1f} ({len(reaching)})"
     escalated = [path.index("L") for path in paths if "L" in path]
-    assert first["oracle"][:2] == [str(len(paths)), f"{len(escalated)} ({100 * len(escalated) / len(paths):.1f}%)"]
-    assert first["oracle"][2] == f"{float(np.median(escalated)):g}"
+    assert table["oracle"][:2] == [str(len(paths)), f"{len(escalated)} ({100 * len(escalated) / len(paths):.1f}%)"]
+    assert table["oracle"][2] == f"{float(np.median(escalated)):g}"
 
 
 def test_rerun_gives_identical_files(inputs, main_report, tmp_path):
@@ -440,9 +462,9 @@ def test_policy_and_steer_sections_appear_only_when_given(inputs, tmp_path):
     for name in ("policy_training.png", "steer_mixtures.png"):
         check_png(out / name)
     markdown = (out / "report.md").read_text()
-    assert "Target coverage 1 - alpha = 0.95 (alpha 0.05, from the log)" in markdown
-    assert "100 logged updates, steps 0-198" in markdown
-    assert f"final kappa {0.5 + 0.3 * math.exp(-198 / 60):.4f}" in markdown
+    policy = table_after(markdown, "Policy training")["policy.pt.log.parquet"]  # no policy router: the file's name
+    assert policy[:3] == ["`policy.pt.log.parquet`", "100 (steps 0-198)", "0.95 (alpha 0.05, from the log)"]
+    assert float(policy[-1]) == pytest.approx(0.5 + 0.3 * math.exp(-198 / 60), abs=1e-4)
     steer_table = table_after(markdown, "STEER confidence mixtures")
     small_at = (
         trace_steps(inputs["trace"])
@@ -455,7 +477,8 @@ def test_policy_and_steer_sections_appear_only_when_given(inputs, tmp_path):
         (1, (2.9, math.sqrt(0.5), 0.25, 8.1, math.sqrt(1.1))),
         (2, (3.2, math.sqrt(0.6), 0.35, 7.9, math.sqrt(0.9))),
     ]:
-        n, *numbers = steer_table[str(depth)]
+        n, *numbers, note = steer_table[str(depth)]
+        assert note == ""  # 30 samples, no collapsed component: no warning
         assert int(n) == small_at.filter(pl.col("depth") == depth)["len"][0] == 30
         assert [float(x) for x in numbers] == pytest.approx(expected, abs=1e-3)
     assert "of the 15 train problems the file lists" in markdown
@@ -558,10 +581,13 @@ def test_api_costs_need_the_baselines_as_results_files(inputs, tmp_path):
     result = invoke("report", trace, steer, small, large, "--out", out, "--bootstrap", 20, *EVERY_ROW)
     assert result.exit_code == 0, result.output
     markdown = (out / "report.md").read_text()
-    assert "Cost (US cents)" in markdown and "- large-only: its only configuration (large-api.parquet)" in markdown
+    assert (
+        "Cost (US cents per query)" in markdown
+        and "- large-only: its only configuration (large-api.parquet)" in markdown
+    )
     assert "Every router has a single configuration" in markdown
     large_cost = pl.read_parquet(large)["cost"].mean()
-    assert number(table_after(markdown, "Routers at their operating points")["large-only"][2]) == pytest.approx(
+    assert number(table_after(markdown, "Routers at their operating points")["large-only"][3]) == pytest.approx(
         large_cost, rel=1e-3
     )
 
@@ -649,7 +675,7 @@ def test_steer_section_reads_the_file_the_steer_router_saves(inputs, tmp_path):
     train = load_train_split(inputs["trace"], 0, (0.5, 0.1, 0.4))
     router = Steer(min_samples=5).fit(train)
     saved = tmp_path / "steer.json"
-    router.save(saved, train.problems["problem_id"].to_list())
+    router.save(saved)
     out = tmp_path / "r"
     result = invoke(
         "report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 20, "--steer-gmm", saved, *EVERY_ROW
@@ -660,7 +686,7 @@ def test_steer_section_reads_the_file_the_steer_router_saves(inputs, tmp_path):
     assert [int(key) for key in table if key != "Step index"] == sorted(router.mixtures_)
     for depth, mixture in router.mixtures_.items():
         low = router.low_component_[depth]
-        n, low_mean, _, low_weight, high_mean, _ = table[str(depth)]
+        n, low_mean, _, low_weight, high_mean, _, _ = table[str(depth)]
         assert int(n) == router.n_samples_[depth]  # the histogram holds exactly the confidences it was fitted on
         assert float(low_mean) == pytest.approx(mixture.means_[low, 0], rel=1e-3)
         assert float(high_mean) == pytest.approx(mixture.means_[1 - low, 0], rel=1e-3)
@@ -725,12 +751,13 @@ def test_the_seeds_tables_come_from_the_report_numbers(inputs, tmp_path):
     assert result.exit_code == 0, result.output
     markdown = (out / "report.md").read_text()
     main = table_after(markdown, "Routers at their operating points")
+    scale = per_tflops(markdown)
 
     cmdp = pl.read_csv(out / "table_cmdp.csv")
     assert cmdp["method"].to_list() == ["small-only", "large-only", "steer", "oracle", "cascade"]  # the seed's order
     for row in cmdp.iter_rows(named=True):
         assert row["accuracy_pct"] == pytest.approx(number(main[row["method"]][1]), abs=0.05)
-        assert row["cost_tflops"] == pytest.approx(number(main[row["method"]][2]), rel=1e-3)
+        assert row["cost_tflops"] == pytest.approx(number(main[row["method"]][3]) / scale, rel=5e-3)
         assert row["a_over_c"] == pytest.approx(100 * row["accuracy_pct"] / 100 / row["cost_tflops"], rel=1e-6)
     assert (out / "table_cmdp.md").read_text().startswith("## The CMDP seed's layout")
 
@@ -743,7 +770,10 @@ def test_the_seeds_tables_come_from_the_report_numbers(inputs, tmp_path):
     t_true = float(re.search(r"t_true=([0-9.]+)", chosen["operating_point"]).group(1))
     config = outcomes.filter(pl.col("params").str.contains(f'"t_true": {t_true}'))
     accuracy, cost = config["correct"].cast(pl.Float64).mean(), config["cost"].mean()
-    large_only_cost = number(main["large-only"][2])
+    large_only_cost = per_config(
+        replay_to(trace, tmp_path / "large.parquet", "--router", "large-only", "--split", "all")
+    )["cost"][0]
+    assert number(main["large-only"][3]) / scale == pytest.approx(large_only_cost, rel=5e-3)
     assert chosen["chain"] == "small → large"
     assert chosen["pd_points"] == pytest.approx(100 * (accuracy - large["correct"].mean()))
     assert chosen["reduced_cost_pct"] == pytest.approx(100 * (1 - cost / large_only_cost), rel=1e-3)
@@ -755,3 +785,115 @@ def test_the_seeds_tables_come_from_the_report_numbers(inputs, tmp_path):
     sensitivity = table.filter(pl.col("kind").str.ends_with("P(T) sensitivity"))
     assert sensitivity.height == 2  # the other two t_true values of the sweep
     assert "## The cascade seed's layout" in markdown
+
+
+def test_every_figure_names_its_series_once_each_with_a_distinct_look(inputs, tmp_path):
+    from analysis.report import report
+
+    built = report(
+        inputs["trace"], [inputs["steer"], inputs["random"], inputs["oracle"]], out=tmp_path / "r", bootstrap=20,
+        split="all", pick_split="reported", allow_overlap=True,
+    )  # fmt: skip
+    assert page_images(tmp_path / "r") == list(built.figure_series) == ["pareto.png", "escalation.png"]
+    for name in built.figure_series:
+        check_png(tmp_path / "r" / name)
+    expected = {
+        "pareto.png": ["oracle", "steer", "large-only", "random", "small-only"],  # the table's order
+        "escalation.png": ["oracle", "steer", "random"],
+    }
+    table = table_after(built.markdown, "Routers at their operating points")
+    assert list(table)[1:] == expected["pareto.png"]
+    for name, series in built.figure_series.items():
+        assert [label for label, _, _ in series] == expected[name], name
+        looks = [(colour, marker) for _, colour, marker in series]
+        assert len(set(looks)) == len(looks), (name, series)
+    # print(report) is a line, not the figures' bytes
+    text = repr(built)
+    assert len(text) < 300 and "pareto.png" in text and "PNG" not in text
+
+
+def test_series_styles_never_repeat_a_colour_and_marker_within_a_figure():
+    from analysis.plots import series_styles
+
+    kinds = ["small", "large"] + ["router"] * 40
+    styles = series_styles(kinds)
+    assert len({(style.color, style.marker) for style in styles}) == len(kinds)
+
+
+def test_a_steer_fit_on_few_samples_or_a_collapsed_component_is_flagged(inputs, tmp_path):
+    mixtures = json.loads(json.dumps(STEER_MIXTURES))
+    low = mixtures["mixtures"][1]["low_component"]
+    mixtures["mixtures"][1]["variances"][low] = 1e-6  # a spike of sd 0.001 at step index 1
+    path = tmp_path / "steer.json"
+    path.write_text(json.dumps(mixtures))
+    out = tmp_path / "r"
+    result = invoke(
+        "report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 20, "--steer-gmm", path, *EVERY_ROW
+    )
+    assert result.exit_code == 0, result.output
+    markdown = (out / "report.md").read_text()
+    notes = {depth: cells[-1] for depth, cells in table_after(markdown, "STEER confidence mixtures").items()}
+    assert notes["0"] == "" and notes["2"] == ""  # 30 samples each, no spike
+    assert notes["1"].startswith("⚠") and "low-confidence component collapsed (sd 0.00100)" in notes["1"]
+    assert "**Warning:** the mixture of step index 1 is doubtful" in markdown
+    # fewer than 30 confidences: the train problems listed are the first 5 only (each step index: 5 small steps)
+    mixtures = json.loads(json.dumps(STEER_MIXTURES))
+    mixtures["train_problem_ids"] = TRAIN_IDS[:5]
+    path.write_text(json.dumps(mixtures))
+    result = invoke(
+        "report", inputs["trace"], inputs["steer"], "--out", out, "--bootstrap", 20, "--steer-gmm", path, *EVERY_ROW
+    )
+    assert result.exit_code == 0, result.output
+    table = table_after((out / "report.md").read_text(), "STEER confidence mixtures")
+    for depth, cells in table.items():
+        if depth != "Step index":
+            assert int(cells[0]) < 30 and f"{cells[0]} samples (fewer than 30)" in cells[-1]
+
+
+def test_every_policy_gets_its_training_curve(inputs, tmp_path):
+    from types import SimpleNamespace
+
+    from analysis.report import report
+    from analysis.training_sections import find_policy_logs
+
+    # the log beside each replayed policy file is found and labelled by its router; a missing one is named
+    write_policy_log(tmp_path / "after.log.parquet")
+    runs = [
+        SimpleNamespace(router="policy", params={0: {"path": str(tmp_path / name)}}, label=label)
+        for name, label in [("after.pt", "policy (escalate=after)"), ("replace.pt", "policy (escalate=replace)")]
+    ]
+    logs, unmatched = find_policy_logs((), [*runs, SimpleNamespace(router="steer", params={0: {}}, label="s")], None)
+    assert [(log.label, log.path.name) for log in logs] == [("policy (escalate=after)", "after.log.parquet")]
+    assert unmatched == [f"policy (escalate=replace) (looked for {(tmp_path / 'replace.log.parquet').resolve()})"]
+
+    # two logs: two curves, each its own look, and a row each
+    logs = [write_policy_log(tmp_path / f"{name}.log.parquet") for name in ("first", "second")]
+    built = report(
+        inputs["trace"],
+        [inputs["steer"]],
+        policy_log=logs,
+        bootstrap=20,
+        split="all",
+        pick_split="reported",
+        allow_overlap=True,
+    )
+    series = built.figure_series["policy_training.png"]
+    assert [label for label, _, _ in series] == ["first.log.parquet", "second.log.parquet"]
+    assert len({(colour, marker) for _, colour, marker in series}) == 2
+    assert list(table_after(built.markdown, "Policy training"))[1:] == ["first.log.parquet", "second.log.parquet"]
+
+
+def test_a_label_leaves_out_a_parameter_its_configuration_ignores(inputs, tmp_path):
+    from analysis.report import report
+    from replay import api
+
+    # escalate matters to steer in mode=switch only: in mode=step the label does not name it
+    step = api.replay(inputs["trace"], "steer", params={"mode": "step", "tau": "0.5"}, split="all")
+    switch = api.replay(
+        inputs["trace"], "steer", params={"mode": "switch", "escalate": "replace", "tau": "0.5"}, split="all"
+    )
+    built = report(
+        inputs["trace"], [step, switch], bootstrap=20, split="all", pick_split="reported", allow_overlap=True
+    )
+    labels = set(table_after(built.markdown, "Routers at their operating points")) - {"Router"}
+    assert {"steer (mode=step)", "steer (escalate=replace, mode=switch)"} <= {label.rstrip(" *") for label in labels}

@@ -13,7 +13,7 @@ from tracebuild import build_trace, comb_steps, default_manifest
 from replay.results import miss_list
 from replay.routers import make_router
 from replay.run import replay_trace
-from replay.splits import hash_uniform
+from replay.splits import SplitSpec, hash_uniform
 
 SMALL_STEP, LARGE_STEP = 10.0, 80.0
 
@@ -35,7 +35,7 @@ def sized(steps):
 
 def run(root, router, **kwargs):
     """Replay on every problem, with the router fitted on every problem."""
-    return replay_trace(root, router, split="all", fractions=(1.0, 0.0, 0.0), **kwargs)
+    return replay_trace(root, router, split="all", splits=SplitSpec(fractions=(1.0, 0.0, 0.0)), **kwargs)
 
 
 def only_row(result):

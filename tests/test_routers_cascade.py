@@ -167,9 +167,11 @@ def test_missing_ptrue_score_is_a_scorer_miss(tmp_path):
 
 def test_probe_errors_name_the_problem(trace, tmp_path):
     train, _ = trace
-    only_right = train.subset(["t0", "t2", "t4"])
-    with pytest.raises(TraceError, match="all correct .*pik=false"):
-        make_router("cascade").fit(only_right)
+    only_right = train.subset(["t0", "t2", "t4"])  # a weaker probe, not an error: P(IK) = their rate, 1
+    probe = make_router("cascade").fit(only_right).probes_["small"]
+    assert probe.predict_proba(np.zeros((2, 4)))[:, 1].tolist() == [1.0, 1.0]
+    with pytest.raises(TraceError, match="no complete small solution .*pik=false"):
+        make_router("cascade").fit(train.subset([]))
     steps = problem_steps("a", True, -0.1) + problem_steps("b", False, -0.1)
     root = build_trace(tmp_path / "nohidden", steps, manifest=manifest())
     data = ReplayData.from_trace(open_trace(root))

@@ -294,7 +294,7 @@ def test_a_mixture_file_must_name_the_lower_mean_component_low(tmp_path):
     train, _ = split_data(tmp_path, comb_steps("q0", 3))
     router = make_router("steer").fit(train)
     path = tmp_path / "steer.json"
-    router.save(path, train.problems["problem_id"].to_list())
+    router.save(path)
     saved = json.loads(path.read_text())
     saved["mixtures"][0]["low_component"] = 1 - saved["mixtures"][0]["low_component"]
     path.write_text(json.dumps(saved))

@@ -48,7 +48,9 @@ def report_of(root, tmp_path, results: dict[str, pl.DataFrame], tables=("cmdp",)
     for name, outcomes in results.items():
         paths.append(tmp_path / f"{name}.parquet")
         write_outcomes(outcomes, paths[-1])
-    chosen = ReportOptions(tables=tables, split=ALL_ROWS, pick_split=REPORTED_ROWS, bootstrap=10, **options)
+    # every row, picked on and reported, the rows the routers were fitted on too
+    every_row = dict(split=ALL_ROWS, pick_split=REPORTED_ROWS, allow_overlap=True)
+    chosen = ReportOptions(tables=tables, bootstrap=10, **every_row, **options)
     return build_report(root, paths, chosen)
 
 

@@ -10,6 +10,7 @@ test_k_models (m0 10, m1 30, m2 80 TFLOPs).
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -21,12 +22,15 @@ from analysis.report import report
 from replay.artifacts import load_train_split
 from replay.results import miss_list
 from replay.routers import make_router
+from replay.routers.steer import own_chain_steps
 from replay.run import replay_trace
+from replay.splits import SplitSpec
 from replay.train_steer import train_steer
 from tracestore.errors import TraceError
 
 UNSURE = {"0", "01", "1"}  # m0's first step, m1's step after it, m1's first step
 EVERY_PROBLEM = (1.0, 0.0, 0.0)  # the train split of `run`
+TRAIN_ON_ALL = SplitSpec(fractions=EVERY_PROBLEM)
 RIGHT = {"012", "222", "011", "022", "200", "111"}
 
 
@@ -141,17 +145,13 @@ def test_train_steer_fits_every_model_but_the_largest_and_the_file_equals_refitt
     assert [(m["model"], m["depth"]) for m in saved["mixtures"]] == [(r, d) for r in ("m0", "m1") for d in range(3)]
     assert rows.select("model", "depth").rows() == [(r, d) for r in ("m0", "m1") for d in range(3)]
     train = load_train_split(root, 0, EVERY_PROBLEM)
-    for entry in saved["mixtures"]:
-        assert (
-            entry["n"]
-            == train.steps.filter(
-                (train.steps["model"] == entry["model"]) & (train.steps["depth"] == entry["depth"])
-            ).height
-        )
+    for entry in saved["mixtures"]:  # each model's own chain from the root: m1's "1", "11", ..., not "01", "011"
+        own = own_chain_steps(train.steps, entry["model"])
+        assert entry["n"] == own.filter(own["depth"] == entry["depth"]).height == 40
     for mode, missing in (("switch", ("01", "m2")), ("step", ("2", "m0"))):
         loaded = run(root, make_router("steer", gmms=str(out), mode=mode))
         refit = run(root, make_router("steer", seed=1, mode=mode)).outcomes
-        assert loaded.outcomes.drop("params").equals(refit.drop("params"))
+        assert loaded.outcomes.drop("params", "fitted_on").equals(refit.drop("params", "fitted_on"))
         # the unsure (odd) problems go m0 -> m1 -> m2 and need steps off the comb; the sure ones stay with m0
         assert {(m["path"], m["model"]) for m in miss_list(loaded)} == {missing}
         assert loaded.outcomes["misses"].to_list() == [k % 2 for k in range(40)]
@@ -166,12 +166,12 @@ def test_report_labels_name_the_resolved_chain(tmp_path):
     root = build_trace(tmp_path / "t", steps, manifest=three_models())
     gmms = gmm_file(tmp_path / "g.json")
     results = [
-        replay_trace(root, make_router("steer", gmms=gmms, **params), split="all", fractions=EVERY_PROBLEM)
+        replay_trace(root, make_router("steer", gmms=gmms, **params), split="all", splits=TRAIN_ON_ALL)
         for params in ({}, {"target": "m2"}, {"models": "m1,m2"})
     ]
     markdown = report(root, results, split="all", pick_split="reported", bootstrap=5).markdown
     for label in ("steer (m0 → m1 → m2)", "steer (m0 → m2)", "steer (m1 → m2)"):
-        assert f"| {label} |" in markdown, label
+        assert re.search(rf"\| {re.escape(label)}( \*)? \|", markdown), label  # * where some walks missed
     assert "draft=" not in markdown and "target=" not in markdown
 
 
@@ -207,10 +207,10 @@ def test_report_labels_round_floats_name_files_and_say_which_model(tmp_path):
         steps += sized(comb_steps(f"p{k}", 3, chars="012", correct=lambda path: path in RIGHT))
     root = build_trace(tmp_path / "t", steps, manifest=three_models())
     results = [
-        replay_trace(root, make_router("random", p=p), split="all", fractions=EVERY_PROBLEM) for p in (0.1 + 0.2, 0.5)
+        replay_trace(root, make_router("random", p=p), split="all", splits=TRAIN_ON_ALL) for p in (0.1 + 0.2, 0.5)
     ]
-    results.append(replay_trace(root, make_router("only", model="m1"), split="all", fractions=EVERY_PROBLEM))
+    results.append(replay_trace(root, make_router("only", model="m1"), split="all", splits=TRAIN_ON_ALL))
     markdown = report(root, results, split="all", pick_split="reported", bootstrap=5).markdown
-    assert "| random (p=0.3) |" in markdown and "| random (p=0.5) |" in markdown
+    assert all(re.search(rf"\| random \(p={p}\)( \*)? \|", markdown) for p in ("0.3", "0.5"))  # * walks missed
     assert "0.30000000000000004" not in markdown
     assert "| only (m1) |" in markdown

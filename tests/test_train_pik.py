@@ -1,5 +1,6 @@
-"""`trace train pik`: P(IK) probes fitted 80/10/10 inside the train split, their test metrics, and the
-cascade router replaying with the saved probes instead of fitting its own.
+"""`trace train pik`: P(IK) probes fitted on the train split with their L2 penalty chosen on the calibration split,
+their metrics on the test split, a small trace giving a weaker probe (never an error), and the cascade router
+replaying with the saved probes instead of fitting its own.
 
 The trace: 300 problems, 2-step comb trees; the small model's solution is right exactly on the problems
 whose (noisy) prompt hidden state at layer 3 points one way.
@@ -13,10 +14,10 @@ from tracebuild import build_trace, comb_steps
 from typer.testing import CliRunner
 
 from cli import app
-from replay.artifacts import load_train_split
-from replay.pik import load_probes, probe_parts
+from replay.artifacts import load_split_data, load_train_split
+from replay.pik import L2_GRID, ConstantProbe, load_probes, new_probe
 from replay.routers import make_router
-from replay.splits import DEFAULT_FRACTIONS
+from replay.splits import DEFAULT_FRACTIONS, SplitSpec
 from tracestore.errors import TraceError
 
 runner = CliRunner()
@@ -67,25 +68,58 @@ def probe(trace, tmp_path_factory):
     return out, result.stdout
 
 
-def test_probe_metrics_are_those_of_its_test_part(trace, probe):
+def split_rows(split):
+    """(hidden states, whether the small solution is right) of every problem of a split, in id order."""
+    ids = split.problems["problem_id"].to_list()
+    hidden = {row["problem_id"]: row["vector"] for row in split.hidden.collect().iter_rows(named=True)}
+    return np.array([hidden[i] for i in ids], dtype=np.float64), np.array(small_chain_correct(split, ids))
+
+
+def test_probe_is_fitted_on_train_chosen_on_calibration_and_scored_on_test(trace, probe):
     path, stdout = probe
     assert "AUROC" in stdout and "small" in stdout
     saved = load_probes(path)
     assert (saved["layers"], saved["where"], list(saved["probes"])) == ({"small": LAYER}, "prompt_last", ["small"])
-    train = load_train_split(trace, 0, DEFAULT_FRACTIONS)
-    ids = train.problems["problem_id"].to_list()
-    part = dict(zip(ids, probe_parts(ids, 0)))
-    assert saved["train_problem_ids"] == sorted(i for i in ids if part[i] == "fit")
-    test_ids = [i for i in ids if part[i] == "test"]
+    splits = load_split_data(trace, SplitSpec())
+    assert saved["fitted_on"]["problem_ids"] == sorted(splits.train.problems["problem_id"].to_list())
+    assert saved["fitted_on"]["split"]["name"] == "train" and saved["fitted_on"]["trace"] == str(trace)
     metrics = saved["metrics"]["small"]
-    assert metrics["n_test"] == len(test_ids) > 5
-    hidden = {row["problem_id"]: row["vector"] for row in train.hidden.collect().iter_rows(named=True)}
-    features = np.array([hidden[i] for i in test_ids], dtype=np.float64)
-    labels = np.array(small_chain_correct(train, test_ids))
-    predicted = saved["probes"]["small"].predict_proba(features)[:, 1] >= 0.5
-    assert metrics["test_accuracy"] == pytest.approx((predicted == labels).mean())
+    assert (metrics["n_fit"], metrics["n_calibration"], metrics["n_test"]) == tuple(
+        part.problems.height for part in (splits.train, splits.calibration, splits.test)
+    )
+    x_train, y_train = split_rows(splits.train)
+    x_calibration, y_calibration = split_rows(splits.calibration)
+    losses = []
+    for l2 in L2_GRID:  # the penalty kept is the one with the lowest calibration log loss
+        p = new_probe(0, l2).fit(x_train, y_train).predict_proba(x_calibration)[:, 1]
+        losses.append(-np.mean(np.where(y_calibration, np.log(p), np.log(1 - p))))
+    assert metrics["l2"] == L2_GRID[int(np.argmin(losses))]
+    assert metrics["calibration_log_loss"] == pytest.approx(min(losses))
+    x_test, y_test = split_rows(splits.test)
+    predicted = saved["probes"]["small"].predict_proba(x_test)[:, 1] >= 0.5
+    assert metrics["test_accuracy"] == pytest.approx((predicted == y_test).mean())
     assert metrics["test_auroc"] > 0.9 and metrics["test_accuracy"] > 0.8
-    assert metrics["l2"] in (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def test_a_small_trace_gives_a_weaker_probe_never_an_error(tmp_path):
+    small = probe_trace(tmp_path / "small", n_problems=30, seed=1)
+    for fractions, calibration_rows in (("0.5,0.1,0.4", True), ("1,0,0", False)):
+        out = tmp_path / f"pik-{fractions}.joblib"
+        result = cli("train", "pik", small, "--layer", LAYER, "--split-fractions", fractions, "--out", out)
+        assert result.exit_code == 0, result.output
+        metrics = load_probes(out)["metrics"]["small"]
+        assert metrics["n_fit"] + metrics["n_calibration"] + metrics["n_test"] == 30
+        assert (metrics["n_calibration"] > 0) == calibration_rows
+        if not calibration_rows:
+            assert metrics["l2"] == L2_GRID[0] and np.isnan(metrics["test_accuracy"])
+            assert "no calibration rows" in result.stdout
+    # every train solution right: the probe is that rate, and a cascade replays with it
+    everyone = probe_trace(tmp_path / "everyone", n_problems=30, everyone_right=True)
+    out = tmp_path / "everyone.joblib"
+    result = cli("train", "pik", everyone, "--layer", LAYER, "--out", out)
+    assert result.exit_code == 0 and "every train solution of model small is right" in result.stdout, result.output
+    probe = load_probes(out)["probes"]["small"]
+    assert isinstance(probe, ConstantProbe) and probe.predict_proba(np.zeros((2, 8)))[:, 1].tolist() == [1.0, 1.0]
 
 
 def test_cascade_replays_with_the_saved_probe(trace, probe, tmp_path):
@@ -106,11 +140,9 @@ def test_cascade_replays_with_the_saved_probe(trace, probe, tmp_path):
 
 def test_bad_input_is_one_clear_line(trace, probe, tmp_path):
     path, _ = probe
-    everyone = probe_trace(tmp_path / "everyone", n_problems=60, everyone_right=True)
     cases = [
         ([trace, "--model", "medium"], "--model must name models of the trace (small, large)"),
         ([trace, "--layer", 5], "hidden state of model small at layer 5"),
-        ([everyone], "are all correct"),
         ([tmp_path / "none"], "does not exist"),
         ([trace, "--out", tmp_path / "no" / "p.joblib"], "does not exist"),
     ]
@@ -126,8 +158,9 @@ def test_bad_input_is_one_clear_line(trace, probe, tmp_path):
     other = tmp_path / "other.joblib"
     result = cli("train", "pik", trace, "--layer", LAYER, "--split-fractions", "0.9,0.05,0.05", "--out", other)
     assert result.exit_code == 0, result.output
-    with pytest.raises(TraceError, match="outside this replay's train split"):
-        make_router("cascade", probe=str(other)).fit(train)
+    result = cli("replay", trace, "--router", "cascade", "--param", f"probe={other}", "--param", "p_true=final_mean")
+    assert result.exit_code == 1 and "--allow-overlap" in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1
     (tmp_path / "junk.joblib").write_bytes(b"junk")
     with pytest.raises(TraceError, match="not a readable P\\(IK\\) probe file"):
         make_router("cascade", probe=str(tmp_path / "junk.joblib")).fit(train)

@@ -20,7 +20,7 @@ from replay.artifacts import load_train_split
 from replay.params import parse_sweep
 from replay.routers import make_router
 from replay.run import replay_trace
-from replay.splits import DEFAULT_FRACTIONS
+from replay.splits import DEFAULT_FRACTIONS, assign_splits
 from tracestore.errors import TraceError
 
 runner = CliRunner()
@@ -79,7 +79,7 @@ def test_replaying_with_the_file_equals_refitting(trace, saved):
     for mode in ("switch", "step"):
         loaded = replay_trace(trace, make_router("steer", gmms=str(path), mode=mode), sweep=sweep).outcomes
         refit = replay_trace(trace, make_router("steer", seed=2, mode=mode), sweep=sweep).outcomes
-        assert loaded.drop("params").equals(refit.drop("params"))
+        assert loaded.drop("params", "fitted_on").equals(refit.drop("params", "fitted_on"))
         assert loaded["path"].n_unique() > 1
     result = cli("replay", trace, "--router", "steer", "--param", f"gmms={path}", "--sweep", "tau=0:1:0.5")
     assert result.exit_code == 0, result.output
@@ -107,8 +107,15 @@ def test_bad_mixture_files_are_named(trace, saved, tmp_path):
         fit(tmp_path / "negative.json")
     other = tmp_path / "other-split.json"
     assert cli("train", "steer", trace, "--split-fractions", "0.9,0.05,0.05", "--out", other).exit_code == 0
-    with pytest.raises(TraceError, match="outside this replay's train split"):
-        fit(other)
+    result = cli("replay", trace, "--router", "steer", "--param", f"gmms={other}")  # its train rows are test here
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.output
+    ids = [f"q{i:02d}" for i in range(80)]
+    test = {i for i, split in zip(ids, assign_splits(ids, 0, DEFAULT_FRACTIONS)) if split == "test"}
+    fitted = set(json.loads(other.read_text())["train_problem_ids"])
+    assert f"{len(test & fitted)} of the {len(test)} problems of split test" in result.stderr
+    assert "--allow-overlap" in result.stderr
+    result = cli("replay", trace, "--router", "steer", "--param", f"gmms={other}", "--allow-overlap")
+    assert result.exit_code == 0 and "were among those the router was fitted on" in result.stdout, result.output
     for args, message in (
         ([tmp_path / "nope"], "does not exist"),
         ([trace, "--min-samples", 1000], "min_samples=1000"),

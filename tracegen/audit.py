@@ -28,6 +28,7 @@ import numpy as np
 import polars as pl
 
 from tracegen.backends import StepRequest, StepSampling, check_backend, engine_kwargs_for, load_backend
+from tracegen.engine_settings import recorded_kwargs
 from tracegen.expand import Request
 from tracegen.grading import GRADERS, Grader, extract_answer, grader_for, grader_named, is_final_step
 from tracegen.growth import request_seed
@@ -260,8 +261,10 @@ def run_audit(options: AuditOptions, backends: dict | None = None, progress: Cal
                     engines[role] = backends[role]
                     continue
                 model = trace_model(manifest, role)
+                # the recorded engine's dtype, quantisation, parallelism and context (another engine: its own)
+                given = recorded_kwargs(recorded[role]) if recorded[role]["name"] == kind else {}
                 engines[role] = load_backend(
-                    kind, model.path, **engine_kwargs_for(kind, role, {}, tuple(manifest.roles))
+                    kind, model.path, **engine_kwargs_for(kind, role, given, tuple(manifest.roles))
                 )
                 loaded.append(engines[role])
             running = {role: engines[role].engine_info() for role in roles}

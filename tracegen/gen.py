@@ -26,16 +26,19 @@ from pathlib import Path
 
 import polars as pl
 
-from tracegen import continuous, endpoint_roles, hidden
-from tracegen.backends import StepRequest, check_backend, default_backend, engine_kwargs_for, load_backend
+from tracegen import continuous, endpoint_roles, engine_settings, hidden
+from tracegen.backends import StepRequest, check_backend, default_backend, load_backend
 from tracegen.closure import ClosureResult, close_over
 from tracegen.datasets import Dataset, Problem, load_dataset
-from tracegen.expand import Request, Strategy, make_strategy
+from tracegen.engine_logs import route_engine_logs
+from tracegen.expand import Request, Strategy, frontier, make_strategy
 from tracegen.grading import Grader, grader_for
 from tracegen.growth import GenSummary, GrowthRun, StoredStep, Tree
-from tracegen.models import ModelRef, fetch_model, load_tokenizer, model_manifest, resolve_model
+from tracegen.memory_plan import Device, MemoryPlan, ModelShape, plan_memory
+from tracegen.models import ModelRef, canonical_name, fetch_model, load_tokenizer, model_manifest, resolve_model
 from tracegen.options import GenOptions
 from tracegen.prompts import SYSTEM_PROMPT, prompt_token_ids
+from tracegen.up_to_date import nothing_to_do, remember_closed
 from tracestore.errors import TraceError
 from tracestore.outputs import check_outside_trace
 from tracestore.schema import model_roles, schema_version_for
@@ -98,19 +101,45 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
     writer_id = f"shard{shard[0]}of{shard[1]}" if shard else "w0"
     report = progress or (lambda **_: None)
     summary = GenSummary(out=Path(options.out), problems=len(problems))
+    shapes = {
+        role: ModelShape.of_checkpoint(canonical_name(model), model.path) for role, model in models.checkpoints.items()
+    }
+    n_blocks = {role: shape.n_layer for role, shape in shapes.items()}
+    wanted_hidden = hidden.plan_hidden(options.hidden_layers, options.routers, options.roles, n_blocks)
+    report(stage="hidden-plan", plan=wanted_hidden)
+    kind = options.backend or default_backend()
+    engine_kwargs, memory = {}, None
+    if backends is None:
+        engine_kwargs, memory = _plan_engines(options, kind, models, shapes, wanted_hidden)
+        report(stage="memory-plan", plan=memory)
+        memory.check()
     with TraceWriter(options.out, manifest, writer_id=writer_id, shard=shard is not None) as writer:
         writer.append_problems([p.row() for p in problems])
-        if options.hidden_layers:
-            summary.hidden_rows = _write_hidden(writer, options, models, report)
+        if any(wanted_hidden.layers.values()):
+            summary.hidden_rows = _write_hidden(writer, models, wanted_hidden.layers, n_blocks, report)
+        continuation = endpoint_roles.continuations(models.api, models.tokenizers, sampling.delimiter)
+        trees = _load_trees(open_trace(options.out), problems, models.root_ids, options.worlds, continuation)
+        if backends is None and _up_to_date(options, trees, strategy, writer, summary):
+            summary.up_to_date = True
+            summary.closure = ClosureResult() if options.routers else None  # no router misses anything
+            _record_run(writer, options, strategy)
+            summary.seconds = time.perf_counter() - started
+            report(stage="done", requests=[], summary=summary)
+            return summary
         with contextlib.ExitStack() as engines:
             if backends is None:
-                backends = _open_backends(options, models, writer, report, engines)
+                backends = _open_backends(options, kind, engine_kwargs, models, writer, report, engines)
+                writer.update_manifest(
+                    engine_resources={
+                        "memory_shares": engine_settings.resources_entry(engine_kwargs),
+                        "memory_plan": memory.manifest_entry(),
+                    }
+                )
             writer.update_manifest(engine=_engine_entry(backends))
             if models.api:
                 writer.update_manifest(api_endpoints=endpoint_roles.endpoints_entry(models.api))
-            continuation = endpoint_roles.continuations(models.api, models.tokenizers, sampling.delimiter)
             run = GrowthRun(
-                trees=_load_trees(open_trace(options.out), problems, models.root_ids, options.worlds, continuation),
+                trees=trees,
                 strategy=strategy,
                 max_steps=options.max_steps,
                 backends=backends,
@@ -127,6 +156,8 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
             _grow(run)
             if options.routers:
                 summary.closure = _close(options, run, engines)
+                if not summary.closure.remaining_misses:
+                    remember_closed(Path(options.out), options, trees)
         _record_run(writer, options, strategy)
     summary.seconds = time.perf_counter() - started
     report(stage="done", requests=[], summary=summary)
@@ -161,9 +192,39 @@ def _load_models(options: GenOptions, problems: list[Problem]) -> _RunModels:
     return _RunModels(names, api, checkpoints, tokenizers, root_ids)
 
 
-def _open_backends(options: GenOptions, models: _RunModels, writer: TraceWriter, report, engines) -> dict:
-    """An engine (or an API client) per role, each closed with ``engines``."""
-    kind = options.backend or default_backend()
+def _up_to_date(options: GenOptions, trees: dict, strategy: Strategy, writer: TraceWriter, summary: GenSummary) -> bool:
+    """Whether the run has nothing to generate or score (tracegen.up_to_date), checked before any engine starts
+    (an explicit --backend other than the trace's engine is refused here too, as when engines start)."""
+    if options.backend is not None:
+        _check_engine_name(writer.manifest.get("engine"), options.backend, options.out)
+    finals = {key: tree.is_final_map() for key, tree in trees.items()}
+    requests = frontier(finals, strategy, options.max_steps)
+    if not nothing_to_do(Path(options.out), trees, requests, options):
+        return False
+    summary.skipped_context_full = len(requests)  # what is left asked for does not fit the context
+    summary.context_full_problems = sorted({request.problem_id for request in requests})
+    return True
+
+
+def _plan_engines(
+    options: GenOptions, kind: str, models: _RunModels, shapes: dict[str, ModelShape], wanted_hidden
+) -> tuple[dict[str, dict], MemoryPlan]:
+    """Each local engine's arguments (the --tensor-parallel-size, ... settings and memory shares), and the memory
+    plan they make, worked out before anything loads."""
+    local = [role for role in options.roles if role not in models.api]
+    engine_settings.check_engine_options(options.engine, kind, options.roles, set(local))
+    kwargs = {role: engine_settings.backend_kwargs(kind, role, options.roles, options.engine) for role in local}
+    hidden_roles = [role for role, layers in wanted_hidden.layers.items() if layers]
+    plan = plan_memory(kind, {role: shapes[role] for role in local}, kwargs, Device.current(), hidden_roles)
+    return kwargs, plan
+
+
+def _open_backends(
+    options: GenOptions, kind: str, engine_kwargs: dict, models: _RunModels, writer: TraceWriter, report, engines
+) -> dict:
+    """An engine (with its ``engine_kwargs``) or an API client per role, each closed with ``engines``; the
+    engines' own log lines go to the trace's logs/ folder."""
+    route_engine_logs(options.out, kind)
     _check_engine_name(writer.manifest.get("engine"), kind, options.out)
     backends = {}
     for role in options.roles:
@@ -172,8 +233,7 @@ def _open_backends(options: GenOptions, models: _RunModels, writer: TraceWriter,
                 models.api[role], options.out, models.names[role], options.api_client, models.tokenizers[role], report
             )
         else:
-            engine_kwargs = engine_kwargs_for(kind, role, options.engine_kwargs, options.roles)
-            backends[role] = load_backend(kind, models.checkpoints[role].path, **engine_kwargs)
+            backends[role] = load_backend(kind, models.checkpoints[role].path, **engine_kwargs[role])
         engines.callback(backends[role].close)
     return backends
 
@@ -384,21 +444,24 @@ def _engine_entry(backends: dict) -> dict:
     return first if all(info == first for info in infos.values()) else infos
 
 
-def _write_hidden(writer: TraceWriter, options: GenOptions, models: _RunModels, report) -> int:
-    """The prompts' hidden states at --hidden-layers that the trace lacks, per model with a checkpoint."""
+def _write_hidden(
+    writer: TraceWriter, models: _RunModels, wanted: dict[str, tuple[int, ...]], n_blocks: dict[str, int], report
+) -> int:
+    """The prompt hidden states at the ``wanted`` layers (by role) that the trace lacks."""
     done = set(
         Trace(writer.root, writer.manifest).scan("hidden").select("problem_id", "model", "layer").collect().iter_rows()
     )
-    blocks = {role: hidden.block_count(model.path) for role, model in models.checkpoints.items()}
-    stored_layers = writer.manifest.hidden_layers
-    layers = stored_layers + [layer for layer in options.hidden_layers if layer not in stored_layers]
-    writer.update_manifest(hidden=hidden.manifest_entry(layers, blocks))
+    layers = writer.manifest.hidden_layers_by_model
+    for role, role_layers in wanted.items():
+        stored = layers.get(role, [])
+        layers[role] = [*stored, *(layer for layer in role_layers if layer not in stored)]
+    writer.update_manifest(hidden=hidden.manifest_entry(layers, n_blocks))
     written = 0
     for role, model in models.checkpoints.items():
         todo = {
             pid: ids
             for pid, ids in models.root_ids.items()
-            if any((pid, role, layer) not in done for layer in options.hidden_layers)
+            if any((pid, role, layer) not in done for layer in wanted[role])
         }
         if not todo:
             continue
@@ -407,7 +470,7 @@ def _write_hidden(writer: TraceWriter, options: GenOptions, models: _RunModels, 
             model.path,
             role,
             todo,
-            options.hidden_layers,
+            wanted[role],
             on_batch=lambda n, role=role: report(stage="hidden-batch", role=role, n=n),
         )
         writer.append_hidden(rows)

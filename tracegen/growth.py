@@ -31,6 +31,7 @@ class GenSummary:
     seconds: float = 0.0
     hidden_rows: int = 0
     closure: ClosureResult | None = None  # of a closure or online run
+    up_to_date: bool = False  # the trace held everything the run asks for: no engine was started
 
 
 @dataclass

@@ -9,6 +9,7 @@ manifest records this. Vectors are the hidden state at the prompt's last token, 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from tracestore.errors import TraceError
 
@@ -29,17 +30,67 @@ def parse_layers(text: str) -> tuple[int, ...]:
     return layers
 
 
-def manifest_entry(layers: Sequence[int], n_blocks: dict[str, int]) -> dict:
+@dataclass
+class HiddenPlan:
+    """The prompt hidden-state layers gen stores for each model with a checkpoint, why, and what routers will
+    miss."""
+
+    layers: dict[str, tuple[int, ...]]
+    reasons: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def plan_hidden(
+    explicit: Sequence[int], routers: Sequence, roles: Sequence[str], n_blocks: dict[str, int]
+) -> HiddenPlan:
+    """``--hidden-layers`` for every model in ``n_blocks`` (those with a checkpoint), plus what each router
+    configuration of ``routers`` (RouterSpecs) reads (``Router.hidden_layers``: the cascade's P(IK) probes read
+    the paper's layer 24, or the last of a shallower model). TraceError for a layer a model does not have."""
+    layers = {role: list(explicit) for role in n_blocks}
+    reasons = [f"every model: layer(s) {', '.join(map(str, explicit))} (--hidden-layers)"] if explicit else []
+    warnings = []
+    for spec in routers:
+        router = spec.router()
+        for role, wanted in router.hidden_layers(list(roles), n_blocks).items():
+            if role not in n_blocks:
+                warnings.append(
+                    f"router {spec.name} reads the prompt hidden states of model {role}, which an API endpoint serves "
+                    "(no hidden states): replay it without them (cascade: pik=false)"
+                )
+                continue
+            for layer, why in wanted.items():
+                if layer not in layers[role]:
+                    layers[role].append(layer)
+                    reasons.append(f"{role}: layer {layer}, {why} (router {spec.name} in --routers)")
+        if getattr(router, "where", WHERE) != WHERE:
+            warnings.append(f"router {spec.name} reads hidden states at where={router.where}; gen stores {WHERE} only")
+    for role, role_layers in layers.items():
+        for layer in role_layers:
+            if not -1 <= layer <= n_blocks[role]:
+                raise TraceError(
+                    f"hidden layer {layer} is out of range for the {role} model: it has {n_blocks[role]} blocks "
+                    f"(use 0..{n_blocks[role]}, or -1 for the last)"
+                )
+    return HiddenPlan({role: tuple(values) for role, values in layers.items()}, reasons, warnings)
+
+
+def manifest_entry(layers: dict[str, Sequence[int]], n_blocks: dict[str, int]) -> dict:
+    """trace.json ``hidden``: the layers stored (``layers``: of any model; ``by_model``: each model's)."""
+    union = list(dict.fromkeys(layer for role_layers in layers.values() for layer in role_layers))
     return {
         "where": WHERE,
-        "layers": list(layers),
+        "layers": union,
+        "by_model": {role: list(role_layers) for role, role_layers in layers.items()},
         "indexing": "transformers hidden_states: 0 = embeddings, i = after block i, -1 = last block",
-        "normed": {role: {str(layer): _is_normed(layer, n) for layer in layers} for role, n in n_blocks.items()},
+        "normed": {
+            role: {str(layer): _is_normed(layer, n_blocks.get(role)) for layer in role_layers}
+            for role, role_layers in layers.items()
+        },
         "dtype": "float16",
     }
 
 
-def _is_normed(layer: int, n_blocks: int) -> bool:
+def _is_normed(layer: int, n_blocks: int | None) -> bool:
     return layer in (-1, n_blocks)
 
 
@@ -56,13 +107,6 @@ def prompt_hidden_rows(
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").to(device).eval()
-    n_blocks = model.config.num_hidden_layers
-    for layer in layers:
-        if not -1 <= layer <= n_blocks:
-            raise TraceError(
-                f"--hidden-layers {layer} is out of range for {model_path}: it has {n_blocks} blocks "
-                f"(use 0..{n_blocks}, or -1 for the last)"
-            )
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     rows = []
     problem_ids = sorted(prompts)
@@ -88,10 +132,3 @@ def prompt_hidden_rows(
     if device == "cuda":
         torch.cuda.empty_cache()  # before the vLLM engines measure free GPU memory
     return rows
-
-
-def block_count(model_path: str) -> int:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path)
-    return getattr(config, "num_hidden_layers", None) or config.get_text_config().num_hidden_layers

@@ -12,6 +12,30 @@ from tracegen.prompts import STEP_DELIMITER
 from tracestore.errors import TraceError
 from tracestore.schema import model_roles
 
+ALL_ROLES = "*"  # key of an engine setting that every model role without its own value gets
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Engine settings of `trace gen` (`--tensor-parallel-size`, ...): each maps a model role, or ALL_ROLES, to its
+    value (tracegen.engine_settings parses and applies them). Unset: the engine's own default, except
+    `--gpu-memory-utilization`, whose ALL_ROLES value is the share of each GPU the run's vLLM engines take together
+    (default ``tracegen.backends.VLLM_MEMORY_BUDGET``), split between the models as ``memory_share`` says."""
+
+    tensor_parallel_size: dict = field(default_factory=dict)
+    gpu_memory_utilization: dict = field(default_factory=dict)
+    max_model_len: dict = field(default_factory=dict)
+    dtype: dict = field(default_factory=dict)
+    quantization: dict = field(default_factory=dict)
+
+    def given(self) -> dict[str, dict]:
+        """The settings given, by option name (dashes), each {role or ALL_ROLES: value}."""
+        return {
+            f"--{name.replace('_', '-')}": getattr(self, name)
+            for name in self.__dataclass_fields__
+            if getattr(self, name)
+        }
+
 
 @dataclass(frozen=True)
 class GenOptions:
@@ -40,7 +64,7 @@ class GenOptions:
     timings: bool = False  # store measured wall seconds per step (makes the step files differ run to run)
     routers: tuple = ()  # RouterSpecs whose misses closure (and online) runs grow
     budget_tokens: int | None = None  # closure stops once this many tokens were generated
-    engine_kwargs: dict = field(default_factory=dict)
+    engine: EngineOptions = field(default_factory=EngineOptions)
     api: tuple = ()  # ApiSpecs of roles served by an OpenAI-compatible endpoint (tracegen.endpoint_roles)
     api_client: object = None  # their ClientOptions (concurrency, timeout, retries, budget)
 

@@ -41,7 +41,15 @@ class GenProgress:
         self._progress.stop()
 
     def __call__(self, stage: str, **info) -> None:
-        if stage == "hidden":
+        if stage == "hidden-plan":
+            for line in info["plan"].reasons:
+                self._print(f"hidden states to store: {line}")
+            for line in info["plan"].warnings:
+                self._print(f"warning: {line}", style="yellow")
+        elif stage == "memory-plan":
+            for line in info["plan"].lines():
+                self._print(line)
+        elif stage == "hidden":
             self._tasks[f"hidden-{info['role']}"] = self._progress.add_task(
                 f"hidden states ({info['role']})", total=info["total"], info=""
             )
@@ -65,6 +73,9 @@ class GenProgress:
             )
         elif stage in ("round", "done"):
             self._show_round(info["requests"], info["summary"])
+
+    def _print(self, line: str, style: str | None = None) -> None:
+        self._progress.console.print(line, style=style, markup=False, highlight=False)
 
     def _show_round(self, requests: list[Request], summary: GenSummary) -> None:
         now = time.perf_counter()

@@ -336,6 +336,15 @@ class Manifest(Mapping):
         return list((self._data.get("hidden") or {}).get("layers", []))
 
     @property
+    def hidden_layers_by_model(self) -> dict[str, list[int]]:
+        """Layers whose prompt hidden states the trace stores, by model role (a trace from before per-model layers
+        lists one set for every model)."""
+        hidden = self._data.get("hidden") or {}
+        if isinstance(hidden.get("by_model"), dict):
+            return {role: list(layers) for role, layers in hidden["by_model"].items()}
+        return {role: list(hidden.get("layers", [])) for role in self.roles} if hidden else {}
+
+    @property
     def grade_sets(self) -> dict[str, dict]:
         """Each named grade set of `trace regrade` (grader name and version, when made), by name."""
         sets = self._data.get("grade_sets") or {}

@@ -86,8 +86,10 @@ def step_cost_units(data: ReplayData, hp, large: str | None = None) -> tuple[np.
     if hp.cost == LARGE_TOKENS:
         large = data.steps["model"].to_numpy() == (large or data.roles[-1])
         return np.where(large, data.steps["n_gen_tokens"].to_numpy(), 0).astype(np.float64), "large tokens"
-    model = make_cost_model(hp.cost, data.manifest, dict(hp.prices) or None)
-    return Costs(data, model).step_total, model.unit
+    model = make_cost_model(hp.cost, data.manifest, dict(hp.prices) or None, hp.latency_profile or None)
+    costs = Costs(data, model)
+    costs.check_priced(costs.step_total, (), "policy")
+    return costs.step_total, model.unit
 
 
 def comb_episodes(data: ReplayData, hp, roles: tuple[str, str] | None = None) -> Episodes:

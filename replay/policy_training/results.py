@@ -9,6 +9,7 @@ from pathlib import Path
 
 import polars as pl
 
+from replay.artifacts import fit_record
 from replay.data import ReplayData
 from replay.routers.policy import save_policy
 from tracestore.atomic import write_atomic
@@ -116,8 +117,7 @@ def finish_training(
         roles=roles,
         role_models=[models[role]["name"] for role in roles],
         train_problem_ids=sorted(train.problems["problem_id"].to_list()),
-        split_seed=hp.split_seed,
-        split_fractions=[float(f) for f in hp.split_fractions],
+        fitted_on=fit_record(train, "policy"),
         alpha=float(hp.alpha),
         coverage_events=coverage_events,
         cost_model=hp.cost,

@@ -5,7 +5,12 @@ tree.
 - Every numeric parameter has a declared ``Domain`` in ``domains``; ``fit`` checks the parameters
   against them, and a sweep checks every swept value (``check_values``).
 - ``fit(train)`` checks the configuration, learns what it needs from the train split (attributes
-  ending in ``_``) and returns ``self``; replaying an unfitted router is an error.
+  ending in ``_``) and returns ``self``; replaying an unfitted router is an error. A router that also chooses
+  something on held-out rows (``uses_calibration``, the cascade's P(IK) regularisation) gets the calibration
+  split too: ``_fit(train, calibration)``.
+- ``fitted_on_`` lists where every fitted part came from (``replay.artifacts.fit_record``: the trace, its split,
+  the problems learned from), whether fitted here (``learned_from``) or loaded from a file (``loaded``); a replay
+  marks the rows whose problems a fit saw. Its docstring says which rows each fitted part learns from.
 - Adding a router is one new file of this package with ``@ROUTERS.register`` above its class (replay.routers);
   routers of your own (files, modules, entry points) are found by reference through the same registry and
   cannot take a built-in one's name.
@@ -26,6 +31,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from replay.artifacts import check_setting, fit_record
 from replay.data import ReplayData
 from replay.walk import Costs, DraftRule, Walk, walk_steps
 from tracestore.errors import TraceError
@@ -72,6 +78,7 @@ class Router:
     sweepable: ClassVar[tuple[str, ...]] = ()  # numeric parameters `--sweep` can vectorise
     domains: ClassVar[dict[str, Domain]] = {}  # every numeric parameter's allowed values
     scorer: str | None = None  # scorer whose scores the router reads and pays for
+    uses_calibration: ClassVar[bool] = False  # _fit(train, calibration): chooses something on held-out rows
 
     @classmethod
     def param_names(cls) -> list[str]:
@@ -94,6 +101,11 @@ class Router:
         roles change whose verdict it needs)."""
         return self.scorer
 
+    def hidden_layers(self, roles: list[str], n_layers: dict[str, int]) -> dict[str, dict[int, str]]:
+        """The prompt hidden-state layers this router reads on a trace of model ``roles`` whose models have
+        ``n_layers`` decoder blocks: {role: {layer: why}}. `trace gen --routers FILE` stores them."""
+        return {}
+
     def get_params(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.param_names()}
 
@@ -105,12 +117,30 @@ class Router:
         args = ", ".join(f"{name}={value!r}" for name, value in self.get_params().items())
         return f"{type(self).__name__}({args})"
 
-    def fit(self, train: ReplayData) -> Router:
-        """Check the configuration and learn from the train split; returns self."""
+    def fit(self, train: ReplayData, calibration: ReplayData | None = None) -> Router:
+        """Check the configuration and learn from the train split (and, for a router that ``uses_calibration``,
+        choose on the calibration split; None: none held out); returns self."""
         self.check_params()
-        self._fit(train)
+        self.fitted_on_: list[dict] = []
+        if self.uses_calibration:
+            self._fit(train, calibration)
+        else:
+            self._fit(train)
         self.n_train_problems_ = train.problems.height
         return self
+
+    def learned_from(self, data: ReplayData, what: str, problem_ids=None, **record) -> None:
+        """Record that a part of this router was fitted here on ``data`` (on ``problem_ids`` of it, default all)."""
+        self.fitted_on_.append(fit_record(data, what, problem_ids, **record))
+
+    def loaded(self, record: dict | None, data: ReplayData, path) -> None:
+        """Record a part loaded from the file at ``path`` whose ``fitted_on`` is ``record`` (None: it records
+        nothing), after checking that it was fitted in the setting of the trace ``data`` comes from."""
+        if record is None:
+            return
+        root = (data.origin or {}).get("trace") or "this trace"
+        check_setting(record, data.manifest, path, root)
+        self.fitted_on_.append(record)
 
     def check_params(self) -> None:
         """TraceError for the first parameter outside its domain, or another value this router cannot use."""
@@ -132,7 +162,7 @@ class Router:
     def _check_params(self) -> None:
         """Raise TraceError for a non-numeric parameter value this router cannot use."""
 
-    def _fit(self, train: ReplayData) -> None:
+    def _fit(self, train: ReplayData, calibration: ReplayData | None = None) -> None:
         """Learn from the train split (nothing, for routers without learned parts)."""
 
     def check_fitted(self) -> None:

@@ -8,8 +8,9 @@ not as kept steps of its model.
 
 - P(IK): an MLP probe (64 hidden units, scikit-learn) on the prompt's hidden state of model i at
   ``layer`` (``auto``: the paper's layer 24 when the model has more layers, else its last; from the
-  hidden table), fitted as ``replay.pik`` does (80/10/10 inside the train split) to predict whether
-  model i's own solution is correct. It reads only the prompt, so a model the probe rejects is
+  hidden table), fitted as ``replay.pik`` does to predict whether model i's own solution is correct: it
+  learns from model i's own solutions (its all-own-model chain from the root) of the train split, its
+  L2 penalty chosen on the calibration split's. It reads only the prompt, so a model the probe rejects is
   skipped before it writes anything; it then costs only its prompt prefill. ``pik=False`` is the
   ablation without it.
 - P(T): the model's confidence in its answer, checked after it wrote its solution: ``p_true="ptrue"``
@@ -25,14 +26,23 @@ joblib pickle of a dict (load only files you trust)::
 
     {"format": "trace-pik", "version": 2, "layers": {"small": 24}, "where": "prompt_last",
      "probes": {"small": Pipeline(StandardScaler, MLPClassifier)}, "metrics": {"small": {...}},
-     "train_problem_ids": [...]}                      # must lie in the replay's train split
+     "fitted_on": {...}}                              # where: replay.artifacts.fit_record (checked on load)
 """
 
 import numpy as np
 import polars as pl
 
-from replay.artifacts import check_fitted_within
-from replay.pik import AUTO_LAYER, DEFAULT_WHERE, fit_probes, hidden_matrix, load_probes, probe_layer
+from replay.artifacts import saved_record
+from replay.pik import (
+    AUTO_LAYER,
+    DEFAULT_WHERE,
+    PAPER_LAYER,
+    fit_probes,
+    hidden_matrix,
+    layer_for_blocks,
+    load_probes,
+    probe_layer,
+)
 from replay.routers import ROUTERS
 from replay.routers.base import SEED, UNIT, QueryRouter
 from replay.walk import Walk, walk_chains
@@ -47,6 +57,7 @@ PROBE_PARAMS = ("t_ik", "layer", "where", "seed", "probe")  # what only the P(IK
 class Cascade(QueryRouter):
     name = "cascade"
     sweepable = ("t_true", "t_ik")
+    uses_calibration = True  # the probes' L2 penalty
     domains = {"t_true": UNIT, "t_ik": UNIT, "seed": SEED}  # layer: an integer or auto, checked by probe_layer
 
     def __init__(
@@ -82,15 +93,46 @@ class Cascade(QueryRouter):
     def _check_params(self):
         self._check_choice("p_true", P_TRUE_SOURCES)
 
-    def _fit(self, train):
-        roles = [role.strip() for role in self.models.split(",")] if self.models else list(train.roles)
-        unknown = [role for role in roles if role not in train.roles]
-        ordered = not unknown and all(train.roles.index(a) < train.roles.index(b) for a, b in zip(roles, roles[1:]))
+    def _chain(self, trace_roles: list[str]) -> list[str]:
+        """The models tried, in order: ``models``, or every model of the trace."""
+        roles = [role.strip() for role in self.models.split(",")] if self.models else list(trace_roles)
+        unknown = [role for role in roles if role not in trace_roles]
+        ordered = not unknown and all(trace_roles.index(a) < trace_roles.index(b) for a, b in zip(roles, roles[1:]))
         if unknown or len(roles) < 2 or not ordered:
             raise TraceError(
                 f"router cascade: models must name two or more of the trace's models "
-                f"({', '.join(train.roles)}), smallest first; got {self.models!r}"
+                f"({', '.join(trace_roles)}), smallest first; got {self.models!r}"
             )
+        return roles
+
+    def hidden_layers(self, roles, n_layers):
+        """The layer each P(IK) probe reads (every model of the chain but the last; none named for a model of
+        unknown depth, such as one an API serves)."""
+        if not self.pik:
+            return {}
+        chain = self._chain(list(roles))[:-1]
+        if self.probe:
+            saved = load_probes(self.probe)["layers"]
+            return {role: {saved[role]: f"cascade P(IK) probe file {self.probe}"} for role in chain if role in saved}
+        layers = {}
+        for role in chain:
+            if self.layer == AUTO_LAYER and role not in n_layers:
+                layers[role] = {}
+                continue
+            layer = layer_for_blocks(self.layer, n_layers.get(role))
+            if self.layer != AUTO_LAYER:
+                why = f"cascade P(IK), layer={self.layer}"
+            elif layer == PAPER_LAYER:
+                why = f"cascade P(IK): the paper's layer {PAPER_LAYER} ({n_layers[role]} blocks)"
+            else:
+                why = (
+                    f"cascade P(IK): the last layer ({n_layers[role]} blocks, not more than the paper's {PAPER_LAYER})"
+                )
+            layers[role] = {layer: why}
+        return layers
+
+    def _fit(self, train, calibration=None):
+        roles = self._chain(list(train.roles))
         self.roles_ = roles
         self.probes_, self.layers_, self.where_ = {}, {}, self.where
         if not self.pik:
@@ -98,7 +140,10 @@ class Cascade(QueryRouter):
         if self.probe:
             self._load_probes(train)
             return
-        self.probes_, self.layers_, _, _ = fit_probes(train, roles[:-1], self.layer, self.where, self.seed)
+        self.probes_, self.layers_, _, fitted_on = fit_probes(
+            train, calibration, None, roles[:-1], self.layer, self.where, self.seed
+        )
+        self.learned_from(train, "P(IK) probes", fitted_on, hidden_roles=roles[:-1])
 
     def _load_probes(self, train):
         saved = load_probes(self.probe)
@@ -111,7 +156,7 @@ class Cascade(QueryRouter):
                 raise TraceError(
                     f"router cascade: probe file {self.probe} read model {role} at layer {layer}, not {self.layer}"
                 )
-        check_fitted_within(self.probe, saved.get("train_problem_ids"), train.problems["problem_id"].to_list())
+        self.loaded(saved_record(saved, self.probe, "P(IK) probes"), train, self.probe)
         lacking = [role for role in self.roles_[:-1] if role not in saved["probes"]]
         if lacking:
             raise TraceError(

@@ -46,7 +46,8 @@ Policy file (``torch.save`` of a dict; written by ``trace train policy``, read h
      "roles": ["m0", "m1", "m2"],                         # optional: the models in play, smallest first
      "role_models": ["toy-small", ...],                   # ... and their names (checked against the trace)
      "state_dict": {...},                                 # float64 tensors, torch.nn.Sequential's names
-     "train_problem_ids": [...],                          # optional: must lie in the replay's train split
+     "train_problem_ids": [...],                          # optional: the problems trained on
+     "fitted_on": {...},                                  # optional: where (replay.artifacts.fit_record), checked
      "flags": [...],                                      # optional: how training ended, see TRAINING_FLAGS
      ...}                                                 # optional: training metadata (trace train policy)
 
@@ -68,7 +69,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from replay.artifacts import check_fitted_within, load_artifact
+from replay.artifacts import load_artifact, saved_record
 from replay.endpoint_signals import S_API, require_signals
 from replay.mlp import MLP, exp
 from replay.policy_walk import allowed_actions, walk_k_models
@@ -293,7 +294,7 @@ class PolicyRouter(DraftRouter):
 
     def _fit(self, train):
         self.network_, saved = load_policy(self.path)
-        check_fitted_within(self.path, saved.get("train_problem_ids"), train.problems["problem_id"].to_list())
+        self.loaded(saved_record(saved, self.path, "policy"), train, self.path)
         trained_for = saved.get("escalate", "replace")
         if trained_for != self.escalate:
             raise TraceError(

@@ -11,10 +11,11 @@ Signal: c = ``conf_max_logit_math`` of a small step, the mean raw max logit over
 
 Mixtures: for every model of the chain but the last, and per step index d (``depth``: 0 for the first step),
 a two-component Gaussian mixture (scikit-learn ``GaussianMixture(n_components=2, random_state=seed)``, full
-covariance, 1-D) is fitted on the c of every step of that model at index d in the train split (every step
-row of that model in the trace there, not only its own chain's), if there are at least ``min_samples`` of
-them (index 0 must have them). A step at index d uses its own model's mixture of the largest fitted index
-<= d. The low component is the one with the lower mean.
+covariance, 1-D) is fitted on the c of that model's steps at index d on its own solutions in the train split:
+the steps of its all-own-model chain from the root (paths "s", "ss", ...; "0", "00", ... for m0), never steps
+grown after another model's step (closure's and ``full``'s), so the fit does not depend on which routers a trace
+was closed over; if there are at least ``min_samples`` of them (index 0 must have them). A step at index d uses
+its own model's mixture of the largest fitted index <= d. The low component is the one with the lower mean.
 
 Unconfident: a small step with confidence c at index d is unconfident iff
     P(low | c) > tau  AND  c < mean of the other (high) component,
@@ -51,14 +52,17 @@ a miss, which closure grows.
 ``gmms=PATH`` loads the mixtures that ``trace train steer`` saved instead of fitting them (JSON)::
 
     {"format": "trace-steer", "version": 2, "signal": "conf_max_logit_math", "min_samples": 10, "seed": 0,
-     "train_problem_ids": [...],                      # must lie in the replay's train split
+     "train_problem_ids": [...],                      # the problems fitted on
+     "fitted_on": {...},                              # where: replay.artifacts.fit_record (checked on load)
      "models": ["m0", "m1"],                          # the models fitted, smallest first
      "mixtures": [{"model": "m0", "depth": 0, "n": 812, "weights": [w0, w1], "means": [mu0, mu1],
                    "variances": [v0, v1], "low_component": 0}, ...]}
 
 ``low_component`` must name the component with the lower mean (it is what the router uses). A version 1
 file (no ``models``, no ``model`` per mixture) holds one model's mixtures; they serve the chain's first
-model, so it replays two-model chains.
+model, so it replays two-model chains. A file replays on any trace of the setting it was fitted in (its
+``fitted_on.setting``: models, revisions, templates, sampling, ...; another dataset is the point), and the rows
+of the problems it was fitted on are marked in the replay's outcomes.
 """
 
 import json
@@ -70,13 +74,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from replay.artifacts import check_fitted_within
+from replay.artifacts import check_record, legacy_record
 from replay.endpoint_signals import S_API, require_signals
 from replay.routers import ROUTERS
 from replay.routers.base import SEED, UNIT, Domain, DraftRouter
 from replay.walk import ESCALATE_MODES
 from tracestore.atomic import write_atomic
 from tracestore.errors import TraceError
+from tracestore.schema import model_char
 
 SIGNAL = "conf_max_logit_math"
 STEER_FORMAT = "trace-steer"
@@ -104,6 +109,7 @@ class SavedMixtures:
     signal: str
     mixtures: list[SavedMixture]
     train_problem_ids: list[str] | None  # None when the file does not record them
+    fitted_on: dict | None  # where it was fitted (replay.artifacts.fit_record); None in a file from before
 
     def of(self, role: str | None) -> list[SavedMixture]:
         """The mixtures of model ``role`` (None: those a version 1 file holds), by step index."""
@@ -158,7 +164,8 @@ def load_mixtures(path: str | os.PathLike, kind: str) -> SavedMixtures:
         mixtures.append(SavedMixture(model, depth, n, weights, means, variances, low))
     models = list(dict.fromkeys(mixture.model for mixture in mixtures))
     ordered = sorted(mixtures, key=lambda mixture: (models.index(mixture.model), mixture.depth))
-    return SavedMixtures(saved.get("signal", SIGNAL), ordered, train_ids)
+    fitted_on = check_record(saved["fitted_on"], path) if "fitted_on" in saved else None
+    return SavedMixtures(saved.get("signal", SIGNAL), ordered, train_ids, fitted_on)
 
 
 @dataclass
@@ -249,6 +256,10 @@ class Steer(DraftRouter):
     def one_way(self):
         return self.mode == "switch"
 
+    @classmethod
+    def idle_params(cls, params):
+        return ("escalate",) if params.get("mode", cls.param_defaults()["mode"]) == "step" else ()
+
     def _check_params(self):
         self._check_choice("mode", ("switch", "step"))
         self._check_choice("escalate", ESCALATE_MODES)
@@ -268,9 +279,10 @@ class Steer(DraftRouter):
             self.by_role_ = self._load(train, judged)
         else:
             self.by_role_ = {role: self._fit_role(train, role) for role in judged}
+            self.learned_from(train, "STEER mixtures")
 
     def _fit_role(self, train, role: str) -> StepMixtures:
-        confidences = train.steps.filter((pl.col("model") == role) & pl.col(SIGNAL).is_not_null())
+        confidences = own_chain_steps(train.steps, role).filter(pl.col(SIGNAL).is_not_null())
         per_depth = confidences.group_by("depth").agg(pl.col(SIGNAL)).sort("depth")
         fitted = StepMixtures({}, {}, {})
         for depth, values in per_depth.iter_rows():
@@ -284,8 +296,9 @@ class Steer(DraftRouter):
         if 0 not in fitted.mixtures:
             raise TraceError(
                 f"router steer needs at least min_samples={self.min_samples} {role}-model "
-                f"{SIGNAL} values at step index 0 in the train split; it has "
-                f"{confidences.filter(pl.col('depth') == 0).height}"
+                f"{SIGNAL} values at step index 0 of its own solutions in the train split; it has "
+                f"{confidences.filter(pl.col('depth') == 0).height} (fit on another trace: --fit-on TRACE, "
+                "or gmms=FILE from trace train steer)"
             )
         return fitted
 
@@ -302,9 +315,11 @@ class Steer(DraftRouter):
     def n_samples_(self) -> dict[int, int]:
         return self.by_role_[self.chain_[0]].n_samples
 
-    def save(self, path, train_problem_ids: list[str], **metadata) -> None:
-        """Write the fitted mixtures of every model as a ``gmms`` JSON file (floats round-trip exactly)."""
+    def save(self, path, **metadata) -> None:
+        """Write the fitted mixtures of every model as a ``gmms`` JSON file (floats round-trip exactly), with where
+        they were fitted."""
         self.check_fitted()
+        (fitted_on,) = self.fitted_on_
         mixtures = [
             {
                 "model": role,
@@ -325,7 +340,8 @@ class Steer(DraftRouter):
             "min_samples": self.min_samples,
             "seed": self.seed,
             **metadata,
-            "train_problem_ids": sorted(train_problem_ids),
+            "train_problem_ids": fitted_on["problem_ids"],
+            "fitted_on": fitted_on,
             "models": list(self.by_role_),
             "mixtures": mixtures,
         }
@@ -335,7 +351,8 @@ class Steer(DraftRouter):
         saved = load_mixtures(self.gmms, "trace steer")
         if saved.signal != SIGNAL:
             raise TraceError(f"router steer: {self.gmms} has signal {saved.signal!r}; this trace reads {SIGNAL}")
-        check_fitted_within(self.gmms, saved.train_problem_ids, train.problems["problem_id"].to_list())
+        record = saved.fitted_on or legacy_record("STEER mixtures", saved.train_problem_ids)
+        self.loaded(None if record is None else {**record, "file": str(self.gmms)}, train, self.gmms)
         if saved.models == [None]:  # version 1: one model's mixtures, for the chain's first model
             if len(judged) > 1:
                 raise TraceError(
@@ -400,6 +417,16 @@ class Steer(DraftRouter):
     def accept(self, signal, params):
         """Keep the step unless it is unconfident (NaN: no signal, kept)."""
         return ~(signal > params["tau"])
+
+
+def own_chain_steps(steps: pl.DataFrame, role: str) -> pl.DataFrame:
+    """The steps of ``role``'s own solutions: its all-``role`` chain from the root (every character of the path is
+    the role's), which no other model's step precedes."""
+    char = model_char(role)
+    return steps.filter(
+        (pl.col("model") == role)
+        & (pl.col("path").str.count_matches(char, literal=True) == pl.col("path").str.len_chars())
+    )
 
 
 def _mixture(seed: int):

@@ -10,6 +10,7 @@ through entry points of group ``trace.backends`` or as ``--backend FILE.py:Class
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from pathlib import Path
 
@@ -74,12 +75,9 @@ def check_backend(kind: str | None) -> None:
 
 
 def default_backend() -> str:
-    """vllm where it is importable, else hf."""
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return "hf"
-    return "vllm"
+    """vllm where it is installed, else hf. Found without importing it (an import takes seconds, and a `trace gen`
+    with nothing to do should end before that); a broken install fails where the engine starts, naming vLLM."""
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
 
 def memory_share(role: str, roles: tuple[str, ...] = TWO_MODEL_ROLES) -> float:
@@ -91,12 +89,21 @@ def memory_share(role: str, roles: tuple[str, ...] = TWO_MODEL_ROLES) -> float:
     return rank / (len(roles) * (len(roles) + 1) / 2)
 
 
-def engine_kwargs_for(kind: str, role: str, given: dict, roles: tuple[str, ...] = TWO_MODEL_ROLES) -> dict:
-    """Engine arguments for one model role of ``roles``: on vLLM, its share of GPU memory unless ``given``
-    sets it."""
+def engine_kwargs_for(
+    kind: str,
+    role: str,
+    given: dict,
+    roles: tuple[str, ...] = TWO_MODEL_ROLES,
+    *,
+    budget: float = VLLM_MEMORY_BUDGET,
+    role_share: float | None = None,
+) -> dict:
+    """Engine arguments for one model role of ``roles``: ``given``, and on vLLM the GPU memory shares of its two
+    engines: ``role_share`` of each GPU (default: its ``memory_share`` of ``budget``), split between its generator
+    and its exact-logprob scorer."""
     if kind != "vllm":
         return dict(given)
-    share = VLLM_MEMORY_BUDGET * memory_share(role, roles)
+    share = role_share if role_share is not None else budget * memory_share(role, roles)
     defaults = {
         "gpu_memory_utilization": round(share * (1 - VLLM_SCORER_SHARE), 3),
         "scorer_memory_utilization": round(share * VLLM_SCORER_SHARE, 3),

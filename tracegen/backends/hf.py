@@ -38,11 +38,18 @@ class HFBackend:
     name = "hf"
 
     def __init__(
-        self, model_path: str, *, device: str | None = None, max_model_len: int | None = None, max_batch_size: int = 64
+        self,
+        model_path: str,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        max_model_len: int | None = None,
+        max_batch_size: int = 64,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.device).eval()
+        weights_dtype = "auto" if dtype == "auto" else getattr(torch, dtype or "float32")
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=weights_dtype).to(self.device).eval()
         config = self.model.config.get_text_config()
         # One position short of the model's context, as in the vLLM backend (whose scoring pass needs it).
         self.max_total_tokens = (max_model_len or config.max_position_embeddings) - 1
@@ -59,7 +66,7 @@ class HFBackend:
             "version": transformers.__version__,
             "torch": torch.__version__,
             "device": self.device.type,
-            "dtype": "float32",
+            "dtype": str(self.model.dtype).removeprefix("torch."),
             "logprobs": "exact: log-softmax of the raw logits",
             "sampler": "inverse CDF over the top-p nucleus, one uniform per token from a per-request torch.Generator",
             "prefix_caching": False,

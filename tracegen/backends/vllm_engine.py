@@ -66,8 +66,8 @@ class VLLMBackend:
         generator: bool = True,
         **llm_kwargs,
     ):
-        known = {f.name for f in dataclasses.fields(EngineArgs)} - _OWN_ARGUMENTS
-        unknown = sorted(set(llm_kwargs) - known)
+        defaults = {f.name: f.default for f in dataclasses.fields(EngineArgs) if f.name not in _OWN_ARGUMENTS}
+        unknown = sorted(set(llm_kwargs) - set(defaults))
         if unknown:
             raise TraceError(f"unknown vLLM engine argument(s): {', '.join(unknown)}")
         dtype = dtype or _checkpoint_dtype(model_path)
@@ -122,7 +122,8 @@ class VLLMBackend:
             "chunked_prefill": generator_args.get("enable_chunked_prefill", True),
             "batch_invariant": bool(envs.VLLM_BATCH_INVARIANT),
             "seed": seed,
-            **{key: value for key, value in sorted(llm_kwargs.items())},
+            # other engine arguments given (a default-valued one is left out: a rerun without it is the same run)
+            **{key: value for key, value in sorted(llm_kwargs.items()) if value != defaults[key]},
         }
         self.last_batch: dict = {}  # wall seconds of the last call's passes; requests, distinct ones scored, re-scored
 

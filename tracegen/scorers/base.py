@@ -19,6 +19,7 @@ import polars as pl
 
 from replay.registry import Registry, check_subclass
 from tracegen.backends import default_backend, load_backend, scorer_engine_kwargs
+from tracegen.engine_logs import route_engine_logs
 from tracegen.models import ModelRef, load_tokenizer, model_entry, named_model, trace_model
 from tracestore.errors import TraceError
 from tracestore.schema import Manifest
@@ -202,6 +203,8 @@ class LanguageModelScorer(Scorer):
         if role not in self._tokenizers:
             self._tokenizers[role] = load_tokenizer(model)
             if role not in self.shared_engines:
+                if getattr(self, "trace_root", None) is not None:  # an engine's log lines to the trace's logs/
+                    route_engine_logs(self.trace_root, self.backend)
                 kind = self.backend or default_backend()
                 self._engines[role] = load_backend(kind, model.path, **scorer_engine_kwargs(kind))
         return self.shared_engines.get(role) or self._engines[role], self._tokenizers[role]
