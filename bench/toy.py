@@ -8,6 +8,12 @@ above small; large >= 4x the parameters of small; the small model's mean raw max
 step separates valid from invalid steps with AUROC >= 0.65. Toy-medium (issue: K models): between
 the two in parameters and in greedy accuracy, at least 5 points from each, step AUROC >= 0.65.
 Sampled accuracy at T=0.7 is reported.
+
+Repair (issue: a large model that repairs): from every prefix with exactly one wrong toy-small step,
+the last (toy-small's T=0.7 drafts of the same held-out problems, each cut right after its first invalid
+step when a step can still follow it), the share that the model's completion gets right (greedy and
+T=0.7): toy-large >= 70%; and after every proper prefix of the reference solutions, the share where the
+model's next step is a needless repair: toy-large <= 2%.
 """
 
 from __future__ import annotations
@@ -24,19 +30,25 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from data.toy import LANGUAGE_MODELS, MODEL_ALIASES, TOY_DIR  # noqa: E402
-from data.toy.task import DEFAULT_LEVEL  # noqa: E402
-from scripts.toy.evaluate import evaluate  # noqa: E402
+from data.toy.task import DEFAULT_LEVEL, generate  # noqa: E402
+from scripts.toy.evaluate import evaluate, heldout_repair_prefixes, needless_repairs, repair_rate  # noqa: E402
 
 
-def measure(name: str, n: int) -> dict:
+def load(name: str):
     path = MODEL_ALIASES[name]
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def measure(name: str, n: int, prefixes) -> dict:
+    tokenizer, model = load(name)
     started = time.time()
     result = {
         "n_params": sum(p.numel() for p in model.parameters()),
         "greedy": evaluate(model, tokenizer, n=n, level=DEFAULT_LEVEL),
         "sampled_t0.7": evaluate(model, tokenizer, n=n, level=DEFAULT_LEVEL, temperature=0.7, seed=1),
+        "repair_greedy": repair_rate(model, tokenizer, prefixes),
+        "repair_t0.7": repair_rate(model, tokenizer, prefixes, temperature=0.7, seed=2),
+        "needless_repairs": needless_repairs(model, tokenizer, generate(n, split="test", level=DEFAULT_LEVEL)),
     }
     result["seconds"] = round(time.time() - started, 1)
     return result
@@ -48,14 +60,19 @@ def main() -> None:
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    measured = {name: measure(name, args.n) for name in LANGUAGE_MODELS}
+    tokenizer, small_model = load("toy-small")
+    prefixes = heldout_repair_prefixes(small_model, tokenizer, n=args.n)
+    measured = {name: measure(name, args.n, prefixes) for name in LANGUAGE_MODELS}
     small, large = measured["toy-small"], measured["toy-large"]
     checks = {
         "small greedy accuracy in [0.30, 0.75]": 0.30 <= small["greedy"]["accuracy"] <= 0.75,
         "large greedy accuracy >= 0.85": large["greedy"]["accuracy"] >= 0.85,
         "large - small >= 0.20": large["greedy"]["accuracy"] - small["greedy"]["accuracy"] >= 0.20,
         "large params >= 4x small": large["n_params"] >= 4 * small["n_params"],
+        "large params < 1M": large["n_params"] < 1_000_000,
         "small step AUROC >= 0.65": small["greedy"]["step_auroc"] >= 0.65,
+        "large repair rate (greedy) >= 0.70": large["repair_greedy"]["repair_rate"] >= 0.70,
+        "large needless repairs <= 0.02": large["needless_repairs"]["share"] <= 0.02,
     }
     if "toy-medium" in measured:
         medium = measured["toy-medium"]
@@ -76,6 +93,14 @@ def main() -> None:
             f"{g['step_validity']:>10.1%} {g['step_auroc']:>10.3f}"
         )
     print(f"held-out problems: {args.n} of level {DEFAULT_LEVEL}")
+    print(f"repair: {len(prefixes)} prefixes with one wrong toy-small step, the last (of {args.n} T=0.7 drafts)")
+    for name, m in measured.items():
+        g, s = m["repair_greedy"], m["repair_t0.7"]
+        print(
+            f"{name} repair rate {g['repair_rate']:.1%} greedy (next step a repair {g['next_step_is_repair']:.1%}), "
+            f"{s['repair_rate']:.1%} at T=0.7; needless repairs {m['needless_repairs']['share']:.1%} "
+            f"of {m['needless_repairs']['n_prefixes']} right prefixes"
+        )
     for name, m in measured.items():
         for setting in ("greedy", "sampled_t0.7"):
             r = m[setting]

@@ -8,6 +8,7 @@ from data.toy.task import (
     generate,
     grade,
     parse_question,
+    repair_text,
     step_is_valid,
     step_text,
     verify_steps,
@@ -87,6 +88,60 @@ def test_a_step_that_continues_correctly_from_a_mistake_is_valid_on_its_own():
     second = step_text(wrong, op1, b1, is_last=False)
     assert verify_steps(p.question, [first, second]) == [False, True]
     assert verify_steps(p.question, [correct_first, second]) == [True, False]
+
+
+def wrong_result(step: str) -> str:
+    """``step`` with its result off by one (a wrong step whose result is wrong)."""
+    head, result = step.rsplit(" ", 1)
+    digits = result.removeprefix("\\boxed{").removesuffix("}")
+    return step.replace(f"so {result}", f"so {result.replace(digits, str(int(digits) + 1))}")
+
+
+@pytest.mark.parametrize("level", [2, 3, 4])
+def test_a_repair_after_a_wrong_step_is_valid_and_the_solution_goes_on_from_it(level):
+    checked = 0
+    for p in generate(40, level=level):
+        steps = p.solution_steps()
+        for k in range(len(steps)):
+            wrong = wrong_result(steps[k])
+            solution = steps[:k] + [wrong] + p.repair_steps(k)
+            assert p.repair_steps(k)[0] == repair_text(p.running_values()[k], *p.ops[k], is_last=k == len(steps) - 1)
+            assert verify_steps(p.question, solution) == [True] * k + [False] + [True] * (len(steps) - k)
+            assert grade(extract_boxed(solution[-1]), str(p.answer))
+            checked += 1
+    assert checked == 40 * LEVELS[level].n_ops
+
+
+def test_a_needless_repair_of_a_right_step_is_valid_on_its_own():
+    """Every number in it is right; that a model should not write one is measured on the model
+    (scripts/toy/evaluate.py needless_repairs), not ruled out by the verifier."""
+    for p in generate(30, level=DEFAULT_LEVEL):
+        steps = p.solution_steps()
+        for k in range(len(steps)):
+            solution = steps[: k + 1] + p.repair_steps(k)
+            assert all(verify_steps(p.question, solution)), solution
+
+
+def test_verifier_rejects_wrong_repairs():
+    """A repair must redo the previous step's operation, from the value that step should have started from,
+    written exactly (its box only when that operation is the last); it cannot open a solution."""
+    checked = 0
+    for p in generate(60, level=DEFAULT_LEVEL):
+        steps, values, last = p.solution_steps(), p.running_values(), len(p.ops) - 1
+        assert not step_is_valid(p.question, [], repair_text(p.start, *p.ops[0], is_last=False))
+        for k in range(len(steps)):
+            before, wrong = steps[:k] + [wrong_result(steps[k])], values[k + 1] + 1
+            repair = p.repair_steps(k)[0]
+            assert step_is_valid(p.question, before, repair)
+            bad = list(corruptions(repair)) + [repair_text(values[k], *p.ops[k], is_last=k != last)]
+            if apply(wrong, *p.ops[k]) in range(100):  # redone from the wrong step's result
+                bad.append(repair_text(wrong, *p.ops[k], is_last=k == last))
+            if k < last and apply(values[k], *p.ops[k + 1]) in range(100):  # the next operation
+                bad.append(repair_text(values[k], *p.ops[k + 1], is_last=k + 1 == last))
+            for text in set(bad) - {repair}:
+                assert not step_is_valid(p.question, before, text), (p.question, before, text)
+                checked += 1
+    assert checked > 1000
 
 
 def test_boxed_only_on_the_last_step():

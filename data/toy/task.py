@@ -13,6 +13,16 @@ a model writes is a small local computation::
 
     64+9: 4+9=13, 6+0+1=7, so \\boxed{73}
 
+A step may instead repair the step before it: ``Redo `` and that step's operation written exactly
+right from the running value it should have started from (``repair_text``); the solution goes on from
+the repair's result. The reference solution has none; models write one after a wrong step::
+
+    37+45: 7+5=12, 3+4+1=8, so 72
+
+    Redo 37+45: 7+5=12, 3+4+1=8, so 82
+
+    82-18: 12-8=4, 8-1-1=6, so 64
+
 Running values stay in ``[0, 10**digits)`` with ``digits <= 2``.
 """
 
@@ -24,6 +34,7 @@ import re
 from dataclasses import dataclass
 
 STEP_DELIMITER = "\n\n"
+REPAIR_PREFIX = "Redo "  # starts a repair step
 EXHAUSTED_AFTER = 20_000  # draws without a new question before a level counts as used up
 TEST_BUCKET = 8  # a question belongs to the held-out pool iff hash % TEST_BUCKET == 0
 
@@ -73,6 +84,12 @@ class ToyProblem:
     def solution(self) -> str:
         return STEP_DELIMITER.join(self.solution_steps())
 
+    def repair_steps(self, k: int) -> list[str]:
+        """What should follow a wrong step for operation ``k`` written after the reference steps before it:
+        the repair of operation ``k``, then the reference steps after it."""
+        a, (op, b) = self.running_values()[k], self.ops[k]
+        return [repair_text(a, op, b, is_last=k == len(self.ops) - 1), *self.solution_steps()[k + 1 :]]
+
 
 def step_text(a: int, op: str, b: int, is_last: bool) -> str:
     """The exact text of one step: the operation, its units and tens columns, and the result."""
@@ -92,6 +109,16 @@ def step_text(a: int, op: str, b: int, is_last: bool) -> str:
     if is_last:
         result = "\\boxed{" + result + "}"
     return f"{a}{op}{b}: {units}, {tens}, so {result}"
+
+
+def repair_text(a: int, op: str, b: int, is_last: bool) -> str:
+    """The exact text of a repair step: the previous step's operation redone from the value ``a`` it should
+    have started from."""
+    return REPAIR_PREFIX + step_text(a, op, b, is_last)
+
+
+def is_repair(step: str) -> bool:
+    return step.lstrip().startswith(REPAIR_PREFIX)
 
 
 def apply(a: int, op: str, b: int) -> int:
@@ -148,7 +175,7 @@ def generate(n: int, split: str = "test", level: int = DEFAULT_LEVEL, seed: int 
 _QUESTION = re.compile(r"^Compute (\d+)((?:[+-]\d+)+)\.$")
 _OPERATION = re.compile(r"([+-])(\d+)")
 _NUMBER = r"(0|[1-9]\d*)"
-_STEP = re.compile(rf"^{_NUMBER}([+-]){_NUMBER}: .*, so (?:\\boxed\{{{_NUMBER}\}}|{_NUMBER})$")
+_STEP = re.compile(rf"^(?:{REPAIR_PREFIX})?{_NUMBER}([+-]){_NUMBER}: .*, so (?:\\boxed\{{{_NUMBER}\}}|{_NUMBER})$")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
@@ -165,7 +192,7 @@ def extract_boxed(text: str) -> str | None:
 
 
 def step_result(step: str) -> int | None:
-    """The number a step ends with, if it has the shape of a step."""
+    """The number a step (or a repair step) ends with, if it has the shape of a step."""
     m = _STEP.match(step.strip())
     if not m:
         return None
@@ -173,23 +200,27 @@ def step_result(step: str) -> int | None:
 
 
 def step_is_valid(question: str, previous_steps: list[str], step: str) -> bool:
-    """Is ``step`` exactly the right next step, given the steps written so far?
+    """Is ``step`` exactly a right next step, given the steps written so far?
 
-    The step must continue from the previous step's result (the starting number for the
-    first step), apply the question's next operation, and be written exactly as
-    ``step_text`` writes it (every column right, the box only on the last step). A step is
-    judged on its own: one that continues correctly from an earlier mistake is valid.
+    An operation step must continue from the previous step's result (the starting number for the
+    first step), apply the question's next operation (the next after the operation steps so far), and
+    be written exactly as ``step_text`` writes it (every column right, the box only on the last
+    operation). A repair step must redo the previous operation step's operation from the value that
+    step should have started from, written exactly as ``repair_text`` writes it; the next step goes on
+    from the repair's result. A step is judged on its own: one that continues correctly from an earlier
+    mistake is valid, and so is a needless repair of a right step (every number in it is right).
     """
     start, ops = parse_question(question)
-    k = len(previous_steps)
-    m = _STEP.match(step.strip())
-    if k >= len(ops) or not m:
+    done, value, repair_from = 0, start, None  # operation steps so far; where the next starts; the last's start
+    for previous in previous_steps:
+        if not is_repair(previous):
+            done, repair_from = done + 1, value
+        value = step_result(previous)
+    k, a, write = (done - 1, repair_from, repair_text) if is_repair(step) else (done, value, step_text)
+    if not 0 <= k < len(ops) or a is None:
         return False
-    a = start if k == 0 else step_result(previous_steps[-1])
     op, b = ops[k]
-    if a is None or int(m.group(1)) != a or apply(a, op, b) not in range(100):
-        return False
-    return step.strip() == step_text(a, op, b, is_last=k == len(ops) - 1)
+    return apply(a, op, b) in range(100) and step.strip() == write(a, op, b, is_last=k == len(ops) - 1)
 
 
 def verify_steps(question: str, steps: list[str]) -> list[bool]:
