@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import polars as pl
 
+from analysis.misses import MISS_MARK
 from analysis.stats import mcnemar, paired_problem_test
 from replay.params import params_text
 from replay.registry import Registry, check_subclass
@@ -157,6 +158,9 @@ class ColumnTable(ReportTable):
         return table + ("\n\n" + notes if notes else "")
 
 
+_MISSED_NOTE = f" {MISS_MARK}: some walks missed (needed steps the trace lacks); accuracy and cost cover the others."
+
+
 def _names(inputs: TableInputs) -> dict[str, str]:
     return {
         "cost_unit": inputs.cost_unit,
@@ -193,7 +197,7 @@ class CmdpTable(ColumnTable):
         scorers = inputs.manifest.scorers if inputs.manifest is not None else {}
         return [
             {
-                "method": row.run.label,
+                "method": row.run.label + (f" {MISS_MARK}" if row.misses else ""),
                 "ext_models": external_models(row.run, inputs.roles, scorers),
                 "operating_point": params_text(row.run.point_params()),
                 "dataset": inputs.dataset,
@@ -210,6 +214,7 @@ class CmdpTable(ColumnTable):
             "Ext. Models: ✓ where the method reads a model of its own beside the routed ones (RSD's PRM), × where it "
             "reads none or one of the routed models' (SpecReason's judge is its target), – for a model alone; "
             f"A/C in {inputs.a_over_c_unit or 'accuracy per cost'}."
+            + (_MISSED_NOTE if any(row.misses for row in inputs.rows) else "")
         )
 
 
@@ -265,6 +270,7 @@ class CascadeTable(ColumnTable):
             f"attempt, P(T) call and probe prefill (Cost, in {inputs.cost_unit} per query). p vs M_k: McNemar's "
             "test against M_k alone on the same (problem, world) walks (exact binomial under 25 discordant pairs), "
             "or a paired permutation test over problems when they have several worlds."
+            + (_MISSED_NOTE if any(run.at_chosen()["misses"].sum() for run in inputs.routers) else "")
         )
 
 
@@ -283,7 +289,7 @@ def cascade_records(inputs: TableInputs) -> list[dict]:
     def record(chain: str, kind: str, point: str, rows: pl.DataFrame, last: str | None, timed: tuple) -> dict:
         reference = alone[last].at_chosen() if last is not None else None
         return {
-            "chain": chain,
+            "chain": chain + (f" {MISS_MARK}" if rows["misses"].sum() else ""),
             "kind": kind,
             "operating_point": point,
             **chain_measures(rows, reference, sizes, several_worlds, inputs.seed),

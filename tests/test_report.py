@@ -897,3 +897,24 @@ def test_a_label_leaves_out_a_parameter_its_configuration_ignores(inputs, tmp_pa
     )
     labels = set(table_after(built.markdown, "Routers at their operating points")) - {"Router"}
     assert {"steer (mode=step)", "steer (escalate=replace, mode=switch)"} <= {label.rstrip(" *") for label in labels}
+
+
+def test_the_seeds_layouts_mark_a_router_whose_walks_missed(inputs):
+    import io
+
+    from analysis.report import report
+    from replay import api
+
+    runs = [
+        api.replay(inputs["trace"], "steer", params={"mode": mode, "tau": "0.5"}, split="all")
+        for mode in ("step", "switch")
+    ]
+    built = report(
+        inputs["trace"], runs, bootstrap=20, split="all", pick_split="reported", allow_overlap=True, tables=["cmdp"]
+    )
+    cmdp = pl.read_csv(io.BytesIO(built.tables["table_cmdp.csv"]))
+    missed = {run.outcomes["params"][0]: run.outcomes["misses"].sum() > 0 for run in runs}
+    assert any(missed.values()) and not all(missed.values())  # one run missed, the other did not
+    marked = {label for label in cmdp["method"] if label.endswith(" *")}
+    assert len(marked) == 1 and "some walks missed" in built.tables["table_cmdp.md"].decode()
+    assert [label for label in cmdp["method"] if label.startswith("steer")] and len(cmdp) >= 4
