@@ -93,7 +93,7 @@ def test_the_study_runs_end_to_end_and_resumes(tmp_path, hf_home):
     assert printed.index("memory plan (hf") < printed.index("+ trace gen")  # estimates first
     assert "hidden states to store: small: layer 24, cascade P(IK): the paper's layer 24 (28 blocks)" in printed
     trace = open_trace(out / "gsm8k")
-    assert trace.manifest.hidden_layers_by_model == {"small": [24]}
+    assert {role: layers for role, layers in trace.manifest.hidden_layers_by_model.items() if layers} == {"small": [24]}
     steps = trace.scan("steps").collect()
     finals = steps.filter(steps["is_final"])
     assert set(finals["answer"].drop_nulls()) <= ANSWERS and finals["correct"].any() and not finals["correct"].all()
@@ -108,4 +108,6 @@ def test_the_study_runs_end_to_end_and_resumes(tmp_path, hf_home):
 
     again = study(args, hf_home)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert " 0 new steps" in again.stdout and "0 new verifier scores" in again.stdout
+    resumed = " ".join(again.stdout.split())
+    assert "nothing to do" in resumed or " 0 new steps" in resumed  # gen grows nothing again
+    assert "0 new verifier scores" in resumed
