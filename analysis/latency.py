@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -29,7 +30,8 @@ from replay.run import replay_trace
 from replay.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, SplitSpec
 from tracestore.errors import TraceError
 
-LATENCY_FIGURE = "latency.png"
+if TYPE_CHECKING:
+    from analysis.render import Figures
 
 
 @dataclass
@@ -110,7 +112,7 @@ def _run_seconds(trace_dir, run: Run, profile: str, grades: str | None) -> pl.Da
     return replayed.join(configs, on="params").select("config", "problem_id", "world", "seconds")
 
 
-def latency_section(runs: list[Run], roles: list[str], latencies: Latencies, figures: dict[str, bytes]) -> str:
+def latency_section(runs: list[Run], roles: list[str], latencies: Latencies, figures: Figures) -> str:
     """Mean, p50 and p95 seconds per query of each run at its operating point, accuracy per second, and the
     accuracy-against-latency plot."""
     lines = [
@@ -123,7 +125,7 @@ def latency_section(runs: list[Run], roles: list[str], latencies: Latencies, fig
         "| Router | Operating point | Acc (%) | Mean (s) | p50 (s) | p95 (s) | Acc (%) per s |",
         "|---|---|---|---|---|---|---|",
     ]
-    curves, points = [], []
+    series, large = [], None
     for run in runs:
         frame = latencies.of(run)
         if frame is None or frame.height == 0:
@@ -136,32 +138,41 @@ def latency_section(runs: list[Run], roles: list[str], latencies: Latencies, fig
             f"| {run.label} | {params_text(run.point_params()) or '-'} | {100 * accuracy:.1f} | {mean:.4g} | "
             f"{np.percentile(seconds, 50):.4g} | {np.percentile(seconds, 95):.4g} | {100 * accuracy / mean:.4g} |"
         )
-        _add_to_plot(run, roles, latencies, accuracy, mean, curves, points)
+        series.append(_plotted(run, roles, latencies, accuracy, mean, frame.height))
+        if run.router == "large-only":
+            large = (mean, accuracy)
     for label, why in latencies.failed.items():
         lines.append(f"| {label} | no time: {why} | | | | | |")
-    figures[LATENCY_FIGURE] = plots.pareto_png(curves, points, "seconds")
-    lines += ["", f"![Accuracy against mean seconds per query]({LATENCY_FIGURE})"]
+    series = [entry for entry in series if entry is not None]
+    if large is None:  # no large-only run here: the reference lines sit at the slowest point
+        slowest = max(series, key=lambda entry: entry.cost[entry.chosen])
+        large = (float(slowest.cost[slowest.chosen]), float(slowest.accuracy[slowest.chosen]))
+    name = figures.add("latency", plots.pareto_png(series, "seconds", large, None))
+    lines += ["", f"![Accuracy against mean seconds per query]({name})"]
     return "\n".join(lines)
 
 
-def _add_to_plot(run: Run, roles, latencies: Latencies, accuracy: float, mean: float, curves, points) -> None:
+def _plotted(run: Run, roles, latencies: Latencies, accuracy: float, mean: float, walks: int) -> plots.Series | None:
+    """The run's configurations as a series of the accuracy-against-latency plot (None: no configuration timed)."""
+    kind = {"small-only": "small", "large-only": "large"}.get(run.router, "router")
     if not run.swept:
-        kind = {"small-only": "small", "large-only": "large"}.get(run.router, "router")
-        points.append(plots.Point(run.label, mean, accuracy, kind))
-        return
+        return plots.Series(
+            run.label, kind, np.array([mean]), np.array([accuracy]), np.array([False]), 0, np.array([walks]), walks
+        )
     summary = summarize(run.rows, roles).filter(pl.col("accuracy").is_not_null())
     configs = summary["config"].to_list()
     seconds = [latencies.mean(run, config) for config in configs]
     keep = [i for i, value in enumerate(seconds) if value is not None]
     if not keep:
-        return
+        return None
     chosen = configs.index(run.chosen) if run.chosen in configs else 0
-    curves.append(
-        plots.Curve(
-            run.label,
-            np.array([seconds[i] for i in keep]),
-            summary["accuracy"].to_numpy()[keep],
-            (summary["misses"] > 0).to_numpy()[keep],
-            keep.index(chosen) if chosen in keep else 0,
-        )
+    return plots.Series(
+        run.label,
+        kind,
+        np.array([seconds[i] for i in keep]),
+        summary["accuracy"].to_numpy()[keep],
+        (summary["misses"] > 0).to_numpy()[keep],
+        keep.index(chosen) if chosen in keep else 0,
+        (summary["n"] - summary["misses"]).to_numpy()[keep],
+        int(summary["n"][0]),
     )

@@ -34,6 +34,7 @@ FIGURES = {
     "escalation": "escalation.png",
     "policy": "policy_training.png",
     "steer": "steer_mixtures.png",
+    "latency": "latency.png",
 }
 BELOW_FLOOR_MARK = "†"
 

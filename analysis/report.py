@@ -32,7 +32,7 @@ from pathlib import Path
 
 import polars as pl
 
-from analysis.latency import LATENCY_FIGURE, latency_section, report_latencies
+from analysis.latency import latency_section, report_latencies
 from analysis.operating_points import (
     PICK_RULES,
     calibration_accuracy,
@@ -89,7 +89,6 @@ REPORT_FILES = (
     PAGE,
     MARKDOWN,
     *FIGURES.values(),
-    LATENCY_FIGURE,
     *(f for name in TABLES.names(installed=False) for f in table_files(name)),
 )
 BASELINES = ("small-only", "large-only")
@@ -232,7 +231,7 @@ def build_report(trace_dir, result_paths: list, options: ReportOptions) -> Repor
     ]
     latencies = report_latencies(trace_dir, options.latency_profile, options.grades)
     if latencies is not None:
-        sections.append(latency_section(everyone, roles, latencies, figures.png))
+        sections.append(latency_section(everyone, roles, latencies, figures))
     if policy_logs:
         sections.append(policy_section(policy_logs, figures, unmatched_policies))
     if steer_mixtures is not None:

@@ -694,7 +694,7 @@ def test_bad_input_is_one_line_and_exit_1(comb_trace, signal_trace, tmp_path):
         ([signal_trace, "--alpha", 0], "--alpha must lie strictly between 0 and 1"),
         ([signal_trace, "--alpha", 1.5], "--alpha must lie strictly between 0 and 1"),
         ([signal_trace, "--steps", 0], "--steps must be positive"),
-        ([signal_trace, "--cost", "watts"], "--cost must be one of flops, flops+prefill, kaplan, api, tokens"),
+        ([signal_trace, "--cost", "watts"], "--cost must be one of flops, flops+prefill, kaplan, api, latency, tokens"),
         ([signal_trace, "--price", "large=1/1/1"], "--price applies to --cost api only"),
         ([signal_trace, "--cost", "api", "--price", "large=1"], "--price must look like ROLE=MODEL"),
         ([signal_trace, "--escalate", "before"], "--escalate must be one of after, replace"),

@@ -41,7 +41,7 @@ from tracegen.prompts import SYSTEM_PROMPT, prompt_token_ids
 from tracegen.up_to_date import nothing_to_do, remember_closed
 from tracestore.errors import TraceError
 from tracestore.outputs import check_outside_trace
-from tracestore.schema import model_roles, schema_version_for
+from tracestore.schema import json_normal, model_roles, schema_version_for
 from tracestore.store import Trace, TraceWriter, open_trace
 
 
@@ -119,7 +119,7 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
             summary.hidden_rows = _write_hidden(writer, models, wanted_hidden.layers, n_blocks, report)
         continuation = endpoint_roles.continuations(models.api, models.tokenizers, sampling.delimiter)
         trees = _load_trees(open_trace(options.out), problems, models.root_ids, options.worlds, continuation)
-        if backends is None and _up_to_date(options, trees, strategy, writer, summary):
+        if backends is None and _up_to_date(options, kind, trees, strategy, writer, summary):
             summary.up_to_date = True
             summary.closure = ClosureResult() if options.routers else None  # no router misses anything
             _record_run(writer, options, strategy)
@@ -135,7 +135,7 @@ def run_gen(options: GenOptions, progress: Callable | None = None, backends: dic
                         "memory_plan": memory.manifest_entry(),
                     }
                 )
-            writer.update_manifest(engine=_engine_entry(backends))
+            writer.update_manifest(engine=_engine_entry(backends), engine_request=_engine_request(options, kind))
             if models.api:
                 writer.update_manifest(api_endpoints=endpoint_roles.endpoints_entry(models.api))
             run = GrowthRun(
@@ -192,11 +192,26 @@ def _load_models(options: GenOptions, problems: list[Problem]) -> _RunModels:
     return _RunModels(names, api, checkpoints, tokenizers, root_ids)
 
 
-def _up_to_date(options: GenOptions, trees: dict, strategy: Strategy, writer: TraceWriter, summary: GenSummary) -> bool:
+def _engine_request(options: GenOptions, kind: str) -> dict:
+    """What a run asked of its engines that can change the cache key's ``engine`` entry (the backend and the
+    engine settings given, memory shares aside)."""
+    given = {name: values for name, values in options.engine.given().items() if name != "--gpu-memory-utilization"}
+    return {"backend": kind, "settings": given}
+
+
+def _up_to_date(
+    options: GenOptions, kind: str, trees: dict, strategy: Strategy, writer: TraceWriter, summary: GenSummary
+) -> bool:
     """Whether the run has nothing to generate or score (tracegen.up_to_date), checked before any engine starts
-    (an explicit --backend other than the trace's engine is refused here too, as when engines start)."""
+    (an explicit --backend other than the trace's engine is refused here too, as when engines start). A run that
+    asks its engines for other settings than the run that wrote the trace's ``engine`` entry is not decided here:
+    its engines start, and the cache key's check refuses what they would change."""
     if options.backend is not None:
         _check_engine_name(writer.manifest.get("engine"), options.backend, options.out)
+    if writer.manifest.get("engine") and writer.manifest.get("engine_request") != json_normal(
+        _engine_request(options, kind)
+    ):
+        return False
     finals = {key: tree.is_final_map() for key, tree in trees.items()}
     requests = frontier(finals, strategy, options.max_steps)
     if not nothing_to_do(Path(options.out), trees, requests, options):
