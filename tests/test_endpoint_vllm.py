@@ -124,7 +124,7 @@ def test_chat_mode_validates_has_s_api_and_replays(server, toy_models, tmp_path)
     assert large["conf_max_logit_math"].null_count() == large["conf_max_logit_mean"].null_count() == large.height
     assert open_trace(out).manifest["engine"]["large"]["chat_layout"] == "final"
     priced = ["--cost", "api", "--price", "small=0", "--price", "large=gpt-4.1-mini", "--split", "all"]
-    result = CliRunner().invoke(app, ["replay", str(out), "--router", "large-only", *priced])
+    result = CliRunner().invoke(app, ["replay", str(out), "--router", "large-only", *priced], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "US cents" in result.output
 
