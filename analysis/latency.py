@@ -144,6 +144,8 @@ def latency_section(runs: list[Run], roles: list[str], latencies: Latencies, fig
     for label, why in latencies.failed.items():
         lines.append(f"| {label} | no time: {why} | | | | | |")
     series = [entry for entry in series if entry is not None]
+    if not series:
+        return "\n".join(lines)
     if large is None:  # no large-only run here: the reference lines sit at the slowest point
         slowest = max(series, key=lambda entry: entry.cost[entry.chosen])
         large = (float(slowest.cost[slowest.chosen]), float(slowest.accuracy[slowest.chosen]))
@@ -154,7 +156,7 @@ def latency_section(runs: list[Run], roles: list[str], latencies: Latencies, fig
 
 def _plotted(run: Run, roles, latencies: Latencies, accuracy: float, mean: float, walks: int) -> plots.Series | None:
     """The run's configurations as a series of the accuracy-against-latency plot (None: no configuration timed)."""
-    kind = {"small-only": "small", "large-only": "large"}.get(run.router, "router")
+    kind = plots.series_kind(run.router)
     if not run.swept:
         return plots.Series(
             run.label, kind, np.array([mean]), np.array([accuracy]), np.array([False]), 0, np.array([walks]), walks

@@ -93,6 +93,11 @@ def _outside_legend(axes, **kwargs) -> None:
 # ---------------------------------------------------------------------- accuracy against cost
 
 
+def series_kind(router: str) -> str:
+    """How a router's series is drawn: "small" and "large" for the single models, "router" for the rest."""
+    return {"small-only": "small", "large-only": "large"}.get(router, "router")
+
+
 @dataclass(frozen=True)
 class Series:
     """A router's configurations: mean cost (shown unit) and accuracy (0-1) of each, which ones missed, which one

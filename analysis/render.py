@@ -311,11 +311,10 @@ def pareto_section(
         if summary.height == 0:
             continue
         configs = summary["config"].to_list()
-        kind = {"small-only": "small", "large-only": "large"}.get(run.router, "router")
         series.append(
             plots.Series(
                 row_label(standing),
-                kind,
+                plots.series_kind(run.router),
                 summary["cost"].to_numpy() * scale.factor,
                 summary["accuracy"].to_numpy(),
                 (summary["misses"] > 0).to_numpy(),
