@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run every check: ruff (lint + format), the fast suite, then the real-engine (vLLM CPU)
-# tests. The fast suite runs first so that a plain failure shows in minutes.
+# Set up (if needed) and run every check: ruff (lint + format), then the fast suite with the end-to-end study
+# (`slow`) beside the real-engine (vLLM CPU) tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -18,5 +18,18 @@ run_pytest() {
   [ "$status" -eq 5 ] && echo "pytest collected no tests: $*" >&2
   return "$status"
 }
-run_pytest -m "not vllm and not slow" -q "$@"
-run_pytest -m "vllm or slow" -q "$@"
+# Two pytest runs at once. The vLLM engine tests in one process, where each toy model's engines start once
+# (tests/conftest.py); its log is printed when it is done. Everything else (the fast suite and the end-to-end
+# study, which goes first) on two pytest-xdist workers: most tests wait on subprocesses (CLI runs, Ray, servers)
+# for part of their time.
+engine_log="$(mktemp)"
+run_pytest -m vllm -q "$@" >"$engine_log" 2>&1 &
+engine_run=$!
+status=0
+run_pytest -m "not vllm" -n 2 -q "$@" || status=$?
+engine_status=0
+wait "$engine_run" || engine_status=$?
+echo "---- the vLLM engine tests (pytest -m vllm) ----"
+cat "$engine_log"
+rm -f "$engine_log"
+[ "$status" -eq 0 ] && [ "$engine_status" -eq 0 ]

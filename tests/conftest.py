@@ -14,6 +14,12 @@ from tracebuild import build_trace, comb_steps, default_manifest
 # other processes (CLI subprocesses, Ray workers, vLLM engines) they spin against each other, many times slower.
 # One thread per process, for this one and every subprocess it starts (set before anything imports torch).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# pytest-xdist's workers inherit COLUMNS=80, which rich's console (made at import) would keep as a fixed width
+# and ignore the widths that tests give through CliRunner's env.
+os.environ.pop("COLUMNS", None)
+# vLLM engines in the test process (and in the CLI subprocesses the tests start) instead of two processes of their
+# own each, which would re-import vLLM and torch: a toy model's engine starts in about 2 s instead of about 30.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 TOY_ROLES = {"small": "m0", "medium": "m1", "large": "m2"}  # each toy model's role in a three-model trace
 VLLM_STARTS: list[str] = []  # what this session's shared fixtures started, for the summary line
@@ -90,11 +96,18 @@ def vllm_engines(vllm_small, vllm_large) -> dict:
     return {"small": vllm_small, "large": vllm_large}
 
 
+def _run_order(item) -> int:
+    if item.get_closest_marker("slow") is not None:
+        return 0
+    if item.get_closest_marker("vllm") is None:
+        return 1
+    return 2 + VLLM_MODULE_ORDER.get(item.path.name, 2)
+
+
 def pytest_collection_modifyitems(items):
-    """The vLLM tests after all others, in VLLM_MODULE_ORDER (a stable sort: each module's tests stay together)."""
-    items.sort(
-        key=lambda item: 0 if item.get_closest_marker("vllm") is None else 1 + VLLM_MODULE_ORDER.get(item.path.name, 2)
-    )
+    """The end-to-end runs (`slow`) first, so that under pytest-xdist (scripts/test.sh) the longest test starts at
+    once; the vLLM tests last, in VLLM_MODULE_ORDER (a stable sort: each module's tests stay together)."""
+    items.sort(key=_run_order)
 
 
 def pytest_terminal_summary(terminalreporter):

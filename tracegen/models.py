@@ -6,6 +6,7 @@ there is one, and is otherwise handed to the engine as it is (which then needs t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -238,9 +239,16 @@ def _hash_files(folder: Path, names: tuple[str, ...]) -> str:
 
 
 def load_tokenizer(model: ModelRef):
-    from transformers import AutoTokenizer
-
     try:
-        return AutoTokenizer.from_pretrained(model.path)
+        return _tokenizer(str(model.path))
     except (OSError, ValueError) as error:
         raise TraceError(f"cannot load the tokenizer of model {model.name} from {model.path}: {error}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(path: str):
+    """One load per folder and process: a run that scores between its closure rounds asks for it each round, and
+    a large vocabulary (Qwen2.5's 151,665 tokens) takes seconds to load. Callers only read it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)

@@ -48,9 +48,19 @@ _OWN_ARGUMENTS = {
 }
 
 
+_IN_PROCESS_TURN = threading.RLock()
+
+
+def _turn():
+    """Held while an engine works. vLLM runs each engine in processes of its own unless
+    VLLM_ENABLE_V1_MULTIPROCESSING=0; engines in this process (which start in seconds instead of a minute on a
+    CPU: the tests run them so) share vLLM's module state, the forward context among it, so their calls take turns."""
+    return contextlib.nullcontext() if envs.VLLM_ENABLE_V1_MULTIPROCESSING else _IN_PROCESS_TURN
+
+
 class VLLMBackend:
     name = "vllm"
-    concurrent = True  # both engines run in processes of their own: a thread may drive them beside other backends
+    concurrent = True  # a thread may drive it beside other backends (in-process engines take turns: _turn)
 
     def __init__(
         self,
@@ -149,9 +159,10 @@ class VLLMBackend:
 
     def next_token_logprobs(self, prompts: list[list[int]], topk: int) -> list[dict[int, float]]:
         params = SamplingParams(temperature=0, max_tokens=1, logprobs=topk, detokenize=False)
-        outputs = self.scorer.generate(
-            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
-        )
+        with _turn():
+            outputs = self.scorer.generate(
+                [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
+            )
         return [{token: entry.logprob for token, entry in output.outputs[0].logprobs[0].items()} for output in outputs]
 
     def generate_steps(self, requests: list[StepRequest], sampling: StepSampling) -> list[GeneratedStep]:
@@ -159,11 +170,12 @@ class VLLMBackend:
         if not requests:
             return []
         started = time.perf_counter()
-        outputs = self.generator.generate(
-            [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests],
-            [_step_params(request, sampling) for request in requests],
-            use_tqdm=False,
-        )
+        with _turn():
+            outputs = self.generator.generate(
+                [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests],
+                [_step_params(request, sampling) for request in requests],
+                use_tqdm=False,
+            )
         generate_seconds = time.perf_counter() - started
 
         drafts = [_draft(output) for output in outputs]
@@ -218,11 +230,12 @@ class VLLMBackend:
 
     def _score_pass(self, prompts, steps, topk: int, indices, scores: list, *, read_cache: bool) -> list[int]:
         """Fill ``scores[i]`` for each i in ``indices``; return those whose cache hit hid their first step row."""
-        outputs = self.scorer.generate(
-            [TokensPrompt(prompt_token_ids=prompts[i] + steps[i]) for i in indices],
-            _score_params(topk, read_cache=read_cache),
-            use_tqdm=False,
-        )
+        with _turn():
+            outputs = self.scorer.generate(
+                [TokensPrompt(prompt_token_ids=prompts[i] + steps[i]) for i in indices],
+                _score_params(topk, read_cache=read_cache),
+                use_tqdm=False,
+            )
         missed = []
         for i, output in zip(indices, outputs):
             scores[i] = _read_scores(output, prompts[i], steps[i])
@@ -316,18 +329,22 @@ class EngineLoop:
                         batches.append(self._inbox.get_nowait())
                 for items in batches:
                     if items is None:
-                        for request_id in keys:
-                            self._engine.abort_request([request_id])
+                        with _turn():
+                            for request_id in keys:
+                                self._engine.abort_request([request_id])
                         return
-                    for key, prompt, params in items:
-                        request_id = f"trace-{next(self._ids)}"
-                        keys[request_id], started_at[request_id] = key, per_request
-                        self._engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), params)
+                    with _turn():
+                        for key, prompt, params in items:
+                            request_id = f"trace-{next(self._ids)}"
+                            keys[request_id], started_at[request_id] = key, per_request
+                            self._engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), params)
                 if not keys:
                     continue
-                in_flight, started = len(keys), time.perf_counter()
-                outputs = self._engine.step()  # FINAL_ONLY requests: only those that finished
-                per_request += (time.perf_counter() - started) / in_flight
+                in_flight = len(keys)
+                with _turn():
+                    started = time.perf_counter()
+                    outputs = self._engine.step()  # FINAL_ONLY requests: only those that finished
+                    per_request += (time.perf_counter() - started) / in_flight
                 for output in outputs:
                     seconds = per_request - started_at.pop(output.request_id)
                     self._deliver(keys.pop(output.request_id), output, seconds)
