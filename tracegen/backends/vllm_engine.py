@@ -169,23 +169,25 @@ class VLLMBackend:
         self._check(requests, sampling)
         if not requests:
             return []
-        started = time.perf_counter()
-        with _turn():
+        with _turn():  # timed inside: a turn waited for is not this engine's time
+            started = time.perf_counter()
             outputs = self.generator.generate(
                 [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests],
                 [_step_params(request, sampling) for request in requests],
                 use_tqdm=False,
             )
-        generate_seconds = time.perf_counter() - started
+            generate_seconds = time.perf_counter() - started
 
         drafts = [_draft(output) for output in outputs]
-        started = time.perf_counter()
-        scores, rescored, scored = self._score(
-            [list(r.prompt_ids) for r in requests], [draft.token_ids for draft in drafts], sampling.topk
-        )
+        with _turn():  # both scoring passes in one turn (the lock is reentrant)
+            started = time.perf_counter()
+            scores, rescored, scored = self._score(
+                [list(r.prompt_ids) for r in requests], [draft.token_ids for draft in drafts], sampling.topk
+            )
+            score_seconds = time.perf_counter() - started
         self.last_batch = {
             "generate_seconds": generate_seconds,
-            "score_seconds": time.perf_counter() - started,
+            "score_seconds": score_seconds,
             "requests": len(requests),
             "scored": scored,
             "rescored": rescored,
